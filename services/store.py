@@ -1,0 +1,236 @@
+"""The DuckDB file every stage shares, and the rule for sharing it.
+
+DuckDB lets one process hold a database file read-write, and no other process may
+open it at all meanwhile. tuneloop's processes (the ingest deployment, the drift,
+curation and training flows, ``tuneloop status``) therefore take turns: each opens
+the file only for the duration of one unit of work, under an exclusive advisory
+lock on ``<db>.lock`` (``fcntl.flock``). A process that finds the file busy waits
+in line for the lock instead of failing on DuckDB's own lock error, so no write is
+lost and nothing crashes on contention. Units of work are kept short (one ingest
+batch, one report) so waits stay short.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+log = logging.getLogger(__name__)
+
+
+class StoreBusyError(TimeoutError):
+    """Another process held the database longer than ``lock_timeout_s``."""
+
+    retriable = True
+
+
+SCHEMA: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS feedback (
+        event_id VARCHAR PRIMARY KEY,
+        occurred_at TIMESTAMPTZ NOT NULL,
+        ingested_at TIMESTAMPTZ NOT NULL,
+        app VARCHAR NOT NULL,
+        request_id VARCHAR NOT NULL,
+        adapter_version VARCHAR,
+        messages JSON NOT NULL,
+        user_text VARCHAR NOT NULL,
+        completion VARCHAR NOT NULL,
+        rating DOUBLE,
+        correction VARCHAR,
+        label VARCHAR,
+        language VARCHAR,
+        user_id VARCHAR,
+        metadata JSON,
+        redactions INTEGER NOT NULL DEFAULT 0,
+        source_topic VARCHAR,
+        source_partition INTEGER,
+        source_offset BIGINT
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS dead_letters (
+        dead_letter_id VARCHAR PRIMARY KEY,
+        received_at TIMESTAMPTZ NOT NULL,
+        source_topic VARCHAR NOT NULL,
+        source_partition INTEGER NOT NULL,
+        source_offset BIGINT NOT NULL,
+        event_key VARCHAR,
+        event_id VARCHAR,
+        reason VARCHAR NOT NULL,
+        payload BLOB NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS embeddings (
+        content_hash VARCHAR NOT NULL,
+        model VARCHAR NOT NULL,
+        dim INTEGER NOT NULL,
+        vector FLOAT[] NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (content_hash, model)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS drift_reports (
+        report_id VARCHAR PRIMARY KEY,
+        created_at TIMESTAMPTZ NOT NULL,
+        reference_desc VARCHAR NOT NULL,
+        current_desc VARCHAR NOT NULL,
+        n_reference INTEGER NOT NULL,
+        n_current INTEGER NOT NULL,
+        score DOUBLE NOT NULL,
+        p_value DOUBLE NOT NULL,
+        drifted BOOLEAN NOT NULL,
+        methods JSON NOT NULL,
+        clusters JSON NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS datasets (
+        version VARCHAR PRIMARY KEY,
+        created_at TIMESTAMPTZ NOT NULL,
+        content_hash VARCHAR NOT NULL,
+        parent_versions JSON NOT NULL,
+        filters JSON NOT NULL,
+        report JSON NOT NULL,
+        n_train INTEGER NOT NULL,
+        n_validation INTEGER NOT NULL,
+        n_test INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS dataset_examples (
+        version VARCHAR NOT NULL,
+        example_id VARCHAR NOT NULL,
+        split VARCHAR NOT NULL,
+        source_event_id VARCHAR,
+        label VARCHAR,
+        messages JSON NOT NULL,
+        prompt VARCHAR NOT NULL,
+        completion VARCHAR NOT NULL,
+        PRIMARY KEY (version, example_id)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS golden_set (
+        example_id VARCHAR PRIMARY KEY,
+        added_at TIMESTAMPTZ NOT NULL,
+        source_event_id VARCHAR,
+        label VARCHAR,
+        messages JSON NOT NULL,
+        prompt VARCHAR NOT NULL,
+        completion VARCHAR NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS adapters (
+        version VARCHAR PRIMARY KEY,
+        name VARCHAR NOT NULL UNIQUE,
+        created_at TIMESTAMPTZ NOT NULL,
+        base_model VARCHAR NOT NULL,
+        base_hash VARCHAR NOT NULL,
+        dataset_version VARCHAR,
+        path VARCHAR NOT NULL,
+        sha256 VARCHAR NOT NULL,
+        metrics JSON NOT NULL,
+        state VARCHAR NOT NULL,
+        flow_run_id VARCHAR
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS deployments (
+        deployment_id VARCHAR PRIMARY KEY,
+        occurred_at TIMESTAMPTZ NOT NULL,
+        adapter_version VARCHAR,
+        from_state VARCHAR,
+        to_state VARCHAR NOT NULL,
+        action VARCHAR NOT NULL,
+        reason VARCHAR NOT NULL
+    )
+    """,
+)
+
+TABLES = (
+    "feedback",
+    "dead_letters",
+    "embeddings",
+    "drift_reports",
+    "datasets",
+    "dataset_examples",
+    "golden_set",
+    "adapters",
+    "deployments",
+)
+
+
+class Store:
+    """The shared DuckDB file, opened one process at a time.
+
+    >>> store = Store(Path(".tuneloop/tuneloop.duckdb"))
+    >>> with store.connect() as con:
+    ...     con.execute("SELECT count(*) FROM feedback").fetchone()
+    """
+
+    def __init__(self, path: Path, lock_timeout_s: float = 120.0) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.lock_timeout_s = lock_timeout_s
+        self._initialised = False
+
+    @contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Hold the database for one unit of work.
+
+        Raises :class:`StoreBusyError` if another process keeps it for longer than
+        ``lock_timeout_s``. The connection is closed (and DuckDB's WAL flushed)
+        before the lock is released, so the next holder sees every write.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._acquire(fd)
+            con = duckdb.connect(str(self.path))
+            try:
+                if not self._initialised:
+                    for ddl in SCHEMA:
+                        con.execute(ddl)
+                    self._initialised = True
+                yield con
+            finally:
+                con.close()
+        finally:
+            # Closing the descriptor releases the flock, also when the process dies.
+            os.close(fd)
+
+    def _acquire(self, fd: int) -> None:
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreBusyError(
+                        f"{self.path} stayed busy for {self.lock_timeout_s:.0f}s; another "
+                        f"tuneloop process holds {self.lock_path}. Raise "
+                        "store.lock_timeout_s or look for a stuck process."
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+
+    def counts(self) -> dict[str, int]:
+        """Row count of every table."""
+        with self.connect() as con:
+            return {
+                table: int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+                for table in TABLES
+            }

@@ -1,0 +1,68 @@
+"""The ``tuneloop`` command: one entry point, settings loaded once, commands by area."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+
+from services.logs import setup_logging
+from services.settings import load_settings
+from tuneloop.cli.common import fail
+
+app = typer.Typer(
+    name="tuneloop",
+    help="Continuous LoRA retraining from production feedback.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+# Each module defines ``register(app)`` and owns the commands of one area.
+COMMAND_MODULES = (
+    "tuneloop.cli.stack",
+    "tuneloop.cli.feedback",
+    "tuneloop.cli.data",
+    "tuneloop.cli.training",
+    "tuneloop.cli.bench",
+)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, "--config", help="TOML settings file."),
+    home: Path | None = typer.Option(None, "--home", help="State directory (settings: home)."),
+    bootstrap_servers: str | None = typer.Option(
+        None, "--bootstrap-servers", help="Kafka brokers (settings: kafka.bootstrap_servers)."
+    ),
+    log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+) -> None:
+    """Load settings once: file, then environment, then these flags."""
+    import os
+
+    if config is not None:
+        if not config.exists():
+            raise fail(f"--config {config}: no such file")
+        os.environ["TUNELOOP_CONFIG"] = str(config)
+    try:
+        settings = load_settings(
+            {"home": home, "kafka.bootstrap_servers": bootstrap_servers, "log_level": log_level}
+        )
+    except ValidationError as exc:
+        raise fail(f"invalid settings:\n{exc}") from None
+    setup_logging(settings.log_level, settings.home / "logs" / "tuneloop.log")
+    ctx.obj = settings
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
