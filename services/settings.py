@@ -14,10 +14,11 @@ code base reads ``os.environ`` for configuration.
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -46,8 +47,10 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
     # A batch may take this long before the consumer is considered dead and its
-    # partitions move: far above any real batch so a slow one never triggers a rebalance.
-    max_poll_interval_ms: int = Field(600_000, ge=10_000)
+    # partitions move: well above any real batch (seconds), so a slow one keeps its
+    # partitions. It is also the rebalance timeout, i.e. how long a join waits for a
+    # member that vanished mid-join, so it is not set higher than needed.
+    max_poll_interval_ms: int = Field(60_000, ge=10_000)
     request_timeout_ms: int = Field(15_000, ge=1000)
 
 
@@ -101,14 +104,43 @@ class EmbeddingSettings(BaseModel):
 class DriftSettings(BaseModel):
     """Reference vs current window comparison."""
 
-    current_window_events: int = Field(1000, ge=20)
-    current_window_minutes: int | None = Field(None, ge=1)
-    reference_window_events: int = Field(2000, ge=20)
-    alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of the MMD test.")
-    permutations: int = Field(200, ge=20)
+    current_window_events: int = Field(1000, ge=20, description="Current window: last N events.")
+    current_window_minutes: int | None = Field(
+        None, ge=1, description="Current window: events of the last T minutes (wins over N)."
+    )
+    reference_window_events: int = Field(
+        2000, ge=20, description="Fallback reference: the oldest N events."
+    )
+    reference_start: datetime | None = Field(
+        None, description="Pinned reference window start (used when no adapter is in production)."
+    )
+    reference_end: datetime | None = Field(None, description="Pinned reference window end.")
+    app: str | None = Field(None, description="Only events of this served alias; None = all.")
+    alpha: float = Field(
+        0.01, gt=0, lt=1, description="False-alarm rate of the combined MMD + classifier test."
+    )
+    permutations: int = Field(500, ge=20, description="MMD permutations (p-value floor 1/(n+1)).")
     auc_threshold: float = Field(0.0, ge=0, le=1, description="0 = calibrate by permutation.")
     max_points: int = Field(2000, ge=100, description="Per-window subsample cap for the tests.")
+    clusters: int = Field(0, ge=0, description="Clusters for the report; 0 = from window size.")
+    min_cluster_events: int = Field(5, ge=1, description="Smaller clusters are not reported.")
+    grew_ratio: float = Field(2.0, gt=1, description="Share growth that marks a cluster 'grew'.")
+    examples_per_cluster: int = Field(3, ge=1, le=20)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_pin(self) -> DriftSettings:
+        if (self.reference_start is None) != (self.reference_end is None):
+            raise ValueError(
+                "drift.reference_start and drift.reference_end pin the reference together: "
+                "set both or neither"
+            )
+        if self.reference_start and self.reference_end and self.reference_start >= self.reference_end:
+            raise ValueError(
+                f"drift.reference_start={self.reference_start} is not before "
+                f"drift.reference_end={self.reference_end}"
+            )
+        return self
 
 
 class CurationSettings(BaseModel):

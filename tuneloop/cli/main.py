@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import typer
 from pydantic import ValidationError
 
+from infra.prefect_server import prefect_env
 from services.logs import setup_logging
 from services.settings import load_settings
 from tuneloop.cli.common import fail
@@ -40,8 +42,6 @@ def root(
     log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> None:
     """Load settings once: file, then environment, then these flags."""
-    import os
-
     if config is not None:
         if not config.exists():
             raise fail(f"--config {config}: no such file")
@@ -53,6 +53,10 @@ def root(
     except ValidationError as exc:
         raise fail(f"invalid settings:\n{exc}") from None
     setup_logging(settings.log_level, settings.home / "logs" / "tuneloop.log")
+    # Prefect reads its own settings from the environment: point it at tuneloop's
+    # server before any flow module is imported.
+    for key, value in prefect_env(settings).items():
+        os.environ[key] = value
     ctx.obj = settings
 
 

@@ -1,0 +1,47 @@
+"""The ingest flow: drain ``feedback.v1`` into DuckDB in micro-batches.
+
+``tuneloop ingest`` runs it once (until the topic is idle); the ``continuous``
+deployment, served by ``tuneloop worker`` (started by ``tuneloop up``), runs it on
+an interval so feedback lands within seconds without a process per event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from services.consumer import IngestConsumer
+from services.settings import load_settings
+from services.topics import ensure_topics
+
+
+@task(retries=3, retry_delay_seconds=2)
+def ensure_feedback_topics() -> list[str]:
+    return ensure_topics(load_settings().kafka)
+
+
+@task
+def consume(until_idle: bool, max_batches: int | None) -> dict[str, Any]:
+    consumer = IngestConsumer(load_settings())
+    try:
+        stats = consumer.run(until_idle=until_idle, max_batches=max_batches)
+    finally:
+        consumer.close()
+    result = asdict(stats)
+    result.pop("assignments")
+    result["events_per_s"] = round(stats.events_per_s, 1)
+    return result
+
+
+@flow(name="ingest", log_prints=False)
+def ingest(until_idle: bool = True, max_batches: int | None = None) -> dict[str, Any]:
+    """Consume feedback until the topic is idle; returns the batch statistics."""
+    ensure_feedback_topics()
+    stats = consume(until_idle, max_batches)
+    get_run_logger().info(
+        "ingested %(inserted)d new events from %(polled)d polled; %(dead_letters)d dead letters, "
+        "%(duplicates)d duplicates", stats,
+    )
+    return stats

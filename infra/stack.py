@@ -1,0 +1,78 @@
+"""The embedded stack as one unit: broker, Prefect server, deployment worker."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.broker import EmbeddedBroker
+from infra.prefect_server import EmbeddedPrefect, prefect_env
+from infra.processes import ManagedProcess
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Health:
+    component: str
+    ok: bool
+    detail: str
+
+
+class Stack:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.broker = EmbeddedBroker(settings)
+        self.prefect = EmbeddedPrefect(settings)
+        self.worker = ManagedProcess("worker", Path(settings.home))
+
+    def up(self, worker: bool = True) -> None:
+        """Start what the settings say is embedded, then the worker; idempotent."""
+        if self.settings.kafka.embedded:
+            self.broker.start()
+        if self.settings.prefect.embedded:
+            self.prefect.start()
+        from services.topics import ensure_topics
+
+        ensure_topics(self.settings.kafka)
+        if worker:
+            self.worker.start(
+                [sys.executable, "-m", "tuneloop.cli.main", "worker"],
+                env={**prefect_env(self.settings), **self._tuneloop_env()},
+            )
+
+    def down(self) -> list[str]:
+        stopped = []
+        for name, proc in (("worker", self.worker), ("prefect", self.prefect.process),
+                           ("broker", self.broker.process)):
+            if proc.stop():
+                stopped.append(name)
+        return stopped
+
+    def health(self) -> list[Health]:
+        kafka = self.settings.kafka
+        worker_pid = self.worker.pid()
+        return [
+            Health("kafka", self.broker.healthy(),
+                   f"{kafka.bootstrap_servers} ({'embedded tansu' if kafka.embedded else 'external'})"),
+            Health("prefect", self.prefect.healthy(),
+                   self.settings.prefect.api_url.removesuffix("/api")),
+            Health("ingest worker", worker_pid is not None,
+                   f"pid {worker_pid}" if worker_pid else "not running (tuneloop up starts it)"),
+        ]
+
+    def _tuneloop_env(self) -> dict[str, str]:
+        """Carry the effective settings into the worker, whatever file/flags produced them."""
+        s = self.settings
+        return {
+            "TUNELOOP_HOME": str(Path(s.home).resolve()),
+            "TUNELOOP_KAFKA__BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
+            "TUNELOOP_KAFKA__GROUP_ID": s.kafka.group_id,
+            "TUNELOOP_KAFKA__TOPIC": s.kafka.topic,
+            "TUNELOOP_KAFKA__DLQ_TOPIC": s.kafka.dlq_topic,
+            "TUNELOOP_PREFECT__API_URL": s.prefect.api_url,
+            "TUNELOOP_STORE__PATH": str(s.db_path.resolve()),
+        }

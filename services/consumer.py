@@ -1,0 +1,172 @@
+"""The ingest consumer: poll, prepare, write to DuckDB, dead-letter, then commit.
+
+Offsets are committed only after the batch is durable in DuckDB and its dead
+letters are acknowledged on ``feedback.v1.dlq``. A crash anywhere before the
+commit replays the batch, and the writes are keyed (event_id, and
+topic:partition:offset for dead letters), so nothing is lost and nothing doubled.
+
+A slow batch does not cost the consumer its partitions: kafka-python heartbeats
+from a background thread, and ``max_poll_interval_ms`` is set far above any
+batch's duration. If the group rebalances anyway (another consumer joins), the
+commit fails with ``CommitFailedError``; the batch is already written, so the
+new owner's replay is a no-op and this consumer simply carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from services.ingest import PreparedBatch, RawRecord, prepare_batch, write_batch
+from services.settings import Settings
+from services.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestStats:
+    batches: int = 0
+    polled: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    redactions: int = 0
+    commit_failures: int = 0
+    seconds: float = 0.0
+    assignments: list[list[int]] = field(default_factory=list)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.polled / self.seconds if self.seconds else 0.0
+
+
+BatchHook = Callable[[PreparedBatch], None]
+
+
+class IngestConsumer:
+    """One member of the ingest consumer group."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.cfg = settings.kafka
+        self.store = store or Store(settings.db_path, settings.store.lock_timeout_s)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=self.cfg.bootstrap_servers,
+            group_id=self.cfg.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self.cfg.session_timeout_ms,
+            heartbeat_interval_ms=self.cfg.heartbeat_interval_ms,
+            max_poll_interval_ms=self.cfg.max_poll_interval_ms,
+            max_poll_records=settings.ingest.batch_size,
+            request_timeout_ms=max(self.cfg.request_timeout_ms, self.cfg.session_timeout_ms + 5000),
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+        )
+        self.consumer.subscribe([self.cfg.topic])
+        self._dlq: KafkaProducer | None = None
+
+    def run(
+        self,
+        *,
+        until_idle: bool = True,
+        max_batches: int | None = None,
+        stop: Callable[[], bool] | None = None,
+        on_batch: BatchHook | None = None,
+    ) -> IngestStats:
+        """Consume batches until idle (``idle_polls_before_exit`` empty polls), or forever.
+
+        ``on_batch`` runs after a batch is prepared and before it is written; the
+        CLI uses it for progress, tests use it to make a batch slow.
+        """
+        stats = IngestStats()
+        idle = 0
+        started = time.monotonic()
+        while not (stop and stop()):
+            records = self.consumer.poll(
+                timeout_ms=self.settings.ingest.poll_timeout_ms,
+                max_records=self.settings.ingest.batch_size,
+            )
+            raw = [
+                RawRecord(r.topic, r.partition, r.offset, r.key, r.value or b"")
+                for batch in records.values()
+                for r in batch
+            ]
+            if not raw:
+                # Polls before the group join completes (about 3 s on tansu) are not idleness.
+                if not self.consumer.assignment() and time.monotonic() - started < 60:
+                    continue
+                idle += 1
+                if until_idle and idle >= self.settings.ingest.idle_polls_before_exit:
+                    break
+                continue
+            idle = 0
+            self._process(raw, stats, on_batch)
+            if max_batches is not None and stats.batches >= max_batches:
+                break
+        stats.seconds = time.monotonic() - started
+        return stats
+
+    def _process(self, raw: list[RawRecord], stats: IngestStats, on_batch: BatchHook | None) -> None:
+        batch = prepare_batch(raw, self.settings.ingest.max_event_bytes)
+        if on_batch is not None:
+            on_batch(batch)
+        with self.store.connect() as con:
+            inserted = write_batch(con, batch)
+        if batch.dead:
+            self._publish_dead_letters(batch)
+        offsets: dict[TopicPartition, int] = {}
+        for r in raw:
+            tp = TopicPartition(r.topic, r.partition)
+            offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+        except CommitFailedError as exc:
+            # Partitions moved during the batch; it is written, so the new owner's
+            # replay changes nothing.
+            stats.commit_failures += 1
+            log.warning("offset commit failed after a rebalance (batch already durable): %s", exc)
+        stats.batches += 1
+        stats.polled += len(raw)
+        stats.inserted += inserted
+        stats.duplicates += len(batch.rows) - inserted + batch.duplicates_in_batch
+        stats.dead_letters += len(batch.dead)
+        stats.redactions += batch.redactions
+        stats.assignments.append(sorted(tp.partition for tp in self.consumer.assignment()))
+        log.info(
+            "batch %d: %d polled, %d new, %d dead letters, offsets %s",
+            stats.batches, len(raw), inserted, len(batch.dead),
+            {f"{tp.topic}[{tp.partition}]": o for tp, o in offsets.items()},
+        )
+
+    def _publish_dead_letters(self, batch: PreparedBatch) -> None:
+        if self._dlq is None:
+            self._dlq = KafkaProducer(
+                bootstrap_servers=self.cfg.bootstrap_servers, acks="all", enable_idempotence=True
+            )
+        for dead in batch.dead:
+            self._dlq.send(
+                self.cfg.dlq_topic,
+                key=dead.dead_letter_id.encode(),
+                value=dead.record.value,
+                headers=[
+                    ("reason", dead.reason.encode()),
+                    ("source", dead.dead_letter_id.encode()),
+                ],
+            )
+        self._dlq.flush(timeout=self.cfg.request_timeout_ms / 1000)
+
+    def close(self) -> None:
+        try:
+            if self._dlq is not None:
+                self._dlq.close(timeout=5)
+        except KafkaError as exc:
+            log.warning("closing the dead-letter producer: %s", exc)
+        self.consumer.close()

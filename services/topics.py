@@ -1,0 +1,97 @@
+"""Topic administration and offsets: create the feedback topics, read end offsets and lag."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from services.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartitionOffsets:
+    topic: str
+    partition: int
+    end: int
+    committed: int | None
+
+    @property
+    def lag(self) -> int:
+        return self.end - (self.committed or 0)
+
+
+def ensure_topics(cfg: KafkaSettings) -> list[str]:
+    """Create the feedback and dead-letter topics if missing; returns the ones created."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=cfg.bootstrap_servers, request_timeout_ms=cfg.request_timeout_ms
+    )
+    try:
+        existing = set(admin.list_topics())
+        wanted = [t for t in (cfg.topic, cfg.dlq_topic) if t not in existing]
+        created = []
+        for name in wanted:
+            try:
+                admin.create_topics([NewTopic(name, cfg.partitions, 1)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+        if created:
+            log.info("created topics %s with %d partitions", created, cfg.partitions)
+        return created
+    finally:
+        admin.close()
+
+
+def topic_offsets(cfg: KafkaSettings, topic: str, group_id: str | None) -> list[PartitionOffsets]:
+    """End offset and the group's committed offset of each partition of ``topic``.
+
+    End offsets come from a fetch's high watermark rather than ListOffsets: the
+    embedded tansu broker answers ListOffsets(latest) with the last *batch's* base
+    offset + 1, which undercounts. Seeking one before that and fetching reports the
+    true high watermark on tansu and on Kafka alike.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=cfg.bootstrap_servers,
+        group_id=group_id,
+        enable_auto_commit=False,
+        request_timeout_ms=cfg.request_timeout_ms,
+    )
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        listed = consumer.end_offsets(tps)
+        end: dict[TopicPartition, int] = {}
+        for tp in tps:
+            if listed[tp] == 0:
+                end[tp] = 0
+            else:
+                consumer.seek(tp, listed[tp] - 1)
+        deadline = time.monotonic() + 5.0
+        while len(end) < len(tps) and time.monotonic() < deadline:
+            records = consumer.poll(timeout_ms=200, max_records=1000)
+            for tp, batch in records.items():
+                if tp not in end and batch:
+                    end[tp] = max(consumer.highwater(tp) or 0, batch[-1].offset + 1)
+            for tp in tps:
+                hw = consumer.highwater(tp)
+                if tp not in end and hw is not None and hw <= listed[tp]:
+                    end[tp] = hw
+        result = []
+        for tp in tps:
+            committed = consumer.committed(tp) if group_id else None
+            result.append(PartitionOffsets(topic, tp.partition, end.get(tp, listed[tp]), committed))
+        return result
+    except KafkaError:
+        raise
+    finally:
+        consumer.close()

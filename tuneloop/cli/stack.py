@@ -1,0 +1,156 @@
+"""``tuneloop up / down / status / worker``: the embedded stack and what it holds."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+from rich.panel import Panel
+from rich.table import Table
+
+from services.settings import Settings
+from tuneloop.cli.common import console, fail, settings_of, store_of
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)
+    app.command("down")(down)
+    app.command("status")(status)
+    app.command("worker", hidden=True)(worker)
+
+
+def up(
+    ctx: typer.Context,
+    no_worker: bool = typer.Option(False, "--no-worker", help="Skip the deployment worker."),
+) -> None:
+    """Start the embedded broker, Prefect server (UI on :4200) and deployment worker."""
+    from infra.stack import Stack
+
+    settings = settings_of(ctx)
+    with console.status("starting the embedded stack..."):
+        try:
+            Stack(settings).up(worker=not no_worker)
+        except (TimeoutError, OSError) as exc:
+            raise fail(str(exc)) from None
+    console.print(f"[green]up[/]: Kafka at {settings.kafka.bootstrap_servers}, "
+                  f"Prefect UI at {settings.prefect.api_url.removesuffix('/api')}")
+
+
+def down(ctx: typer.Context) -> None:
+    """Stop the embedded stack. The embedded broker keeps messages in memory: they go with it."""
+    from infra.stack import Stack
+
+    stopped = Stack(settings_of(ctx)).down()
+    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+def worker(ctx: typer.Context) -> None:
+    """Serve the deployments (run by ``tuneloop up``)."""
+    from flows.serve import serve_all
+
+    serve_all(settings_of(ctx))
+
+
+def status(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Health of each component, topic offsets and lag, row counts, dead letters."""
+    settings = settings_of(ctx)
+    report = collect_status(settings)
+    if as_json:
+        console.print_json(json.dumps(report, default=str))
+        return
+    render_status(report)
+
+
+def collect_status(settings: Settings) -> dict[str, Any]:
+    from kafka.errors import KafkaError
+
+    from infra.stack import Stack
+    from services.topics import topic_offsets
+
+    stack = Stack(settings)
+    health = [h.__dict__ for h in stack.health()]
+    topics: list[dict[str, Any]] = []
+    if health[0]["ok"]:
+        for topic, group in ((settings.kafka.topic, settings.kafka.group_id),
+                             (settings.kafka.dlq_topic, None)):
+            try:
+                for p in topic_offsets(settings.kafka, topic, group):
+                    topics.append({"topic": topic, "partition": p.partition, "end": p.end,
+                                   "committed": p.committed, "lag": p.lag if group else None})
+            except KafkaError as exc:
+                topics.append({"topic": topic, "error": str(exc)})
+    store = store_of(settings)
+    counts: dict[str, int] = {}
+    dead: list[tuple[str, int]] = []
+    adapters: list[tuple[Any, ...]] = []
+    drift: list[tuple[Any, ...]] = []
+    if store.path.exists():
+        counts = store.counts()
+        with store.connect() as con:
+            dead = con.execute(
+                "SELECT regexp_replace(reason, '[0-9]+', 'N', 'g') AS r, count(*) FROM dead_letters "
+                "GROUP BY r ORDER BY 2 DESC LIMIT 5"
+            ).fetchall()
+            adapters = con.execute(
+                "SELECT version, name, state, dataset_version, created_at FROM adapters "
+                "ORDER BY created_at DESC LIMIT 5"
+            ).fetchall()
+            drift = con.execute(
+                "SELECT created_at, score, p_value, drifted FROM drift_reports "
+                "ORDER BY created_at DESC LIMIT 1"
+            ).fetchall()
+    return {"health": health, "topics": topics, "counts": counts, "dead_letters": dead,
+            "adapters": adapters, "latest_drift": drift, "db": str(store.path)}
+
+
+def render_status(report: dict[str, Any]) -> None:
+    comp = Table(title="components", show_edge=False)
+    comp.add_column("component")
+    comp.add_column("state")
+    comp.add_column("where")
+    for h in report["health"]:
+        comp.add_row(h["component"], "[green]up[/]" if h["ok"] else "[red]down[/]", h["detail"])
+    console.print(comp)
+
+    if report["topics"]:
+        t = Table(title="topics", show_edge=False)
+        for col in ("topic", "partition", "end offset", "committed", "lag"):
+            t.add_column(col, justify="right" if col != "topic" else "left")
+        for row in report["topics"]:
+            if "error" in row:
+                t.add_row(row["topic"], "-", f"[red]{row['error']}[/]", "", "")
+                continue
+            lag = row["lag"]
+            lag_s = "" if lag is None else (f"[yellow]{lag}[/]" if lag else "0")
+            t.add_row(row["topic"], str(row["partition"]), str(row["end"]),
+                      "" if row["committed"] is None else str(row["committed"]), lag_s)
+        console.print(t)
+
+    if report["counts"]:
+        c = Table(title=f"store {report['db']}", show_edge=False)
+        c.add_column("table")
+        c.add_column("rows", justify="right")
+        for table, n in report["counts"].items():
+            c.add_row(table, f"{n:,}")
+        console.print(c)
+    else:
+        console.print(f"store: {report['db']} does not exist yet")
+
+    if report["dead_letters"]:
+        lines = "\n".join(f"{n:>6}  {reason}" for reason, n in report["dead_letters"])
+        console.print(Panel(lines, title="dead letters by reason", border_style="red"))
+    if report["latest_drift"]:
+        at, score, p, drifted = report["latest_drift"][0]
+        console.print(f"latest drift check {at:%Y-%m-%d %H:%M}: score {score:.3f}, p={p:.3g}, "
+                      + ("[red]DRIFT[/]" if drifted else "[green]no drift[/]"))
+    if report["adapters"]:
+        a = Table(title="adapters", show_edge=False)
+        for col in ("version", "name", "state", "dataset", "created"):
+            a.add_column(col)
+        for version, name, state, ds, created in report["adapters"]:
+            a.add_row(str(version), name, state, ds or "", f"{created:%Y-%m-%d %H:%M}")
+        console.print(a)
