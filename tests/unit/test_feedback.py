@@ -1,0 +1,97 @@
+import json
+import uuid
+
+import pytest
+
+from services import banking77
+from services.feedback import MAX_EVENT_BYTES, InvalidEvent, json_schema, parse_event
+
+
+def _event(**overrides: object) -> dict:
+    base = {
+        "schema_version": 1,
+        "event_id": str(uuid.uuid4()),
+        "occurred_at": "2026-11-01T12:00:00Z",
+        "app": "support-bot",
+        "request_id": "req-1",
+        "adapter_version": None,
+        "messages": [{"role": "user", "content": "my card has not arrived"}],
+        "completion": "card_arrival",
+        "rating": 1,
+    }
+    base.update(overrides)
+    return base
+
+
+def _raw(**overrides: object) -> bytes:
+    return json.dumps(_event(**overrides)).encode()
+
+
+def test_valid_event_parses_with_optional_fields_absent() -> None:
+    event = parse_event(_raw())
+    assert event.user_text == "my card has not arrived"
+    assert event.label is None and event.metadata == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"schema_version": 2}, "schema_version=2"),
+        ({"event_id": "not-a-uuid"}, "event_id"),
+        ({"occurred_at": "2026-11-01T12:00:00"}, "timezone"),
+        ({"rating": 3}, "rating"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "user turn"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"app": ""}, "app"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_invalid_events_name_the_field(overrides: dict, fragment: str) -> None:
+    with pytest.raises(InvalidEvent) as err:
+        parse_event(_raw(**overrides))
+    assert fragment in err.value.reason
+
+
+def test_missing_field_is_named() -> None:
+    data = _event()
+    del data["completion"]
+    with pytest.raises(InvalidEvent, match="completion"):
+        parse_event(json.dumps(data).encode())
+
+
+def test_size_cap_is_checked_before_parsing() -> None:
+    huge = b"{" + b" " * (MAX_EVENT_BYTES + 1) + b"}"
+    with pytest.raises(InvalidEvent, match="over the 65536-byte cap"):
+        parse_event(huge)
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"{not json", b"[1, 2]", b"null"])
+def test_non_json_or_non_object_is_rejected(raw: bytes) -> None:
+    with pytest.raises(InvalidEvent):
+        parse_event(raw)
+
+
+def test_event_id_is_kept_on_schema_errors_for_the_dead_letter() -> None:
+    event_id = str(uuid.uuid4())
+    with pytest.raises(InvalidEvent) as err:
+        parse_event(_raw(event_id=event_id, rating=5))
+    assert err.value.event_id == event_id
+
+
+def test_exported_schema_file_is_current() -> None:
+    from services.feedback import SCHEMA_FILE
+
+    assert json.loads(SCHEMA_FILE.read_text()) == json.loads(json.dumps(json_schema(), sort_keys=True))
+
+
+def test_banking77_events_are_valid_and_deterministic() -> None:
+    queries = banking77.load("test")[:50]
+    first = list(banking77.to_events(queries, seed=3))
+    again = list(banking77.to_events(queries, seed=3))
+    assert [e.event_id for e in first] == [e.event_id for e in again]
+    for event in first:
+        assert parse_event(event.to_json_bytes()) == event
+        assert event.label == next(q.intent for q in queries if q.text == event.user_text)
+        # A wrong answer carries the human correction; a right one does not.
+        assert (event.completion == event.label) == (event.correction is None)

@@ -1,0 +1,39 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from services.settings import load_settings
+
+
+def test_precedence_file_then_env_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "tuneloop.toml"
+    config.write_text('[kafka]\nbootstrap_servers = "file:1"\ngroup_id = "from-file"\n'
+                      '[ingest]\nbatch_size = 7\n')
+    monkeypatch.setenv("TUNELOOP_CONFIG", str(config))
+    monkeypatch.delenv("TUNELOOP_KAFKA__BOOTSTRAP_SERVERS", raising=False)
+    assert load_settings().kafka.bootstrap_servers == "file:1"
+    monkeypatch.setenv("TUNELOOP_KAFKA__BOOTSTRAP_SERVERS", "env:2")
+    settings = load_settings()
+    assert settings.kafka.bootstrap_servers == "env:2"
+    assert settings.kafka.group_id == "from-file"
+    settings = load_settings({"kafka.bootstrap_servers": "flag:3"})
+    assert settings.kafka.bootstrap_servers == "flag:3"
+    # An override replaces one knob, not the whole section.
+    assert settings.kafka.group_id == "from-file"
+    assert settings.ingest.batch_size == 7
+
+
+def test_bad_values_are_rejected_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="batch_size"):
+        load_settings({"ingest.batch_size": 0})
+    with pytest.raises(ValidationError, match="log_level"):
+        load_settings({"log_level": "LOUD"})
+    with pytest.raises(ValidationError, match="no_such_section"):
+        load_settings({"no_such_section.x": 1})
+
+
+def test_derived_paths_follow_home(tmp_path: Path) -> None:
+    settings = load_settings({"home": tmp_path})
+    assert settings.db_path == tmp_path / "tuneloop.duckdb"
+    assert settings.outbox_path == tmp_path / "outbox.sqlite"
