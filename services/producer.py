@@ -189,6 +189,7 @@ class FeedbackProducer:
                 retries=5,
                 request_timeout_ms=int(self._cfg.delivery_timeout_s * 1000),
                 max_block_ms=int(self._cfg.delivery_timeout_s * 1000),
+                bootstrap_timeout_ms=int(self._cfg.delivery_timeout_s * 1000),
                 reconnect_backoff_max_ms=1000,
             )
         except KafkaError as exc:

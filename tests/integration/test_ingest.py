@@ -1,0 +1,286 @@
+"""Ingest against the real tansu broker, a real DuckDB file and a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from kafka import KafkaProducer
+
+from services import banking77
+from services.consumer import IngestConsumer
+from services.feedback import FeedbackEvent
+from services.ingest import PreparedBatch
+from services.settings import Settings
+from services.store import Store
+from services.topics import ensure_topics, topic_offsets
+
+pytestmark = pytest.mark.integration
+
+
+def _events(n: int, seed: int = 0) -> list[FeedbackEvent]:
+    queries = banking77.load("train")
+    picked = [queries[i % len(queries)] for i in range(n)]
+    return list(banking77.to_events(picked, seed=seed))
+
+
+def _malformed(i: int, event: FeedbackEvent) -> bytes:
+    """A mix of the ways real apps get events wrong."""
+    data = json.loads(event.to_json_bytes())
+    kind = i % 5
+    if kind == 0:
+        return b"{truncated json"
+    if kind == 1:
+        data["rating"] = 7
+    elif kind == 2:
+        del data["messages"]
+    elif kind == 3:
+        data["schema_version"] = 2
+    else:
+        data["metadata"] = {"blob": "x" * 70_000}
+    return json.dumps(data).encode()
+
+
+def _send_raw(settings: Settings, payloads: list[tuple[bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all",
+                             linger_ms=5, max_request_size=2 * 1024 * 1024)
+    for key, value in payloads:
+        producer.send(settings.kafka.topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def _mixed_traffic(settings: Settings, total: int) -> tuple[set[str], int]:
+    """Send ``total`` events: 5% duplicates, 3% malformed; returns (valid ids, malformed)."""
+    n_dup, n_bad = total * 5 // 100, total * 3 // 100
+    valid = _events(total - n_dup - n_bad)
+    rng = random.Random(7)
+    payloads: list[tuple[bytes | None, bytes]] = [
+        (str(e.event_id).encode(), e.to_json_bytes()) for e in valid
+    ]
+    payloads += [(str(e.event_id).encode(), e.to_json_bytes()) for e in rng.sample(valid, n_dup)]
+    payloads += [(None, _malformed(i, valid[i])) for i in range(n_bad)]
+    rng.shuffle(payloads)
+    _send_raw(settings, payloads)
+    return {str(e.event_id) for e in valid}, n_bad
+
+
+def _feedback_ids(store: Store) -> list[str]:
+    with store.connect() as con:
+        return [r[0] for r in con.execute("SELECT event_id FROM feedback").fetchall()]
+
+
+def test_duplicates_and_malformed_events(broker: Settings, settings: Settings, store: Store) -> None:
+    ensure_topics(settings.kafka)
+    valid_ids, n_bad = _mixed_traffic(settings, 10_000)
+
+    consumer = IngestConsumer(settings, store)
+    try:
+        stats = consumer.run()
+    finally:
+        consumer.close()
+
+    ids = _feedback_ids(store)
+    assert len(ids) == len(set(ids)) == len(valid_ids)
+    assert set(ids) == valid_ids
+    with store.connect() as con:
+        dead = con.execute("SELECT reason, source_offset FROM dead_letters").fetchall()
+    assert len(dead) == n_bad == stats.dead_letters
+    reasons = " | ".join(r for r, _ in dead)
+    for fragment in ("not valid UTF-8 JSON", "rating", "messages", "schema_version=2", "byte cap"):
+        assert fragment in reasons
+    # The dead-letter topic holds them too, with the reason in a header.
+    dlq = topic_offsets(settings.kafka, settings.kafka.dlq_topic, None)
+    assert sum(p.end for p in dlq) == n_bad
+    # Every offset is committed: nothing left to replay.
+    assert all(p.lag == 0 for p in topic_offsets(settings.kafka, settings.kafka.topic,
+                                                 settings.kafka.group_id))
+
+
+def _ingest_process(settings: Settings, batch_size: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "TUNELOOP_HOME": str(settings.home),
+        "TUNELOOP_KAFKA__TOPIC": settings.kafka.topic,
+        "TUNELOOP_KAFKA__DLQ_TOPIC": settings.kafka.dlq_topic,
+        "TUNELOOP_KAFKA__GROUP_ID": settings.kafka.group_id,
+        "TUNELOOP_INGEST__BATCH_SIZE": str(batch_size),
+    }
+    code = ("from services.consumer import IngestConsumer; from services.settings import load_settings;"
+            "c = IngestConsumer(load_settings()); c.run(); c.close()")
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def test_sigkill_mid_batch_loses_and_doubles_nothing(
+    broker: Settings, settings: Settings, store: Store
+) -> None:
+    ensure_topics(settings.kafka)
+    valid_ids, _ = _mixed_traffic(settings, 6000)
+
+    proc = _ingest_process(settings, batch_size=200)
+    # Kill once some batches are durable but well before the end: mid-stream, mid-batch.
+    deadline = time.monotonic() + 120
+    landed = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if store.path.exists():
+            landed = len(_feedback_ids(store))
+            if landed >= 1000:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < landed < len(valid_ids)
+
+    # The killed member's session expires (6 s); a fresh process takes over.
+    restarted = _ingest_process(settings, batch_size=200)
+    assert restarted.wait(timeout=180) == 0, restarted.stderr.read().decode() if restarted.stderr else ""
+
+    ids = _feedback_ids(store)
+    assert len(ids) == len(set(ids))
+    assert set(ids) == valid_ids
+
+
+def test_slow_batch_keeps_its_partitions(broker: Settings, settings: Settings, store: Store) -> None:
+    ensure_topics(settings.kafka)
+    events = _events(900)
+    _send_raw(settings, [(str(e.event_id).encode(), e.to_json_bytes()) for e in events])
+    slept: list[int] = []
+
+    def slow(batch: PreparedBatch) -> None:
+        if not slept:  # the first batch takes longer than the session timeout
+            slept.append(len(batch.rows))
+            time.sleep(settings.kafka.session_timeout_ms / 1000 + 4)
+
+    consumer = IngestConsumer(settings.model_copy(update={
+        "ingest": settings.ingest.model_copy(update={"batch_size": 300})}), store)
+    try:
+        stats = consumer.run(on_batch=slow)
+    finally:
+        consumer.close()
+    assert slept
+    assert stats.commit_failures == 0
+    # No rebalance: every batch saw the same assignment, and nothing was polled twice.
+    assert len({tuple(a) for a in stats.assignments}) == 1
+    assert stats.polled == len(events)
+    assert set(_feedback_ids(store)) == {str(e.event_id) for e in events}
+
+
+def test_outbox_carries_events_across_a_broker_outage(tmp_path: Path, settings: Settings,
+                                                      store: Store) -> None:
+    from infra.broker import EmbeddedBroker
+    from infra.processes import free_port
+    from services.producer import FeedbackProducer
+
+    # A broker of its own: this test stops it.
+    own = settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
+        "producer": settings.producer.model_copy(update={"delivery_timeout_s": 2.0}),
+    })
+    broker = EmbeddedBroker(own)
+    broker.start()
+    ensure_topics(own.kafka)
+    before, during = _events(300, seed=1), _events(300, seed=2)
+    try:
+        with FeedbackProducer(own) as producer:
+            producer.send_many(before)
+            assert producer.flush(10).complete
+            broker.stop()
+            # The app keeps sending while the broker is down: accepted, kept in the outbox.
+            for event in during:
+                producer.send(event)
+            report = producer.flush(3)
+            assert report.pending == len(during)
+            # The embedded broker held `before` in memory: gone with it (see README).
+            broker.start()
+            ensure_topics(own.kafka)
+            report = producer.flush(30)
+            assert report.complete and report.delivered == len(during)
+        consumer = IngestConsumer(own, store)
+        try:
+            consumer.run()
+        finally:
+            consumer.close()
+    finally:
+        broker.stop()
+    assert set(_feedback_ids(store)) == {str(e.event_id) for e in during}
+
+
+def test_outbox_survives_a_producer_restart(settings: Settings) -> None:
+    from infra.processes import free_port
+    from services.producer import FeedbackProducer
+
+    unreachable = settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
+        "producer": settings.producer.model_copy(update={"delivery_timeout_s": 1.0}),
+    })
+    events = _events(20, seed=3)
+    with FeedbackProducer(unreachable) as producer:
+        producer.send_many(events)
+        assert producer.flush(1).pending == 20
+    # A new process finds them, in the order they were accepted.
+    with FeedbackProducer(unreachable) as producer:
+        assert [eid for _, eid, _ in producer.outbox.head(100)] == [str(e.event_id) for e in events]
+
+
+def test_two_processes_share_the_store_without_losing_writes(settings: Settings, store: Store) -> None:
+    """Two writer processes and this reader contend for the DuckDB file; nothing fails or is lost."""
+    writer = (
+        "import sys; from pathlib import Path; from services import banking77;"
+        "from services.ingest import insert_events; from services.store import Store;"
+        "s = Store(Path(sys.argv[1])); seed = int(sys.argv[2]);"
+        "qs = banking77.load('train');"
+        "evs = list(banking77.to_events(qs[:1500], seed=seed));\n"
+        "for i in range(0, 1500, 50):\n"
+        "    with s.connect() as con:\n"
+        "        insert_events(con, evs[i:i + 50])\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(store.path), str(seed)],
+                              stderr=subprocess.PIPE) for seed in (11, 12)]
+    reads = 0
+    while any(p.poll() is None for p in procs):
+        store.counts()
+        reads += 1
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read().decode() if p.stderr else ""
+    assert reads > 0
+    assert store.counts()["feedback"] == 3000
+
+
+def test_ingest_flow_on_the_prefect_server(broker: Settings, prefect_server: str, settings: Settings,
+                                           store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.client.orchestration import get_client
+
+    # The flow loads settings itself, as a deployment run would: point it at this test's topic.
+    for key, value in {
+        "TUNELOOP_HOME": str(settings.home), "TUNELOOP_KAFKA__TOPIC": settings.kafka.topic,
+        "TUNELOOP_KAFKA__DLQ_TOPIC": settings.kafka.dlq_topic,
+        "TUNELOOP_KAFKA__GROUP_ID": settings.kafka.group_id,
+    }.items():
+        monkeypatch.setenv(key, value)
+    from flows.ingest import ingest
+
+    ensure_topics(settings.kafka)
+    events = _events(500, seed=5)
+    _send_raw(settings, [(str(e.event_id).encode(), e.to_json_bytes()) for e in events])
+    state = ingest(return_state=True)
+    stats = state.result()
+    assert stats["inserted"] == 500
+    assert len(_feedback_ids(store)) == 500
+
+    async def runs() -> list[str]:
+        async with get_client() as client:
+            found = await client.read_flow_runs()
+            return [r.state_name for r in found if r.id == state.state_details.flow_run_id]
+
+    import asyncio
+
+    assert asyncio.run(runs()) == ["Completed"]
