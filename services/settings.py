@@ -67,6 +67,10 @@ class StoreSettings(BaseModel):
 
     path: Path | None = Field(None, description="Defaults to <home>/tuneloop.duckdb.")
     lock_timeout_s: float = Field(120.0, gt=0)
+    max_hold_s: float = Field(
+        2.0, gt=0, description="A busy writer keeps the file this long across batches, then "
+        "lets waiting processes in."
+    )
 
 
 class ProducerSettings(BaseModel):
