@@ -27,6 +27,14 @@ SYSTEM_PROMPT = (
 )
 
 
+_CONTACTS = (
+    "You can reach me at customer{n}@example.com.",
+    "Call me back on +44 20 7946 {n}.",
+    "My card number is 4111 1111 1111 1111.",
+    "My IBAN is GB82 WEST 1234 5698 7654 32.",
+)
+
+
 @dataclass(frozen=True)
 class Query:
     text: str
@@ -72,8 +80,12 @@ def to_events(
     start: datetime | None = None,
     spacing_s: float = 1.0,
     adapter_version: str | None = None,
+    pii_share: float = 0.0,
 ) -> Iterator[FeedbackEvent]:
     """Feedback events for ``queries``, deterministic for a seed.
+
+    ``pii_share`` of the queries get a customer's contact detail appended, as real
+    support traffic does, for ingest to redact.
 
     Event ids derive from the seed and position, so replaying the same slice twice
     produces the same ids (and ingest keeps one copy).
@@ -88,6 +100,9 @@ def to_events(
         )
         digest = hashlib.sha256(f"{seed}:{i}:{q.text}".encode()).digest()[:16]
         user = f"u{rng.randrange(500):04d}"
+        text = q.text
+        if pii_share and rng.random() < pii_share:
+            text = f"{text} {rng.choice(_CONTACTS).format(n=rng.randrange(1000, 9999))}"
         yield FeedbackEvent(
             schema_version=1,
             event_id=uuid.UUID(bytes=digest, version=4),
@@ -95,7 +110,7 @@ def to_events(
             app=app,
             request_id=f"req-{digest.hex()[:12]}",
             adapter_version=adapter_version,
-            messages=chat(q.text),
+            messages=chat(text),
             completion=answer,
             rating=1.0 if right else -1.0,
             correction=None if right else q.intent,

@@ -42,11 +42,13 @@ class IngestStats:
     redactions: int = 0
     commit_failures: int = 0
     seconds: float = 0.0
+    busy_seconds: float = 0.0
     assignments: list[list[int]] = field(default_factory=list)
 
     @property
     def events_per_s(self) -> float:
-        return self.polled / self.seconds if self.seconds else 0.0
+        """Throughput while working: group joins and idle polls do not count."""
+        return self.polled / self.busy_seconds if self.busy_seconds else 0.0
 
 
 BatchHook = Callable[[PreparedBatch], None]
@@ -116,7 +118,9 @@ class IngestConsumer:
                     break
                 continue
             idle = 0
+            busy_from = time.monotonic()
             self._process(raw, stats, on_batch)
+            stats.busy_seconds += time.monotonic() - busy_from
             if max_batches is not None and stats.batches >= max_batches:
                 break
         self._release()

@@ -100,6 +100,9 @@ def replay(
     split: str = typer.Option("train", "--split", help="train or test."),
     accuracy: float = typer.Option(0.7, "--accuracy", help="Share of answers the bot gets right."),
     seed: int = typer.Option(0, "--seed"),
+    pii_share: float = typer.Option(
+        0.02, "--pii-share", help="Share of queries carrying an email, phone, card or IBAN."
+    ),
 ) -> None:
     """Replay banking77 queries as realistic feedback events through the producer SDK."""
     if dataset != "banking77":
@@ -111,7 +114,8 @@ def replay(
         if unknown:
             raise fail(f"unknown intents {unknown}; see shared/data/banking77/categories.json")
     queries = banking77.select(banking77.load(split), wanted, limit, seed=seed)
-    events = list(banking77.to_events(queries, accuracy=accuracy, seed=seed, app=settings.serving.alias))
+    events = list(banking77.to_events(queries, accuracy=accuracy, seed=seed,
+                                      app=settings.serving.alias, pii_share=pii_share))
     chunk = max(1, int(rate // 10)) if rate else 500
     with FeedbackProducer(settings) as producer, _progress() as progress:
         task = progress.add_task("replay banking77", total=len(events), rate=0.0)

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "tuneloop.cli.data",
     "tuneloop.cli.training",
     "tuneloop.cli.bench",
+    "tuneloop.cli.demo",
 )
 
 
