@@ -161,20 +161,26 @@ class CurationSettings(BaseModel):
 
 
 class TrainingSettings(BaseModel):
-    """Defaults of the LoRA recipe; a recipe config can override each."""
+    """Where and on what the LoRA recipe runs; its hyperparameters live in the recipe config."""
 
     base_model: str = Field(
         "smollm2-135m-instruct",
         description="'smollm2-135m-instruct' (the bundled GGUF, converted once), a local HF "
         "directory, or a hub id.",
     )
-    rank: int = 16
-    alpha: int = 32
-    learning_rate: float = 2e-4
-    max_steps: int = 200
-    batch_size: int = 16
-    max_seq_len: int = 128
-    seed: int = 0
+    config: Path | None = Field(
+        None,
+        description="Recipe config file (YAML or TOML, fields of training.config.RecipeConfig); "
+        "defaults to training/configs/smollm2_lora.yaml.",
+    )
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value != "auto" and value != "cpu" and not value.startswith("cuda"):
+            raise ValueError(f"training.device={value!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
 
 
 class ServingSettings(BaseModel):

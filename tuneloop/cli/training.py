@@ -1,9 +1,177 @@
-"""Commands of this area; see register()."""
+"""``tuneloop train`` and ``tuneloop adapters list/show/promote/rollback/verify``."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+from rich.table import Table
+
+from tuneloop.cli.common import console, fail, settings_of, store_of
+
+adapters_app = typer.Typer(help="The adapter registry: versions, states, deployments.",
+                           no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to ``app``."""
+    """Add ``train`` and the ``adapters`` group to ``app``."""
+    app.command("train")(train)
+    app.add_typer(adapters_app, name="adapters")
+
+
+def train(
+    ctx: typer.Context,
+    dataset: str = typer.Option(..., "--dataset", help="Dataset version to train on."),
+    config: str | None = typer.Option(
+        None, "--config-file", "-c", help="Recipe config (YAML/TOML); default: training.config."
+    ),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Override max_steps."),
+    learning_rate: float | None = typer.Option(None, "--learning-rate", help="Override."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Override."),
+    rank: int | None = typer.Option(None, "--rank", help="Override the LoRA rank."),
+    run_key: str | None = typer.Option(
+        None, "--run-key", help="Idempotency key; default: dataset + config + base model."),
+) -> None:
+    """Train a LoRA adapter on a dataset version and publish it as a candidate."""
+    from training.config import ConfigError
+    from training.dataset import DatasetNotFoundError
+    from training.pipeline import default_run_key, recipe_config, train_and_publish
+
+    settings = settings_of(ctx)
+    try:
+        cfg = recipe_config(settings, Path(config) if config else None, max_steps=max_steps,
+                            learning_rate=learning_rate, batch_size=batch_size, rank=rank)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    key = run_key or default_run_key(dataset, cfg, settings.training.base_model)
+    try:
+        adapter = train_and_publish(settings, dataset, cfg, key)
+    except (DatasetNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    golden = adapter.metrics.get("golden", {}).get("accuracy")
+    base = adapter.metrics.get("base_golden", {}).get("accuracy")
+    training = adapter.metrics.get("training", {})
+    console.print(
+        f"adapter [bold]{adapter.version}[/] ({adapter.name}) is a {adapter.state}: val loss "
+        f"{training.get('initial_val_loss', float('nan')):.4f} -> "
+        f"{training.get('best_val_loss', float('nan')):.4f}, golden accuracy "
+        f"{_pct(base)} (base) -> {_pct(golden)}; {adapter.path}"
+    )
+
+
+@adapters_app.command("list")
+def list_cmd(ctx: typer.Context) -> None:
+    """Every adapter version with its state and headline metrics."""
+    from services.registry import list_adapters
+
+    with store_of(settings_of(ctx)).connect() as con:
+        rows = list_adapters(con)
+    table = Table("version", "name", "state", "dataset", "val loss", "golden acc", "created")
+    for a in rows:
+        table.add_row(a.version, a.name, a.state, a.dataset_version or "-",
+                      _num(a.metrics.get("training", {}).get("best_val_loss")),
+                      _pct(a.metrics.get("golden", {}).get("accuracy")),
+                      a.created_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+
+
+@adapters_app.command("show")
+def show_cmd(ctx: typer.Context, version: str = typer.Argument(...)) -> None:
+    """An adapter's record, manifest and deployment history."""
+    from services.registry import RegistryError, get_adapter, history
+
+    with store_of(settings_of(ctx)).connect() as con:
+        try:
+            adapter = get_adapter(con, version)
+        except RegistryError as exc:
+            raise fail(str(exc)) from None
+        moves = history(con, version)
+    manifest_path = Path(adapter.path) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    console.print_json(json.dumps({
+        "version": adapter.version, "name": adapter.name, "state": adapter.state,
+        "path": adapter.path, "base_model": adapter.base_model, "dataset": adapter.dataset_version,
+        "manifest_sha256": adapter.sha256, "hyperparameters": manifest.get("hyperparameters"),
+        "metrics": adapter.metrics, "timings": manifest.get("timings"),
+        "deployments": moves,
+    }, default=str))
+
+
+@adapters_app.command("promote")
+def promote_cmd(
+    ctx: typer.Context,
+    version: str = typer.Argument(...),
+    to: str = typer.Option("production", "--to", help="'canary' or 'production'."),
+    reason: str = typer.Option(..., "--reason", help="Why; recorded in deployments."),
+) -> None:
+    """Move an adapter to canary or production (the old production is retired)."""
+    from services.registry import RegistryError, get_adapter, promote, verify_adapter
+
+    with store_of(settings_of(ctx)).connect() as con:
+        try:
+            adapter = get_adapter(con, version)
+            verify_adapter(Path(adapter.path), adapter.sha256)
+            plan = promote(con, version, to, reason)
+        except RegistryError as exc:
+            raise fail(str(exc)) from None
+    for step in plan:
+        console.print(f"{step.version}: {step.from_state} -> [bold]{step.to_state}[/]")
+
+
+@adapters_app.command("rollback")
+def rollback_cmd(
+    ctx: typer.Context,
+    reason: str = typer.Option(..., "--reason", help="Why; recorded in deployments."),
+    to: str | None = typer.Option(None, "--to", help="Retired version to restore."),
+) -> None:
+    """Reject the production adapter and restore the previous one (or the base model)."""
+    from services.registry import RegistryError, rollback
+
+    with store_of(settings_of(ctx)).connect() as con:
+        try:
+            plan = rollback(con, reason, to)
+        except RegistryError as exc:
+            raise fail(str(exc)) from None
+    for step in plan:
+        console.print(f"{step.version}: {step.from_state} -> [bold]{step.to_state}[/]")
+    if len(plan) == 1:
+        console.print("no retired adapter to restore: the alias now serves the base model")
+
+
+@adapters_app.command("verify")
+def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
+        None, help="One version; default: all.")) -> None:
+    """Check every file of an adapter against its manifest and the registry."""
+    from services.registry import (
+        IntegrityError,
+        RegistryError,
+        get_adapter,
+        list_adapters,
+        verify_adapter,
+    )
+
+    with store_of(settings_of(ctx)).connect() as con:
+        try:
+            adapters = [get_adapter(con, version)] if version else list_adapters(con)
+        except RegistryError as exc:
+            raise fail(str(exc)) from None
+    bad = 0
+    for adapter in adapters:
+        try:
+            manifest = verify_adapter(Path(adapter.path), adapter.sha256)
+            files = len(manifest["files"])
+            console.print(f"[green]ok[/] {adapter.version}: {files} files verified")
+        except IntegrityError as exc:
+            bad += 1
+            console.print(f"[red]FAILED[/] {adapter.version}: {exc}")
+    if bad:
+        raise typer.Exit(1)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,151 @@
+"""Task metrics over generated answers: one implementation for training and canary.
+
+Pure functions only. The recipe feeds them transformers generations after training
+(``training/evaluate.py``); the canary feeds them vLLM generations before a
+promotion. Both therefore judge an adapter the same way.
+
+Two kinds of task:
+- *labelled* (every reference has a label, e.g. banking77 intent routing): the
+  answer is normalised (:func:`normalize_label`) and compared with the label;
+  accuracy, macro-F1 and a per-label breakdown.
+- *free text*: exact match after whitespace and case folding, plus token-level F1
+  (SQuAD-style overlap) as the similarity score.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+_SEPARATORS = re.compile(r"[\s\-/]+")
+_STRIP = " \t\r\n\"'`.,;:!?()[]{}<>*"
+
+
+def normalize_label(text: str) -> str:
+    """The label an answer names: first line, case-folded, separators as ``_``.
+
+    ``"Card arrival."`` and ``"card_arrival"`` both become ``"card_arrival"``.
+    """
+    text = unicodedata.normalize("NFKC", text).strip()
+    first = text.splitlines()[0] if text else ""
+    first = first.strip(_STRIP).casefold()
+    return _SEPARATORS.sub("_", first).strip("_")
+
+
+def normalize_text(text: str) -> str:
+    """Whitespace-collapsed, case-folded text for exact match."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Harmonic mean of token precision and recall; 1.0 for two empty strings."""
+    pred = normalize_text(prediction).split()
+    ref = normalize_text(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass(frozen=True)
+class LabelStats:
+    """One label's row of the breakdown."""
+
+    support: int
+    predicted: int
+    correct: int
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Metrics of one evaluation; ``accuracy``/``macro_f1`` are None for free text."""
+
+    n: int
+    exact_match: float
+    similarity: float
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    per_label: dict[str, LabelStats] = field(default_factory=dict)
+
+    @property
+    def headline(self) -> float:
+        """The number to compare adapters by: accuracy if labelled, else exact match."""
+        return self.accuracy if self.accuracy is not None else self.exact_match
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_predictions(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    labels: Sequence[str | None] | None = None,
+) -> EvalReport:
+    """Score ``predictions`` against ``references`` (and ``labels`` when all are set).
+
+    Macro-F1 averages over the labels that occur in the references; a prediction
+    naming no known label counts as wrong for its reference label and adds no class.
+    Raises ``ValueError`` when the sequences differ in length or are empty.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"{len(predictions)} predictions for {len(references)} references: pass one "
+            "prediction per reference"
+        )
+    if labels is not None and len(labels) != len(references):
+        raise ValueError(f"{len(labels)} labels for {len(references)} references")
+    if not references:
+        raise ValueError("nothing to evaluate: references is empty")
+    n = len(references)
+    pairs = list(zip(predictions, references, strict=True))
+    exact = sum(normalize_text(p) == normalize_text(r) for p, r in pairs)
+    similarity = sum(token_f1(p, r) for p, r in pairs) / n
+    if labels is None or any(label is None for label in labels):
+        return EvalReport(n=n, exact_match=exact / n, similarity=similarity)
+    gold = [normalize_label(str(label)) for label in labels]
+    guess = [normalize_label(p) for p in predictions]
+    per_label = classification_breakdown(guess, gold)
+    accuracy = sum(g == p for g, p in zip(gold, guess, strict=True)) / n
+    macro = sum(stats.f1 for stats in per_label.values()) / len(per_label)
+    return EvalReport(
+        n=n,
+        exact_match=exact / n,
+        similarity=similarity,
+        accuracy=accuracy,
+        macro_f1=macro,
+        per_label=per_label,
+    )
+
+
+def classification_breakdown(
+    predicted: Sequence[str], gold: Sequence[str]
+) -> dict[str, LabelStats]:
+    """Precision, recall and F1 for every label in ``gold`` (already normalised)."""
+    support = Counter(gold)
+    predicted_count = Counter(predicted)
+    correct = Counter(g for g, p in zip(gold, predicted, strict=True) if g == p)
+    stats: dict[str, LabelStats] = {}
+    for label in sorted(support):
+        tp = correct[label]
+        precision = tp / predicted_count[label] if predicted_count[label] else 0.0
+        recall = tp / support[label]
+        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+        stats[label] = LabelStats(
+            support=support[label],
+            predicted=predicted_count[label],
+            correct=tp,
+            precision=precision,
+            recall=recall,
+            f1=f1,
+        )
+    return stats

@@ -1,0 +1,89 @@
+"""Resumable checkpoints in safetensors only: LoRA weights, AdamW moments, loop state.
+
+Nothing here unpickles: tensors go to ``.safetensors`` files and the rest (step,
+best loss, history, optimizer hyperparameters) to JSON. A checkpoint is written to
+a temporary directory and renamed over the previous one, so a crash mid-save
+leaves the last complete checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE = "state.json"
+
+
+def save_checkpoint(
+    directory: Path,
+    adapter: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> None:
+    """Replace the checkpoint at ``directory`` atomically."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=directory.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()},
+                  str(tmp / "adapter.safetensors"))
+        moments, groups = _flatten_optimizer(optimizer)
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        (tmp / STATE).write_text(json.dumps({**state, "param_groups": groups}))
+        for file in tmp.iterdir():
+            with file.open("rb") as fh:
+                os.fsync(fh.fileno())
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(
+    directory: Path, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The adapter weights and loop state saved at ``directory``, restoring ``optimizer``.
+
+    Returns None when there is no complete checkpoint.
+    """
+    if not (directory / STATE).exists():
+        old = directory.with_name(directory.name + ".old")
+        if not (old / STATE).exists():
+            return None
+        directory = old  # a crash between the two renames of save_checkpoint
+    state = json.loads((directory / STATE).read_text())
+    _restore_optimizer(optimizer, load_file(str(directory / "optimizer.safetensors")),
+                       state.pop("param_groups"))
+    return load_file(str(directory / "adapter.safetensors")), state
+
+
+def _flatten_optimizer(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for index, slots in sd["state"].items():
+        for name, value in slots.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{index}.{name}"] = tensor.detach().contiguous().cpu()
+    groups = [{k: v for k, v in group.items()} for group in sd["param_groups"]]
+    return tensors, groups
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]
+) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
