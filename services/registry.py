@@ -322,12 +322,14 @@ def promote(
     con: duckdb.DuckDBPyConnection, version: str, to_state: str, reason: str
 ) -> list[Transition]:
     """Move ``version`` to 'canary' or 'production' (retiring the old production)."""
+    _need_reason(reason)
     plan = plan_promotion(_states(con), version, to_state)
     return _apply(con, plan, reason)
 
 
 def reject(con: duckdb.DuckDBPyConnection, version: str, reason: str) -> list[Transition]:
     """Mark ``version`` rejected (a failed canary, or a bad candidate)."""
+    _need_reason(reason)
     current = _states(con).get(version)
     if current is None:
         raise RegistryError(f"adapter {version!r} does not exist; see `tuneloop adapters list`")
@@ -339,6 +341,7 @@ def rollback(
     con: duckdb.DuckDBPyConnection, reason: str, to_version: str | None = None
 ) -> list[Transition]:
     """Reject the production adapter and bring back the previous one (or the base model)."""
+    _need_reason(reason)
     retired = [r[0] for r in con.execute(
         "SELECT a.version FROM adapters a JOIN deployments d ON d.adapter_version = a.version "
         "WHERE a.state = 'retired' AND d.to_state = 'retired' "
@@ -348,8 +351,7 @@ def rollback(
 
 
 def _apply(con: duckdb.DuckDBPyConnection, plan: list[Transition], reason: str) -> list[Transition]:
-    if not reason.strip():
-        raise RegistryError("every state change needs a reason; pass --reason")
+    _need_reason(reason)
     con.execute("BEGIN TRANSACTION")
     try:
         for step in plan:
@@ -364,6 +366,11 @@ def _apply(con: duckdb.DuckDBPyConnection, plan: list[Transition], reason: str) 
         log.info("adapter %s: %s -> %s (%s): %s", step.version, step.from_state, step.to_state,
                  step.action, reason)
     return plan
+
+
+def _need_reason(reason: str) -> None:
+    if not reason.strip():
+        raise RegistryError("every state change needs a reason; pass --reason")
 
 
 def _record(con: duckdb.DuckDBPyConnection, step: Transition, reason: str) -> None:

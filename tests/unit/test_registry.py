@@ -1,0 +1,187 @@
+"""Registry rules: manifests, atomic publishing, state transitions (real DuckDB file)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from services import registry
+from services.registry import (
+    IntegrityError,
+    InvalidTransitionError,
+    RegistryError,
+    Transition,
+    check_transition,
+    next_version,
+    plan_promotion,
+    plan_rollback,
+    verify_adapter,
+)
+from services.store import Store
+
+
+def _peft_dir(root: Path, weights: bytes = b"weights") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    (root / "adapter_model.safetensors").write_bytes(weights)
+    return root
+
+
+def _publish(con, adapters: Path, source: Path, key: str | None = None) -> registry.Adapter:
+    return registry.publish_adapter(
+        con, adapters, source, alias="support-bot", base_model="base", base_hash="abc",
+        dataset_version="ds1", run_key=key, details={"metrics": {"golden": {"accuracy": 0.5}}},
+    )
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "ok"),
+    [
+        ("candidate", "canary", True), ("candidate", "production", True),
+        ("candidate", "rejected", True), ("candidate", "retired", False),
+        ("canary", "production", True), ("canary", "rejected", True),
+        ("canary", "candidate", False), ("production", "retired", True),
+        ("production", "rejected", True), ("production", "canary", False),
+        ("retired", "production", True), ("retired", "canary", False),
+        ("rejected", "production", False), ("rejected", "candidate", False),
+    ],
+)
+def test_transition_rules(src: str, dst: str, ok: bool) -> None:
+    if ok:
+        check_transition(src, dst)
+    else:
+        with pytest.raises(InvalidTransitionError, match=f"from {src!r} to {dst!r}"):
+            check_transition(src, dst)
+
+
+def test_unknown_state_is_refused() -> None:
+    with pytest.raises(InvalidTransitionError, match="does not exist"):
+        check_transition("candidate", "live")
+
+
+def test_promotion_retires_the_old_production() -> None:
+    states = {"v1": "production", "v2": "canary"}
+    assert plan_promotion(states, "v2", "production") == [
+        Transition("v1", "production", "retired", "retire"),
+        Transition("v2", "canary", "production", "promote"),
+    ]
+    with pytest.raises(RegistryError, match="already the canary"):
+        plan_promotion({"v1": "canary", "v2": "candidate"}, "v2", "canary")
+    with pytest.raises(RegistryError, match="does not exist"):
+        plan_promotion(states, "v9", "production")
+    with pytest.raises(InvalidTransitionError):
+        plan_promotion({"v1": "rejected"}, "v1", "production")
+
+
+def test_rollback_restores_the_last_retired_or_the_base() -> None:
+    states = {"v1": "retired", "v2": "retired", "v3": "production"}
+    assert plan_rollback(states, ["v2", "v1"]) == [
+        Transition("v3", "production", "rejected", "rollback"),
+        Transition("v2", "retired", "production", "rollback"),
+    ]
+    assert plan_rollback(states, ["v2", "v1"], "v1")[1].version == "v1"
+    assert plan_rollback({"v1": "production"}, []) == [
+        Transition("v1", "production", "rejected", "rollback")
+    ]
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        plan_rollback({"v1": "candidate"}, [])
+    with pytest.raises(RegistryError, match="not 'retired'"):
+        plan_rollback(states, [], "v3")
+
+
+def test_versions_are_never_reused() -> None:
+    assert next_version([]) == "v1"
+    assert next_version(["v1", "v10", "v3", ".publish-v11-x", "junk"]) == "v11"
+
+
+def test_manifest_verifies_and_tampering_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "t.duckdb")
+    source = _peft_dir(tmp_path / "run" / "adapter")
+    with store.connect() as con:
+        adapter = _publish(con, tmp_path / "adapters", source)
+    path = Path(adapter.path)
+    manifest = verify_adapter(path, adapter.sha256)
+    weights = source / "adapter_model.safetensors"
+    assert manifest["files"]["adapter_model.safetensors"] == registry.sha256_file(weights)
+    assert manifest["base_model"] == {"id": "base", "sha256": "abc"}
+    assert manifest["dataset_version"] == "ds1"
+
+    (path / "adapter_model.safetensors").write_bytes(b"evil")
+    with pytest.raises(IntegrityError, match="does not match the manifest"):
+        verify_adapter(path)
+    (path / "adapter_model.safetensors").write_bytes(b"weights")
+    verify_adapter(path)
+
+    (path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(IntegrityError, match="pickle-based"):
+        verify_adapter(path)
+    (path / "adapter_model.bin").unlink()
+
+    (path / "notes.txt").write_text("x")
+    with pytest.raises(IntegrityError, match="not in the manifest"):
+        verify_adapter(path)
+    (path / "notes.txt").unlink()
+
+    manifest_path = path / "manifest.json"
+    edited = json.loads(manifest_path.read_text())
+    edited["files"]["adapter_config.json"] = "0" * 64
+    manifest_path.write_text(json.dumps(edited))
+    with pytest.raises(IntegrityError, match="differs from the registry"):
+        verify_adapter(path, adapter.sha256)
+
+
+def test_crash_mid_publish_leaves_nothing_visible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "t.duckdb")
+    adapters = tmp_path / "adapters"
+    source = _peft_dir(tmp_path / "src")
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(registry.os, "rename", crash)
+    with store.connect() as con, pytest.raises(OSError, match="disk full"):
+        _publish(con, adapters, source)
+    monkeypatch.undo()
+    assert list(adapters.iterdir()) == []  # the temporary directory is gone too
+    with store.connect() as con:
+        assert registry.list_adapters(con) == []
+        adapter = _publish(con, adapters, source)
+    assert adapter.version == "v1" and adapter.state == "candidate"
+
+
+def test_lifecycle_records_every_move(tmp_path: Path) -> None:
+    store = Store(tmp_path / "t.duckdb")
+    adapters = tmp_path / "adapters"
+    with store.connect() as con:
+        v1 = _publish(con, adapters, _peft_dir(tmp_path / "a"), key="run-a")
+        v2 = _publish(con, adapters, _peft_dir(tmp_path / "b", b"other"), key="run-b")
+        assert (v1.version, v2.version, v2.name) == ("v1", "v2", "support-bot-v2")
+        assert registry.find_by_run_key(con, "run-b") == v2
+        assert registry.find_by_run_key(con, "run-c") is None
+        registry.promote(con, "v1", "production", "first adapter")
+        registry.promote(con, "v2", "canary", "canary check")
+        registry.promote(con, "v2", "production", "canary passed")
+        states = {a.version: a.state for a in registry.list_adapters(con)}
+        assert states == {"v1": "retired", "v2": "production"}
+        registry.rollback(con, "error rate up")
+        states = {a.version: a.state for a in registry.list_adapters(con)}
+        assert states == {"v1": "production", "v2": "rejected"}
+        with pytest.raises(RegistryError, match="needs a reason"):
+            registry.promote(con, "v1", "canary", " ")
+        with pytest.raises(InvalidTransitionError):
+            registry.promote(con, "v2", "production", "again")
+        moves = [(m["adapter_version"], m["from_state"], m["to_state"], m["action"])
+                 for m in registry.history(con)]
+    assert moves == [
+        ("v1", None, "candidate", "publish"), ("v2", None, "candidate", "publish"),
+        ("v1", "candidate", "production", "promote"), ("v2", "candidate", "canary", "promote"),
+        ("v1", "production", "retired", "retire"), ("v2", "canary", "production", "promote"),
+        ("v2", "production", "rejected", "rollback"), ("v1", "retired", "production", "rollback"),
+    ]
+    # A removed row does not free its version number: the directory still holds it.
+    assert sorted(os.listdir(adapters)) == ["v1", "v2"]
