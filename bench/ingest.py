@@ -74,7 +74,7 @@ def _full_path(settings: Settings, n: int) -> float:
         if not first:
             first.append(time.perf_counter())
 
-    consumer.run(until_idle=False, stop=lambda stats: stats.polled >= n, on_batch=start_clock)
+    consumer.run(until_idle=False, stop=lambda stats: stats.seen >= n, on_batch=start_clock)
     elapsed = time.perf_counter() - first[0]
     consumer.close()
     return elapsed

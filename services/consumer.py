@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class IngestStats:
     batches: int = 0
-    polled: int = 0
+    seen: int = 0  # handed to processing, the last batch possibly still being written
+    polled: int = 0  # written and committed
     inserted: int = 0
     duplicates: int = 0
     dead_letters: int = 0
@@ -80,6 +82,8 @@ class IngestConsumer:
         self._held: AbstractContextManager[duckdb.DuckDBPyConnection] | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
         self._held_since = 0.0
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer")
+        self._pending: tuple[Future[int], list[RawRecord], PreparedBatch] | None = None
 
     def run(
         self,
@@ -109,7 +113,8 @@ class IngestConsumer:
                 for r in batch
             ]
             if not raw:
-                self._release()
+                self._settle(stats)
+                self._writer.submit(self._release).result()
                 # Polls before the group join completes (about 3 s on tansu) are not idleness.
                 if not self.consumer.assignment() and time.monotonic() - started < 60:
                     continue
@@ -121,9 +126,12 @@ class IngestConsumer:
             busy_from = time.monotonic()
             self._process(raw, stats, on_batch)
             stats.busy_seconds += time.monotonic() - busy_from
-            if max_batches is not None and stats.batches >= max_batches:
+            if max_batches is not None and stats.batches + 1 >= max_batches:
                 break
-        self._release()
+        busy_from = time.monotonic()
+        self._settle(stats)
+        stats.busy_seconds += time.monotonic() - busy_from
+        self._writer.submit(self._release).result()
         stats.seconds = time.monotonic() - started
         return stats
 
@@ -149,12 +157,33 @@ class IngestConsumer:
             held.__exit__(None, None, None)
 
     def _process(self, raw: list[RawRecord], stats: IngestStats, on_batch: BatchHook | None) -> None:
+        """Prepare this batch while the previous one is written; commit the previous one's offsets.
+
+        Validation and redaction run here, on the polling thread; the DuckDB write
+        (native code, the GIL released) and the dead-letter publish run on the
+        writer thread, overlapping the next poll. Offsets of a batch are committed
+        only once its write has returned.
+        """
+        stats.seen += len(raw)
         batch = prepare_batch(raw, self.settings.ingest.max_event_bytes)
         if on_batch is not None:
             on_batch(batch)
+        self._settle(stats)
+        self._pending = (self._writer.submit(self._write, batch), raw, batch)
+
+    def _write(self, batch: PreparedBatch) -> int:
         inserted = write_batch(self._connection(), batch)
         if batch.dead:
             self._publish_dead_letters(batch)
+        return inserted
+
+    def _settle(self, stats: IngestStats) -> None:
+        """Wait for the batch in flight, then commit its offsets (a failed write raises)."""
+        if self._pending is None:
+            return
+        future, raw, batch = self._pending
+        self._pending = None
+        inserted = future.result()
         offsets: dict[TopicPartition, int] = {}
         for r in raw:
             tp = TopicPartition(r.topic, r.partition)
@@ -197,7 +226,8 @@ class IngestConsumer:
         self._dlq.flush(timeout=self.cfg.request_timeout_ms / 1000)
 
     def close(self) -> None:
-        self._release()
+        self._writer.submit(self._release).result()
+        self._writer.shutdown()
         try:
             if self._dlq is not None:
                 self._dlq.close(timeout=5)
