@@ -8,7 +8,9 @@ excluded from both clocks) and stop when they have seen every event.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import tempfile
 import time
@@ -25,6 +27,18 @@ from services.ingest import PreparedBatch
 from services.settings import Settings, load_settings
 from services.store import Store
 from services.topics import ensure_topics
+
+
+def machine() -> str:
+    """CPU model, cores and memory, for the results table."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, python {platform.python_version()}"
 
 
 def _fill_topic(settings: Settings, n: int) -> int:
@@ -94,7 +108,7 @@ def main(settings: Settings | None = None, quick: bool = False) -> dict[str, flo
         ensure_topics(cfg.kafka)
         size = _fill_topic(cfg, n)
         print(f"topic holds {n:,} events ({size / n:.0f} bytes each) on embedded tansu")
-        results = {}
+        results: dict[str, list[float]] = {}
         # Alternate the order so neither side profits from a warm page cache or JIT-free luck.
         for rnd, order in enumerate((("raw", "full"), ("full", "raw"))):
             for side in order:
@@ -113,7 +127,7 @@ def main(settings: Settings | None = None, quick: bool = False) -> dict[str, flo
     raw_eps = max(results["raw"])
     full_eps = max(results["full"])
     ratio = full_eps / raw_eps
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}")
+    print(f"machine: {machine()}")
     print(f"raw kafka-python poll+json.loads: {raw_eps:,.0f} events/s (best of 2)")
     print(f"tuneloop ingest (validate, redact, DuckDB upsert, commit): {full_eps:,.0f} events/s (best of 2)")
     print(f"FIGURE ingest_ratio={ratio:.3f}")

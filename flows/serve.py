@@ -19,4 +19,4 @@ def serve_all(settings: Settings) -> None:
             concurrency_limit=1,
         ),
     ]
-    serve(*deployments, limit=2)
+    serve(*deployments, limit=2)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ the ``tuneloop up`` that started it, with stdout/stderr in ``<home>/logs``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -104,10 +105,8 @@ def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:

@@ -15,6 +15,7 @@ failure can deliver an event twice; ingest keeps one copy per ``event_id``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -200,10 +201,8 @@ class FeedbackProducer:
 
     def _reset(self) -> None:
         if self._producer is not None:
-            try:
+            with contextlib.suppress(KafkaError):
                 self._producer.close(timeout=0)
-            except KafkaError:
-                pass
             self._producer = None
 
     def _drain_forever(self) -> None:

@@ -7,7 +7,7 @@ from services.ingest import RawRecord, prepare_batch, redact_event
 
 def _records(payloads: list[bytes], keys: list[bytes | None] | None = None) -> list[RawRecord]:
     keys = keys or [None] * len(payloads)
-    return [RawRecord("feedback.v1", 0, i, k, p) for i, (p, k) in enumerate(zip(payloads, keys))]
+    return [RawRecord("feedback.v1", 0, i, k, p) for i, (p, k) in enumerate(zip(payloads, keys, strict=True))]
 
 
 def test_valid_duplicate_and_invalid_records_are_separated() -> None:
