@@ -1,0 +1,204 @@
+"""The I/O shell of drift detection: windows out of DuckDB, reports into it.
+
+The reference window is, in order of preference:
+
+1. the feedback the **production adapter** was trained on (``adapters`` with
+   ``state='production'`` -> its dataset version -> the source events of its
+   examples);
+2. a **pinned** time range (``drift.reference_start`` .. ``drift.reference_end``);
+3. the **oldest** ``drift.reference_window_events`` events.
+
+The current window is the last ``drift.current_window_minutes`` minutes if set,
+otherwise the last ``drift.current_window_events`` events, never including an
+event of the reference window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import duckdb
+
+from services.drift import DriftReport
+from services.settings import DriftSettings
+
+log = logging.getLogger(__name__)
+
+MIN_WINDOW_EVENTS = 20
+
+
+class NotEnoughEvents(ValueError):
+    """A window has too few events to test; more feedback (or a wider window) fixes it."""
+
+    retriable = True
+
+
+@dataclass(frozen=True)
+class Window:
+    """Events of one side of a comparison, in time order."""
+
+    desc: str
+    event_ids: list[str]
+    texts: list[str]
+    labels: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
+
+
+def _window(desc: str, rows: Sequence[tuple[Any, ...]]) -> Window:
+    return Window(
+        desc=desc,
+        event_ids=[str(r[0]) for r in rows],
+        texts=[str(r[1]) for r in rows],
+        labels=[r[2] for r in rows],
+    )
+
+
+def _app_clause(cfg: DriftSettings) -> tuple[str, list[Any]]:
+    return (" AND app = ?", [cfg.app]) if cfg.app else ("", [])
+
+
+def reference_window(con: duckdb.DuckDBPyConnection, cfg: DriftSettings) -> Window:
+    """The reference events (see the module docstring for the order of choice)."""
+    app_sql, app_args = _app_clause(cfg)
+    production = con.execute(
+        "SELECT version, dataset_version FROM adapters WHERE state = 'production' "
+        "AND dataset_version IS NOT NULL ORDER BY created_at DESC LIMIT 1"
+    ).fetchall()
+    if production:
+        adapter, dataset = production[0]
+        rows = con.execute(
+            "SELECT f.event_id, f.user_text, f.label FROM feedback f WHERE f.event_id IN "
+            "(SELECT source_event_id FROM dataset_examples WHERE version = ?)"
+            f"{app_sql} ORDER BY f.occurred_at, f.event_id",
+            [dataset, *app_args],
+        ).fetchall()
+        if len(rows) >= MIN_WINDOW_EVENTS:
+            return _window(f"production adapter {adapter} (dataset {dataset})", rows)
+        log.warning(
+            "production adapter %s: dataset %s has %d source events; falling back",
+            adapter, dataset, len(rows),
+        )
+    if cfg.reference_start and cfg.reference_end:
+        rows = con.execute(
+            "SELECT event_id, user_text, label FROM feedback WHERE occurred_at >= ? "
+            f"AND occurred_at < ?{app_sql} ORDER BY occurred_at, event_id",
+            [cfg.reference_start, cfg.reference_end, *app_args],
+        ).fetchall()
+        return _window(
+            f"pinned {cfg.reference_start.isoformat()} .. {cfg.reference_end.isoformat()}", rows
+        )
+    rows = con.execute(
+        f"SELECT event_id, user_text, label FROM feedback WHERE true{app_sql} "
+        "ORDER BY occurred_at, event_id LIMIT ?",
+        [*app_args, cfg.reference_window_events],
+    ).fetchall()
+    return _window(f"oldest {cfg.reference_window_events} events", rows)
+
+
+def current_window(
+    con: duckdb.DuckDBPyConnection, cfg: DriftSettings, exclude: Sequence[str] = (),
+    now: datetime | None = None,
+) -> Window:
+    """The most recent events, without any of ``exclude`` (the reference's ids)."""
+    app_sql, app_args = _app_clause(cfg)
+    con.register("excluded_events", _ids_table(exclude))
+    try:
+        if cfg.current_window_minutes:
+            since = (now or datetime.now(UTC)) - timedelta(minutes=cfg.current_window_minutes)
+            desc = f"last {cfg.current_window_minutes} minutes"
+            rows = con.execute(
+                "SELECT event_id, user_text, label FROM feedback WHERE occurred_at >= ? "
+                f"AND event_id NOT IN (SELECT event_id FROM excluded_events){app_sql} "
+                "ORDER BY occurred_at, event_id",
+                [since, *app_args],
+            ).fetchall()
+        else:
+            desc = f"last {cfg.current_window_events} events"
+            rows = con.execute(
+                "SELECT * FROM (SELECT event_id, user_text, label, occurred_at FROM feedback "
+                f"WHERE event_id NOT IN (SELECT event_id FROM excluded_events){app_sql} "
+                "ORDER BY occurred_at DESC, event_id DESC LIMIT ?) ORDER BY occurred_at, event_id",
+                [*app_args, cfg.current_window_events],
+            ).fetchall()
+    finally:
+        con.unregister("excluded_events")
+    return _window(desc, rows)
+
+
+def _ids_table(ids: Sequence[str]) -> Any:
+    import pyarrow as pa
+
+    return pa.table({"event_id": pa.array(list(ids), pa.string())})
+
+
+def load_windows(con: duckdb.DuckDBPyConnection, cfg: DriftSettings) -> tuple[Window, Window]:
+    """Reference and current window; raises :class:`NotEnoughEvents` if either is too small."""
+    ref = reference_window(con, cfg)
+    cur = current_window(con, cfg, exclude=ref.event_ids)
+    for name, window in (("reference", ref), ("current", cur)):
+        if len(window) < MIN_WINDOW_EVENTS:
+            raise NotEnoughEvents(
+                f"{name} window ({window.desc}) has {len(window)} events, fewer than "
+                f"{MIN_WINDOW_EVENTS}: ingest more feedback, or widen it with "
+                "drift.reference_window_events / drift.current_window_events / "
+                "drift.current_window_minutes"
+            )
+    return ref, cur
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def save_report(con: duckdb.DuckDBPyConnection, report: DriftReport) -> str:
+    """Persist ``report`` in ``drift_reports``; returns its new id."""
+    report_id = f"drift-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    con.execute(
+        "INSERT INTO drift_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            report_id, datetime.now(UTC), report.reference_desc, report.current_desc,
+            report.n_reference, report.n_current, report.score, report.p_value, report.drifted,
+            json.dumps(report.methods()), json.dumps(report.clusters, allow_nan=False),
+        ],
+    )
+    log.info("drift report %s saved: %s", report_id, report.summary())
+    return report_id
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    report_id: str
+    created_at: datetime
+    score: float
+    p_value: float
+    drifted: bool
+    n_reference: int
+    n_current: int
+    clusters: list[dict[str, Any]]
+
+
+def report_history(con: duckdb.DuckDBPyConnection, limit: int = 500) -> list[ReportRow]:
+    """The latest ``limit`` reports, oldest first."""
+    rows = con.execute(
+        "SELECT * FROM (SELECT report_id, created_at, score, p_value, drifted, n_reference, "
+        "n_current, clusters FROM drift_reports ORDER BY created_at DESC LIMIT ?) "
+        "ORDER BY created_at",
+        [limit],
+    ).fetchall()
+    return [
+        ReportRow(
+            report_id=r[0], created_at=r[1], score=float(r[2]), p_value=float(r[3]),
+            drifted=bool(r[4]), n_reference=int(r[5]), n_current=int(r[6]),
+            clusters=json.loads(r[7]) if isinstance(r[7], str) else list(r[7] or []),
+        )
+        for r in rows
+    ]
