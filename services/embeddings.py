@@ -136,7 +136,7 @@ def read_cache(
     wanted = pa.table({"content_hash": pa.array(list(hashes), pa.string())})
     con.register("wanted_hashes", wanted)
     try:
-        table = con.execute(
+        table: pa.Table = con.execute(
             "SELECT e.content_hash, e.dim, e.vector FROM embeddings e "
             "JOIN wanted_hashes w USING (content_hash) WHERE e.model = ?",
             [model],
