@@ -3,7 +3,8 @@
 Wiring only; the work is in ``training.pipeline``. Idempotent by run key: the
 flow run id unless one is given, so a rerun of the same flow run (or a retried
 task) finds the adapter already published, or the finished run directory, and
-does not train twice.
+does not train twice. Task caching is off: idempotency lives in the registry and
+the run directory, which survive a crashed process, not in Prefect's result store.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
 from services.registry import Adapter
@@ -35,12 +37,12 @@ def _store(settings: Settings) -> Store:
     return Store(settings.db_path, settings.store.lock_timeout_s)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def find_adapter(settings: Settings, run_key: str) -> Adapter | None:
     return find_published(_store(settings), run_key)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def read_inputs(
     settings: Settings, dataset_version: str
 ) -> tuple[DatasetSplits, list[ChatExample]]:
@@ -48,14 +50,14 @@ def read_inputs(
 
 
 # A retry resumes from the run's last checkpoint, so it costs the steps since then.
-@task(retries=1, retry_delay_seconds=10)
+@task(retries=1, retry_delay_seconds=10, cache_policy=NONE)
 def train(settings: Settings, splits: DatasetSplits, golden: list[ChatExample],
           overrides: dict[str, Any], config_file: str | None, run_key: str) -> TrainedRun:
     config = recipe_config(settings, Path(config_file) if config_file else None, **overrides)
     return train_candidate(settings, splits, golden, config, run_key, show_progress=False)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def publish(settings: Settings, run: TrainedRun) -> Adapter:
     return publish_run(_store(settings), settings, run)
 
