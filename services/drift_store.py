@@ -26,8 +26,11 @@ from typing import Any
 
 import duckdb
 
-from services.drift import DriftReport
+from services.clusters import what_drifted
+from services.drift import DriftReport, detect_drift
+from services.embeddings import Embedder, Progress, embed_texts
 from services.settings import DriftSettings
+from services.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -202,3 +205,26 @@ def report_history(con: duckdb.DuckDBPyConnection, limit: int = 500) -> list[Rep
         )
         for r in rows
     ]
+
+
+def run_check(
+    store: Store, embedder: Embedder, cfg: DriftSettings, progress: Progress | None = None
+) -> tuple[str, DriftReport]:
+    """Load both windows, embed them (cached), test, explain and persist one report.
+
+    The store is held for each read or write only, never while embedding or
+    testing. Raises :class:`NotEnoughEvents` when a window is too small.
+    """
+    with store.connect() as con:
+        ref, cur = load_windows(con, cfg)
+    vectors, _ = embed_texts(store, embedder, ref.texts + cur.texts, progress)
+    ref_vec, cur_vec = vectors[: len(ref)], vectors[len(ref) :]
+    report = detect_drift(ref_vec, cur_vec, cfg)
+    report.reference_desc, report.current_desc = ref.desc, cur.desc
+    report.clusters = [
+        change.to_dict()
+        for change in what_drifted(ref_vec, cur_vec, cur.texts, cfg, cur.labels, ref.labels)
+    ]
+    with store.connect() as con:
+        report_id = save_report(con, report)
+    return report_id, report

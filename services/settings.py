@@ -150,14 +150,38 @@ class DriftSettings(BaseModel):
 class CurationSettings(BaseModel):
     """Turning feedback into a versioned dataset."""
 
-    near_duplicate_cosine: float = Field(0.95, gt=0, le=1)
-    min_chars: int = Field(3, ge=1)
-    max_chars: int = Field(4000, ge=10)
-    per_user_cap: int = Field(50, ge=1)
-    per_label_cap: int = Field(400, ge=1)
-    replay_share: float = Field(0.2, ge=0, lt=1)
-    split: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    near_duplicate_cosine: float = Field(
+        0.95, gt=0, le=1, description="Prompts this similar (embedding cosine) are duplicates."
+    )
+    min_chars: int = Field(3, ge=1, description="Shorter prompts are dropped.")
+    max_chars: int = Field(4000, ge=10, description="Longer chats (all turns) are dropped.")
+    per_user_cap: int = Field(50, ge=1, description="At most this many examples per user.")
+    per_label_cap: int = Field(400, ge=1, description="At most this many examples per label.")
+    replay_share: float = Field(
+        0.2, ge=0, lt=1, description="Share of train drawn from the previous dataset version."
+    )
+    split: tuple[float, float, float] = Field(
+        (0.9, 0.05, 0.05), description="train / validation / test shares, stratified by label."
+    )
+    label_is_answer: bool = Field(
+        True, description="The task's label is the answer to learn (intent routing)."
+    )
+    max_tokens: int = Field(
+        512, ge=8, description="Export validation: longest chat in base-tokenizer tokens."
+    )
+    golden_min: int = Field(200, ge=1, description="A golden set smaller than this is flagged.")
+    golden_max: int = Field(500, ge=1, description="The golden set never grows past this.")
     seed: int = 0
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v < 0 for v in value) or abs(sum(value) - 1) > 1e-6 or value[0] <= 0:
+            raise ValueError(
+                f"curation.split={value}: give three non-negative shares summing to 1 "
+                "with a positive train share, e.g. [0.9, 0.05, 0.05]"
+            )
+        return value
 
 
 class TrainingSettings(BaseModel):
