@@ -6,11 +6,11 @@ The reference window is, in order of preference:
    ``state='production'`` -> its dataset version -> the source events of its
    examples);
 2. a **pinned** time range (``drift.reference_start`` .. ``drift.reference_end``);
-3. the **oldest** ``drift.reference_window_events`` events.
+3. the **oldest** ``drift.reference_window_events`` events outside the current window.
 
 The current window is the last ``drift.current_window_minutes`` minutes if set,
-otherwise the last ``drift.current_window_events`` events, never including an
-event of the reference window.
+otherwise the last ``drift.current_window_events`` events; the two windows never
+share an event.
 """
 
 from __future__ import annotations
@@ -69,8 +69,15 @@ def _app_clause(cfg: DriftSettings) -> tuple[str, list[Any]]:
     return (" AND app = ?", [cfg.app]) if cfg.app else ("", [])
 
 
-def reference_window(con: duckdb.DuckDBPyConnection, cfg: DriftSettings) -> Window:
-    """The reference events (see the module docstring for the order of choice)."""
+def reference_window(
+    con: duckdb.DuckDBPyConnection, cfg: DriftSettings, exclude: Sequence[str] | None = None
+) -> Window | None:
+    """The reference events (see the module docstring for the order of choice).
+
+    Returns None when neither a production adapter nor a pin defines it and
+    ``exclude`` (the current window) is still unknown: the oldest-N fallback must
+    leave the current window out, so the caller loads that first.
+    """
     app_sql, app_args = _app_clause(cfg)
     production = con.execute(
         "SELECT version, dataset_version FROM adapters WHERE state = 'production' "
@@ -99,11 +106,18 @@ def reference_window(con: duckdb.DuckDBPyConnection, cfg: DriftSettings) -> Wind
         return _window(
             f"pinned {cfg.reference_start.isoformat()} .. {cfg.reference_end.isoformat()}", rows
         )
-    rows = con.execute(
-        f"SELECT event_id, user_text, label FROM feedback WHERE true{app_sql} "
-        "ORDER BY occurred_at, event_id LIMIT ?",
-        [*app_args, cfg.reference_window_events],
-    ).fetchall()
+    if exclude is None:
+        return None
+    con.register("excluded_events", _ids_table(exclude))
+    try:
+        rows = con.execute(
+            "SELECT event_id, user_text, label FROM feedback WHERE event_id NOT IN "
+            f"(SELECT event_id FROM excluded_events){app_sql} ORDER BY occurred_at, event_id "
+            "LIMIT ?",
+            [*app_args, cfg.reference_window_events],
+        ).fetchall()
+    finally:
+        con.unregister("excluded_events")
     return _window(f"oldest {cfg.reference_window_events} events", rows)
 
 
@@ -146,7 +160,12 @@ def _ids_table(ids: Sequence[str]) -> Any:
 def load_windows(con: duckdb.DuckDBPyConnection, cfg: DriftSettings) -> tuple[Window, Window]:
     """Reference and current window; raises :class:`NotEnoughEvents` if either is too small."""
     ref = reference_window(con, cfg)
-    cur = current_window(con, cfg, exclude=ref.event_ids)
+    if ref is None:
+        cur = current_window(con, cfg)
+        ref = reference_window(con, cfg, exclude=cur.event_ids)
+        assert ref is not None
+    else:
+        cur = current_window(con, cfg, exclude=ref.event_ids)
     for name, window in (("reference", ref), ("current", cur)):
         if len(window) < MIN_WINDOW_EVENTS:
             raise NotEnoughEvents(

@@ -136,10 +136,10 @@ def read_cache(
     wanted = pa.table({"content_hash": pa.array(list(hashes), pa.string())})
     con.register("wanted_hashes", wanted)
     try:
-        table: pa.Table = con.execute(
+        table: pa.Table = con.sql(
             "SELECT e.content_hash, e.dim, e.vector FROM embeddings e "
-            "JOIN wanted_hashes w USING (content_hash) WHERE e.model = ?",
-            [model],
+            "JOIN wanted_hashes w USING (content_hash) WHERE e.model = $model",
+            params={"model": model},
         ).to_arrow_table()
     finally:
         con.unregister("wanted_hashes")

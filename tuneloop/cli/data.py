@@ -1,9 +1,186 @@
-"""Commands of this area; see register()."""
+"""Data commands: ``tuneloop drift``, ``tuneloop curate`` and ``tuneloop golden``."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from services import golden
+from services.curation_store import examples_of, load_candidates, load_tokenizer, run_curation
+from services.datasets import FORMATS, export_jsonl, validate_jsonl
+from services.drift_store import NotEnoughEvents, report_history, run_check
+from services.embeddings import Embedder
+from services.embeddings import Progress as ProgressFn
+from tuneloop.cli.common import console, fail, settings_of, store_of
+
+golden_app = typer.Typer(help="The pinned golden set: never trained on, used for every check.")
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[ProgressFn]:
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda n: bar.advance(task, n)
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to ``app``."""
+    app.command("drift")(drift)
+    app.command("curate")(curate)
+    app.add_typer(golden_app, name="golden")
+
+
+def drift(
+    ctx: typer.Context,
+    events: int | None = typer.Option(None, "--events", help="Current window: last N events."),
+    minutes: int | None = typer.Option(None, "--minutes", help="Current window: last T minutes."),
+    reference_start: datetime | None = typer.Option(None, "--reference-start"),
+    reference_end: datetime | None = typer.Option(None, "--reference-end"),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Write drift score over time to this PNG instead of checking."
+    ),
+) -> None:
+    """Compare the current window with the reference and store a drift report."""
+    settings = settings_of(ctx)
+    store = store_of(settings)
+    if plot is not None:
+        from services.plots import plot_drift_history
+
+        with store.connect() as con:
+            rows = report_history(con)
+        try:
+            path = plot_drift_history(rows, plot)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        console.print(f"drift history ({len(rows)} reports) written to {path}")
+        return
+    updates = {
+        "current_window_events": events, "current_window_minutes": minutes,
+        "reference_start": reference_start, "reference_end": reference_end,
+    }
+    cfg = settings.drift.model_copy(update={k: v for k, v in updates.items() if v is not None})
+    try:
+        with _progress("embedding") as advance:
+            report_id, report = run_check(store, Embedder(settings.embeddings), cfg, advance)
+    except (NotEnoughEvents, ValueError) as exc:
+        raise fail(str(exc)) from None
+    colour = "red" if report.drifted else "green"
+    console.print(f"[bold {colour}]{report.summary()}[/]")
+    console.print(f"report {report_id}: reference = {report.reference_desc}, "
+                  f"current = {report.current_desc}")
+    for c in report.clusters:
+        labels = ", ".join(f"{lab['label']} ({lab['current']} vs {lab['reference']})"
+                           for lab in c["labels"])
+        console.print(
+            f"[bold]{c['status']}[/] {c['name']}: {c['size']} events, {c['share']:.1%} of "
+            f"current vs {c['reference_share']:.1%} of reference" + (f"; labels {labels}" if labels
+                                                                     else "")
+        )
+        for example in c["examples"]:
+            console.print(f"    · {example}", highlight=False)
+
+
+def curate(
+    ctx: typer.Context,
+    export: Path | None = typer.Option(None, "--export", help="Folder for the JSONL exports."),
+    include_used: bool = typer.Option(
+        False, "--include-used", help="Also consider events an earlier version holds."
+    ),
+) -> None:
+    """Curate a new immutable dataset version from feedback, and export it as JSONL."""
+    settings = settings_of(ctx)
+    store = store_of(settings)
+    try:
+        with _progress("embedding") as advance:
+            run = run_curation(
+                store, Embedder(settings.embeddings), settings.curation, advance, include_used
+            )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    report = run.report
+    console.print(f"[bold]dataset {run.version}[/] (hash {run.content_hash[:12]}, "
+                  f"parents {run.parents or 'none'})")
+    console.print(f"considered {report['considered']}, kept {report['kept']}, "
+                  f"replayed {report['replayed']}, splits {report['splits']}")
+    table = Table("dropped because", "events")
+    for reason, n in report["dropped"].items():
+        table.add_row(reason, str(n))
+    console.print(table)
+    folder = export or settings.home / "datasets"
+    _, examples = examples_of(store, run.version)
+    count_tokens = load_tokenizer(settings)
+    for fmt in FORMATS:
+        path = export_jsonl(examples, folder / f"{run.version}.{fmt}.jsonl", fmt)
+        check = validate_jsonl(path, fmt, count_tokens, settings.curation.max_tokens)
+        status = "[green]valid[/]" if check.ok else f"[red]INVALID[/] {check.describe()}"
+        console.print(f"{path}: {status} ({check.describe() if check.ok else ''})")
+        if not check.ok:
+            raise fail(f"export {path} failed validation")
+
+
+@golden_app.command("add")
+def golden_add(
+    ctx: typer.Context,
+    count: int = typer.Option(300, "--count", help="Examples to pick from labelled feedback."),
+    file: Path | None = typer.Option(None, "--file", help="Add a reviewed chat JSONL instead."),
+) -> None:
+    """Pin examples into the golden set (from labelled feedback, or a JSONL file)."""
+    settings = settings_of(ctx)
+    store = store_of(settings)
+    with store.connect() as con:
+        if file is not None:
+            try:
+                examples = golden.from_jsonl(file)
+            except (ValueError, OSError) as exc:
+                raise fail(str(exc)) from None
+        else:
+            examples = golden.pick(load_candidates(con), count, settings.curation.seed)
+        try:
+            added = golden.add(con, examples, settings.curation.golden_max)
+        except golden.GoldenSetFull as exc:
+            raise fail(str(exc)) from None
+        total = len(golden.load(con))
+    console.print(f"golden set: added {added}, now {total}")
+    if total < settings.curation.golden_min:
+        console.print(f"[yellow]the golden set has {total} examples; aim for at least "
+                      f"{settings.curation.golden_min}[/]")
+
+
+@golden_app.command("list")
+def golden_list(
+    ctx: typer.Context, limit: int = typer.Option(20, "--limit", help="Rows to show.")
+) -> None:
+    """Show the golden set."""
+    settings = settings_of(ctx)
+    with store_of(settings).connect() as con:
+        examples = golden.load(con)
+    table = Table("id", "label", "prompt", "answer", title=f"golden set: {len(examples)} examples")
+    for ex in examples[:limit]:
+        table.add_row(ex.example_id, ex.label or "", ex.prompt[:80], ex.completion[:40])
+    console.print(table)
+
+
+@golden_app.command("export")
+def golden_export(
+    ctx: typer.Context,
+    path: Path = typer.Argument(..., help="JSONL file to write."),
+    fmt: str = typer.Option("chat", "--format", help="chat or completion."),
+) -> None:
+    """Export the golden set as JSONL for review or evaluation."""
+    settings = settings_of(ctx)
+    with store_of(settings).connect() as con:
+        examples = golden.load(con)
+    if fmt not in FORMATS:
+        raise fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    export_jsonl(examples, path, fmt)
+    console.print(json.dumps({"path": str(path), "examples": len(examples)}))
