@@ -24,7 +24,7 @@ def train(
     ctx: typer.Context,
     dataset: str = typer.Option(..., "--dataset", help="Dataset version to train on."),
     config: str | None = typer.Option(
-        None, "--config-file", "-c", help="Recipe config (YAML/TOML); default: training.config."
+        None, "--config", "-c", help="Recipe config (YAML/TOML); default: training.config."
     ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Override max_steps."),
     learning_rate: float | None = typer.Option(None, "--learning-rate", help="Override."),
@@ -67,12 +67,13 @@ def list_cmd(ctx: typer.Context) -> None:
 
     with store_of(settings_of(ctx)).connect() as con:
         rows = list_adapters(con)
-    table = Table("version", "name", "state", "dataset", "val loss", "golden acc", "created")
+    table = Table()
+    for column in ("version", "name", "state", "dataset", "val loss", "golden acc"):
+        table.add_column(column, no_wrap=True)
     for a in rows:
         table.add_row(a.version, a.name, a.state, a.dataset_version or "-",
                       _num(a.metrics.get("training", {}).get("best_val_loss")),
-                      _pct(a.metrics.get("golden", {}).get("accuracy")),
-                      a.created_at.strftime("%Y-%m-%d %H:%M"))
+                      _pct(a.metrics.get("golden", {}).get("accuracy")))
     console.print(table)
 
 
