@@ -130,3 +130,26 @@ def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
     weights.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="adapter_model.safetensors"):
         verify_adapter(path, adapter.sha256)
+
+
+@pytest.mark.gpu
+def test_bf16_run_on_cuda(training_settings: Settings, tmp_path: Path) -> None:
+    """On CUDA the recipe trains under bf16 autocast and still lowers validation loss."""
+    from training.base_model import resolve_base_model
+    from training.dataset import read_dataset
+    from training.recipe import LoRARecipe
+
+    settings = training_settings
+    store = Store(settings.db_path)
+    write_banking77_version(store, "b77-gpu", train_per_intent=8, val_per_intent=2,
+                            golden_per_intent=0)
+    with store.connect() as con:
+        splits = read_dataset(con, "b77-gpu")
+    base = resolve_base_model(settings.training.base_model, settings.models_dir)
+    recipe = LoRARecipe(short_config(max_steps=10, eval_interval=5), base, tmp_path,
+                        device="cuda", show_progress=False)
+    recipe.setup(splits.train, splits.validation)
+    assert recipe.autocast_dtype is not None
+    result = recipe.train()
+    recipe.cleanup()
+    assert result.best_val_loss < result.initial_val_loss

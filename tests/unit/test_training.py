@@ -187,3 +187,30 @@ def test_packing_matches_separate_forward_passes() -> None:
                  for e in (b, a)]  # first-fit decreasing puts the longer example first
     torch.testing.assert_close(hidden[: len(b)], alone[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(hidden[len(b): len(b) + len(a)], alone[1], atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path: Path) -> None:
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    layer(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    weights = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    save_checkpoint(tmp_path / "ckpt", weights, opt, {"step": 7, "best": 0.5})
+    save_checkpoint(tmp_path / "ckpt", weights, opt, {"step": 8, "best": 0.4})  # replaces
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert not list((tmp_path / "ckpt").glob("*.pt"))  # no pickles, safetensors + JSON only
+
+    fresh = torch.optim.AdamW(torch.nn.Linear(4, 3).parameters(), lr=1e-3)
+    loaded = load_checkpoint(tmp_path / "ckpt", fresh)
+    assert loaded is not None
+    tensors, state = loaded
+    assert state["step"] == 8 and state["best"] == 0.4
+    torch.testing.assert_close(tensors["weight"], weights["weight"])
+    before, after = opt.state_dict(), fresh.state_dict()
+    for index, slots in before["state"].items():
+        for name, value in slots.items():
+            torch.testing.assert_close(after["state"][index][name], value)
+    assert load_checkpoint(tmp_path / "missing", fresh) is None
