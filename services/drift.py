@@ -2,8 +2,8 @@
 
 Two tests look at the same pair of windows (rows are L2-normalised embeddings):
 
-* **MMD** (kernel two-sample test): RBF kernel with the median-heuristic
-  bandwidth, unbiased MMD², and a permutation p-value. All permutations are
+* **MMD** (kernel two-sample test): a mixture of RBF kernels at 1/4, 1/2 and 1
+  times the median-heuristic bandwidth, unbiased MMD², and a permutation p-value. All permutations are
   scored with one matrix product on the precomputed kernel matrix.
 * **Domain classifier**: a linear classifier tries to tell the windows apart;
   its cross-validated ROC AUC is compared with the permutation distribution of
@@ -29,6 +29,9 @@ import numpy as np
 from services.settings import DriftSettings
 
 log = logging.getLogger(__name__)
+
+# Kernel widths as fractions of the median pairwise distance.
+KERNEL_SCALES = (0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,12 @@ def mmd_test(
     bandwidth = median_bandwidth(z, rng)
     sq = np.sum(z * z, axis=1)
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * (z @ z.T), 0.0)
-    kernel = np.exp(-d2 / np.float32(2 * bandwidth**2)).astype(np.float32)
+    # A mixture of widths: the median width sees global shifts, the narrower ones a new
+    # cluster that takes a small share of traffic.
+    kernel = np.zeros_like(d2)
+    for scale in KERNEL_SCALES:
+        kernel += np.exp(-d2 / np.float32(2 * (scale * bandwidth) ** 2))
+    kernel /= np.float32(len(KERNEL_SCALES))
     np.fill_diagonal(kernel, 1.0)
     del d2
 

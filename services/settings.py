@@ -123,7 +123,7 @@ class DriftSettings(BaseModel):
     alpha: float = Field(
         0.01, gt=0, lt=1, description="False-alarm rate of the combined MMD + classifier test."
     )
-    permutations: int = Field(500, ge=20, description="MMD permutations (p-value floor 1/(n+1)).")
+    permutations: int = Field(1000, ge=20, description="MMD permutations (p-value floor 1/(n+1)).")
     auc_threshold: float = Field(0.0, ge=0, le=1, description="0 = calibrate by permutation.")
     max_points: int = Field(2000, ge=100, description="Per-window subsample cap for the tests.")
     clusters: int = Field(0, ge=0, description="Clusters for the report; 0 = from window size.")
