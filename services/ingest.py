@@ -10,19 +10,21 @@ offsets only after :func:`write_batch` has returned.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import duckdb
+import msgspec
 import pyarrow as pa
 
+from services.fastpath import DecodedEvent, fast_decode
 from services.feedback import MAX_EVENT_BYTES, FeedbackEvent, InvalidEvent, Message, parse_event
 from services.redaction import redact
 
 log = logging.getLogger(__name__)
+_encode = msgspec.json.Encoder().encode
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,16 @@ _FEEDBACK_ARROW = pa.schema(
 )
 
 
+_DEAD_ARROW = pa.schema(
+    [
+        ("dead_letter_id", pa.string()), ("received_at", pa.timestamp("us", tz="UTC")),
+        ("source_topic", pa.string()), ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()), ("event_key", pa.string()), ("event_id", pa.string()),
+        ("reason", pa.string()), ("payload", pa.binary()),
+    ]
+)
+
+
 def _cleaner() -> tuple[Callable[[str], str], Callable[[], int]]:
     total = 0
 
@@ -102,12 +114,21 @@ def redact_event(event: FeedbackEvent) -> tuple[FeedbackEvent, int]:
 
 
 def event_row(
-    event: FeedbackEvent, record: RawRecord | None, now: datetime
+    event: FeedbackEvent | DecodedEvent, record: RawRecord | None, now: datetime
 ) -> tuple[tuple[object, ...], int]:
     """The ``feedback`` row of an event, redacted on the way (no intermediate model copy)."""
-    clean, count = _cleaner()
-    messages = [{"role": m.role, "content": clean(m.content)} for m in event.messages]
-    user_text = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+    redactions = 0
+    messages = []
+    user_text = ""
+    for m in event.messages:
+        r = redact(m.content)
+        redactions += r.count
+        messages.append({"role": m.role, "content": r.text})
+        if m.role == "user":
+            user_text = r.text
+    completion = redact(event.completion)
+    correction = redact(event.correction) if event.correction is not None else None
+    redactions += completion.count + (correction.count if correction else 0)
     row = (
         str(event.event_id),
         event.occurred_at,
@@ -115,22 +136,21 @@ def event_row(
         event.app,
         event.request_id,
         event.adapter_version,
-        json.dumps(messages),
+        _encode(messages).decode(),
         user_text,
-        clean(event.completion),
+        completion.text,
         event.rating,
-        clean(event.correction) if event.correction is not None else None,
+        correction.text if correction else None,
         event.label,
         event.language,
         event.user_id,
-        json.dumps(event.metadata) if event.metadata else "{}",
-        0,
+        _encode(event.metadata).decode() if event.metadata else "{}",
+        redactions,
         record.topic if record else None,
         record.partition if record else None,
         record.offset if record else None,
     )
-    redactions = count()
-    return row[:15] + (redactions,) + row[16:], redactions
+    return row, redactions
 
 
 def prepare_batch(
@@ -141,11 +161,15 @@ def prepare_batch(
     batch = PreparedBatch()
     seen: set[str] = set()
     for record in records:
-        try:
-            event = parse_event(record.value, max_bytes)
-        except InvalidEvent as exc:
-            batch.dead.append(DeadLetter(record, exc.reason, exc.event_id))
-            continue
+        event: FeedbackEvent | DecodedEvent | None = (
+            fast_decode(record.value) if len(record.value) <= max_bytes else None
+        )
+        if event is None:
+            try:
+                event = parse_event(record.value, max_bytes)
+            except InvalidEvent as exc:
+                batch.dead.append(DeadLetter(record, exc.reason, exc.event_id))
+                continue
         event_id = str(event.event_id)
         if record.key is not None and record.key.decode(errors="replace") != event_id:
             batch.dead.append(
@@ -166,44 +190,49 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
     """Land a prepared batch in one transaction; returns how many events were new."""
     con.execute("BEGIN TRANSACTION")
     try:
-        before = _count(con, "feedback")
+        inserted = 0
         if batch.rows:
             # executemany binds row by row (~4 ms each); an Arrow scan is one statement.
             columns = list(zip(*batch.rows, strict=True))
-            incoming = pa.Table.from_arrays(
-                [pa.array(col, type=field.type) for col, field in zip(columns, _FEEDBACK_ARROW, strict=True)],
-                schema=_FEEDBACK_ARROW,
-            )
-            con.register("incoming_feedback", incoming)
-            try:
-                con.execute(
-                    f"INSERT INTO feedback ({', '.join(FEEDBACK_COLUMNS)}) "
-                    f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM incoming_feedback "
-                    "ON CONFLICT (event_id) DO NOTHING"
-                )
-            finally:
-                con.unregister("incoming_feedback")
+            inserted = _insert_arrow(con, "feedback", "event_id", [
+                pa.array(col, type=field.type)
+                for col, field in zip(columns, _FEEDBACK_ARROW, strict=True)
+            ], _FEEDBACK_ARROW)
         if batch.dead:
             now = datetime.now(UTC)
-            con.executemany(
-                "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (dead_letter_id) DO NOTHING",
-                [
-                    (
-                        d.dead_letter_id, now, d.record.topic, d.record.partition,
-                        d.record.offset,
-                        d.record.key.decode(errors="replace") if d.record.key else None,
-                        d.event_id, d.reason, d.record.value,
-                    )
-                    for d in batch.dead
-                ],
-            )
-        inserted = _count(con, "feedback") - before
+            dead = batch.dead
+            _insert_arrow(con, "dead_letters", "dead_letter_id", [
+                pa.array([d.dead_letter_id for d in dead], pa.string()),
+                pa.array([now] * len(dead), pa.timestamp("us", tz="UTC")),
+                pa.array([d.record.topic for d in dead], pa.string()),
+                pa.array([d.record.partition for d in dead], pa.int32()),
+                pa.array([d.record.offset for d in dead], pa.int64()),
+                pa.array([d.record.key.decode(errors="replace") if d.record.key else None
+                          for d in dead], pa.string()),
+                pa.array([d.event_id for d in dead], pa.string()),
+                pa.array([d.reason for d in dead], pa.string()),
+                pa.array([d.record.value for d in dead], pa.binary()),
+            ], _DEAD_ARROW)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
     return inserted
+
+
+def _insert_arrow(
+    con: duckdb.DuckDBPyConnection, table: str, key: str, arrays: list[pa.Array], schema: pa.Schema
+) -> int:
+    """Insert an Arrow batch, skipping keys already present; returns the rows inserted."""
+    view = f"incoming_{table}"
+    con.register(view, pa.Table.from_arrays(arrays, schema=schema))
+    try:
+        names = ", ".join(schema.names)
+        return int(con.execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM {view} ON CONFLICT ({key}) DO NOTHING"
+        ).fetchall()[0][0])
+    finally:
+        con.unregister(view)
 
 
 def insert_events(con: duckdb.DuckDBPyConnection, events: Sequence[FeedbackEvent]) -> int:
@@ -215,7 +244,3 @@ def insert_events(con: duckdb.DuckDBPyConnection, events: Sequence[FeedbackEvent
         batch.redactions += count
         batch.rows.append(row)
     return write_batch(con, batch)
-
-
-def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
-    return int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
