@@ -177,6 +177,36 @@ def auc_with_permutations(
     return observed, auc_of(shuffled)
 
 
+def ridge_cv_scores(
+    features: np.ndarray, labels: np.ndarray, folds: int, rng: np.random.Generator,
+    ridge: float = 1.0,
+) -> np.ndarray:
+    """Held-out scores of a ridge-regularised linear discriminant, ``folds``-fold.
+
+    Closed form: each fold solves one ``(dim + 1)``-square system built from the
+    full Gram matrix minus the held-out rows, so five folds on thousands of
+    events take milliseconds (an iterative logistic regression takes seconds).
+    Folds are stratified: each window is spread evenly over them.
+    """
+    x = np.concatenate([features, np.ones((len(features), 1), features.dtype)], axis=1)
+    x = x.astype(np.float64)
+    target = np.where(labels == 1, 1.0, -1.0)
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    for value in (0, 1):
+        idx = np.flatnonzero(labels == value)
+        fold_of[rng.permutation(idx)] = np.arange(len(idx)) % folds
+    gram, xty = x.T @ x, x.T @ target
+    penalty = ridge * np.eye(x.shape[1])
+    penalty[-1, -1] = 0.0  # the intercept is not shrunk
+    scores = np.empty(len(labels))
+    for k in range(folds):
+        held = fold_of == k
+        xh = x[held]
+        weights = np.linalg.solve(gram - xh.T @ xh + penalty, xty - xh.T @ target[held])
+        scores[held] = xh @ weights
+    return scores
+
+
 def classifier_test(
     x: np.ndarray,
     y: np.ndarray,
@@ -188,28 +218,17 @@ def classifier_test(
 ) -> ClassifierResult:
     """Cross-validated domain classifier: can a model tell ``y`` from ``x``?
 
-    The classifier is a ridge-regularised linear discriminant (closed form, so
-    five folds on thousands of events take milliseconds, unlike an iterative
-    logistic regression); AUC only needs its ranking of the events.
-
     Held-out scores come from models that never saw the scored event, so under
     no drift they carry no information about its window (cross-validation even
     biases the AUC slightly below 0.5, which makes the test conservative).
     The threshold is the ``1 - level`` quantile of that null unless
     ``fixed_threshold`` is set.
     """
-    from sklearn.linear_model import RidgeClassifier
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
     features = np.concatenate([x, y])
     labels = np.concatenate([np.zeros(len(x), dtype=np.int64), np.ones(len(y), dtype=np.int64)])
     folds = max(2, min(folds, len(x), len(y)))
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(rng.integers(2**31)))
-    scores = cross_val_predict(
-        RidgeClassifier(alpha=1.0), features, labels, cv=splitter,
-        method="decision_function",
-    )
-    auc, null = auc_with_permutations(np.asarray(scores), labels, permutations, rng)
+    scores = ridge_cv_scores(features, labels, folds, rng)
+    auc, null = auc_with_permutations(scores, labels, permutations, rng)
     threshold = fixed_threshold or float(np.quantile(null, 1 - level))
     p_value = float((1 + np.sum(null >= auc)) / (1 + permutations))
     return ClassifierResult(auc=auc, threshold=threshold, p_value=p_value, folds=folds)
