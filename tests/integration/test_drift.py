@@ -150,8 +150,9 @@ def test_detect_drift_flow_emits_event(prefect_server: str, settings: Settings) 
     queries = banking77.load("test")
     intents = sorted({q.intent for q in queries})
     ref = banking77.select(queries, intents[:60], 600, seed=1)
-    cur = banking77.select(queries, intents[:60], 160, seed=2) + banking77.select(
-        queries, intents[60:], 40, seed=3)
+    # Strong drift (40% from five new intents): this test is about the wiring.
+    cur = banking77.select(queries, intents[:60], 120, seed=2) + banking77.select(
+        queries, intents[60:65], 80, seed=3)
     store = Store(settings.db_path)
     t0 = datetime.now(UTC) - timedelta(hours=2)
     with store.connect() as con:
