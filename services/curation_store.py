@@ -1,7 +1,7 @@
 """The I/O shell of curation: feedback out of DuckDB, a dataset version into it.
 
-A run considers feedback no earlier version used (so each version adds new
-data), embeds the prompts (cached), curates against the golden set, splits,
+A run considers feedback ingested since the latest version was curated (so
+each version adds new data), embeds the prompts (cached), curates against the golden set, splits,
 mixes in ``replay_share`` of the latest version's train split, and writes the
 version. The store is held for reads and the final write only.
 """
@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,26 @@ class CurationRun:
     report: dict[str, Any]
 
 
+def considered_through(con: Any) -> datetime | None:
+    """The ingest time up to which the latest dataset version considered feedback."""
+    rows = con.execute(
+        "SELECT filters->>'considered_through' FROM datasets ORDER BY created_at DESC LIMIT 1"
+    ).fetchall()
+    return datetime.fromisoformat(rows[0][0]) if rows and rows[0][0] else None
+
+
 def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
-    """Feedback events, without those an earlier version already holds unless ``include_used``."""
-    where = "" if include_used else (
-        "WHERE event_id NOT IN (SELECT source_event_id FROM dataset_examples "
-        "WHERE source_event_id IS NOT NULL)"
-    )
+    """Feedback ingested since the latest version was curated (all of it if ``include_used``).
+
+    Each event is considered by one version only, so drop counts add up across
+    versions and a dropped event is not re-examined every run.
+    """
+    since = None if include_used else considered_through(con)
+    where, args = ("WHERE ingested_at > ?", [since]) if since else ("", [])
     rows = con.execute(
         "SELECT event_id, occurred_at, messages, user_text, completion, rating, correction, "
-        f"label, user_id FROM feedback {where} ORDER BY occurred_at, event_id"
+        f"label, user_id FROM feedback {where} ORDER BY occurred_at, event_id",
+        args,
     ).fetchall()
     return [
         Candidate(
@@ -70,6 +82,7 @@ def run_curation(
 ) -> CurationRun:
     """Curate one new dataset version; raises ``ValueError`` if nothing survives."""
     with store.connect() as con:
+        through = con.execute("SELECT max(ingested_at) FROM feedback").fetchall()[0][0]
         candidates = load_candidates(con, include_used)
         gold = golden.load(con)
         parent = latest_version(con)
@@ -94,7 +107,10 @@ def run_curation(
         "splits": {s: sum(1 for e in examples + replayed if e.split == s)
                    for s in ("train", "validation", "test")},
     }
-    filters = cfg.model_dump(mode="json") | {"include_used": include_used}
+    filters = cfg.model_dump(mode="json") | {
+        "include_used": include_used,
+        "considered_through": through.isoformat() if through else None,
+    }
     parents = [parent] if parent and replayed else []
     with store.connect() as con:
         version = next_version(con)

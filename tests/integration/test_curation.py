@@ -1,0 +1,94 @@
+"""Curation on real banking77 feedback in a real DuckDB file, with real embeddings."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from services import banking77, golden
+from services.curation import prompt_key
+from services.curation_store import examples_of, load_candidates, load_tokenizer, run_curation
+from services.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
+from services.embeddings import Embedder
+from services.ingest import insert_events
+from services.settings import Settings
+from services.store import Store
+
+pytestmark = pytest.mark.integration
+
+
+def _seed(store: Store, n: int, seed: int, start: datetime) -> None:
+    queries = banking77.select(banking77.load("train"), None, n, seed=seed)
+    with store.connect() as con:
+        insert_events(con, list(banking77.to_events(queries, seed=seed, start=start)))
+
+
+def test_curate_versions_with_lineage_golden_guard_and_valid_exports(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    t0 = datetime.now(UTC) - timedelta(days=1)
+    _seed(store, 1500, seed=11, start=t0)
+    with store.connect() as con:
+        picked = golden.pick(load_candidates(con), 200, seed=0)
+        assert golden.add(con, picked, settings.curation.golden_max) == 200
+        gold = golden.load(con)
+    embedder = Embedder(settings.embeddings)
+    first = run_curation(store, embedder, settings.curation)
+    assert first.version == "ds-0001" and first.parents == []
+    report = first.report
+    assert report["considered"] == 1500
+    assert report["kept"] + sum(report["dropped"].values()) == report["considered"]
+    assert report["dropped"]["golden example (exact)"] >= 200
+    assert set(report["labels"]) <= {q.intent for q in banking77.load("train")}
+
+    version, examples = examples_of(store, first.version)
+    golden_keys = {prompt_key(g.prompt) for g in gold}
+    assert not {prompt_key(e.prompt) for e in examples} & golden_keys
+    assert {e.split for e in examples} == {"train", "validation", "test"}
+    with store.connect() as con:
+        lineage = con.execute(
+            "SELECT count(*), count(DISTINCT source_event_id) FROM dataset_examples d "
+            "JOIN feedback f ON f.event_id = d.source_event_id WHERE version = ?", [version]
+        ).fetchall()[0]
+        row = con.execute(
+            "SELECT content_hash, filters, report FROM datasets WHERE version = ?", [version]
+        ).fetchall()[0]
+    assert lineage[0] == len(examples) == lineage[1]
+    assert row[0] == first.content_hash and json.loads(row[1])["near_duplicate_cosine"] == 0.95
+    # Every example is the chat the recipe trains on: it ends with the intent to learn.
+    assert all(e.messages[-1] == {"role": "assistant", "content": e.completion} for e in examples)
+    assert all(e.completion == e.label for e in examples)
+
+    count_tokens = load_tokenizer(settings)
+    for fmt in ("chat", "completion"):
+        path = export_jsonl(examples, tmp_path / f"{version}.{fmt}.jsonl", fmt)
+        check = validate_jsonl(path, fmt, count_tokens, settings.curation.max_tokens)
+        assert check.ok, check.describe()
+        assert check.examples == len(examples) and check.max_tokens_seen > 0
+
+    with store.connect() as con, pytest.raises(DatasetExists):
+        save_version(con, version, examples[:3], [], {}, {})
+
+    # New feedback arrives: the next version holds it plus a replay of ds-0001.
+    _seed(store, 600, seed=12, start=t0 + timedelta(hours=12))
+    second = run_curation(store, embedder, settings.curation)
+    assert second.version == "ds-0002" and second.parents == ["ds-0001"]
+    assert second.report["considered"] == 600  # only feedback ingested since ds-0001
+    assert second.report["replayed"] > 0
+    assert second.report["embedding_cache_hits"] > 0
+    _, examples2 = examples_of(store, second.version)
+    assert not {prompt_key(e.prompt) for e in examples2} & golden_keys
+
+
+def test_curate_flow_on_prefect_server(prefect_server: str, settings: Settings) -> None:
+    from flows.curate import curate_flow
+
+    store = Store(settings.db_path)
+    _seed(store, 400, seed=21, start=datetime.now(UTC) - timedelta(hours=1))
+    result = curate_flow(settings)
+    assert result["version"] == "ds-0001"
+    for path in result["exports"].values():
+        assert Path(path).exists()
