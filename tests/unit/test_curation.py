@@ -38,7 +38,7 @@ def orthogonal(n: int, dim: int = 64) -> np.ndarray:
 def run(cands: list[Candidate], vectors: np.ndarray | None = None,
         golden: GoldenIndex | None = None, **cfg: object) -> cur.CurationResult:
     vecs = orthogonal(len(cands)) if vectors is None else vectors
-    return curate(cands, vecs, golden or GoldenIndex(), CurationSettings(**cfg))  # type: ignore[arg-type]
+    return curate(cands, vecs, golden or GoldenIndex(), CurationSettings(**cfg))
 
 
 def test_select_prefers_correction_then_label_then_positive_answer() -> None:
