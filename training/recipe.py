@@ -73,6 +73,32 @@ class TrainResult:
         }
 
 
+@dataclass
+class EarlyStopping:
+    """Patience on validation loss: stop after ``patience`` evaluations without a gain.
+
+    A gain is a loss below the best so far by more than ``min_delta``.
+    """
+
+    patience: int
+    min_delta: float
+    best: float
+    best_step: int = 0
+    bad: int = 0
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record an evaluation; True if it is the new best."""
+        if loss < self.best - self.min_delta:
+            self.best, self.best_step, self.bad = loss, step, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad >= self.patience
+
+
 def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> Encoded:
     """Tokenise a chat with the base tokenizer's template; labels on the answer only.
 
@@ -190,13 +216,14 @@ class LoRARecipe:
         if not val_curve:
             val_curve.append(Point(0, self.validation_loss()))
         initial = val_curve[0].loss
-        best, best_step, bad = state.get("best", initial), state.get("best_step", 0), state["bad"]
+        stopper = EarlyStopping(cfg.patience, cfg.min_delta, state.get("best", initial),
+                                state.get("best_step", 0), state["bad"])
         best_weights = state.get("best_weights") or self._trainable_copy()
         stopped_early = False
         batches = self._batches(skip=step * cfg.grad_accum_steps)
         with progress_bar(disable=not self.show_progress) as bar:
             task = bar.add_task("train", total=self.total_steps, completed=step,
-                                loss=float("nan"), val=f"{best:.4f}", tps=0.0)
+                                loss=float("nan"), val=f"{stopper.best:.4f}", tps=0.0)
             while step < self.total_steps:
                 t0 = time.perf_counter()
                 lr = learning_rate_at(step, self.total_steps, cfg.learning_rate,
@@ -227,30 +254,29 @@ class LoRARecipe:
                     continue
                 val = self.validation_loss()
                 val_curve.append(Point(step, val))
-                if val < best - cfg.min_delta:
-                    best, best_step, bad = val, step, 0
+                if stopper.update(step, val):
                     best_weights = self._trainable_copy()
-                else:
-                    bad += 1
                 bar.update(task, val=f"{val:.4f}")
                 log.info("run %s: step %d/%d train loss %.4f val loss %.4f (best %.4f @%d)",
-                         self.run_id, step, self.total_steps, loss_sum, val, best, best_step)
+                         self.run_id, step, self.total_steps, loss_sum, val, stopper.best,
+                         stopper.best_step)
                 save_checkpoint(ckpt_dir, self._checkpoint_tensors(best_weights), self.optimizer, {
                     "step": step, "train_tokens": train_tokens, "train_s": train_s,
                     "train_curve": [[p.step, p.loss] for p in train_curve],
                     "val_curve": [[p.step, p.loss] for p in val_curve],
-                    "best": best, "best_step": best_step, "bad": bad,
+                    "best": stopper.best, "best_step": stopper.best_step, "bad": stopper.bad,
                 })
-                if bad >= cfg.patience:
+                if stopper.should_stop:
                     stopped_early = True
                     log.info("run %s: stopping early at step %d, no improvement in %d evals",
-                             self.run_id, step, bad)
+                             self.run_id, step, stopper.bad)
                     break
         self._load_trainable(best_weights)
         self.timings["train_s"] = train_s
         curve = plot_curve(train_curve, val_curve, self.run_dir / "training_curve.png",
                            f"LoRA r={cfg.rank} on {self.base.model_id} ({self.run_id})")
-        return TrainResult(step, self.total_steps, stopped_early, initial, best, best_step,
+        return TrainResult(step, self.total_steps, stopped_early, initial, stopper.best,
+                           stopper.best_step,
                            train_tokens, train_s, train_tokens / max(train_s, 1e-9),
                            train_curve, val_curve, curve)
 

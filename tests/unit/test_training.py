@@ -214,3 +214,15 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path: Path) ->
         for name, value in slots.items():
             torch.testing.assert_close(after["state"][index][name], value)
     assert load_checkpoint(tmp_path / "missing", fresh) is None
+
+
+def test_early_stopping_counts_evaluations_without_a_gain() -> None:
+    from training.recipe import EarlyStopping
+
+    stopper = EarlyStopping(patience=2, min_delta=0.01, best=1.0)
+    assert stopper.update(10, 0.8) and stopper.best_step == 10
+    assert not stopper.update(20, 0.795)  # within min_delta: no gain
+    assert not stopper.should_stop
+    assert stopper.update(30, 0.5)  # a gain resets the count
+    assert not stopper.update(40, 0.6) and not stopper.update(50, 0.7)
+    assert stopper.should_stop and (stopper.best, stopper.best_step) == (0.5, 30)
