@@ -172,11 +172,12 @@ def test_packing_matches_separate_forward_passes() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
+    config = LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation="sdpa",
-    )).eval()
+    )
+    config._attn_implementation = "sdpa"  # the recipe's attention
+    model = LlamaForCausalLM(config).eval()
     a, b = _example(5, [90, 2], 10), _example(7, [91, 92, 2], 30)
     packed = collate([a, b], pad_id=0, packing=True, capacity=32)
     with torch.no_grad():
