@@ -1,37 +1,99 @@
-"""``tuneloop demo``: the loop on the embedded stack, start to finish, with banking77 traffic."""
+"""``tuneloop demo``: the loop on the embedded stack, start to finish, with banking77 traffic.
+
+Act 1, the service runs: customer queries from 20 intents arrive as feedback, land in
+DuckDB, a golden set is pinned, a dataset version is curated and a LoRA adapter
+trained on it and published as a candidate. Act 2, traffic changes: a fifth of the
+queries now come from intents the bot has not seen, and the drift check says so,
+naming the new intents. Each step is the same command an operator would type.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 from rich.rule import Rule
 
-from tuneloop.cli.common import console, settings_of
+from services import banking77
+from tuneloop.cli.common import console, fail, settings_of
+
+REFERENCE_INTENTS = 20
+NEW_INTENTS = 5
 
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
+def _tuneloop(ctx: typer.Context, *args: str) -> None:
+    """Run another tuneloop command in this process, with this invocation's root flags."""
+    from tuneloop.cli.main import app
+
+    root = ctx.find_root().params
+    prefix: list[str] = []
+    for flag, name in (("--config", "config"), ("--home", "home"),
+                       ("--bootstrap-servers", "bootstrap_servers"), ("--log-level", "log_level")):
+        if root.get(name) is not None:
+            prefix += [flag, str(root[name])]
+    try:
+        app(prefix + list(args), standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code:
+            raise fail(f"`tuneloop {' '.join(args)}` failed (exit {exc.code})") from None
+
+
 def demo(
     ctx: typer.Context,
-    events: int = typer.Option(3000, "--events", help="banking77 feedback events to replay."),
+    events: int = typer.Option(3000, "--events", help="Feedback events before the drift."),
+    train_steps: int = typer.Option(40, "--train-steps", help="LoRA steps (CPU: ~5 s each)."),
 ) -> None:
-    """Bring the stack up, replay banking77 feedback, ingest it, and show status."""
-    from infra.stack import Stack
-    from tuneloop.cli import feedback, stack
-
+    """Run the loop: stack up, feedback in, golden set, dataset, adapter, then a drift."""
     settings = settings_of(ctx)
+    intents = banking77.intents()
+    seen, unseen = intents[:REFERENCE_INTENTS], intents[REFERENCE_INTENTS:REFERENCE_INTENTS + NEW_INTENTS]
+
     console.print(Rule("1. embedded stack: tansu broker, Prefect server, ingest worker"))
-    with console.status("starting..."):
-        Stack(settings).up()
-    console.print(f"Prefect UI: {settings.prefect.api_url.removesuffix('/api')}")
+    _tuneloop(ctx, "up")
 
-    console.print(Rule(f"2. production traffic: {events:,} banking77 feedback events"))
-    ctx.invoke(feedback.replay, ctx=ctx, dataset="banking77", rate=0, intents=None, limit=events,
-               split="train", accuracy=0.7, seed=0, pii_share=0.02)
+    console.print(Rule(f"2. production feedback: {events:,} queries over {len(seen)} intents"))
+    _tuneloop(ctx, "replay", "banking77", "--limit", str(events), "--intents", ",".join(seen),
+              "--seed", "1")
+    _tuneloop(ctx, "ingest")
 
-    console.print(Rule("3. ingest flow: validate, redact, DuckDB, commit offsets"))
-    ctx.invoke(feedback.ingest, ctx=ctx, follow=False, max_batches=None)
+    console.print(Rule("3. golden set, pinned and never trained on"))
+    _tuneloop(ctx, "golden", "add", "--count", "200")
+
+    console.print(Rule("4. curate a dataset version"))
+    _tuneloop(ctx, "curate")
+    version = _latest_dataset(settings.db_path)
+
+    console.print(Rule(f"5. train a LoRA adapter on {version}"))
+    _tuneloop(ctx, "train", "--dataset", version, "--max-steps", str(train_steps))
+    _tuneloop(ctx, "adapters", "list")
+
+    console.print(Rule(f"6. traffic changes: {NEW_INTENTS} intents the adapter never saw arrive"))
+    # Uniform over 25 intents: a fifth of the traffic comes from the 5 new ones.
+    _tuneloop(ctx, "replay", "banking77", "--limit", "1000", "--intents", ",".join(seen + unseen),
+              "--seed", "2", "--split", "test")
+    _tuneloop(ctx, "ingest")
+
+    console.print(Rule("7. drift check on the last 1,000 events"))
+    _tuneloop(ctx, "drift", "--events", "1000")
+    plot = Path(settings.home) / "drift.png"
+    _tuneloop(ctx, "drift", "--plot", str(plot))
+    console.print(f"new intents in this traffic: {', '.join(unseen)}")
 
     console.print(Rule("status"))
-    stack.render_status(stack.collect_status(settings))
+    _tuneloop(ctx, "status")
+    console.print(f"Prefect UI: {settings.prefect.api_url.removesuffix('/api')} (flow runs); "
+                  "`tuneloop down` stops the stack.")
+
+
+def _latest_dataset(db_path: Path) -> str:
+    from services.store import Store
+
+    with Store(db_path).connect() as con:
+        rows = con.execute("SELECT version FROM datasets ORDER BY created_at DESC LIMIT 1").fetchall()
+    if not rows:
+        raise fail("curation produced no dataset version")
+    return str(rows[0][0])

@@ -114,7 +114,9 @@ def replay(
         if unknown:
             raise fail(f"unknown intents {unknown}; see shared/data/banking77/categories.json")
     queries = banking77.select(banking77.load(split), wanted, limit, seed=seed)
-    events = list(banking77.to_events(queries, accuracy=accuracy, seed=seed,
+    # Events occur as they are sent: at the replay rate, or within a second for a burst.
+    spacing = 1 / rate if rate else 1 / max(len(queries), 1)
+    events = list(banking77.to_events(queries, accuracy=accuracy, seed=seed, spacing_s=spacing,
                                       app=settings.serving.alias, pii_share=pii_share))
     chunk = max(1, int(rate // 10)) if rate else 500
     with FeedbackProducer(settings) as producer, _progress() as progress:

@@ -54,6 +54,13 @@ def root(
     except ValidationError as exc:
         raise fail(f"invalid settings:\n{exc}") from None
     setup_logging(settings.log_level, settings.home / "logs" / "tuneloop.log")
+    # Flows load the settings themselves (a deployment run has no CLI flags), so the
+    # flags travel to them, and to any process started from here, as environment.
+    for env_name, value in (("TUNELOOP_HOME", home), ("TUNELOOP_KAFKA__BOOTSTRAP_SERVERS",
+                                                       bootstrap_servers),
+                            ("TUNELOOP_LOG_LEVEL", log_level)):
+        if value is not None:
+            os.environ[env_name] = str(value)
     # Prefect reads its own settings from the environment: point it at tuneloop's
     # server before any flow module is imported.
     for key, value in prefect_env(settings).items():
