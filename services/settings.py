@@ -131,6 +131,7 @@ class DriftSettings(BaseModel):
     grew_ratio: float = Field(2.0, gt=1, description="Share growth that marks a cluster 'grew'.")
     examples_per_cluster: int = Field(3, ge=1, le=20)
     seed: int = 0
+    interval_s: int = Field(600, ge=10, description="Schedule of the drift-check deployment.")
 
     @model_validator(mode="after")
     def _check_pin(self) -> DriftSettings:
