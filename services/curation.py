@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from services.embeddings import content_hash
-from services.redaction import redact
+from services.redaction import Redactor
 from services.settings import CurationSettings
 
 NOT_SELECTED = "no correction, label or positive rating"
@@ -127,20 +127,13 @@ def select(candidate: Candidate, label_is_answer: bool = True) -> Example | str:
 
 def scrub(example: Example) -> tuple[Example, int]:
     """The example with PII redacted in every turn, and the number of spans replaced."""
-    total = 0
-
-    def clean(text: str) -> str:
-        nonlocal total
-        result = redact(text)
-        total += result.count
-        return result.text
-
+    clean = Redactor()
     messages = [{"role": m["role"], "content": clean(m["content"])} for m in example.messages]
     cleaned = replace(
         example, messages=messages, prompt=clean(example.prompt),
         completion=messages[-1]["content"], example_id=example_id(messages),
     )
-    return cleaned, total
+    return cleaned, clean.count
 
 
 @dataclass(frozen=True)

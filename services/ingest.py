@@ -11,7 +11,7 @@ offsets only after :func:`write_batch` has returned.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from services.fastpath import DecodedEvent, fast_decode
 from services.feedback import MAX_EVENT_BYTES, FeedbackEvent, InvalidEvent, Message, parse_event
-from services.redaction import redact
+from services.redaction import Redactor, redact
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
@@ -88,21 +88,9 @@ _DEAD_ARROW = pa.schema(
 )
 
 
-def _cleaner() -> tuple[Callable[[str], str], Callable[[], int]]:
-    total = 0
-
-    def clean(text: str) -> str:
-        nonlocal total
-        result = redact(text)
-        total += result.count
-        return result.text
-
-    return clean, lambda: total
-
-
 def redact_event(event: FeedbackEvent) -> tuple[FeedbackEvent, int]:
     """The event with PII replaced in every free-text field, and the number of spans."""
-    clean, count = _cleaner()
+    clean = Redactor()
     cleaned = event.model_copy(
         update={
             "messages": [Message(role=m.role, content=clean(m.content)) for m in event.messages],
@@ -110,7 +98,7 @@ def redact_event(event: FeedbackEvent) -> tuple[FeedbackEvent, int]:
             "correction": clean(event.correction) if event.correction is not None else None,
         }
     )
-    return cleaned, count()
+    return cleaned, clean.count
 
 
 def event_row(

@@ -82,3 +82,15 @@ def redact(text: str) -> Redacted:
     sub(_CARD, "[CARD]", lambda v: _luhn_ok(re.sub(r"\D", "", v)))
     sub(_PHONE, "[PHONE]", lambda v: 9 <= len(re.sub(r"\D", "", v)) <= 15)
     return Redacted(text, count)
+
+
+class Redactor:
+    """Redacts text after text, counting the spans replaced across all of them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, text: str) -> str:
+        result = redact(text)
+        self.count += result.count
+        return result.text
