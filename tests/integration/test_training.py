@@ -88,6 +88,9 @@ def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
     store = Store(settings.db_path)
     write_banking77_version(store, "b77-small", train_per_intent=16, val_per_intent=2,
                             golden_per_intent=2)
+    # The session's training home is shared: other tests may have published before.
+    with store.connect() as con:
+        published_before = con.execute("SELECT count(*) FROM adapters").fetchall()[0][0]
     adapter = train_and_publish(settings, "b77-small", short_config(), "test-run",
                                 show_progress=False)
 
@@ -97,7 +100,7 @@ def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
     tuned_acc = adapter.metrics["golden"]["accuracy"]
     assert tuned_acc > base_acc, (base_acc, tuned_acc)
     assert adapter.metrics["golden"]["per_label"], "per-label breakdown missing"
-    assert adapter.state == "candidate" and adapter.version == "v1"
+    assert adapter.state == "candidate" and adapter.version == f"v{published_before + 1}"
 
     # The run left its curve and the manifest records what made the adapter.
     run_dir = settings.runs_dir / "test-run"
@@ -129,12 +132,12 @@ def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
     result = CliRunner().invoke(app, ["--home", str(settings.home), "train", "--dataset",
                                       "b77-small", "--run-key", "test-run"])
     assert result.exit_code == 0, result.output
-    assert "v1" in result.output
+    assert adapter.version in result.output
     missing = CliRunner().invoke(app, ["--home", str(settings.home), "train", "--dataset", "nope"])
     assert missing.exit_code == 2 and "not found" in missing.output
     with store.connect() as con:
-        assert get_adapter(con, "v1").sha256 == adapter.sha256
-        assert con.execute("SELECT count(*) FROM adapters").fetchall()[0][0] == 1
+        assert get_adapter(con, adapter.version).sha256 == adapter.sha256
+        assert con.execute("SELECT count(*) FROM adapters").fetchall()[0][0] == published_before + 1
 
     # A tampered weight file is refused.
     weights = path / "adapter_model.safetensors"

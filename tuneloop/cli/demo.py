@@ -45,7 +45,7 @@ def _tuneloop(ctx: typer.Context, *args: str) -> None:
 def demo(
     ctx: typer.Context,
     events: int = typer.Option(3000, "--events", help="Feedback events before the drift."),
-    train_steps: int = typer.Option(40, "--train-steps", help="LoRA steps (CPU: ~5 s each)."),
+    train_steps: int = typer.Option(40, "--train-steps", help="LoRA steps (CPU: a few s each)."),
 ) -> None:
     """Run the loop: stack up, feedback in, golden set, dataset, adapter, then a drift."""
     settings = settings_of(ctx)
@@ -68,7 +68,11 @@ def demo(
     version = _latest_dataset(settings.db_path)
 
     console.print(Rule(f"5. train a LoRA adapter on {version}"))
-    _tuneloop(ctx, "train", "--dataset", version, "--max-steps", str(train_steps))
+    import training
+
+    config = Path(training.__file__).parent / "configs" / "demo.yaml"
+    _tuneloop(ctx, "train", "--dataset", version, "--config", str(config),
+              "--max-steps", str(train_steps))
     _tuneloop(ctx, "adapters", "list")
 
     console.print(Rule(f"6. traffic changes: {NEW_INTENTS} intents the adapter never saw arrive"))

@@ -12,7 +12,7 @@ from services import banking77
 from services.feedback import InvalidEvent, parse_event
 from services.producer import FeedbackProducer, FlushReport
 from services.settings import Settings
-from tuneloop.cli.common import console, err_console, fail, settings_of
+from tuneloop.cli.common import console, err_console, fail, settings_of, store_of
 
 
 def register(app: typer.Typer) -> None:
@@ -149,3 +149,7 @@ def ingest(
         f"{stats['dead_letters']:,} dead letters, {stats['redactions']:,} PII spans redacted) "
         f"at {stats['events_per_s']:,.0f} events/s"
     )
+    # The continuous deployment may have landed events before this run got to them.
+    counts = store_of(settings_of(ctx)).counts()
+    console.print(f"feedback holds {counts['feedback']:,} events; "
+                  f"{counts['dead_letters']:,} dead letters")
