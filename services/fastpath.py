@@ -12,7 +12,6 @@ checks the two agree over many mutated events.
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -21,6 +20,8 @@ import msgspec
 from services.feedback import FeedbackEvent
 
 _RFC3339 = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$"
+_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 _Text128 = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 _Text256 = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
@@ -32,7 +33,9 @@ class FastMessage(msgspec.Struct, forbid_unknown_fields=True):
 
 class FastEvent(msgspec.Struct, forbid_unknown_fields=True):
     schema_version: Literal[1]
-    event_id: uuid.UUID
+    # The canonical lowercase form only: it is what the contract's UUID prints as, so
+    # the text can be stored as is; other spellings go to the contract to normalise.
+    event_id: Annotated[str, msgspec.Meta(pattern=_UUID)]
     # Kept as text and parsed below: msgspec rounds sub-microsecond digits where the
     # contract truncates them, so only up to six fraction digits take this path.
     occurred_at: Annotated[str, msgspec.Meta(pattern=_RFC3339)]
@@ -57,7 +60,7 @@ assert set(FastEvent.__struct_fields__) == _FIELDS, "FastEvent must mirror Feedb
 class DecodedEvent(NamedTuple):
     """A fast-path event with its timestamp parsed, shaped like FeedbackEvent for ``event_row``."""
 
-    event_id: uuid.UUID
+    event_id: str
     occurred_at: datetime
     app: str
     request_id: str
