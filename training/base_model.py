@@ -24,6 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.registry import sha256_file
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_ID = "smollm2-135m-instruct"
@@ -77,21 +79,13 @@ def embedded_gguf() -> Path:
     )
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def directory_sha256(path: Path) -> str:
     """Hash of the weight and config files of an HF directory (names and contents)."""
     digest = hashlib.sha256()
     for file in sorted(path.iterdir()):
         if file.is_file() and file.suffix in {".json", ".safetensors", ".model", ".jinja"}:
             digest.update(file.name.encode())
-            digest.update(file_sha256(file).encode())
+            digest.update(sha256_file(file).encode())
     return digest.hexdigest()
 
 
@@ -102,7 +96,7 @@ def convert_embedded(models_dir: Path) -> BaseModel:
     renames it into place; the loser finds the directory present and discards its copy.
     """
     gguf = embedded_gguf()
-    sha = file_sha256(gguf)
+    sha = sha256_file(gguf)
     target = models_dir / f"{EMBEDDED_ID}-{sha[:16]}"
     if (target / _MARKER).exists():
         return BaseModel(model_id=EMBEDDED_ID, path=str(target), sha256=sha)
