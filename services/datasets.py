@@ -29,6 +29,7 @@ import duckdb
 import pyarrow as pa
 
 from services.curation import SPLITS, Example
+from services.store import registered
 
 FORMATS = ("chat", "completion")
 ROLES = {"system", "user", "assistant", "tool"}
@@ -89,12 +90,11 @@ def save_version(
                 counts["validation"], counts["test"],
             ],
         )
-        con.register("incoming_examples", rows)
-        con.execute(
-            "INSERT INTO dataset_examples SELECT version, example_id, split, source_event_id, "
-            "label, messages, prompt, completion FROM incoming_examples"
-        )
-        con.unregister("incoming_examples")
+        with registered(con, "incoming_examples", rows):
+            con.execute(
+                "INSERT INTO dataset_examples SELECT version, example_id, split, source_event_id, "
+                "label, messages, prompt, completion FROM incoming_examples"
+            )
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")

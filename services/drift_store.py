@@ -30,7 +30,7 @@ from services.clusters import what_drifted
 from services.drift import DriftReport, detect_drift
 from services.embeddings import Embedder, Progress, embed_texts
 from services.settings import DriftSettings
-from services.store import Store
+from services.store import Store, registered
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +108,13 @@ def reference_window(
         )
     if exclude is None:
         return None
-    con.register("excluded_events", _ids_table(exclude))
-    try:
+    with registered(con, "excluded_events", _ids_table(exclude)):
         rows = con.execute(
             "SELECT event_id, user_text, label FROM feedback WHERE event_id NOT IN "
             f"(SELECT event_id FROM excluded_events){app_sql} ORDER BY occurred_at, event_id "
             "LIMIT ?",
             [*app_args, cfg.reference_window_events],
         ).fetchall()
-    finally:
-        con.unregister("excluded_events")
     return _window(f"oldest {cfg.reference_window_events} events", rows)
 
 
@@ -127,8 +124,7 @@ def current_window(
 ) -> Window:
     """The most recent events, without any of ``exclude`` (the reference's ids)."""
     app_sql, app_args = _app_clause(cfg)
-    con.register("excluded_events", _ids_table(exclude))
-    try:
+    with registered(con, "excluded_events", _ids_table(exclude)):
         if cfg.current_window_minutes:
             since = (now or datetime.now(UTC)) - timedelta(minutes=cfg.current_window_minutes)
             desc = f"last {cfg.current_window_minutes} minutes"
@@ -146,8 +142,6 @@ def current_window(
                 "ORDER BY occurred_at DESC, event_id DESC LIMIT ?) ORDER BY occurred_at, event_id",
                 [*app_args, cfg.current_window_events],
             ).fetchall()
-    finally:
-        con.unregister("excluded_events")
     return _window(desc, rows)
 
 

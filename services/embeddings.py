@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from services.settings import EmbeddingSettings
-from services.store import Store
+from services.store import Store, registered
 
 if TYPE_CHECKING:
     import duckdb
@@ -134,15 +134,12 @@ def read_cache(
     if not hashes:
         return {}
     wanted = pa.table({"content_hash": pa.array(list(hashes), pa.string())})
-    con.register("wanted_hashes", wanted)
-    try:
+    with registered(con, "wanted_hashes", wanted):
         table: pa.Table = con.sql(
             "SELECT e.content_hash, e.dim, e.vector FROM embeddings e "
             "JOIN wanted_hashes w USING (content_hash) WHERE e.model = $model",
             params={"model": model},
         ).to_arrow_table()
-    finally:
-        con.unregister("wanted_hashes")
     if table.num_rows == 0:
         return {}
     dim = int(table.column("dim")[0].as_py())
@@ -167,15 +164,12 @@ def write_cache(
             "vector": pa.ListArray.from_arrays(offsets, flat),
         }
     )
-    con.register("incoming_embeddings", incoming)
-    try:
+    with registered(con, "incoming_embeddings", incoming):
         con.execute(
             "INSERT INTO embeddings SELECT content_hash, ?, ?, vector, ? "
             "FROM incoming_embeddings ON CONFLICT DO NOTHING",
             [model, dim, datetime.now(UTC)],
         )
-    finally:
-        con.unregister("incoming_embeddings")
 
 
 def embed_texts(

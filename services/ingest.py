@@ -22,6 +22,7 @@ import pyarrow as pa
 from services.fastpath import DecodedEvent, fast_decode
 from services.feedback import MAX_EVENT_BYTES, FeedbackEvent, InvalidEvent, Message, parse_event
 from services.redaction import Redactor, redact
+from services.store import registered
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
@@ -212,15 +213,11 @@ def _insert_arrow(
     con: duckdb.DuckDBPyConnection, table: str, key: str, arrays: list[pa.Array], schema: pa.Schema
 ) -> int:
     """Insert an Arrow batch, skipping keys already present; returns the rows inserted."""
-    view = f"incoming_{table}"
-    con.register(view, pa.Table.from_arrays(arrays, schema=schema))
-    try:
-        names = ", ".join(schema.names)
+    names = ", ".join(schema.names)
+    with registered(con, f"incoming_{table}", pa.Table.from_arrays(arrays, schema=schema)) as view:
         return int(con.execute(
             f"INSERT INTO {table} ({names}) SELECT {names} FROM {view} ON CONFLICT ({key}) DO NOTHING"
         ).fetchall()[0][0])
-    finally:
-        con.unregister(view)
 
 
 def insert_events(con: duckdb.DuckDBPyConnection, events: Sequence[FeedbackEvent]) -> int:
