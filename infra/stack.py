@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.broker import EmbeddedBroker
+from infra.gateway import EmbeddedGateway
 from infra.prefect_server import EmbeddedPrefect, prefect_env
 from infra.processes import ManagedProcess
 from services.settings import Settings
@@ -28,24 +29,25 @@ class Stack:
         self.broker = EmbeddedBroker(settings)
         self.prefect = EmbeddedPrefect(settings)
         self.worker = ManagedProcess("worker", Path(settings.home))
+        self.gateway = EmbeddedGateway(settings)
 
-    def up(self, worker: bool = True) -> None:
-        """Start what the settings say is embedded, then the worker; idempotent."""
+    def up(self, worker: bool = True, serving: bool = True) -> None:
+        """Start what the settings say is embedded, then the worker and the gateway; idempotent."""
         if self.settings.kafka.embedded:
             self.broker.start()
         if self.settings.prefect.embedded:
             self.prefect.start()
         from services.topics import ensure_topics
 
-        ensure_topics(self.settings.kafka)
+        ensure_topics(self.settings.kafka, extra=(self.settings.serving.shadow_topic,))
+        env = {**prefect_env(self.settings), **self._tuneloop_env()}
         if worker:
-            self.worker.start(
-                [sys.executable, "-m", "tuneloop.cli.main", "worker"],
-                env={**prefect_env(self.settings), **self._tuneloop_env()},
-            )
+            self.worker.start([sys.executable, "-m", "tuneloop.cli.main", "worker"], env=env)
+        if serving and self.settings.serving.embedded:
+            self.gateway.start(env)
 
     def down(self) -> list[str]:
-        stopped = []
+        stopped = self.gateway.stop()
         for name, proc in (("worker", self.worker), ("prefect", self.prefect.process),
                            ("broker", self.broker.process)):
             if proc.stop():
@@ -62,6 +64,9 @@ class Stack:
                    self.settings.prefect.api_url.removesuffix("/api")),
             Health("ingest worker", worker_pid is not None,
                    f"pid {worker_pid}" if worker_pid else "not running (tuneloop up starts it)"),
+            Health("gateway", self.gateway.healthy(),
+                   f"{self.settings.serving.gateway_url} (OpenAI-compatible; "
+                   f"{self.settings.serving.replicas} vLLM replica(s))"),
         ]
 
     def _tuneloop_env(self) -> dict[str, str]:
@@ -75,4 +80,7 @@ class Stack:
             "TUNELOOP_KAFKA__DLQ_TOPIC": s.kafka.dlq_topic,
             "TUNELOOP_PREFECT__API_URL": s.prefect.api_url,
             "TUNELOOP_STORE__PATH": str(s.db_path.resolve()),
+            "TUNELOOP_SERVING__GATEWAY_PORT": str(s.serving.gateway_port),
+            "TUNELOOP_SERVING__VLLM_PORT": str(s.serving.vllm_port),
+            "TUNELOOP_SERVING__REPLICAS": str(s.serving.replicas),
         }

@@ -88,12 +88,15 @@ class Outbox:
 class FeedbackProducer:
     """Send feedback events to ``kafka.topic``; see the module docstring."""
 
-    def __init__(self, settings: Settings, *, background: bool = False, batch: int = 2000) -> None:
+    def __init__(self, settings: Settings, *, background: bool = False, batch: int = 2000,
+                 topic: str | None = None, outbox_path: Path | None = None) -> None:
         self._kafka_cfg = settings.kafka
         self._cfg = settings.producer
         self._max_bytes = settings.ingest.max_event_bytes
         self._batch = batch
-        self.outbox = Outbox(settings.outbox_path)
+        # Another topic (the gateway's shadow pairs) gets its own outbox file.
+        self._topic = topic or settings.kafka.topic
+        self.outbox = Outbox(outbox_path or settings.outbox_path)
         self._producer: KafkaProducer | None = None
         self._drain_lock = threading.Lock()
         self._stop = threading.Event()
@@ -115,6 +118,10 @@ class FeedbackProducer:
         items = [self._encode(e) for e in events]
         self.outbox.append(items)
         return [event_id for event_id, _ in items]
+
+    def send_record(self, key: str, payload: bytes) -> None:
+        """Durably accept one record that is not a feedback event (the caller validated it)."""
+        self.outbox.append([(key, payload)])
 
     def _encode(self, event: FeedbackEvent | dict[str, Any] | bytes) -> tuple[str, bytes]:
         if isinstance(event, FeedbackEvent):
@@ -154,7 +161,7 @@ class FeedbackProducer:
                 return None
             try:
                 futures = [
-                    producer.send(self._kafka_cfg.topic, key=event_id.encode(), value=payload)
+                    producer.send(self._topic, key=event_id.encode(), value=payload)
                     for _, event_id, payload in rows
                 ]
                 producer.flush(timeout=self._cfg.delivery_timeout_s)

@@ -209,12 +209,71 @@ class TrainingSettings(BaseModel):
 
 
 class ServingSettings(BaseModel):
-    """The OpenAI-compatible endpoint and the vLLM behind it."""
+    """The OpenAI-compatible gateway and the vLLM replicas behind it."""
 
-    alias: str = "support-bot"
-    vllm_port: int = 8100
-    gateway_port: int = 8000
-    vllm_python: Path | None = Field(None, description="Python of the vLLM virtualenv.")
+    alias: str = Field("support-bot", min_length=1, description="The name clients ask for.")
+    embedded: bool = Field(
+        True, description="`tuneloop up` starts the gateway, which starts and supervises vLLM."
+    )
+    host: str = Field("127.0.0.1", description="Gateway bind address.")
+    gateway_port: int = Field(8000, ge=1, le=65535)
+    vllm_port: int = Field(8100, ge=1, le=65535, description="Replica i listens on vllm_port + i.")
+    replicas: int = Field(1, ge=1, le=64, description="vLLM processes the gateway balances over.")
+    replica_urls: list[str] = Field(
+        default_factory=list,
+        description="vLLM servers started elsewhere (http://host:port); when set, the gateway "
+        "starts none and only supervises their adapters.",
+    )
+    vllm_python: Path | None = Field(
+        None, description="Python of the vLLM virtualenv; default: .venv-vllm beside .venv."
+    )
+    max_lora_rank: int = Field(16, ge=1, description="vLLM --max-lora-rank.")
+    max_loras: int = Field(2, ge=1, description="vLLM --max-loras: adapters in one batch.")
+    max_cpu_loras: int = Field(4, ge=1, description="vLLM --max-cpu-loras: adapters kept loaded.")
+    max_model_len: int = Field(2048, ge=64)
+    kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    vllm_args: list[str] = Field(default_factory=list, description="Extra vLLM flags.")
+    start_timeout_s: float = Field(300.0, gt=0, description="A replica not healthy by then is restarted.")
+    health_interval_s: float = Field(1.0, gt=0)
+    upstream_timeout_s: float = Field(300.0, gt=0, description="One request to vLLM, end to end.")
+    admin_key: str | None = Field(
+        None, description="API key of the admin routes; default: a random key in <home>/gateway.key."
+    )
+    canary_share: float = Field(
+        0.1, ge=0, le=1, description="Share of users sent to the canary adapter (sticky)."
+    )
+    shadow_share: float = Field(
+        0.0, ge=0, le=1, description="Share of production requests the canary also answers unseen."
+    )
+    sample_requests: float = Field(
+        0.0, ge=0, le=1, description="Share of served requests emitted as feedback events."
+    )
+    rollback_grace_s: float = Field(
+        600.0, ge=0, description="The previous production adapter stays loaded this long."
+    )
+    response_cache: int = Field(
+        100_000, ge=100, description="Recent responses kept for POST /v1/feedback."
+    )
+    shadow_topic: str = "tuneloop.shadow.v1"
+
+    @model_validator(mode="after")
+    def _check_loras(self) -> ServingSettings:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"serving.max_cpu_loras={self.max_cpu_loras} is below serving.max_loras="
+                f"{self.max_loras}; vLLM needs max_cpu_loras >= max_loras"
+            )
+        return self
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.gateway_port}"
+
+    def upstream_urls(self) -> list[str]:
+        """Where each vLLM replica listens."""
+        if self.replica_urls:
+            return [u.rstrip("/") for u in self.replica_urls]
+        return [f"http://127.0.0.1:{self.vllm_port + i}" for i in range(self.replicas)]
 
 
 class Settings(BaseSettings):

@@ -27,14 +27,14 @@ class PartitionOffsets:
         return self.end - (self.committed or 0)
 
 
-def ensure_topics(cfg: KafkaSettings) -> list[str]:
-    """Create the feedback and dead-letter topics if missing; returns the ones created."""
+def ensure_topics(cfg: KafkaSettings, extra: tuple[str, ...] = ()) -> list[str]:
+    """Create the feedback and dead-letter topics (and ``extra``) if missing; returns those created."""
     admin = KafkaAdminClient(
         bootstrap_servers=cfg.bootstrap_servers, request_timeout_ms=cfg.request_timeout_ms
     )
     try:
         existing = set(admin.list_topics())
-        wanted = [t for t in (cfg.topic, cfg.dlq_topic) if t not in existing]
+        wanted = [t for t in (cfg.topic, cfg.dlq_topic, *extra) if t not in existing]
         created = []
         for name in wanted:
             try:

@@ -24,6 +24,7 @@ app = typer.Typer(
 # Each module defines ``register(app)`` and owns the commands of one area.
 COMMAND_MODULES = (
     "tuneloop.cli.stack",
+    "tuneloop.cli.serving",
     "tuneloop.cli.feedback",
     "tuneloop.cli.data",
     "tuneloop.cli.training",

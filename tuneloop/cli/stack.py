@@ -23,18 +23,22 @@ def register(app: typer.Typer) -> None:
 def up(
     ctx: typer.Context,
     no_worker: bool = typer.Option(False, "--no-worker", help="Skip the deployment worker."),
+    no_serving: bool = typer.Option(False, "--no-serving", help="Skip the gateway and vLLM."),
 ) -> None:
-    """Start the embedded broker, Prefect server (UI on :4200) and deployment worker."""
+    """Start the broker, Prefect server (UI on :4200), worker, and the gateway with vLLM."""
     from infra.stack import Stack
 
     settings = settings_of(ctx)
-    with console.status("starting the embedded stack..."):
+    with console.status("starting the embedded stack (vLLM takes about a minute)..."):
         try:
-            Stack(settings).up(worker=not no_worker)
+            Stack(settings).up(worker=not no_worker, serving=not no_serving)
         except (TimeoutError, OSError) as exc:
             raise fail(str(exc)) from None
     console.print(f"[green]up[/]: Kafka at {settings.kafka.bootstrap_servers}, "
-                  f"Prefect UI at {settings.prefect.api_url.removesuffix('/api')}")
+                  f"Prefect UI at {settings.prefect.api_url.removesuffix('/api')}"
+                  + ("" if no_serving or not settings.serving.embedded else
+                     f", OpenAI-compatible endpoint at {settings.serving.gateway_url}/v1 "
+                     f"(model {settings.serving.alias!r})"))
 
 
 def down(ctx: typer.Context) -> None:

@@ -1,0 +1,137 @@
+"""The serving layer seen from outside the gateway: its key, its routing in the registry,
+and the admin client the CLI and flows use to swap adapters.
+
+The registry is the source of truth. A promotion is: load and probe the version on
+every replica, flip the alias (both done by the gateway's ``/admin/route``), then
+record the move in the registry; if the record fails, the gateway is flipped back.
+A gateway that starts (or restarts) builds its routing from the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.registry import Adapter, get_adapter, list_adapters
+from services.settings import Settings
+from services.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(RuntimeError):
+    """The gateway refused or failed an admin call; ``status`` is its HTTP status (0: down)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def admin_key(settings: Settings) -> str:
+    """``serving.admin_key``, else the key in ``<home>/gateway.key`` (created, mode 0600)."""
+    if settings.serving.admin_key:
+        return settings.serving.admin_key
+    path = Path(settings.home) / "gateway.key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key
+
+
+@dataclass(frozen=True)
+class RegistryRoute:
+    """What the registry says an alias serves."""
+
+    production: str | None
+    canary: str | None
+
+
+def registry_route(settings: Settings, alias: str) -> RegistryRoute:
+    """The production and canary versions of ``alias`` (None: the base model / no canary)."""
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    with store.connect() as con:
+        adapters = list_adapters(con)
+    mine = [a for a in adapters if a.name == f"{alias}-{a.version}"]
+    production = [a.version for a in mine if a.state == "production"]
+    canary = [a.version for a in mine if a.state == "canary"]
+    return RegistryRoute(production[-1] if production else None, canary[-1] if canary else None)
+
+
+def read_adapter(settings: Settings, version: str) -> Adapter:
+    """One registry row; raises ``LookupError`` when there is none."""
+    from services.registry import RegistryError
+
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    try:
+        with store.connect() as con:
+            return get_adapter(con, version)
+    except RegistryError as exc:
+        raise LookupError(str(exc)) from None
+
+
+def saved_shares(settings: Settings) -> dict[str, Any]:
+    """The shares the gateway last applied (``<home>/serving/routing.json``), if any."""
+    try:
+        return dict(json.loads(routing_file(settings).read_text()))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def routing_file(settings: Settings) -> Path:
+    return Path(settings.home) / "serving" / "routing.json"
+
+
+class GatewayAdmin:
+    """The gateway's admin routes, for the CLI and the flows."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 600.0) -> None:
+        self.url = settings.serving.gateway_url
+        self._headers = {"Authorization": f"Bearer {admin_key(settings)}"}
+        self._timeout = timeout_s
+
+    def state(self) -> dict[str, Any]:
+        return self._call("GET", "/admin/state")
+
+    def set_route(self, **fields: Any) -> dict[str, Any]:
+        """Change an alias's routing (production, candidate, canary_share, shadow_share)."""
+        return self._call("POST", "/admin/route", fields)
+
+    def load(self, version: str) -> dict[str, Any]:
+        return self._call("POST", "/admin/load", {"version": version})
+
+    def unload(self, version: str) -> dict[str, Any]:
+        return self._call("POST", "/admin/unload", {"version": version})
+
+    def running(self) -> bool:
+        try:
+            httpx.get(f"{self.url}/v1/models", timeout=2)
+            return True
+        except httpx.HTTPError:
+            return False
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            resp = httpx.request(method, self.url + path, json=body, headers=self._headers,
+                                 timeout=self._timeout)
+        except httpx.HTTPError as exc:
+            raise GatewayError(0, f"gateway at {self.url} unreachable: {exc}") from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text[:300]
+            raise GatewayError(resp.status_code, message)
+        return dict(resp.json())

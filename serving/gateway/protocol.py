@@ -1,0 +1,148 @@
+"""Request and response shapes of the gateway: OpenAI's error format, checks, admin bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+# Headers on every answer: which version answered, and the id feedback refers to.
+VERSION_HEADER = "x-tuneloop-adapter-version"
+RESPONSE_ID_HEADER = "x-tuneloop-response-id"
+ALIAS_HEADER = "x-tuneloop-alias"
+USER_HEADER = "x-tuneloop-user"
+
+
+class BadRequest(ValueError):
+    """A request the gateway refuses before it reaches vLLM (HTTP 4xx)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.code = code
+
+
+def error_response(status: int, message: str, *, kind: str | None = None,
+                   param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    """An error body as OpenAI's API writes it, so the official client raises the right type."""
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
+    return Response(json.dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required: the alias to answer with (see GET /v1/models)",
+                         param="model")
+    return body
+
+
+def check_chat(body: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat's turns as plain role/content text; raises :class:`BadRequest`."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content}", param="messages")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{i}] needs a 'role' and 'content'", param="messages")
+        role = "system" if message["role"] == "developer" else str(message["role"])
+        turns.append({"role": role, "content": _text(message.get("content"))})
+    return turns
+
+
+def check_completion(body: dict[str, Any]) -> list[dict[str, str]]:
+    """The prompt as one user turn; raises :class:`BadRequest`."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("'prompt' must be one string (batched prompts are not routed)",
+                         param="prompt")
+    return [{"role": "user", "content": prompt}]
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: keep the text ones
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def completion_text(data: dict[str, Any], chat: bool) -> str:
+    """The first choice's text of a (non-streamed) answer."""
+    choices = data.get("choices") or [{}]
+    first = choices[0] if isinstance(choices[0], dict) else {}
+    if chat:
+        return str((first.get("message") or {}).get("content") or "")
+    return str(first.get("text") or "")
+
+
+def stream_text(raw: bytes, chat: bool) -> tuple[str, str | None]:
+    """The text and id carried by a server-sent-event stream of chunks."""
+    parts: list[str] = []
+    upstream_id = None
+    for line in raw.split(b"\n"):
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        try:
+            chunk = json.loads(line[6:])
+        except ValueError:
+            continue
+        upstream_id = upstream_id or chunk.get("id")
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            if piece:
+                parts.append(piece)
+    return "".join(parts), upstream_id
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: a verdict on one answer the gateway served."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    response_id: str = Field(min_length=1, max_length=256,
+                             description="The x-tuneloop-response-id header, or the answer's id.")
+    rating: float | None = Field(None, ge=-1, le=1, description="-1 (bad) .. 1 (good).")
+    correction: str | None = Field(None, description="The ideal answer.")
+    label: str | None = Field(None, max_length=256, description="The task label, e.g. the intent.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RouteRequest(BaseModel):
+    """``POST /admin/route``: the new routing of an alias. Omitted fields keep their value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str | None = None
+    production: str | None = Field(None, description="Version, or null for the base model.")
+    candidate: str | None = Field(None, description="Version under canary, or null for none.")
+    canary_share: float | None = Field(None, ge=0, le=1)
+    shadow_share: float | None = Field(None, ge=0, le=1)
+
+
+class VersionRequest(BaseModel):
+    """``POST /admin/load`` and ``/admin/unload``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(pattern=r"^v\d+$")
+    alias: str | None = None
