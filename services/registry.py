@@ -342,12 +342,17 @@ def rollback(
 ) -> list[Transition]:
     """Reject the production adapter and bring back the previous one (or the base model)."""
     _need_reason(reason)
+    return _apply(con, rollback_plan(con, to_version), reason)
+
+
+def rollback_plan(con: duckdb.DuckDBPyConnection, to_version: str | None = None) -> list[Transition]:
+    """What :func:`rollback` would do, without doing it."""
     retired = [r[0] for r in con.execute(
         "SELECT a.version FROM adapters a JOIN deployments d ON d.adapter_version = a.version "
         "WHERE a.state = 'retired' AND d.to_state = 'retired' "
         "GROUP BY a.version ORDER BY max(d.occurred_at) DESC"
     ).fetchall()]
-    return _apply(con, plan_rollback(_states(con), retired, to_version), reason)
+    return plan_rollback(_states(con), retired, to_version)
 
 
 def _apply(con: duckdb.DuckDBPyConnection, plan: list[Transition], reason: str) -> list[Transition]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from services.registry import Adapter, get_adapter, list_adapters
+from services.registry import Adapter, Transition, get_adapter, list_adapters
 from services.settings import Settings
 from services.store import Store
 
@@ -135,3 +135,72 @@ class GatewayAdmin:
                 message = resp.text[:300]
             raise GatewayError(resp.status_code, message)
         return dict(resp.json())
+
+
+# ------------------------------------------------------------------ registry + gateway together
+def promote(settings: Settings, version: str, to_state: str, reason: str) -> list[Transition]:
+    """Put ``version`` into 'canary' or 'production': swap on the gateway, then record it.
+
+    With no gateway running, only the registry changes; a gateway that starts later
+    serves what the registry says. Raises ``RegistryError`` (nothing changed) or
+    :class:`GatewayError` (the swap failed; production keeps serving, nothing recorded).
+    """
+    from services import registry
+
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    with store.connect() as con:
+        adapter = get_adapter(con, version)
+        registry.verify_adapter(Path(adapter.path), adapter.sha256)
+        states = {a.version: a.state for a in list_adapters(con)}
+        registry.plan_promotion(states, version, to_state)  # raises before anything moves
+    change: dict[str, Any] = {"production": version} if to_state == "production" else \
+        {"candidate": version}
+    if to_state == "production" and states.get(version) == "canary":
+        change["candidate"] = None
+    return _swap_then_record(settings, change,
+                             lambda con: registry.promote(con, version, to_state, reason))
+
+
+def rollback(settings: Settings, reason: str, to_version: str | None = None) -> list[Transition]:
+    """Reject production and restore the previous version (or the base model), swap first."""
+    from services import registry
+
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    with store.connect() as con:
+        plan = registry.rollback_plan(con, to_version)
+    restored = next((t.version for t in plan if t.to_state == "production"), None)
+    return _swap_then_record(settings, {"production": restored},
+                             lambda con: registry.rollback(con, reason, to_version))
+
+
+def reject(settings: Settings, version: str, reason: str) -> list[Transition]:
+    """Reject ``version``; if it is the canary, it stops taking traffic first."""
+    from services import registry
+
+    route = registry_route(settings, settings.serving.alias)
+    change: dict[str, Any] = {"candidate": None} if route.canary == version else {}
+    if route.production == version:
+        raise registry.RegistryError(f"{version} is in production: roll it back instead")
+    return _swap_then_record(settings, change, lambda con: registry.reject(con, version, reason))
+
+
+def _swap_then_record(settings: Settings, change: dict[str, Any],
+                      record: Any) -> list[Transition]:
+    admin = GatewayAdmin(settings)
+    before: dict[str, Any] | None = None
+    if change and admin.running():
+        routes = admin.state()["routes"]
+        current = next((r for r in routes if r["alias"] == settings.serving.alias), None)
+        if current is not None:
+            before = {"production": current["production"], "candidate": current["candidate"]}
+        admin.set_route(**change)  # load + probe on every replica, then the flip
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    try:
+        with store.connect() as con:
+            plan: list[Transition] = record(con)
+    except BaseException:
+        if before is not None:
+            log.error("recording the change failed; the gateway goes back to %s", before)
+            admin.set_route(**before)
+        raise
+    return plan

@@ -107,8 +107,17 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 "SELECT created_at, score, p_value, drifted FROM drift_reports "
                 "ORDER BY created_at DESC LIMIT 1"
             ).fetchall()
+    serving: dict[str, Any] = {}
+    if next((h["ok"] for h in health if h["component"] == "gateway"), False):
+        from serving.control import GatewayAdmin, GatewayError
+
+        try:
+            serving = GatewayAdmin(settings, timeout_s=5).state()
+        except GatewayError as exc:
+            serving = {"error": str(exc)}
     return {"health": health, "topics": topics, "counts": counts, "dead_letters": dead,
-            "adapters": adapters, "latest_drift": drift, "db": str(store.path)}
+            "adapters": adapters, "latest_drift": drift, "db": str(store.path),
+            "serving": serving}
 
 
 def render_status(report: dict[str, Any]) -> None:
@@ -151,6 +160,26 @@ def render_status(report: dict[str, Any]) -> None:
         at, score, p, drifted = report["latest_drift"][0]
         console.print(f"latest drift check {at:%Y-%m-%d %H:%M}: score {score:.3f}, p={p:.3g}, "
                       + ("[red]DRIFT[/]" if drifted else "[green]no drift[/]"))
+    serving = report.get("serving") or {}
+    if serving.get("error"):
+        console.print(f"[red]gateway:[/] {serving['error']}")
+    if serving.get("routes"):
+        r = Table(title="serving", show_edge=False)
+        for col in ("alias", "production", "canary", "canary share", "shadow share"):
+            r.add_column(col)
+        for route in serving["routes"]:
+            r.add_row(route["alias"], route["production"] or "base model",
+                      route["candidate"] or "-", f"{100 * route['canary_share']:.0f}%",
+                      f"{100 * route['shadow_share']:.0f}%")
+        console.print(r)
+        states = ", ".join(
+            f"replica {rep['index']} [{'green' if rep['state'] == 'ready' else 'yellow'}]"
+            f"{rep['state']}[/] ({rep['url']}, {rep['restarts']} restarts, "
+            f"loaded: {', '.join(rep['loaded']) or 'no adapters'})"
+            for rep in serving["replicas"])
+        console.print(f"vLLM: {states}")
+        for err in serving.get("errors", []):
+            console.print(f"[red]cannot serve {err['version']}:[/] {err['error']}")
     if report["adapters"]:
         a = Table(title="adapters", show_edge=False)
         for col in ("version", "name", "state", "dataset", "created"):

@@ -106,16 +106,19 @@ def promote_cmd(
     to: str = typer.Option("production", "--to", help="'canary' or 'production'."),
     reason: str = typer.Option(..., "--reason", help="Why; recorded in deployments."),
 ) -> None:
-    """Move an adapter to canary or production (the old production is retired)."""
-    from services.registry import RegistryError, get_adapter, promote, verify_adapter
+    """Move an adapter to canary or production (the old production is retired).
 
-    with store_of(settings_of(ctx)).connect() as con:
-        try:
-            adapter = get_adapter(con, version)
-            verify_adapter(Path(adapter.path), adapter.sha256)
-            plan = promote(con, version, to, reason)
-        except RegistryError as exc:
-            raise fail(str(exc)) from None
+    With the gateway running, the version is loaded and probed on every vLLM replica
+    and the alias flipped before the registry records the move.
+    """
+    from services.registry import RegistryError
+    from serving.control import GatewayError, promote
+
+    try:
+        with console.status(f"loading and probing {version} on every replica..."):
+            plan = promote(settings_of(ctx), version, to, reason)
+    except (RegistryError, GatewayError) as exc:
+        raise fail(str(exc)) from None
     for step in plan:
         console.print(f"{step.version}: {step.from_state} -> [bold]{step.to_state}[/]")
 
@@ -127,13 +130,13 @@ def rollback_cmd(
     to: str | None = typer.Option(None, "--to", help="Retired version to restore."),
 ) -> None:
     """Reject the production adapter and restore the previous one (or the base model)."""
-    from services.registry import RegistryError, rollback
+    from services.registry import RegistryError
+    from serving.control import GatewayError, rollback
 
-    with store_of(settings_of(ctx)).connect() as con:
-        try:
-            plan = rollback(con, reason, to)
-        except RegistryError as exc:
-            raise fail(str(exc)) from None
+    try:
+        plan = rollback(settings_of(ctx), reason, to)
+    except (RegistryError, GatewayError) as exc:
+        raise fail(str(exc)) from None
     for step in plan:
         console.print(f"{step.version}: {step.from_state} -> [bold]{step.to_state}[/]")
     if len(plan) == 1:
