@@ -1,0 +1,137 @@
+"""Pure parts of serving: routing and its sticky split, request checks, stream parsing,
+the vLLM command line, and the settings that feed it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from services.settings import ServingSettings, load_settings
+from serving.gateway.protocol import (
+    BadRequest,
+    check_chat,
+    check_completion,
+    completion_text,
+    error_response,
+    parse_body,
+    stream_text,
+)
+from serving.gateway.serving import ResponseCache, Served
+from serving.routing import Route, RoutingTable, bucket, upstream_name
+from serving.upstream import UpstreamError, error_message
+from serving.vllm_process import vllm_argv, vllm_env
+
+
+def test_production_answers_everyone_without_a_candidate() -> None:
+    route = Route("support-bot", "v3")
+    assert {route.choose(f"user-{i}") for i in range(100)} == {"v3"}
+    assert Route("support-bot", None).choose("anyone") is None  # the base model
+
+
+def test_canary_share_is_sticky_and_close_to_the_share() -> None:
+    route = Route("support-bot", "v3", "v4", canary_share=0.2)
+    picks = [route.choose(f"user-{i}") for i in range(5000)]
+    assert picks == [route.choose(f"user-{i}") for i in range(5000)]
+    share = picks.count("v4") / len(picks)
+    assert 0.18 < share < 0.22
+    # A new candidate draws a fresh sample of users, not the same unlucky ones.
+    other = Route("support-bot", "v3", "v5", canary_share=0.2)
+    again = {i for i in range(5000) if other.choose(f"user-{i}") == "v5"}
+    first = {i for i, p in enumerate(picks) if p == "v4"}
+    assert len(first & again) < 0.5 * len(first)
+
+
+def test_shadow_samples_requests_only_with_a_candidate() -> None:
+    assert not Route("a", "v1", None, shadow_share=1.0).shadow("r1")
+    route = Route("a", "v1", "v2", shadow_share=0.25)
+    share = sum(route.shadow(f"r{i}") for i in range(4000)) / 4000
+    assert 0.22 < share < 0.28
+
+
+@pytest.mark.parametrize("kwargs", [{"canary_share": 1.5}, {"shadow_share": -0.1},
+                                    {"candidate": "v1"}])
+def test_route_rejects_bad_values(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Route("a", "v1", **kwargs)  # type: ignore[arg-type]
+
+
+def test_routing_table_is_replaced_not_mutated() -> None:
+    table = RoutingTable().with_route(Route("a", "v1", "v2"))
+    new = table.with_route(Route("a", "v3"))
+    assert table.get("a") == Route("a", "v1", "v2")
+    assert new.versions() == {("a", "v3")}
+    assert upstream_name("a", "v3", "base") == "a-v3" and upstream_name("a", None, "base") == "base"
+    assert 0 <= bucket("x") < 1 and bucket("x") == bucket("x")
+
+
+def test_request_checks_name_the_bad_field() -> None:
+    with pytest.raises(BadRequest, match="model"):
+        parse_body(b'{"messages": []}')
+    with pytest.raises(BadRequest, match="JSON"):
+        parse_body(b"{oops")
+    with pytest.raises(BadRequest, match="messages"):
+        check_chat({"model": "a", "messages": []})
+    with pytest.raises(BadRequest, match="prompt"):
+        check_completion({"model": "a", "prompt": ["one", "two"]})
+    turns = check_chat({"messages": [{"role": "developer", "content": "be brief"},
+                                     {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+    assert turns == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert check_completion({"prompt": ["hello"]}) == [{"role": "user", "content": "hello"}]
+
+
+def test_errors_use_openai_format() -> None:
+    resp = error_response(404, "no such alias", param="model", code="model_not_found")
+    body = json.loads(bytes(resp.body))
+    assert resp.status_code == 404
+    assert body == {"error": {"message": "no such alias", "type": "invalid_request_error",
+                              "param": "model", "code": "model_not_found"}}
+    assert json.loads(bytes(error_response(503, "down").body))["error"]["type"] == "server_error"
+    assert error_message(b'{"error": {"message": "rank 32 > 16"}}') == "rank 32 > 16"
+    assert error_message(b"plain") == "plain"
+    assert UpstreamError("u", 404, "x").client_error
+    assert not UpstreamError("u", 500, "x").client_error
+    assert UpstreamError("u", 0, "refused").retriable
+
+
+def test_stream_and_plain_answers_give_their_text() -> None:
+    chunks = [{"id": "c1", "choices": [{"index": 0, "delta": {"content": piece}}]}
+              for piece in ("card", "_arrival")]
+    raw = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+    assert stream_text(raw, chat=True) == ("card_arrival", "c1")
+    text = {"id": "c2", "choices": [{"index": 0, "text": "hello"}]}
+    assert stream_text(f"data: {json.dumps(text)}\n\n".encode(), chat=False) == ("hello", "c2")
+    assert completion_text({"choices": [{"message": {"content": "x"}}]}, chat=True) == "x"
+    assert completion_text({"choices": [{"text": "y"}]}, chat=False) == "y"
+
+
+def test_response_cache_keeps_the_latest() -> None:
+    cache = ResponseCache(capacity=100)
+    for i in range(150):
+        cache.put(Served(f"r{i}", "a", None, True, [], None, {}))
+    assert cache.get("r0") is None and cache.get("r149") is not None
+
+
+def test_vllm_command_line_is_loopback_with_runtime_lora() -> None:
+    cfg = ServingSettings(max_lora_rank=32, max_loras=3, max_cpu_loras=6)
+    argv = vllm_argv(Path("/venv/bin/python"), "/models/smol", "smol", 8101, cfg)
+    assert argv[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    flags = {flag: argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag.startswith("--")}
+    assert flags["--host"] == "127.0.0.1" and flags["--port"] == "8101"
+    assert flags["--max-lora-rank"] == "32" and flags["--max-cpu-loras"] == "6"
+    assert "--enable-lora" in argv
+    assert not any("inplace" in a for a in argv)
+    assert vllm_env(cfg)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_serving_settings_are_checked() -> None:
+    with pytest.raises(ValidationError, match="max_cpu_loras"):
+        ServingSettings(max_loras=4, max_cpu_loras=2)
+    with pytest.raises(ValidationError):
+        ServingSettings(canary_share=2)
+    cfg = load_settings({"serving.replicas": 3, "serving.vllm_port": 9000}).serving
+    assert cfg.upstream_urls() == [f"http://127.0.0.1:{p}" for p in (9000, 9001, 9002)]
+    external = ServingSettings(replica_urls=["http://gpu-1:8000/"])
+    assert external.upstream_urls() == ["http://gpu-1:8000"]
