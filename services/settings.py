@@ -232,6 +232,10 @@ class ServingSettings(BaseModel):
     max_cpu_loras: int = Field(4, ge=1, description="vLLM --max-cpu-loras: adapters kept loaded.")
     max_model_len: int = Field(2048, ge=64)
     kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    dtype: str = Field(
+        "float32", description="vLLM --dtype. float32 for CPUs without AVX-512 BF16, where "
+        "bfloat16 is emulated (2-5x slower, measured on vllm-cpu 0.32); 'auto' on GPUs."
+    )
     vllm_args: list[str] = Field(default_factory=list, description="Extra vLLM flags.")
     start_timeout_s: float = Field(300.0, gt=0, description="A replica not healthy by then is restarted.")
     health_interval_s: float = Field(1.0, gt=0)

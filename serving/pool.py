@@ -62,6 +62,7 @@ class Replica:
     state: str = "starting"  # starting | syncing | ready | down
     loaded: dict[str, str | None] = field(default_factory=dict)
     inflight: int = 0
+    using: dict[str, int] = field(default_factory=dict)  # requests in flight per served name
     restarts: int = 0
     failures: int = 0
     started_at: float = field(default_factory=time.monotonic)
@@ -124,6 +125,25 @@ class ReplicaPool:
             raise NoReplicaError(f"no replica can serve {name} right now ({states})")
         return best
 
+    @staticmethod
+    def acquire(replica: Replica, name: str) -> None:
+        """Count a request to ``name`` on ``replica`` (call right after :meth:`pick`, no await
+        between), so the name is not unloaded under it."""
+        replica.inflight += 1
+        replica.using[name] = replica.using.get(name, 0) + 1
+
+    @staticmethod
+    def release(replica: Replica, name: str) -> None:
+        replica.inflight -= 1
+        left = replica.using.get(name, 1) - 1
+        if left:
+            replica.using[name] = left
+        else:
+            replica.using.pop(name, None)
+
+    def in_use(self, name: str) -> bool:
+        return any(r.using.get(name) for r in self.replicas)
+
     def report_failure(self, replica: Replica, error: str) -> None:
         """A request could not reach ``replica``: stop routing to it until it is checked."""
         if replica.state == "ready":
@@ -177,7 +197,12 @@ class ReplicaPool:
                 raise SwapError(f"{alias} still routes to {version}; change the route first",
                                 client_error=True)
             self.grace.pop((alias, version), None)
-            await self._unload_everywhere(upstream_name(alias, version, self.base_name))
+            name = upstream_name(alias, version, self.base_name)
+            # Requests routed before the last flip may still be on their way to vLLM.
+            deadline = time.monotonic() + 60
+            while self.in_use(name) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await self._unload_everywhere(name)
 
     async def _prepare(self, alias: str, version: str, timings: SwapTimings) -> None:
         name = upstream_name(alias, version, self.base_name)
@@ -344,8 +369,10 @@ class ReplicaPool:
     async def _expire_grace(self) -> None:
         now = time.monotonic()
         for key, deadline in list(self.grace.items()):
-            if deadline <= now and key not in self.routing.versions():
-                alias, version = key
+            alias, version = key
+            name = upstream_name(alias, version, self.base_name)
+            # A request routed before the flip may still be on its way: unload after it.
+            if deadline <= now and key not in self.routing.versions() and not self.in_use(name):
                 self.grace.pop(key, None)
                 log.info("unloading %s %s: its rollback grace period ended", alias, version)
-                await self._unload_everywhere(upstream_name(alias, version, self.base_name))
+                await self._unload_everywhere(name)

@@ -53,6 +53,7 @@ def vllm_argv(python: Path, model_path: str, served_name: str, port: int,
         "--max-loras", str(cfg.max_loras),
         "--max-cpu-loras", str(cfg.max_cpu_loras),
         "--max-model-len", str(cfg.max_model_len),
+        "--dtype", cfg.dtype,
         "--disable-uvicorn-access-log",
         *cfg.vllm_args,
     ]

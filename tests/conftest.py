@@ -159,6 +159,7 @@ def serving_stack(broker: Settings) -> Iterator[ServingStack]:
         "TUNELOOP_SERVING__ADMIN_KEY": "test-admin-key",
         "TUNELOOP_SERVING__HEALTH_INTERVAL_S": "0.5",
         "TUNELOOP_SERVING__CANARY_SHARE": "0.0",
+        "TUNELOOP_SERVING__SAMPLE_REQUESTS": "1.0",
     }
     from services.topics import ensure_topics
 

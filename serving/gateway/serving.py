@@ -147,14 +147,14 @@ class Gateway:
                 return self._unavailable(route.alias, version_label,
                                          f"every replica failed for {name}")
             tried.add(replica.index)
-            replica.inflight += 1
+            self.pool.acquire(replica, name)
             self.metrics.inflight.inc()
             try:
                 resp = await self.session.post(
                     replica.url + path, data=payload, timeout=self._timeout,
                     headers={"content-type": "application/json"})
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                replica.inflight -= 1
+                self.pool.release(replica, name)
                 self.metrics.inflight.dec()
                 self.pool.report_failure(replica, f"{type(exc).__name__}: {exc}")
                 continue
@@ -165,20 +165,20 @@ class Gateway:
             try:
                 raw = await resp.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                self._done(replica)
+                self._done(replica, name)
                 self.pool.report_failure(replica, str(exc))
                 return self._unavailable(route.alias, version_label,
                                          f"replica {replica.index} failed mid-answer: {exc}")
             finally:
                 resp.release()
-            self._done(replica)
+            self._done(replica, name)
             return self._finish_plain(route, served, resp.status, raw, headers, started)
-        return StreamingResponse(self._relay(route, served, replica, resp, started),
+        return StreamingResponse(self._relay(route, served, replica, name, resp, started),
                                  status_code=resp.status, media_type="text/event-stream",
                                  headers=headers)
 
-    def _done(self, replica: Replica) -> None:
-        replica.inflight -= 1
+    def _done(self, replica: Replica, name: str) -> None:
+        self.pool.release(replica, name)
         self.metrics.inflight.dec()
 
     def _finish_plain(self, route: Route, served: Served, status: int, raw: bytes,
@@ -208,7 +208,7 @@ class Gateway:
         self._after(route, served, None)
         return Response(raw, status_code=status, media_type="application/json", headers=headers)
 
-    async def _relay(self, route: Route, served: Served, replica: Replica,
+    async def _relay(self, route: Route, served: Served, replica: Replica, name: str,
                      resp: aiohttp.ClientResponse, started: float) -> AsyncIterator[bytes]:
         endpoint = "chat" if served.chat else "completions"
         version_label = served.version or "base"
@@ -229,7 +229,7 @@ class Gateway:
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
             resp.release()
-            self._done(replica)
+            self._done(replica, name)
             self.metrics.requests.labels(route.alias, version_label, endpoint, status).inc()
             self.metrics.latency.labels(route.alias, version_label, endpoint).observe(
                 time.perf_counter() - started)

@@ -205,7 +205,8 @@ def test_canary_users_are_sticky(serving_stack: ServingStack) -> None:
     assert {ask(stack, user=f"user-{u}")[0] for u in range(6)} == {incumbent}
 
 
-def _consume(stack: ServingStack, topic: str, want: str, timeout_s: float = 30) -> dict:
+def _consume(stack: ServingStack, topic: str, want: str, timeout_s: float = 30,
+             source: str | None = None) -> dict:
     consumer = KafkaConsumer(topic, bootstrap_servers=stack.settings.kafka.bootstrap_servers,
                              auto_offset_reset="earliest", group_id=None,
                              consumer_timeout_ms=2000)
@@ -214,7 +215,8 @@ def _consume(stack: ServingStack, topic: str, want: str, timeout_s: float = 30) 
         while time.monotonic() < deadline:
             for record in consumer:
                 value = json.loads(record.value)
-                if want in (value.get("request_id"), value.get("response_id")):
+                if want in (value.get("request_id"), value.get("response_id")) and (
+                        source is None or value.get("metadata", {}).get("source") == source):
                     return value
     finally:
         consumer.close()
@@ -234,13 +236,17 @@ def test_feedback_on_an_answer_becomes_a_feedback_event(serving_stack: ServingSt
     again = httpx.post(f"{stack.url}/v1/feedback", json=verdict)
     assert first.status_code == 202, first.text
     assert first.json()["event_id"] == again.json()["event_id"]  # a retry is the same event
-    event = _consume(stack, stack.settings.kafka.topic, response_id)
+    event = _consume(stack, stack.settings.kafka.topic, response_id, source="gateway.feedback")
     assert event["messages"] == CHAT
     assert event["completion"] == answer.choices[0].message.content
     header = raw.headers["x-tuneloop-adapter-version"]
     assert event["adapter_version"] == (None if header == "base" else header)
     assert event["correction"] == "card_arrival" and event["rating"] == -1
     assert event["user_id"] and "agent-7" not in event["user_id"]
+    # Served requests are sampled as events too (serving.sample_requests=1 in this session).
+    served = _consume(stack, stack.settings.kafka.topic, response_id, source="gateway.served")
+    assert served["rating"] is None and served["completion"] == event["completion"]
+    assert served["event_id"] != event["event_id"]
     unknown = httpx.post(f"{stack.url}/v1/feedback", json={"response_id": "resp-nope", "rating": 1})
     assert unknown.status_code == 404
     empty = httpx.post(f"{stack.url}/v1/feedback", json={"response_id": response_id})
@@ -276,6 +282,25 @@ def test_metrics_count_requests_per_version(serving_stack: ServingStack) -> None
     assert f"tuneloop_gateway_requests_total{{{labels}}}" in text
     assert "tuneloop_gateway_request_seconds_bucket" in text
     assert 'tuneloop_gateway_replica_ready{replica="0"} 1.0' in text
+
+
+def test_a_restarted_gateway_rebuilds_its_routing_from_the_registry(
+        serving_stack: ServingStack) -> None:
+    from infra.gateway import EmbeddedGateway
+    from infra.processes import ManagedProcess
+
+    stack = serving_stack
+    version = stack.publish()
+    promote(stack.settings, version, "production", "before the gateway restarts")
+    vllm = ManagedProcess("vllm-0", Path(stack.settings.home))
+    pid = vllm.pid()
+    ManagedProcess("gateway", Path(stack.settings.home)).stop()  # vLLM keeps running
+    EmbeddedGateway(stack.settings).start(stack.env, timeout_s=300)
+    assert vllm.pid() == pid  # the new gateway adopted the running vLLM
+    assert production(stack) == version
+    assert ask(stack)[0] == version
+    replica = GatewayAdmin(stack.settings).state()["replicas"][0]
+    assert replica["restarts"] == 0
 
 
 def test_zz_vllm_killed_mid_traffic_comes_back_with_production(serving_stack: ServingStack) -> None:
