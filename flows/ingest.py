@@ -14,12 +14,20 @@ from prefect import flow, get_run_logger, task
 
 from services.consumer import IngestConsumer
 from services.settings import load_settings
+from services.shadow import land_shadow_pairs
 from services.topics import ensure_topics
 
 
 @task(retries=3, retry_delay_seconds=2)
 def ensure_feedback_topics() -> list[str]:
-    return ensure_topics(load_settings().kafka)
+    settings = load_settings()
+    return ensure_topics(settings.kafka, extra=(settings.serving.shadow_topic,))
+
+
+@task
+def land_shadow() -> int:
+    """The gateway's shadow pairs (canary answers to production requests) into DuckDB."""
+    return land_shadow_pairs(load_settings())
 
 
 @task
@@ -40,6 +48,7 @@ def ingest(until_idle: bool = True, max_batches: int | None = None) -> dict[str,
     """Consume feedback until the topic is idle; returns the batch statistics."""
     ensure_feedback_topics()
     stats = consume(until_idle, max_batches)
+    stats["shadow_pairs"] = land_shadow()
     get_run_logger().info(
         "ingested %(inserted)d new events from %(polled)d polled; %(dead_letters)d dead letters, "
         "%(duplicates)d duplicates", stats,

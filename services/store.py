@@ -147,6 +147,23 @@ SCHEMA: tuple[str, ...] = (
     )
     """,
     """
+    CREATE TABLE IF NOT EXISTS shadow_pairs (
+        pair_id VARCHAR PRIMARY KEY,
+        occurred_at TIMESTAMPTZ NOT NULL,
+        landed_at TIMESTAMPTZ NOT NULL,
+        app VARCHAR NOT NULL,
+        response_id VARCHAR NOT NULL,
+        messages JSON NOT NULL,
+        production_version VARCHAR,
+        production_completion VARCHAR NOT NULL,
+        production_latency_s DOUBLE,
+        candidate_version VARCHAR NOT NULL,
+        candidate_completion VARCHAR,
+        candidate_status INTEGER NOT NULL,
+        candidate_latency_s DOUBLE
+    )
+    """,
+    """
     CREATE TABLE IF NOT EXISTS deployments (
         deployment_id VARCHAR PRIMARY KEY,
         occurred_at TIMESTAMPTZ NOT NULL,
@@ -161,6 +178,7 @@ SCHEMA: tuple[str, ...] = (
 
 TABLES = (
     "feedback",
+    "shadow_pairs",
     "dead_letters",
     "embeddings",
     "drift_reports",

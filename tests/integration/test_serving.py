@@ -20,6 +20,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from services.registry import get_adapter
+from services.shadow import land_shadow_pairs
 from services.store import Store
 from serving.control import GatewayAdmin, GatewayError, promote, rollback
 from tests.conftest import ServingStack
@@ -272,6 +273,14 @@ def test_shadow_answers_go_to_kafka_unseen(serving_stack: ServingStack) -> None:
     assert pair["production_version"] == incumbent and pair["candidate_version"] == candidate
     assert pair["production_completion"] == raw.parse().choices[0].message.content
     assert pair["candidate_status"] == 200 and isinstance(pair["candidate_completion"], str)
+    # The ingest flow lands the pairs in DuckDB for the canary; a second run adds nothing.
+    assert land_shadow_pairs(stack.settings) >= 1
+    assert land_shadow_pairs(stack.settings) == 0
+    with Store(stack.settings.db_path).connect() as con:
+        row = con.execute("SELECT production_version, candidate_version, candidate_completion "
+                          "FROM shadow_pairs WHERE response_id = ?",
+                          [raw.headers["x-tuneloop-response-id"]]).fetchall()
+    assert row == [(incumbent, candidate, pair["candidate_completion"])]
 
 
 def test_metrics_count_requests_per_version(serving_stack: ServingStack) -> None:
