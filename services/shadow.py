@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -57,12 +58,15 @@ def land_shadow_pairs(settings: Settings, idle_polls: int = 2, poll_timeout_ms: 
     )
     store = Store(settings.db_path, settings.store.lock_timeout_s)
     landed = idle = 0
+    # Polls return nothing while the group is joining (seconds): only count idle ones after.
+    join_deadline = time.monotonic() + 6 * cfg.session_timeout_ms / 1000
     try:
         while idle < idle_polls:
             batches = consumer.poll(timeout_ms=poll_timeout_ms, max_records=5000)
             records = [r for part in batches.values() for r in part]
             if not records:
-                idle += 1
+                if consumer.assignment() or time.monotonic() > join_deadline:
+                    idle += 1
                 continue
             idle = 0
             landed += _write(store, topic, records)

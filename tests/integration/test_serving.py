@@ -54,6 +54,15 @@ def production(stack: ServingStack) -> str | None:
     return route["production"]
 
 
+def ensure_production(stack: ServingStack) -> str:
+    """The production version, promoting a fresh adapter if the base model serves."""
+    current = production(stack)
+    if current is None:
+        current = stack.publish()
+        promote(stack.settings, current, "production", "a production adapter")
+    return current
+
+
 def test_hot_swap_under_load_fails_no_request(serving_stack: ServingStack) -> None:
     stack = serving_stack
     first = stack.publish()
@@ -109,9 +118,7 @@ def test_hot_swap_under_load_fails_no_request(serving_stack: ServingStack) -> No
 def test_a_bad_adapter_fails_the_swap_and_production_keeps_serving(
         serving_stack: ServingStack, fault: str) -> None:
     stack = serving_stack
-    if production(stack) is None:
-        promote(stack.settings, stack.publish(), "production", "a production adapter")
-    incumbent = production(stack)
+    incumbent = ensure_production(stack)
     if fault == "corrupt weights":
         bad = stack.publish(corrupt=True)  # the manifest matches: vLLM itself must refuse it
     elif fault == "rank above limit":
@@ -142,9 +149,7 @@ def test_a_bad_adapter_fails_the_swap_and_production_keeps_serving(
 
 def test_streaming_gives_the_same_text_as_a_direct_call(serving_stack: ServingStack) -> None:
     stack = serving_stack
-    if production(stack) is None:
-        promote(stack.settings, stack.publish(), "production", "a production adapter")
-    version = production(stack)
+    version = ensure_production(stack)
     streamed = client(stack).chat.completions.create(
         model="support-bot", messages=CHAT, max_tokens=12, temperature=0, stream=True)
     text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
@@ -190,9 +195,7 @@ def test_bad_requests_get_openai_errors(serving_stack: ServingStack) -> None:
 
 def test_canary_users_are_sticky(serving_stack: ServingStack) -> None:
     stack = serving_stack
-    if production(stack) is None:
-        promote(stack.settings, stack.publish(), "production", "a production adapter")
-    incumbent = production(stack)
+    incumbent = ensure_production(stack)
     candidate = stack.publish()
     admin = GatewayAdmin(stack.settings)
     admin.set_route(candidate=candidate, canary_share=0.5)
@@ -256,9 +259,7 @@ def test_feedback_on_an_answer_becomes_a_feedback_event(serving_stack: ServingSt
 
 def test_shadow_answers_go_to_kafka_unseen(serving_stack: ServingStack) -> None:
     stack = serving_stack
-    if production(stack) is None:
-        promote(stack.settings, stack.publish(), "production", "a production adapter")
-    incumbent = production(stack)
+    incumbent = ensure_production(stack)
     candidate = stack.publish()
     admin = GatewayAdmin(stack.settings)
     admin.set_route(candidate=candidate, canary_share=0.0, shadow_share=1.0)
@@ -315,9 +316,7 @@ def test_a_restarted_gateway_rebuilds_its_routing_from_the_registry(
 def test_zz_vllm_killed_mid_traffic_comes_back_with_production(serving_stack: ServingStack) -> None:
     """Runs last in this file: it restarts the session's vLLM."""
     stack = serving_stack
-    if production(stack) is None:
-        promote(stack.settings, stack.publish(), "production", "a production adapter")
-    version = production(stack)
+    version = ensure_production(stack)
     pid = int((Path(stack.settings.home) / "run" / "vllm-0.pid").read_text())
     outcomes: list[str] = []
     stop = threading.Event()
