@@ -22,7 +22,7 @@ from kafka import KafkaConsumer
 from services.registry import get_adapter
 from services.shadow import land_shadow_pairs
 from services.store import Store
-from serving.control import GatewayAdmin, GatewayError, promote, rollback
+from serving.control import GatewayAdmin, GatewayError, promote, reject, rollback
 from tests.conftest import ServingStack
 
 pytestmark = pytest.mark.integration
@@ -197,15 +197,18 @@ def test_canary_users_are_sticky(serving_stack: ServingStack) -> None:
     stack = serving_stack
     incumbent = ensure_production(stack)
     candidate = stack.publish()
+    promote(stack.settings, candidate, "canary", "canary drill")
     admin = GatewayAdmin(stack.settings)
-    admin.set_route(candidate=candidate, canary_share=0.5)
+    admin.set_route(canary_share=0.5)
     try:
         first = {u: ask(stack, user=f"user-{u}")[0] for u in range(16)}
         again = {u: ask(stack, user=f"user-{u}")[0] for u in range(16)}
         assert first == again
         assert set(first.values()) == {incumbent, candidate}
     finally:
-        admin.set_route(candidate=None)
+        reject(stack.settings, candidate, "canary drill over")
+        admin.set_route(canary_share=0.0)
+    assert state_of(stack, candidate) == "rejected"
     assert {ask(stack, user=f"user-{u}")[0] for u in range(6)} == {incumbent}
 
 

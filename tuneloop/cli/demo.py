@@ -2,7 +2,9 @@
 
 Act 1, the service runs: customer queries from 20 intents arrive as feedback, land in
 DuckDB, a golden set is pinned, a dataset version is curated and a LoRA adapter
-trained on it and published as a candidate. Act 2, traffic changes: a fifth of the
+trained on it and published as a candidate, then promoted by hand: the gateway loads it
+into vLLM, flips the alias, and answers customer queries through the OpenAI-compatible
+endpoint. Act 2, traffic changes: a fifth of the
 queries now come from intents the bot has not seen, and the drift check says so,
 naming the new intents. Each step is the same command an operator would type.
 """
@@ -15,6 +17,7 @@ import typer
 from rich.rule import Rule
 
 from services import banking77
+from services.settings import Settings
 from tuneloop.cli.common import console, fail, settings_of
 
 REFERENCE_INTENTS = 20
@@ -52,7 +55,7 @@ def demo(
     intents = banking77.intents()
     seen, unseen = intents[:REFERENCE_INTENTS], intents[REFERENCE_INTENTS:REFERENCE_INTENTS + NEW_INTENTS]
 
-    console.print(Rule("1. embedded stack: tansu broker, Prefect server, ingest worker"))
+    console.print(Rule("1. embedded stack: tansu broker, Prefect server, worker, gateway + vLLM"))
     _tuneloop(ctx, "up")
 
     console.print(Rule(f"2. production feedback: {events:,} queries over {len(seen)} intents"))
@@ -75,13 +78,18 @@ def demo(
               "--max-steps", str(train_steps))
     _tuneloop(ctx, "adapters", "list")
 
-    console.print(Rule(f"6. traffic changes: {NEW_INTENTS} intents the adapter never saw arrive"))
+    adapter = _latest_adapter(settings.db_path)
+    console.print(Rule(f"6. serve {adapter}: hot-swap it in, answer customers through the gateway"))
+    _tuneloop(ctx, "adapters", "promote", adapter, "--reason", "demo: first trained adapter")
+    _ask_gateway(settings, [q.text for q in banking77.select(banking77.load("test"), seen, limit=4, seed=3)])
+
+    console.print(Rule(f"7. traffic changes: {NEW_INTENTS} intents the adapter never saw arrive"))
     # Uniform over 25 intents: a fifth of the traffic comes from the 5 new ones.
     _tuneloop(ctx, "replay", "banking77", "--limit", "1000", "--intents", ",".join(seen + unseen),
               "--seed", "2", "--split", "test")
     _tuneloop(ctx, "ingest")
 
-    console.print(Rule("7. drift check on the last 1,000 events"))
+    console.print(Rule("8. drift check on the last 1,000 events"))
     _tuneloop(ctx, "drift", "--events", "1000")
     plot = Path(settings.home) / "drift.png"
     _tuneloop(ctx, "drift", "--plot", str(plot))
@@ -91,6 +99,30 @@ def demo(
     _tuneloop(ctx, "status")
     console.print(f"Prefect UI: {settings.prefect.api_url.removesuffix('/api')} (flow runs); "
                   "`tuneloop down` stops the stack.")
+
+
+def _ask_gateway(settings: Settings, queries: list[str]) -> None:
+    """Customer queries through the OpenAI-compatible endpoint, as an app sends them."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{settings.serving.gateway_url}/v1", api_key="unused")
+    for i, query in enumerate(queries):
+        raw = client.chat.completions.with_raw_response.create(
+            model=settings.serving.alias, messages=[{"role": "user", "content": query}],
+            max_tokens=12, temperature=0, user=f"demo-customer-{i}")
+        answer = raw.parse().choices[0].message.content
+        console.print(f"  {query!r} -> {answer!r} "
+                      f"[dim](adapter {raw.headers.get('x-tuneloop-adapter-version')})[/]")
+
+
+def _latest_adapter(db_path: Path) -> str:
+    from services.store import Store
+
+    with Store(db_path).connect() as con:
+        rows = con.execute("SELECT version FROM adapters ORDER BY created_at DESC LIMIT 1").fetchall()
+    if not rows:
+        raise fail("training published no adapter")
+    return str(rows[0][0])
 
 
 def _latest_dataset(db_path: Path) -> str:

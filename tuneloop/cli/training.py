@@ -143,6 +143,24 @@ def rollback_cmd(
         console.print("no retired adapter to restore: the alias now serves the base model")
 
 
+@adapters_app.command("reject")
+def reject_cmd(
+    ctx: typer.Context,
+    version: str = typer.Argument(...),
+    reason: str = typer.Option(..., "--reason", help="Why; recorded in deployments."),
+) -> None:
+    """Reject a candidate or the canary (a canary stops taking traffic first)."""
+    from services.registry import RegistryError
+    from serving.control import GatewayError, reject
+
+    try:
+        plan = reject(settings_of(ctx), version, reason)
+    except (RegistryError, GatewayError) as exc:
+        raise fail(str(exc)) from None
+    for step in plan:
+        console.print(f"{step.version}: {step.from_state} -> [bold]{step.to_state}[/]")
+
+
 @adapters_app.command("verify")
 def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
         None, help="One version; default: all.")) -> None:
