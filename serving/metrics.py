@@ -33,6 +33,9 @@ class GatewayMetrics:
         self.replica_ready = Gauge(
             "tuneloop_gateway_replica_ready", "1 when the replica takes traffic.", ["replica"],
             registry=r)
+        self.replica_requests = Counter(
+            "tuneloop_gateway_replica_requests", "Requests sent to each replica.", ["replica"],
+            registry=r)
         self.replica_restarts = Counter(
             "tuneloop_gateway_replica_restarts", "vLLM restarts by the gateway.", ["replica"],
             registry=r)

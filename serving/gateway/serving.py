@@ -148,6 +148,7 @@ class Gateway:
                                          f"every replica failed for {name}")
             tried.add(replica.index)
             self.pool.acquire(replica, name)
+            self.metrics.replica_requests.labels(str(replica.index)).inc()
             self.metrics.inflight.inc()
             try:
                 resp = await self.session.post(
