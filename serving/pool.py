@@ -266,7 +266,7 @@ class ReplicaPool:
             try:
                 await replica.client.probe(name)
             except BaseException:
-                await self._unload_one(replica, name, locked=True)
+                await self._unload_one(replica, name)
                 raise
             timings.load_s = max(timings.load_s, loaded - started)
             timings.probe_s = max(timings.probe_s, time.perf_counter() - loaded)
@@ -275,7 +275,7 @@ class ReplicaPool:
                      path, time.perf_counter() - started)
             return True
 
-    async def _unload_one(self, replica: Replica, name: str, locked: bool = False) -> None:
+    async def _unload_one(self, replica: Replica, name: str) -> None:
         try:
             await replica.client.unload(name)
         except UpstreamError as exc:

@@ -11,7 +11,7 @@ sees the routing before a swap or after it, never half of one.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from services.registry import vllm_name
 
@@ -78,7 +78,3 @@ class RoutingTable:
         """(alias, version) pairs that must be loaded on every ready replica."""
         return {(r.alias, v) for r in self.routes.values() for v in r.versions()}
 
-
-def updated(route: Route, **changes: object) -> Route:
-    """``route`` with ``changes`` applied and validated."""
-    return replace(route, **changes)  # type: ignore[arg-type]
