@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,7 +24,7 @@ from kafka import KafkaConsumer
 from services.registry import get_adapter
 from services.shadow import land_shadow_pairs
 from services.store import Store
-from serving.control import GatewayAdmin, GatewayError, promote, reject, rollback
+from serving.control import GatewayAdmin, GatewayError, promote, reject
 from tests.conftest import ServingStack
 
 pytestmark = pytest.mark.integration
@@ -108,7 +110,13 @@ def test_hot_swap_under_load_fails_no_request(serving_stack: ServingStack) -> No
     # The previous version stays loaded for the rollback grace period: rollback is a flip.
     loaded = GatewayAdmin(stack.settings).state()["replicas"][0]["loaded"]
     assert f"support-bot-{first}" in loaded
-    rollback(stack.settings, "rollback drill", first)
+    # The operator's command: the same path, through the CLI.
+    cli = subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli.main", "adapters", "rollback", "--reason",
+         "rollback drill", "--to", first], env={**os.environ, **stack.env}, text=True,
+        capture_output=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert f"{first}: retired -> production" in cli.stdout
     assert ask(stack)[0] == first
     assert state_of(stack, second) == "rejected"
 

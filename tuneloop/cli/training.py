@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from tuneloop.cli.common import console, fail, settings_of, store_of
+
+if TYPE_CHECKING:
+    from services.registry import Transition
 
 adapters_app = typer.Typer(help="The adapter registry: versions, states, deployments.",
                            no_args_is_help=True)
@@ -111,16 +116,10 @@ def promote_cmd(
     With the gateway running, the version is loaded and probed on every vLLM replica
     and the alias flipped before the registry records the move.
     """
-    from services.registry import RegistryError
-    from serving.control import GatewayError, promote
+    from serving.control import promote
 
-    try:
-        with console.status(f"loading and probing {version} on every replica..."):
-            plan = promote(settings_of(ctx), version, to, reason)
-    except (RegistryError, GatewayError) as exc:
-        raise fail(str(exc)) from None
-    for step in plan:
-        console.print(f"{step.version}: {step.from_state} -> [bold]{step.to_state}[/]")
+    with console.status(f"loading and probing {version} on every replica..."):
+        _change(lambda: promote(settings_of(ctx), version, to, reason))
 
 
 @adapters_app.command("rollback")
@@ -130,15 +129,9 @@ def rollback_cmd(
     to: str | None = typer.Option(None, "--to", help="Retired version to restore."),
 ) -> None:
     """Reject the production adapter and restore the previous one (or the base model)."""
-    from services.registry import RegistryError
-    from serving.control import GatewayError, rollback
+    from serving.control import rollback
 
-    try:
-        plan = rollback(settings_of(ctx), reason, to)
-    except (RegistryError, GatewayError) as exc:
-        raise fail(str(exc)) from None
-    for step in plan:
-        console.print(f"{step.version}: {step.from_state} -> [bold]{step.to_state}[/]")
+    plan = _change(lambda: rollback(settings_of(ctx), reason, to))
     if len(plan) == 1:
         console.print("no retired adapter to restore: the alias now serves the base model")
 
@@ -150,15 +143,23 @@ def reject_cmd(
     reason: str = typer.Option(..., "--reason", help="Why; recorded in deployments."),
 ) -> None:
     """Reject a candidate or the canary (a canary stops taking traffic first)."""
+    from serving.control import reject
+
+    _change(lambda: reject(settings_of(ctx), version, reason))
+
+
+def _change(apply: Callable[[], list[Transition]]) -> list[Transition]:
+    """Run a registry + gateway change, print its moves; a refusal exits with its reason."""
     from services.registry import RegistryError
-    from serving.control import GatewayError, reject
+    from serving.control import GatewayError
 
     try:
-        plan = reject(settings_of(ctx), version, reason)
+        plan = apply()
     except (RegistryError, GatewayError) as exc:
         raise fail(str(exc)) from None
     for step in plan:
         console.print(f"{step.version}: {step.from_state} -> [bold]{step.to_state}[/]")
+    return plan
 
 
 @adapters_app.command("verify")
