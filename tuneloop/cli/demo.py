@@ -68,7 +68,7 @@ def demo(
 
     console.print(Rule("4. curate a dataset version"))
     _tuneloop(ctx, "curate")
-    version = _latest_dataset(settings.db_path)
+    version = _latest(settings.db_path, "datasets", "curation produced no dataset version")
 
     console.print(Rule(f"5. train a LoRA adapter on {version}"))
     import training
@@ -78,7 +78,7 @@ def demo(
               "--max-steps", str(train_steps))
     _tuneloop(ctx, "adapters", "list")
 
-    adapter = _latest_adapter(settings.db_path)
+    adapter = _latest(settings.db_path, "adapters", "training published no adapter")
     console.print(Rule(f"6. serve {adapter}: hot-swap it in, answer customers through the gateway"))
     _tuneloop(ctx, "adapters", "promote", adapter, "--reason", "demo: first trained adapter")
     _ask_gateway(settings, [q.text for q in banking77.select(banking77.load("test"), seen, limit=4, seed=3)])
@@ -115,21 +115,12 @@ def _ask_gateway(settings: Settings, queries: list[str]) -> None:
                       f"[dim](adapter {raw.headers.get('x-tuneloop-adapter-version')})[/]")
 
 
-def _latest_adapter(db_path: Path) -> str:
+def _latest(db_path: Path, table: str, missing: str) -> str:
+    """The newest version in ``table`` (datasets or adapters); fails with ``missing``."""
     from services.store import Store
 
     with Store(db_path).connect() as con:
-        rows = con.execute("SELECT version FROM adapters ORDER BY created_at DESC LIMIT 1").fetchall()
+        rows = con.execute(f"SELECT version FROM {table} ORDER BY created_at DESC LIMIT 1").fetchall()
     if not rows:
-        raise fail("training published no adapter")
-    return str(rows[0][0])
-
-
-def _latest_dataset(db_path: Path) -> str:
-    from services.store import Store
-
-    with Store(db_path).connect() as con:
-        rows = con.execute("SELECT version FROM datasets ORDER BY created_at DESC LIMIT 1").fetchall()
-    if not rows:
-        raise fail("curation produced no dataset version")
+        raise fail(missing)
     return str(rows[0][0])
