@@ -280,6 +280,58 @@ class ServingSettings(BaseModel):
         return [f"http://127.0.0.1:{self.vllm_port + i}" for i in range(self.replicas)]
 
 
+class CanarySettings(BaseModel):
+    """How a candidate adapter earns production traffic (``tuneloop canary``)."""
+
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of every gate test.")
+    golden_margin: float = Field(
+        0.05, ge=0, le=1,
+        description="Largest golden macro-F1 (or exact-match) drop that is not a regression.",
+    )
+    label_margin: float = Field(
+        0.2, ge=0, le=1, description="A label whose golden F1 drops more is tested on its own."
+    )
+    bootstrap_resamples: int = Field(2000, ge=100)
+    seed: int = 0
+    eval_concurrency: int = Field(16, ge=1, description="Offline-gate requests in flight.")
+    max_tokens: int = Field(16, ge=1, description="Answer length of the offline evaluation.")
+    window_s: float = Field(1800.0, gt=0, description="Live window before a promotion.")
+    max_window_s: float = Field(
+        7200.0, gt=0, description="Hold at most this long for the minimum sample, then roll back."
+    )
+    poll_s: float = Field(30.0, gt=0, description="How often the live gate looks at the window.")
+    min_requests: int = Field(200, ge=1, description="Requests a side before any live verdict.")
+    min_ratings: int = Field(
+        30, ge=0, description="Rated answers a side before a verdict; 0 = ratings not required."
+    )
+    bad_rating_below: float = Field(
+        0.0, ge=-1, le=1, description="A rating below this counts as a bad answer."
+    )
+    max_p95_ratio: float = Field(
+        1.5, ge=1, description="Candidate p95 latency over production's that fails the gate."
+    )
+    freeze_schedule: str = Field(
+        "0 3 * * *", description="Cron of the production check on the golden set (nightly)."
+    )
+    freeze_max_drop: float = Field(
+        0.1, ge=0, le=1,
+        description="Freeze promotions when production's golden macro-F1 falls this far below "
+        "its value at promotion.",
+    )
+    freeze_min_score: float | None = Field(
+        None, ge=0, le=1, description="Also freeze below this golden macro-F1 (or exact match)."
+    )
+
+    @model_validator(mode="after")
+    def _check_window(self) -> CanarySettings:
+        if self.max_window_s < self.window_s:
+            raise ValueError(
+                f"canary.max_window_s={self.max_window_s} is below canary.window_s="
+                f"{self.window_s}; the maximum must be at least the window"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """Everything a tuneloop process can be told."""
 
@@ -299,6 +351,7 @@ class Settings(BaseSettings):
     curation: CurationSettings = CurationSettings()
     training: TrainingSettings = TrainingSettings()
     serving: ServingSettings = ServingSettings()
+    canary: CanarySettings = CanarySettings()
 
     @field_validator("log_level")
     @classmethod

@@ -174,6 +174,39 @@ SCHEMA: tuple[str, ...] = (
         reason VARCHAR NOT NULL
     )
     """,
+    """
+    CREATE TABLE IF NOT EXISTS canary_decisions (
+        decision_id VARCHAR PRIMARY KEY,
+        created_at TIMESTAMPTZ NOT NULL,
+        run_id VARCHAR,
+        stage VARCHAR NOT NULL,
+        candidate VARCHAR,
+        incumbent VARCHAR,
+        verdict VARCHAR NOT NULL,
+        reason VARCHAR NOT NULL,
+        checks JSON NOT NULL,
+        figures JSON NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS freezes (
+        freeze_id VARCHAR PRIMARY KEY,
+        created_at TIMESTAMPTZ NOT NULL,
+        reason VARCHAR NOT NULL,
+        figures JSON NOT NULL,
+        lifted_at TIMESTAMPTZ,
+        lift_reason VARCHAR
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS eval_answers (
+        model_key VARCHAR NOT NULL,
+        example_key VARCHAR NOT NULL,
+        answer VARCHAR NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (model_key, example_key)
+    )
+    """,
 )
 
 TABLES = (
@@ -187,6 +220,9 @@ TABLES = (
     "golden_set",
     "adapters",
     "deployments",
+    "canary_decisions",
+    "freezes",
+    "eval_answers",
 )
 
 

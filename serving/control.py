@@ -115,6 +115,10 @@ class GatewayAdmin:
     def unload(self, version: str) -> dict[str, Any]:
         return self._call("POST", "/admin/unload", {"version": version})
 
+    def observations(self, alias: str, since: float) -> dict[str, Any]:
+        """Requests, errors and latencies per version of ``alias`` since ``since`` (epoch s)."""
+        return self._call("GET", f"/admin/observations?alias={alias}&since={since}")
+
     def running(self) -> bool:
         try:
             httpx.get(f"{self.url}/v1/models", timeout=2)
@@ -154,7 +158,8 @@ def promote(settings: Settings, version: str, to_state: str, reason: str) -> lis
         states = {a.version: a.state for a in list_adapters(con)}
         registry.plan_promotion(states, version, to_state)  # raises before anything moves
     change: dict[str, Any] = {"production": version} if to_state == "production" else \
-        {"candidate": version}
+        {"candidate": version, "canary_share": settings.serving.canary_share,
+         "shadow_share": settings.serving.shadow_share}
     if to_state == "production" and states.get(version) == "canary":
         change["candidate"] = None
     return _swap_then_record(settings, change,

@@ -1,6 +1,8 @@
 """The gateway's HTTP routes: OpenAI-compatible inference, feedback, metrics, admin.
 
-Only the routes below exist: vLLM's own admin routes (runtime LoRA load and
+``/admin/v1/...`` is the internal route: the same OpenAI protocol for one exact
+adapter version, used by the canary's offline gate and the production check. Only
+the routes below exist: vLLM's own admin routes (runtime LoRA load and
 unload) are never proxied. Admin routes need the API key (``Authorization: Bearer``
 or ``x-api-key``): 401 without it.
 """
@@ -126,6 +128,22 @@ def build_routes(gateway: Gateway, admin_key: str, default_alias: str,
         timings = await gateway.pool.preload(body.alias or default_alias, body.version)
         return JSONResponse({"loaded": body.version, "timings": timings.__dict__})
 
+    async def evaluate_chat(request: Request) -> Response:
+        return await gateway.serve_internal(await request.body(), "chat")
+
+    async def evaluate_completions(request: Request) -> Response:
+        return await gateway.serve_internal(await request.body(), "completions")
+
+    async def observations(request: Request) -> Response:
+        alias = request.query_params.get("alias") or default_alias
+        try:
+            since = float(request.query_params.get("since", "0"))
+        except ValueError:
+            raise BadRequest("since: seconds since the epoch, e.g. 1795000000.5",
+                             param="since") from None
+        return JSONResponse({"alias": alias, "since": since,
+                             "versions": gateway.observations.since(alias, since)})
+
     async def unload(request: Request) -> Response:
         body = _model(VersionRequest, await request.body())
         await gateway.pool.unload(body.alias or default_alias, body.version)
@@ -142,6 +160,10 @@ def build_routes(gateway: Gateway, admin_key: str, default_alias: str,
         HttpRoute("/admin/route", admin(set_route), methods=["POST"]),
         HttpRoute("/admin/load", admin(load), methods=["POST"]),
         HttpRoute("/admin/unload", admin(unload), methods=["POST"]),
+        HttpRoute("/admin/observations", admin(observations), methods=["GET"]),
+        # The internal route: one exact version, for the canary's offline evaluation.
+        HttpRoute("/admin/v1/chat/completions", admin(evaluate_chat), methods=["POST"]),
+        HttpRoute("/admin/v1/completions", admin(evaluate_completions), methods=["POST"]),
     ]
 
 

@@ -42,6 +42,7 @@ from serving.gateway.protocol import (
     stream_text,
 )
 from serving.metrics import GatewayMetrics
+from serving.observations import Observations
 from serving.pool import NoReplicaError, Replica, ReplicaPool
 from serving.routing import Route, upstream_name
 from serving.upstream import error_message
@@ -66,6 +67,7 @@ class Served:
     occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     completion: str = ""
     latency_s: float = 0.0
+    internal: bool = False  # an evaluation request on the admin route, not a user's
 
 
 class ResponseCache:
@@ -101,6 +103,7 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=cfg.upstream_timeout_s, sock_connect=2)
         self._background: set[asyncio.Task[None]] = set()
+        self.observations = Observations()
 
     # ------------------------------------------------------------ serving
     async def serve(self, raw: bytes, endpoint: str, client_host: str,
@@ -127,10 +130,37 @@ class Gateway:
         stream = bool(body.get("stream"))
         return await self._forward(route, served, payload, stream)
 
+    async def serve_internal(self, raw: bytes, endpoint: str) -> Response:
+        """An evaluation request for one exact version (``support-bot-v7``, or the base
+        model's name), on the admin route: the canary's offline gate. The version must be
+        loaded (``/admin/load``); nothing is recorded as user traffic."""
+        chat = endpoint == "chat"
+        try:
+            body = parse_body(raw)
+            alias, version = self._resolve_name(body["model"])
+            messages = check_chat(body) if chat else check_completion(body)
+        except BadRequest as exc:
+            return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+        served = Served(f"eval-{uuid.uuid4().hex}", alias, version, chat, messages, None, body,
+                        internal=True)
+        payload = json.dumps(body).encode()
+        return await self._forward(Route(alias, version), served, payload,
+                                   bool(body.get("stream")))
+
+    def _resolve_name(self, name: str) -> tuple[str, str | None]:
+        if name == self.pool.base_name:
+            return self.cfg.alias, None
+        for r in self.pool.replicas:
+            if name in r.loaded:
+                alias, _, version = name.rpartition("-")
+                return alias, version
+        raise BadRequest(f"{name!r} is not loaded on any replica; load it with POST "
+                         "/admin/load first", param="model", status=409, code="not_loaded")
+
     async def _forward(self, route: Route, served: Served, payload: bytes,
                        stream: bool) -> Response:
         assert self.session is not None
-        endpoint = "chat" if served.chat else "completions"
+        endpoint = _endpoint(served)
         path = "/v1/chat/completions" if served.chat else "/v1/completions"
         name = upstream_name(route.alias, served.version, self.pool.base_name)
         version_label = served.version or "base"
@@ -142,10 +172,9 @@ class Gateway:
             try:
                 replica = self.pool.pick(name)
             except NoReplicaError as exc:
-                return self._unavailable(route.alias, version_label, str(exc))
+                return self._unavailable(served, str(exc))
             if replica.index in tried:
-                return self._unavailable(route.alias, version_label,
-                                         f"every replica failed for {name}")
+                return self._unavailable(served, f"every replica failed for {name}")
             tried.add(replica.index)
             self.pool.acquire(replica, name)
             self.metrics.replica_requests.labels(str(replica.index)).inc()
@@ -168,7 +197,7 @@ class Gateway:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self._done(replica, name)
                 self.pool.report_failure(replica, str(exc))
-                return self._unavailable(route.alias, version_label,
+                return self._unavailable(served,
                                          f"replica {replica.index} failed mid-answer: {exc}")
             finally:
                 resp.release()
@@ -184,11 +213,13 @@ class Gateway:
 
     def _finish_plain(self, route: Route, served: Served, status: int, raw: bytes,
                       headers: dict[str, str], started: float) -> Response:
-        endpoint = "chat" if served.chat else "completions"
+        endpoint = _endpoint(served)
         version_label = served.version or "base"
+        elapsed = time.perf_counter() - started
         self.metrics.requests.labels(route.alias, version_label, endpoint, str(status)).inc()
-        self.metrics.latency.labels(route.alias, version_label, endpoint).observe(
-            time.perf_counter() - started)
+        self.metrics.latency.labels(route.alias, version_label, endpoint).observe(elapsed)
+        if status < 400 or status >= 500:  # a client's own bad request says nothing of the version
+            self._observe(served, status < 400, elapsed)
         if status >= 400:
             kind = "bad_request" if status < 500 else "upstream"
             self.metrics.errors.labels(route.alias, version_label, kind).inc()
@@ -205,13 +236,13 @@ class Gateway:
             served.completion = completion_text(data, served.chat)
         except (ValueError, TypeError):
             pass
-        served.latency_s = time.perf_counter() - started
+        served.latency_s = elapsed
         self._after(route, served, None)
         return Response(raw, status_code=status, media_type="application/json", headers=headers)
 
     async def _relay(self, route: Route, served: Served, replica: Replica, name: str,
                      resp: aiohttp.ClientResponse, started: float) -> AsyncIterator[bytes]:
-        endpoint = "chat" if served.chat else "completions"
+        endpoint = _endpoint(served)
         version_label = served.version or "base"
         chunks: list[bytes] = []
         status = str(resp.status)
@@ -231,23 +262,32 @@ class Gateway:
         finally:
             resp.release()
             self._done(replica, name)
+            elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route.alias, version_label, endpoint, status).inc()
-            self.metrics.latency.labels(route.alias, version_label, endpoint).observe(
-                time.perf_counter() - started)
+            self.metrics.latency.labels(route.alias, version_label, endpoint).observe(elapsed)
+            self._observe(served, status == "200", elapsed)
         if status == "200":
             text, upstream_id = stream_text(b"".join(chunks), served.chat)
             served.completion = text
             served.latency_s = time.perf_counter() - started
             self._after(route, served, upstream_id)
 
-    def _unavailable(self, alias: str, version: str, why: str) -> Response:
+    def _unavailable(self, served: Served, why: str) -> Response:
+        alias, version = served.alias, served.version or "base"
         self.metrics.errors.labels(alias, version, "unavailable").inc()
+        self._observe(served, False, 0.0)
         log.warning("503 for %s (%s): %s", alias, version, why)
         return error_response(503, f"{alias} is not available right now: {why}; retry shortly",
                               kind="service_unavailable", headers=_RETRY_AFTER)
 
+    def _observe(self, served: Served, ok: bool, latency_s: float) -> None:
+        if not served.internal:
+            self.observations.record(served.alias, served.version, ok, latency_s)
+
     # ------------------------------------------------------------ after an answer
     def _after(self, route: Route, served: Served, upstream_id: str | None) -> None:
+        if served.internal:
+            return
         self.cache.put(served, upstream_id)
         if self.feedback_producer is not None and self.cfg.sample_requests > 0 and \
                 random.random() < self.cfg.sample_requests:
@@ -351,3 +391,9 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await asyncio.wait(set(self._background), timeout=10)
 
+
+def _endpoint(served: Served) -> str:
+    """The metrics label: evaluation traffic is kept apart from users'."""
+    if served.internal:
+        return "evaluation"
+    return "chat" if served.chat else "completions"

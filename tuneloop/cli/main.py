@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "tuneloop.cli.feedback",
     "tuneloop.cli.data",
     "tuneloop.cli.training",
+    "tuneloop.cli.canary",
     "tuneloop.cli.bench",
     "tuneloop.cli.demo",
 )

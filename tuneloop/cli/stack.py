@@ -92,6 +92,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     dead: list[tuple[str, int]] = []
     adapters: list[tuple[Any, ...]] = []
     drift: list[tuple[Any, ...]] = []
+    freeze: dict[str, Any] | None = None
+    canary: list[dict[str, Any]] = []
     if store.path.exists():
         counts = store.counts()
         with store.connect() as con:
@@ -107,6 +109,12 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 "SELECT created_at, score, p_value, drifted FROM drift_reports "
                 "ORDER BY created_at DESC LIMIT 1"
             ).fetchall()
+            from services.canary_store import active_freeze, list_decisions
+
+            freeze = active_freeze(con)
+            canary = [{k: d[k] for k in ("created_at", "stage", "candidate", "incumbent",
+                                         "verdict", "reason")}
+                      for d in list_decisions(con, 3)]
     serving: dict[str, Any] = {}
     if next((h["ok"] for h in health if h["component"] == "gateway"), False):
         from serving.control import GatewayAdmin, GatewayError
@@ -117,7 +125,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             serving = {"error": str(exc)}
     return {"health": health, "topics": topics, "counts": counts, "dead_letters": dead,
             "adapters": adapters, "latest_drift": drift, "db": str(store.path),
-            "serving": serving}
+            "serving": serving, "freeze": freeze, "canary": canary}
 
 
 def render_status(report: dict[str, Any]) -> None:
@@ -180,6 +188,16 @@ def render_status(report: dict[str, Any]) -> None:
         console.print(f"vLLM: {states}")
         for err in serving.get("errors", []):
             console.print(f"[red]cannot serve {err['version']}:[/] {err['error']}")
+    if report.get("freeze"):
+        f = report["freeze"]
+        console.print(Panel(f"since {f['created_at']:%Y-%m-%d %H:%M}: {f['reason']}\n"
+                            "lift with `tuneloop freeze lift --reason ...`",
+                            title="PROMOTIONS FROZEN", border_style="red"))
+    for d in report.get("canary") or []:
+        colour = "green" if d["verdict"] in ("promote", "pass", "ok") else \
+            "red" if d["verdict"] in ("reject", "rollback", "frozen") else "yellow"
+        console.print(f"canary {d['created_at']:%m-%d %H:%M} [{colour}]{d['verdict']}[/]: "
+                      f"{d['reason'][:160]}")
     if report["adapters"]:
         a = Table(title="adapters", show_edge=False)
         for col in ("version", "name", "state", "dataset", "created"):

@@ -1,0 +1,169 @@
+"""The canary's tests and verdicts, on hand-built answers."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from services.canary import (
+    Paired,
+    Side,
+    _encode,
+    _macro_f1,
+    combine,
+    golden_checks,
+    live_decision,
+    improvement_checks,
+)
+from services.canary_stats import holm, mann_whitney, mcnemar, paired_bootstrap, two_proportions
+from services.evaluation import evaluate_predictions
+from services.settings import CanarySettings
+
+LABELS = ["card_arrival", "lost_card", "top_up", "refund", "pin_blocked", "exchange_rate"]
+CFG = CanarySettings(bootstrap_resamples=500)
+
+
+def pairs(n_per_label: int, inc_acc: float, cand_acc: float, seed: int = 0,
+          cand_wrong: str | None = None) -> Paired:
+    """Answers right with the given accuracy; wrong answers name another label."""
+    rng = random.Random(seed)
+    labels = [lab for lab in LABELS for _ in range(n_per_label)]
+
+    def answer(label: str, acc: float, wrong: str | None = None) -> str:
+        if rng.random() < acc:
+            return label.replace("_", " ").title()
+        return wrong or rng.choice([x for x in LABELS if x != label])
+
+    return Paired(references=labels, labels=list(labels),
+                  incumbent=[answer(lab, inc_acc) for lab in labels],
+                  candidate=[answer(lab, cand_acc, cand_wrong) for lab in labels])
+
+
+def test_mcnemar_counts_discordant_pairs_only() -> None:
+    inc = [True] * 20 + [False] * 10
+    cand = [True] * 20 + [True] * 10
+    result = mcnemar(inc, cand)
+    assert (result.only_candidate, result.only_incumbent) == (10, 0)
+    assert result.p_better == pytest.approx(0.5 ** 10)
+    assert result.p_worse == 1.0
+    assert mcnemar(inc, inc).p_better == 1.0
+    with pytest.raises(ValueError, match="pair them"):
+        mcnemar([True], [True, False])
+
+
+def test_holm_adjusts_in_input_order() -> None:
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([]) == []
+
+
+def test_two_proportions_and_mann_whitney() -> None:
+    worse = two_proportions(30, 100, 10, 100)
+    assert worse.p_worse < 0.001 and worse.z > 0
+    assert two_proportions(0, 50, 0, 50).p_worse == 1.0
+    lat = mann_whitney([0.2] * 50, [0.1] * 50)
+    assert lat.p_slower < 0.001 and lat.p95_ratio == pytest.approx(2.0)
+
+
+def test_fast_macro_f1_matches_the_evaluation_module() -> None:
+    p = pairs(8, 0.6, 0.7, seed=3)
+    gold, inc, cand, names = _encode(p)
+    report = evaluate_predictions(p.candidate, p.references, p.labels)
+    assert _macro_f1(gold, cand, len(names)) == pytest.approx(report.macro_f1)
+
+
+def test_paired_bootstrap_sees_no_difference_between_equal_versions() -> None:
+    right = np.array([1.0, 0.0] * 20)
+    boot = paired_bootstrap(lambda i: float(right[i].mean()), lambda i: float(right[i].mean()),
+                            40, margin=0.05, alpha=0.05, resamples=300)
+    assert boot.delta == 0 and boot.p_beyond_margin == 1.0
+
+
+def test_golden_gate_rejects_flipped_labels_and_passes_an_equal_candidate() -> None:
+    flipped = pairs(6, 0.9, 0.0, cand_wrong="refund")
+    checks, figures = golden_checks(flipped, CFG)
+    assert combine(checks) == "reject"
+    assert figures["golden_macro_f1"]["candidate"] < figures["golden_macro_f1"]["incumbent"]
+    same = pairs(6, 0.8, 0.8, seed=1)
+    same = Paired(same.references, same.labels, same.incumbent, list(same.incumbent))
+    assert combine(golden_checks(same, CFG)[0]) == "pass"
+
+
+def test_golden_gate_holds_a_drop_beyond_the_margin_that_noise_explains() -> None:
+    # Four answers of 36 change for the worse: beyond a 0.05 margin, not significantly.
+    base = pairs(6, 1.0, 1.0)
+    cand = list(base.incumbent)
+    for i in (0, 12, 24, 30):
+        cand[i] = "something else"
+    checks, _ = golden_checks(Paired(base.references, base.labels, base.incumbent, cand), CFG)
+    assert combine(checks) == "hold", [c.line() for c in checks]
+
+
+def test_one_label_collapsing_is_a_regression_even_if_the_average_holds() -> None:
+    cfg = CanarySettings(bootstrap_resamples=500, golden_margin=0.5)
+    base = pairs(12, 1.0, 1.0)
+    cand = ["refund" if lab == "lost_card" else a for a, lab in zip(base.incumbent, base.labels)]
+    checks, figures = golden_checks(Paired(base.references, base.labels, base.incumbent, cand), cfg)
+    failed = [c for c in checks if c.outcome == "fail"]
+    assert [c.name for c in failed] == ["golden label lost_card (McNemar, Holm)"]
+    assert figures["golden_per_label"]["lost_card"]["candidate_f1"] == 0
+
+
+def test_test_split_gate_needs_a_significant_improvement() -> None:
+    assert combine(improvement_checks(pairs(6, 0.2, 0.9), CFG)[0]) == "pass"
+    assert combine(improvement_checks(pairs(6, 0.9, 0.2), CFG)[0]) == "reject"
+    equal = pairs(6, 0.7, 0.7, seed=2)
+    assert combine(improvement_checks(equal, CFG)[0]) == "hold"
+    assert combine(improvement_checks(Paired([], [], [], []), CFG)[0]) == "hold"
+
+
+def test_free_text_is_judged_by_exact_match() -> None:
+    refs = [f"answer {i}" for i in range(30)]
+    p = Paired(refs, [None] * 30, ["nope"] * 30, list(refs))
+    assert combine(improvement_checks(p, CFG)[0]) == "pass"
+    checks, figures = golden_checks(p, CFG)
+    assert combine(checks) == "pass" and "golden_per_label" not in figures
+
+
+def side(requests: int, errors: int = 0, latency: float = 0.1, ratings: int = 0,
+         bad: int = 0, seed: int = 0) -> Side:
+    rng = random.Random(seed)
+    return Side(requests, errors, [latency * rng.uniform(0.8, 1.2) for _ in range(requests - errors)],
+                ratings, bad)
+
+
+LIVE = CanarySettings(window_s=60, max_window_s=120, min_requests=50, min_ratings=20)
+
+
+def test_live_gate_holds_until_the_sample_and_the_window_are_there() -> None:
+    few = live_decision("v2", "v1", side(10), side(90), 30, LIVE)
+    assert few.verdict == "hold"
+    early = live_decision("v2", "v1", side(60, ratings=25), side(400, ratings=80, seed=1), 30, LIVE)
+    assert early.verdict == "hold"
+    done = live_decision("v2", "v1", side(60, ratings=25), side(400, ratings=80, seed=1), 61, LIVE)
+    assert done.verdict == "promote", done.reason
+    starved = live_decision("v2", "v1", side(10), side(90), 121, LIVE)
+    assert starved.verdict == "rollback" and "minimum sample" in starved.reason
+
+
+def test_live_gate_rolls_back_on_bad_ratings_errors_or_latency() -> None:
+    rated_down = live_decision("v2", "v1", side(60, ratings=30, bad=20),
+                               side(400, ratings=100, bad=10, seed=1), 20, LIVE)
+    assert rated_down.verdict == "rollback"
+    assert rated_down.figures["bad_rating_rate"]["candidate"] == pytest.approx(2 / 3)
+    failing = live_decision("v2", "v1", side(60, errors=15, ratings=25),
+                            side(400, ratings=80, seed=1), 20, LIVE)
+    assert failing.verdict == "rollback" and "error rate" in failing.reason
+    slow = live_decision("v2", "v1", side(60, latency=0.5, ratings=25),
+                         side(400, ratings=80, seed=1), 20, LIVE)
+    assert slow.verdict == "rollback" and "latency" in slow.reason
+    # Slower, but within the allowed p95 ratio: not a regression.
+    bit_slower = live_decision("v2", "v1", side(60, latency=0.12, ratings=25),
+                               side(400, ratings=80, seed=1), 61, LIVE)
+    assert bit_slower.verdict == "promote", bit_slower.reason
+
+
+def test_ratings_not_required_when_min_ratings_is_zero() -> None:
+    cfg = CanarySettings(window_s=60, max_window_s=120, min_requests=50, min_ratings=0)
+    assert live_decision("v2", None, side(60), side(60, seed=1), 61, cfg).verdict == "promote"
