@@ -14,8 +14,8 @@ from services.canary import (
     _macro_f1,
     combine,
     golden_checks,
-    live_decision,
     improvement_checks,
+    live_decision,
 )
 from services.canary_stats import holm, mann_whitney, mcnemar, paired_bootstrap, two_proportions
 from services.evaluation import evaluate_predictions
@@ -103,7 +103,8 @@ def test_golden_gate_holds_a_drop_beyond_the_margin_that_noise_explains() -> Non
 def test_one_label_collapsing_is_a_regression_even_if_the_average_holds() -> None:
     cfg = CanarySettings(bootstrap_resamples=500, golden_margin=0.5)
     base = pairs(12, 1.0, 1.0)
-    cand = ["refund" if lab == "lost_card" else a for a, lab in zip(base.incumbent, base.labels)]
+    cand = ["refund" if lab == "lost_card" else a for a, lab in
+            zip(base.incumbent, base.labels, strict=True)]
     checks, figures = golden_checks(Paired(base.references, base.labels, base.incumbent, cand), cfg)
     failed = [c for c in checks if c.outcome == "fail"]
     assert [c.name for c in failed] == ["golden label lost_card (McNemar, Holm)"]
