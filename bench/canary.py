@@ -35,7 +35,13 @@ from infra.gateway import EmbeddedGateway
 from infra.processes import free_port
 from services import banking77, golden
 from services.settings import CanarySettings, Settings, load_settings
-from services.simulation import SimulatedUsers, dataset_rows, write_dataset, write_golden
+from services.simulation import (
+    SimulatedUsers,
+    dataset_rows,
+    republish,
+    write_dataset,
+    write_golden,
+)
 from services.store import Store
 from services.topics import ensure_topics
 
@@ -108,7 +114,7 @@ def main(settings: Settings, quick: bool = False) -> dict[str, float]:
         from serving.control import promote
 
         promote(stack, old.version, "production", "the first adapter, promoted by hand")
-        second = _republish(stack, more.version)
+        second = republish(stack, more.version)
         live = stack.model_copy(update={"canary": CanarySettings(
             window_s=60 if quick else 120, max_window_s=300 if quick else 600, poll_s=3,
             min_requests=15 if quick else 30, min_ratings=10 if quick else 20)})
@@ -127,25 +133,6 @@ def main(settings: Settings, quick: bool = False) -> dict[str, float]:
             else f"{int(value)}"
         _say(f"FIGURE {name}={shown}")
     return figures
-
-
-def _republish(settings: Settings, version: str) -> str:
-    """The same weights as a new candidate version."""
-    from services.registry import get_adapter, publish_adapter
-
-    store = Store(settings.db_path)
-    with store.connect() as con:
-        adapter = get_adapter(con, version)
-        source = Path(tempfile.mkdtemp(dir=settings.home))
-        for f in Path(adapter.path).iterdir():
-            if f.name != "manifest.json":
-                shutil.copyfile(f, source / f.name)
-        again = publish_adapter(con, settings.adapters_dir, source, alias=settings.serving.alias,
-                                base_model=adapter.base_model, base_hash=adapter.base_hash,
-                                dataset_version=adapter.dataset_version, run_key=None,
-                                details={"metrics": adapter.metrics})
-    shutil.rmtree(source, ignore_errors=True)
-    return again.version
 
 
 def _scenario(settings: Settings, old: str, bad: str, live_bad: str, good: str,
@@ -181,8 +168,8 @@ def _scenario(settings: Settings, old: str, bad: str, live_bad: str, good: str,
 
 def _gate_speed(settings: Settings, version: str, rounds: int) -> float:
     """Golden evaluation of ``version``: vLLM through the gateway vs transformers generate."""
-    from serving.canary import _ask_all, model_name
     from services.canary_store import example_key
+    from serving.canary import _ask_all, model_name
     from training.dataset import ChatExample
     from training.evaluate import generate_answers
 

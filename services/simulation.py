@@ -166,3 +166,30 @@ class SimulatedUsers:
             consumer.run(until_idle=False, stop=lambda _: self._stop.is_set())
         finally:
             consumer.close()
+
+
+def republish(settings: Settings, version: str) -> str:
+    """Publish ``version``'s files again as a new candidate version (a second candidate with
+    the same weights, e.g. to gate one copy live and another offline); returns the new one."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from services.registry import MANIFEST, get_adapter, publish_adapter
+
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    source = Path(tempfile.mkdtemp(prefix="republish-", dir=settings.home))
+    try:
+        with store.connect() as con:
+            adapter = get_adapter(con, version)
+            for f in Path(adapter.path).iterdir():
+                if f.name != MANIFEST:
+                    shutil.copyfile(f, source / f.name)
+            again = publish_adapter(
+                con, settings.adapters_dir, source, alias=settings.serving.alias,
+                base_model=adapter.base_model, base_hash=adapter.base_hash,
+                dataset_version=adapter.dataset_version, run_key=None,
+                details={"metrics": adapter.metrics, "republished_from": version})
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+    return again.version
