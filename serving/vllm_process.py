@@ -69,6 +69,8 @@ def vllm_env(cfg: ServingSettings) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        # tuneloop's vLLM plugin (serving/vllm_plugin): grouped LoRA matmuls on CPU.
+        "TUNELOOP_VLLM_GROUPED_LORA": "1" if cfg.grouped_lora else "0",
     }
 
 

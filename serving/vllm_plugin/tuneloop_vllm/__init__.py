@@ -1,0 +1,35 @@
+"""tuneloop's vLLM plugin, installed into the vLLM environment by ``make serving-setup``.
+
+vLLM loads every ``vllm.general_plugins`` entry point in each of its processes. This
+one replaces the PyTorch LoRA ops of vLLM's CPU backend with grouped ones
+(:mod:`tuneloop_vllm.lora_ops`); GPU backends use their own kernels and are left alone.
+``TUNELOOP_VLLM_GROUPED_LORA=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# A child of vLLM's own logger, so the line shows in the replica's log.
+log = logging.getLogger("vllm.tuneloop_vllm")
+
+_PATCHED = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand",
+            "sgmv_expand_slice")
+
+
+def register() -> None:
+    """Patch vLLM's CPU punica wrapper (idempotent: vLLM may call this more than once)."""
+    if os.environ.get("TUNELOOP_VLLM_GROUPED_LORA", "1") == "0":
+        return
+    try:
+        from vllm.lora.punica_wrapper import punica_cpu  # type: ignore[import-not-found]
+    except ImportError as exc:  # a vLLM without the CPU wrapper: nothing to patch
+        log.info("tuneloop grouped LoRA: not patched (%s)", exc)
+        return
+    from tuneloop_vllm import lora_ops
+
+    for name in _PATCHED:
+        setattr(punica_cpu, name, getattr(lora_ops, name))
+    log.info("tuneloop grouped LoRA ops active in vLLM's CPU punica wrapper (pid %d)",
+             os.getpid())
