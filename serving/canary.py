@@ -195,12 +195,13 @@ def start_live(settings: Settings, candidate: str, reason: str) -> float:
     return time.time()
 
 
-def window(settings: Settings, candidate: str, incumbent: str | None,
-           started_at: float) -> tuple[Side, Side]:
-    """Both versions' users since ``started_at``: the gateway's records, DuckDB's ratings."""
+def window(settings: Settings, candidate: str, incumbent: str | None, started_at: float,
+           until: float) -> tuple[Side, Side]:
+    """Both versions' users from ``started_at`` to ``until``: the gateway's records, DuckDB's
+    ratings. One cut-off for both, so requests and ratings describe the same answers."""
     admin = control.GatewayAdmin(settings)
     try:
-        seen = admin.observations(settings.serving.alias, started_at)["versions"]
+        seen = admin.observations(settings.serving.alias, started_at, until)["versions"]
     except control.GatewayError as exc:
         log.warning("the gateway's window is unavailable (%s); counting no requests", exc)
         seen = {}
@@ -209,15 +210,17 @@ def window(settings: Settings, candidate: str, incumbent: str | None,
         got = seen.get(version or "base", {})
         sides[role] = Side(requests=int(got.get("requests", 0)), errors=int(got.get("errors", 0)),
                            latencies_s=list(got.get("latencies_s", [])))
-    for version, (rated, bad) in ratings(settings, [candidate, incumbent], started_at).items():
+    for version, (rated, bad) in ratings(settings, [candidate, incumbent], started_at,
+                                         until).items():
         side = sides["candidate"] if version == candidate else sides["incumbent"]
         side.ratings, side.bad_ratings = rated, bad
     return sides["candidate"], sides["incumbent"]
 
 
-def ratings(settings: Settings, versions: Sequence[str | None],
-            since: float) -> dict[str | None, tuple[int, int]]:
-    """(rated answers, bad ones) per version since ``since``: the last verdict per answer.
+def ratings(settings: Settings, versions: Sequence[str | None], since: float,
+            until: float | None = None) -> dict[str | None, tuple[int, int]]:
+    """(rated answers, bad ones) per version for answers given between ``since`` and
+    ``until`` (None: now): the last verdict per answer.
 
     A rating below ``canary.bad_rating_below`` is bad; an answer corrected to something
     else is bad too.
@@ -228,8 +231,11 @@ def ratings(settings: Settings, versions: Sequence[str | None],
         rows = con.execute(
             "SELECT adapter_version, arg_max(rating, ingested_at), arg_max(correction, ingested_at),"
             " any_value(completion) FROM feedback WHERE app = ? AND occurred_at >= ? AND "
-            "(rating IS NOT NULL OR correction IS NOT NULL) GROUP BY adapter_version, request_id",
-            [settings.serving.alias, datetime.fromtimestamp(since, UTC)]).fetchall()
+            "occurred_at < ? AND (rating IS NOT NULL OR correction IS NOT NULL) "
+            "GROUP BY adapter_version, request_id",
+            [settings.serving.alias, datetime.fromtimestamp(since, UTC),
+             datetime.fromtimestamp(until if until is not None else time.time() + 1, UTC)],
+        ).fetchall()
     out: dict[str | None, tuple[int, int]] = {v: (0, 0) for v in versions}
     for version, rating, correction, completion in rows:
         if version not in out:

@@ -115,9 +115,11 @@ class GatewayAdmin:
     def unload(self, version: str) -> dict[str, Any]:
         return self._call("POST", "/admin/unload", {"version": version})
 
-    def observations(self, alias: str, since: float) -> dict[str, Any]:
-        """Requests, errors and latencies per version of ``alias`` since ``since`` (epoch s)."""
-        return self._call("GET", f"/admin/observations?alias={alias}&since={since}")
+    def observations(self, alias: str, since: float, until: float | None = None) -> dict[str, Any]:
+        """Requests, errors and latencies per version of ``alias`` between ``since`` and
+        ``until`` (epoch seconds; None: now)."""
+        query = f"alias={alias}&since={since}" + ("" if until is None else f"&until={until}")
+        return self._call("GET", f"/admin/observations?{query}")
 
     def running(self) -> bool:
         try:

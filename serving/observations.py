@@ -21,12 +21,14 @@ class Observations:
         """One answered (or failed) user request; ``version`` None is the base model."""
         self._items.append((time.time(), alias, version or "base", ok, latency_s))
 
-    def since(self, alias: str, since: float) -> dict[str, dict[str, Any]]:
-        """Per version of ``alias``: requests, errors and latencies of requests after ``since``
-        (seconds since the epoch). Failed requests count as errors, not as latencies."""
+    def since(self, alias: str, since: float,
+              until: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per version of ``alias``: requests, errors and latencies of requests answered from
+        ``since`` up to ``until`` (seconds since the epoch; None: now). Failed requests count
+        as errors, not as latencies."""
         out: dict[str, dict[str, Any]] = {}
         for at, a, version, ok, latency in list(self._items):
-            if a != alias or at < since:
+            if a != alias or at < since or (until is not None and at >= until):
                 continue
             side = out.setdefault(version, {"requests": 0, "errors": 0, "latencies_s": []})
             side["requests"] += 1

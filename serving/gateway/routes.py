@@ -138,11 +138,13 @@ def build_routes(gateway: Gateway, admin_key: str, default_alias: str,
         alias = request.query_params.get("alias") or default_alias
         try:
             since = float(request.query_params.get("since", "0"))
+            until = float(request.query_params["until"]) if "until" in request.query_params \
+                else None
         except ValueError:
-            raise BadRequest("since: seconds since the epoch, e.g. 1795000000.5",
+            raise BadRequest("since, until: seconds since the epoch, e.g. 1795000000.5",
                              param="since") from None
-        return JSONResponse({"alias": alias, "since": since,
-                             "versions": gateway.observations.since(alias, since)})
+        return JSONResponse({"alias": alias, "since": since, "until": until,
+                             "versions": gateway.observations.since(alias, since, until)})
 
     async def unload(request: Request) -> Response:
         body = _model(VersionRequest, await request.body())

@@ -165,6 +165,7 @@ def test_a_crash_mid_window_is_safe_and_the_rerun_promotes_the_good_candidate(
     live = trained.canary_settings.canary
     env = {**os.environ, **serving_stack.env,
            "TUNELOOP_SERVING__CANARY_SHARE": "0.5",
+           "TUNELOOP_SERVING__SHADOW_SHARE": "0.5",
            "TUNELOOP_CANARY__WINDOW_S": str(live.window_s),
            "TUNELOOP_CANARY__MAX_WINDOW_S": str(live.max_window_s),
            "TUNELOOP_CANARY__POLL_S": str(live.poll_s),
@@ -196,8 +197,16 @@ def test_a_crash_mid_window_is_safe_and_the_rerun_promotes_the_good_candidate(
         time.sleep(3)
         assert users.served.get(trained.old, 0) > served_before.get(trained.old, 0)
 
-        result = canary(good, settings=trained.canary_settings)
+        settings = trained.canary_settings
+        with_shadow = settings.model_copy(update={"serving": settings.serving.model_copy(
+            update={"shadow_share": 0.5})})
+        result = canary(good, settings=with_shadow)
     assert result["verdict"] == "promote", result["reason"]
+    # The canary also answered production requests unseen; where users labelled the
+    # production answer, the report says which side was right.
+    shadow = result["figures"]["shadow"]
+    assert shadow["pairs"] > 0 and 0 <= shadow["agreement"] <= 1, shadow
+    assert shadow["with_truth"] > 0, shadow
     assert _state(serving_stack, good) == "production"
     assert _state(serving_stack, trained.old) == "retired"
     assert _route(serving_stack)["production"] == good

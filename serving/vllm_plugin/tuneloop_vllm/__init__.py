@@ -23,7 +23,7 @@ def register() -> None:
     if os.environ.get("TUNELOOP_VLLM_GROUPED_LORA", "1") == "0":
         return
     try:
-        from vllm.lora.punica_wrapper import punica_cpu  # type: ignore[import-not-found]
+        from vllm.lora.punica_wrapper import punica_cpu
     except ImportError as exc:  # a vLLM without the CPU wrapper: nothing to patch
         log.info("tuneloop grouped LoRA: not patched (%s)", exc)
         return
