@@ -21,20 +21,33 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+from kafka.errors import KafkaError
 
 from services import canary_store, golden
-from services.canary import Decision, Paired, Side, combine, golden_checks, improvement_checks
+from services.canary import (
+    FAIL,
+    PASS,
+    Check,
+    Decision,
+    Paired,
+    Side,
+    combine,
+    golden_checks,
+    improvement_checks,
+)
 from services.curation import Example
 from services.datasets import load_examples
 from services.evaluation import evaluate_predictions, normalize_label, normalize_text
 from services.registry import MANIFEST, WEIGHTS, Adapter, get_adapter, vllm_name
 from services.settings import Settings
-from services.store import Store
+from services.shadow import land_shadow_pairs
+from services.store import Store, StoreBusyError
 from serving import control
 
 log = logging.getLogger(__name__)
@@ -68,14 +81,10 @@ def answers(settings: Settings, version: str | None, examples: Sequence[Example]
     base model. Raises :class:`serving.control.GatewayError` when the gateway fails.
     """
     cfg = settings.canary
-    adapter = None
-    if version is not None:
-        with _store(settings).connect() as con:
-            adapter = get_adapter(con, version)
-    key = model_key(settings, adapter)
     prompts = [ex.messages[:-1] for ex in examples]
     keys = [canary_store.example_key(p, cfg.max_tokens) for p in prompts]
     with _store(settings).connect() as con:
+        key = model_key(settings, get_adapter(con, version) if version is not None else None)
         known = canary_store.cached_answers(con, key, keys)
     missing = {k: p for k, p in zip(keys, prompts, strict=True) if k not in known}
     if missing:
@@ -172,8 +181,6 @@ def production_check(settings: Settings) -> Decision:
                                   [ex.label for ex in gold]
                                   if all(ex.label for ex in gold) else None)
     score = report.macro_f1 if report.macro_f1 is not None else report.exact_match
-    from services.canary import FAIL, PASS, Check
-
     checks = []
     if baseline is not None:
         floor = baseline - cfg.freeze_max_drop
@@ -225,8 +232,6 @@ def ratings(settings: Settings, versions: Sequence[str | None], since: float,
     A rating below ``canary.bad_rating_below`` is bad; an answer corrected to something
     else is bad too.
     """
-    from datetime import UTC, datetime
-
     with _store(settings).connect() as con:
         rows = con.execute(
             "SELECT adapter_version, arg_max(rating, ingested_at), arg_max(correction, ingested_at),"
@@ -252,14 +257,10 @@ def ratings(settings: Settings, versions: Sequence[str | None], since: float,
 def shadow_summary(settings: Settings, candidate: str, since: float) -> dict[str, Any]:
     """How often the candidate's unseen answers agreed with production's, and, where a label
     or correction came later, which side was right."""
-    from datetime import UTC, datetime
-
-    from services.shadow import land_shadow_pairs
-
     try:
         land_shadow_pairs(settings, idle_polls=1)
-    except Exception as exc:  # the summary is a report, not a gate: never fail the canary
-        log.warning("shadow pairs not landed: %s", exc)
+    except (KafkaError, StoreBusyError) as exc:  # a report, not a gate: never fail the canary
+        log.warning("shadow pairs not landed, summarising those already in DuckDB: %s", exc)
     with _store(settings).connect() as con:
         rows = con.execute(
             "SELECT s.production_completion, s.candidate_completion, f.label, f.correction "

@@ -37,9 +37,10 @@ def run_cmd(
 
     base = settings_of(ctx)
     try:
+        # A longer window than the maximum raises the maximum with it.
+        longest = max(window_s, base.canary.max_window_s) if window_s else None
         settings = load_settings({"home": base.home, "canary.window_s": window_s,
-                                  "canary.max_window_s": max(window_s or 0,
-                                                             base.canary.max_window_s),
+                                  "canary.max_window_s": longest,
                                   "serving.canary_share": share})
     except ValidationError as exc:
         raise fail(f"invalid settings:\n{exc}") from None
