@@ -13,12 +13,13 @@ code base reads ``os.environ`` for configuration.
 
 from __future__ import annotations
 
+import difflib
 import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,9 +29,23 @@ from pydantic_settings import (
 
 CONFIG_ENV = "TUNELOOP_CONFIG"
 DEFAULT_CONFIG_FILE = "tuneloop.toml"
+ENV_PREFIX = "TUNELOOP_"
+# Environment variables with tuneloop's prefix that are not settings.
+NOT_SETTINGS = frozenset({CONFIG_ENV, "TUNELOOP_VLLM_GROUPED_LORA"})
 
 
-class KafkaSettings(BaseModel):
+class SettingsError(ValueError):
+    """Unknown settings keys, each named with where it came from and the nearest valid key."""
+
+
+class Section(BaseModel):
+    """A settings section: a key it does not know is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+
+class KafkaSettings(Section):
     """Where feedback events travel."""
 
     bootstrap_servers: str = Field(
@@ -54,7 +69,7 @@ class KafkaSettings(BaseModel):
     request_timeout_ms: int = Field(15_000, ge=1000)
 
 
-class PrefectSettings(BaseModel):
+class PrefectSettings(Section):
     """The orchestration server."""
 
     api_url: str = "http://127.0.0.1:4200/api"
@@ -62,7 +77,7 @@ class PrefectSettings(BaseModel):
     port: int = Field(4200, ge=1, le=65535)
 
 
-class StoreSettings(BaseModel):
+class StoreSettings(Section):
     """The DuckDB file and how long a process waits for its turn to use it."""
 
     path: Path | None = Field(None, description="Defaults to <home>/tuneloop.duckdb.")
@@ -73,7 +88,7 @@ class StoreSettings(BaseModel):
     )
 
 
-class ProducerSettings(BaseModel):
+class ProducerSettings(Section):
     """The SDK apps use to send feedback."""
 
     outbox_path: Path | None = Field(None, description="Defaults to <home>/outbox.sqlite.")
@@ -81,7 +96,7 @@ class ProducerSettings(BaseModel):
     linger_ms: int = Field(5, ge=0)
 
 
-class IngestSettings(BaseModel):
+class IngestSettings(Section):
     """The consumer that lands feedback in DuckDB."""
 
     batch_size: int = Field(1000, ge=1, le=100_000)
@@ -93,7 +108,7 @@ class IngestSettings(BaseModel):
     interval_s: int = Field(15, ge=1, description="Schedule of the continuous ingest deployment.")
 
 
-class EmbeddingSettings(BaseModel):
+class EmbeddingSettings(Section):
     """Sentence embeddings for drift and near-duplicate detection."""
 
     model: str = Field(
@@ -105,7 +120,7 @@ class EmbeddingSettings(BaseModel):
     device: str = "cpu"
 
 
-class DriftSettings(BaseModel):
+class DriftSettings(Section):
     """Reference vs current window comparison."""
 
     current_window_events: int = Field(1000, ge=20, description="Current window: last N events.")
@@ -148,7 +163,7 @@ class DriftSettings(BaseModel):
         return self
 
 
-class CurationSettings(BaseModel):
+class CurationSettings(Section):
     """Turning feedback into a versioned dataset."""
 
     near_duplicate_cosine: float = Field(
@@ -185,7 +200,7 @@ class CurationSettings(BaseModel):
         return value
 
 
-class TrainingSettings(BaseModel):
+class TrainingSettings(Section):
     """Where and on what the LoRA recipe runs; its hyperparameters live in the recipe config."""
 
     base_model: str = Field(
@@ -208,7 +223,7 @@ class TrainingSettings(BaseModel):
         return value
 
 
-class ServingSettings(BaseModel):
+class ServingSettings(Section):
     """The OpenAI-compatible gateway and the vLLM replicas behind it."""
 
     alias: str = Field("support-bot", min_length=1, description="The name clients ask for.")
@@ -289,7 +304,7 @@ class ServingSettings(BaseModel):
         return [f"http://127.0.0.1:{self.vllm_port + i}" for i in range(self.replicas)]
 
 
-class CanarySettings(BaseModel):
+class CanarySettings(Section):
     """How a candidate adapter earns production traffic (``tuneloop canary``)."""
 
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of every gate test.")
@@ -412,8 +427,14 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     """Build the settings: defaults < TOML file < environment < ``overrides``.
 
     ``overrides`` uses dotted names (``{"kafka.bootstrap_servers": "h:9092"}``), the
-    same names as the file. Raises ``pydantic.ValidationError`` naming the bad key.
+    same names as the file. Raises :class:`SettingsError` for a key that does not exist
+    (in the file, the environment or ``overrides``), naming the nearest valid one, and
+    ``pydantic.ValidationError`` naming the key of a bad value.
     """
+    unknown = [_describe_unknown(path, f"environment variable {name}")
+               for name, path in _environment_paths() if not _known(path)]
+    if unknown:
+        raise SettingsError("\n".join(unknown))
     nested: dict[str, Any] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -423,12 +444,61 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    if not nested:
-        return Settings()
-    # Init kwargs replace a whole section, so merge the overrides onto what the
-    # file and environment already produced.
-    base = Settings().model_dump()
-    return Settings(**_deep_merge(base, nested))
+    try:
+        if not nested:
+            return Settings()
+        # Init kwargs replace a whole section, so merge the overrides onto what the
+        # file and environment already produced.
+        base = Settings().model_dump()
+        return Settings(**_deep_merge(base, nested))
+    except ValidationError as exc:
+        extra = [tuple(str(p) for p in e["loc"]) for e in exc.errors()
+                 if e["type"] == "extra_forbidden"]
+        if not extra:
+            raise
+        where = f"{os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE)} or the overrides"
+        raise SettingsError("\n".join(_describe_unknown(path, where) for path in extra)) from None
+
+
+def _environment_paths() -> list[tuple[str, tuple[str, ...]]]:
+    """Every ``TUNELOOP_A__B`` variable as the settings path ``("a", "b")``."""
+    return [(name, tuple(name[len(ENV_PREFIX):].lower().split("__")))
+            for name in os.environ
+            if name.startswith(ENV_PREFIX) and name not in NOT_SETTINGS]
+
+
+def _section(path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The settings model at ``path`` (``()`` is the root), or None if there is none."""
+    model: type[BaseModel] = Settings
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _known(path: tuple[str, ...]) -> bool:
+    parent = _section(path[:-1])
+    return parent is not None and path[-1] in parent.model_fields
+
+
+def _describe_unknown(path: tuple[str, ...], where: str) -> str:
+    """``unknown setting 'kafka.bootstrap_server' (...); did you mean 'kafka.bootstrap_servers'?``"""
+    dotted = ".".join(path)
+    parent_path = path[:-1]
+    parent = _section(parent_path)
+    while parent is None and parent_path:  # a typo in a section name: suggest from above it
+        parent_path = parent_path[:-1]
+        parent = _section(parent_path)
+    valid = sorted(parent.model_fields) if parent is not None else []
+    typo = path[len(parent_path)] if len(path) > len(parent_path) else path[-1]
+    close = difflib.get_close_matches(typo, valid, n=1, cutoff=0.6)
+    prefix = ".".join(parent_path) + "." if parent_path else ""
+    hint = f"did you mean {prefix + close[0]!r}?" if close else \
+        f"valid keys{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}"
+    return f"unknown setting {dotted!r} (from {where}); {hint}"
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

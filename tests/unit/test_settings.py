@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.settings import load_settings
+from services.settings import SettingsError, load_settings
 
 
 def test_precedence_file_then_env_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,8 +29,34 @@ def test_bad_values_are_rejected_by_name(monkeypatch: pytest.MonkeyPatch) -> Non
         load_settings({"ingest.batch_size": 0})
     with pytest.raises(ValidationError, match="log_level"):
         load_settings({"log_level": "LOUD"})
-    with pytest.raises(ValidationError, match="no_such_section"):
+    with pytest.raises(SettingsError, match="no_such_section"):
         load_settings({"no_such_section.x": 1})
+
+
+def test_unknown_keys_are_rejected_with_the_nearest_valid_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A typo used to fall back to the default without a word.
+    config = tmp_path / "tuneloop.toml"
+    config.write_text('[kafka]\nbootstrap_server = "broker:9092"\n')
+    monkeypatch.setenv("TUNELOOP_CONFIG", str(config))
+    with pytest.raises(SettingsError, match=r"'kafka.bootstrap_server' .*did you mean "
+                                            r"'kafka.bootstrap_servers'"):
+        load_settings()
+    config.write_text('[kafka]\nbootstrap_servers = "broker:9092"\n')
+    monkeypatch.delenv("TUNELOOP_KAFKA__BOOTSTRAP_SERVERS", raising=False)
+    assert load_settings().kafka.bootstrap_servers == "broker:9092"
+
+    monkeypatch.setenv("TUNELOOP_SERVING__CANARY_SHAER", "0.5")
+    with pytest.raises(SettingsError, match=r"TUNELOOP_SERVING__CANARY_SHAER.*"
+                                            r"'serving.canary_share'"):
+        load_settings()
+    monkeypatch.delenv("TUNELOOP_SERVING__CANARY_SHAER")
+    monkeypatch.setenv("TUNELOOP_CANARYY__WINDOW_S", "5")
+    with pytest.raises(SettingsError, match="did you mean 'canary'"):
+        load_settings()
+    monkeypatch.delenv("TUNELOOP_CANARYY__WINDOW_S")
+    with pytest.raises(SettingsError, match="'canary.window_s'"):
+        load_settings({"canary.windw_s": 3})
 
 
 def test_derived_paths_follow_home(tmp_path: Path) -> None:

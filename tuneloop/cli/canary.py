@@ -33,7 +33,7 @@ def run_cmd(
     from pydantic import ValidationError
 
     from flows.canary import canary
-    from services.settings import load_settings
+    from services.settings import SettingsError, load_settings
 
     base = settings_of(ctx)
     try:
@@ -42,7 +42,7 @@ def run_cmd(
         settings = load_settings({"home": base.home, "canary.window_s": window_s,
                                   "canary.max_window_s": longest,
                                   "serving.canary_share": share})
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         raise fail(f"invalid settings:\n{exc}") from None
     try:
         result = canary(version, settings=settings)

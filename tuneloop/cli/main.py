@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from infra.prefect_server import prefect_env
 from services.logs import setup_logging
-from services.settings import load_settings
+from services.settings import SettingsError, load_settings
 from tuneloop.cli.common import fail
 
 app = typer.Typer(
@@ -53,7 +53,7 @@ def root(
         settings = load_settings(
             {"home": home, "kafka.bootstrap_servers": bootstrap_servers, "log_level": log_level}
         )
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         raise fail(f"invalid settings:\n{exc}") from None
     setup_logging(settings.log_level, settings.home / "logs" / "tuneloop.log")
     # Flows load the settings themselves (a deployment run has no CLI flags), so the
