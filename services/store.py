@@ -13,8 +13,10 @@ batch, one report) so waits stay short.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,9 +29,17 @@ log = logging.getLogger(__name__)
 
 
 class StoreBusyError(TimeoutError):
-    """Another process held the database longer than ``lock_timeout_s``."""
+    """Another process held the database longer than ``lock_timeout_s``; the message names it."""
 
     retriable = True
+
+
+def holder(lock_path: Path) -> dict[str, Any] | None:
+    """Who holds (or last held) the store: pid, command and since when, from the lock file."""
+    try:
+        return dict(json.loads(Path(lock_path).read_text() or "null") or {}) or None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 SCHEMA: tuple[str, ...] = (
@@ -262,6 +272,10 @@ class Store:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             self._acquire(fd)
+            # Who holds the file, for anyone who has to wait (see StoreBusyError).
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv)[:300],
+                                      "since": time.time()}).encode(), 0)
             con = duckdb.connect(str(self.path))
             try:
                 if not self._initialised:
@@ -284,10 +298,14 @@ class Store:
                 return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
+                    who = holder(self.lock_path)
+                    held_by = "another tuneloop process" if who is None else (
+                        f"pid {who.get('pid')} ({who.get('command') or 'unknown command'}, "
+                        f"holding it for {time.time() - float(who.get('since', time.time())):.0f}s)")
                     raise StoreBusyError(
-                        f"{self.path} stayed busy for {self.lock_timeout_s:.0f}s; another "
-                        f"tuneloop process holds {self.lock_path}. Raise "
-                        "store.lock_timeout_s or look for a stuck process."
+                        f"{self.path} stayed busy for {self.lock_timeout_s:.0f}s: {held_by} "
+                        f"holds {self.lock_path}. Try again, raise store.lock_timeout_s, or "
+                        "stop that process if it is stuck."
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)

@@ -63,3 +63,4 @@ def test_derived_paths_follow_home(tmp_path: Path) -> None:
     settings = load_settings({"home": tmp_path})
     assert settings.db_path == tmp_path / "tuneloop.duckdb"
     assert settings.outbox_path == tmp_path / "outbox.sqlite"
+

@@ -75,7 +75,16 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    from services.store import StoreBusyError
+
+    try:
+        app()
+    except StoreBusyError as exc:
+        # A busy store is an answer for the user, not a crash: say who holds it.
+        from tuneloop.cli.common import err_console
+
+        err_console.print(f"[bold red]store busy:[/] {exc}")
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":
