@@ -117,6 +117,11 @@ def _artifact_key(decision: Decision) -> str:
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def go_live(settings: Settings, candidate: str, incumbent: str | None) -> float:
     started = ops.start_live(settings, candidate, "passed the offline gate; live window opens")
+    return mark_start(settings, candidate, incumbent, started)
+
+
+def mark_start(settings: Settings, candidate: str, incumbent: str | None, started: float) -> float:
+    """Record when the live window opened: a rerun resumes from it."""
     start = Decision("live", candidate, incumbent, "start",
                      figures={"started_at": started,
                               "canary_share": settings.serving.canary_share})
@@ -174,7 +179,10 @@ def canary(candidate: str | None = None, settings: Settings | None = None) -> di
                     "reason": decision.reason, "figures": decision.figures}
         started = go_live(settings, candidate, incumbent)
     else:
-        started = plan["live_started_at"] or go_live.fn(settings, candidate, incumbent)
+        # Already the canary; with no recorded start (a crash right after the flip) the
+        # window opens now.
+        started = plan["live_started_at"] or mark_start(settings, candidate, incumbent,
+                                                        time.time())
         log.info("canary %s: resuming the live window opened at %.0f", candidate, started)
     while True:
         decision, sides, frozen = look(settings, candidate, incumbent, started)
