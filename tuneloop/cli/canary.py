@@ -63,27 +63,23 @@ def rollback_cmd(
     """Take the live canary off traffic; with none, roll production back to the last version."""
     from services import canary_store
     from services.canary import Decision
-    from services.registry import RegistryError
-    from serving.control import GatewayError, registry_route, reject, rollback
+    from serving.control import registry_route, reject, rollback
+    from tuneloop.cli.training import _change
 
     settings = settings_of(ctx)
     route = registry_route(settings, settings.serving.alias)
+    why = f"manual rollback: {reason}"
     candidate: str | None
-    try:
-        if route.canary is not None and to is None:
-            plan = reject(settings, route.canary, f"manual rollback: {reason}")
-            candidate, incumbent = route.canary, route.production
-        else:
-            plan = rollback(settings, f"manual rollback: {reason}", to)
-            candidate = route.production
-            incumbent = next((t.version for t in plan if t.to_state == "production"), None)
-    except (RegistryError, GatewayError) as exc:
-        raise fail(str(exc)) from None
+    if route.canary is not None and to is None:
+        _change(lambda: reject(settings, route.canary or "", why))
+        candidate, incumbent = route.canary, route.production
+    else:
+        plan = _change(lambda: rollback(settings, why, to))
+        candidate = route.production
+        incumbent = next((t.version for t in plan if t.to_state == "production"), None)
     with store_of(settings).connect() as con:
         canary_store.record_decision(con, Decision("manual", candidate, incumbent, "rollback",
                                                    figures={"reason": reason}), None)
-    for step in plan:
-        console.print(f"{step.version}: {step.from_state} -> [bold]{step.to_state}[/]")
 
 
 @canary_app.command("check")
