@@ -28,7 +28,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
-from services import canary_store
+from flows.common import rename_run
+from services import canary_store, loop_metrics
 from services.canary import Decision, Side, live_decision
 from services.plots import plot_canary
 from services.registry import get_adapter
@@ -75,6 +76,11 @@ def record(settings: Settings, decision: Decision, sides: tuple[Side, Side] | No
     run_id = str(flow_run.get_id() or "")
     with _store(settings).connect() as con:
         decision_id = canary_store.record_decision(con, decision, run_id or None)
+    loop_metrics.count_decision(settings.home, decision.stage, decision.verdict)
+    if "live_s" in decision.figures:
+        loop_metrics.record(settings.home, "canary", seconds=decision.figures["live_s"],
+                            verdict=decision.verdict, candidate=decision.candidate)
+    with _store(settings).connect() as con:
         offline_figures = decision.figures if decision.stage == "offline" else next(
             (d["figures"] for d in canary_store.list_decisions(con, 50, decision.candidate)
              if d["stage"] == "offline"), {})
@@ -162,12 +168,15 @@ def canary(candidate: str | None = None, settings: Settings | None = None) -> di
     plan = resolve(settings, candidate)
     candidate, incumbent = plan["candidate"], plan["incumbent"]
     if plan["state"] not in ("candidate", "canary"):
-        raise ValueError(f"adapter {candidate} is {plan['state']}; only a candidate or the canary "
-                         "can go through the canary")
+        # Already decided (a repeated trigger, or a rerun after the verdict): nothing to do.
+        reason = f"adapter {candidate} is {plan['state']}: already decided"
+        rename_run(f"canary: {candidate}: already {plan['state']}")
+        return {"candidate": candidate, "verdict": "none", "reason": reason}
     if plan["freeze"] is not None and plan["state"] == "candidate":
         decision = Decision("offline", candidate, incumbent, "frozen",
                             figures={"freeze": plan["freeze"]["reason"]})
         record(settings, decision)
+        rename_run(f"canary: {candidate}: frozen")
         return {"candidate": candidate, "verdict": "frozen", "reason": plan["freeze"]["reason"]}
     if plan["state"] == "candidate":
         decision = offline(settings, candidate, incumbent)
@@ -175,6 +184,8 @@ def canary(candidate: str | None = None, settings: Settings | None = None) -> di
         if decision.verdict == "reject":
             ops.reject_candidate(settings, candidate, decision.reason)
         if decision.verdict != "pass":
+            rename_run(f"canary: {candidate} vs {incumbent or 'base'} -> {decision.verdict} "
+                       "(offline)")
             return {"candidate": candidate, "verdict": decision.verdict,
                     "reason": decision.reason, "figures": decision.figures}
         started = go_live(settings, candidate, incumbent)
@@ -198,6 +209,7 @@ def canary(candidate: str | None = None, settings: Settings | None = None) -> di
         decision.figures["shadow"] = ops.shadow_summary(settings, candidate, started)
     conclude(settings, decision)
     record(settings, decision, sides)
+    rename_run(f"canary: {candidate} vs {incumbent or 'base'} -> {decision.verdict}")
     return {"candidate": candidate, "verdict": decision.verdict, "reason": decision.reason,
             "figures": decision.figures}
 

@@ -1,8 +1,8 @@
-"""The ingest flow: drain ``feedback.v1`` into DuckDB in micro-batches.
+"""The ingest flow: drain ``feedback.v1`` into DuckDB until the topic is idle.
 
-``tuneloop ingest`` runs it once (until the topic is idle); the ``continuous``
-deployment, served by ``tuneloop worker`` (started by ``tuneloop up``), runs it on
-an interval so feedback lands within seconds without a process per event.
+``tuneloop ingest`` runs it once, e.g. to land a backlog before a command that reads
+it. The stack's steady ingest is not a flow: ``tuneloop up`` starts one long-running,
+supervised consumer (``services.ingest_service``) that keeps its group membership.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ def land_shadow() -> int:
 
 
 @task
-def consume(until_idle: bool, max_batches: int | None) -> dict[str, Any]:
+def consume(max_batches: int | None) -> dict[str, Any]:
     consumer = IngestConsumer(load_settings())
     try:
-        stats = consumer.run(until_idle=until_idle, max_batches=max_batches)
+        stats = consumer.run(until_idle=True, max_batches=max_batches)
     finally:
         consumer.close()
     result = asdict(stats)
@@ -44,10 +44,10 @@ def consume(until_idle: bool, max_batches: int | None) -> dict[str, Any]:
 
 
 @flow(name="ingest", log_prints=False)
-def ingest(until_idle: bool = True, max_batches: int | None = None) -> dict[str, Any]:
+def ingest(max_batches: int | None = None) -> dict[str, Any]:
     """Consume feedback until the topic is idle; returns the batch statistics."""
     ensure_feedback_topics()
-    stats = consume(until_idle, max_batches)
+    stats = consume(max_batches)
     stats["shadow_pairs"] = land_shadow()
     get_run_logger().info(
         "ingested %(inserted)d new events from %(polled)d polled; %(dead_letters)d dead letters, "

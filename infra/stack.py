@@ -1,4 +1,5 @@
-"""The embedded stack as one unit: broker, Prefect server, deployment worker."""
+"""The embedded stack as one unit: broker, Prefect server, deployment worker, the
+long-running ingest (under its supervisor) and the gateway with vLLM."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ class Stack:
         self.broker = EmbeddedBroker(settings)
         self.prefect = EmbeddedPrefect(settings)
         self.worker = ManagedProcess("worker", Path(settings.home))
+        self.ingest = ManagedProcess("ingest", Path(settings.home))
         self.gateway = EmbeddedGateway(settings)
 
-    def up(self, worker: bool = True, serving: bool = True) -> None:
+    def up(self, worker: bool = True, serving: bool = True, ingest: bool = True) -> None:
         """Start what the settings say is embedded, then the worker and the gateway; idempotent."""
         if self.settings.kafka.embedded:
             self.broker.start()
@@ -41,6 +43,9 @@ class Stack:
 
         ensure_topics(self.settings.kafka, extra=(self.settings.serving.shadow_topic,))
         env = {**prefect_env(self.settings), **self._tuneloop_env()}
+        if ingest:
+            self.ingest.start([sys.executable, "-m", "tuneloop.cli.main", "supervise", "ingest"],
+                              env=env)
         if worker:
             self.worker.start([sys.executable, "-m", "tuneloop.cli.main", "worker"], env=env)
         if serving and self.settings.serving.embedded:
@@ -48,7 +53,8 @@ class Stack:
 
     def down(self) -> list[str]:
         stopped = self.gateway.stop()
-        for name, proc in (("worker", self.worker), ("prefect", self.prefect.process),
+        for name, proc in (("ingest", self.ingest), ("worker", self.worker),
+                           ("prefect", self.prefect.process),
                            ("broker", self.broker.process)):
             if proc.stop():
                 stopped.append(name)
@@ -62,12 +68,31 @@ class Stack:
                    f"{kafka.bootstrap_servers} ({'embedded tansu' if kafka.embedded else 'external'})"),
             Health("prefect", self.prefect.healthy(),
                    self.settings.prefect.api_url.removesuffix("/api")),
-            Health("ingest worker", worker_pid is not None,
-                   f"pid {worker_pid}" if worker_pid else "not running (tuneloop up starts it)"),
+            Health("worker", worker_pid is not None,
+                   f"pid {worker_pid} (Prefect deployments)" if worker_pid
+                   else "not running (tuneloop up starts it)"),
+            self._ingest_health(),
             Health("gateway", self.gateway.healthy(),
                    f"{self.settings.serving.gateway_url} (OpenAI-compatible; "
                    f"{self.settings.serving.replicas} vLLM replica(s))"),
         ]
+
+    def _ingest_health(self) -> Health:
+        from infra.supervisor import read_state
+        from services.ingest_service import read_status
+
+        pid = self.ingest.pid()
+        if pid is None:
+            return Health("ingest", False, "not running (tuneloop up starts it)")
+        state = read_state(Path(self.settings.home), "ingest") or {}
+        status = read_status(Path(self.settings.home)) or {}
+        child = state.get("child_pid")
+        detail = f"consumer pid {child}" if child else "consumer restarting"
+        if state.get("restarts"):
+            detail += f", {state['restarts']} restart(s), last exit {state.get('last_exit')}"
+        if status.get("updated_at"):
+            detail += f", {status.get('events_per_min', 0):,.0f} events/min"
+        return Health("ingest", child is not None, detail)
 
     def _tuneloop_env(self) -> dict[str, str]:
         """Carry the effective settings into the worker, whatever file/flags produced them."""

@@ -45,6 +45,8 @@ class Check:
     detail: str
 
     def line(self) -> str:
+        if self.statistic is None and self.p_value is None and not self.threshold:
+            return f"{self.name}: {self.detail}"
         stat = "-" if self.statistic is None else f"{self.statistic:.4g}"
         p = "-" if self.p_value is None else f"{self.p_value:.3g}"
         return f"{self.name}: {self.outcome} (statistic {stat}, p {p}; {self.threshold}) {self.detail}"
@@ -54,10 +56,10 @@ class Check:
 class Decision:
     """What a gate decided about ``candidate`` against ``incumbent`` (None: the base model)."""
 
-    stage: str  # offline | live | freeze | manual
+    stage: str  # offline | live | freeze | manual | retrain
     candidate: str | None
     incumbent: str | None
-    verdict: str  # pass | reject | hold | promote | rollback | frozen
+    verdict: str  # pass | reject | hold | promote | rollback | frozen | trained | skipped
     checks: list[Check] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
 
@@ -65,7 +67,8 @@ class Decision:
     def reason(self) -> str:
         failed = [c for c in self.checks if c.outcome == FAIL]
         held = [c for c in self.checks if c.outcome == HOLD]
-        why = failed or held or [c for c in self.checks if c.outcome == PASS]
+        why = failed or held or [c for c in self.checks if c.outcome == PASS] or [
+            c for c in self.checks if c.outcome == INFO]
         who = f"{self.candidate or 'base'} vs {self.incumbent or 'base'}"
         text = "; ".join(c.line() for c in why[:4]) or "no checks"
         return f"{self.stage} gate: {self.verdict} ({who}): {text}"
@@ -291,10 +294,12 @@ def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
         figures["error_rate"] = {"candidate": err.candidate_rate, "incumbent": err.incumbent_rate}
         if cand.latencies_s and inc.latencies_s:
             lat = mann_whitney(cand.latencies_s, inc.latencies_s)
-            slower = lat.p_slower < cfg.alpha and lat.p95_ratio > cfg.max_p95_ratio
+            limit = cfg.max_p95_ratio if incumbent is not None else cfg.base_p95_ratio
+            slower = limit is not None and lat.p_slower < cfg.alpha and lat.p95_ratio > limit
             checks.append(Check(
                 "latency (Mann-Whitney U)", FAIL if slower else PASS, lat.u, lat.p_slower,
-                f"fail if slower with p < {cfg.alpha} and p95 ratio > {cfg.max_p95_ratio}",
+                f"fail if slower with p < {cfg.alpha} and p95 ratio > {limit}" if limit else
+                "not gated against the base model (canary.base_p95_ratio)",
                 f"p95 {lat.candidate_p95_s * 1000:.0f} ms vs {lat.incumbent_p95_s * 1000:.0f} ms "
                 f"(ratio {lat.p95_ratio:.2f})"))
             figures["latency_p95_s"] = {"candidate": lat.candidate_p95_s,

@@ -300,12 +300,14 @@ def replay(
 ) -> list[Example]:
     """Earlier training examples to mix in, so ``replay_share`` of train is old data.
 
-    Examples whose prompt is in ``exclude_keys`` (already in the new data) or in
-    the golden set are skipped.
+    Drawn round-robin over labels, so every label the previous version taught keeps
+    at least ``replay_per_label`` examples (when it has them), however few the new
+    data needs: a retrain learns what is new without forgetting a label. Examples
+    whose prompt is in ``exclude_keys`` (already in the new data) or in the golden
+    set are skipped.
     """
     if cfg.replay_share <= 0 or not previous:
         return []
-    wanted = math.ceil(n_train * cfg.replay_share / (1 - cfg.replay_share))
     pool = [
         ex for ex in previous
         if prompt_key(ex.prompt) not in exclude_keys and prompt_key(ex.prompt) not in golden.keys
@@ -313,7 +315,18 @@ def replay(
     ]
     rng = random.Random(cfg.seed + 1)
     rng.shuffle(pool)
-    return [replace(ex, split="train") for ex in pool[:wanted]]
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    for ex in pool:
+        by_label[ex.label or NO_LABEL].append(ex)
+    wanted = max(math.ceil(n_train * cfg.replay_share / (1 - cfg.replay_share)),
+                 cfg.replay_per_label * len(by_label))
+    queues = [by_label[label] for label in sorted(by_label)]
+    picked: list[Example] = []
+    depth = 0
+    while len(picked) < wanted and any(depth < len(q) for q in queues):
+        picked += [q[depth] for q in queues if depth < len(q)][: wanted - len(picked)]
+        depth += 1
+    return [replace(ex, split="train") for ex in picked]
 
 
 def leaks_golden(vectors: np.ndarray, golden: GoldenIndex, threshold: float) -> np.ndarray:

@@ -78,9 +78,13 @@ def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
 
 def run_curation(
     store: Store, embedder: Embedder, cfg: CurationSettings, progress: Progress | None = None,
-    include_used: bool = False,
+    include_used: bool = False, run_key: str | None = None,
 ) -> CurationRun:
-    """Curate one new dataset version; raises ``ValueError`` if nothing survives."""
+    """Curate one new dataset version; raises ``ValueError`` if nothing survives.
+
+    ``run_key`` (the loop's retrain key) is kept with the version, so a rerun of the same
+    retrain finds it (:func:`find_curated`) instead of curating again.
+    """
     with store.connect() as con:
         through = con.execute("SELECT max(ingested_at) FROM feedback").fetchall()[0][0]
         candidates = load_candidates(con, include_used)
@@ -110,6 +114,7 @@ def run_curation(
     filters = cfg.model_dump(mode="json") | {
         "include_used": include_used,
         "considered_through": through.isoformat() if through else None,
+        "run_key": run_key,
     }
     parents = [parent] if parent and replayed else []
     with store.connect() as con:
@@ -120,6 +125,31 @@ def run_curation(
         version, result.considered, len(result.examples), len(replayed), parent, digest[:12],
     )
     return CurationRun(version, digest, parents, report)
+
+
+def find_curated(store: Store, run_key: str) -> CurationRun | None:
+    """The dataset version curated under ``run_key``, if there is one."""
+    with store.connect() as con:
+        rows = con.execute(
+            "SELECT version, content_hash, parent_versions, report FROM datasets "
+            "WHERE filters->>'run_key' = ? ORDER BY created_at DESC LIMIT 1", [run_key]
+        ).fetchall()
+    if not rows:
+        return None
+    version, digest, parents, report = rows[0]
+    return CurationRun(version, digest, list(json.loads(parents) if isinstance(parents, str)
+                                             else parents or []),
+                       json.loads(report) if isinstance(report, str) else dict(report or {}))
+
+
+def new_labelled_events(store: Store) -> int:
+    """Labelled or corrected feedback ingested since the latest version was curated."""
+    with store.connect() as con:
+        since = considered_through(con)
+        where = "AND ingested_at > ?" if since else ""
+        return int(con.execute(
+            "SELECT count(*) FROM feedback WHERE (label IS NOT NULL OR correction IS NOT NULL) "
+            f"{where}", [since] if since else []).fetchall()[0][0])
 
 
 def load_tokenizer(settings: Settings) -> Callable[[str], int]:

@@ -105,7 +105,10 @@ class IngestSettings(Section):
     idle_polls_before_exit: int = Field(
         3, ge=1, description="A one-shot ingest run stops after this many empty polls."
     )
-    interval_s: int = Field(15, ge=1, description="Schedule of the continuous ingest deployment.")
+    interval_s: int = Field(
+        15, ge=1, description="The long-running ingest lands shadow pairs and reports its "
+        "figures (events, lag) this often.",
+    )
 
 
 class EmbeddingSettings(Section):
@@ -174,7 +177,11 @@ class CurationSettings(Section):
     per_user_cap: int = Field(50, ge=1, description="At most this many examples per user.")
     per_label_cap: int = Field(400, ge=1, description="At most this many examples per label.")
     replay_share: float = Field(
-        0.2, ge=0, lt=1, description="Share of train drawn from the previous dataset version."
+        0.5, ge=0, lt=1, description="Share of train drawn from the previous dataset version."
+    )
+    replay_per_label: int = Field(
+        8, ge=0, description="Replay keeps at least this many examples of every label the "
+        "previous version taught (when it has them), so a retrain does not forget a label.",
     )
     split: tuple[float, float, float] = Field(
         (0.9, 0.05, 0.05), description="train / validation / test shares, stratified by label."
@@ -334,6 +341,12 @@ class CanarySettings(Section):
     max_p95_ratio: float = Field(
         1.5, ge=1, description="Candidate p95 latency over production's that fails the gate."
     )
+    base_p95_ratio: float | None = Field(
+        None, ge=1, description="The same against the base model, when no adapter is in "
+        "production yet. Every adapter pays LoRA's cost, which the base model does not (several "
+        "times over on a CPU), and the base model cannot do the task: None reports the latency "
+        "against the base model without gating on it.",
+    )
     freeze_schedule: str = Field(
         "0 3 * * *", description="Cron of the production check on the golden set (nightly)."
     )
@@ -356,6 +369,31 @@ class CanarySettings(Section):
         return self
 
 
+class LoopSettings(Section):
+    """The unattended loop: what starts a retrain, and what a retrain starts from."""
+
+    retrain_on_drift: bool = Field(True, description="A drift alarm starts a retrain.")
+    retrain_min_new_labels: int = Field(
+        1000, ge=0, description="This many new labelled or corrected events since the last "
+        "dataset version also start a retrain; 0 turns it off.",
+    )
+    retrain_schedule: str | None = Field(
+        None, description="Cron of a scheduled retrain as well (e.g. '0 2 * * 0'); None: none.")
+    cooldown_s: int = Field(
+        1800, ge=0, description="An automatic retrain waits this long after the last one "
+        "finished (and never starts while one runs or a canary is live).")
+    continue_from_production: bool = Field(
+        True, description="Retrain from the production adapter's weights, not from zeros, so "
+        "what production knows is kept while the new data is learned.",
+    )
+    canary_new_candidates: bool = Field(
+        True, description="A candidate the loop publishes goes through the canary on its own.")
+    train_work_pool: str | None = Field(
+        None, description="Run training on this Prefect work pool (a GPU machine running "
+        "`prefect worker start --pool NAME` in a tuneloop checkout); None: in the worker.",
+    )
+
+
 class Settings(BaseSettings):
     """Everything a tuneloop process can be told."""
 
@@ -376,6 +414,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     serving: ServingSettings = ServingSettings()
     canary: CanarySettings = CanarySettings()
+    loop: LoopSettings = LoopSettings()
 
     @field_validator("log_level")
     @classmethod

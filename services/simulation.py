@@ -94,18 +94,20 @@ def write_golden(store: Store, queries: Sequence[Query], intents: Sequence[str],
 
 @dataclass
 class SimulatedUsers:
-    """Users asking the alias and rating each answer (+1 when it names the right intent),
-    with the true intent as the label.
+    """Users asking the alias and rating each answer (+1 when it names the right intent).
 
-    Every answer of ``rate_down`` is rated -1 whatever it says (users who dislike a
-    version). ``served`` counts answers per adapter version; ``failures`` lists every
-    request that failed (the client does not retry).
+    On ``label_share`` of the answers a support agent also sends the true intent as the
+    label, and as the correction when the answer was wrong. Every answer of ``rate_down``
+    is rated -1 whatever it says (users who dislike a version). ``served`` counts answers
+    per adapter version; ``failures`` lists every request that failed (the client does
+    not retry).
     """
 
     settings: Settings
     queries: Sequence[Query]
     rate_down: str | None = None
     workers: int = 6
+    label_share: float = 1.0
     served: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -149,10 +151,13 @@ class SimulatedUsers:
                 right = normalize_label(answer.choices[0].message.content or "") == \
                     normalize_label(q.intent)
                 rating = -1 if version == self.rate_down or not right else 1
-                # Like a support agent: a rating and the intent the query really had.
-                httpx.post(f"{url}/v1/feedback", json={"response_id": answer.id,
-                                                        "rating": rating, "label": q.intent},
-                           timeout=30).raise_for_status()
+                verdict: dict[str, object] = {"response_id": answer.id, "rating": rating}
+                if rng.random() < self.label_share:
+                    # A support agent: the intent the query really had.
+                    verdict["label"] = q.intent
+                    if not right:
+                        verdict["correction"] = q.intent
+                httpx.post(f"{url}/v1/feedback", json=verdict, timeout=30).raise_for_status()
             except (openai.APIError, httpx.HTTPError) as exc:
                 with self._lock:
                     self.failures.append(f"{type(exc).__name__}: {exc}")

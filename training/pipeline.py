@@ -82,8 +82,13 @@ def train_candidate(
     run_key: str,
     *,
     show_progress: bool = True,
+    init_adapter: Path | None = None,
 ) -> TrainedRun:
-    """Train, evaluate and save an adapter for ``splits``; resumable, idempotent by run key."""
+    """Train, evaluate and save an adapter for ``splits``; resumable, idempotent by run key.
+
+    ``init_adapter`` (production's adapter directory) is where the weights start, when it
+    has this recipe's rank and target modules; zeros otherwise.
+    """
     run_dir = run_dir_for(settings, run_key)
     if (run_dir / RESULT).exists():
         log.info("run %s: already trained, reusing %s", run_key, run_dir / RESULT)
@@ -92,7 +97,7 @@ def train_candidate(
     started = time.perf_counter()
     base = resolve_base_model(settings.training.base_model, settings.models_dir)
     recipe = LoRARecipe(config, base, run_dir, device=settings.training.device, run_id=run_key,
-                        show_progress=show_progress)
+                        show_progress=show_progress, init_adapter=init_adapter)
     try:
         recipe.setup(splits.train, splits.validation)
         metrics: dict[str, Any] = {}
@@ -101,7 +106,8 @@ def train_candidate(
             base_golden, _ = recipe.evaluate_base(golden)
             metrics["base_golden"] = base_golden.to_dict()
         result = recipe.train()
-        metrics["training"] = result.metrics()
+        metrics["training"] = result.metrics() | {
+        "continued_from": str(init_adapter) if recipe.continued else None}
         validation, _ = recipe.evaluate(splits.validation)
         metrics["validation"] = validation.to_dict()
         if golden:

@@ -14,6 +14,7 @@ bf16 units run bf16 matmuls slower, not faster).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -125,8 +126,11 @@ class LoRARecipe:
     """
 
     def __init__(self, config: RecipeConfig, base: BaseModel, run_dir: Path, *,
-                 device: str = "auto", run_id: str = "run", show_progress: bool = True) -> None:
+                 device: str = "auto", run_id: str = "run", show_progress: bool = True,
+                 init_adapter: Path | None = None) -> None:
         self.config = config
+        self.init_adapter = Path(init_adapter) if init_adapter else None
+        self.continued = False
         self.base = base
         self.run_dir = Path(run_dir)
         self.run_id = run_id
@@ -182,9 +186,30 @@ class LoRARecipe:
             lora_dropout=self.config.dropout,
             target_modules=list(self.config.target_modules), task_type="CAUSAL_LM",
         )
-        peft_model = get_peft_model(model, lora).to(self.device)
+        if self.init_adapter is not None and self._same_shape(lora):
+            from peft import PeftModel
+
+            # Continued training: start from an adapter (production's) instead of zeros.
+            peft_model = PeftModel.from_pretrained(model, str(self.init_adapter),
+                                                   is_trainable=True).to(self.device)
+            self.continued = True
+            log.info("run %s: continuing from adapter %s", self.run_id, self.init_adapter)
+        else:
+            peft_model = get_peft_model(model, lora).to(self.device)
         peft_model.train()
         return tokenizer, peft_model
+
+    def _same_shape(self, lora: Any) -> bool:
+        """Whether ``init_adapter`` has this config's rank and target modules."""
+        assert self.init_adapter is not None
+        raw = json.loads((self.init_adapter / "adapter_config.json").read_text())
+        same = raw.get("r") == lora.r and set(raw.get("target_modules") or []) == set(
+            lora.target_modules)
+        if not same:
+            log.warning("run %s: adapter %s has rank %s on %s, not this recipe's; training "
+                        "from scratch", self.run_id, self.init_adapter, raw.get("r"),
+                        raw.get("target_modules"))
+        return same
 
     def _setup_data(self, examples: Sequence[ChatExample], split: str) -> list[Encoded]:
         encoded = [encode_chat(self.tokenizer, e.messages) for e in examples]

@@ -19,6 +19,7 @@ import aiohttp
 import uvicorn
 from starlette.applications import Starlette
 
+from services.loop_metrics import LoopCollector
 from services.producer import FeedbackProducer
 from services.registry import Adapter
 from services.settings import Settings
@@ -65,6 +66,8 @@ def create_app(settings: Settings, model_path: str, served_name: str,
     """The gateway for ``settings``; vLLM serves ``model_path`` as ``served_name``."""
     cfg = settings.serving
     metrics = GatewayMetrics()
+    # The loop's own figures (ingest, drift, retrain, canary) on the same /metrics.
+    metrics.registry.register(LoopCollector(Path(settings.home)))
     specs = {s.index: s for s in replica_specs(settings, model_path, served_name)}
 
     async def lookup(version: str) -> Adapter:

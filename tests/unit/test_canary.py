@@ -165,6 +165,15 @@ def test_live_gate_rolls_back_on_bad_ratings_errors_or_latency() -> None:
     assert bit_slower.verdict == "promote", bit_slower.reason
 
 
+def test_latency_against_the_base_model_is_gated_only_when_configured() -> None:
+    slow, base = side(60, latency=0.5, ratings=25), side(400, ratings=80, seed=1)
+    first = live_decision("v1", None, slow, base, 61, LIVE)
+    assert first.verdict == "promote", first.reason
+    assert "not gated" in next(c.threshold for c in first.checks if "latency" in c.name)
+    gated = LIVE.model_copy(update={"base_p95_ratio": 3.0})
+    assert live_decision("v1", None, slow, base, 61, gated).verdict == "rollback"
+
+
 def test_ratings_not_required_when_min_ratings_is_zero() -> None:
     cfg = CanarySettings(window_s=60, max_window_s=120, min_requests=50, min_ratings=0)
     assert live_decision("v2", None, side(60), side(60, seed=1), 61, cfg).verdict == "promote"

@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from services import golden
-from services.curation_store import examples_of, load_candidates, load_tokenizer, run_curation
-from services.datasets import FORMATS, export_jsonl, validate_jsonl
-from services.drift_store import NotEnoughEvents, report_history, run_check
-from services.embeddings import Embedder
-from services.embeddings import Progress as ProgressFn
+from services.curation_store import load_candidates
+from services.datasets import FORMATS, export_jsonl
+from services.drift_store import report_history
 from tuneloop.cli.common import console, fail, settings_of, store_of
 
 golden_app = typer.Typer(help="The pinned golden set: never trained on, used for every check.")
-
-
-@contextmanager
-def _progress(label: str) -> Iterator[ProgressFn]:
-    with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda n: bar.advance(task, n)
 
 
 def register(app: typer.Typer) -> None:
@@ -69,16 +54,17 @@ def drift(
         "reference_start": reference_start, "reference_end": reference_end,
     }
     cfg = settings.drift.model_copy(update={k: v for k, v in updates.items() if v is not None})
-    try:
-        with _progress("embedding") as advance:
-            report_id, report = run_check(store, Embedder(settings.embeddings), cfg, advance)
-    except (NotEnoughEvents, ValueError) as exc:
-        raise fail(str(exc)) from None
-    colour = "red" if report.drifted else "green"
-    console.print(f"[bold {colour}]{report.summary()}[/]")
-    console.print(f"report {report_id}: reference = {report.reference_desc}, "
-                  f"current = {report.current_desc}")
-    for c in report.clusters:
+    from flows.drift import detect_drift_flow
+
+    with console.status("embedding and testing the windows..."):
+        result = detect_drift_flow(settings=settings.model_copy(update={"drift": cfg}))
+    if result.get("waiting"):
+        raise fail(result["waiting"])
+    colour = "red" if result["drifted"] else "green"
+    console.print(f"[bold {colour}]{result['summary']}[/]")
+    console.print(f"report {result['report_id']}: reference = {result['reference']}, "
+                  f"current = {result['current']}")
+    for c in result["clusters"]:
         labels = ", ".join(f"{lab['label']} ({lab['current']} vs {lab['reference']})"
                            for lab in c["labels"])
         console.print(
@@ -98,34 +84,26 @@ def curate(
     ),
 ) -> None:
     """Curate a new immutable dataset version from feedback, and export it as JSONL."""
+    from flows.curate import curate_flow
+
     settings = settings_of(ctx)
-    store = store_of(settings)
     try:
-        with _progress("embedding") as advance:
-            run = run_curation(
-                store, Embedder(settings.embeddings), settings.curation, advance, include_used
-            )
+        with console.status("curating (embedding the prompts)..."):
+            result = curate_flow(include_used=include_used,
+                                 export_dir=str(export) if export else None, settings=settings)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    report = run.report
-    console.print(f"[bold]dataset {run.version}[/] (hash {run.content_hash[:12]}, "
-                  f"parents {run.parents or 'none'})")
+    report = result["report"]
+    console.print(f"[bold]dataset {result['version']}[/] (hash {result['content_hash'][:12]}, "
+                  f"parents {result['parents'] or 'none'})")
     console.print(f"considered {report['considered']}, kept {report['kept']}, "
                   f"replayed {report['replayed']}, splits {report['splits']}")
     table = Table("dropped because", "events")
     for reason, n in report["dropped"].items():
         table.add_row(reason, str(n))
     console.print(table)
-    folder = export or settings.home / "datasets"
-    _, examples = examples_of(store, run.version)
-    count_tokens = load_tokenizer(settings)
-    for fmt in FORMATS:
-        path = export_jsonl(examples, folder / f"{run.version}.{fmt}.jsonl", fmt)
-        check = validate_jsonl(path, fmt, count_tokens, settings.curation.max_tokens)
-        status = "[green]valid[/]" if check.ok else f"[red]INVALID[/] {check.describe()}"
-        console.print(f"{path}: {status} ({check.describe() if check.ok else ''})")
-        if not check.ok:
-            raise fail(f"export {path} failed validation")
+    for export_ in result["exports"].values():
+        console.print(f"{export_['path']}: [green]valid[/] ({export_['check']})")
 
 
 @golden_app.command("add")

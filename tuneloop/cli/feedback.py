@@ -136,20 +136,33 @@ def replay(
 
 def ingest(
     ctx: typer.Context,
-    follow: bool = typer.Option(False, "--follow", help="Keep consuming instead of stopping when idle."),
+    follow: bool = typer.Option(
+        False, "--follow", help="Run as the stack's long-running ingest (what `tuneloop up` "
+        "starts): one group membership, figures in `tuneloop status`, until SIGTERM."),
     max_batches: int | None = typer.Option(None, "--max-batches"),
 ) -> None:
     """Run the ingest flow: feedback.v1 -> validate -> redact -> DuckDB, then commit offsets."""
+    if follow:
+        import signal
+        import threading
+
+        from services.ingest_service import follow as follow_topic
+
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        follow_topic(settings_of(ctx), stop)
+        return
     from flows.ingest import ingest as ingest_flow
 
-    stats = ingest_flow(until_idle=not follow, max_batches=max_batches)
+    stats = ingest_flow(max_batches=max_batches)
     console.print(
         f"ingested [bold]{stats['inserted']:,}[/] new events "
         f"({stats['polled']:,} polled, {stats['duplicates']:,} duplicates, "
         f"{stats['dead_letters']:,} dead letters, {stats['redactions']:,} PII spans redacted) "
         f"at {stats['events_per_s']:,.0f} events/s"
     )
-    # The continuous deployment may have landed events before this run got to them.
+    # The stack's long-running ingest may have landed events before this run got to them.
     counts = store_of(settings_of(ctx)).counts()
     console.print(f"feedback holds {counts['feedback']:,} events; "
                   f"{counts['dead_letters']:,} dead letters")

@@ -10,7 +10,10 @@ from rich.panel import Panel
 from rich.table import Table
 
 from services.settings import Settings
-from tuneloop.cli.common import console, fail, settings_of, store_of
+from services.store import Store, StoreBusyError
+from tuneloop.cli.common import console, fail, settings_of
+
+STORE_WAIT_S = 3.0
 
 
 def register(app: typer.Typer) -> None:
@@ -18,20 +21,23 @@ def register(app: typer.Typer) -> None:
     app.command("down")(down)
     app.command("status")(status)
     app.command("worker", hidden=True)(worker)
+    app.command("supervise", hidden=True)(supervise)
 
 
 def up(
     ctx: typer.Context,
     no_worker: bool = typer.Option(False, "--no-worker", help="Skip the deployment worker."),
     no_serving: bool = typer.Option(False, "--no-serving", help="Skip the gateway and vLLM."),
+    no_ingest: bool = typer.Option(False, "--no-ingest", help="Skip the long-running ingest."),
 ) -> None:
-    """Start the broker, Prefect server (UI on :4200), worker, and the gateway with vLLM."""
+    """Start the broker, Prefect server (UI on :4200), worker, ingest, and the gateway with vLLM."""
     from infra.stack import Stack
 
     settings = settings_of(ctx)
     with console.status("starting the embedded stack (vLLM takes about a minute)..."):
         try:
-            Stack(settings).up(worker=not no_worker, serving=not no_serving)
+            Stack(settings).up(worker=not no_worker, serving=not no_serving,
+                               ingest=not no_ingest)
         except (TimeoutError, OSError) as exc:
             raise fail(str(exc)) from None
     console.print(f"[green]up[/]: Kafka at {settings.kafka.bootstrap_servers}, "
@@ -56,6 +62,22 @@ def worker(ctx: typer.Context) -> None:
     serve_all(settings_of(ctx))
 
 
+SUPERVISED = {"ingest": ("ingest", "--follow")}
+
+
+def supervise(ctx: typer.Context, name: str = typer.Argument(..., help="ingest")) -> None:
+    """Run a component and restart it when it dies (run by ``tuneloop up``)."""
+    import sys
+
+    from infra.supervisor import supervise as run_supervised
+
+    if name not in SUPERVISED:
+        raise fail(f"nothing called {name!r} to supervise; choose from {', '.join(SUPERVISED)}")
+    settings = settings_of(ctx)
+    run_supervised(name, [sys.executable, "-m", "tuneloop.cli.main", *SUPERVISED[name]],
+                   settings.home)
+
+
 def status(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -65,8 +87,11 @@ def status(
     report = collect_status(settings)
     if as_json:
         console.print_json(json.dumps(report, default=str))
-        return
-    render_status(report)
+    else:
+        render_status(report)
+    down = [h["component"] for h in report["health"] if not h["ok"]]
+    if down:
+        raise typer.Exit(1)
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
@@ -87,34 +112,57 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                                    "committed": p.committed, "lag": p.lag if group else None})
             except KafkaError as exc:
                 topics.append({"topic": topic, "error": str(exc)})
-    store = store_of(settings)
+    # Status answers within seconds even when a long write holds the store.
+    store = Store(settings.db_path, min(settings.store.lock_timeout_s, STORE_WAIT_S))
     counts: dict[str, int] = {}
     dead: list[tuple[str, int]] = []
-    adapters: list[tuple[Any, ...]] = []
+    adapters: list[dict[str, Any]] = []
     drift: list[tuple[Any, ...]] = []
     freeze: dict[str, Any] | None = None
     canary: list[dict[str, Any]] = []
+    last_change: dict[str, Any] | None = None
+    store_busy: str | None = None
     if store.path.exists():
-        counts = store.counts()
-        with store.connect() as con:
-            dead = con.execute(
-                "SELECT regexp_replace(reason, '[0-9]+', 'N', 'g') AS r, count(*) FROM dead_letters "
-                "GROUP BY r ORDER BY 2 DESC LIMIT 5"
-            ).fetchall()
-            adapters = con.execute(
-                "SELECT version, name, state, dataset_version, created_at FROM adapters "
-                "ORDER BY created_at DESC LIMIT 5"
-            ).fetchall()
-            drift = con.execute(
-                "SELECT created_at, score, p_value, drifted FROM drift_reports "
-                "ORDER BY created_at DESC LIMIT 1"
-            ).fetchall()
-            from services.canary_store import active_freeze, list_decisions
+        try:
+            counts = store.counts()
+            with store.connect() as con:
+                dead = con.execute(
+                    "SELECT regexp_replace(reason, '[0-9]+', 'N', 'g') AS r, count(*) "
+                    "FROM dead_letters GROUP BY r ORDER BY 2 DESC LIMIT 5"
+                ).fetchall()
+                adapters = [
+                    {"version": r[0], "name": r[1], "state": r[2], "dataset": r[3],
+                     "created_at": r[4], "golden_accuracy": r[5], "golden_macro_f1": r[6]}
+                    for r in con.execute(
+                        "SELECT version, name, state, dataset_version, created_at, "
+                        "CAST(metrics->'golden'->>'accuracy' AS DOUBLE), "
+                        "CAST(metrics->'golden'->>'macro_f1' AS DOUBLE) FROM adapters "
+                        "ORDER BY created_at DESC LIMIT 5").fetchall()]
+                drift = con.execute(
+                    "SELECT created_at, score, p_value, drifted FROM drift_reports "
+                    "ORDER BY created_at DESC LIMIT 1"
+                ).fetchall()
+                change = con.execute(
+                    "SELECT occurred_at, adapter_version, from_state, to_state, action, reason "
+                    "FROM deployments WHERE to_state IN ('production', 'retired', 'rejected') "
+                    "ORDER BY occurred_at DESC LIMIT 1").fetchall()
+                if change:
+                    last_change = dict(zip(("at", "version", "from", "to", "action", "reason"),
+                                           change[0], strict=True))
+                from services.canary_store import active_freeze, list_decisions
 
-            freeze = active_freeze(con)
-            canary = [{k: d[k] for k in ("created_at", "stage", "candidate", "incumbent",
-                                         "verdict", "reason")}
-                      for d in list_decisions(con, 3)]
+                freeze = active_freeze(con)
+                canary = [{k: d[k] for k in ("created_at", "stage", "candidate", "incumbent",
+                                             "verdict", "reason")}
+                          for d in list_decisions(con, 3)]
+        except StoreBusyError as exc:
+            store_busy = str(exc)
+    from services.ingest_service import read_status
+    from services.loop_metrics import outbox_backlog
+
+    ingest = read_status(settings.home)
+    outboxes = outbox_backlog(settings.home)
+    runs = recent_flow_runs(settings) if health[1]["ok"] else []
     serving: dict[str, Any] = {}
     if next((h["ok"] for h in health if h["component"] == "gateway"), False):
         from serving.control import GatewayAdmin, GatewayError
@@ -125,7 +173,24 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             serving = {"error": str(exc)}
     return {"health": health, "topics": topics, "counts": counts, "dead_letters": dead,
             "adapters": adapters, "latest_drift": drift, "db": str(store.path),
-            "serving": serving, "freeze": freeze, "canary": canary}
+            "serving": serving, "freeze": freeze, "canary": canary, "last_change": last_change,
+            "store_busy": store_busy, "ingest": ingest, "outbox_backlog": outboxes,
+            "flow_runs": runs}
+
+
+def recent_flow_runs(settings: Settings, limit: int = 8) -> list[dict[str, Any]]:
+    """The latest flow runs from Prefect (name, state, when), newest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(limit=limit, sort=FlowRunSort.START_TIME_DESC)
+    except Exception as exc:  # noqa: BLE001 - status reports what it cannot reach
+        return [{"error": f"{type(exc).__name__}: {exc}"}]
+    return [{"name": r.name, "state": r.state_name, "started": r.start_time,
+             "seconds": r.total_run_time.total_seconds() if r.total_run_time else None}
+            for r in runs]
 
 
 def render_status(report: dict[str, Any]) -> None:
@@ -161,6 +226,21 @@ def render_status(report: dict[str, Any]) -> None:
     else:
         console.print(f"store: {report['db']} does not exist yet")
 
+    if report.get("store_busy"):
+        console.print(f"[yellow]store busy, figures from the store left out:[/] "
+                      f"{report['store_busy']}")
+    ingest = report.get("ingest") or {}
+    if ingest:
+        lag = ingest.get("lag")
+        console.print(
+            f"ingest: {ingest.get('events_per_min', 0):,.0f} events/min, lag "
+            f"{'?' if lag is None else f'{lag:,}'}, {ingest.get('inserted', 0):,} landed, "
+            f"{ingest.get('dead_letters', 0):,} dead letters, {ingest.get('duplicates', 0):,} "
+            f"duplicates (as of {str(ingest.get('updated_at', ''))[11:19]} UTC)")
+    backlog = report.get("outbox_backlog") or {}
+    if any(backlog.values()):
+        console.print("[yellow]outbox backlog:[/] " + ", ".join(
+            f"{name} {n:,}" for name, n in backlog.items() if n))
     if report["dead_letters"]:
         lines = "\n".join(f"{n:>6}  {reason}" for reason, n in report["dead_letters"])
         console.print(Panel(lines, title="dead letters by reason", border_style="red"))
@@ -196,12 +276,35 @@ def render_status(report: dict[str, Any]) -> None:
     for d in report.get("canary") or []:
         colour = "green" if d["verdict"] in ("promote", "pass", "ok") else \
             "red" if d["verdict"] in ("reject", "rollback", "frozen") else "yellow"
-        console.print(f"canary {d['created_at']:%m-%d %H:%M} [{colour}]{d['verdict']}[/]: "
+        console.print(f"{d['stage']} {d['created_at']:%m-%d %H:%M} [{colour}]{d['verdict']}[/]: "
                       f"{d['reason'][:160]}")
+    change = report.get("last_change")
+    if change:
+        console.print(f"last change {change['at']:%m-%d %H:%M}: {change['version']} "
+                      f"{change['from']} -> {change['to']} ({change['action']}): "
+                      f"{change['reason'][:160]}")
     if report["adapters"]:
         a = Table(title="adapters", show_edge=False)
-        for col in ("version", "name", "state", "dataset", "created"):
+        for col in ("version", "name", "state", "dataset", "golden acc / macro-F1", "created"):
             a.add_column(col)
-        for version, name, state, ds, created in report["adapters"]:
-            a.add_row(str(version), name, state, ds or "", f"{created:%Y-%m-%d %H:%M}")
+        for ad in report["adapters"]:
+            gold = "-" if ad["golden_accuracy"] is None else \
+                f"{ad['golden_accuracy']:.3f} / {ad['golden_macro_f1'] or 0:.3f}"
+            a.add_row(str(ad["version"]), ad["name"], ad["state"], ad["dataset"] or "", gold,
+                      f"{ad['created_at']:%Y-%m-%d %H:%M}")
         console.print(a)
+    runs = report.get("flow_runs") or []
+    if runs:
+        f = Table(title="recent flow runs", show_edge=False)
+        for col in ("run", "state", "started", "seconds"):
+            f.add_column(col)
+        for run in runs:
+            if "error" in run:
+                f.add_row(f"[red]{run['error']}[/]", "", "", "")
+                continue
+            colour = {"Completed": "green", "Failed": "red", "Crashed": "red",
+                      "Running": "cyan"}.get(run["state"], "yellow")
+            f.add_row(run["name"], f"[{colour}]{run['state']}[/]",
+                      f"{run['started']:%m-%d %H:%M:%S}" if run["started"] else "-",
+                      "-" if run["seconds"] is None else f"{run['seconds']:.0f}")
+        console.print(f)

@@ -20,8 +20,9 @@ adapters_app = typer.Typer(help="The adapter registry: versions, states, deploym
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``train`` and the ``adapters`` group to ``app``."""
+    """Add ``train``, ``retrain`` and the ``adapters`` group to ``app``."""
     app.command("train")(train)
+    app.command("retrain")(retrain)
     app.add_typer(adapters_app, name="adapters")
 
 
@@ -39,21 +40,29 @@ def train(
         None, "--run-key", help="Idempotency key; default: dataset + config + base model."),
 ) -> None:
     """Train a LoRA adapter on a dataset version and publish it as a candidate."""
+    from flows.retrain import train_adapter
     from training.config import ConfigError
     from training.dataset import DatasetNotFoundError
-    from training.pipeline import default_run_key, recipe_config, train_and_publish
+    from training.pipeline import default_run_key, recipe_config
 
     settings = settings_of(ctx)
+    overrides = {"max_steps": max_steps, "learning_rate": learning_rate,
+                 "batch_size": batch_size, "rank": rank}
     try:
-        cfg = recipe_config(settings, Path(config) if config else None, max_steps=max_steps,
-                            learning_rate=learning_rate, batch_size=batch_size, rank=rank)
+        cfg = recipe_config(settings, Path(config) if config else None, **overrides)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     key = run_key or default_run_key(dataset, cfg, settings.training.base_model)
     try:
-        adapter = train_and_publish(settings, dataset, cfg, key)
+        # The same flow the loop runs (from zeros: a person training by hand picks the data).
+        result = train_adapter(dataset, key, config_file=config, overrides=overrides,
+                               show_progress=True, settings=settings)
     except (DatasetNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
+    with store_of(settings).connect() as con:
+        from services.registry import get_adapter
+
+        adapter = get_adapter(con, result["version"])
     golden = adapter.metrics.get("golden", {}).get("accuracy")
     base = adapter.metrics.get("base_golden", {}).get("accuracy")
     training = adapter.metrics.get("training", {})
@@ -63,6 +72,37 @@ def train(
         f"{training.get('best_val_loss', float('nan')):.4f}, golden accuracy "
         f"{_pct(base)} (base) -> {_pct(golden)}; {adapter.path}"
     )
+
+
+def retrain(
+    ctx: typer.Context,
+    reason: str = typer.Option("manual", "--reason", help="Why, for the decision log."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="Train on this version instead of curating a new one."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Override max_steps."),
+    no_canary: bool = typer.Option(
+        False, "--no-canary", help="Only publish the candidate; do not start the canary."),
+) -> None:
+    """The loop's retrain, now: curate, train from production's adapter, publish, canary.
+
+    The same flow a drift alarm starts; without ``--no-canary`` the new candidate's
+    ``tuneloop.adapter.published`` event starts the canary on the worker.
+    """
+    from flows.retrain import retrain as retrain_flow
+
+    settings = settings_of(ctx)
+    if no_canary:
+        settings = settings.model_copy(update={"loop": settings.loop.model_copy(
+            update={"canary_new_candidates": False})})
+    try:
+        result = retrain_flow(reason=f"manual: {reason}", dataset_version=dataset,
+                              max_steps=max_steps, settings=settings)
+    except (LookupError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"dataset [bold]{result['dataset_version']}[/] -> adapter "
+                  f"[bold]{result['name']}[/] ({result['state']})"
+                  + ("" if no_canary or result["state"] != "candidate" else
+                     "; the canary starts on the worker (`tuneloop decisions` shows its verdict)"))
 
 
 @adapters_app.command("list")

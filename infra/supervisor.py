@@ -1,0 +1,88 @@
+"""Keep a long-running component alive: restart it when it dies, with backoff.
+
+``tuneloop up`` starts the supervisor as a managed process; the supervisor runs the
+component as its child and restarts it after a crash (1 s, doubling to 60 s; the delay
+resets once a child has run for a minute). SIGTERM stops the child, then the supervisor.
+Restarts and the last exit are written to ``<home>/run/<name>-supervisor.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HEALTHY_AFTER_S = 60.0
+MAX_BACKOFF_S = 60.0
+
+
+def state_path(home: Path, name: str) -> Path:
+    return Path(home) / "run" / f"{name}-supervisor.json"
+
+
+def read_state(home: Path, name: str) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(state_path(home, name).read_text()))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def supervise(name: str, argv: Sequence[str], home: Path) -> int:
+    """Run ``argv`` until SIGTERM, restarting it whenever it exits; returns 0."""
+    stopping = threading.Event()
+    child: list[subprocess.Popen[bytes] | None] = [None]
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+        if child[0] is not None and child[0].poll() is None:
+            child[0].terminate()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    state: dict[str, Any] = {"name": name, "restarts": 0, "last_exit": None,
+                             "last_exit_at": None, "child_pid": None,
+                             "since": datetime.now(UTC).isoformat()}
+    backoff = 1.0
+    while not stopping.is_set():
+        started = time.monotonic()
+        proc = subprocess.Popen(list(argv))
+        child[0] = proc
+        state["child_pid"] = proc.pid
+        _save(home, name, state)
+        code = proc.wait()
+        if stopping.is_set():
+            break
+        ran = time.monotonic() - started
+        state.update(restarts=state["restarts"] + 1, last_exit=code,
+                     last_exit_at=datetime.now(UTC).isoformat(), child_pid=None)
+        _save(home, name, state)
+        backoff = 1.0 if ran >= HEALTHY_AFTER_S else min(backoff * 2, MAX_BACKOFF_S)
+        log.warning("%s exited with %s after %.0f s; restarting in %.0f s", name, code, ran,
+                    backoff)
+        stopping.wait(backoff)
+    if child[0] is not None and child[0].poll() is None:
+        try:
+            child[0].wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child[0].kill()
+    state["child_pid"] = None
+    _save(home, name, state)
+    return 0
+
+
+def _save(home: Path, name: str, state: dict[str, Any]) -> None:
+    path = state_path(home, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)

@@ -1,0 +1,66 @@
+"""End to end: ``tuneloop demo --quick``, the loop running itself on the real embedded stack.
+
+Its own tansu broker, Prefect server, worker, long-running ingest, gateway and vLLM, in a
+temporary home with free ports; the official ``openai`` client as the users. No person
+acts between the shift and the promotion: the drift check, the retrain and the canary
+are triggered by Prefect events. The quick scenario is the full one with fewer intents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.processes import free_port
+
+pytestmark = pytest.mark.integration
+
+# The goals' margin for old intents, in macro-F1 points.
+OLD_MARGIN_POINTS = 2.0
+
+
+def test_demo_quick_learns_the_new_intents_unattended(tmp_path: Path) -> None:
+    prefect_port = free_port()
+    env = {
+        **os.environ,
+        "TUNELOOP_HOME": str(tmp_path / "home"),
+        "TUNELOOP_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        "TUNELOOP_PREFECT__PORT": str(prefect_port),
+        "TUNELOOP_PREFECT__API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "TUNELOOP_SERVING__GATEWAY_PORT": str(free_port()),
+        "TUNELOOP_SERVING__VLLM_PORT": str(free_port()),
+        "COLUMNS": "140",
+    }
+    env.pop("TUNELOOP_CONFIG", None)
+    for key in [k for k in env if k.startswith("TUNELOOP_SERVING__") and k not in (
+            "TUNELOOP_SERVING__GATEWAY_PORT", "TUNELOOP_SERVING__VLLM_PORT")]:
+        env.pop(key)  # the session's shared gateway settings are not this stack's
+    run = subprocess.run([sys.executable, "-m", "tuneloop.cli.main", "demo", "--quick", "--down"],
+                         env=env, text=True, capture_output=True, timeout=2400)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-6000:]
+    result = json.loads((tmp_path / "home" / "demo" / "reports" / "demo.json").read_text())
+    figures = dict(line.removeprefix("FIGURE ").split("=") for line in run.stdout.splitlines()
+                   if line.startswith("FIGURE "))
+    assert set(figures) == {"new_intents_macro_f1_before", "new_intents_macro_f1_after",
+                            "old_intents_macro_f1_delta", "shift_to_promotion_s"}
+
+    # The loop promoted a new version after the shift, with no step in between.
+    assert result["bootstrap_version"] and result["promoted_version"], out[-6000:]
+    assert result["promoted_version"] != result["bootstrap_version"]
+    # It learned the new intents, and the old ones held within the margin.
+    before, after = result["before"], result["after"]
+    assert after["new intents"]["macro_f1"] > before["new intents"]["macro_f1"] + 0.3, result
+    old_delta = 100 * (after["old intents"]["macro_f1"] - before["old intents"]["macro_f1"])
+    assert old_delta >= -OLD_MARGIN_POINTS, result
+    # The drift alarm named the intents that arrived.
+    assert result["named_new_intents"], result["drift_clusters"]
+    # Steady traffic raised no alarm and started no retrain.
+    assert result["steady_drift_alarms"] == 0 and result["steady_retrains"] == 0, result
+    assert result["served_failures"] == 0
+    assert Path(result["report"]).read_text().count("<img") >= 4

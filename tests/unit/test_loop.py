@@ -1,0 +1,140 @@
+"""The loop's own parts: replay that keeps every label, the retrain guard, the supervisor,
+the loop's Prometheus figures, the demo's settings file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from services import curation as cur
+from services.canary import INFO, Check, Decision
+from services.canary_store import record_decision
+from services.curation import Example, GoldenIndex
+from services.loop_metrics import LoopCollector, count_decision, record
+from services.settings import CurationSettings, Settings
+from services.store import Store
+
+
+def _example(i: int, label: str) -> Example:
+    return Example(f"e{i}", f"ev{i}", label, [{"role": "user", "content": f"q {i} {label}"},
+                                               {"role": "assistant", "content": label}],
+                   f"q {i} {label}", label)
+
+
+def test_replay_keeps_every_label_of_the_previous_version() -> None:
+    # 40 labels, very unequal: a plain random 20% share would miss many of them.
+    previous = [_example(i, f"intent{j}") for j in range(40) for i in range(100 * j, 100 * j
+                                                                                + (60 if j < 5 else 9))]
+    picked = cur.replay(previous, 100, CurationSettings(replay_share=0.2, replay_per_label=8),
+                        set(), GoldenIndex())
+    per_label = Counter(e.label for e in picked)
+    assert len(per_label) == 40 and min(per_label.values()) == 8
+    assert len(picked) == 320  # the floor (8 x 40) is above the share (25)
+    # Without a floor, the share decides the size, still spread over labels.
+    plain = cur.replay(previous, 100, CurationSettings(replay_share=0.2, replay_per_label=0),
+                       set(), GoldenIndex())
+    assert len(plain) == 25 and len({e.label for e in plain}) == 25
+
+
+def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldown(
+        tmp_path: Path) -> None:
+    from flows.retrain import why_not
+
+    settings = Settings(home=tmp_path)
+    store = Store(settings.db_path)
+    assert why_not.fn(settings) is None
+
+    def decide(verdict: str, key: str) -> None:
+        with store.connect() as con:
+            record_decision(con, Decision("retrain", None, None, verdict,
+                                          [Check("trigger", INFO, None, None, "", "test")],
+                                          {"run_key": key}), None)
+
+    decide("start", "a")
+    assert "still running" in (why_not.fn(settings) or "")
+    decide("trained", "a")
+    assert "cool-down" in (why_not.fn(settings) or "")
+    cooled = settings.model_copy(update={"loop": settings.loop.model_copy(
+        update={"cooldown_s": 0})})
+    assert why_not.fn(cooled) is None
+    decide("start", "b")
+    decide("failed", "b")
+    assert why_not.fn(cooled) is None
+    with store.connect() as con:
+        con.execute("INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
+                    "path, sha256, metrics, state) VALUES ('v9', 'support-bot-v9', now(), 'b', "
+                    "'h', '/x', 's', '{}', 'canary')")
+    assert "live window" in (why_not.fn(cooled) or "")
+
+
+def test_the_supervisor_restarts_a_dying_component_and_stops_on_sigterm(tmp_path: Path) -> None:
+    child = [sys.executable, "-c", "import time, sys; time.sleep(0.3); sys.exit(3)"]
+    code = ("import sys; from pathlib import Path; from infra.supervisor import supervise; "
+            f"sys.exit(supervise('comp', {child!r}, Path({str(tmp_path)!r})))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
+                            env={**os.environ})
+    state_file = tmp_path / "run" / "comp-supervisor.json"
+    deadline = time.monotonic() + 30
+    state: dict = {}
+    while time.monotonic() < deadline:
+        if state_file.exists():
+            state = json.loads(state_file.read_text())
+            if state["restarts"] >= 2:
+                break
+        time.sleep(0.1)
+    assert state["restarts"] >= 2 and state["last_exit"] == 3
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_loop_figures_reach_prometheus(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ingest-status.json").write_text(json.dumps(
+        {"pid": 1, "started_at": "x", "inserted": 1200, "dead_letters": 3, "duplicates": 2,
+         "events_per_min": 480.0, "lag": 17}))
+    record(tmp_path, "drift", score=0.42, drifted=True)
+    record(tmp_path, "retrain", seconds=321.5)
+    count_decision(tmp_path, "live", "promote")
+    count_decision(tmp_path, "live", "promote")
+    registry = CollectorRegistry()
+    registry.register(LoopCollector(tmp_path))
+    text = generate_latest(registry).decode()
+    for line in ("tuneloop_ingest_inserted_total 1200.0", "tuneloop_ingest_lag 17.0",
+                 "tuneloop_ingest_events_per_minute 480.0", "tuneloop_drift_score 0.42",
+                 "tuneloop_drift_detected 1.0",
+                 'tuneloop_flow_last_duration_seconds{flow="retrain"} 321.5',
+                 'tuneloop_loop_decisions_total{stage="live",verdict="promote"} 2.0'):
+        assert line in text, line
+
+
+def test_the_demo_settings_file_overlays_the_users_and_loads() -> None:
+    from services.settings import load_settings
+    from tuneloop.cli.demo import QUICK, _merge, _toml
+
+    user = {"kafka": {"topic": "mine"}, "canary": {"alpha": 0.01, "window_s": 999}}
+    text = _toml(_merge(user, QUICK.settings))
+    parsed = tomllib.loads(text)
+    assert parsed["kafka"]["topic"] == "mine" and parsed["canary"]["alpha"] == 0.01
+    assert parsed["canary"]["window_s"] == QUICK.settings["canary"]["window_s"]
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"demo-{os.getpid()}.toml"
+    path.write_text(text)
+    old = os.environ.get("TUNELOOP_CONFIG")
+    os.environ["TUNELOOP_CONFIG"] = str(path)
+    try:
+        loaded = load_settings()
+    finally:
+        if old is None:
+            os.environ.pop("TUNELOOP_CONFIG")
+        else:
+            os.environ["TUNELOOP_CONFIG"] = old
+        path.unlink()
+    assert loaded.loop.retrain_min_new_labels == 0 and loaded.curation.split == (0.8, 0.1, 0.1)
