@@ -6,16 +6,18 @@ runs that retrain four ways on the same data and measures macro-F1 on held-out q
 of the old and the new intents (test split, never trained on), with the training recipe's
 own generation:
 
-- ``fresh / share 0.2``: a new adapter from zeros, 20% of train replayed, no per-label floor.
-- ``fresh / stratified``: a new adapter, half of train replayed, every old label kept
-  (``curation.replay_per_label``).
-- ``continued / share 0.2``: continued training from the production adapter.
-- ``continued / stratified``: both.
+- ``fresh / share 0.2``: a new adapter from zeros, 20% of train replayed at random with
+  no per-label floor (tuneloop's retrain before the loop).
+- ``fresh / every label``: from zeros, 20% replayed with at least
+  ``curation.replay_per_label`` examples of every old label.
+- ``continued / share 0.2``: continued training from the production adapter, no floor.
+- ``continued / every label``: both, tuneloop's default.
 
 The baseline is the production adapter before the retrain. Intents are drawn at random
 (seeded) from the data, not chosen by name. Ends with
 ``FIGURE forgetting_old_f1_delta=<points>`` and ``FIGURE forgetting_new_f1=<x>`` for
-the default recipe (continued, stratified), and one row per variant.
+the default recipe (continued, every label), and one row per variant. Each retrain runs
+the same number of steps.
 """
 
 from __future__ import annotations
@@ -118,10 +120,10 @@ def main(settings: Settings, quick: bool = False) -> None:
         nothing = GoldenIndex()
         variants = [
             ("fresh / share 0.2", False, CurationSettings(replay_share=0.2, replay_per_label=0)),
-            ("fresh / stratified", False, CurationSettings()),
+            ("fresh / every label", False, CurationSettings()),
             ("continued / share 0.2", True, CurationSettings(replay_share=0.2,
                                                               replay_per_label=0)),
-            ("continued / stratified", True, CurationSettings()),
+            ("continued / every label", True, CurationSettings()),
         ]
         rows = []
         for name, continued, cfg in variants:

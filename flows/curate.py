@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import curation_markdown, rename_run
+from services.cpu import pin
 from services.curation_store import CurationRun, examples_of, load_tokenizer, run_curation
 from services.datasets import export_jsonl, validate_jsonl
 from services.embeddings import Embedder
@@ -22,6 +23,7 @@ def _store(settings: Settings) -> Store:
 
 @task(retries=1, retry_delay_seconds=5)
 def curate_task(settings: Settings, include_used: bool) -> CurationRun:
+    pin(settings.training.cpu_cores)
     return run_curation(_store(settings), Embedder(settings.embeddings), settings.curation,
                         include_used=include_used)
 

@@ -18,6 +18,7 @@ from prefect.events import emit_event
 from flows.common import image_markdown, rename_run
 from services import loop_metrics
 from services.clusters import what_drifted
+from services.cpu import pin
 from services.curation_store import new_labelled_events
 from services.drift import DriftReport, detect_drift
 from services.drift_store import (
@@ -48,6 +49,7 @@ def load_windows_task(settings: Settings) -> tuple[Window, Window] | str:
 
 @task(retries=1)
 def embed_task(settings: Settings, ref: Window, cur: Window) -> Any:
+    pin(settings.training.cpu_cores)
     store = Store(settings.db_path, settings.store.lock_timeout_s)
     vectors, _ = embed_texts(store, Embedder(settings.embeddings), ref.texts + cur.texts)
     return vectors

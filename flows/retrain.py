@@ -35,6 +35,7 @@ from prefect.runtime import flow_run
 from flows.common import curation_markdown, image_markdown, rename_run
 from services import canary_store, loop_metrics
 from services.canary import INFO, Check, Decision
+from services.cpu import pin
 from services.curation_store import CurationRun, find_curated, run_curation
 from services.embeddings import Embedder
 from services.registry import Adapter
@@ -108,6 +109,7 @@ def why_not(settings: Settings) -> str | None:
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
 def curate(settings: Settings, run_key: str) -> CurationRun:
+    pin(settings.training.cpu_cores)
     found = find_curated(_store(settings), run_key)
     if found is not None:
         log.info("retrain %s: dataset %s already curated", run_key, found.version)

@@ -12,6 +12,14 @@ from pathlib import Path
 from rich.logging import RichHandler
 
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s [pid %(process)d] %(message)s"
+# Libraries that log every request at INFO; the terminal shows their warnings only, even
+# after another library (Prefect's logging set-up) resets their levels.
+NOISY = ("kafka", "httpx", "urllib3", "prefect", "sentence_transformers", "openai")
+
+
+class _QuietLibraries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(NOISY)
 
 
 def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
@@ -22,12 +30,14 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
         return
     console = RichHandler(show_path=False, rich_tracebacks=True, markup=False)
     console.setLevel(level)
+    if logging.getLevelName(level) > logging.DEBUG:
+        console.addFilter(_QuietLibraries())
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter(_FILE_FORMAT))
         root.addHandler(handler)
-    for noisy in ("kafka", "httpx", "urllib3", "prefect", "sentence_transformers"):
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     root._tuneloop_configured = True  # type: ignore[attr-defined]

@@ -177,7 +177,7 @@ class CurationSettings(Section):
     per_user_cap: int = Field(50, ge=1, description="At most this many examples per user.")
     per_label_cap: int = Field(400, ge=1, description="At most this many examples per label.")
     replay_share: float = Field(
-        0.5, ge=0, lt=1, description="Share of train drawn from the previous dataset version."
+        0.2, ge=0, lt=1, description="Share of train drawn from the previous dataset version."
     )
     replay_per_label: int = Field(
         8, ge=0, description="Replay keeps at least this many examples of every label the "
@@ -221,6 +221,11 @@ class TrainingSettings(Section):
         "defaults to training/configs/smollm2_lora.yaml.",
     )
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
+    cpu_cores: str | None = Field(
+        None, description="CPU cores for tuneloop's training and embeddings (e.g. '1' or "
+        "'4-7'), apart from the cores a CPU vLLM replica spins on (serving.engine_cores); "
+        "None: every core.",
+    )
 
     @field_validator("device")
     @classmethod

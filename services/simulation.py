@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class SimulatedUsers:
     rate_down: str | None = None
     workers: int = 6
     label_share: float = 1.0
+    rate: float | None = None  # requests per second over all workers; None: as fast as served
     served: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -138,7 +140,13 @@ class SimulatedUsers:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
                                timeout=self.settings.serving.upstream_timeout_s)
         i = 0
+        gap = self.workers / self.rate if self.rate else 0.0
+        next_at = time.monotonic() + rng.uniform(0, gap)
         while not self._stop.is_set():
+            if gap:
+                if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                    break
+                next_at = max(next_at + gap, time.monotonic())
             q = queries[i % len(queries)]
             i += 1
             user = f"user-{worker}-{rng.randrange(100_000)}"

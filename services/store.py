@@ -1,11 +1,12 @@
 """The DuckDB file every stage shares, and the rule for sharing it.
 
 DuckDB lets one process hold a database file read-write, and no other process may
-open it at all meanwhile. tuneloop's processes (the ingest deployment, the drift,
+open it at all meanwhile. tuneloop's processes (the long-running ingest, the drift,
 curation and training flows, ``tuneloop status``) therefore take turns: each opens
 the file only for the duration of one unit of work, under an exclusive advisory
 lock on ``<db>.lock`` (``fcntl.flock``). A process that finds the file busy waits
-in line for the lock instead of failing on DuckDB's own lock error, so no write is
+in line for the lock (behind a turnstile, ``<db>.queue``, so a busy process cannot
+take it straight back) instead of failing on DuckDB's own lock error, so no write is
 lost and nothing crashes on contention. Units of work are kept short (one ingest
 batch, one report) so waits stay short.
 """
@@ -257,6 +258,7 @@ class Store:
     def __init__(self, path: Path, lock_timeout_s: float = 120.0) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.queue_path = self.path.with_name(self.path.name + ".queue")
         self.lock_timeout_s = lock_timeout_s
         self._initialised = False
 
@@ -290,8 +292,24 @@ class Store:
             os.close(fd)
 
     def _acquire(self, fd: int) -> None:
+        """Take the store's lock, in turn.
+
+        A turnstile keeps a busy process from taking the file back the instant it let
+        go: a waiter first takes ``<db>.queue`` and keeps it while it waits for the
+        store, so whoever just released the store has to queue behind it. Without it,
+        a long-running ingest that releases and retakes the file after every batch
+        starves every other process.
+        """
         deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.005
+        queue = os.open(self.queue_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._take(queue, deadline, max_delay=0.01)
+            self._take(fd, deadline, max_delay=0.05)
+        finally:
+            os.close(queue)  # the next in line may now queue for the store
+
+    def _take(self, fd: int, deadline: float, max_delay: float) -> None:
+        delay = 0.002
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -308,7 +326,7 @@ class Store:
                         "stop that process if it is stuck."
                     ) from None
                 time.sleep(delay)
-                delay = min(delay * 2, 0.1)
+                delay = min(delay * 2, max_delay)
 
     def counts(self) -> dict[str, int]:
         """Row count of every table."""

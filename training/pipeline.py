@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from services.cpu import pin
 from services.registry import Adapter, find_by_run_key, publish_adapter
 from services.settings import Settings
 from services.store import Store
@@ -94,6 +95,7 @@ def train_candidate(
         log.info("run %s: already trained, reusing %s", run_key, run_dir / RESULT)
         return TrainedRun.load(run_dir / RESULT)
     run_dir.mkdir(parents=True, exist_ok=True)
+    pin(settings.training.cpu_cores)
     started = time.perf_counter()
     base = resolve_base_model(settings.training.base_model, settings.models_dir)
     recipe = LoRARecipe(config, base, run_dir, device=settings.training.device, run_id=run_key,

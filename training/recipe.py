@@ -167,7 +167,10 @@ class LoRARecipe:
 
     def _setup_runtime(self) -> None:
         if self.device.type == "cpu":
-            torch.set_num_threads(self.config.num_threads or os.cpu_count() or 1)
+            # The cores this process may use (training.cpu_cores pins it), not the machine's.
+            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+                os.cpu_count()
+            torch.set_num_threads(self.config.num_threads or usable or 1)
         torch.manual_seed(self.config.seed)
 
     def _setup_model(self) -> tuple[Any, Any]:

@@ -60,10 +60,23 @@ class Scenario:
     new_share: float  # of traffic after the shift
     steady_s: float
     users: int
+    rate: float  # user requests per second, all users together
     label_share: float  # answers an agent labels
     drift_window: int  # current window of the drift check, events
     shift_timeout_s: float
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def _cores(first: int, end: int) -> str:
+    return str(first) if end - first == 1 else f"{first}-{end - 1}"
 
 
 def _demo_settings(window: int, canary_window_s: int, min_requests: int,
@@ -71,9 +84,14 @@ def _demo_settings(window: int, canary_window_s: int, min_requests: int,
     import training
 
     recipe = Path(training.__file__).parent / "configs" / "demo.yaml"
-    return {
+    # On a CPU, vLLM and training each get their own cores: threads of the two spinning on
+    # the same core slow both several times over (see services/cpu.py).
+    cores = os.cpu_count() or 1
+    split = {"serving": {"engine_cores": _cores(0, max(1, cores // 2))},
+             "training": {"cpu_cores": _cores(max(1, cores // 2), cores)}} if cores > 1 else {}
+    return _merge(split, {
         # Checks often enough to see a shift within a minute of enough traffic.
-        "drift": {"interval_s": 30, "current_window_events": window},
+        "drift": {"interval_s": 60, "current_window_events": window},
         # A short live window sized to the traffic a CPU serves; half the users see it.
         "canary": {"window_s": canary_window_s, "max_window_s": 900, "poll_s": 10,
                    "min_requests": min_requests, "min_ratings": min_ratings},
@@ -83,25 +101,17 @@ def _demo_settings(window: int, canary_window_s: int, min_requests: int,
         # Larger test and validation splits: small datasets still give the gate evidence.
         "curation": {"split": [0.8, 0.1, 0.1]},
         "training": {"config": str(recipe)},
-    }
+    })
 
 
 FULL = Scenario(old_share=0.5, max_old=40, new_intents=10, history_per_intent=24,
                 golden_per_intent=5, heldout_per_intent=10, new_share=0.5, steady_s=120,
-                users=6, label_share=0.6, drift_window=300, shift_timeout_s=2400,
+                users=4, rate=1.5, label_share=0.6, drift_window=300, shift_timeout_s=2400,
                 settings=_demo_settings(300, 90, 40, 20))
-QUICK = Scenario(old_share=0.5, max_old=6, new_intents=3, history_per_intent=24,
+QUICK = Scenario(old_share=0.5, max_old=6, new_intents=3, history_per_intent=40,
                  golden_per_intent=5, heldout_per_intent=8, new_share=0.5, steady_s=70,
-                 users=6, label_share=0.6, drift_window=120, shift_timeout_s=1500,
+                 users=4, rate=1.5, label_share=0.6, drift_window=120, shift_timeout_s=1500,
                  settings=_demo_settings(120, 45, 25, 12))
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out
 
 
 def _toml(data: dict[str, Any]) -> str:
@@ -229,11 +239,12 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
 
     # Steady traffic: other queries of the same intents.
     steady_queries = _pick(train, old, 10_000, skip=sc.history_per_intent)
-    users = SimulatedUsers(settings, steady_queries, workers=sc.users,
+    users = SimulatedUsers(settings, steady_queries, workers=sc.users, rate=sc.rate,
                            label_share=sc.label_share)
     t0 = time.monotonic()
     with users.running(ingest=False):
-        console.print("users ask the alias meanwhile (the base model answers them)")
+        console.print(f"{sc.users} users ask the alias meanwhile, {sc.rate} questions/s in all "
+                      "(the base model answers them)")
         _tuneloop(ctx, home, "retrain", "--reason", "bootstrap: the first adapter")
         first = _wait_for_promotion(settings, None, sc.shift_timeout_s, "first adapter")
         result.bootstrap_version = first
@@ -256,7 +267,8 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
     console.print(Rule(f"3. shift: {sc.new_share:.0%} of traffic from {len(new)} intents the "
                        "adapter never saw; nobody acts"))
     shifted = _mix(_pick(train, new, 10_000), steady_queries, sc.new_share, seed)
-    users = SimulatedUsers(settings, shifted, workers=sc.users, label_share=sc.label_share)
+    users = SimulatedUsers(settings, shifted, workers=sc.users, rate=sc.rate,
+                           label_share=sc.label_share)
     shift_at = datetime.now(UTC)
     result.shift_at = shift_at.isoformat()
     t_shift = time.monotonic()
@@ -335,15 +347,19 @@ def _wait_for_promotion(settings: Settings, current: str | None, timeout_s: floa
                         who: str) -> str | None:
     """Wait until production is a version other than ``current``; narrate the decisions."""
     from services.canary_store import list_decisions
-    from services.store import Store
+    from services.store import Store, StoreBusyError
 
     seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
     started = time.monotonic()
     with console.status(f"waiting for {who} to promote a new version...") as status:
         while time.monotonic() < deadline:
-            with Store(settings.db_path, 60).connect() as con:
-                decisions = list_decisions(con, 10)
+            try:
+                with Store(settings.db_path, 60).connect() as con:
+                    decisions = list_decisions(con, 10)
+                version = _production(settings)
+            except StoreBusyError:
+                continue  # a long write; look again
             for d in reversed(decisions):
                 if d["decision_id"] in seen:
                     continue
@@ -354,7 +370,6 @@ def _wait_for_promotion(settings: Settings, current: str | None, timeout_s: floa
                           "reject": "red", "rollback": "red"}.get(d["verdict"], "yellow")
                 console.print(f"  {d['created_at']:%H:%M:%S} [{colour}]{d['stage']} "
                               f"{d['verdict']}[/]: {d['reason'][:150]}", highlight=False)
-            version = _production(settings)
             if version is not None and version != current:
                 return version
             status.update(f"waiting for {who} to promote a new version... "
