@@ -49,8 +49,9 @@ def retrain_triggers(settings: Settings) -> list[DeploymentEventTrigger]:
         return []
     return [DeploymentEventTrigger(
         name="retrain on drift or new labels", expect=expect,
-        parameters={"reason": "{{ event.event }} ({{ event.resource.id }})",
-                    "trigger_id": "{{ event.id }}"},
+        # A template that is the whole value renders to the native type: the event id
+        # (a UUID) goes through `string` to reach the flow as text.
+        parameters={"reason": "{{ event.event }}", "trigger_id": "{{ event.id | string }}"},
     )]
 
 

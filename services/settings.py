@@ -180,7 +180,7 @@ class CurationSettings(Section):
         0.2, ge=0, lt=1, description="Share of train drawn from the previous dataset version."
     )
     replay_per_label: int = Field(
-        8, ge=0, description="Replay keeps at least this many examples of every label the "
+        4, ge=0, description="Replay keeps at least this many examples of every label the "
         "previous version taught (when it has them), so a retrain does not forget a label.",
     )
     split: tuple[float, float, float] = Field(

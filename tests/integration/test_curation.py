@@ -88,7 +88,7 @@ def test_curate_flow_on_prefect_server(prefect_server: str, settings: Settings) 
 
     store = Store(settings.db_path)
     _seed(store, 400, seed=21, start=datetime.now(UTC) - timedelta(hours=1))
-    result = curate_flow(settings)
+    result = curate_flow(settings=settings)
     assert result["version"] == "ds-0001"
-    for path in result["exports"].values():
-        assert Path(path).exists()
+    for export in result["exports"].values():
+        assert Path(export["path"]).exists()

@@ -1,4 +1,5 @@
-"""The retrain flow on a real Prefect server: it publishes once per run key."""
+"""The retrain flow on a real Prefect server: it publishes once per run key, records its
+decisions, and continues from the production adapter."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.registry import list_adapters, verify_adapter
+from services.canary_store import list_decisions
+from services.registry import list_adapters, promote, verify_adapter
 from services.settings import Settings
 from services.store import Store
 from tests.integration.test_training import training_settings, write_banking77_version
@@ -29,10 +31,11 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
         "rank: 8\nalpha: 16\nmax_steps: 3\nbatch_size: 2\neval_interval: 3\n"
         "eval_max_examples: 4\ngeneration_max_new_tokens: 4\ntask_eval_max_examples: 4\n"
     )
-    first = retrain("b77-flow", config_file=str(config), run_key="flow-rerun", settings=settings)
+    first = retrain(dataset_version="b77-flow", config_file=str(config), run_key="flow-rerun",
+                    settings=settings)
     result_file = settings.runs_dir / "flow-rerun" / "result.json"
     trained_at = result_file.stat().st_mtime_ns
-    second = retrain("b77-flow", config_file=str(config), run_key="flow-rerun",
+    second = retrain(dataset_version="b77-flow", config_file=str(config), run_key="flow-rerun",
                      settings=settings)
 
     assert second["version"] == first["version"]
@@ -43,3 +46,14 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
     manifest = verify_adapter(Path(mine[0].path), mine[0].sha256)
     assert manifest["hyperparameters"]["rank"] == 8
     assert manifest["dataset_version"] == "b77-flow"
+    with store.connect() as con:
+        verdicts = [d["verdict"] for d in list_decisions(con, 50)
+                    if d["stage"] == "retrain" and d["figures"].get("run_key") == "flow-rerun"]
+    assert sorted(verdicts) == ["start", "trained"]  # the rerun decided nothing new
+
+    # With that adapter in production, the next retrain starts from its weights.
+    with store.connect() as con:
+        promote(con, first["version"], "production", "test: production to continue from")
+    third = retrain(dataset_version="b77-flow", config_file=str(config), run_key="continued",
+                    settings=settings)
+    assert third["metrics"]["training"]["continued_from"] == first["path"]

@@ -39,6 +39,10 @@ def test_replay_keeps_every_label_of_the_previous_version() -> None:
     per_label = Counter(e.label for e in picked)
     assert len(per_label) == 40 and min(per_label.values()) == 8
     assert len(picked) == 320  # the floor (8 x 40) is above the share (25)
+    # The default floor (4 per label) on the same data.
+    default = Counter(e.label for e in cur.replay(previous, 100, CurationSettings(), set(),
+                                                   GoldenIndex()))
+    assert len(default) == 40 and min(default.values()) == 4
     # Without a floor, the share decides the size, still spread over labels.
     plain = cur.replay(previous, 100, CurationSettings(replay_share=0.2, replay_per_label=0),
                        set(), GoldenIndex())
