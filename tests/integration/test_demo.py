@@ -9,7 +9,6 @@ are triggered by Prefect events. The quick scenario is the full one with fewer i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from infra.processes import free_port
+from tests.stack_env import own_stack_env
 
 pytestmark = pytest.mark.integration
 
@@ -25,17 +25,8 @@ OLD_MARGIN_POINTS = 2.0
 
 
 def test_demo_quick_learns_the_new_intents_unattended(tmp_path: Path) -> None:
-    prefect_port = free_port()
-    env = {
-        **os.environ,
-        "TUNELOOP_HOME": str(tmp_path / "home"),
-        "TUNELOOP_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
-        "TUNELOOP_PREFECT__PORT": str(prefect_port),
-        "TUNELOOP_PREFECT__API_URL": f"http://127.0.0.1:{prefect_port}/api",
-        "TUNELOOP_SERVING__GATEWAY_PORT": str(free_port()),
-        "TUNELOOP_SERVING__VLLM_PORT": str(free_port()),
-        "COLUMNS": "140",
-    }
+    env = own_stack_env(tmp_path / "home", TUNELOOP_SERVING__GATEWAY_PORT=str(free_port()),
+                        TUNELOOP_SERVING__VLLM_PORT=str(free_port()), COLUMNS="140")
     env.pop("TUNELOOP_CONFIG", None)
     for key in [k for k in env if k.startswith("TUNELOOP_SERVING__") and k not in (
             "TUNELOOP_SERVING__GATEWAY_PORT", "TUNELOOP_SERVING__VLLM_PORT")]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.processes import free_port
+from tests.stack_env import own_stack_env
 
 pytestmark = pytest.mark.integration
 
@@ -41,18 +41,10 @@ def _wait_for_feedback(env: dict[str, str], n: int, timeout_s: float = 240) -> d
 
 
 def test_up_replay_unattended_ingest_status_down(tmp_path: Path) -> None:
-    prefect_port = free_port()
-    env = {
-        **os.environ,
-        "TUNELOOP_HOME": str(tmp_path / "home"),
-        "TUNELOOP_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
-        "TUNELOOP_PREFECT__PORT": str(prefect_port),
-        "TUNELOOP_PREFECT__API_URL": f"http://127.0.0.1:{prefect_port}/api",
-        "TUNELOOP_INGEST__INTERVAL_S": "5",
+    env = own_stack_env(
+        tmp_path / "home", TUNELOOP_INGEST__INTERVAL_S="5",
         # The session's one gateway + vLLM (tests/conftest.py) covers serving.
-        "TUNELOOP_SERVING__EMBEDDED": "false",
-        "COLUMNS": "120",
-    }
+        TUNELOOP_SERVING__EMBEDDED="false", COLUMNS="120")
     up = _cli(env, "up")
     try:
         assert up.returncode == 0, up.stderr
