@@ -18,6 +18,8 @@ def prefect_env(settings: Settings) -> dict[str, str]:
         "PREFECT_HOME": str((Path(settings.home) / "prefect").resolve()),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "true",
+        # tuneloop's own log lines (training steps, curation counts) in each run's logs.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "services,training,serving,flows",
     }
 
 

@@ -141,4 +141,4 @@ def test_the_demo_settings_file_overlays_the_users_and_loads() -> None:
         else:
             os.environ["TUNELOOP_CONFIG"] = old
         path.unlink()
-    assert loaded.loop.retrain_min_new_labels == 0 and loaded.curation.split == (0.8, 0.1, 0.1)
+    assert loaded.loop.retrain_min_new_labels == 0 and loaded.curation.split == (0.7, 0.1, 0.2)

@@ -139,7 +139,8 @@ def decisions(
     candidate: str | None = typer.Option(None, "--candidate", help="Only this version."),
     as_json: bool = typer.Option(False, "--json", help="Every check and figure, as JSON."),
 ) -> None:
-    """The canary's decisions, newest first, with the tests that made them."""
+    """Every decision of the loop, newest first: retrains (started, skipped, trained,
+    failed), the canary's gates with the tests that made them, freezes, manual moves."""
     from services.canary_store import list_decisions
 
     with store_of(settings_of(ctx)).connect() as con:
@@ -147,8 +148,8 @@ def decisions(
     if as_json:
         console.print_json(json.dumps(rows, default=str))
         return
-    table = Table(title="canary decisions")
-    for col in ("when", "stage", "candidate", "incumbent", "verdict", "deciding checks"):
+    table = Table(title="decisions")
+    for col in ("when", "stage", "candidate", "incumbent", "verdict", "why"):
         table.add_column(col)
     for r in rows:
         table.add_row(f"{r['created_at']:%m-%d %H:%M:%S}", r["stage"], r["candidate"] or "-",
@@ -157,8 +158,9 @@ def decisions(
 
 
 def _verdict(verdict: str) -> str:
-    colour = {"promote": "green", "pass": "green", "ok": "green", "reject": "red",
-              "rollback": "red", "frozen": "red"}.get(verdict, "yellow")
+    colour = {"promote": "green", "pass": "green", "ok": "green", "trained": "cyan",
+              "reject": "red", "rollback": "red", "frozen": "red", "failed": "red"}.get(
+        verdict, "yellow")
     return f"[{colour}]{verdict}[/]"
 
 
@@ -169,4 +171,7 @@ def _checks(checks: list[dict[str, Any]]) -> str:
     for c in shown[:3]:
         p = "" if c["p_value"] is None else f", p={c['p_value']:.3g}"
         parts.append(f"{c['name']}: {c['outcome']}{p}")
+    if not parts:  # a retrain's record: what started it, what it did or why it did not
+        parts = [f"{c['name']}: {str(c['detail'])[:90]}" for c in checks
+                 if c["outcome"] == "info"][:3]
     return "\n".join(parts) or "-"
