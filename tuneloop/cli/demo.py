@@ -222,6 +222,9 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
     n_old = min(sc.max_old, max(2, round(len(intents) * sc.old_share)))
     old, new = intents[:n_old], intents[n_old:n_old + sc.new_intents]
     train, test = banking77.load("train", data), banking77.load("test", data)
+    # Queries in a random order: a data file's order (by collection batch, say) must not
+    # make the history and the later traffic of the same intents look different.
+    random.Random(seed + 2).shuffle(train)
     result = Result(str(data or banking77.data_dir()), old, new)
     home = Path(settings.home)
     t_start = time.monotonic()
