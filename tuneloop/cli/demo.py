@@ -235,6 +235,7 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
     result.timings["up_s"] = time.monotonic() - t_start
 
     history = _pick(train, old, sc.history_per_intent)
+    random.Random(seed + 3).shuffle(history)  # the app's history interleaves its intents
     console.print(f"the production app's history: {len(history):,} labelled queries over "
                   f"{len(old)} intents, through the producer SDK")
     _send_history(settings, history, seed)
