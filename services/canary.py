@@ -69,8 +69,11 @@ class Decision:
         held = [c for c in self.checks if c.outcome == HOLD]
         why = failed or held or [c for c in self.checks if c.outcome == PASS] or [
             c for c in self.checks if c.outcome == INFO]
-        who = f"{self.candidate or 'base'} vs {self.incumbent or 'base'}"
         text = "; ".join(c.line() for c in why[:4]) or "no checks"
+        if self.stage == "retrain":
+            return f"retrain {self.verdict}" + (f" ({self.candidate})" if self.candidate
+                                                else "") + f": {text}"
+        who = f"{self.candidate or 'base'} vs {self.incumbent or 'base'}"
         return f"{self.stage} gate: {self.verdict} ({who}): {text}"
 
     def to_dict(self) -> dict[str, Any]:
