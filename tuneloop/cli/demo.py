@@ -111,8 +111,8 @@ FULL = Scenario(old_share=0.5, max_old=40, new_intents=10, history_per_intent=24
                 settings=_demo_settings(200, 90, 40, 20))
 QUICK = Scenario(old_share=0.5, max_old=6, new_intents=3, history_per_intent=40,
                  golden_per_intent=5, heldout_per_intent=8, new_share=0.5, steady_s=70,
-                 users=4, rate=1.0, label_share=0.6, drift_window=120, shift_timeout_s=1500,
-                 settings=_demo_settings(120, 45, 25, 12))
+                 users=4, rate=1.0, label_share=0.6, drift_window=180, shift_timeout_s=2400,
+                 settings=_demo_settings(180, 45, 25, 12))
 
 
 def _toml(data: dict[str, Any]) -> str:
