@@ -31,9 +31,13 @@ def _read(path: Path) -> dict[str, Any]:
 def record(home: Path, section: str, **values: Any) -> None:
     """Merge ``values`` into ``section`` of the loop's figures (atomic replace)."""
     path = Path(home) / "run" / LOOP_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = _read(path)
     data.setdefault(section, {}).update(values, updated_at=time.time())
+    _replace(path, data)
+
+
+def _replace(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{time.monotonic_ns()}.tmp")
     tmp.write_text(json.dumps(data, default=str))
     tmp.replace(path)
@@ -118,7 +122,4 @@ def count_decision(home: Path, stage: str, verdict: str) -> None:
     counts = dict(data.get("decisions") or {})
     counts[f"{stage}:{verdict}"] = int(counts.get(f"{stage}:{verdict}", 0)) + 1
     data["decisions"] = counts
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{time.monotonic_ns()}.tmp")
-    tmp.write_text(json.dumps(data, default=str))
-    tmp.replace(path)
+    _replace(path, data)
