@@ -20,7 +20,7 @@ from services import loop_metrics
 from services.clusters import what_drifted
 from services.cpu import pin
 from services.curation_store import new_labelled_events
-from services.drift import DriftReport, detect_drift
+from services.drift import UNIT, DriftReport, detect_drift
 from services.drift_store import (
     NotEnoughEvents,
     Window,
@@ -80,11 +80,16 @@ def emit_task(report_id: str, report: DriftReport) -> str | None:
         payload={
             "report_id": report_id,
             "score": report.score,
+            "unit": UNIT,
+            "novel_share": report.score,
+            "min_novel_share": report.min_novel_share,
             "p_value": report.p_value,
+            "changed": report.changed,
             "reference": report.reference_desc,
             "current": report.current_desc,
             "clusters": [
-                {"name": c["name"], "status": c["status"], "size": c["size"]}
+                {"name": c["name"], "status": c["status"], "size": c["size"],
+                 "share": c["share"]}
                 for c in report.clusters
             ],
         },
@@ -114,7 +119,11 @@ def report_artifact(settings: Settings, report_id: str, report: DriftReport) -> 
     if len(rows) >= 1:
         plot = plot_drift_history(rows, settings.home / "reports" / "drift-history.png")
     verdict = "**DRIFT**" if report.drifted else "no drift"
-    lines = [f"## drift check: {verdict}", "", f"`{report.summary()}`", "",
+    lines = [f"## drift check: {verdict}", "",
+             f"**novel share {report.score:.1%}** ({UNIT}; p = {report.p_value:.4f}); the loop "
+             f"acts at {report.min_novel_share:.0%} or more when significant. Traffic "
+             f"{'changed' if report.changed else 'did not change'} by the MMD and classifier "
+             "tests.", "", f"`{report.summary()}`", "",
              f"reference: {report.reference_desc}; current: {report.current_desc}", "",
              "| cluster | status | events | share now | share before | labels | examples |",
              "|---|---|---|---|---|---|---|"]
@@ -152,7 +161,8 @@ def detect_drift_flow(settings: Settings | None = None) -> dict[str, Any]:
         labels_event = emit_labels(new_labels, threshold)
     get_run_logger().info("drift report %s: %s", report_id, report.summary())
     new = [c["name"] for c in report.clusters if c["status"] in ("new", "grew")]
-    rename_run(f"drift: {'DRIFT' if report.drifted else 'no drift'} (score {report.score:.2f})"
+    rename_run(f"drift: {'DRIFT' if report.drifted else 'no drift'} "
+               f"(novel share {report.score:.2f})"
                + (f"; new: {', '.join(new[:3])}" if report.drifted and new else ""))
     return {
         "report_id": report_id, "drifted": report.drifted, "score": report.score,

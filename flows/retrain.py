@@ -4,8 +4,10 @@ Wiring only; the work is in ``services.curation_store`` and ``training.pipeline`
 
 1. What started it: a drift alarm (``tuneloop.drift.detected``), enough new labels
    (``tuneloop.labels.accumulated``), the schedule, or a person (``tuneloop retrain``).
-   An automatic retrain is skipped, with the reason recorded, while a canary is live or
-   within ``loop.cooldown_s`` of the last one; the deployment runs one at a time.
+   An automatic retrain is skipped, with the reason recorded, while a canary is live,
+   within ``loop.cooldown_s`` of the last one, or while a label production never learned
+   has fewer than ``loop.min_examples_per_new_label`` examples (for at most
+   ``loop.new_label_wait_s``); the deployment runs one at a time.
 2. Curate a dataset version (unless one is given), replaying every label production knows.
 3. Train: from the production adapter's weights (``loop.continue_from_production``), in
    the worker or on ``loop.train_work_pool``; publish as a candidate.
@@ -36,7 +38,7 @@ from flows.common import curation_markdown, image_markdown, rename_run
 from services import canary_store, loop_metrics
 from services.canary import INFO, Check, Decision
 from services.cpu import pin
-from services.curation_store import CurationRun, find_curated, run_curation
+from services.curation_store import CurationRun, find_curated, new_labels, run_curation
 from services.embeddings import Embedder
 from services.registry import Adapter
 from services.settings import Settings, load_settings
@@ -103,7 +105,24 @@ def why_not(settings: Settings) -> str | None:
         if age < settings.loop.cooldown_s:
             return (f"cool-down: the last retrain finished {age:.0f} s ago "
                     f"(loop.cooldown_s={settings.loop.cooldown_s})")
-    return None
+    return waiting_for_labels(settings)
+
+
+def waiting_for_labels(settings: Settings) -> str | None:
+    """Labels production never learned, still too thin to learn (and not waited on for
+    longer than ``loop.new_label_wait_s``): a retrain now would teach them from a handful
+    of examples, and the next drift alarm comes soon enough."""
+    need, patience = settings.loop.min_examples_per_new_label, settings.loop.new_label_wait_s
+    if not need:
+        return None
+    now = datetime.now(UTC)
+    thin = [n for n in new_labels(_store(settings))
+            if n.examples < need and (now - n.first_seen).total_seconds() < patience]
+    if not thin:
+        return None
+    shown = ", ".join(f"{n.label} ({n.examples}/{need})" for n in thin[:4])
+    more = f" and {len(thin) - 4} more" if len(thin) > 4 else ""
+    return f"waiting for labelled examples of new labels: {shown}{more}"
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,

@@ -152,6 +152,31 @@ def new_labelled_events(store: Store) -> int:
             f"{where}", [since] if since else []).fetchall()[0][0])
 
 
+@dataclass(frozen=True)
+class NewLabel:
+    """A label production was not trained on, as the next curation would see it."""
+
+    label: str
+    examples: int
+    first_seen: datetime
+
+
+def new_labels(store: Store) -> list[NewLabel]:
+    """Labels in feedback ingested since the latest dataset version that the production
+    adapter's dataset lacks, with how many examples each has and when it first came."""
+    with store.connect() as con:
+        since = considered_through(con)
+        where = "AND f.ingested_at > ?" if since else ""
+        rows = con.execute(
+            "SELECT f.label, count(*), min(f.ingested_at) FROM feedback f "
+            f"WHERE f.label IS NOT NULL {where} AND f.label NOT IN ("
+            "  SELECT e.label FROM dataset_examples e JOIN adapters a "
+            "  ON e.version = a.dataset_version WHERE a.state = 'production' "
+            "  AND e.label IS NOT NULL) "
+            "GROUP BY f.label ORDER BY 2, 1", [since] if since else []).fetchall()
+    return [NewLabel(r[0], int(r[1]), r[2]) for r in rows]
+
+
 def load_tokenizer(settings: Settings) -> Callable[[str], int]:
     """A token counter for the base model: a local directory, the converted bundled model,
     or the tokenizer inside the bundled SmolLM2 GGUF.

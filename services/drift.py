@@ -1,21 +1,39 @@
-"""Embedding drift: is the current window drawn from the reference distribution?
+"""Embedding drift: how much of the current traffic does the reference not cover?
 
-Two tests look at the same pair of windows (rows are L2-normalised embeddings):
+The **score** is the estimated *novel share*: the share of current events (traffic,
+duplicates counted) that come from somewhere the reference has no examples of. It is
+near 0 when only the style or the mix of known topics moved, and grows with the share of
+traffic from new topics, up to near 1 when everything is new. It comes from a
+nearest-neighbour mixture estimate (rows are L2-normalised embeddings):
+
+1. Each window is reduced to its distinct points (cosine above ``DUPLICATE_COSINE``
+   counts as the same text), each carrying how often it occurred.
+2. Pooled, every distinct point gets the share of its ``k`` nearest neighbours that are
+   reference points. Current events like the reference score like reference points;
+   events of a new topic have current neighbours only and score low.
+3. In the region where the reference's own points score high (the upper half), novel
+   events are absent, so the current share found there, divided by the reference's,
+   estimates the covered share ``1 - novel``.
+4. Calibration: the same estimate over permutations of the window labels (windows of
+   the same sizes with nothing new) gives the estimator's bias, which is removed, and
+   the p-value of the observed estimate.
+
+A drift **decision** needs both: the novel share is significant (p below ``alpha``) and
+at least ``min_novel_share`` (the practical threshold, in the score's own unit; below 0.1
+is no shift worth a retrain).
+
+Two classical two-sample tests still say whether the traffic **changed** at all, novel or
+not (a new style, another mix of known topics); the report carries them as context:
 
 * **MMD** (kernel two-sample test): a mixture of RBF kernels at 1/4, 1/2 and 1
-  times the median-heuristic bandwidth, unbiased MMD², and a permutation p-value. All permutations are
-  scored with one matrix product on the precomputed kernel matrix.
-* **Domain classifier**: a linear classifier tries to tell the windows apart;
-  its cross-validated ROC AUC is compared with the permutation distribution of
-  the AUC of the same held-out scores (the window labels shuffled), which gives
-  the calibrated threshold at ``alpha`` and a p-value.
+  times the median-heuristic bandwidth, unbiased MMD², and a permutation p-value. All
+  permutations are scored with one matrix product on the precomputed kernel matrix.
+* **Domain classifier**: a linear classifier tries to tell the windows apart; its
+  cross-validated ROC AUC is compared with the permutation distribution of the AUC of the
+  same held-out scores (the window labels shuffled).
 
-Drift is declared when the MMD p-value is below ``alpha / 2`` or the AUC is
-above its threshold at level ``alpha / 2`` (Bonferroni), so the two tests together
-keep the false-positive rate at ``alpha``; the reported p-value is the
-Bonferroni-combined ``min(1, 2 * min(p_mmd, p_auc))``. The single
-drift score is ``2 * AUC - 1`` clipped to [0, 1]: 0 when the windows cannot be
-told apart, 1 when every event can be attributed to its window.
+Changed means the MMD p-value is below ``alpha / 2`` or the AUC above its threshold at
+level ``alpha / 2`` (Bonferroni).
 """
 
 from __future__ import annotations
@@ -32,6 +50,10 @@ log = logging.getLogger(__name__)
 
 # Kernel widths as fractions of the median pairwise distance.
 KERNEL_SCALES = (0.25, 0.5, 1.0)
+# Embeddings this close are the same text (up to case and spacing).
+DUPLICATE_COSINE = 0.999
+# The reference's upper share of neighbour scores where novel events are taken as absent.
+COVERED_REGION = 0.5
 
 
 @dataclass(frozen=True)
@@ -50,6 +72,23 @@ class ClassifierResult:
     folds: int
 
 
+@dataclass(frozen=True)
+class NoveltyResult:
+    """The novel-share estimate: ``share`` is calibrated, ``raw`` is before calibration."""
+
+    share: float
+    raw: float
+    null_mean: float
+    p_value: float
+    neighbours: int
+    permutations: int
+    distinct_reference: int
+    distinct_current: int
+
+
+UNIT = "estimated share of current traffic the reference does not cover"
+
+
 @dataclass
 class DriftReport:
     """The outcome of one reference-vs-current comparison."""
@@ -62,20 +101,27 @@ class DriftReport:
     mmd: MMDResult
     classifier: ClassifierResult
     alpha: float
+    novelty: NoveltyResult
+    min_novel_share: float
+    changed: bool
     clusters: list[dict[str, Any]] = field(default_factory=list)
     reference_desc: str = ""
     current_desc: str = ""
 
     def methods(self) -> dict[str, Any]:
-        return {"mmd": asdict(self.mmd), "classifier": asdict(self.classifier), "alpha": self.alpha}
+        return {"novelty": asdict(self.novelty), "unit": UNIT,
+                "min_novel_share": self.min_novel_share, "changed": self.changed,
+                "mmd": asdict(self.mmd), "classifier": asdict(self.classifier),
+                "alpha": self.alpha}
 
     def summary(self) -> str:
         verdict = "DRIFT" if self.drifted else "no drift"
         return (
-            f"{verdict}: score={self.score:.3f} p={self.p_value:.4f} "
-            f"(MMD²={self.mmd.mmd2:.5f} p={self.mmd.p_value:.4f}; "
-            f"AUC={self.classifier.auc:.3f} threshold={self.classifier.threshold:.3f} "
-            f"p={self.classifier.p_value:.4f}) reference={self.n_reference} current={self.n_current}"
+            f"{verdict}: novel share {self.score:.2f} (p={self.p_value:.4f}, acts at "
+            f">= {self.min_novel_share:.2f}); traffic {'changed' if self.changed else 'unchanged'} "
+            f"(MMD²={self.mmd.mmd2:.5f} p={self.mmd.p_value:.4f}; AUC={self.classifier.auc:.3f} "
+            f"threshold={self.classifier.threshold:.3f}) reference={self.n_reference} "
+            f"current={self.n_current}"
         )
 
 
@@ -234,6 +280,71 @@ def classifier_test(
     return ClassifierResult(auc=auc, threshold=threshold, p_value=p_value, folds=folds)
 
 
+def distinct(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of ``x`` (cosine above ``DUPLICATE_COSINE`` is the same row) and
+    how often each occurred, first occurrence kept."""
+    sims = x @ x.T
+    owner = np.full(len(x), -1)
+    keep: list[int] = []
+    for i in range(len(x)):
+        if owner[i] < 0:
+            owner[(sims[i] > DUPLICATE_COSINE) & (owner < 0)] = len(keep)
+            keep.append(i)
+    return x[keep], np.bincount(owner, minlength=len(keep)).astype(np.float64)
+
+
+def _covered_share(neighbours: np.ndarray, is_current: np.ndarray,
+                   weights: np.ndarray | None = None) -> float:
+    """``1 - covered``: the current share in the reference's high-score region over the
+    reference's share there (``weights``: occurrences of the current points).
+
+    Reference points with no current neighbour are left out: a topic that current traffic
+    no longer asks about says nothing about what in current traffic is new.
+    """
+    near_current = is_current[neighbours]
+    score = 1.0 - near_current.mean(axis=1)  # share of reference neighbours
+    ref = score[~is_current & near_current.any(axis=1)]
+    cur = score[is_current]
+    if not len(ref):
+        return 1.0
+    cut = np.quantile(ref, 1 - COVERED_REGION)
+    in_ref = float(np.mean(ref >= cut))
+    if weights is None:
+        in_cur = float(np.mean(cur >= cut))
+    else:
+        in_cur = float(weights[cur >= cut].sum() / weights.sum())
+    return 1.0 - min(1.0, in_cur / in_ref)
+
+
+def novelty_test(x: np.ndarray, y: np.ndarray, neighbours: int, permutations: int,
+                 rng: np.random.Generator) -> NoveltyResult:
+    """Estimate the share of ``y`` (current) that ``x`` (reference) does not cover.
+
+    Distinct points are the unit of the neighbour graph and of the permutations (a
+    question asked ten times is one point, so repeats do not make a window look novel);
+    the share is of events, each distinct point weighted by its occurrences.
+    """
+    ref, _ = distinct(x.astype(np.float32))
+    cur, weights = distinct(y.astype(np.float32))
+    pooled = np.concatenate([ref, cur])
+    is_current = np.concatenate([np.zeros(len(ref), bool), np.ones(len(cur), bool)])
+    k = max(1, min(neighbours, len(pooled) - 1))
+    sims = pooled @ pooled.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    del sims
+    observed = _covered_share(nearest, is_current)
+    raw = _covered_share(nearest, is_current, weights)
+    null = np.array([_covered_share(nearest, rng.permutation(is_current))
+                     for _ in range(permutations)])
+    bias = float(null.mean())
+    share = float(np.clip((raw - bias) / (1.0 - bias), 0.0, 1.0)) if bias < 1 else 0.0
+    p_value = float((1 + np.sum(null >= observed)) / (1 + permutations))
+    return NoveltyResult(share=share, raw=raw, null_mean=bias, p_value=p_value, neighbours=k,
+                         permutations=permutations, distinct_reference=len(ref),
+                         distinct_current=len(cur))
+
+
 def detect_drift(ref: np.ndarray, cur: np.ndarray, cfg: DriftSettings) -> DriftReport:
     """Compare two windows of normalised embeddings; pure and deterministic for ``cfg.seed``.
 
@@ -244,16 +355,17 @@ def detect_drift(ref: np.ndarray, cur: np.ndarray, cfg: DriftSettings) -> DriftR
     rng = np.random.default_rng(cfg.seed)
     x = subsample(ref, cfg.max_points, rng)
     y = subsample(cur, cfg.max_points, rng)
+    novelty = novelty_test(x, y, cfg.neighbours, cfg.permutations, rng)
     mmd = mmd_test(x, y, cfg.permutations, rng)
-    # Bonferroni: each test runs at alpha / 2, so together they alarm at most alpha.
+    # Bonferroni: each test runs at alpha / 2, so together they flag a change at most alpha.
     level = cfg.alpha / 2
     clf = classifier_test(
         x, y, level, max(cfg.permutations, 1000), rng, fixed_threshold=cfg.auc_threshold
     )
-    p_value = min(1.0, 2 * min(mmd.p_value, clf.p_value))
-    drifted = mmd.p_value < level or clf.auc > clf.threshold
-    score = float(np.clip(2 * clf.auc - 1, 0.0, 1.0))
+    changed = mmd.p_value < level or clf.auc > clf.threshold
+    drifted = novelty.p_value < cfg.alpha and novelty.share >= cfg.min_novel_share
     return DriftReport(
-        score=score, p_value=p_value, drifted=drifted, n_reference=len(ref), n_current=len(cur),
-        mmd=mmd, classifier=clf, alpha=cfg.alpha,
+        score=novelty.share, p_value=novelty.p_value, drifted=drifted, n_reference=len(ref),
+        n_current=len(cur), mmd=mmd, classifier=clf, alpha=cfg.alpha, novelty=novelty,
+        min_novel_share=cfg.min_novel_share, changed=changed,
     )

@@ -200,13 +200,15 @@ class ReportRow:
     n_reference: int
     n_current: int
     clusters: list[dict[str, Any]]
+    min_novel_share: float | None = None  # the practical threshold the report decided with
 
 
 def report_history(con: duckdb.DuckDBPyConnection, limit: int = 500) -> list[ReportRow]:
     """The latest ``limit`` reports, oldest first."""
     rows = con.execute(
         "SELECT * FROM (SELECT report_id, created_at, score, p_value, drifted, n_reference, "
-        "n_current, clusters FROM drift_reports ORDER BY created_at DESC LIMIT ?) "
+        "n_current, clusters, methods->>'min_novel_share' FROM drift_reports "
+        "ORDER BY created_at DESC LIMIT ?) "
         "ORDER BY created_at",
         [limit],
     ).fetchall()
@@ -215,6 +217,7 @@ def report_history(con: duckdb.DuckDBPyConnection, limit: int = 500) -> list[Rep
             report_id=r[0], created_at=r[1], score=float(r[2]), p_value=float(r[3]),
             drifted=bool(r[4]), n_reference=int(r[5]), n_current=int(r[6]),
             clusters=json.loads(r[7]) if isinstance(r[7], str) else list(r[7] or []),
+            min_novel_share=float(r[8]) if r[8] is not None else None,
         )
         for r in rows
     ]

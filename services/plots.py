@@ -9,6 +9,14 @@ from pathlib import Path
 from services.drift_store import ReportRow
 
 
+def _threshold(rows: Sequence[ReportRow]) -> float | None:
+    """The practical threshold of the latest report that recorded one."""
+    for row in reversed(rows):
+        if row.min_novel_share is not None:
+            return row.min_novel_share
+    return None
+
+
 def plot_drift_history(rows: Sequence[ReportRow], path: Path,
                        marks: Mapping[str, datetime] | None = None) -> Path:
     """Write a PNG of drift score per report, drifted reports in red; ``marks`` are
@@ -41,7 +49,12 @@ def plot_drift_history(rows: Sequence[ReportRow], path: Path,
     if marks:
         ax.legend(loc="upper left")
     ax.set_ylim(0, max(1.0, max(scores) * 1.05))
-    ax.set_ylabel("drift score (2·AUC − 1)")
+    threshold = _threshold(rows)
+    if threshold is not None:
+        ax.axhline(threshold, color="#999999", linestyle=":", linewidth=1,
+                   label=f"acts at {threshold:.2f}")
+        ax.legend(loc="upper left")
+    ax.set_ylabel("novel share of traffic")
     ax.set_title(f"tuneloop drift: {len(rows)} reports, {len(drifted)} with drift")
     ax.grid(alpha=0.3)
     ax.xaxis_date()

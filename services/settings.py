@@ -139,9 +139,17 @@ class DriftSettings(Section):
     reference_end: datetime | None = Field(None, description="Pinned reference window end.")
     app: str | None = Field(None, description="Only events of this served alias; None = all.")
     alpha: float = Field(
-        0.01, gt=0, lt=1, description="False-alarm rate of the combined MMD + classifier test."
+        0.01, gt=0, lt=1, description="Significance level of the novelty test (and of the "
+        "combined MMD + classifier test that reports whether traffic changed at all)."
     )
-    permutations: int = Field(1000, ge=20, description="MMD permutations (p-value floor 1/(n+1)).")
+    min_novel_share: float = Field(
+        0.1, ge=0, le=1, description="Practical threshold: drift is declared only when the "
+        "estimated share of current traffic the reference does not cover is at least this "
+        "(and significant). Below 0.1 is no shift worth a retrain.",
+    )
+    neighbours: int = Field(10, ge=1, le=100, description="Neighbours per point in the "
+                            "novel-share estimate.")
+    permutations: int = Field(1000, ge=20, description="Permutations of each test (p-value floor 1/(n+1)).")
     auc_threshold: float = Field(0.0, ge=0, le=1, description="0 = calibrate by permutation.")
     max_points: int = Field(2000, ge=100, description="Per-window subsample cap for the tests.")
     clusters: int = Field(0, ge=0, description="Clusters for the report; 0 = from window size.")
@@ -387,6 +395,15 @@ class LoopSettings(Section):
     cooldown_s: int = Field(
         1800, ge=0, description="An automatic retrain waits this long after the last one "
         "finished (and never starts while one runs or a canary is live).")
+    min_examples_per_new_label: int = Field(
+        20, ge=0, description="An automatic retrain waits while a label production never "
+        "learned has fewer labelled examples than this (0: never waits), so a new intent is "
+        "not taught from a handful of examples.",
+    )
+    new_label_wait_s: int = Field(
+        3600, ge=0, description="How long a thin new label may hold a retrain back, from its "
+        "first example; a label that stays rare does not block the loop.",
+    )
     continue_from_production: bool = Field(
         True, description="Retrain from the production adapter's weights, not from zeros, so "
         "what production knows is kept while the new data is learned.",

@@ -1,4 +1,4 @@
-"""Drift math on synthetic data: MMD, classifier AUC, the combined decision, cluster report."""
+"""Drift math on synthetic data: the novel share, MMD, classifier AUC, the decision, clusters."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from services.clusters import what_drifted
-from services.drift import auc_with_permutations, classifier_test, detect_drift, mmd_test
+from services.drift import (
+    auc_with_permutations,
+    classifier_test,
+    detect_drift,
+    distinct,
+    mmd_test,
+    novelty_test,
+)
 from services.settings import DriftSettings
 
 
@@ -70,14 +77,61 @@ def test_classifier_separates_shifted_windows() -> None:
     assert moved.p_value < 0.005
 
 
-def test_detect_drift_decision_and_score() -> None:
-    cfg = DriftSettings(permutations=200, max_points=300)
-    quiet = detect_drift(_unit(_gauss(300, seed=1)), _unit(_gauss(200, seed=2)), cfg)
-    loud = detect_drift(_unit(_gauss(300, seed=1)), _unit(_gauss(200, shift=1.5, seed=2)), cfg)
-    assert not quiet.drifted and quiet.p_value > cfg.alpha
-    assert loud.drifted and loud.p_value < cfg.alpha
+def _topics(n: int, topics: list[int], seed: int, dim: int = 32) -> np.ndarray:
+    """``n`` unit vectors around the given topic centres (one fixed set of 12 centres)."""
+    centres = np.random.default_rng(99).normal(size=(12, dim)) * 3
+    rng = np.random.default_rng(seed)
+    return _unit(centres[rng.choice(topics, n)] + rng.normal(size=(n, dim)))
+
+
+def _mixed(n: int, novel: float, seed: int) -> np.ndarray:
+    """A current window: ``novel`` of it from topics 8..11, which the reference never has."""
+    k = int(round(n * novel))
+    return np.concatenate([_topics(n - k, list(range(8)), seed),
+                           _topics(k, [8, 9, 10, 11], seed + 1)]) if k else \
+        _topics(n, list(range(8)), seed)
+
+
+def test_novel_share_tracks_the_true_share() -> None:
+    estimates = {}
+    for share in (0.0, 0.2, 0.5, 1.0):
+        runs = [novelty_test(_topics(400, list(range(8)), seed), _mixed(300, share, seed + 50),
+                             10, 200, np.random.default_rng(0)) for seed in range(4)]
+        estimates[share] = float(np.mean([r.share for r in runs]))
+        assert abs(estimates[share] - share) < 0.07, (share, runs)
+    assert estimates[0.0] < estimates[0.2] < estimates[0.5] < estimates[1.0]
+    ref = _topics(400, list(range(8)), 1)
+    assert novelty_test(ref, _mixed(300, 0.5, 2), 10, 200, np.random.default_rng(0)).p_value \
+        < 0.01
+
+
+def test_repeated_questions_are_not_novelty() -> None:
+    """A window where every question is asked five times covers nothing new."""
+    ref = _topics(400, list(range(8)), 1)
+    repeated = np.repeat(_topics(60, list(range(8)), 3), 5, axis=0)
+    result = novelty_test(ref, repeated, 10, 200, np.random.default_rng(0))
+    assert result.distinct_current == 60
+    assert result.share < 0.1 and result.p_value > 0.01
+
+
+def test_distinct_counts_occurrences() -> None:
+    x = _topics(5, [0], 4)
+    rows, counts = distinct(np.concatenate([x, x[:2], x[:1]]))
+    assert len(rows) == 5 and counts.tolist() == [3, 2, 1, 1, 1]
+
+
+def test_detect_drift_decision_needs_significance_and_a_practical_share() -> None:
+    cfg = DriftSettings(permutations=200, max_points=400)
+    ref = _topics(400, list(range(8)), 1)
+    quiet = detect_drift(ref, _mixed(300, 0.0, 2), cfg)
+    loud = detect_drift(ref, _mixed(300, 0.5, 2), cfg)
+    assert not quiet.drifted
+    assert loud.drifted and loud.p_value < cfg.alpha and loud.score >= cfg.min_novel_share
     assert 0 <= quiet.score < loud.score <= 1
-    assert "DRIFT" in loud.summary()
+    assert "DRIFT" in loud.summary() and "novel share" in loud.summary()
+    # The same new topics at a share below the practical threshold: reported, not acted on.
+    strict = detect_drift(ref, _mixed(300, 0.5, 2), cfg.model_copy(update={"min_novel_share": 0.9}))
+    assert not strict.drifted and strict.score == loud.score
 
 
 def test_detect_drift_rejects_bad_windows() -> None:

@@ -142,3 +142,33 @@ def test_the_demo_settings_file_overlays_the_users_and_loads() -> None:
             os.environ["TUNELOOP_CONFIG"] = old
         path.unlink()
     assert loaded.loop.retrain_min_new_labels == 0 and loaded.curation.split == (0.7, 0.1, 0.2)
+
+
+def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(tmp_path: Path) -> None:
+    from flows.retrain import waiting_for_labels
+    from services.banking77 import Query, to_events
+    from services.ingest import insert_events
+
+    settings = Settings(home=tmp_path)
+    store = Store(settings.db_path)
+    queries = [Query(f"old question {i}", "known") for i in range(5)] + \
+        [Query(f"new question {i}", "unheard") for i in range(3)]
+    with store.connect() as con:
+        insert_events(con, list(to_events(queries, seed=1)))
+        con.execute("INSERT INTO dataset_examples VALUES ('ds-0001', 'x1', 'train', NULL, "
+                    "'known', '[]', 'p', 'known')")
+        con.execute("INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
+                    "path, sha256, metrics, state, dataset_version) VALUES ('v1', "
+                    "'support-bot-v1', now(), 'b', 'h', '/x', 's', '{}', 'production', "
+                    "'ds-0001')")
+    # 'unheard' has 3 labelled examples of the 20 a new label needs; 'known' is not new.
+    reason = waiting_for_labels(settings) or ""
+    assert "unheard (3/20)" in reason and "known" not in reason
+
+    def loop(**update: int) -> Settings:
+        return settings.model_copy(update={"loop": settings.loop.model_copy(update=update)})
+
+    assert waiting_for_labels(loop(min_examples_per_new_label=3)) is None
+    assert waiting_for_labels(loop(min_examples_per_new_label=0)) is None
+    # A label that stays rare past the patience no longer holds the loop back.
+    assert waiting_for_labels(loop(new_label_wait_s=0)) is None

@@ -255,12 +255,8 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
         result.bootstrap_version = first
         result.timings["bootstrap_s"] = time.monotonic() - t0
         console.print(Rule(f"2. steady traffic for {sc.steady_s:.0f} s: the same intents"))
-        steady_from = datetime.now(UTC)
         time.sleep(sc.steady_s)
     result.served_failures += len(users.failures)
-    alarms, retrains = _steady_activity(settings, steady_from)
-    result.steady_drift_alarms, result.steady_retrains = alarms, retrains
-    console.print(f"steady traffic: {alarms} drift alarm(s), {retrains} retrain(s)")
 
     heldout_old = _pick(test, old, sc.heldout_per_intent)
     heldout_new = _pick(test, new, sc.heldout_per_intent)
@@ -268,6 +264,12 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
                   f"{len(heldout_new)} new-intent")
     result.before = _measure(settings, heldout_old, heldout_new)
     _print_scores("before", result.before)
+    # Everything from the first promotion to the shift is steady traffic.
+    alarms, retrains = _steady_activity(settings, _promoted_at(settings, first) if first
+                                        else datetime.now(UTC))
+    result.steady_drift_alarms, result.steady_retrains = alarms, retrains
+    console.print(f"steady traffic since the first promotion: {alarms} drift alarm(s), "
+                  f"{retrains} retrain(s)")
 
     console.print(Rule(f"3. shift: {sc.new_share:.0%} of traffic from {len(new)} intents the "
                        "adapter never saw; nobody acts"))
