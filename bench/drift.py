@@ -1,25 +1,36 @@
-"""``tuneloop bench drift``: tuneloop's drift check against Evidently's, in one run.
+"""``tuneloop bench drift``: the drift decision's power curve, calibration and speed,
+against Evidently's default embedding drift and a full MMD permutation test, in one run.
 
-Both sides get the same banking77 MiniLM embeddings: a 5,000-event reference
-from all but ten intents, and 5,000-event current windows, either from the same
-intents (false-positive rate) or with 20% of traffic from the ten unseen intents
-(detection rate). Wall time and peak memory are of one full check on 5,000 vs
-5,000, each side in its own process (Evidently in ``.venv-bench``, created here,
-because its pins conflict with the main environment).
+Every window pairs a reference of ``N`` banking77 queries with a current window of ``N``
+(the same sizes on both sides, and the same windows for every method; nothing is
+subsampled). Each window draws its own ``UNSEEN`` intents that the reference never has:
 
-Embedding throughput compares tuneloop's :class:`Embedder` with a plain loop of
-``SentenceTransformer.encode`` over the same uncached texts.
+* power: ``N`` current events of which a share (2% .. 100%) come from those intents;
+* false positives: current windows of the reference's intents from the same split
+  (``same``), and from banking77's other split (``style``: another collection batch).
+
+Methods, each with its own default decision:
+
+* tuneloop's ``detect_drift`` (novel share significant and at least
+  ``drift.min_novel_share``);
+* Evidently 0.7's ``EmbeddingsDrift`` default (a domain classifier, ROC AUC above 0.55),
+  in ``.venv-bench`` (created here: its pins conflict with the main environment);
+* the MMD permutation test (p below ``drift.alpha``), as the statistical reference: the
+  one tuneloop runs inside each check.
+
+The score's calibration is its mean at each share against the share itself. Time per
+check: the same windows through each side, the order alternated over two rounds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +46,10 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 BENCH_VENV = REPO / ".venv-bench"
 EVIDENTLY = ("evidently==0.7.23", "pandas<3")
-N, NOVEL_SHARE, UNSEEN_INTENTS = 5000, 0.2, 10
+N, UNSEEN = 1000, 10
+SHARES = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+NULLS = ("same", "style")
+PLOT = REPO / "bench" / "drift-power.png"
 
 
 def ensure_bench_venv() -> Path:
@@ -51,93 +65,128 @@ def ensure_bench_venv() -> Path:
     return python
 
 
-def _windows(vectors: dict[str, np.ndarray], windows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    queries = banking77.load("train") + banking77.load("test")
-    intents = sorted({q.intent for q in queries})
-    unseen_intents = set(random.Random(seed).sample(intents, UNSEEN_INTENTS))
-    seen = [q.text for q in banking77.select(queries, [i for i in intents if i not in unseen_intents])]
-    unseen = [q.text for q in banking77.select(queries, sorted(unseen_intents))]
-    ref, rest = seen[:N], seen[N:]
-
-    def stack(texts: list[str]) -> np.ndarray:
-        return np.stack([vectors[t] for t in texts])
-
-    out = {"ref": stack(ref), "timed": stack(random.Random(seed + 1).sample(rest, N))}
-    n_novel = int(N * NOVEL_SHARE)
+def make_windows(rows: list[tuple[str, str]], windows: int, seed: int = 0
+                 ) -> dict[str, np.ndarray]:
+    """Indices into ``rows`` (intent, split) for every window: ``<kind>_<w>_ref`` / ``_cur``."""
+    intents = sorted({intent for intent, _ in rows})
+    out: dict[str, np.ndarray] = {}
     for w in range(windows):
-        rng = random.Random(1000 + w)
-        out[f"null_{w:02d}"] = stack(rng.sample(rest, N))
-        drift = rng.sample(rest, N - n_novel) + rng.choices(unseen, k=n_novel)
-        out[f"drift_{w:02d}"] = stack(drift)
+        rng = random.Random(seed * 100_000 + w)
+        unseen = set(rng.sample(intents, UNSEEN))
+        seen_train = [i for i, (intent, split) in enumerate(rows)
+                      if intent not in unseen and split == "train"]
+        seen_test = [i for i, (intent, split) in enumerate(rows)
+                     if intent not in unseen and split == "test"]
+        novel = [i for i, (intent, _) in enumerate(rows) if intent in unseen]
+        rng.shuffle(seen_train)
+        ref, rest = seen_train[:N], seen_train[N:]
+        for share in SHARES:
+            k = round(share * N)
+            cur = rng.sample(rest, N - k) + rng.sample(novel, k)
+            out[f"p{share}_{w}_ref"], out[f"p{share}_{w}_cur"] = np.array(ref), np.array(cur)
+        out[f"same_{w}_ref"], out[f"same_{w}_cur"] = np.array(ref), np.array(rng.sample(rest, N))
+        out[f"style_{w}_ref"] = np.array(ref)
+        out[f"style_{w}_cur"] = np.array(rng.sample(seen_test, N))
     return out
 
 
-def _run_side(python: Path, side: str, data: Path, workdir: Path) -> dict[str, Any]:
-    out = workdir / f"{side}.json"
-    subprocess.run(
-        [str(python), str(REPO / "bench" / "_drift_worker.py"), side, str(data), str(out)],
-        check=True, cwd=REPO, env=_env(),
-    )
+def _run_side(python: Path, side: str, data: Path, out: Path, phase: str) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    subprocess.run([str(python), str(REPO / "bench" / "_drift_worker.py"), side, phase,
+                    str(data), str(out)], check=True, cwd=REPO, env=env)
     return dict(json.loads(out.read_text()))
 
 
-def _env() -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
+def _rate(results: dict[str, Any], kind: str, key: str = "drifted") -> float:
+    rows = [r[key] for name, r in results.items() if name.startswith(f"{kind}_")]
+    return float(np.mean(rows)) if rows else float("nan")
 
 
-def embed_throughput(settings: Settings, n: int) -> tuple[float, float]:
-    """Texts per second: tuneloop's Embedder and a plain ``encode`` loop, same texts."""
-    texts = [q.text for q in banking77.load("train")][:n]
-    embedder = Embedder(settings.embeddings)
-    model = embedder.model
-    model.encode(texts[:64])  # warm-up for both
-    batch = settings.embeddings.batch_size
-    started = time.perf_counter()
-    for i in range(0, len(texts), batch):
-        model.encode(texts[i : i + batch], batch_size=batch, normalize_embeddings=True)
-    plain = len(texts) / (time.perf_counter() - started)
-    started = time.perf_counter()
-    embedder.encode(texts)
-    ours = len(texts) / (time.perf_counter() - started)
-    return ours, plain
+def plot(curves: dict[str, list[float]], calibration: list[float], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (power, calib) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for (name, rates), style in zip(curves.items(), ("o-", "s--", "^:"), strict=False):
+        power.plot(SHARES, rates, style, label=name)
+    power.set_xscale("log")
+    power.set_xticks(SHARES, [f"{s:.0%}" for s in SHARES])
+    power.set_xlabel("share of the current window from unseen intents")
+    power.set_ylabel("detection rate")
+    power.set_ylim(-0.02, 1.02)
+    power.legend(loc="lower right", fontsize=8)
+    power.grid(alpha=0.3)
+    calib.plot([0, 1], [0, 1], color="#999999", linestyle=":", label="ideal")
+    calib.plot(SHARES, calibration, "o-", color="#4477aa", label="tuneloop novel share")
+    calib.set_xlabel("true novel share")
+    calib.set_ylabel("mean score")
+    calib.legend(loc="upper left", fontsize=8)
+    calib.grid(alpha=0.3)
+    fig.suptitle(f"drift on banking77: {N:,} vs {N:,} events, {UNSEEN} unseen intents "
+                 "per window")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def main(settings: Settings, quick: bool = False) -> None:
-    windows = 5 if quick else 20
+    windows = 8 if quick else 50
     python = ensure_bench_venv()
     store = Store(settings.home / "bench" / "drift.duckdb", settings.store.lock_timeout_s)
-    queries = banking77.load("train") + banking77.load("test")
-    texts = list(dict.fromkeys(q.text for q in queries))
-    matrix, stats = embed_texts(store, Embedder(settings.embeddings), texts)
+    queries = [(q, split) for split in ("train", "test") for q in banking77.load(split)]
+    matrix, stats = embed_texts(store, Embedder(settings.embeddings),
+                                [q.text for q, _ in queries])
     log.info("bench embeddings: %d texts, %d from cache", stats.texts, stats.hits)
-    vectors = dict(zip(texts, matrix, strict=True))
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-drift-") as tmp:
         work = Path(tmp)
         data = work / "windows.npz"
-        np.savez(data, **_windows(vectors, windows))  # type: ignore[arg-type]
-        ours = _run_side(Path(sys.executable), "tuneloop", data, work)
-        theirs = _run_side(python, "evidently", data, work)
-    ours_tps, plain_tps = embed_throughput(settings, 1000 if quick else 4000)
-    speedup = theirs["seconds"] / ours["seconds"]
-    rows = [
-        ("tuneloop (MMD + classifier + cluster report)", ours),
-        ("Evidently 0.7.23 EmbeddingsDrift (default: classifier, AUC > 0.55)", theirs),
-    ]
-    print(f"drift check, {N:,} vs {N:,} banking77 MiniLM embeddings, {windows} windows each way")
-    print("| side | wall s | peak MiB | detection | false positives |")
+        np.savez(data, vectors=matrix.astype(np.float32),
+                 **make_windows([(q.intent, split) for q, split in queries],
+                                windows))  # type: ignore[arg-type]
+        sides = {"tuneloop": Path(sys.executable), "evidently": python}
+        decisions = {side: _run_side(py, side, data, work / f"{side}.json", "decide")
+                     for side, py in sides.items()}
+        # Time per check: the same windows, each side first in one round.
+        seconds: dict[str, list[float]] = {side: [] for side in sides}
+        for order in (("tuneloop", "evidently"), ("evidently", "tuneloop")):
+            for side in order:
+                timed = _run_side(sides[side], side, data, work / f"{side}-t.json", "time")
+                seconds[side].append(timed["seconds_per_check"])
+    ours, theirs = decisions["tuneloop"], decisions["evidently"]
+    curves = {
+        "tuneloop (novel share)": [_rate(ours, f"p{s}") for s in SHARES],
+        "Evidently default (classifier)": [_rate(theirs, f"p{s}") for s in SHARES],
+        "MMD permutation test": [_rate(ours, f"p{s}", "mmd_drifted") for s in SHARES],
+    }
+    calibration = [_rate(ours, f"p{s}", "score") for s in SHARES]
+    calib_error = float(np.mean([abs(m - s) for m, s in zip(calibration, SHARES, strict=True)
+                                 if s >= 0.1]))
+    fpr = {kind: (_rate(ours, kind), _rate(theirs, kind), _rate(ours, kind, "mmd_drifted"))
+           for kind in NULLS}
+    our_s, their_s = float(np.median(seconds["tuneloop"])), float(np.median(seconds["evidently"]))
+    png = plot(curves, calibration, PLOT)
+
+    print(f"drift on banking77 MiniLM embeddings: {N:,} vs {N:,} events, {UNSEEN} unseen "
+          f"intents drawn per window, {windows} windows per point")
+    print("| current window | tuneloop | Evidently default | MMD test | tuneloop mean score |")
     print("| --- | --- | --- | --- | --- |")
-    for name, r in rows:
-        print(f"| {name} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | "
-              f"{r['detection_rate']:.2f} | {r['false_positive_rate']:.2f} |")
-    print(f"embedding throughput: tuneloop {ours_tps:.0f} texts/s, plain encode loop "
-          f"{plain_tps:.0f} texts/s")
-    print(f"FIGURE drift_speedup={speedup:.2f}")
-    print(f"FIGURE drift_detection_rate={ours['detection_rate']:.3f}")
-    print(f"FIGURE drift_false_positive_rate={ours['false_positive_rate']:.3f}")
-    print(f"FIGURE evidently_detection_rate={theirs['detection_rate']:.3f}")
-    print(f"FIGURE embed_ratio={ours_tps / plain_tps:.2f}")
+    for s, mean in zip(SHARES, calibration, strict=True):
+        print(f"| {s:.0%} unseen intents | {_rate(ours, f'p{s}'):.2f} | "
+              f"{_rate(theirs, f'p{s}'):.2f} | {_rate(ours, f'p{s}', 'mmd_drifted'):.2f} | "
+              f"{mean:.3f} |")
+    for kind, label in (("same", "same intents, same split"),
+                        ("style", "same intents, other split")):
+        ours_r, theirs_r, mmd_r = fpr[kind]
+        print(f"| {label} (false positives) | {ours_r:.2f} | {theirs_r:.2f} | {mmd_r:.2f} | "
+              f"{_rate(ours, kind, 'score'):.3f} |")
+    print(f"time per check (median of 2 alternated rounds): tuneloop {our_s:.3f} s, "
+          f"Evidently {their_s:.3f} s; rounds {seconds}")
+    print(f"plot: {png}")
+    print(f"FIGURE drift_detection_at_5pct={_rate(ours, 'p0.05'):.3f}")
+    print(f"FIGURE evidently_detection_at_5pct={_rate(theirs, 'p0.05'):.3f}")
+    print(f"FIGURE drift_false_positive_rate={max(fpr['same'][0], fpr['style'][0]):.3f}")
+    print(f"FIGURE drift_score_calibration_error={calib_error:.3f}")
+    print(f"FIGURE drift_speedup={their_s / our_s:.2f}")

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 import duckdb
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaError as KafkaError_
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from services.ingest import PreparedBatch, RawRecord, prepare_batch, write_batch
+from services.ingest import PreparedBatch, RawRecord, prepare_batch, write_isolating
 from services.settings import Settings
 from services.store import Store
 
@@ -54,6 +55,20 @@ class IngestStats:
 
 
 BatchHook = Callable[[PreparedBatch], None]
+
+
+# Commit errors that mean this member no longer owns the partitions: the batch is written,
+# so the new owner's replay changes nothing. Any other commit error is raised.
+_REBALANCE_CODES = frozenset({
+    KafkaError_.REBALANCE_IN_PROGRESS, KafkaError_.ILLEGAL_GENERATION,
+    KafkaError_.UNKNOWN_MEMBER_ID, KafkaError_._ASSIGNMENT_LOST, KafkaError_._STATE,
+    KafkaError_.FENCED_INSTANCE_ID,
+})
+
+
+def _lost_partitions(exc: KafkaException) -> bool:
+    error = exc.args[0] if exc.args else None
+    return getattr(error, "code", lambda: None)() in _REBALANCE_CODES
 
 
 class IngestConsumer:
@@ -179,7 +194,7 @@ class IngestConsumer:
         self._pending = (self._writer.submit(self._write, batch), raw, batch)
 
     def _write(self, batch: PreparedBatch) -> int:
-        inserted = write_batch(self._connection(), batch)
+        inserted = write_isolating(self._connection(), batch)
         if batch.dead:
             self._publish_dead_letters(batch)
         return inserted
@@ -200,6 +215,8 @@ class IngestConsumer:
                 offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
             )
         except KafkaException as exc:
+            if not _lost_partitions(exc):
+                raise
             # Partitions moved during the batch; it is written, so the new owner's
             # replay changes nothing.
             stats.commit_failures += 1
@@ -218,11 +235,14 @@ class IngestConsumer:
         )
 
     def _publish_dead_letters(self, batch: PreparedBatch) -> None:
+        """Send the batch's dead letters and wait for every acknowledgement: a failed
+        delivery raises, so the batch's offsets are not committed and it is replayed."""
         if self._dlq is None:
             self._dlq = KafkaProducer(
                 bootstrap_servers=self.cfg.bootstrap_servers, acks="all", enable_idempotence=True
             )
-        for dead in batch.dead:
+        timeout = self.cfg.request_timeout_ms / 1000
+        sent = [
             self._dlq.send(
                 self.cfg.dlq_topic,
                 key=dead.dead_letter_id.encode(),
@@ -232,7 +252,11 @@ class IngestConsumer:
                     ("source", dead.dead_letter_id.encode()),
                 ],
             )
-        self._dlq.flush(timeout=self.cfg.request_timeout_ms / 1000)
+            for dead in batch.dead
+        ]
+        self._dlq.flush(timeout=timeout)
+        for future in sent:
+            future.get(timeout=timeout)
 
     def close(self) -> None:
         self._writer.submit(self._release).result()

@@ -1,11 +1,13 @@
 """Ingest: validated, redacted feedback into DuckDB, exactly once per event_id.
 
 The core, :func:`prepare_batch`, is pure: raw Kafka records in, rows and dead
-letters out. :func:`write_batch` lands both in one DuckDB transaction with
+letters out (a record that cannot be stored, say with a lone UTF-16 surrogate, is a dead
+letter too). :func:`write_batch` lands both in one DuckDB transaction with
 ``ON CONFLICT DO NOTHING`` on ``event_id`` (feedback) and on
 ``topic:partition:offset`` (dead letters), so a batch replayed after a crash
-changes nothing. The consumer loop in :mod:`services.consumer` commits Kafka
-offsets only after :func:`write_batch` has returned.
+changes nothing; :func:`write_isolating` bisects a batch that one row makes fail and
+dead-letters that row with the store's error. The consumer loop in
+:mod:`services.consumer` commits Kafka offsets only after the write has returned.
 """
 
 from __future__ import annotations
@@ -56,6 +58,18 @@ class PreparedBatch:
     dead: list[DeadLetter] = field(default_factory=list)
     redactions: int = 0
     duplicates_in_batch: int = 0
+    # The record each row came from (None for events landed directly), so a row the
+    # store rejects can become a dead letter.
+    records: list[RawRecord | None] = field(default_factory=list)
+
+
+# Errors that one row can cause in a write; anything else (a busy or broken store) is
+# the batch's and propagates, so the batch is retried instead of dead-lettered.
+ROW_ERRORS: tuple[type[BaseException], ...] = (
+    duckdb.ConstraintException, duckdb.ConversionException, duckdb.InvalidInputException,
+    duckdb.OutOfRangeException, duckdb.TypeMismatchException, pa.ArrowException, UnicodeError,
+    OverflowError,
+)
 
 
 FEEDBACK_COLUMNS = (
@@ -169,9 +183,14 @@ def prepare_batch(
             batch.duplicates_in_batch += 1
             continue
         seen.add(event_id)
-        row, count = event_row(event, record, now)
+        try:
+            row, count = event_row(event, record, now)
+        except ROW_ERRORS as exc:  # valid JSON the store cannot hold (a lone surrogate)
+            batch.dead.append(DeadLetter(record, f"cannot be stored: {exc}", event_id))
+            continue
         batch.redactions += count
         batch.rows.append(row)
+        batch.records.append(record)
     return batch
 
 
@@ -209,6 +228,44 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
     return inserted
 
 
+def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
+    """:func:`write_batch`, and when a row makes it fail, find that row by bisection and
+    dead-letter it with the store's error, so the partition moves on.
+
+    The halves are written one by one; each write is keyed, so a crash in between
+    replays to the same result. ``batch.dead`` gains the rejected rows.
+    """
+    try:
+        return write_batch(con, batch)
+    except ROW_ERRORS as exc:
+        if not batch.rows:
+            raise
+        log.warning("a batch of %d rows failed to write (%s); isolating the row", len(batch.rows),
+                    exc)
+    rejected: list[DeadLetter] = []
+    inserted = _write_halves(con, batch.rows, batch.records, rejected)
+    dead = batch.dead + rejected
+    write_batch(con, PreparedBatch(dead=dead))
+    batch.dead[:] = dead
+    return inserted
+
+
+def _write_halves(con: duckdb.DuckDBPyConnection, rows: list[tuple[object, ...]],
+                  records: list[RawRecord | None], rejected: list[DeadLetter]) -> int:
+    try:
+        return write_batch(con, PreparedBatch(rows=rows, records=records))
+    except ROW_ERRORS as exc:
+        if len(rows) == 1:
+            record = records[0] if records else None
+            if record is None:
+                raise
+            rejected.append(DeadLetter(record, f"the store rejected it: {exc}", str(rows[0][0])))
+            return 0
+    mid = len(rows) // 2
+    return (_write_halves(con, rows[:mid], records[:mid], rejected)
+            + _write_halves(con, rows[mid:], records[mid:], rejected))
+
+
 def _insert_arrow(
     con: duckdb.DuckDBPyConnection, table: str, key: str, arrays: list[pa.Array], schema: pa.Schema
 ) -> int:
@@ -228,4 +285,5 @@ def insert_events(con: duckdb.DuckDBPyConnection, events: Sequence[FeedbackEvent
         row, count = event_row(event, None, now)
         batch.redactions += count
         batch.rows.append(row)
+        batch.records.append(None)
     return write_batch(con, batch)

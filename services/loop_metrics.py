@@ -95,7 +95,9 @@ class LoopCollector(Collector):
         loop = read(self.home)
         drift = loop.get("drift") or {}
         if "score" in drift:
-            g = GaugeMetricFamily("tuneloop_drift_score", "Score of the latest drift check.")
+            g = GaugeMetricFamily("tuneloop_drift_score",
+                                  "Novel share of the latest drift check: the estimated share "
+                                  "of current traffic the reference does not cover.")
             g.add_metric([], float(drift["score"]))
             yield g
             g = GaugeMetricFamily("tuneloop_drift_detected", "1 when the latest check drifted.")

@@ -244,7 +244,12 @@ def registered(con: duckdb.DuckDBPyConnection, name: str, table: Any) -> Iterato
     try:
         yield name
     finally:
-        con.unregister(name)
+        try:
+            con.unregister(name)
+        except duckdb.TransactionException:
+            # The block's statement aborted the transaction: the caller's error is the one
+            # to see, and the next ``register`` of the name replaces this table.
+            pass
 
 
 class Store:

@@ -1,8 +1,20 @@
 import json
 import uuid
+from pathlib import Path
+
+import duckdb
+import pytest
 
 from services import banking77
-from services.ingest import RawRecord, prepare_batch, redact_event
+from services.ingest import (
+    FEEDBACK_COLUMNS,
+    RawRecord,
+    prepare_batch,
+    redact_event,
+    write_batch,
+    write_isolating,
+)
+from services.store import Store
 
 
 def _records(payloads: list[bytes], keys: list[bytes | None] | None = None) -> list[RawRecord]:
@@ -40,3 +52,48 @@ def test_redaction_covers_every_free_text_field() -> None:
     assert count == 3
     blob = json.dumps(cleaned.model_dump(mode="json"))
     assert "a@b.io" not in blob and "7946" not in blob and "4111" not in blob
+
+
+def test_a_record_the_store_cannot_hold_is_a_dead_letter() -> None:
+    """Valid JSON with a lone UTF-16 surrogate: no UTF-8 string can hold it."""
+    events = list(banking77.to_events(banking77.load("test")[:3]))
+    raw = [e.to_json_bytes() for e in events]
+    poison = raw[1].replace(b'"content":"', b'"content":"\\ud800', 1)
+    assert poison != raw[1]
+    batch = prepare_batch(_records([raw[0], poison, raw[2]]))
+    assert len(batch.rows) == 2 and len(batch.records) == 2
+    assert [d.record.offset for d in batch.dead] == [1]
+    assert "cannot be stored" in batch.dead[0].reason and "surrogate" in batch.dead[0].reason
+
+
+def test_a_row_that_fails_the_write_is_isolated_and_dead_lettered(tmp_path: Path) -> None:
+    events = list(banking77.to_events(banking77.load("test")[:8]))
+    batch = prepare_batch(_records([e.to_json_bytes() for e in events]))
+    bad = list(batch.rows[5])
+    bad[FEEDBACK_COLUMNS.index("app")] = None  # NOT NULL in the table: the write fails
+    batch.rows[5] = tuple(bad)
+    store = Store(tmp_path / "t.duckdb")
+    with store.connect() as con:
+        with pytest.raises(duckdb.ConstraintException):
+            write_batch(con, batch)
+        assert write_isolating(con, batch) == 7
+        again = prepare_batch(_records([e.to_json_bytes() for e in events]))
+        again.rows[5] = tuple(bad)
+        assert write_isolating(con, again) == 0  # a replay changes nothing
+        stored = con.execute("SELECT count(*) FROM feedback").fetchall()[0][0]
+        dead = con.execute("SELECT dead_letter_id, event_id, reason FROM dead_letters").fetchall()
+    assert stored == 7
+    assert len(dead) == 1 and dead[0][0] == "feedback.v1:0:5"
+    assert dead[0][1] == str(events[5].event_id) and "the store rejected it" in dead[0][2]
+    assert [d.dead_letter_id for d in batch.dead] == ["feedback.v1:0:5"]
+
+
+def test_only_a_rebalance_excuses_a_failed_offset_commit() -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    from services.consumer import _lost_partitions
+
+    assert _lost_partitions(KafkaException(KafkaError(KafkaError.REBALANCE_IN_PROGRESS)))
+    assert _lost_partitions(KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID)))
+    assert not _lost_partitions(KafkaException(KafkaError(KafkaError._TRANSPORT)))
+    assert not _lost_partitions(KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE)))

@@ -32,7 +32,7 @@ def drift(
     reference_start: datetime | None = typer.Option(None, "--reference-start"),
     reference_end: datetime | None = typer.Option(None, "--reference-end"),
     plot: Path | None = typer.Option(
-        None, "--plot", help="Write drift score over time to this PNG instead of checking."
+        None, "--plot", help="Write the novel share over time to this PNG instead of checking."
     ),
 ) -> None:
     """Compare the current window with the reference and store a drift report."""

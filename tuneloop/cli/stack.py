@@ -246,7 +246,8 @@ def render_status(report: dict[str, Any]) -> None:
         console.print(Panel(lines, title="dead letters by reason", border_style="red"))
     if report["latest_drift"]:
         at, score, p, drifted = report["latest_drift"][0]
-        console.print(f"latest drift check {at:%Y-%m-%d %H:%M}: score {score:.3f}, p={p:.3g}, "
+        console.print(f"latest drift check {at:%Y-%m-%d %H:%M}: novel share {score:.2f}, "
+                      f"p={p:.3g}, "
                       + ("[red]DRIFT[/]" if drifted else "[green]no drift[/]"))
     serving = report.get("serving") or {}
     if serving.get("error"):
