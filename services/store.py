@@ -13,6 +13,7 @@ batch, one report) so waits stay short.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -244,12 +245,10 @@ def registered(con: duckdb.DuckDBPyConnection, name: str, table: Any) -> Iterato
     try:
         yield name
     finally:
-        try:
+        # If the block's statement aborted the transaction, the caller's error is the one
+        # to see, and the next ``register`` of the name replaces this table.
+        with contextlib.suppress(duckdb.TransactionException):
             con.unregister(name)
-        except duckdb.TransactionException:
-            # The block's statement aborted the transaction: the caller's error is the one
-            # to see, and the next ``register`` of the name replaces this table.
-            pass
 
 
 class Store:
