@@ -187,14 +187,16 @@ class IngestConsumer:
         only once its write has returned.
         """
         stats.seen += len(raw)
-        batch = prepare_batch(raw, self.settings.ingest.max_event_bytes)
+        batch = prepare_batch(raw, self.settings.ingest.max_event_bytes,
+                              keep_raw=self.settings.ingest.keep_raw_dead_letters)
         if on_batch is not None:
             on_batch(batch)
         self._settle(stats)
         self._pending = (self._writer.submit(self._write, batch), raw, batch)
 
     def _write(self, batch: PreparedBatch) -> int:
-        inserted = write_isolating(self._connection(), batch)
+        inserted = write_isolating(self._connection(), batch,
+                                   self.settings.ingest.keep_raw_dead_letters)
         if batch.dead:
             self._publish_dead_letters(batch)
         return inserted
@@ -246,7 +248,7 @@ class IngestConsumer:
             self._dlq.send(
                 self.cfg.dlq_topic,
                 key=dead.dead_letter_id.encode(),
-                value=dead.record.value,
+                value=dead.payload,
                 headers=[
                     ("reason", dead.reason.encode()),
                     ("source", dead.dead_letter_id.encode()),

@@ -46,10 +46,37 @@ class DeadLetter:
     record: RawRecord
     reason: str
     event_id: str | None = None
+    keep_raw: bool = False  # ``ingest.keep_raw_dead_letters``: store the payload unredacted
 
     @property
     def dead_letter_id(self) -> str:
         return f"{self.record.topic}:{self.record.partition}:{self.record.offset}"
+
+    @property
+    def payload(self) -> bytes:
+        """What is kept of the record, in DuckDB and on the dead-letter topic: its bytes
+        with PII redacted (as text; bytes that are not UTF-8 become U+FFFD), unless the
+        raw payload is kept on purpose."""
+        if self.keep_raw:
+            return self.record.value
+        return redact(self.record.value.decode("utf-8", errors="replace")).text.encode()
+
+
+def redact_json(value: object) -> tuple[object, int]:
+    """``value`` (decoded JSON) with PII redacted in every string in it, and the count."""
+    if isinstance(value, str):
+        r = redact(value)
+        return r.text, r.count
+    if isinstance(value, dict):
+        out, total = {}, 0
+        for key, item in value.items():
+            out[key], n = redact_json(item)
+            total += n
+        return out, total
+    if isinstance(value, list):
+        items = [redact_json(item) for item in value]
+        return [i for i, _ in items], sum(n for _, n in items)
+    return value, 0
 
 
 @dataclass
@@ -106,14 +133,16 @@ _DEAD_ARROW = pa.schema(
 def redact_event(event: FeedbackEvent) -> tuple[FeedbackEvent, int]:
     """The event with PII replaced in every free-text field, and the number of spans."""
     clean = Redactor()
+    metadata, count = redact_json(event.metadata) if event.metadata else (event.metadata, 0)
     cleaned = event.model_copy(
         update={
             "messages": [Message(role=m.role, content=clean(m.content)) for m in event.messages],
             "completion": clean(event.completion),
             "correction": clean(event.correction) if event.correction is not None else None,
+            "metadata": metadata,
         }
     )
-    return cleaned, clean.count
+    return cleaned, clean.count + count
 
 
 def event_row(
@@ -132,6 +161,8 @@ def event_row(
     completion = redact(event.completion)
     correction = redact(event.correction) if event.correction is not None else None
     redactions += completion.count + (correction.count if correction else 0)
+    metadata, count = redact_json(event.metadata) if event.metadata else ({}, 0)
+    redactions += count
     row = (
         str(event.event_id),
         event.occurred_at,
@@ -147,7 +178,7 @@ def event_row(
         event.label,
         event.language,
         event.user_id,
-        _encode(event.metadata).decode() if event.metadata else "{}",
+        _encode(metadata).decode(),
         redactions,
         record.topic if record else None,
         record.partition if record else None,
@@ -157,9 +188,11 @@ def event_row(
 
 
 def prepare_batch(
-    records: Iterable[RawRecord], max_bytes: int = MAX_EVENT_BYTES, now: datetime | None = None
+    records: Iterable[RawRecord], max_bytes: int = MAX_EVENT_BYTES, now: datetime | None = None,
+    keep_raw: bool = False,
 ) -> PreparedBatch:
-    """Validate and redact a batch. Never raises for bad input: it becomes a dead letter."""
+    """Validate and redact a batch. Never raises for bad input: it becomes a dead letter
+    (its payload redacted unless ``keep_raw``)."""
     now = now or datetime.now(UTC)
     batch = PreparedBatch()
     seen: set[str] = set()
@@ -171,12 +204,13 @@ def prepare_batch(
             try:
                 event = parse_event(record.value, max_bytes)
             except InvalidEvent as exc:
-                batch.dead.append(DeadLetter(record, exc.reason, exc.event_id))
+                batch.dead.append(DeadLetter(record, exc.reason, exc.event_id, keep_raw))
                 continue
         event_id = str(event.event_id)
         if record.key is not None and record.key.decode(errors="replace") != event_id:
             batch.dead.append(
-                DeadLetter(record, f"key {record.key!r} does not match event_id {event_id}", event_id)
+                DeadLetter(record, f"key {record.key!r} does not match event_id {event_id}",
+                           event_id, keep_raw)
             )
             continue
         if event_id in seen:
@@ -186,7 +220,7 @@ def prepare_batch(
         try:
             row, count = event_row(event, record, now)
         except ROW_ERRORS as exc:  # valid JSON the store cannot hold (a lone surrogate)
-            batch.dead.append(DeadLetter(record, f"cannot be stored: {exc}", event_id))
+            batch.dead.append(DeadLetter(record, f"cannot be stored: {exc}", event_id, keep_raw))
             continue
         batch.redactions += count
         batch.rows.append(row)
@@ -219,7 +253,7 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
                           for d in dead], pa.string()),
                 pa.array([d.event_id for d in dead], pa.string()),
                 pa.array([d.reason for d in dead], pa.string()),
-                pa.array([d.record.value for d in dead], pa.binary()),
+                pa.array([d.payload for d in dead], pa.binary()),
             ], _DEAD_ARROW)
         con.execute("COMMIT")
     except BaseException:
@@ -228,7 +262,8 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
     return inserted
 
 
-def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
+def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch,
+                    keep_raw: bool = False) -> int:
     """:func:`write_batch`, and when a row makes it fail, find that row by bisection and
     dead-letter it with the store's error, so the partition moves on.
 
@@ -243,7 +278,7 @@ def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int
         log.warning("a batch of %d rows failed to write (%s); isolating the row", len(batch.rows),
                     exc)
     rejected: list[DeadLetter] = []
-    inserted = _write_halves(con, batch.rows, batch.records, rejected)
+    inserted = _write_halves(con, batch.rows, batch.records, rejected, keep_raw)
     dead = batch.dead + rejected
     write_batch(con, PreparedBatch(dead=dead))
     batch.dead[:] = dead
@@ -251,7 +286,8 @@ def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int
 
 
 def _write_halves(con: duckdb.DuckDBPyConnection, rows: list[tuple[object, ...]],
-                  records: list[RawRecord | None], rejected: list[DeadLetter]) -> int:
+                  records: list[RawRecord | None], rejected: list[DeadLetter],
+                  keep_raw: bool) -> int:
     try:
         return write_batch(con, PreparedBatch(rows=rows, records=records))
     except ROW_ERRORS as exc:
@@ -259,11 +295,12 @@ def _write_halves(con: duckdb.DuckDBPyConnection, rows: list[tuple[object, ...]]
             record = records[0] if records else None
             if record is None:
                 raise
-            rejected.append(DeadLetter(record, f"the store rejected it: {exc}", str(rows[0][0])))
+            rejected.append(DeadLetter(record, f"the store rejected it: {exc}", str(rows[0][0]),
+                                       keep_raw))
             return 0
     mid = len(rows) // 2
-    return (_write_halves(con, rows[:mid], records[:mid], rejected)
-            + _write_halves(con, rows[mid:], records[mid:], rejected))
+    return (_write_halves(con, rows[:mid], records[:mid], rejected, keep_raw)
+            + _write_halves(con, rows[mid:], records[mid:], rejected, keep_raw))
 
 
 def _insert_arrow(

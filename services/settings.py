@@ -57,6 +57,14 @@ class KafkaSettings(Section):
     topic: str = "feedback.v1"
     dlq_topic: str = "feedback.v1.dlq"
     partitions: int = Field(3, ge=1)
+    replication_factor: int = Field(
+        1, ge=1, description="Replicas of each topic tuneloop creates; with an external "
+        "cluster, `tuneloop up` and `status` report topics with fewer.",
+    )
+    min_insync_replicas: int = Field(
+        1, ge=1, description="min.insync.replicas of the topics tuneloop creates (producers "
+        "send with acks=all); existing topics below it are reported.",
+    )
     group_id: str = "tuneloop-ingest"
     # tansu joins a group in ~3 s with 6 s sessions; the Kafka default (45 s) makes it ~23 s.
     session_timeout_ms: int = Field(6000, ge=1000)
@@ -67,6 +75,16 @@ class KafkaSettings(Section):
     # member that vanished mid-join, so it is not set higher than needed.
     max_poll_interval_ms: int = Field(60_000, ge=10_000)
     request_timeout_ms: int = Field(15_000, ge=1000)
+
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> KafkaSettings:
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(
+                f"kafka.min_insync_replicas={self.min_insync_replicas} is above "
+                f"kafka.replication_factor={self.replication_factor}: no write could succeed"
+            )
+        return self
 
 
 class PrefectSettings(Section):
@@ -108,6 +126,10 @@ class IngestSettings(Section):
     interval_s: int = Field(
         15, ge=1, description="The long-running ingest lands shadow pairs and reports its "
         "figures (events, lag) this often.",
+    )
+    keep_raw_dead_letters: bool = Field(
+        False, description="Keep dead letters' payloads as they came, PII included (in "
+        "DuckDB and on the dead-letter topic); by default they are kept redacted.",
     )
 
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from services.settings import KafkaSettings
@@ -36,17 +36,55 @@ def ensure_topics(cfg: KafkaSettings, extra: tuple[str, ...] = ()) -> list[str]:
         existing = set(admin.list_topics())
         wanted = [t for t in (cfg.topic, cfg.dlq_topic, *extra) if t not in existing]
         created = []
+        configs = ({"min.insync.replicas": str(cfg.min_insync_replicas)}
+                   if cfg.min_insync_replicas > 1 else {})
         for name in wanted:
             try:
-                admin.create_topics([NewTopic(name, cfg.partitions, 1)])
+                admin.create_topics([NewTopic(name, cfg.partitions, cfg.replication_factor,
+                                              topic_configs=configs)])
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass
         if created:
-            log.info("created topics %s with %d partitions", created, cfg.partitions)
+            log.info("created topics %s with %d partitions, %d replicas", created,
+                     cfg.partitions, cfg.replication_factor)
         return created
     finally:
         admin.close()
+
+
+def under_replicated(cfg: KafkaSettings, extra: tuple[str, ...] = ()) -> list[str]:
+    """tuneloop's topics whose replication or ``min.insync.replicas`` is below what the
+    settings ask for, one sentence each (empty when all are as configured or missing)."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=cfg.bootstrap_servers, request_timeout_ms=cfg.request_timeout_ms
+    )
+    problems = []
+    try:
+        names = [t for t in (cfg.topic, cfg.dlq_topic, *extra) if t in set(admin.list_topics())]
+        for topic in admin.describe_topics(names):
+            replicas = min((len(p["replicas"]) for p in topic["partitions"]), default=0)
+            if replicas < cfg.replication_factor:
+                problems.append(f"topic {topic['topic']} has {replicas} replica(s), below "
+                                f"kafka.replication_factor={cfg.replication_factor}")
+        if cfg.min_insync_replicas > 1 and names:
+            try:
+                described = admin.describe_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, n, ["min.insync.replicas"])
+                     for n in names])
+            except KafkaError as exc:
+                return [*problems, f"could not read min.insync.replicas of {', '.join(names)}: "
+                        f"{exc}"]
+            for response in described:
+                for _, _, _, name, entries in response.resources:
+                    value = next((int(e[1]) for e in entries if e[0] == "min.insync.replicas"),
+                                 1)
+                    if value < cfg.min_insync_replicas:
+                        problems.append(f"topic {name} has min.insync.replicas={value}, below "
+                                        f"kafka.min_insync_replicas={cfg.min_insync_replicas}")
+    finally:
+        admin.close()
+    return problems
 
 
 def topic_offsets(cfg: KafkaSettings, topic: str, group_id: str | None) -> list[PartitionOffsets]:

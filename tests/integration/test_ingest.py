@@ -20,7 +20,7 @@ from services.feedback import FeedbackEvent
 from services.ingest import PreparedBatch
 from services.settings import Settings
 from services.store import Store
-from services.topics import ensure_topics, topic_offsets
+from services.topics import ensure_topics, topic_offsets, under_replicated
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +80,12 @@ def _feedback_ids(store: Store) -> list[str]:
 def test_duplicates_and_malformed_events(broker: Settings, settings: Settings, store: Store) -> None:
     ensure_topics(settings.kafka)
     valid_ids, n_bad = _mixed_traffic(settings, 10_000)
+    # Valid JSON that no UTF-8 column can hold (a lone surrogate): once, this crashed the
+    # consumer and stalled its partition.
+    poison = _events(1)[0]
+    _send_raw(settings, [(str(poison.event_id).encode(), poison.to_json_bytes().replace(
+        b'"content":"', b'"content":"\\ud800', 1))])
+    n_bad += 1
 
     consumer = IngestConsumer(settings, store)
     try:
@@ -94,7 +100,8 @@ def test_duplicates_and_malformed_events(broker: Settings, settings: Settings, s
         dead = con.execute("SELECT reason, source_offset FROM dead_letters").fetchall()
     assert len(dead) == n_bad == stats.dead_letters
     reasons = " | ".join(r for r, _ in dead)
-    for fragment in ("not valid UTF-8 JSON", "rating", "messages", "schema_version=2", "byte cap"):
+    for fragment in ("not valid UTF-8 JSON", "rating", "messages", "schema_version=2", "byte cap",
+                     "cannot be stored"):
         assert fragment in reasons
     # The dead-letter topic holds them too, with the reason in a header.
     dlq = topic_offsets(settings.kafka, settings.kafka.dlq_topic, None)
@@ -288,3 +295,16 @@ def test_ingest_flow_on_the_prefect_server(broker: Settings, prefect_server: str
     import asyncio
 
     assert asyncio.run(runs()) == ["Completed"]
+
+
+def test_topics_below_the_configured_replication_are_reported(broker: Settings,
+                                                                settings: Settings) -> None:
+    """The embedded broker is one node, so its topics have one replica: with settings that
+    ask for three (as for an external cluster), each of tuneloop's topics is named."""
+    ensure_topics(settings.kafka)
+    assert under_replicated(settings.kafka) == []
+    wanted = settings.kafka.model_copy(update={"replication_factor": 3})
+    problems = under_replicated(wanted)
+    assert len(problems) == 2
+    assert all("1 replica(s), below kafka.replication_factor=3" in p for p in problems)
+    assert {settings.kafka.topic, settings.kafka.dlq_topic} == {p.split()[1] for p in problems}

@@ -97,3 +97,23 @@ def test_only_a_rebalance_excuses_a_failed_offset_commit() -> None:
     assert _lost_partitions(KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID)))
     assert not _lost_partitions(KafkaException(KafkaError(KafkaError._TRANSPORT)))
     assert not _lost_partitions(KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE)))
+
+
+def test_metadata_and_dead_letters_are_redacted_unless_raw_is_kept(tmp_path: Path) -> None:
+    event = next(banking77.to_events(banking77.load("test")[:1]))
+    event = event.model_copy(update={"metadata": {"agent": "jo@example.com",
+                                                  "notes": ["call +44 20 7946 0958", 3]}})
+    bad = b'{"note": "not an event", "email": "jo@example.com"}'
+    batch = prepare_batch(_records([event.to_json_bytes(), bad]))
+    metadata = json.loads(str(batch.rows[0][FEEDBACK_COLUMNS.index("metadata")]))
+    assert metadata == {"agent": "[EMAIL]", "notes": ["call [PHONE]", 3]}
+    assert batch.rows[0][FEEDBACK_COLUMNS.index("redactions")] == 2
+    assert b"jo@example.com" not in batch.dead[0].payload and b"[EMAIL]" in batch.dead[0].payload
+    cleaned, count = redact_event(event)
+    assert cleaned.metadata == metadata and count == 2
+    raw = prepare_batch(_records([bad]), keep_raw=True)
+    assert raw.dead[0].payload == bad
+    with Store(tmp_path / "t.duckdb").connect() as con:
+        write_batch(con, batch)
+        stored = con.execute("SELECT payload FROM dead_letters").fetchall()[0][0]
+    assert b"jo@example.com" not in bytes(stored)

@@ -64,3 +64,14 @@ def test_derived_paths_follow_home(tmp_path: Path) -> None:
     assert settings.db_path == tmp_path / "tuneloop.duckdb"
     assert settings.outbox_path == tmp_path / "outbox.sqlite"
 
+
+
+def test_min_insync_replicas_cannot_exceed_the_replication_factor() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from services.settings import KafkaSettings
+
+    with pytest.raises(ValidationError, match="no write could succeed"):
+        KafkaSettings(replication_factor=1, min_insync_replicas=2)
+    assert KafkaSettings(replication_factor=3, min_insync_replicas=2).min_insync_replicas == 2

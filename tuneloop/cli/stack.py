@@ -40,11 +40,28 @@ def up(
                                ingest=not no_ingest)
         except (TimeoutError, OSError) as exc:
             raise fail(str(exc)) from None
+    for problem in topic_problems(settings):
+        console.print(f"[yellow]warning[/]: {problem}")
     console.print(f"[green]up[/]: Kafka at {settings.kafka.bootstrap_servers}, "
                   f"Prefect UI at {settings.prefect.api_url.removesuffix('/api')}"
                   + ("" if no_serving or not settings.serving.embedded else
                      f", OpenAI-compatible endpoint at {settings.serving.gateway_url}/v1 "
                      f"(model {settings.serving.alias!r})"))
+
+
+def topic_problems(settings: Settings) -> list[str]:
+    """Topics of an external cluster below the configured replication (the embedded
+    broker is one node: nothing to report)."""
+    if settings.kafka.embedded:
+        return []
+    from kafka.errors import KafkaError
+
+    from services.topics import under_replicated
+
+    try:
+        return under_replicated(settings.kafka, (settings.serving.shadow_topic,))
+    except KafkaError as exc:
+        return [f"could not check the topics' replication: {exc}"]
 
 
 def down(ctx: typer.Context) -> None:
@@ -112,6 +129,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                                    "committed": p.committed, "lag": p.lag if group else None})
             except KafkaError as exc:
                 topics.append({"topic": topic, "error": str(exc)})
+    replication = topic_problems(settings) if health[0]["ok"] else []
     # Status answers within seconds even when a long write holds the store.
     store = Store(settings.db_path, min(settings.store.lock_timeout_s, STORE_WAIT_S))
     counts: dict[str, int] = {}
@@ -171,8 +189,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             serving = GatewayAdmin(settings, timeout_s=5).state()
         except GatewayError as exc:
             serving = {"error": str(exc)}
-    return {"health": health, "topics": topics, "counts": counts, "dead_letters": dead,
-            "adapters": adapters, "latest_drift": drift, "db": str(store.path),
+    return {"health": health, "topics": topics, "replication": replication, "counts": counts,
+            "dead_letters": dead, "adapters": adapters, "latest_drift": drift, "db": str(store.path),
             "serving": serving, "freeze": freeze, "canary": canary, "last_change": last_change,
             "store_busy": store_busy, "ingest": ingest, "outbox_backlog": outboxes,
             "flow_runs": runs}
@@ -215,6 +233,8 @@ def render_status(report: dict[str, Any]) -> None:
             t.add_row(row["topic"], str(row["partition"]), str(row["end"]),
                       "" if row["committed"] is None else str(row["committed"]), lag_s)
         console.print(t)
+    for problem in report.get("replication") or []:
+        console.print(f"[yellow]warning[/]: {problem}")
 
     if report["counts"]:
         c = Table(title=f"store {report['db']}", show_edge=False)
