@@ -45,12 +45,25 @@ class CurationRun:
     report: dict[str, Any]
 
 
-def considered_through(con: Any) -> datetime | None:
-    """The ingest time up to which the latest dataset version considered feedback."""
+def since_latest(con: Any, alias: str = "") -> tuple[str, list[Any]]:
+    """SQL (``AND ...``) selecting feedback written after the latest dataset version's
+    watermark, and its arguments; nothing when there is no version yet.
+
+    The watermark is the write sequence ``seq`` (assigned in the write's transaction, so
+    a batch prepared early and written late is never under it); versions curated before
+    the sequence existed fall back to their ingest time.
+    """
     rows = con.execute(
-        "SELECT filters->>'considered_through' FROM datasets ORDER BY created_at DESC LIMIT 1"
-    ).fetchall()
-    return datetime.fromisoformat(rows[0][0]) if rows and rows[0][0] else None
+        "SELECT filters->>'considered_through_seq', filters->>'considered_through' "
+        "FROM datasets ORDER BY created_at DESC LIMIT 1").fetchall()
+    if not rows:
+        return "", []
+    seq, through = rows[0]
+    if seq is not None:
+        return f" AND {alias}seq > ?", [int(seq)]
+    if through is not None:
+        return f" AND {alias}ingested_at > ?", [datetime.fromisoformat(through)]
+    return "", []
 
 
 def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
@@ -59,11 +72,10 @@ def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
     Each event is considered by one version only, so drop counts add up across
     versions and a dropped event is not re-examined every run.
     """
-    since = None if include_used else considered_through(con)
-    where, args = ("WHERE ingested_at > ?", [since]) if since else ("", [])
+    where, args = ("", []) if include_used else since_latest(con)
     rows = con.execute(
         "SELECT event_id, occurred_at, messages, user_text, completion, rating, correction, "
-        f"label, user_id FROM feedback {where} ORDER BY occurred_at, event_id",
+        f"label, user_id FROM feedback WHERE true{where} ORDER BY occurred_at, event_id",
         args,
     ).fetchall()
     return [
@@ -86,7 +98,8 @@ def run_curation(
     retrain finds it (:func:`find_curated`) instead of curating again.
     """
     with store.connect() as con:
-        through = con.execute("SELECT max(ingested_at) FROM feedback").fetchall()[0][0]
+        through, through_seq = con.execute(
+            "SELECT max(ingested_at), max(seq) FROM feedback").fetchall()[0]
         candidates = load_candidates(con, include_used)
         gold = golden.load(con)
         parent = latest_version(con)
@@ -114,6 +127,7 @@ def run_curation(
     filters = cfg.model_dump(mode="json") | {
         "include_used": include_used,
         "considered_through": through.isoformat() if through else None,
+        "considered_through_seq": through_seq,
         "run_key": run_key,
     }
     parents = [parent] if parent and replayed else []
@@ -145,11 +159,10 @@ def find_curated(store: Store, run_key: str) -> CurationRun | None:
 def new_labelled_events(store: Store) -> int:
     """Labelled or corrected feedback ingested since the latest version was curated."""
     with store.connect() as con:
-        since = considered_through(con)
-        where = "AND ingested_at > ?" if since else ""
+        where, args = since_latest(con)
         return int(con.execute(
-            "SELECT count(*) FROM feedback WHERE (label IS NOT NULL OR correction IS NOT NULL) "
-            f"{where}", [since] if since else []).fetchall()[0][0])
+            "SELECT count(*) FROM feedback WHERE (label IS NOT NULL OR correction IS NOT NULL)"
+            f"{where}", args).fetchall()[0][0])
 
 
 @dataclass(frozen=True)
@@ -165,15 +178,14 @@ def new_labels(store: Store) -> list[NewLabel]:
     """Labels in feedback ingested since the latest dataset version that the production
     adapter's dataset lacks, with how many examples each has and when it first came."""
     with store.connect() as con:
-        since = considered_through(con)
-        where = "AND f.ingested_at > ?" if since else ""
+        where, args = since_latest(con, "f.")
         rows = con.execute(
             "SELECT f.label, count(*), min(f.ingested_at) FROM feedback f "
-            f"WHERE f.label IS NOT NULL {where} AND f.label NOT IN ("
+            f"WHERE f.label IS NOT NULL{where} AND f.label NOT IN ("
             "  SELECT e.label FROM dataset_examples e JOIN adapters a "
             "  ON e.version = a.dataset_version WHERE a.state = 'production' "
             "  AND e.label IS NOT NULL) "
-            "GROUP BY f.label ORDER BY 2, 1", [since] if since else []).fetchall()
+            "GROUP BY f.label ORDER BY 2, 1", args).fetchall()
     return [NewLabel(r[0], int(r[1]), r[2]) for r in rows]
 
 

@@ -45,6 +45,10 @@ def holder(lock_path: Path) -> dict[str, Any] | None:
 
 
 SCHEMA: tuple[str, ...] = (
+    # ``seq`` numbers feedback in the order it was written. Writes take turns on the file
+    # (one process at a time, see Store), so a later commit always has a higher number:
+    # curation's watermark cannot skip a batch that was prepared early and written late.
+    "CREATE SEQUENCE IF NOT EXISTS feedback_seq",
     """
     CREATE TABLE IF NOT EXISTS feedback (
         event_id VARCHAR PRIMARY KEY,
@@ -65,9 +69,11 @@ SCHEMA: tuple[str, ...] = (
         redactions INTEGER NOT NULL DEFAULT 0,
         source_topic VARCHAR,
         source_partition INTEGER,
-        source_offset BIGINT
+        source_offset BIGINT,
+        seq BIGINT DEFAULT nextval('feedback_seq')
     )
     """,
+    "ALTER TABLE feedback ADD COLUMN IF NOT EXISTS seq BIGINT DEFAULT nextval('feedback_seq')",
     """
     CREATE TABLE IF NOT EXISTS dead_letters (
         dead_letter_id VARCHAR PRIMARY KEY,

@@ -13,7 +13,7 @@ from services.curation import prompt_key
 from services.curation_store import examples_of, load_candidates, load_tokenizer, run_curation
 from services.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
 from services.embeddings import Embedder
-from services.ingest import insert_events
+from services.ingest import RawRecord, insert_events, prepare_batch, write_batch
 from services.settings import Settings
 from services.store import Store
 
@@ -92,3 +92,31 @@ def test_curate_flow_on_prefect_server(prefect_server: str, settings: Settings) 
     assert result["version"] == "ds-0001"
     for export in result["exports"].values():
         assert Path(export["path"]).exists()
+
+
+def test_a_batch_prepared_early_and_written_late_is_still_curated(
+        settings: Settings, store: Store) -> None:
+    """Two consumers: one prepares its batch first but writes it after the other, and a
+    curation runs in between. The watermark is the write order, so the late batch is in
+    the next version instead of falling under the first one's watermark."""
+    queries = banking77.select(banking77.load("train"), None, 120, seed=21)
+    events = list(banking77.to_events(queries, seed=21))
+    records = [RawRecord("feedback.v1", 0, i, str(e.event_id).encode(), e.to_json_bytes())
+               for i, e in enumerate(events)]
+    t0 = datetime.now(UTC)
+    early = prepare_batch(records[:60], now=t0)
+    late = prepare_batch(records[60:], now=t0 + timedelta(seconds=5))
+    with store.connect() as con:
+        write_batch(con, late)
+    embedder = Embedder(settings.embeddings)
+    first = run_curation(store, embedder, settings.curation)
+    assert first.report["considered"] == 60
+    with store.connect() as con:
+        write_batch(con, early)
+    second = run_curation(store, embedder, settings.curation)
+    assert second.report["considered"] == 60
+    with store.connect() as con:
+        curated = {r[0] for r in con.execute(
+            "SELECT DISTINCT source_event_id FROM dataset_examples WHERE version = ?",
+            [second.version]).fetchall()}
+    assert curated & {str(e.event_id) for e in events[:60]}
