@@ -42,6 +42,7 @@ class Stack:
         from services.topics import ensure_topics
 
         ensure_topics(self.settings.kafka, extra=(self.settings.serving.shadow_topic,))
+        self._repair_registry()
         env = {**prefect_env(self.settings), **self._tuneloop_env()}
         if ingest:
             self.ingest.start([sys.executable, "-m", "tuneloop.cli.main", "supervise", "ingest"],
@@ -50,6 +51,15 @@ class Stack:
             self.worker.start([sys.executable, "-m", "tuneloop.cli.main", "worker"], env=env)
         if serving and self.settings.serving.embedded:
             self.gateway.start(env)
+
+    def _repair_registry(self) -> None:
+        """Finish or undo an adapter publish a crash cut short (see ``registry.repair``)."""
+        from services.registry import repair
+        from services.store import Store
+
+        if Path(self.settings.adapters_dir).is_dir():
+            with Store(self.settings.db_path, self.settings.store.lock_timeout_s).connect() as con:
+                repair(con, Path(self.settings.adapters_dir))
 
     def down(self) -> list[str]:
         stopped = self.gateway.stop()

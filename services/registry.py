@@ -248,8 +248,11 @@ def publish_adapter(
     if not (source / WEIGHTS).is_file() or not (source / ADAPTER_CONFIG).is_file():
         raise IntegrityError(f"{source}: expected {WEIGHTS} and {ADAPTER_CONFIG}")
     adapters_dir.mkdir(parents=True, exist_ok=True)
+    repair(con, adapters_dir)
     used = [r[0] for r in con.execute("SELECT version FROM adapters").fetchall()]
-    version = next_version([*used, *(p.name for p in adapters_dir.iterdir())])
+    broken = adapters_dir / ".broken"
+    aside = [p.name for p in broken.iterdir()] if broken.is_dir() else []
+    version = next_version([*used, *(p.name for p in adapters_dir.iterdir()), *aside])
     name = vllm_name(alias, version)
     created = datetime.now(UTC)
     tmp = Path(tempfile.mkdtemp(prefix=f".publish-{version}-", dir=adapters_dir))
@@ -270,20 +273,73 @@ def publish_adapter(
         _fsync_path(adapters_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    manifest_sha = sha256_file(final / MANIFEST)
-    metrics = dict(details.get("metrics", {}))
-    con.execute(
-        "INSERT INTO adapters (version, name, created_at, base_model, base_hash, dataset_version,"
-        " path, sha256, metrics, state, flow_run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [version, name, created, base_model, base_hash, dataset_version, str(final.resolve()),
-         manifest_sha, json.dumps(metrics, default=str), "candidate", run_key],
-    )
-    _record(con, Transition(version, "", "candidate", "publish"), "published by training run "
-            f"{run_key or 'manual'}")
+    _register(con, final, manifest, f"published by training run {run_key or 'manual'}")
     log.info("adapter %s (%s) published at %s for dataset %s", version, name, final,
              dataset_version)
     adapter = get_adapter(con, version)
     return adapter
+
+
+def _register(con: duckdb.DuckDBPyConnection, directory: Path, manifest: Mapping[str, Any],
+              reason: str) -> None:
+    """The ``adapters`` row and its ``deployments`` row of a published directory, in one
+    transaction: a crash leaves both or neither (and :func:`repair` finishes the job)."""
+    base = manifest.get("base_model") or {}
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            "INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
+            "dataset_version, path, sha256, metrics, state, flow_run_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [manifest["version"], manifest["name"], manifest["created_at"], base.get("id"),
+             base.get("sha256"), manifest.get("dataset_version"), str(directory.resolve()),
+             sha256_file(directory / MANIFEST),
+             json.dumps(dict(manifest.get("metrics") or {}), default=str), "candidate",
+             manifest.get("run_key")],
+        )
+        _record(con, Transition(manifest["version"], "", "candidate", "publish"), reason)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def repair(con: duckdb.DuckDBPyConnection, adapters_dir: Path) -> list[str]:
+    """Finish or undo publishes a crash cut short; returns what it did, one line each.
+
+    A publish copies into a hidden ``.publish-*`` directory, renames it to the version,
+    then writes the rows. A hidden directory is an unfinished copy: removed. A version
+    directory without a row was renamed but not registered: registered from its
+    manifest when the manifest verifies, else moved aside to ``.broken/``.
+    """
+    if not adapters_dir.is_dir():
+        return []
+    done: list[str] = []
+    known = {r[0] for r in con.execute("SELECT version FROM adapters").fetchall()}
+    for entry in sorted(adapters_dir.iterdir()):
+        if not entry.is_dir():
+            continue
+        if entry.name.startswith(".publish-"):
+            shutil.rmtree(entry, ignore_errors=True)
+            done.append(f"removed the unfinished copy {entry.name}")
+        elif not entry.name.startswith(".") and entry.name not in known:
+            try:
+                manifest = verify_adapter(entry)
+                if manifest.get("version") != entry.name:
+                    raise IntegrityError(f"{entry}: the manifest says version "
+                                         f"{manifest.get('version')!r}")
+            except (IntegrityError, ValueError, KeyError) as exc:
+                aside = adapters_dir / ".broken" / entry.name
+                aside.parent.mkdir(exist_ok=True)
+                os.rename(entry, aside)
+                done.append(f"moved {entry.name} to .broken/: {exc}")
+                continue
+            _register(con, entry, manifest, "registered at start-up: the publish was cut "
+                      "short after its directory was in place")
+            done.append(f"registered {entry.name} from its manifest")
+    for line in done:
+        log.warning("adapter registry: %s", line)
+    return done
 
 
 def find_by_run_key(con: duckdb.DuckDBPyConnection, run_key: str) -> Adapter | None:

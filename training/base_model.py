@@ -8,8 +8,9 @@ tokenizer and its chat template, as safetensors. The result is cached under
 ``models_dir`` keyed by the GGUF file's sha256, so the trainer and vLLM load the
 very same files and the conversion runs once per machine.
 
-Any other value of ``training.base_model`` is a local HF directory or a hub id,
-used as is.
+Any other value of ``training.base_model`` is a local HF directory (pinned by the
+hash of its files) or a hub id (pinned by the revision of its snapshot in the local
+cache).
 """
 
 from __future__ import annotations
@@ -60,8 +61,28 @@ def resolve_base_model(name: str, models_dir: Path) -> BaseModel:
             )
         return BaseModel(model_id=str(local.resolve()), path=str(local.resolve()),
                          sha256=directory_sha256(local))
-    # A hub id: its revision is what transformers resolves, recorded by name.
-    return BaseModel(model_id=name, path=name, sha256=hashlib.sha256(name.encode()).hexdigest())
+    return resolve_hub_model(name)
+
+
+def resolve_hub_model(name: str) -> BaseModel:
+    """A hub id, pinned to the revision in the local Hugging Face cache (models load
+    offline): the trainer and vLLM load that snapshot's directory, and the manifest records
+    its commit, so an adapter names the exact base weights it was trained on.
+
+    Raises ``FileNotFoundError`` when the model is not in the cache.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+        raise FileNotFoundError(
+            f"training.base_model={name!r} is not in the local Hugging Face cache, and "
+            "tuneloop loads models offline: download it once (huggingface-cli download "
+            f"{name}) or point training.base_model at a model directory ({exc})"
+        ) from None
+    return BaseModel(model_id=name, path=str(snapshot), sha256=f"revision:{snapshot.name}")
 
 
 def embedded_gguf() -> Path:

@@ -154,6 +154,50 @@ def test_crash_mid_publish_leaves_nothing_visible(
     assert adapter.version == "v1" and adapter.state == "candidate"
 
 
+def test_a_crash_after_the_rename_is_finished_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Directory in place, rows not written (the process died between): the next start
+    registers it from its manifest; leftovers of a copy are removed, a damaged directory
+    is moved aside; and a crash between the two rows leaves neither."""
+    store = Store(tmp_path / "t.duckdb")
+    adapters = tmp_path / "adapters"
+    source = _peft_dir(tmp_path / "src")
+
+    def die(*args: object, **kwargs: object) -> None:
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(registry, "_record", die)
+    with store.connect() as con, pytest.raises(SystemExit):
+        _publish(con, adapters, source, key="run-1")
+    monkeypatch.undo()
+    with store.connect() as con:
+        assert registry.list_adapters(con) == []  # the adapters row was rolled back too
+        assert con.execute("SELECT count(*) FROM deployments").fetchall()[0][0] == 0
+    assert (adapters / "v1").is_dir()
+    (adapters / ".publish-v2-x").mkdir()
+    with store.connect() as con:
+        done = registry.repair(con, adapters)
+        adapter = registry.find_by_run_key(con, "run-1")
+        moves = registry.history(con, "v1")
+    assert sorted(done) == ["registered v1 from its manifest",
+                            "removed the unfinished copy .publish-v2-x"]
+    damaged = _peft_dir(tmp_path / "src2", b"other")
+    with store.connect() as con:
+        _publish(con, adapters, damaged)  # v2
+        con.execute("DELETE FROM deployments WHERE adapter_version = 'v2'")
+        con.execute("DELETE FROM adapters WHERE version = 'v2'")
+    (adapters / "v2" / "adapter_model.safetensors").write_bytes(b"tampered")
+    with store.connect() as con:
+        done = registry.repair(con, adapters)
+    assert len(done) == 1 and done[0].startswith("moved v2 to .broken/")
+    assert adapter is not None and adapter.version == "v1" and adapter.state == "candidate"
+    assert adapter.metrics == {"golden": {"accuracy": 0.5}} and len(moves) == 1
+    assert sorted(p.name for p in adapters.iterdir()) == [".broken", "v1"]
+    with store.connect() as con:
+        assert _publish(con, adapters, source).version == "v3"  # v2's number stays used
+
+
 def test_lifecycle_records_every_move(tmp_path: Path) -> None:
     store = Store(tmp_path / "t.duckdb")
     adapters = tmp_path / "adapters"
