@@ -227,3 +227,23 @@ def test_early_stopping_counts_evaluations_without_a_gain() -> None:
     assert stopper.update(30, 0.5)  # a gain resets the count
     assert not stopper.update(40, 0.6) and not stopper.update(50, 0.7)
     assert stopper.should_stop and (stopper.best, stopper.best_step) == (0.5, 30)
+
+
+def test_a_hub_base_model_is_pinned_by_its_cached_revision(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    from training.base_model import resolve_base_model
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--acme--tiny-lm"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "snapshots" / revision / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    base = resolve_base_model("acme/tiny-lm", tmp_path / "models")
+    assert base.model_id == "acme/tiny-lm" and base.sha256 == f"revision:{revision}"
+    assert Path(base.path) == repo / "snapshots" / revision
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        resolve_base_model("acme/absent", tmp_path / "models")
