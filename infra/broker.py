@@ -8,6 +8,8 @@ replicated Kafka cluster is what production durability rests on.
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 from pathlib import Path
 
 from infra.processes import ManagedProcess, port_open, wait_until
@@ -33,6 +35,31 @@ def _host_port(bootstrap: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def speaks_kafka(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether what listens on ``host:port`` answers a Kafka ApiVersions request.
+
+    An open port alone says nothing: another program may hold it. This sends one
+    ApiVersions v0 request and checks that the reply is a Kafka response to it.
+    """
+    correlation = 0x7475_6E65
+    client = b"tuneloop"
+    body = struct.pack(">hhih", 18, 0, correlation, len(client)) + client
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            head = b""
+            while len(head) < 10:
+                chunk = sock.recv(10 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+    except OSError:
+        return False
+    size, answered, error = struct.unpack(">iih", head)
+    return 6 <= size < 1 << 20 and answered == correlation and error == 0
+
+
 class EmbeddedBroker:
     """Start, stop and probe the local tansu broker named by the settings."""
 
@@ -43,7 +70,17 @@ class EmbeddedBroker:
 
     def start(self, timeout_s: float = 30.0) -> None:
         if port_open(self.host, self.port):
-            log.info("broker already listening on %s:%d", self.host, self.port)
+            if not speaks_kafka(self.host, self.port):
+                raise OSError(
+                    f"{self.host}:{self.port} (kafka.bootstrap_servers) is taken by a program "
+                    "that does not speak Kafka: stop it, or give the embedded broker another "
+                    "port in kafka.bootstrap_servers"
+                )
+            if self.process.pid() is None:
+                log.warning("a Kafka broker tuneloop did not start listens on %s:%d; using it",
+                            self.host, self.port)
+            else:
+                log.info("broker already listening on %s:%d", self.host, self.port)
             return
         self.process.start(
             [
@@ -55,7 +92,7 @@ class EmbeddedBroker:
             ]
         )
         try:
-            wait_until(lambda: port_open(self.host, self.port), timeout_s, "tansu broker")
+            wait_until(lambda: speaks_kafka(self.host, self.port), timeout_s, "tansu broker")
         except TimeoutError:
             raise TimeoutError(
                 f"tansu did not listen on {self.host}:{self.port} within {timeout_s:.0f}s; "
@@ -66,4 +103,4 @@ class EmbeddedBroker:
         return self.process.stop()
 
     def healthy(self) -> bool:
-        return port_open(self.host, self.port)
+        return port_open(self.host, self.port) and speaks_kafka(self.host, self.port)

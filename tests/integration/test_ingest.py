@@ -308,3 +308,10 @@ def test_topics_below_the_configured_replication_are_reported(broker: Settings,
     assert len(problems) == 2
     assert all("1 replica(s), below kafka.replication_factor=3" in p for p in problems)
     assert {settings.kafka.topic, settings.kafka.dlq_topic} == {p.split()[1] for p in problems}
+
+
+def test_the_embedded_broker_speaks_kafka(broker: Settings) -> None:
+    from infra.broker import EmbeddedBroker, speaks_kafka
+
+    own = EmbeddedBroker(broker)
+    assert speaks_kafka(own.host, own.port) and own.healthy()

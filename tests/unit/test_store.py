@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from services.settings import Settings
 from services.store import Store, holder
 
 
@@ -59,3 +62,37 @@ def test_a_process_that_retakes_the_store_at_once_does_not_starve_the_others(
         for hog in hogs:
             hog.kill()
             hog.wait()
+
+
+def test_the_broker_check_tells_kafka_from_another_program_on_the_port() -> None:
+    import socket
+    import threading
+
+    from infra.broker import EmbeddedBroker, speaks_kafka
+    from services.settings import KafkaSettings
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def answer_like_a_web_server() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(100)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=answer_like_a_web_server, daemon=True).start()
+    try:
+        assert not speaks_kafka("127.0.0.1", port)
+        settings = Settings(kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}"))
+        broker = EmbeddedBroker(settings)
+        assert not broker.healthy()
+        with pytest.raises(OSError, match="does not speak Kafka"):
+            broker.start()
+    finally:
+        server.close()
