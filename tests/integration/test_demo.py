@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 OLD_MARGIN_POINTS = 2.0
 
 
+@pytest.mark.timeout(3400)  # the whole loop, end to end; the command's own limit is 3300 s
 def test_demo_quick_learns_the_new_intents_unattended(tmp_path: Path) -> None:
     env = own_stack_env(tmp_path / "home", TUNELOOP_SERVING__GATEWAY_PORT=str(free_port()),
                         TUNELOOP_SERVING__VLLM_PORT=str(free_port()), COLUMNS="140")
