@@ -107,7 +107,7 @@ def _demo_settings(window: int, canary_window_s: int, min_requests: int,
 
 FULL = Scenario(old_share=0.5, max_old=40, new_intents=10, history_per_intent=24,
                 golden_per_intent=5, heldout_per_intent=10, new_share=0.5, steady_s=120,
-                users=4, rate=1.5, label_share=0.6, drift_window=200, shift_timeout_s=2400,
+                users=4, rate=1.5, label_share=0.6, drift_window=200, shift_timeout_s=4200,
                 settings=_demo_settings(200, 90, 40, 20))
 QUICK = Scenario(old_share=0.5, max_old=6, new_intents=3, history_per_intent=40,
                  golden_per_intent=5, heldout_per_intent=8, new_share=0.5, steady_s=70,
