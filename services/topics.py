@@ -63,9 +63,12 @@ def under_replicated(cfg: KafkaSettings, extra: tuple[str, ...] = ()) -> list[st
     try:
         names = [t for t in (cfg.topic, cfg.dlq_topic, *extra) if t in set(admin.list_topics())]
         for topic in admin.describe_topics(names):
-            replicas = min((len(p["replicas"]) for p in topic["partitions"]), default=0)
+            # kafka-python 3 names the fields as the protocol does; 2.x used shorter names.
+            name = topic.get("name") or topic.get("topic")
+            replicas = min((len(p.get("replica_nodes", p.get("replicas")) or [])
+                            for p in topic["partitions"]), default=0)
             if replicas < cfg.replication_factor:
-                problems.append(f"topic {topic['topic']} has {replicas} replica(s), below "
+                problems.append(f"topic {name} has {replicas} replica(s), below "
                                 f"kafka.replication_factor={cfg.replication_factor}")
         if cfg.min_insync_replicas > 1 and names:
             try:
