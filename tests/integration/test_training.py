@@ -82,7 +82,7 @@ def short_config(**overrides: object) -> RecipeConfig:
 
 
 def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
-    training_settings: Settings,
+    training_settings: Settings, prefect_server: str,
 ) -> None:
     settings = training_settings
     store = Store(settings.db_path)
