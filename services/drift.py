@@ -293,33 +293,16 @@ def distinct(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], np.bincount(owner, minlength=len(keep)).astype(np.float64)
 
 
-def _covered_share(neighbours: np.ndarray, is_current: np.ndarray,
-                   weights: np.ndarray | None = None) -> float:
-    """``1 - covered``: the current share in the reference's high-score region over the
-    reference's share there (``weights``: occurrences of the current points).
+def _novel_shares(neighbours: np.ndarray, labels: np.ndarray,
+                  weights: np.ndarray | None = None) -> np.ndarray:
+    """``1 - covered`` for each row of ``labels`` (window labellings, ``(B, n)`` booleans,
+    True = current): the current share in the reference's high-score region over the
+    reference's share there, every labelling in one pass.
 
     Reference points with no current neighbour are left out: a topic that current traffic
-    no longer asks about says nothing about what in current traffic is new.
+    no longer asks about says nothing about what in current traffic is new. ``weights``
+    (one per point) count a current point as often as it occurred.
     """
-    near_current = is_current[neighbours]
-    score = 1.0 - near_current.mean(axis=1)  # share of reference neighbours
-    ref = score[~is_current & near_current.any(axis=1)]
-    cur = score[is_current]
-    if not len(ref):
-        return 1.0
-    cut = np.quantile(ref, 1 - COVERED_REGION)
-    in_ref = float(np.mean(ref >= cut))
-    if weights is None:
-        in_cur = float(np.mean(cur >= cut))
-    else:
-        in_cur = float(weights[cur >= cut].sum() / weights.sum())
-    return 1.0 - min(1.0, in_cur / in_ref)
-
-
-def _covered_shares(neighbours: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """:func:`_covered_share` (unweighted) of each row of ``labels`` (permutations of the
-    window labels, ``(B, n)`` booleans), in one pass: the same numbers, without a Python
-    loop over permutations."""
     near_current = labels[:, neighbours]  # (B, n, k)
     score = 1.0 - near_current.mean(axis=2)
     ref = ~labels & near_current.any(axis=2)
@@ -336,7 +319,8 @@ def _covered_shares(neighbours: np.ndarray, labels: np.ndarray) -> np.ndarray:
     cut = np.where(high == low, lo_value, cut)
     above = score >= cut[:, None]
     in_ref = (above & ref).sum(axis=1) / np.maximum(n_ref, 1)
-    in_cur = (above & labels).sum(axis=1) / labels.sum(axis=1)
+    w = np.ones(labels.shape[1]) if weights is None else weights
+    in_cur = ((above & labels) @ w) / (labels @ w)
     shares = 1.0 - np.minimum(1.0, in_cur / np.where(in_ref > 0, in_ref, np.inf))
     return np.where(n_ref > 0, shares, 1.0)
 
@@ -358,11 +342,12 @@ def novelty_test(x: np.ndarray, y: np.ndarray, neighbours: int, permutations: in
     np.fill_diagonal(sims, -np.inf)
     nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     del sims
-    observed = _covered_share(nearest, is_current)
-    raw = _covered_share(nearest, is_current, weights)
+    observed = float(_novel_shares(nearest, is_current[None])[0])
+    raw = float(_novel_shares(nearest, is_current[None],
+                              np.concatenate([np.ones(len(ref)), weights]))[0])
     shuffled = np.stack([rng.permutation(is_current) for _ in range(permutations)])
     batch = max(1, 4_000_000 // max(1, nearest.size))  # about 40 MB of neighbour labels
-    null = np.concatenate([_covered_shares(nearest, shuffled[i:i + batch])
+    null = np.concatenate([_novel_shares(nearest, shuffled[i:i + batch])
                            for i in range(0, permutations, batch)])
     bias = float(null.mean())
     share = float(np.clip((raw - bias) / (1.0 - bias), 0.0, 1.0)) if bias < 1 else 0.0
