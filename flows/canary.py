@@ -3,9 +3,12 @@
 Wiring only; the tests are in ``services.canary``, the I/O in ``serving.canary``.
 
 1. A deployment freeze stops everything: the candidate waits, untouched.
-2. Offline gate (candidate state ``candidate``): golden set, then test split, both
-   versions through the gateway's internal route. Reject: the candidate is rejected
-   and unloaded, never having served a user. Hold: it stays a candidate.
+2. Offline gate (candidate state ``candidate``): golden set, then test split and the
+   labelled events newer than the candidate's dataset, both versions through the
+   gateway's internal route. Reject: the candidate is rejected and unloaded, never
+   having served a user. Hold on the improvement alone: look again every
+   ``canary.offline_recheck_s`` on the events that arrived, up to ``offline_looks``.
+   Hold after that: it stays a candidate.
 3. Live gate (state ``canary``): a sticky share of users for a window, polled until a
    verdict; then promote or roll back through the gateway.
 
@@ -30,7 +33,7 @@ from prefect.runtime import flow_run
 
 from flows.common import rename_run
 from services import canary_store, loop_metrics
-from services.canary import Decision, Side, live_decision
+from services.canary import Decision, Side, live_decision, only_improvement_holds
 from services.plots import plot_canary
 from services.registry import get_adapter
 from services.settings import Settings, load_settings
@@ -66,8 +69,9 @@ def resolve(settings: Settings, candidate: str | None) -> dict[str, Any]:
 
 
 @task(retries=1, retry_delay_seconds=10, cache_policy=NONE)
-def offline(settings: Settings, candidate: str, incumbent: str | None) -> Decision:
-    return ops.offline_gate(settings, candidate, incumbent)
+def offline(settings: Settings, candidate: str, incumbent: str | None, look: int = 1
+            ) -> Decision:
+    return ops.offline_gate(settings, candidate, incumbent, look)
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
@@ -180,6 +184,17 @@ def canary(candidate: str | None = None, settings: Settings | None = None) -> di
         return {"candidate": candidate, "verdict": "frozen", "reason": plan["freeze"]["reason"]}
     if plan["state"] == "candidate":
         decision = offline(settings, candidate, incumbent)
+        looks = settings.canary.offline_looks
+        while only_improvement_holds(decision) and decision.figures.get("look", looks) < looks:
+            # Only the improvement is unsettled: look again on the labelled events that
+            # arrive meanwhile (an automatic retrain waits for the looks).
+            seen = int(decision.figures["look"])
+            decision.figures["next_look_at"] = time.time() + settings.canary.offline_recheck_s
+            record(settings, decision)
+            rename_run(f"canary: {candidate} vs {incumbent or 'base'} -> hold, look {seen}/"
+                       f"{looks}; next in {settings.canary.offline_recheck_s:.0f} s")
+            time.sleep(settings.canary.offline_recheck_s)
+            decision = offline(settings, candidate, incumbent, seen + 1)
         record(settings, decision)
         if decision.verdict == "reject":
             ops.reject_candidate(settings, candidate, decision.reason)

@@ -4,10 +4,11 @@ Wiring only; the work is in ``services.curation_store`` and ``training.pipeline`
 
 1. What started it: a drift alarm (``tuneloop.drift.detected``), enough new labels
    (``tuneloop.labels.accumulated``), the schedule, or a person (``tuneloop retrain``).
-   An automatic retrain is skipped, with the reason recorded, while a canary is live,
-   within ``loop.cooldown_s`` of the last one, or while a label production never learned
-   has fewer than ``loop.min_examples_per_new_label`` examples (for at most
-   ``loop.new_label_wait_s``); the deployment runs one at a time.
+   An automatic retrain is skipped, with the reason recorded, while a canary is live
+   or a held candidate waits for its next offline look, within ``loop.cooldown_s`` of
+   the last one, or while a label production never learned has fewer than
+   ``loop.min_examples_per_new_label`` examples (for at most ``loop.new_label_wait_s``);
+   the deployment runs one at a time.
 2. Curate a dataset version (unless one is given), replaying every label production knows.
 3. Train: from the production adapter's weights (``loop.continue_from_production``), in
    the worker or on ``loop.train_work_pool``; publish as a candidate.
@@ -88,6 +89,16 @@ def why_not(settings: Settings) -> str | None:
         live = con.execute("SELECT version FROM adapters WHERE state = 'canary'").fetchall()
         if live:
             return f"canary {live[0][0]} is still in its live window"
+        looking = con.execute(
+            "SELECT d.candidate, CAST(d.figures->>'next_look_at' AS DOUBLE) FROM "
+            "canary_decisions d JOIN adapters a ON a.version = d.candidate WHERE "
+            "d.stage = 'offline' AND a.state = 'candidate' AND d.created_at = (SELECT "
+            "max(created_at) FROM canary_decisions e WHERE e.stage = 'offline' AND "
+            "e.candidate = d.candidate) AND CAST(d.figures->>'next_look_at' AS DOUBLE) > ? "
+            "LIMIT 1", [time.time()]).fetchall()
+        if looking:
+            return (f"candidate {looking[0][0]} is waiting for more labelled events before its "
+                    f"next offline look at {datetime.fromtimestamp(looking[0][1], UTC):%H:%M:%S}")
         running = con.execute(
             "SELECT s.created_at FROM canary_decisions s WHERE s.stage = 'retrain' "
             "AND s.verdict = 'start' AND s.created_at > now() - INTERVAL 2 HOUR "

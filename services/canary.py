@@ -3,11 +3,14 @@
 Two gates stand between a candidate adapter and production traffic:
 
 1. **Offline.** The candidate and the incumbent (the production version, or the base
-   model) answer the same golden set and the candidate's test split. Promotion needs
-   no regression on the golden set beyond ``golden_margin`` (macro-F1, paired
-   bootstrap; each label, exact McNemar with Holm's correction) and a significant
-   improvement on the test split (exact McNemar). A significant regression rejects;
-   anything inconclusive holds. Noise therefore neither promotes nor blocks for good.
+   model) answer the same golden set, the candidate's test split and the labelled
+   events written after its dataset. Promotion needs no regression on the golden set
+   beyond ``golden_margin`` (macro-F1, paired bootstrap; each label, exact McNemar with
+   Holm's correction) and a significant improvement on the test examples (exact
+   McNemar). A significant regression rejects; anything inconclusive holds, and an
+   inconclusive improvement is looked at again on the labelled events that arrive
+   meanwhile (at most ``offline_looks`` looks, each at ``alpha / offline_looks``).
+   Noise therefore neither promotes nor blocks for good.
 2. **Live.** The candidate answers a sticky share of users for a window; its error
    rate and bad-rating rate (two-proportion z-tests) and its latency (Mann-Whitney U
    and the p95 ratio) are compared with production's over the same window. Three
@@ -171,30 +174,49 @@ def golden_checks(golden: Paired, cfg: CanarySettings) -> tuple[list[Check], dic
     return checks + label_checks, figures
 
 
-def improvement_checks(test: Paired, cfg: CanarySettings) -> tuple[list[Check], dict[str, Any]]:
-    """A significant improvement on the candidate's test split (exact McNemar)."""
+def improvement_checks(test: Paired, cfg: CanarySettings, fresh_n: int = 0,
+                       look: int = 1) -> tuple[list[Check], dict[str, Any]]:
+    """A significant improvement on the candidate's test split and the labelled events that
+    arrived after its dataset (exact McNemar, one-sided).
+
+    ``look`` of ``cfg.offline_looks``: each look tests the improvement at
+    ``alpha / offline_looks`` (Bonferroni over the looks), so a candidate looked at again
+    on more data is no likelier to pass by chance. A significant regression fails at
+    ``alpha`` on any look.
+    """
     if not test.references:
         return [Check("test split improvement", HOLD, None, None, "at least 1 example",
-                      "the candidate's dataset has no test split; nothing shows an improvement")], {}
+                      "the candidate's dataset has no test split and no labelled event came "
+                      "after it; nothing shows an improvement")], {}
+    alpha = cfg.alpha / cfg.offline_looks
     inc_right, cand_right = test.right(test.incumbent), test.right(test.candidate)
     paired = mcnemar(inc_right, cand_right)
-    figures = {"test_n": len(test.references),
+    n_test = len(test.references) - fresh_n
+    figures = {"test_n": n_test, "fresh_n": fresh_n, "look": look, "looks": cfg.offline_looks,
                "test_accuracy": {"incumbent": _mean(inc_right), "candidate": _mean(cand_right)}}
-    detail = (f"accuracy {_mean(inc_right):.3f} -> {_mean(cand_right):.3f}; candidate alone right "
-              f"{paired.only_candidate}, incumbent alone right {paired.only_incumbent}")
-    if paired.p_better < cfg.alpha:
-        check = Check("test split improvement (McNemar)", PASS,
-                      float(paired.only_candidate - paired.only_incumbent), paired.p_better,
-                      f"pass if p < {cfg.alpha}", detail)
+    detail = (f"{n_test} test-split + {fresh_n} newer labelled examples, look {look}/"
+              f"{cfg.offline_looks}: accuracy {_mean(inc_right):.3f} -> {_mean(cand_right):.3f}; "
+              f"candidate alone right {paired.only_candidate}, incumbent alone right "
+              f"{paired.only_incumbent}")
+    name = "test split improvement (McNemar)"
+    net = float(paired.only_candidate - paired.only_incumbent)
+    threshold = f"pass if p < {alpha:.3g} (alpha / {cfg.offline_looks} looks)"
+    if paired.p_better < alpha:
+        check = Check(name, PASS, net, paired.p_better, threshold, detail)
     elif paired.p_worse < cfg.alpha:
-        check = Check("test split improvement (McNemar)", FAIL,
-                      float(paired.only_candidate - paired.only_incumbent), paired.p_worse,
-                      f"fail if worse with p < {cfg.alpha}", detail + ": significantly worse")
+        check = Check(name, FAIL, net, paired.p_worse, f"fail if worse with p < {cfg.alpha}",
+                      detail + ": significantly worse")
     else:
-        check = Check("test split improvement (McNemar)", HOLD,
-                      float(paired.only_candidate - paired.only_incumbent), paired.p_better,
-                      f"pass if p < {cfg.alpha}", detail + ": inconclusive")
+        check = Check(name, HOLD, net, paired.p_better, threshold, detail + ": inconclusive")
     return [check], figures
+
+
+def only_improvement_holds(decision: Decision) -> bool:
+    """True when the improvement test alone held the verdict: more labelled data can
+    settle it (the golden set's answers do not change between looks)."""
+    held = [c for c in decision.checks if c.outcome == HOLD]
+    return decision.verdict == "hold" and bool(held) and all(
+        c.name.startswith("test split improvement") for c in held)
 
 
 def _label_checks(golden: Paired, inc_right: list[bool], cand_right: list[bool],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from services.curation import (
     leaks_golden,
     prompt_key,
     replay,
+    scrub,
+    select,
     split,
 )
 from services.datasets import latest_version, load_examples, next_version, save_version
@@ -163,6 +165,41 @@ def new_labelled_events(store: Store) -> int:
         return int(con.execute(
             "SELECT count(*) FROM feedback WHERE (label IS NOT NULL OR correction IS NOT NULL)"
             f"{where}", args).fetchall()[0][0])
+
+
+def fresh_examples(con: Any, dataset_version: str, cfg: CurationSettings,
+                   limit: int) -> list[Example]:
+    """Labelled feedback written after ``dataset_version`` was curated, as examples.
+
+    Held out from that version by time, this is the closest test an adapter trained on
+    it can get to the traffic it will serve. Only people's labels and corrections count
+    (a good rating approves the answer that was given, which favours the version that
+    gave it). Redacted like curation; a prompt already in the version or in the golden
+    set is left out, and a prompt asked again counts once. The newest ``limit``.
+    """
+    rows = con.execute("SELECT filters->>'considered_through_seq' FROM datasets "
+                       "WHERE version = ?", [dataset_version]).fetchall()
+    if not rows or rows[0][0] is None or limit <= 0:
+        return []
+    seen = {prompt_key(e.prompt) for e in load_examples(con, dataset_version)}
+    seen |= {prompt_key(g.prompt) for g in golden.load(con)}
+    feedback = con.execute(
+        "SELECT event_id, occurred_at, messages, user_text, completion, rating, correction, "
+        "label, user_id FROM feedback WHERE seq > ? AND (label IS NOT NULL OR "
+        "coalesce(trim(correction), '') <> '') ORDER BY seq DESC", [int(rows[0][0])]).fetchall()
+    out: list[Example] = []
+    for r in feedback:
+        if len(out) >= limit:
+            break
+        chosen = select(Candidate(
+            event_id=r[0], occurred_at=r[1], messages=json.loads(r[2]) if isinstance(r[2], str)
+            else r[2], prompt=r[3], completion=r[4], rating=None, correction=r[6], label=r[7],
+            user_id=r[8]), cfg.label_is_answer)
+        if isinstance(chosen, str) or prompt_key(chosen.prompt) in seen:
+            continue
+        seen.add(prompt_key(chosen.prompt))
+        out.append(replace(scrub(chosen)[0], split="fresh"))
+    return out[::-1]
 
 
 @dataclass(frozen=True)

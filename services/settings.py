@@ -361,6 +361,19 @@ class CanarySettings(Section):
     seed: int = 0
     eval_concurrency: int = Field(16, ge=1, description="Offline-gate requests in flight.")
     max_tokens: int = Field(16, ge=1, description="Answer length of the offline evaluation.")
+    fresh_max_examples: int = Field(
+        200, ge=0, description="The offline gate's improvement test also uses up to this many "
+        "of the newest labelled events written after the candidate's dataset was curated "
+        "(held out from it by time); 0 = the test split alone.",
+    )
+    offline_looks: int = Field(
+        3, ge=1, description="Looks the offline gate may take when only the improvement test "
+        "is inconclusive, each on the labelled events that arrived since; each look tests at "
+        "alpha / offline_looks, so looking again does not raise the false-pass rate.",
+    )
+    offline_recheck_s: float = Field(
+        600.0, gt=0, description="Wait between two looks of the offline gate."
+    )
     window_s: float = Field(1800.0, gt=0, description="Live window before a promotion.")
     max_window_s: float = Field(
         7200.0, gt=0, description="Hold at most this long for the minimum sample, then roll back."

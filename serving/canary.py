@@ -7,7 +7,8 @@ they need and carries out what they say:
   internal route ``/admin/v1`` with the official ``openai`` client, many requests in
   flight so vLLM batches them; answers are cached in DuckDB by weights.
 - :func:`offline_gate` evaluates the golden set first (a regression rejects without
-  spending time on the test split), then the candidate's test split.
+  spending time on the rest), then the candidate's test split with the labelled events
+  written after its dataset.
 - :func:`window` reads both versions' requests, errors and latencies from the gateway
   and their ratings from the feedback table, for one live window.
 - :func:`start_live`, :func:`conclude`: the swaps, through :mod:`serving.control`, so the
@@ -42,6 +43,7 @@ from services.canary import (
     improvement_checks,
 )
 from services.curation import Example
+from services.curation_store import fresh_examples
 from services.datasets import load_examples
 from services.evaluation import evaluate_predictions, normalize_label, normalize_text
 from services.registry import MANIFEST, WEIGHTS, Adapter, get_adapter, vllm_name
@@ -135,30 +137,41 @@ def paired(settings: Settings, candidate: str, incumbent: str | None,
 
 
 # ------------------------------------------------------------------ offline gate
-def gate_examples(settings: Settings, candidate: str) -> tuple[list[Example], list[Example]]:
-    """The golden set and the candidate's test split."""
+def gate_examples(settings: Settings, candidate: str
+                  ) -> tuple[list[Example], list[Example], list[Example]]:
+    """The golden set, the candidate's test split, and the labelled events written after
+    its dataset (:func:`services.curation_store.fresh_examples`)."""
     with _store(settings).connect() as con:
         adapter = get_adapter(con, candidate)
         gold = golden.load(con)
-        test = [] if adapter.dataset_version is None else \
-            [ex for ex in load_examples(con, adapter.dataset_version) if ex.split == "test"]
-    return gold, test
+        if adapter.dataset_version is None:
+            return gold, [], []
+        test = [ex for ex in load_examples(con, adapter.dataset_version) if ex.split == "test"]
+        fresh = fresh_examples(con, adapter.dataset_version, settings.curation,
+                               settings.canary.fresh_max_examples)
+    return gold, test, fresh
 
 
-def offline_gate(settings: Settings, candidate: str, incumbent: str | None) -> Decision:
-    """Load the candidate on the gateway, evaluate both versions, decide pass/reject/hold."""
+def offline_gate(settings: Settings, candidate: str, incumbent: str | None,
+                 look: int = 1) -> Decision:
+    """Load the candidate on the gateway, evaluate both versions, decide pass/reject/hold.
+
+    ``look`` counts the looks at the same candidate (see ``canary.offline_looks``);
+    answers are cached by weights, so a later look only asks the new events.
+    """
     admin = control.GatewayAdmin(settings)
     admin.load(candidate)
     if incumbent is not None:
         admin.load(incumbent)  # already routed: a no-op unless the gateway restarted
-    gold, test = gate_examples(settings, candidate)
+    gold, test, fresh = gate_examples(settings, candidate)
     started = time.perf_counter()
     gold_pairs = paired(settings, candidate, incumbent, gold) if gold else Paired([], [], [], [])
     checks, figures = golden_checks(gold_pairs, settings.canary)
     if combine(checks) != "reject":
-        test_pairs = paired(settings, candidate, incumbent, test) if test else \
+        examples = test + fresh
+        test_pairs = paired(settings, candidate, incumbent, examples) if examples else \
             Paired([], [], [], [])
-        more, test_figures = improvement_checks(test_pairs, settings.canary)
+        more, test_figures = improvement_checks(test_pairs, settings.canary, len(fresh), look)
         checks += more
         figures.update(test_figures)
     figures["evaluation_s"] = round(time.perf_counter() - started, 2)

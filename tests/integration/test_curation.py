@@ -10,7 +10,13 @@ import pytest
 
 from services import banking77, golden
 from services.curation import prompt_key
-from services.curation_store import examples_of, load_candidates, load_tokenizer, run_curation
+from services.curation_store import (
+    examples_of,
+    fresh_examples,
+    load_candidates,
+    load_tokenizer,
+    run_curation,
+)
 from services.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
 from services.embeddings import Embedder
 from services.ingest import RawRecord, insert_events, prepare_batch, write_batch
@@ -120,3 +126,29 @@ def test_a_batch_prepared_early_and_written_late_is_still_curated(
             "SELECT DISTINCT source_event_id FROM dataset_examples WHERE version = ?",
             [second.version]).fetchall()}
     assert curated & {str(e.event_id) for e in events[:60]}
+
+
+def test_fresh_examples_are_the_labelled_events_written_after_a_version(
+        settings: Settings, store: Store) -> None:
+    """The offline gate's newest test data: labelled events after the version's watermark,
+    without prompts the version or the golden set already hold, newest first up to a limit."""
+    t0 = datetime.now(UTC) - timedelta(hours=2)
+    _seed(store, 200, seed=31, start=t0)
+    first = run_curation(store, Embedder(settings.embeddings), settings.curation)
+    with store.connect() as con:
+        assert fresh_examples(con, first.version, settings.curation, 100) == []
+    later = banking77.select(banking77.load("test"), None, 80, seed=32)
+    _, trained = examples_of(store, first.version)
+    repeated = next(e for e in trained if e.split == "train")
+    with store.connect() as con:
+        insert_events(con, list(banking77.to_events(later, seed=32, start=t0 + timedelta(hours=1))))
+        insert_events(con, list(banking77.to_events(
+            [banking77.Query(repeated.prompt, repeated.label or "")], seed=33,
+            start=t0 + timedelta(hours=1, minutes=30))))
+        fresh = fresh_examples(con, first.version, settings.curation, 100)
+        newest = fresh_examples(con, first.version, settings.curation, 10)
+    later_keys = {prompt_key(q.text) for q in later}
+    assert {prompt_key(e.prompt) for e in fresh} <= later_keys  # the repeat is left out
+    assert len(fresh) == len(later_keys) and all(e.split == "fresh" for e in fresh)
+    assert all(e.completion == e.label for e in fresh)
+    assert [e.prompt for e in newest] == [e.prompt for e in fresh[-10:]]

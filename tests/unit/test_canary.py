@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from services.canary import (
+    Check,
+    Decision,
     Paired,
     Side,
     _encode,
@@ -16,6 +18,7 @@ from services.canary import (
     golden_checks,
     improvement_checks,
     live_decision,
+    only_improvement_holds,
 )
 from services.canary_stats import holm, mann_whitney, mcnemar, paired_bootstrap, two_proportions
 from services.evaluation import evaluate_predictions
@@ -117,6 +120,25 @@ def test_test_split_gate_needs_a_significant_improvement() -> None:
     equal = pairs(6, 0.7, 0.7, seed=2)
     assert combine(improvement_checks(equal, CFG)[0]) == "hold"
     assert combine(improvement_checks(Paired([], [], [], []), CFG)[0]) == "hold"
+
+
+def test_each_look_tests_the_improvement_at_alpha_over_the_looks() -> None:
+    # 11 discordant pairs for the candidate, 4 for the incumbent: p = 0.059 one-sided.
+    right = [True] * 11 + [False] * 4 + [True] * 40
+    inc = [False] * 11 + [True] * 4 + [True] * 40
+    refs = [f"a{i}" for i in range(len(right))]
+    p = Paired(refs, [None] * len(refs), [r if ok else "x" for r, ok in zip(refs, inc, strict=True)],
+               [r if ok else "x" for r, ok in zip(refs, right, strict=True)])
+    one_look = CanarySettings(offline_looks=1, alpha=0.1)
+    assert combine(improvement_checks(p, one_look)[0]) == "pass"
+    checks, figures = improvement_checks(p, CanarySettings(offline_looks=3, alpha=0.1), 15, 2)
+    assert combine(checks) == "hold" and "p < 0.0333" in checks[0].threshold
+    assert figures["fresh_n"] == 15 and figures["test_n"] == 40 and figures["look"] == 2
+    # Held by the improvement test alone: another look on more data can settle it.
+    assert only_improvement_holds(Decision("offline", "v2", "v1", "hold", checks))
+    golden_hold = Check("golden macro-F1 (paired bootstrap)", "hold", -0.1, 0.08, "", "")
+    assert not only_improvement_holds(Decision("offline", "v2", "v1", "hold",
+                                               [golden_hold, *checks]))
 
 
 def test_free_text_is_judged_by_exact_match() -> None:

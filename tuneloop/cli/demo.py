@@ -93,7 +93,10 @@ def _demo_settings(window: int, canary_window_s: int, min_requests: int,
         # Checks often enough to see a shift within a minute of enough traffic.
         "drift": {"interval_s": 60, "current_window_events": window},
         # A short live window sized to the traffic a CPU serves; half the users see it.
+        # An inconclusive offline improvement is looked at again within minutes, on the
+        # labelled answers that arrived meanwhile.
         "canary": {"window_s": canary_window_s, "max_window_s": 900, "poll_s": 10,
+                   "offline_recheck_s": 90, "fresh_max_examples": 80,
                    "min_requests": min_requests, "min_ratings": min_ratings},
         "serving": {"canary_share": 0.5},
         # The demo shows the drift path; a retrain on label count alone is off.
