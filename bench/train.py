@@ -1,162 +1,114 @@
-"""Training throughput: tuneloop's LoRA recipe against a plain HF ``Trainer`` + peft.
+"""Training throughput: tuneloop's LoRA recipe against the trainers users pick.
 
-Both sides train the same base model (the converted SmolLM2-135M-Instruct), with
-the same LoRA rank, alpha, target modules, learning rate and schedule, batch size,
-number of steps and banking77 examples, in this one process on this machine. The
-baseline is the textbook set-up: the chat template, labels masked to the answer,
-``DataCollatorForSeq2Seq`` padding each batch to its longest example, the full LM
-head and loss inside the model. Throughput counts real (non-padding) tokens per
-second of the training loop; validation loss is the token-weighted mean over the
-answer tokens of the same held-out examples, computed the same way for both.
+Three sides train the same base model (the converted SmolLM2-135M-Instruct) with the
+same LoRA rank, alpha, target modules, learning rate and schedule (linear warm-up,
+cosine to the same floor), number of steps and banking77 examples:
 
-Ends with ``FIGURE train_tokens_ratio=...``, ``FIGURE train_val_loss=...`` and
-``FIGURE baseline_val_loss=...``. The GPU part (tokens/s and MFU on a ~1B Llama)
-runs only where CUDA is present.
+- ``HF Trainer + peft``: the textbook set-up, the chat template, labels masked to the
+  answer, ``DataCollatorForSeq2Seq`` padding each batch to its longest example.
+- ``TRL SFTTrainer``: prompt-completion chats, BFD packing into rows of the recipe's
+  ``max_seq_len`` (padding-free), loss on the completion only; as many packed rows a
+  step as hold the recipe's examples a step.
+- ``tuneloop recipe``: the recipe the loop trains with.
+
+Each run is a fresh process (``bench._train_worker``); every side times the same scope,
+its optimizer steps, and counts the real tokens it trained on. float32 on a CPU, bf16
+on a GPU, for all. Two rounds, the order reversed in the second; the figure is each
+side's median tokens/s. Validation loss is the token-weighted loss over the answer
+tokens of the same held-out examples, computed by one function for every side.
+
+Ends with ``FIGURE train_tokens_ratio=...`` (against the faster baseline),
+``FIGURE train_val_loss=...`` and ``FIGURE baseline_val_loss=...`` (that baseline's).
+The GPU part (tokens/s and MFU on a ~1B Llama) runs only where CUDA is present. TRL
+lives in ``.venv-bench-train``, created on first use on top of the main environment.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import tempfile
+import os
+import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from services import banking77
 from services.settings import Settings
-from training.base_model import BaseModel, resolve_base_model
-from training.config import DEFAULT_CONFIG, RecipeConfig
-from training.data import Encoded, collate
-from training.dataset import ChatExample
-from training.recipe import LoRARecipe, encode_chat
 
 log = logging.getLogger(__name__)
 
-
-def examples(n_intents: int, per_intent: int, split: str, seed: int) -> list[ChatExample]:
-    names = sorted(banking77.intents())[:n_intents]
-    pool = banking77.select(banking77.load(split), names, seed=seed)
-    picked: list[ChatExample] = []
-    for intent in names:
-        for i, q in enumerate([q for q in pool if q.intent == intent][:per_intent]):
-            chat = [m.model_dump() for m in banking77.chat(q.text)]
-            chat.append({"role": "assistant", "content": q.intent})
-            picked.append(ChatExample(f"{split}-{intent}-{i}", tuple(chat), q.intent, q.intent))
-    return picked
+REPO = Path(__file__).resolve().parent.parent
+BENCH_VENV = REPO / ".venv-bench-train"
+TRL = ("trl==1.16.0", "datasets==5.2.0")
+NAMES = {"hf": "HF Trainer + peft", "trl": "TRL SFTTrainer (packing, completion-only)",
+         "recipe": "tuneloop recipe"}
 
 
-def run_recipe(config: RecipeConfig, base: BaseModel, train: Sequence[ChatExample],
-               validation: Sequence[ChatExample], workdir: Path) -> dict[str, float]:
-    recipe = LoRARecipe(config, base, workdir / "recipe", run_id="bench", show_progress=False)
-    recipe.setup(train, validation)
-    result = recipe.train()
-    recipe.cleanup()
-    return {"tokens_per_s": result.tokens_per_s, "val_loss": result.best_val_loss,
-            "initial_val_loss": result.initial_val_loss, "train_s": result.train_s,
-            "tokens": result.train_tokens}
+def ensure_bench_venv() -> Path:
+    """A virtualenv that sees the main environment's packages and adds TRL."""
+    python = BENCH_VENV / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import trl, datasets"],
+                                          capture_output=True).returncode == 0:
+        return python
+    log.info("creating %s with %s (first run only)", BENCH_VENV, " ".join(TRL))
+    subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], capture_output=True, text=True, check=True)
+    main_site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig."
+                                "get_paths()['purelib'])"], capture_output=True, text=True,
+                               check=True)
+    (Path(site.stdout.strip()) / "tuneloop-main.pth").write_text(main_site.stdout.strip() + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL], check=True)
+    return python
 
 
-class _CountingCollator:
-    """``DataCollatorForSeq2Seq`` that also counts the real tokens it hands out."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        from transformers import DataCollatorForSeq2Seq
-
-        self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        self.tokens = 0
-
-    def __call__(self, features: list[dict[str, Any]]) -> Any:
-        batch = self.inner(features)
-        self.tokens += int(batch["attention_mask"].sum())
-        return batch
-
-
-def run_baseline(config: RecipeConfig, base: BaseModel, train: Sequence[ChatExample],
-                 validation: Sequence[ChatExample], workdir: Path) -> dict[str, float]:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-
-    torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
-    dense = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
-    model = get_peft_model(dense, LoraConfig(
-        r=config.rank, lora_alpha=config.alpha,  # type: ignore[arg-type]
-        lora_dropout=config.dropout, target_modules=list(config.target_modules),
-        task_type="CAUSAL_LM"))
-    encoded = [encode_chat(tokenizer, e.messages) for e in train]
-    # A list of features is a map-style dataset to the Trainer's DataLoader.
-    data = [{"input_ids": list(e.input_ids), "labels": list(e.labels),
-             "attention_mask": [1] * len(e)} for e in encoded]
-    collator = _CountingCollator(tokenizer)
-    args = TrainingArguments(
-        output_dir=str(workdir / "baseline"), per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum_steps, max_steps=config.max_steps or 1,
-        learning_rate=config.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
-        weight_decay=config.weight_decay, logging_steps=10**6, save_strategy="no",
-        eval_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
-        seed=config.seed, dataloader_num_workers=0, disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=data,
-                       data_collator=collator)
-    started = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - started
-    val = [encode_chat(tokenizer, e.messages) for e in validation]
-    return {"tokens_per_s": collator.tokens / train_s, "val_loss": _plain_val_loss(model, val),
-            "train_s": train_s, "tokens": collator.tokens}
-
-
-@torch.no_grad()
-def _plain_val_loss(model: Any, val: Sequence[Encoded]) -> float:
-    """Token-weighted loss over answer tokens through the model's own forward and loss."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(val), 16):
-        chunk = val[start:start + 16]
-        batch = collate(chunk, 0, packing=False, capacity=10**6)
-        labels = torch.full_like(batch.input_ids, -100)
-        for row, example in enumerate(chunk):
-            labels[row, : len(example)] = torch.tensor(example.labels)
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    labels=labels)
-        n = int((labels[:, 1:] != -100).sum())
-        total += float(out.loss) * n
-        count += n
-    return total / count
+def run_side(python: Path, side: str, spec: dict[str, Any]) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([str(python), "-m", "bench._train_worker", side, json.dumps(spec)],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"bench train: the {side} side failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(lines[-1].removeprefix("RESULT ")))
 
 
 def main(settings: Settings, quick: bool = False) -> dict[str, float]:
-    """Run both sides and print FIGURE lines; returns the figures."""
-    steps, batch = (6, 8) if quick else (24, 8)
-    base = resolve_base_model(settings.training.base_model, settings.models_dir)
-    train = examples(12, 20, "train", seed=0)
-    validation = examples(12, 4, "test", seed=1)
-    config = RecipeConfig.from_file(
-        DEFAULT_CONFIG, max_steps=steps, batch_size=batch, learning_rate=1e-3,
-        warmup_ratio=0.05, eval_interval=10**6, eval_max_examples=len(validation),
-    )
-    figures: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="tuneloop-bench-train-") as tmp:
-        workdir = Path(tmp)
-        baseline = run_baseline(config, base, train, validation, workdir)
-        ours = run_recipe(config, base, train, validation, workdir)
+    """Run every side twice, alternated, and print FIGURE lines; returns the figures."""
+    python = ensure_bench_venv()
+    spec = {"steps": 6 if quick else 30, "batch": 8, "learning_rate": 1e-3, "intents": 12,
+            "per_intent": 20}
+    order = ["hf", "trl", "recipe"]
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in order}
+    for round_ in range(2):
+        for side in (order if round_ == 0 else order[::-1]):
+            started = time.perf_counter()
+            runs[side].append(run_side(python, side, spec))
+            log.info("round %d %s: %.0f tokens/s, val loss %.4f (%.0f s in all)", round_ + 1,
+                     side, runs[side][-1]["tokens_per_s"], runs[side][-1]["val_loss"],
+                     time.perf_counter() - started)
+    median = {side: statistics.median(r["tokens_per_s"] for r in rs) for side, rs in runs.items()}
+    loss = {side: statistics.median(r["val_loss"] for r in rs) for side, rs in runs.items()}
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("side", "tokens/s", "train s", "tokens", "val loss", title=(
-        f"LoRA r={config.rank}, {steps} steps x {batch} examples, {torch.get_num_threads()} "
-        "CPU threads" if not torch.cuda.is_available() else "CUDA"))
-    for name, side in (("HF Trainer + peft", baseline), ("tuneloop recipe", ours)):
-        table.add_row(name, f"{side['tokens_per_s']:.0f}", f"{side['train_s']:.1f}",
-                      f"{side['tokens']:.0f}", f"{side['val_loss']:.4f}")
+    device = "CUDA bf16" if torch.cuda.is_available() else f"CPU float32, {os.cpu_count()} cores"
+    table = Table("side", "tokens/s (median)", "rounds", "step s", "examples/step", "val loss",
+                  title=f"LoRA r=16, {spec['steps']} steps, {device}")
+    for side in order:
+        rs = runs[side]
+        table.add_row(NAMES[side], f"{median[side]:.0f}",
+                      " / ".join(f"{r['tokens_per_s']:.0f}" for r in rs),
+                      f"{statistics.median(r['train_s'] for r in rs) / spec['steps']:.2f}",
+                      f"{rs[0]['examples_per_step']:.1f}", f"{loss[side]:.4f}")
     Console().print(table)
-    figures["train_tokens_ratio"] = ours["tokens_per_s"] / baseline["tokens_per_s"]
-    figures["train_val_loss"] = ours["val_loss"]
-    figures["baseline_val_loss"] = baseline["val_loss"]
+    faster = max(("hf", "trl"), key=lambda side: median[side])
+    figures = {"train_tokens_ratio": median["recipe"] / median[faster],
+               "train_val_loss": loss["recipe"], "baseline_val_loss": loss[faster]}
+    print(f"faster baseline: {NAMES[faster]}")  # noqa: T201
     if torch.cuda.is_available():
         figures["gpu_mfu"] = gpu_mfu(quick)
     for name, value in figures.items():
