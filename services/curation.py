@@ -286,6 +286,23 @@ def split(examples: Sequence[Example], cfg: CurationSettings) -> list[Example]:
     return out
 
 
+def cap_known_labels(examples: Sequence[Example], known: set[str], cap: int
+                     ) -> tuple[list[Example], int]:
+    """``examples`` with at most ``cap`` train examples of each label in ``known``, and how
+    many train examples were left out. Validation and test examples are all kept."""
+    counts: Counter[str] = Counter()
+    out: list[Example] = []
+    left_out = 0
+    for ex in examples:
+        if ex.split == "train" and ex.label in known:
+            counts[ex.label] += 1
+            if counts[ex.label] > cap:
+                left_out += 1
+                continue
+        out.append(ex)
+    return out, left_out
+
+
 def _stochastic_round(value: float, rng: random.Random) -> int:
     low = math.floor(value)
     return low + (1 if rng.random() < value - low else 0)

@@ -23,6 +23,7 @@ from services.curation import (
     Candidate,
     CurationResult,
     Example,
+    cap_known_labels,
     curate,
     leaks_golden,
     prompt_key,
@@ -112,6 +113,10 @@ def run_curation(
     guard = golden.index(gold, vectors[n_c : n_c + n_g])
     result: CurationResult = curate(candidates, vectors[:n_c], guard, cfg)
     examples = split(result.examples, cfg)
+    capped = 0
+    if cfg.known_label_train_cap is not None and previous:
+        examples, capped = cap_known_labels(examples, {p.label for p in previous if p.label},
+                                            cfg.known_label_train_cap)
     prev_ok = ~leaks_golden(vectors[n_c + n_g :], guard, cfg.near_duplicate_cosine)
     replayed = replay(
         [p for p, ok in zip(previous, prev_ok, strict=True) if ok],
@@ -120,6 +125,7 @@ def run_curation(
     )
     report = result.report() | {
         "replayed": len(replayed),
+        "known_label_train_capped": capped,
         "golden_guarded": n_g,
         "embedded": stats.encoded,
         "embedding_cache_hits": stats.hits,

@@ -213,6 +213,13 @@ class CurationSettings(Section):
         4, ge=0, description="Replay keeps at least this many examples of every label the "
         "previous version taught (when it has them), so a retrain does not forget a label.",
     )
+    known_label_train_cap: int | None = Field(
+        None, ge=1, description="Train examples a new version keeps of a label the previous "
+        "version already taught (its other fresh examples stay in validation and test or are "
+        "left out; replay adds its share on top). A retrain continues from the production "
+        "adapter, which knows these labels: a few examples each keep them, and the steps go "
+        "to what is new. None = no cap.",
+    )
     split: tuple[float, float, float] = Field(
         (0.9, 0.05, 0.05), description="train / validation / test shares, stratified by label."
     )

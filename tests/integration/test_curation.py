@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -87,6 +88,23 @@ def test_curate_versions_with_lineage_golden_guard_and_valid_exports(
     assert second.report["embedding_cache_hits"] > 0
     _, examples2 = examples_of(store, second.version)
     assert not {prompt_key(e.prompt) for e in examples2} & golden_keys
+
+    # With a cap on labels the previous version taught, the fresh train examples of
+    # each such label stop at the cap; held-out examples and replay are untouched.
+    _seed(store, 600, seed=13, start=t0 + timedelta(hours=18))
+    capped_cfg = settings.curation.model_copy(update={"known_label_train_cap": 2})
+    third = run_curation(store, embedder, capped_cfg)
+    assert third.report["known_label_train_capped"] > 0
+    _, examples3 = examples_of(store, third.version)
+    known = {e.label for e in examples2 if e.split == "train"}
+    with store.connect() as con:
+        fresh_ids = {r[0] for r in con.execute(
+            "SELECT event_id FROM feedback WHERE seq > (SELECT max(seq) FROM feedback) - 600"
+        ).fetchall()}
+    fresh_train = Counter(e.label for e in examples3
+                          if e.split == "train" and e.source_event_id in fresh_ids)
+    assert fresh_train and all(n <= 2 for label, n in fresh_train.items() if label in known)
+    assert third.report["splits"]["test"] > 0 and third.report["replayed"] > 0
 
 
 def test_curate_flow_on_prefect_server(prefect_server: str, settings: Settings) -> None:

@@ -140,6 +140,22 @@ def test_replay_mixes_the_configured_share_without_golden() -> None:
     assert previous[0].example_id not in {e.example_id for e in picked}
 
 
+def test_known_labels_keep_a_capped_share_of_train_and_all_held_out_examples() -> None:
+    examples = [
+        e for i in range(300)
+        if not isinstance(e := select(cand(i, label=f"intent{i % 3}")), str)
+    ]
+    out = split(examples, CurationSettings())
+    capped, left_out = cur.cap_known_labels(out, {"intent0", "intent1"}, 10)
+    for label in ("intent0", "intent1"):
+        assert sum(1 for e in capped if e.label == label and e.split == "train") == 10
+    train = [e for e in out if e.split == "train"]
+    assert left_out == sum(1 for e in train if e.label != "intent2") - 20
+    # The new label keeps all of its train examples, and nothing held out is dropped.
+    assert [e for e in capped if e.label == "intent2"] == [e for e in out if e.label == "intent2"]
+    assert [e for e in capped if e.split != "train"] == [e for e in out if e.split != "train"]
+
+
 def _record(path: Path, *records: object) -> Path:
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
     return path

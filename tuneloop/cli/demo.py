@@ -103,7 +103,9 @@ def _demo_settings(window: int, canary_window_s: int, min_requests: int,
         "loop": {"cooldown_s": 240, "retrain_min_new_labels": 0},
         # A larger test split: a small dataset still gives the offline gate enough new
         # examples to show an improvement (the golden set holds only what production knew).
-        "curation": {"split": [0.7, 0.1, 0.2]},
+        # A retrain continues from production: 10 train examples of each label it knows
+        # keep that label (bench/RESULTS.md, forgetting), and the steps go to the new ones.
+        "curation": {"split": [0.7, 0.1, 0.2], "known_label_train_cap": 10},
         "training": {"config": str(recipe)},
     })
 
