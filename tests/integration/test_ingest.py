@@ -315,3 +315,44 @@ def test_the_embedded_broker_speaks_kafka(broker: Settings) -> None:
 
     own = EmbeddedBroker(broker)
     assert speaks_kafka(own.host, own.port) and own.healthy()
+
+
+def test_a_200k_backlog_leaves_drift_curation_and_status_their_turns(
+        broker: Settings, settings: Settings, store: Store) -> None:
+    """While ingest works through 200,000 events of backlog, the store units of drift
+    (its two windows), curation (the candidates since the last version) and status (the
+    counts) keep getting the file in turn: a store that gives up after 20 s never does,
+    and each of them has its turn while the backlog is part-way through."""
+    from services.curation_store import load_candidates
+    from services.drift_store import load_windows
+
+    ensure_topics(settings.kafka)
+    n = 200_000
+    _send_raw(settings, [(str(e.event_id).encode(), e.to_json_bytes()) for e in _events(n)])
+    impatient = Store(store.path, lock_timeout_s=20)
+    units = {"drift": lambda con: load_windows(con, settings.drift),
+             "curate": lambda con: load_candidates(con),
+             "status": lambda con: [con.execute(f"SELECT count(*) FROM {t}").fetchall()
+                                    for t in ("feedback", "dead_letters", "datasets")]}
+    turns = {name: 0 for name in units}  # taken while ingest was part-way through
+    waits: list[float] = []
+    proc = _ingest_process(settings, batch_size=5000)
+    try:
+        committed = 0
+        while committed < n and proc.poll() is None:
+            busy = committed > 0
+            for name, unit in units.items():
+                asked = time.monotonic()
+                with impatient.connect() as con:  # raises StoreBusyError after 20 s
+                    waits.append(time.monotonic() - asked)
+                    unit(con)
+                turns[name] += busy
+            parts = topic_offsets(settings.kafka, settings.kafka.topic, settings.kafka.group_id)
+            committed = sum(p.committed or 0 for p in parts)
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(f"turns while ingest was part-way: {turns}; longest wait {max(waits):.2f} s")  # noqa: T201
+    assert all(t >= 1 for t in turns.values()), turns
+    assert len(set(_feedback_ids(store))) == n
