@@ -69,6 +69,18 @@ class _StepClock(TrainerCallback):
         self.seconds += time.perf_counter() - self._t0
 
 
+class _Counting:
+    """A data collator that also counts the real tokens it hands out."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.tokens = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        self.tokens += sum(len(f["input_ids"]) for f in features)
+        return self.inner(features)
+
+
 def _training_args(cls: Any, config: RecipeConfig, workdir: Path, batch: int,
                    **extra: Any) -> Any:
     cuda = torch.cuda.is_available()
@@ -123,19 +135,14 @@ def run_hf(config: RecipeConfig, base: BaseModel, train: Sequence[ChatExample],
     data = [{"input_ids": list(e.input_ids), "labels": list(e.labels),
              "attention_mask": [1] * len(e)} for e in (encode_chat(tokenizer, x.messages)
                                                         for x in train)]
-    inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    counted = {"tokens": 0}
-
-    def collator(features: list[dict[str, Any]]) -> Any:
-        counted["tokens"] += sum(len(f["input_ids"]) for f in features)
-        return inner(features)
-
+    collator = _Counting(DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                label_pad_token_id=-100))
     clock = _StepClock()
     trainer = Trainer(model=model, args=_training_args(TrainingArguments, config, workdir,
                                                        config.batch_size),
                       train_dataset=data, data_collator=collator, callbacks=[clock])
     trainer.train()
-    return {"tokens": counted["tokens"], "train_s": clock.seconds,
+    return {"tokens": collator.tokens, "train_s": clock.seconds,
             "val_loss": val_loss(model, tokenizer, validation),
             "examples_per_step": config.batch_size}
 
@@ -161,19 +168,12 @@ def run_trl(config: RecipeConfig, base: BaseModel, train: Sequence[ChatExample],
                           max_length=config.max_seq_len)
     trainer = SFTTrainer(model=_dense(base), args=args, train_dataset=data,
                          processing_class=tokenizer, peft_config=_lora(config), callbacks=[clock])
-    inner = trainer.data_collator
-    counted = {"tokens": 0}
-
-    def collator(features: list[dict[str, Any]]) -> Any:
-        counted["tokens"] += sum(len(f["input_ids"]) for f in features)
-        return inner(features)
-
-    trainer.data_collator = collator
+    collator = trainer.data_collator = _Counting(trainer.data_collator)
     trainer.train()
     mean = sum(lengths) / len(lengths)
-    return {"tokens": counted["tokens"], "train_s": clock.seconds,
+    return {"tokens": collator.tokens, "train_s": clock.seconds,
             "val_loss": val_loss(trainer.model, tokenizer, validation),
-            "examples_per_step": counted["tokens"] / mean / max(1, config.max_steps or 1)}
+            "examples_per_step": collator.tokens / mean / max(1, config.max_steps or 1)}
 
 
 @torch.no_grad()

@@ -69,6 +69,19 @@ def since_latest(con: Any, alias: str = "") -> tuple[str, list[Any]]:
     return "", []
 
 
+CANDIDATE_COLUMNS = ("event_id, occurred_at, messages, user_text, completion, rating, "
+                     "correction, label, user_id")
+
+
+def _candidate(r: tuple[Any, ...]) -> Candidate:
+    """A ``feedback`` row selected with ``CANDIDATE_COLUMNS``, as curation sees it."""
+    return Candidate(
+        event_id=r[0], occurred_at=r[1],
+        messages=json.loads(r[2]) if isinstance(r[2], str) else r[2], prompt=r[3],
+        completion=r[4], rating=r[5], correction=r[6], label=r[7], user_id=r[8],
+    )
+
+
 def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
     """Feedback ingested since the latest version was curated (all of it if ``include_used``).
 
@@ -77,18 +90,10 @@ def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
     """
     where, args = ("", []) if include_used else since_latest(con)
     rows = con.execute(
-        "SELECT event_id, occurred_at, messages, user_text, completion, rating, correction, "
-        f"label, user_id FROM feedback WHERE true{where} ORDER BY occurred_at, event_id",
-        args,
+        f"SELECT {CANDIDATE_COLUMNS} FROM feedback WHERE true{where} "
+        "ORDER BY occurred_at, event_id", args,
     ).fetchall()
-    return [
-        Candidate(
-            event_id=r[0], occurred_at=r[1],
-            messages=json.loads(r[2]) if isinstance(r[2], str) else r[2], prompt=r[3],
-            completion=r[4], rating=r[5], correction=r[6], label=r[7], user_id=r[8],
-        )
-        for r in rows
-    ]
+    return [_candidate(r) for r in rows]
 
 
 def run_curation(
@@ -189,22 +194,20 @@ def fresh_examples(con: Any, dataset_version: str, cfg: CurationSettings,
         return []
     seen = {prompt_key(e.prompt) for e in load_examples(con, dataset_version)}
     seen |= {prompt_key(g.prompt) for g in golden.load(con)}
-    feedback = con.execute(
-        "SELECT event_id, occurred_at, messages, user_text, completion, rating, correction, "
-        "label, user_id FROM feedback WHERE seq > ? AND (label IS NOT NULL OR "
-        "coalesce(trim(correction), '') <> '') ORDER BY seq DESC", [int(rows[0][0])]).fetchall()
+    cursor = con.execute(
+        f"SELECT {CANDIDATE_COLUMNS} FROM feedback WHERE seq > ? AND (label IS NOT NULL OR "
+        "coalesce(trim(correction), '') <> '') ORDER BY seq DESC", [int(rows[0][0])])
     out: list[Example] = []
-    for r in feedback:
-        if len(out) >= limit:
-            break
-        chosen = select(Candidate(
-            event_id=r[0], occurred_at=r[1], messages=json.loads(r[2]) if isinstance(r[2], str)
-            else r[2], prompt=r[3], completion=r[4], rating=None, correction=r[6], label=r[7],
-            user_id=r[8]), cfg.label_is_answer)
-        if isinstance(chosen, str) or prompt_key(chosen.prompt) in seen:
-            continue
-        seen.add(prompt_key(chosen.prompt))
-        out.append(replace(scrub(chosen)[0], split="fresh"))
+    while len(out) < limit and (chunk := cursor.fetchmany(limit)):
+        for r in chunk:
+            # The rating is not the reference: a label or a correction is.
+            chosen = select(replace(_candidate(r), rating=None), cfg.label_is_answer)
+            if isinstance(chosen, str) or prompt_key(chosen.prompt) in seen:
+                continue
+            seen.add(prompt_key(chosen.prompt))
+            out.append(replace(scrub(chosen)[0], split="fresh"))
+            if len(out) >= limit:
+                break
     return out[::-1]
 
 
