@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from services.canary_stats import holm, mann_whitney, mcnemar, paired_bootstrap, two_proportions
+from services.canary_stats import Bootstrap, holm, mann_whitney, mcnemar, paired_bootstrap, two_proportions
 from services.evaluation import normalize_label, normalize_text
 from services.settings import CanarySettings
 
@@ -135,10 +135,9 @@ def golden_checks(golden: Paired, cfg: CanarySettings) -> tuple[list[Check], dic
     checks: list[Check] = []
     if golden.labelled:
         gold, inc_pred, cand_pred, names = _encode(golden)
-        boot = paired_bootstrap(
-            lambda idx: _macro_f1(gold[idx], inc_pred[idx], len(names)),
-            lambda idx: _macro_f1(gold[idx], cand_pred[idx], len(names)),
-            len(gold), cfg.golden_margin, cfg.alpha, cfg.bootstrap_resamples, cfg.seed)
+        boot = macro_f1_bootstrap([str(g) for g in golden.labels], golden.incumbent,
+                                  golden.candidate, cfg.golden_margin, cfg.alpha,
+                                  cfg.bootstrap_resamples, cfg.seed)
         metric = "macro-F1"
         figures["golden_macro_f1"] = {
             "incumbent": _macro_f1(gold, inc_pred, len(names)),
@@ -244,6 +243,19 @@ def _label_checks(golden: Paired, inc_right: list[bool], cand_right: list[bool],
                 f"F1 {f1_inc[name]:.2f} -> {f1_cand[name]:.2f}"
                 + ("" if significant else ": not significant")))
     return per_label, checks
+
+
+def macro_f1_bootstrap(labels: Sequence[str], incumbent: Sequence[str],
+                       candidate: Sequence[str], margin: float, alpha: float,
+                       resamples: int = 2000, seed: int = 0) -> Bootstrap:
+    """Macro-F1 of ``candidate`` minus ``incumbent`` on the same labelled examples, with
+    the paired bootstrap's interval and the p-value that it is worse by more than
+    ``margin``."""
+    gold, inc_pred, cand_pred, names = _encode(
+        Paired(list(labels), list(labels), list(incumbent), list(candidate)))
+    return paired_bootstrap(lambda idx: _macro_f1(gold[idx], inc_pred[idx], len(names)),
+                            lambda idx: _macro_f1(gold[idx], cand_pred[idx], len(names)),
+                            len(gold), margin, alpha, resamples, seed)
 
 
 def _encode(golden: Paired) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:

@@ -47,9 +47,14 @@ def test_demo_quick_learns_the_new_intents_unattended(tmp_path: Path) -> None:
     assert result["promoted_version"] != result["bootstrap_version"]
     # It learned the new intents, and the old ones held within the margin.
     before, after = result["before"], result["after"]
-    assert after["new intents"]["macro_f1"] > before["new intents"]["macro_f1"] + 0.3, result
-    old_delta = 100 * (after["old intents"]["macro_f1"] - before["old intents"]["macro_f1"])
-    assert old_delta >= -OLD_MARGIN_POINTS, result
+    scores = {"before": before, "after": after, "old delta": result["old_intents_delta"]}
+    assert after["new intents"]["macro_f1"] > before["new intents"]["macro_f1"] + 0.3, scores
+    # The old intents are read on the same held-out queries before and after: one query
+    # in a hundred moves macro-F1 by a point or more, so a fall counts as a regression when
+    # it is beyond the margin with p < 0.05 (paired bootstrap over the queries).
+    old = result["old_intents_delta"]
+    assert old["margin_points"] == OLD_MARGIN_POINTS
+    assert old["p_fell_beyond_margin"] >= 0.05, scores
     # The drift alarm named the intents that arrived.
     assert result["named_new_intents"], result["drift_clusters"]
     # Steady traffic of the same intents raised no alarm and started no retrain.

@@ -115,7 +115,7 @@ FULL = Scenario(old_share=0.5, max_old=40, new_intents=10, history_per_intent=24
                 users=4, rate=1.5, label_share=0.6, drift_window=200, shift_timeout_s=4200,
                 settings=_demo_settings(200, 90, 40, 20))
 QUICK = Scenario(old_share=0.5, max_old=6, new_intents=3, history_per_intent=40,
-                 golden_per_intent=5, heldout_per_intent=8, new_share=0.5, steady_s=70,
+                 golden_per_intent=5, heldout_per_intent=20, new_share=0.5, steady_s=70,
                  users=4, rate=1.0, label_share=0.6, drift_window=180, shift_timeout_s=2400,
                  settings=_demo_settings(180, 45, 25, 12))
 
@@ -204,6 +204,9 @@ class Result:
     named_new_intents: list[str] = field(default_factory=list)
     before: dict[str, dict[str, float]] = field(default_factory=dict)
     after: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Old intents' macro-F1 change in points with its paired-bootstrap interval, and the
+    # p-value that it fell by more than the goal's margin (small: a real regression).
+    old_intents_delta: dict[str, Any] = field(default_factory=dict)
     served_failures: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     report: str | None = None
@@ -267,7 +270,7 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
     heldout_new = _pick(test, new, sc.heldout_per_intent)
     console.print(f"held-out queries through the alias, before: {len(heldout_old)} old-intent, "
                   f"{len(heldout_new)} new-intent")
-    result.before = _measure(settings, heldout_old, heldout_new)
+    result.before, answers_before = _measure(settings, heldout_old, heldout_new)
     _print_scores("before", result.before)
     # Everything from the first promotion to the shift is steady traffic.
     alarms, retrains = _steady_activity(settings, _promoted_at(settings, first) if first
@@ -298,8 +301,10 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
     result.drift_clusters, result.named_new_intents = _drift_findings(settings, shift_at, new)
 
     console.print(Rule("4. after: the same held-out queries through the alias"))
-    result.after = _measure(settings, heldout_old, heldout_new)
+    result.after, answers_after = _measure(settings, heldout_old, heldout_new)
     _print_scores("after", result.after)
+    result.old_intents_delta = _old_delta(heldout_old, answers_before["old intents"],
+                                          answers_after["old intents"])
     result.timings["total_s"] = time.monotonic() - t_start
     _goals(result)
     from tuneloop.cli.demo_report import write_report
@@ -427,8 +432,10 @@ def _drift_findings(settings: Settings, since: datetime, new: list[str]
     return clusters, named
 
 
-def _measure(settings: Settings, old: list[Query], new: list[Query]) -> dict[str, dict[str, float]]:
-    """Accuracy and macro-F1 of the alias's answers, per group, as end users get them."""
+def _measure(settings: Settings, old: list[Query], new: list[Query]
+             ) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
+    """Accuracy and macro-F1 of the alias's answers, per group, as end users get them;
+    and the answers."""
     from openai import OpenAI
 
     from services.evaluation import evaluate_predictions
@@ -444,13 +451,28 @@ def _measure(settings: Settings, old: list[Query], new: list[Query]) -> dict[str
         return answer.choices[0].message.content or ""
 
     out: dict[str, dict[str, float]] = {}
+    answers: dict[str, list[str]] = {}
     with ThreadPoolExecutor(8) as pool, console.status("asking the alias..."):
         for name, queries in (("old intents", old), ("new intents", new)):
-            predictions = list(pool.map(ask, queries))
-            report = evaluate_predictions(predictions, [q.intent for q in queries],
+            answers[name] = list(pool.map(ask, queries))
+            report = evaluate_predictions(answers[name], [q.intent for q in queries],
                                           [q.intent for q in queries])
             out[name] = {"accuracy": report.accuracy or 0.0, "macro_f1": report.macro_f1 or 0.0}
-    return out
+    return out, answers
+
+
+def _old_delta(queries: list[Query], before: list[str], after: list[str]) -> dict[str, Any]:
+    """The old intents' macro-F1 change on the same held-out queries, in points, with a 95%
+    paired-bootstrap interval: a few hundred queries move by a few points between two
+    adapters that are equally good, so the change is read with its interval."""
+    from services.canary import macro_f1_bootstrap
+
+    boot = macro_f1_bootstrap([q.intent for q in queries], before, after,
+                              OLD_DROP_POINTS / 100, alpha=0.05)
+    return {"points": round(100 * boot.delta, 2),
+            "ci95": [round(100 * boot.low, 2), round(100 * boot.high, 2)],
+            "margin_points": OLD_DROP_POINTS, "p_fell_beyond_margin": boot.p_beyond_margin,
+            "queries": len(queries)}
 
 
 def _print_scores(when: str, scores: dict[str, dict[str, float]]) -> None:
@@ -468,7 +490,9 @@ def _goals(result: Result) -> None:
     if new_after < NEW_F1_GOAL:
         result.missed.append(f"new-intent macro-F1 {new_after:.3f} < {NEW_F1_GOAL}")
     if delta < -OLD_DROP_POINTS:
-        result.missed.append(f"old-intent macro-F1 fell {-delta:.1f} points (> {OLD_DROP_POINTS})")
+        ci = result.old_intents_delta.get("ci95") or [float("nan")] * 2
+        result.missed.append(f"old-intent macro-F1 fell {-delta:.1f} points (> {OLD_DROP_POINTS}; "
+                             f"95% interval {ci[0]:+.1f} to {ci[1]:+.1f})")
     if result.shift_to_promotion_s is not None and result.shift_to_promotion_s > SHIFT_GOAL_S:
         result.missed.append(f"shift to promotion {result.shift_to_promotion_s:.0f} s "
                              f"(> {SHIFT_GOAL_S:.0f} s)")
@@ -489,6 +513,10 @@ def _summary(settings: Settings, r: Result) -> None:
                   f"new intents: {', '.join(r.named_new_intents) or '-'}")
     _print_scores("before", r.before)
     _print_scores("after", r.after)
+    if r.old_intents_delta:
+        d = r.old_intents_delta
+        console.print(f"  old intents' macro-F1 change: {d['points']:+.1f} points, 95% interval "
+                      f"{d['ci95'][0]:+.1f} to {d['ci95'][1]:+.1f} ({d['queries']} queries)")
     console.print(f"failed user requests: {r.served_failures}")
     if r.missed:
         console.print("[bold red]missed:[/] " + "; ".join(r.missed))

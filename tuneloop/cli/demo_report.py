@@ -80,7 +80,10 @@ def write_report(settings: Settings, result: dict[str, Any]) -> Path:
     goals = [
         ["new-intent macro-F1 after", f"{new_after:.3f}", ">= 0.70 (stretch 0.85)",
          "met" if new_after >= 0.70 else "MISSED"],
-        ["old-intent macro-F1 change (points)", f"{delta:+.1f}", ">= -2.0",
+        ["old-intent macro-F1 change (points)", f"{delta:+.1f}" + (
+            " (95% interval {:+.1f} to {:+.1f}, {} queries)".format(
+                *result["old_intents_delta"]["ci95"], result["old_intents_delta"]["queries"])
+            if result.get("old_intents_delta") else ""), ">= -2.0",
          "met" if delta >= -2.0 else "MISSED"],
         ["shift onset to promotion (s)", "-" if shift_s is None else f"{shift_s:.0f}", "<= 1200",
          "met" if shift_s is not None and shift_s <= 1200 else "MISSED"],
