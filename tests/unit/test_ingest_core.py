@@ -30,7 +30,7 @@ def test_valid_duplicate_and_invalid_records_are_separated() -> None:
     assert batch.duplicates_in_batch == 1
     assert [d.record.offset for d in batch.dead] == [6]
     assert "not valid UTF-8 JSON" in batch.dead[0].reason
-    assert batch.dead[0].dead_letter_id == "feedback.v1:0:6"
+    assert batch.dead[0].dead_letter_id.startswith("feedback.v1:0:6:")
 
 
 def test_key_must_match_event_id() -> None:
@@ -83,9 +83,9 @@ def test_a_row_that_fails_the_write_is_isolated_and_dead_lettered(tmp_path: Path
         stored = con.execute("SELECT count(*) FROM feedback").fetchall()[0][0]
         dead = con.execute("SELECT dead_letter_id, event_id, reason FROM dead_letters").fetchall()
     assert stored == 7
-    assert len(dead) == 1 and dead[0][0] == "feedback.v1:0:5"
+    assert len(dead) == 1 and dead[0][0].startswith("feedback.v1:0:5:")
     assert dead[0][1] == str(events[5].event_id) and "the store rejected it" in dead[0][2]
-    assert [d.dead_letter_id for d in batch.dead] == ["feedback.v1:0:5"]
+    assert [d.dead_letter_id.rsplit(":", 1)[0] for d in batch.dead] == ["feedback.v1:0:5"]
 
 
 def test_only_a_rebalance_excuses_a_failed_offset_commit() -> None:
@@ -117,3 +117,19 @@ def test_metadata_and_dead_letters_are_redacted_unless_raw_is_kept(tmp_path: Pat
         write_batch(con, batch)
         stored = con.execute("SELECT payload FROM dead_letters").fetchall()[0][0]
     assert b"jo@example.com" not in bytes(stored)
+
+
+def test_a_dead_letter_keeps_its_id_when_redelivered_and_not_when_the_offset_is_reused(
+        tmp_path: Path) -> None:
+    """A broker that restarts with empty topics (the embedded one keeps them in memory)
+    hands out offsets again: a new bad record at an old offset is a new dead letter."""
+    first = prepare_batch(_records([b"garbage"])).dead[0]
+    again = prepare_batch(_records([b"garbage"])).dead[0]
+    reused = prepare_batch(_records([b"other garbage"])).dead[0]
+    assert first.dead_letter_id == again.dead_letter_id != reused.dead_letter_id
+    store = Store(tmp_path / "t.duckdb")
+    with store.connect() as con:
+        for record in (first, again, reused):
+            write_batch(con, prepare_batch([record.record]))
+        (n,) = con.execute("SELECT count(*) FROM dead_letters").fetchone() or (0,)
+    assert n == 2

@@ -79,10 +79,11 @@ def worker(ctx: typer.Context) -> None:
     serve_all(settings_of(ctx))
 
 
-SUPERVISED = {"ingest": ("ingest", "--follow")}
+SUPERVISED = {"ingest": ("ingest", "--follow"), "gateway": ("gateway",)}
 
 
-def supervise(ctx: typer.Context, name: str = typer.Argument(..., help="ingest")) -> None:
+def supervise(ctx: typer.Context,
+              name: str = typer.Argument(..., help="ingest or gateway")) -> None:
     """Run a component and restart it when it dies (run by ``tuneloop up``)."""
     import sys
 
