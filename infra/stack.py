@@ -82,10 +82,19 @@ class Stack:
                    f"pid {worker_pid} (Prefect deployments)" if worker_pid
                    else "not running (tuneloop up starts it)"),
             self._ingest_health(),
-            Health("gateway", self.gateway.healthy(),
-                   f"{self.settings.serving.gateway_url} (OpenAI-compatible; "
-                   f"{self.settings.serving.replicas} vLLM replica(s))"),
+            self._gateway_health(),
         ]
+
+    def _gateway_health(self) -> Health:
+        from infra.supervisor import read_state
+
+        detail = (f"{self.settings.serving.gateway_url} (OpenAI-compatible; "
+                  f"{self.settings.serving.replicas} vLLM replica(s))")
+        state = read_state(Path(self.settings.home), "gateway") or {}
+        if state.get("restarts"):
+            detail += (f", {state['restarts']} gateway restart(s), last exit "
+                       f"{state.get('last_exit')}")
+        return Health("gateway", self.gateway.healthy(), detail)
 
     def _ingest_health(self) -> Health:
         from infra.supervisor import read_state

@@ -324,6 +324,37 @@ def test_a_restarted_gateway_rebuilds_its_routing_from_the_registry(
     assert replica["restarts"] == 0
 
 
+def test_a_killed_gateway_is_restarted_by_its_supervisor(serving_stack: ServingStack) -> None:
+    """SIGKILL the gateway itself: its supervisor starts a new one, which adopts the running
+    vLLM and serves production again; meanwhile clients get connection errors, never a hang."""
+    from infra.processes import ManagedProcess, wait_until
+    from infra.supervisor import read_state
+
+    stack = serving_stack
+    version = ensure_production(stack)
+    home = Path(stack.settings.home)
+    state = read_state(home, "gateway") or {}
+    child, restarts = state.get("child_pid"), int(state.get("restarts", 0))
+    assert child, "the gateway runs under its supervisor"
+    vllm = ManagedProcess("vllm-0", home).pid()
+    os.kill(int(child), signal.SIGKILL)
+
+    def serves() -> bool:
+        try:
+            return ask(stack, user=str(uuid.uuid4()))[0] == version
+        except openai.APIConnectionError:  # the port is closed until the new gateway binds
+            return False
+        except openai.APIStatusError as exc:  # up, still adopting the replica
+            assert exc.status_code == 503 and "retry-after" in exc.response.headers, exc
+            return False
+
+    wait_until(serves, 300, "the restarted gateway", interval_s=1.0)
+    after = read_state(home, "gateway") or {}
+    assert int(after.get("restarts", 0)) == restarts + 1
+    assert after.get("child_pid") != child
+    assert ManagedProcess("vllm-0", home).pid() == vllm  # adopted, not restarted
+
+
 def test_zz_vllm_killed_mid_traffic_comes_back_with_production(serving_stack: ServingStack) -> None:
     """Runs last in this file: it restarts the session's vLLM."""
     stack = serving_stack
