@@ -16,22 +16,27 @@ producers, user requests through the official ``openai`` client. The faults:
 4. **gateway SIGKILL during traffic**: its supervisor restarts it and the new gateway
    adopts the running replica and rebuilds routing from the registry; users get
    connection errors meanwhile, which they retry.
-5. **broker outage while producers send**: the broker is stopped and started again
+5. **worker SIGKILL during a retrain**: a retrain runs on the deployment worker (curate
+   the feedback, train with a checkpoint every two steps, publish) while users ask; the
+   worker is killed after the first checkpoint. Its supervisor kills what is left of its
+   process group and restarts it; the new worker marks the run Crashed and runs it again,
+   which goes on from the checkpoint and publishes one adapter, not two.
+6. **broker outage while producers send**: the broker is stopped and started again
    while an app keeps sending through the producer SDK; the outbox delivers what the
    broker could not take.
 
 Per fault: events sent, stored, dead-lettered, lost and duplicated; user requests,
 retried attempts and failed requests (a non-retriable error, or no answer within 60 s).
 A fault is survived when nothing is lost or duplicated, no request failed, and service
-came back by itself. The killed worker during a retrain is not among these faults yet:
-``tests/integration/test_training.py`` kills a training process and resumes it from its
-checkpoint, and ``tests/integration/test_retrain.py`` reruns a flow run without training
-twice. Ends with ``FIGURE faults_lost_events``, ``faults_duplicated_events``,
+came back by itself (for the retrain: the interrupted run Crashed, the resumed one
+Completed from a checkpoint past step 0, exactly one adapter under the run key).
+Ends with ``FIGURE faults_lost_events``, ``faults_duplicated_events``,
 ``faults_survived`` and ``faults_total``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -106,6 +111,10 @@ class Bench:
             "TUNELOOP_SERVING__ADMIN_KEY": "bench-admin-key",
             # The outbox gives a send up after this long and keeps the event for later.
             "TUNELOOP_PRODUCER__DELIVERY_TIMEOUT_S": "3",
+            # The worker runs what the bench starts, nothing on its own.
+            "TUNELOOP_LOOP__RETRAIN_ON_DRIFT": "false",
+            "TUNELOOP_LOOP__CANARY_NEW_CANDIDATES": "false",
+            "TUNELOOP_DRIFT__INTERVAL_S": "86400",
         }
         os.environ.update(self.env)
         self.settings: Settings = load_settings()
@@ -113,7 +122,7 @@ class Bench:
         self.store = Store(self.settings.db_path)
 
     def up(self) -> None:
-        self.stack.up(worker=False)
+        self.stack.up()
 
     def down(self) -> None:
         self.stack.down()
@@ -398,6 +407,88 @@ def gateway_kill(b: Bench) -> Outcome:
     return out
 
 
+RETRAIN_RECIPE = ("rank: 8\nalpha: 16\nmax_steps: 12\nbatch_size: 4\neval_interval: 2\n"
+                  "patience: 100\neval_max_examples: 8\ngeneration_max_new_tokens: 6\n"
+                  "task_eval_max_examples: 8\n")
+
+
+def worker_kill(b: Bench, n: int) -> Outcome:
+    """SIGKILL the deployment worker after the first checkpoint of a retrain it runs on
+    ``n`` fresh labelled events, with users asking meanwhile."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.deployments import run_deployment
+
+    from services.registry import list_adapters
+
+    out = Outcome("worker SIGKILL during a retrain")
+    events = _events(n, seed=17)
+    ids = {str(e.event_id) for e in events}
+    dead_before = b.dead_letters()
+    b.send_raw([e.to_json_bytes() for e in events])
+    out.sent = n
+    b.caught_up(300)
+    recipe = b.home / "fault-retrain.yaml"
+    recipe.write_text(RETRAIN_RECIPE)
+    key = f"fault-worker-kill-{uuid.uuid4().hex[:8]}"
+
+    def deployed() -> bool:
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_deployment_by_name("retrain/loop")
+            except Exception:  # noqa: BLE001 - not registered yet
+                return False
+        return True
+
+    def published() -> list[Any]:
+        with b.store.connect() as con:
+            return [a for a in list_adapters(con) if a.run_key == key]
+
+    wait_until(deployed, 180, "the worker's deployments", interval_s=1.0)
+    checkpoint = b.settings.runs_dir / key / "checkpoint" / "state.json"
+    restarts = int((read_state(b.home, "worker") or {}).get("restarts", 0))
+    first = run_deployment("retrain/loop", timeout=0, parameters={
+        "reason": "bench faults: worker kill", "config_file": str(recipe), "run_key": key})
+    assert not asyncio.iscoroutine(first)
+    started = time.monotonic()
+    with _users(b, out):
+        wait_until(checkpoint.exists, 900, "the retrain's first checkpoint", interval_s=0.2)
+        step = json.loads(checkpoint.read_text())["step"]
+        child = (read_state(b.home, "worker") or {}).get("child_pid")
+        os.kill(int(child or 0), signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            wait_until(lambda: bool(published()), 1200, "the resumed retrain", interval_s=2.0)
+        except TimeoutError:
+            out.recovered = False
+    adapters = published()
+    with get_client(sync_client=True) as client:
+        crashed = client.read_flow_run(first.id)
+        resumed = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=["resumed"]))) if r.parameters.get("run_key") == key]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not all(r.state and r.state.is_final()
+                                                       for r in resumed):
+            time.sleep(1)
+            resumed = [client.read_flow_run(r.id) for r in resumed]
+    b.count(out, ids, dead_before)
+    worker_restarts = int((read_state(b.home, "worker") or {}).get("restarts", 0)) - restarts
+    from_step = adapters[0].metrics["training"]["resumed_from_step"] if adapters else 0
+    out.recovered = bool(out.recovered and len(adapters) == 1 and worker_restarts >= 1
+                         and crashed.state and crashed.state.is_crashed() and len(resumed) == 1
+                         and resumed[0].state and resumed[0].state.is_completed()
+                         and from_step > 0)
+    out.detail = (f"killed worker pid {child} at checkpoint step {step}; {worker_restarts} "
+                  f"restart; the run {crashed.state.name if crashed.state else '?'}, "
+                  f"{len(resumed)} resumed run(s) "
+                  f"{', '.join(str(r.state.name) for r in resumed if r.state)}, training went on "
+                  f"from step {from_step}; {len(adapters)} adapter(s) under the run key "
+                  f"({', '.join(str(a.version) for a in adapters)}); published "
+                  f"{time.monotonic() - killed_at:.0f} s after the kill, "
+                  f"{time.monotonic() - started:.0f} s after the retrain started")
+    return out
+
+
 def broker_outage(b: Bench, n: int, outage_s: float) -> Outcome:
     """An app sends ``n`` events through the producer SDK at a steady rate while the
     broker is stopped for ``outage_s`` and started again."""
@@ -440,9 +531,11 @@ def main(settings: Settings, quick: bool = False) -> dict[str, float]:
     try:
         started = time.monotonic()
         b.up()
-        _say(f"stack up in {time.monotonic() - started:.0f} s (broker, Prefect, ingest, "
-             "gateway + vLLM)")
+        _say(f"stack up in {time.monotonic() - started:.0f} s (broker, Prefect, worker, "
+             "ingest, gateway + vLLM)")
         steps: list[Callable[[], Outcome]] = [
+            # First: its retrain curates every event stored so far.
+            lambda: worker_kill(b, 400 if quick else 1_000),
             lambda: ingest_kill(b, 5_000 if quick else 50_000),
             lambda: hostile_events(b, 200 if quick else 1_000),
             lambda: vllm_kill(b),

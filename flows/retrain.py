@@ -36,6 +36,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from flows.common import curation_markdown, image_markdown, rename_run
+from flows.recovery import RESUMED_TAG
 from services import canary_store, loop_metrics
 from services.canary import INFO, Check, Decision
 from services.cpu import pin
@@ -83,9 +84,13 @@ def find_adapter(settings: Settings, run_key: str) -> Adapter | None:
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
-def why_not(settings: Settings) -> str | None:
-    """Why an automatic retrain should not start now, or None."""
+def why_not(settings: Settings, run_key: str) -> str | None:
+    """Why an automatic retrain should not start now, or None. A retrain run again under
+    a key that already started (after a worker crash) goes on."""
     with _store(settings).connect() as con:
+        if con.execute("SELECT 1 FROM canary_decisions WHERE stage = 'retrain' AND verdict = "
+                       "'start' AND figures->>'run_key' = ? LIMIT 1", [run_key]).fetchall():
+            return None  # it passed these checks when it started; a crash cut it short
         live = con.execute("SELECT version FROM adapters WHERE state = 'canary'").fetchall()
         if live:
             return f"canary {live[0][0]} is still in its live window"
@@ -234,7 +239,8 @@ def _training_markdown(adapter: dict[str, Any], run_dir: str | None) -> str:
 
 def _run_name() -> str:
     params = flow_run.get_parameters() or {}
-    return f"retrain ({params.get('reason') or 'manual'})"
+    resumed = ", resumed" if RESUMED_TAG in (flow_run.get_tags() or []) else ""
+    return f"retrain ({params.get('reason') or 'manual'}{resumed})"
 
 
 @flow(name="retrain", flow_run_name=_run_name, log_prints=False)
@@ -258,7 +264,7 @@ def retrain(
     trigger = Check("trigger", INFO, None, None, "", reason)
     adapter = find_adapter(settings, key)
     if adapter is None and automatic:
-        blocked = why_not(settings)
+        blocked = why_not(settings, key)
         if blocked:
             record(settings, Decision("retrain", None, None, "skipped",
                                       [trigger, Check("skipped", INFO, None, None, "", blocked)],

@@ -18,6 +18,10 @@ The loop, with Prefect's own triggers, concurrency limits and schedules:
 - With ``loop.train_work_pool`` set, ``train-adapter/<pool>`` is registered on that work
   pool for a ``prefect worker`` on a GPU machine; the retrain flow runs training there.
 
+The worker runs under a supervisor that restarts it; on start it marks the runs its
+predecessor left unfinished Crashed and runs the retrain and canary ones again, which go
+on from where they stopped (``flows.recovery``).
+
 Ingest is not a deployment: ``tuneloop up`` runs one long-running consumer.
 """
 
@@ -34,6 +38,7 @@ from prefect.events import DeploymentEventTrigger
 from flows.canary import canary, check_production
 from flows.curate import curate_flow
 from flows.drift import DRIFT_EVENT, LABELS_EVENT, detect_drift_flow
+from flows.recovery import recover_interrupted
 from flows.retrain import PUBLISHED_EVENT, retrain, train_adapter
 from services.settings import Settings
 
@@ -108,6 +113,9 @@ def register_training_pool(settings: Settings) -> None:
 
 
 def serve_all(settings: Settings) -> None:
-    """Block, running triggered, scheduled and manual runs of every deployment."""
+    """Block, running triggered, scheduled and manual runs of every deployment; first
+    resume what a previous worker left unfinished (``flows.recovery``)."""
     register_training_pool(settings)
-    serve(*deployments(settings), limit=3)
+    served = deployments(settings)
+    recover_interrupted([f"{d.flow_name}/{d.name}" for d in served])
+    serve(*served, limit=3)

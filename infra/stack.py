@@ -48,7 +48,12 @@ class Stack:
             self.ingest.start([sys.executable, "-m", "tuneloop.cli.main", "supervise", "ingest"],
                               env=env)
         if worker:
-            self.worker.start([sys.executable, "-m", "tuneloop.cli.main", "worker"], env=env)
+            if self.worker.pid() is None:
+                from infra.supervisor import state_path
+
+                state_path(Path(self.settings.home), "worker").unlink(missing_ok=True)
+            self.worker.start([sys.executable, "-m", "tuneloop.cli.main", "supervise", "worker"],
+                              env=env)
         if serving and self.settings.serving.embedded:
             self.gateway.start(env)
 
@@ -72,18 +77,28 @@ class Stack:
 
     def health(self) -> list[Health]:
         kafka = self.settings.kafka
-        worker_pid = self.worker.pid()
         return [
             Health("kafka", self.broker.healthy(),
                    f"{kafka.bootstrap_servers} ({'embedded tansu' if kafka.embedded else 'external'})"),
             Health("prefect", self.prefect.healthy(),
                    self.settings.prefect.api_url.removesuffix("/api")),
-            Health("worker", worker_pid is not None,
-                   f"pid {worker_pid} (Prefect deployments)" if worker_pid
-                   else "not running (tuneloop up starts it)"),
+            self._worker_health(),
             self._ingest_health(),
             self._gateway_health(),
         ]
+
+    def _worker_health(self) -> Health:
+        from infra.supervisor import read_state
+
+        if self.worker.pid() is None:
+            return Health("worker", False, "not running (tuneloop up starts it)")
+        state = read_state(Path(self.settings.home), "worker") or {}
+        child = state.get("child_pid")
+        detail = f"pid {child} (Prefect deployments)" if child else "worker restarting"
+        if state.get("restarts"):
+            detail += (f", {state['restarts']} restart(s), last exit {state.get('last_exit')}; "
+                       "interrupted runs resumed")
+        return Health("worker", child is not None, detail)
 
     def _gateway_health(self) -> Health:
         from infra.supervisor import read_state

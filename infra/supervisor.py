@@ -4,12 +4,18 @@
 component as its child and restarts it after a crash (1 s, doubling to 60 s; the delay
 resets once a child has run for a minute). SIGTERM stops the child, then the supervisor.
 Restarts and the last exit are written to ``<home>/run/<name>-supervisor.json``.
+
+With ``own_group`` the child runs in a process group of its own, and whatever is left of
+that group when the child exits is killed before the restart: the deployment worker's
+flow-run processes die with it, so a resubmitted run never trains beside a survivor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -37,7 +43,7 @@ def read_state(home: Path, name: str) -> dict[str, Any] | None:
         return None
 
 
-def supervise(name: str, argv: Sequence[str], home: Path) -> int:
+def supervise(name: str, argv: Sequence[str], home: Path, own_group: bool = False) -> int:
     """Run ``argv`` until SIGTERM, restarting it whenever it exits; returns 0."""
     stopping = threading.Event()
     child: list[subprocess.Popen[bytes] | None] = [None]
@@ -55,11 +61,13 @@ def supervise(name: str, argv: Sequence[str], home: Path) -> int:
     backoff = 1.0
     while not stopping.is_set():
         started = time.monotonic()
-        proc = subprocess.Popen(list(argv))
+        proc = subprocess.Popen(list(argv), start_new_session=own_group)
         child[0] = proc
         state["child_pid"] = proc.pid
         _save(home, name, state)
         code = proc.wait()
+        if own_group:
+            _kill_group(proc.pid)
         if stopping.is_set():
             break
         ran = time.monotonic() - started
@@ -75,9 +83,16 @@ def supervise(name: str, argv: Sequence[str], home: Path) -> int:
             child[0].wait(timeout=20)
         except subprocess.TimeoutExpired:
             child[0].kill()
+    if own_group and child[0] is not None:
+        _kill_group(child[0].pid)
     state["child_pid"] = None
     _save(home, name, state)
     return 0
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _save(home: Path, name: str, state: dict[str, Any]) -> None:

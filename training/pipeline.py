@@ -11,11 +11,14 @@ The store is held only for the reads and the publish, never while training.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,10 +94,30 @@ def train_candidate(
     has this recipe's rank and target modules; zeros otherwise.
     """
     run_dir = run_dir_for(settings, run_key)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # One trainer a run directory: a second process with the same run key (a resubmitted
+    # run while the first still lives) waits, then finds the finished result.
+    with _run_lock(run_dir):
+        return _train_locked(settings, splits, golden, config, run_key, run_dir,
+                             show_progress, init_adapter)
+
+
+@contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    with (run_dir / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train_locked(settings: Settings, splits: DatasetSplits, golden: list[ChatExample],
+                  config: RecipeConfig, run_key: str, run_dir: Path, show_progress: bool,
+                  init_adapter: Path | None) -> TrainedRun:
     if (run_dir / RESULT).exists():
         log.info("run %s: already trained, reusing %s", run_key, run_dir / RESULT)
         return TrainedRun.load(run_dir / RESULT)
-    run_dir.mkdir(parents=True, exist_ok=True)
     pin(settings.training.cpu_cores)
     started = time.perf_counter()
     base = resolve_base_model(settings.training.base_model, settings.models_dir)

@@ -64,10 +64,12 @@ class TrainResult:
     train_curve: list[Point] = field(default_factory=list)
     val_curve: list[Point] = field(default_factory=list)
     curve_path: Path | None = None
+    resumed_from_step: int = 0  # the checkpoint a restarted run went on from; 0 when fresh
 
     def metrics(self) -> dict[str, Any]:
         return {
             "steps": self.steps, "total_steps": self.total_steps,
+            "resumed_from_step": self.resumed_from_step,
             "stopped_early": self.stopped_early, "initial_val_loss": self.initial_val_loss,
             "best_val_loss": self.best_val_loss, "best_step": self.best_step,
             "train_tokens": self.train_tokens, "tokens_per_s": self.tokens_per_s,
@@ -239,6 +241,7 @@ class LoRARecipe:
         ckpt_dir = self.run_dir / "checkpoint"
         state = self._resume(ckpt_dir)
         step, train_tokens, train_s = state["step"], state["train_tokens"], state["train_s"]
+        resumed_from = step
         train_curve = [Point(*p) for p in state["train_curve"]]
         val_curve = [Point(*p) for p in state["val_curve"]]
         if not val_curve:
@@ -306,7 +309,7 @@ class LoRARecipe:
         return TrainResult(step, self.total_steps, stopped_early, initial, stopper.best,
                            stopper.best_step,
                            train_tokens, train_s, train_tokens / max(train_s, 1e-9),
-                           train_curve, val_curve, curve)
+                           train_curve, val_curve, curve, resumed_from)
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens of ``batch``."""

@@ -3,6 +3,10 @@ decisions, and continues from the production adapter."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +61,79 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
     third = retrain(dataset_version="b77-flow", config_file=str(config), run_key="continued",
                     settings=settings)
     assert third["metrics"]["training"]["continued_from"] == first["path"]
+
+
+def test_a_retrain_the_worker_dies_in_resumes_from_its_checkpoint_and_publishes_once(
+    prefect_server: str, training_settings: Settings, tmp_path: Path
+) -> None:
+    """SIGKILL of the deployment worker during a retrain: its supervisor restarts it, the
+    new worker marks the run Crashed and runs it again, which goes on from the last
+    checkpoint and publishes one adapter."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.deployments import run_deployment
+
+    from infra.prefect_server import prefect_env
+    from infra.stack import Stack
+    from infra.supervisor import read_state
+
+    settings = training_settings
+    store = Store(settings.db_path)
+    write_banking77_version(store, "b77-worker-kill", train_per_intent=4, val_per_intent=1,
+                            golden_per_intent=1)
+    config = tmp_path / "checkpointed.yaml"
+    config.write_text(
+        "rank: 8\nalpha: 16\nmax_steps: 10\nbatch_size: 2\neval_interval: 2\npatience: 100\n"
+        "eval_max_examples: 4\ngeneration_max_new_tokens: 4\ntask_eval_max_examples: 4\n")
+    key = "worker-kill"
+    stack = Stack(settings)
+    env = {**prefect_env(settings), **stack._tuneloop_env()}
+    stack.worker.start([sys.executable, "-m", "tuneloop.cli.main", "supervise", "worker"], env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with get_client(sync_client=True) as client:
+                try:
+                    client.read_deployment_by_name("retrain/loop")
+                    break
+                except Exception:  # noqa: BLE001 - not registered yet
+                    time.sleep(1)
+        first = run_deployment("retrain/loop", timeout=0, parameters={
+            "reason": "worker kill test", "dataset_version": "b77-worker-kill",
+            "config_file": str(config), "run_key": key})
+        checkpoint = settings.runs_dir / key / "checkpoint" / "state.json"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not checkpoint.exists():
+            time.sleep(0.2)
+        assert checkpoint.exists(), "the worker never reached its first checkpoint"
+        worker = read_state(Path(settings.home), "worker")["child_pid"]  # type: ignore[index]
+        os.kill(worker, signal.SIGKILL)
+
+        deadline = time.monotonic() + 600
+        adapter = None
+        while time.monotonic() < deadline and adapter is None:
+            with store.connect() as con:
+                mine = [a for a in list_adapters(con) if a.run_key == key]
+            adapter = mine[0] if mine else None
+            time.sleep(2)
+        assert adapter is not None, "the resumed retrain published nothing"
+        with get_client(sync_client=True) as client:
+            crashed = client.read_flow_run(first.id)
+            resumed = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=["resumed"])))
+            while time.monotonic() < deadline and not all(
+                    r.state and r.state.is_final() for r in resumed):
+                time.sleep(1)
+                resumed = [client.read_flow_run(r.id) for r in resumed]
+    finally:
+        stack.worker.stop()
+    state = read_state(Path(settings.home), "worker") or {}
+    assert state.get("restarts", 0) >= 1
+    assert crashed.state is not None and crashed.state.is_crashed()
+    assert [r.parameters["run_key"] for r in resumed] == [key]
+    assert resumed[0].state is not None and resumed[0].state.is_completed()
+    training = adapter.metrics["training"]
+    assert training["resumed_from_step"] >= 2  # went on from the checkpoint, not from zero
+    assert training["steps"] == 10
+    with store.connect() as con:
+        assert len([a for a in list_adapters(con) if a.run_key == key]) == 1

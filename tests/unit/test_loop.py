@@ -55,7 +55,7 @@ def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldow
 
     settings = Settings(home=tmp_path)
     store = Store(settings.db_path)
-    assert why_not.fn(settings) is None
+    assert why_not.fn(settings, "a") is None
 
     def decide(verdict: str, key: str) -> None:
         with store.connect() as con:
@@ -64,20 +64,22 @@ def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldow
                                           {"run_key": key}), None)
 
     decide("start", "a")
-    assert "still running" in (why_not.fn(settings) or "")
+    assert "still running" in (why_not.fn(settings, "c") or "")
+    # The same retrain run again after a worker crash goes on.
+    assert why_not.fn(settings, "a") is None
     decide("trained", "a")
-    assert "cool-down" in (why_not.fn(settings) or "")
+    assert "cool-down" in (why_not.fn(settings, "c") or "")
     cooled = settings.model_copy(update={"loop": settings.loop.model_copy(
         update={"cooldown_s": 0})})
-    assert why_not.fn(cooled) is None
+    assert why_not.fn(cooled, "c") is None
     decide("start", "b")
     decide("failed", "b")
-    assert why_not.fn(cooled) is None
+    assert why_not.fn(cooled, "c") is None
     with store.connect() as con:
         con.execute("INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
                     "path, sha256, metrics, state) VALUES ('v9', 'support-bot-v9', now(), 'b', "
                     "'h', '/x', 's', '{}', 'canary')")
-    assert "live window" in (why_not.fn(cooled) or "")
+    assert "live window" in (why_not.fn(cooled, "c") or "")
 
 
 def test_the_supervisor_restarts_a_dying_component_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -98,6 +100,47 @@ def test_the_supervisor_restarts_a_dying_component_and_stops_on_sigterm(tmp_path
     assert state["restarts"] >= 2 and state["last_exit"] == 3
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def _dead(pid: int) -> bool:
+    try:  # a zombie nobody reaped yet is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_supervised_worker_takes_its_process_group_with_it(tmp_path: Path) -> None:
+    # The child starts a grandchild (as the worker starts a flow-run process) and dies.
+    grandchild_pid = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+              "'import time; time.sleep(600)']); "
+              f"open({str(grandchild_pid)!r}, 'w').write(str(p.pid)); time.sleep(0.5)")
+    code = ("import sys; from pathlib import Path; from infra.supervisor import supervise; "
+            f"sys.exit(supervise('worker', {[sys.executable, '-c', script]!r}, "
+            f"Path({str(tmp_path)!r}), own_group=True))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
+                            env={**os.environ})
+    try:
+        deadline = time.monotonic() + 30
+        first = None
+        while time.monotonic() < deadline and first is None:
+            if grandchild_pid.exists() and grandchild_pid.read_text():
+                first = int(grandchild_pid.read_text())
+            time.sleep(0.05)
+        assert first is not None
+        state_file = tmp_path / "run" / "worker-supervisor.json"
+        while time.monotonic() < deadline:
+            if state_file.exists() and json.loads(state_file.read_text())["restarts"] >= 1:
+                break
+            time.sleep(0.05)
+        assert json.loads(state_file.read_text())["restarts"] >= 1
+        # The first grandchild died with its parent's group, before the restart.
+        while time.monotonic() < deadline and not _dead(first):
+            time.sleep(0.05)
+        assert _dead(first)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
 
 
 def test_loop_figures_reach_prometheus(tmp_path: Path) -> None:

@@ -79,11 +79,13 @@ def worker(ctx: typer.Context) -> None:
     serve_all(settings_of(ctx))
 
 
-SUPERVISED = {"ingest": ("ingest", "--follow"), "gateway": ("gateway",)}
+SUPERVISED = {"ingest": ("ingest", "--follow"), "gateway": ("gateway",), "worker": ("worker",)}
+# The worker's flow runs are its child processes: they go with it (see infra.supervisor).
+OWN_GROUP = {"worker"}
 
 
 def supervise(ctx: typer.Context,
-              name: str = typer.Argument(..., help="ingest or gateway")) -> None:
+              name: str = typer.Argument(..., help="ingest, gateway or worker")) -> None:
     """Run a component and restart it when it dies (run by ``tuneloop up``)."""
     import sys
 
@@ -93,7 +95,7 @@ def supervise(ctx: typer.Context,
         raise fail(f"nothing called {name!r} to supervise; choose from {', '.join(SUPERVISED)}")
     settings = settings_of(ctx)
     run_supervised(name, [sys.executable, "-m", "tuneloop.cli.main", *SUPERVISED[name]],
-                   settings.home)
+                   settings.home, own_group=name in OWN_GROUP)
 
 
 def status(
