@@ -110,12 +110,15 @@ def evaluate_predictions(
     pairs = list(zip(predictions, references, strict=True))
     exact = sum(normalize_text(p) == normalize_text(r) for p, r in pairs)
     similarity = sum(token_f1(p, r) for p, r in pairs) / n
+    from sklearn.metrics import accuracy_score
+
     if labels is None or any(label is None for label in labels):
         return EvalReport(n=n, exact_match=exact / n, similarity=similarity)
     gold = [normalize_label(str(label)) for label in labels]
     guess = [normalize_label(p) for p in predictions]
     per_label = classification_breakdown(guess, gold)
-    accuracy = sum(g == p for g, p in zip(gold, guess, strict=True)) / n
+    accuracy = float(accuracy_score(gold, guess))
+    # The mean over the labels in the references: scikit-learn's macro average over them.
     macro = sum(stats.f1 for stats in per_label.values()) / len(per_label)
     return EvalReport(
         n=n,
@@ -130,22 +133,16 @@ def evaluate_predictions(
 def classification_breakdown(
     predicted: Sequence[str], gold: Sequence[str]
 ) -> dict[str, LabelStats]:
-    """Precision, recall and F1 for every label in ``gold`` (already normalised)."""
-    support = Counter(gold)
-    predicted_count = Counter(predicted)
-    correct = Counter(g for g, p in zip(gold, predicted, strict=True) if g == p)
-    stats: dict[str, LabelStats] = {}
-    for label in sorted(support):
-        tp = correct[label]
-        precision = tp / predicted_count[label] if predicted_count[label] else 0.0
-        recall = tp / support[label]
-        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
-        stats[label] = LabelStats(
-            support=support[label],
-            predicted=predicted_count[label],
-            correct=tp,
-            precision=precision,
-            recall=recall,
-            f1=f1,
-        )
-    return stats
+    """Precision, recall and F1 (scikit-learn's) for every label in ``gold`` (already
+    normalised); a predicted label outside ``gold`` counts only as a miss."""
+    from sklearn.metrics import multilabel_confusion_matrix, precision_recall_fscore_support
+
+    labels = sorted(set(gold))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        gold, predicted, labels=labels, average=None, zero_division=0)
+    confusion = multilabel_confusion_matrix(gold, predicted, labels=labels)
+    return {label: LabelStats(support=int(support[i]),
+                              predicted=int(confusion[i][1][1] + confusion[i][0][1]),
+                              correct=int(confusion[i][1][1]), precision=float(precision[i]),
+                              recall=float(recall[i]), f1=float(f1[i]))
+            for i, label in enumerate(labels)}
