@@ -19,7 +19,8 @@ tokens of the same held-out examples, computed by one function for every side.
 
 Ends with ``FIGURE train_tokens_ratio=...`` (against the faster baseline),
 ``FIGURE train_val_loss=...`` and ``FIGURE baseline_val_loss=...`` (that baseline's).
-The GPU part (tokens/s and MFU on a ~1B Llama) runs only where CUDA is present. TRL
+The GPU part (the recipe's own tokens/s and MFU on a ~1B random-init Llama) runs only
+where CUDA is present. TRL
 lives in ``.venv-bench-train``, created on first use on top of the main environment.
 """
 
@@ -116,39 +117,66 @@ def main(settings: Settings, quick: bool = False) -> dict[str, float]:
     return figures
 
 
+# A ~1.1B Llama (TinyLlama's shape) and a tiny one that checks the path on a CPU.
+LLAMA_1B: dict[str, Any] = {"hidden_size": 2048, "intermediate_size": 5632,
+                            "num_hidden_layers": 22, "num_attention_heads": 32,
+                            "num_key_value_heads": 4}
+LLAMA_TINY: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128,
+                              "num_hidden_layers": 2, "num_attention_heads": 4,
+                              "num_key_value_heads": 2}
+
+
 def gpu_mfu(quick: bool) -> float:
-    """Model FLOPs utilisation of the recipe's loss step on a ~1B random Llama, in bf16.
+    """Model FLOPs utilisation of the recipe itself on a ~1B random-init Llama, in bf16."""
+    return recipe_mfu(LLAMA_1B, steps=5 if quick else 20, batch=128)["mfu"]
 
-    FLOPs per token are taken as 4 x parameters (forward plus input gradients; LoRA
-    needs no weight gradients of the frozen base), against the GPU's dense bf16 peak.
+
+def recipe_mfu(shape: dict[str, Any], steps: int, batch: int) -> dict[str, float]:
+    """Train a random-init Llama of ``shape`` (SmolLM2's tokenizer) with the recipe on
+    banking77 for ``steps`` steps of ``batch`` examples, and take its own tokens/s.
+
+    FLOPs a token are 4 x the parameters outside the input embedding (forward, plus the
+    input gradients; LoRA needs no weight gradients of the frozen base), against the
+    GPU's dense bf16 peak (on a CPU the figure is tokens/s only, its MFU 0).
     """
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import tempfile
 
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from bench._train_worker import examples, recipe_config
+    from services.settings import load_settings
+    from training.base_model import EMBEDDED_ID, BaseModel, resolve_base_model
+    from training.recipe import LoRARecipe
+
+    settings = load_settings()
+    tokenizer_from = resolve_base_model(EMBEDDED_ID, settings.models_dir).path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    with tempfile.TemporaryDirectory(prefix="tuneloop-bench-mfu-") as tmp:
+        base_dir = Path(tmp) / "base"
+        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048,
+                             tie_word_embeddings=False, **shape)
+        model = LlamaForCausalLM(config)
+        n_params = sum(p.numel() for name, p in model.named_parameters()
+                       if "embed_tokens" not in name)
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+        del model
+        base = BaseModel(f"random Llama {n_params / 1e9:.2f}B", str(base_dir), "random-init")
+        train = examples(77, max(1, -(-batch * steps // 77)), "train", seed=0)
+        validation = examples(77, 1, "test", seed=1)
+        recipe = LoRARecipe(recipe_config({"steps": steps, "batch": batch,
+                                           "learning_rate": 1e-4}),
+                            base, Path(tmp) / "run", run_id="bench-mfu", show_progress=False)
+        recipe.setup(train, validation)
+        result = recipe.train()
+        recipe.cleanup()
+    cuda = torch.cuda.is_available()
     peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in peaks.items() if k in name), 989e12)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                      num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
-                      max_position_embeddings=2048)
-    dense = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)  # type: ignore[call-arg]
-    n_params = sum(p.numel() for p in dense.parameters())
-    model = get_peft_model(dense, LoraConfig(r=16, lora_alpha=32, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    rows, length = 8, 1024
-    ids = torch.randint(0, cfg.vocab_size, (rows, length), device="cuda")
-    steps = 5 if quick else 20
-    for i in range(steps + 3):
-        if i == 3:
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    tokens_per_s = steps * rows * length / (time.perf_counter() - started)
-    print(f"gpu {name}: {tokens_per_s:,.0f} tokens/s on a {n_params / 1e9:.2f}B Llama")  # noqa: T201
-    return 4 * n_params * tokens_per_s / peak
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in peaks.items() if k in name), 989e12) if cuda else 0.0
+    mfu = 4 * n_params * result.tokens_per_s / peak if peak else 0.0
+    memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    print(f"recipe on {name}: {result.tokens_per_s:,.0f} tokens/s on a "  # noqa: T201
+          f"{n_params / 1e9:.2f}B Llama, {batch} examples a step, MFU {mfu:.3f}, "
+          f"peak memory {memory:.1f} GiB")
+    return {"tokens_per_s": result.tokens_per_s, "mfu": mfu, "params": float(n_params)}
