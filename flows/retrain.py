@@ -94,6 +94,16 @@ def why_not(settings: Settings, run_key: str) -> str | None:
         live = con.execute("SELECT version FROM adapters WHERE state = 'canary'").fetchall()
         if live:
             return f"canary {live[0][0]} is still in its live window"
+        if settings.loop.canary_new_candidates:
+            # A candidate the canary has not judged yet: a retrain now would compete with
+            # its offline gate for the machine, and may well be unnecessary.
+            waiting = con.execute(
+                "SELECT a.version FROM adapters a WHERE a.state = 'candidate' AND "
+                "a.created_at > now() - INTERVAL 2 HOUR AND NOT EXISTS (SELECT 1 FROM "
+                "canary_decisions d WHERE d.stage = 'offline' AND d.candidate = a.version) "
+                "ORDER BY a.created_at DESC LIMIT 1").fetchall()
+            if waiting:
+                return f"candidate {waiting[0][0]} is waiting for the canary's verdict"
         looking = con.execute(
             "SELECT d.candidate, CAST(d.figures->>'next_look_at' AS DOUBLE) FROM "
             "canary_decisions d JOIN adapters a ON a.version = d.candidate WHERE "

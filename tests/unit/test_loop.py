@@ -77,6 +77,16 @@ def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldow
     assert why_not.fn(cooled, "c") is None
     with store.connect() as con:
         con.execute("INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
+                    "path, sha256, metrics, state) VALUES ('v8', 'support-bot-v8', now(), 'b', "
+                    "'h', '/x', 's', '{}', 'candidate')")
+    # A new candidate waits for the canary's first verdict before another retrain starts.
+    assert "v8 is waiting for the canary" in (why_not.fn(cooled, "c") or "")
+    with store.connect() as con:
+        record_decision(con, Decision("offline", "v8", None, "reject",
+                                      [Check("golden", INFO, None, None, "", "worse")], {}), None)
+    assert why_not.fn(cooled, "c") is None
+    with store.connect() as con:
+        con.execute("INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
                     "path, sha256, metrics, state) VALUES ('v9', 'support-bot-v9', now(), 'b', "
                     "'h', '/x', 's', '{}', 'canary')")
     assert "live window" in (why_not.fn(cooled, "c") or "")
