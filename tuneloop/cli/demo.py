@@ -427,8 +427,11 @@ def _drift_findings(settings: Settings, since: datetime, new: list[str]
     if not rows:
         return [], []
     clusters = json.loads(rows[0][0]) if isinstance(rows[0][0], str) else list(rows[0][0])
+    # A cluster is new, grew, or holds labels the reference never had ("new labels").
     named = sorted({lab["label"] for c in clusters if c["status"] in ("new", "grew")
-                    for lab in c.get("labels", []) if lab["label"] in new})
+                    for lab in c.get("labels", []) if lab["label"] in new}
+                   | {label for c in clusters for label in c.get("new_labels", [])
+                      if label in new})
     return clusters, named
 
 
