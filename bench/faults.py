@@ -416,8 +416,7 @@ def worker_kill(b: Bench, n: int) -> Outcome:
     """SIGKILL the deployment worker after the first checkpoint of a retrain it runs on
     ``n`` fresh labelled events, with users asking meanwhile."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from services.registry import list_adapters
 
@@ -443,6 +442,17 @@ def worker_kill(b: Bench, n: int) -> Outcome:
     def published() -> list[Any]:
         with b.store.connect() as con:
             return [a for a in list_adapters(con) if a.run_key == key]
+
+    with temporary_settings(updates={PREFECT_API_URL: b.settings.prefect.api_url}):
+        return _worker_kill(b, out, key, recipe, ids, dead_before, deployed, published)
+
+
+def _worker_kill(b: Bench, out: Outcome, key: str, recipe: Path, ids: set[str],
+                 dead_before: int, deployed: Callable[[], bool],
+                 published: Callable[[], list[Any]]) -> Outcome:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.deployments import run_deployment
 
     wait_until(deployed, 180, "the worker's deployments", interval_s=1.0)
     checkpoint = b.settings.runs_dir / key / "checkpoint" / "state.json"
