@@ -116,6 +116,14 @@ class Bench:
             "TUNELOOP_LOOP__CANARY_NEW_CANDIDATES": "false",
             "TUNELOOP_DRIFT__INTERVAL_S": "86400",
         }
+        cores = os.cpu_count() or 1
+        if cores > 1:
+            # As in the demo: vLLM and training each on their own cores; spinning OpenMP
+            # threads of a CPU vLLM otherwise starve the worker (services/cpu.py).
+            half = cores // 2
+            self.env["TUNELOOP_SERVING__ENGINE_CORES"] = "0" if half == 1 else f"0-{half - 1}"
+            self.env["TUNELOOP_TRAINING__CPU_CORES"] = (
+                str(half) if cores - half == 1 else f"{half}-{cores - 1}")
         os.environ.update(self.env)
         self.settings: Settings = load_settings()
         self.stack = Stack(self.settings)
