@@ -49,6 +49,13 @@ def test_replay_keeps_every_label_of_the_previous_version() -> None:
     assert len(plain) == 25 and len({e.label for e in plain}) == 25
 
 
+def _adapter(store: Store, version: str, state: str) -> None:
+    with store.connect() as con:
+        con.execute("INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
+                    "path, sha256, metrics, state) VALUES (?, 'support-bot-' || ?, now(), 'b', "
+                    "'h', '/x', 's', '{}', ?)", [version, version, state])
+
+
 def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldown(
         tmp_path: Path) -> None:
     from flows.retrain import why_not
@@ -75,20 +82,14 @@ def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldow
     decide("start", "b")
     decide("failed", "b")
     assert why_not.fn(cooled, "c") is None
-    with store.connect() as con:
-        con.execute("INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
-                    "path, sha256, metrics, state) VALUES ('v8', 'support-bot-v8', now(), 'b', "
-                    "'h', '/x', 's', '{}', 'candidate')")
+    _adapter(store, "v8", "candidate")
     # A new candidate waits for the canary's first verdict before another retrain starts.
     assert "v8 is waiting for the canary" in (why_not.fn(cooled, "c") or "")
     with store.connect() as con:
         record_decision(con, Decision("offline", "v8", None, "reject",
                                       [Check("golden", INFO, None, None, "", "worse")], {}), None)
     assert why_not.fn(cooled, "c") is None
-    with store.connect() as con:
-        con.execute("INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
-                    "path, sha256, metrics, state) VALUES ('v9', 'support-bot-v9', now(), 'b', "
-                    "'h', '/x', 's', '{}', 'canary')")
+    _adapter(store, "v9", "canary")
     assert "live window" in (why_not.fn(cooled, "c") or "")
 
 
