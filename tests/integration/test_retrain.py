@@ -21,6 +21,15 @@ pytestmark = pytest.mark.integration
 __all__ = ["training_settings"]  # the session fixture, shared with test_training
 
 
+def _tiny_recipe(tmp_path: Path, **fields: int) -> Path:
+    """A recipe file small enough for a test on two CPU cores."""
+    values = {"rank": 8, "alpha": 16, "batch_size": 2, "eval_max_examples": 4,
+              "generation_max_new_tokens": 4, "task_eval_max_examples": 4, **fields}
+    path = tmp_path / "tiny.yaml"
+    path.write_text("".join(f"{key}: {value}\n" for key, value in values.items()))
+    return path
+
+
 def test_rerun_of_the_same_flow_run_does_not_train_twice(
     prefect_server: str, training_settings: Settings, tmp_path: Path
 ) -> None:
@@ -30,11 +39,7 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
     store = Store(settings.db_path)
     write_banking77_version(store, "b77-flow", train_per_intent=2, val_per_intent=1,
                             golden_per_intent=1)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        "rank: 8\nalpha: 16\nmax_steps: 3\nbatch_size: 2\neval_interval: 3\n"
-        "eval_max_examples: 4\ngeneration_max_new_tokens: 4\ntask_eval_max_examples: 4\n"
-    )
+    config = _tiny_recipe(tmp_path, max_steps=3, eval_interval=3)
     first = retrain(dataset_version="b77-flow", config_file=str(config), run_key="flow-rerun",
                     settings=settings)
     result_file = settings.runs_dir / "flow-rerun" / "result.json"
@@ -81,10 +86,7 @@ def test_a_retrain_the_worker_dies_in_resumes_from_its_checkpoint_and_publishes_
     store = Store(settings.db_path)
     write_banking77_version(store, "b77-worker-kill", train_per_intent=4, val_per_intent=1,
                             golden_per_intent=1)
-    config = tmp_path / "checkpointed.yaml"
-    config.write_text(
-        "rank: 8\nalpha: 16\nmax_steps: 10\nbatch_size: 2\neval_interval: 2\npatience: 100\n"
-        "eval_max_examples: 4\ngeneration_max_new_tokens: 4\ntask_eval_max_examples: 4\n")
+    config = _tiny_recipe(tmp_path, max_steps=10, eval_interval=2, patience=100)
     key = "worker-kill"
     stack = Stack(settings)
     env = {**prefect_env(settings), **stack._tuneloop_env()}
