@@ -8,16 +8,29 @@ the cache in one short unit of work, encodes the misses, then writes them in
 another.
 
 Vectors are L2-normalised ``float32``, so a dot product is a cosine similarity.
+
+The model runs in torch (sentence-transformers) by default. ``embeddings.backend``
+``onnx`` runs the same transformer exported to ONNX by onnxruntime (the same vectors,
+cosine 1.000); ``onnx-int8`` quantizes its weights to int8 (faster; the vectors move a
+little, so they are cached under a model name of their own). Both keep the model's own
+tokenizer and mean pooling. ``tuneloop bench embed`` measures all three against one plain
+``SentenceTransformer.encode`` call, with the drift decisions and near-duplicate sets
+each gives.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,26 +74,45 @@ def resolve_model(name: str) -> str:
 
 
 class Embedder:
-    """A sentence-transformers model, loaded on first use."""
+    """A sentence-transformers model, loaded on first use, run by ``embeddings.backend``."""
 
     def __init__(self, settings: EmbeddingSettings) -> None:
         self.settings = settings
-        self.name = settings.model
+        # int8 vectors differ slightly from the model's own, so they are cached apart.
+        self.name = settings.model + ("+int8" if settings.backend == "onnx-int8" else "")
         self._model: Any = None
+        self._onnx: OnnxEncoder | None = None
+        self._onnx_unsupported = False
 
     @property
     def model(self) -> Any:
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
-            source = resolve_model(self.name)
+            source = resolve_model(self.settings.model)
             started = time.perf_counter()
             self._model = SentenceTransformer(source, device=self.settings.device)
             log.info(
                 "loaded embedding model %s from %s in %.1fs",
-                self.name, source, time.perf_counter() - started,
+                self.settings.model, source, time.perf_counter() - started,
             )
         return self._model
+
+    @property
+    def onnx(self) -> OnnxEncoder | None:
+        """The ONNX runner, or None where the default ``onnx`` backend cannot run the model
+        (it then runs in torch, with the same vectors)."""
+        if self._onnx is None and not self._onnx_unsupported:
+            try:
+                self._onnx = OnnxEncoder(self.model, resolve_model(self.settings.model),
+                                         onnx_cache(self.settings),
+                                         quantize=self.settings.backend == "onnx-int8")
+            except UnsupportedModel as exc:
+                if self.settings.backend == "onnx-int8":
+                    raise
+                log.warning("%s; embedding with torch instead", exc)
+                self._onnx_unsupported = True
+        return self._onnx
 
     @property
     def dim(self) -> int:
@@ -104,12 +136,157 @@ class Embedder:
         with torch.inference_mode():
             for start in range(0, len(texts), chunk):
                 part = list(texts[start : start + chunk])
-                parts.append(np.asarray(self.model.encode(
-                    part, batch_size=step, normalize_embeddings=True, convert_to_numpy=True,
-                    show_progress_bar=False), dtype=np.float32))
+                onnx = None if self.settings.backend == "torch" else self.onnx
+                if onnx is None:
+                    parts.append(np.asarray(self.model.encode(
+                        part, batch_size=step, normalize_embeddings=True, convert_to_numpy=True,
+                        show_progress_bar=False), dtype=np.float32))
+                else:
+                    parts.append(onnx.encode(part, step))
                 if progress is not None:
                     progress(len(part))
         return np.concatenate(parts)
+
+
+def onnx_cache(settings: EmbeddingSettings) -> Path:
+    """Where exported models are kept: ``embeddings.onnx_dir``, else the user's cache
+    (``~/.cache/tuneloop/onnx``), else the temporary directory where that is not writable."""
+    if settings.onnx_dir is not None:
+        return settings.onnx_dir
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tuneloop" / "onnx"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"tuneloop-onnx-{os.getuid()}"
+
+
+class UnsupportedModel(ValueError):
+    """The ONNX backend runs mean-pooled sentence-transformers models only."""
+
+
+class OnnxEncoder:
+    """A mean-pooled sentence-transformers model's transformer, run by onnxruntime.
+
+    The transformer is exported once (``torch.onnx``) into ``cache`` under a key of the
+    model's directory and the versions that made it, and for ``quantize`` its weights are
+    quantized to int8 per channel (``onnxruntime.quantization.quantize_dynamic``). Both
+    files are written under a temporary name and renamed, so processes that export at
+    once do not read each other's half-written file. Tokenizer, truncation, mean pooling
+    and normalisation are the model's own.
+    """
+
+    def __init__(self, model: Any, source: str, cache: Path, *, quantize: bool) -> None:
+        modules = [type(m).__name__ for m in model]
+        pooling = model[1] if len(model) > 1 else None
+        if modules[:2] != ["Transformer", "Pooling"] or getattr(pooling, "pooling_mode", None) != "mean":
+            raise UnsupportedModel(
+                f"embeddings.backend onnx runs mean-pooled sentence-transformers models; "
+                f"{source} is {modules} with pooling {getattr(pooling, 'pooling_mode', None)!r} "
+                "(set embeddings.backend=torch)")
+        import onnxruntime as ort
+        import torch
+
+        self.tokenizer = model.tokenizer
+        self.dim = int(model.get_embedding_dimension())
+        self.max_length = int(model.max_seq_length)
+        key = hashlib.sha256(f"{Path(source).resolve()}|{torch.__version__}|{ort.__version__}"
+                             .encode()).hexdigest()[:16]
+        folder = cache / key
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "model.onnx"
+        if not path.exists():
+            self._export(model[0].auto_model, path)
+        if quantize:
+            fp32, path = path, folder / "model-int8.onnx"
+            if not path.exists():
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                logging.disable(logging.WARNING)  # its shape-inference chatter
+                try:
+                    quantize_dynamic(fp32, tmp, weight_type=QuantType.QInt8, per_channel=True)
+                finally:
+                    logging.disable(logging.NOTSET)
+                os.replace(tmp, path)
+        # One single-threaded session a core, each on its own batches: on short texts a
+        # batch's matrices are small, and splitting each one across threads cost more in
+        # synchronisation than it saved (measured in tuneloop bench embed's set-up).
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.sessions = [
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for _ in range(len(os.sched_getaffinity(0)))
+        ]
+        self.session = self.sessions[0]
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.path = path
+
+    def _export(self, transformer: Any, path: Path) -> None:
+        import torch
+
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+
+        class LastHidden(torch.nn.Module):
+            def __init__(self, inner: Any) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids).last_hidden_state
+
+        sample = self.tokenizer(["a sentence", "a longer sentence to export"], padding=True,
+                                return_tensors="pt")
+        args = tuple(sample.get(n, torch.zeros_like(sample["input_ids"])) for n in names)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        started = time.perf_counter()
+        # The tracer warns about every Python branch on shapes; the export is checked by
+        # tuneloop bench embed and the tests (the vectors match the library's).
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                LastHidden(transformer.eval()), args, str(tmp), input_names=names,
+                output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                dynamic_axes={n: {0: "batch", 1: "tokens"} for n in [*names, "last_hidden_state"]},
+            )
+        os.replace(tmp, path)
+        log.info("exported the embedding model to %s in %.1fs", path, time.perf_counter() - started)
+
+    def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        """Normalised mean-pooled vectors, longest texts first in batches (as the library does).
+
+        The batches are tokenized here (a tokenizer must not be shared across threads),
+        then dealt round-robin to the sessions, which run without the GIL.
+        """
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        batches = []
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="np")
+            mask = enc["attention_mask"].astype(np.int64)
+            feeds = {n: (enc[n] if n in enc else np.zeros_like(mask)).astype(np.int64)
+                     for n in self.inputs}
+            batches.append((rows, feeds, mask))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+
+        def run(worker: int) -> None:
+            session = self.sessions[worker]
+            for rows, feeds, mask in batches[worker :: len(self.sessions)]:
+                hidden = session.run(None, feeds)[0]
+                weights = mask[..., None].astype(np.float32)
+                pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+                out[rows] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+        workers = min(len(self.sessions), len(batches))
+        if workers <= 1:
+            run(0)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="onnx-embed") as pool:
+                list(pool.map(run, range(workers)))
+        return out
 
 
 @dataclass(frozen=True)

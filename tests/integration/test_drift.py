@@ -85,6 +85,40 @@ def test_embedding_cache_never_embeds_twice(pool: Pool) -> None:
     assert total == distinct
 
 
+def test_the_onnx_backends_against_the_library(pool: Pool, tmp_path: Path) -> None:
+    """The default ONNX backend gives the library's vectors; int8 moves them a little and
+    caches them apart; a model it cannot run (not mean-pooled) falls back to torch."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling, Transformer
+
+    from services.embeddings import UnsupportedModel, resolve_model
+
+    texts = [q.text for q in pool.ref[:200]]
+    library = np.asarray(pool.embedder.model.encode(texts, normalize_embeddings=True))
+    onnx = Embedder(EmbeddingSettings(backend="onnx", onnx_dir=tmp_path))
+    vectors = onnx.encode(texts)
+    assert onnx.onnx is not None and onnx.onnx.path.is_relative_to(tmp_path)
+    assert np.sum(vectors * library, axis=1).min() > 0.99999
+    assert onnx.name == "all-MiniLM-L6-v2"
+
+    int8 = Embedder(EmbeddingSettings(backend="onnx-int8", onnx_dir=tmp_path))
+    cosine = np.sum(int8.encode(texts) * library, axis=1)
+    assert int8.name == "all-MiniLM-L6-v2+int8"
+    assert 0.98 < cosine.mean() < 0.99999 and cosine.min() > 0.9
+
+    source = resolve_model("all-MiniLM-L6-v2")
+    cls = SentenceTransformer(modules=[Transformer(source), Pooling(384, pooling_mode="cls")],
+                              device="cpu")
+    fallback = Embedder(EmbeddingSettings(backend="onnx", onnx_dir=tmp_path))
+    fallback._model = cls
+    expected = np.asarray(cls.encode(texts[:20], normalize_embeddings=True))
+    np.testing.assert_allclose(fallback.encode(texts[:20]), expected, atol=1e-6)
+    strict = Embedder(EmbeddingSettings(backend="onnx-int8", onnx_dir=tmp_path))
+    strict._model = cls
+    with pytest.raises(UnsupportedModel, match="mean-pooled"):
+        strict.encode(texts[:2])
+
+
 def test_false_positive_rate_on_same_intent_windows(pool: Pool) -> None:
     cfg = DriftSettings()
     ref = _vec(pool, pool.ref)
