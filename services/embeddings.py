@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -202,7 +203,7 @@ class OnnxEncoder:
             if not path.exists():
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
                 logging.disable(logging.WARNING)  # its shape-inference chatter
                 try:
                     quantize_dynamic(fp32, tmp, weight_type=QuantType.QInt8, per_channel=True)
@@ -240,7 +241,7 @@ class OnnxEncoder:
         sample = self.tokenizer(["a sentence", "a longer sentence to export"], padding=True,
                                 return_tensors="pt")
         args = tuple(sample.get(n, torch.zeros_like(sample["input_ids"])) for n in names)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
         started = time.perf_counter()
         # The tracer warns about every Python branch on shapes; the export is checked by
         # tuneloop bench embed and the tests (the vectors match the library's).
