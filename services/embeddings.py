@@ -9,13 +9,13 @@ another.
 
 Vectors are L2-normalised ``float32``, so a dot product is a cosine similarity.
 
-The model runs in torch (sentence-transformers) by default. ``embeddings.backend``
-``onnx`` runs the same transformer exported to ONNX by onnxruntime (the same vectors,
-cosine 1.000); ``onnx-int8`` quantizes its weights to int8 (faster; the vectors move a
-little, so they are cached under a model name of their own). Both keep the model's own
-tokenizer and mean pooling. ``tuneloop bench embed`` measures all three against one plain
-``SentenceTransformer.encode`` call, with the drift decisions and near-duplicate sets
-each gives.
+By default (``embeddings.backend`` ``onnx``) the model's transformer runs exported to
+ONNX in onnxruntime (the library's vectors, cosine 1.000); ``torch`` runs
+sentence-transformers itself; ``onnx-int8`` quantizes the weights to int8 (faster; the
+vectors move a little, so they are cached under a model name of their own). Both ONNX
+backends keep the model's own tokenizer and mean pooling. ``tuneloop bench embed``
+measures all three against one plain ``SentenceTransformer.encode`` call, with the drift
+decisions and near-duplicate sets each gives.
 """
 
 from __future__ import annotations
@@ -134,10 +134,10 @@ class Embedder:
         step = self.settings.batch_size
         chunk = len(texts) if progress is None else step * 16
         parts = []
+        onnx = None if self.settings.backend == "torch" else self.onnx
         with torch.inference_mode():
             for start in range(0, len(texts), chunk):
                 part = list(texts[start : start + chunk])
-                onnx = None if self.settings.backend == "torch" else self.onnx
                 if onnx is None:
                     parts.append(np.asarray(self.model.encode(
                         part, batch_size=step, normalize_embeddings=True, convert_to_numpy=True,
@@ -188,9 +188,8 @@ class OnnxEncoder:
         import onnxruntime as ort
         import torch
 
-        self.tokenizer = model.tokenizer
+        self.model = model  # its tokenize() truncates and pads as the library does
         self.dim = int(model.get_embedding_dimension())
-        self.max_length = int(model.max_seq_length)
         key = hashlib.sha256(f"{Path(source).resolve()}|{torch.__version__}|{ort.__version__}"
                              .encode()).hexdigest()[:16]
         folder = cache / key
@@ -220,8 +219,7 @@ class OnnxEncoder:
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             for _ in range(len(os.sched_getaffinity(0)))
         ]
-        self.session = self.sessions[0]
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.inputs = [i.name for i in self.sessions[0].get_inputs()]
         self.path = path
 
     def _export(self, transformer: Any, path: Path) -> None:
@@ -238,8 +236,7 @@ class OnnxEncoder:
                 return self.inner(input_ids=input_ids, attention_mask=attention_mask,
                                   token_type_ids=token_type_ids).last_hidden_state
 
-        sample = self.tokenizer(["a sentence", "a longer sentence to export"], padding=True,
-                                return_tensors="pt")
+        sample = self.model.tokenize(["a sentence", "a longer sentence to export"])
         args = tuple(sample.get(n, torch.zeros_like(sample["input_ids"])) for n in names)
         tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
         started = time.perf_counter()
@@ -265,11 +262,9 @@ class OnnxEncoder:
         batches = []
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
-            enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="np")
+            enc = {k: v.numpy() for k, v in self.model.tokenize([texts[i] for i in rows]).items()}
             mask = enc["attention_mask"].astype(np.int64)
-            feeds = {n: (enc[n] if n in enc else np.zeros_like(mask)).astype(np.int64)
-                     for n in self.inputs}
+            feeds = {n: enc.get(n, np.zeros_like(mask)).astype(np.int64) for n in self.inputs}
             batches.append((rows, feeds, mask))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
 
