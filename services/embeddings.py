@@ -262,9 +262,10 @@ class OnnxEncoder:
         batches = []
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
-            enc = {k: v.numpy() for k, v in self.model.tokenize([texts[i] for i in rows]).items()}
-            mask = enc["attention_mask"].astype(np.int64)
-            feeds = {n: enc.get(n, np.zeros_like(mask)).astype(np.int64) for n in self.inputs}
+            enc = self.model.tokenize([texts[i] for i in rows])  # tensors, and a "modality"
+            mask = enc["attention_mask"].numpy().astype(np.int64)
+            feeds = {n: enc[n].numpy().astype(np.int64) if n in enc else np.zeros_like(mask)
+                     for n in self.inputs}
             batches.append((rows, feeds, mask))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
 
