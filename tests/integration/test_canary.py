@@ -25,15 +25,22 @@ from pathlib import Path
 
 import pytest
 
-from services import banking77, canary_store
-from services.registry import get_adapter
-from services.settings import CanarySettings, Settings
-from services.simulation import SimulatedUsers, dataset_rows, republish, write_dataset, write_golden
-from services.store import Store
-from serving.control import GatewayAdmin, promote, registry_route
 from tests.conftest import ServingStack
-from training.config import DEFAULT_CONFIG, RecipeConfig
-from training.pipeline import train_and_publish
+from tuneloop.runtime.settings import CanarySettings, Settings
+from tuneloop.services.canary import store as canary_store
+from tuneloop.services.demo import banking77
+from tuneloop.services.demo.simulation import (
+    SimulatedUsers,
+    dataset_rows,
+    republish,
+    write_dataset,
+    write_golden,
+)
+from tuneloop.services.registry.store import get_adapter
+from tuneloop.services.store.database import Store
+from tuneloop.serving.control import GatewayAdmin, promote, registry_route
+from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
+from tuneloop.training.pipeline import train_and_publish
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +103,7 @@ def _state(stack: ServingStack, version: str) -> str:
 
 def test_a_candidate_trained_on_flipped_labels_is_rejected_offline(
         serving_stack: ServingStack, trained: Trained) -> None:
-    from flows.canary import canary
+    from tuneloop.flows.canary import canary
 
     result = canary(trained.flipped, settings=trained.canary_settings)
     assert result["verdict"] == "reject", result["reason"]
@@ -117,7 +124,7 @@ def test_a_candidate_trained_on_flipped_labels_is_rejected_offline(
 
 def test_a_candidate_users_rate_down_is_rolled_back_within_the_window(
         serving_stack: ServingStack, trained: Trained) -> None:
-    from flows.canary import canary
+    from tuneloop.flows.canary import canary
 
     bad = trained.more[0]
     users = SimulatedUsers(serving_stack.settings, TRAFFIC, rate_down=bad)
@@ -136,7 +143,7 @@ def test_a_candidate_users_rate_down_is_rolled_back_within_the_window(
 
 def test_a_freeze_blocks_promotion_until_lifted(serving_stack: ServingStack,
                                                 trained: Trained) -> None:
-    from flows.canary import canary, check_production
+    from tuneloop.flows.canary import canary, check_production
 
     settings = trained.canary_settings
     good = trained.more[1]
@@ -163,7 +170,7 @@ def test_a_freeze_blocks_promotion_until_lifted(serving_stack: ServingStack,
 
 def test_a_crash_mid_window_is_safe_and_the_rerun_promotes_the_good_candidate(
         serving_stack: ServingStack, trained: Trained) -> None:
-    from flows.canary import canary
+    from tuneloop.flows.canary import canary
 
     good = trained.more[1]
     live = trained.canary_settings.canary

@@ -9,20 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from services import banking77, golden
-from services.curation import prompt_key
-from services.curation_store import (
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.curation import golden
+from tuneloop.services.curation.core import prompt_key
+from tuneloop.services.curation.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
+from tuneloop.services.curation.store import (
     examples_of,
     fresh_examples,
     load_candidates,
     load_tokenizer,
     run_curation,
 )
-from services.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
-from services.embeddings import Embedder
-from services.ingest import RawRecord, insert_events, prepare_batch, write_batch
-from services.settings import Settings
-from services.store import Store
+from tuneloop.services.demo import banking77
+from tuneloop.services.drift.embeddings import Embedder
+from tuneloop.services.ingest.core import RawRecord, insert_events, prepare_batch, write_batch
+from tuneloop.services.store.database import Store
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +109,7 @@ def test_curate_versions_with_lineage_golden_guard_and_valid_exports(
 
 
 def test_curate_flow_on_prefect_server(prefect_server: str, settings: Settings) -> None:
-    from flows.curate import curate_flow
+    from tuneloop.flows.curate import curate_flow
 
     store = Store(settings.db_path)
     _seed(store, 400, seed=21, start=datetime.now(UTC) - timedelta(hours=1))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.processes import free_port
 from tests.stack_env import own_stack_env
+from tuneloop.runtime.processes import free_port
 
 pytestmark = pytest.mark.integration
 

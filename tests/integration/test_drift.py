@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services import banking77
-from services.clusters import what_drifted
-from services.drift import detect_drift
-from services.drift_store import load_windows, report_history, run_check
-from services.embeddings import Embedder, embed_texts
-from services.ingest import insert_events
-from services.plots import plot_drift_history
-from services.settings import DriftSettings, EmbeddingSettings, Settings
-from services.store import Store
+from tuneloop.runtime.settings import DriftSettings, EmbeddingSettings, Settings
+from tuneloop.services.demo import banking77
+from tuneloop.services.drift.clusters import what_drifted
+from tuneloop.services.drift.core import detect_drift
+from tuneloop.services.drift.embeddings import Embedder, embed_texts
+from tuneloop.services.drift.plots import plot_drift_history
+from tuneloop.services.drift.store import load_windows, report_history, run_check
+from tuneloop.services.ingest.core import insert_events
+from tuneloop.services.store.database import Store
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def test_the_onnx_backends_against_the_library(pool: Pool, tmp_path: Path) -> No
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Pooling, Transformer
 
-    from services.embeddings import UnsupportedModel, resolve_model
+    from tuneloop.services.drift.embeddings import UnsupportedModel, resolve_model
 
     texts = [q.text for q in pool.ref[:200]]
     library = np.asarray(pool.embedder.model.encode(texts, normalize_embeddings=True))
@@ -221,7 +221,7 @@ def test_detect_drift_flow_emits_event(prefect_server: str, settings: Settings) 
     """The flow on a real Prefect server: report persisted, drift event on the server."""
     import asyncio
 
-    from flows.drift import DRIFT_EVENT, detect_drift_flow
+    from tuneloop.flows.drift import DRIFT_EVENT, detect_drift_flow
 
     queries = banking77.load("test")
     intents = sorted({q.intent for q in queries})

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from services import banking77
-from services.consumer import IngestConsumer
-from services.feedback import FeedbackEvent
-from services.ingest import PreparedBatch
-from services.settings import Settings
-from services.store import Store
-from services.topics import ensure_topics, topic_offsets, under_replicated
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.demo import banking77
+from tuneloop.services.feedback.contract import FeedbackEvent
+from tuneloop.services.feedback.topics import ensure_topics, topic_offsets, under_replicated
+from tuneloop.services.ingest.consumer import IngestConsumer
+from tuneloop.services.ingest.core import PreparedBatch
+from tuneloop.services.store.database import Store
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +124,8 @@ def _ingest_process(settings: Settings, batch_size: int,
         "TUNELOOP_INGEST__BATCH_SIZE": str(batch_size),
         **more_env,
     }
-    code = ("from services.consumer import IngestConsumer; from services.settings import load_settings;"
+    code = ("from tuneloop.services.ingest.consumer import IngestConsumer;"
+            "from tuneloop.runtime.settings import load_settings;"
             "c = IngestConsumer(load_settings()); c.run(); c.close()")
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -190,9 +191,9 @@ def test_slow_batch_keeps_its_partitions(broker: Settings, settings: Settings, s
 
 def test_outbox_carries_events_across_a_broker_outage(tmp_path: Path, settings: Settings,
                                                       store: Store) -> None:
-    from infra.broker import EmbeddedBroker
-    from infra.processes import free_port
-    from services.producer import FeedbackProducer
+    from tuneloop.infra.broker import EmbeddedBroker
+    from tuneloop.runtime.processes import free_port
+    from tuneloop.services.feedback.producer import FeedbackProducer
 
     # A broker of its own: this test stops it.
     own = settings.model_copy(update={
@@ -229,8 +230,8 @@ def test_outbox_carries_events_across_a_broker_outage(tmp_path: Path, settings: 
 
 
 def test_outbox_survives_a_producer_restart(settings: Settings) -> None:
-    from infra.processes import free_port
-    from services.producer import FeedbackProducer
+    from tuneloop.runtime.processes import free_port
+    from tuneloop.services.feedback.producer import FeedbackProducer
 
     unreachable = settings.model_copy(update={
         "kafka": settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
@@ -248,8 +249,9 @@ def test_outbox_survives_a_producer_restart(settings: Settings) -> None:
 def test_two_processes_share_the_store_without_losing_writes(settings: Settings, store: Store) -> None:
     """Two writer processes and this reader contend for the DuckDB file; nothing fails or is lost."""
     writer = (
-        "import sys; from pathlib import Path; from services import banking77;"
-        "from services.ingest import insert_events; from services.store import Store;"
+        "import sys; from pathlib import Path; from tuneloop.services.demo import banking77;"
+        "from tuneloop.services.ingest.core import insert_events;"
+        "from tuneloop.services.store.database import Store;"
         "s = Store(Path(sys.argv[1])); seed = int(sys.argv[2]);"
         "qs = banking77.load('train');"
         "evs = list(banking77.to_events(qs[:1500], seed=seed));\n"
@@ -281,7 +283,7 @@ def test_ingest_flow_on_the_prefect_server(broker: Settings, prefect_server: str
         "TUNELOOP_KAFKA__GROUP_ID": settings.kafka.group_id,
     }.items():
         monkeypatch.setenv(key, value)
-    from flows.ingest import ingest
+    from tuneloop.flows.ingest import ingest
 
     ensure_topics(settings.kafka)
     events = _events(500, seed=5)
@@ -315,7 +317,7 @@ def test_topics_below_the_configured_replication_are_reported(broker: Settings,
 
 
 def test_the_embedded_broker_speaks_kafka(broker: Settings) -> None:
-    from infra.broker import EmbeddedBroker, speaks_kafka
+    from tuneloop.infra.broker import EmbeddedBroker, speaks_kafka
 
     own = EmbeddedBroker(broker)
     assert speaks_kafka(own.host, own.port) and own.healthy()
@@ -327,8 +329,8 @@ def test_a_200k_backlog_leaves_drift_curation_and_status_their_turns(
     (its two windows), curation (the candidates since the last version) and status (the
     counts) keep getting the file in turn: a store that gives up after 20 s never does,
     and each of them has its turn while the backlog is part-way through."""
-    from services.curation_store import load_candidates
-    from services.drift_store import NotEnoughEvents, load_windows
+    from tuneloop.services.curation.store import load_candidates
+    from tuneloop.services.drift.store import NotEnoughEvents, load_windows
 
     ensure_topics(settings.kafka)
     n = 200_000

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from services import registry
-from services.store import Store
 from tuneloop.cli.main import app
+from tuneloop.services.registry import store as registry
+from tuneloop.services.store.database import Store
 
 pytestmark = pytest.mark.integration
 

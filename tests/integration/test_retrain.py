@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from services.canary_store import list_decisions
-from services.registry import list_adapters, promote, verify_adapter
-from services.settings import Settings
-from services.store import Store
 from tests.integration.test_training import training_settings, write_banking77_version
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.canary.store import list_decisions
+from tuneloop.services.registry.store import list_adapters, promote, verify_adapter
+from tuneloop.services.store.database import Store
 
 pytestmark = pytest.mark.integration
 __all__ = ["training_settings"]  # the session fixture, shared with test_training
@@ -33,7 +33,7 @@ def _tiny_recipe(tmp_path: Path, **fields: int) -> Path:
 def test_rerun_of_the_same_flow_run_does_not_train_twice(
     prefect_server: str, training_settings: Settings, tmp_path: Path
 ) -> None:
-    from flows.retrain import retrain
+    from tuneloop.flows.retrain import retrain
 
     settings = training_settings
     store = Store(settings.db_path)
@@ -78,9 +78,9 @@ def test_a_retrain_the_worker_dies_in_resumes_from_its_checkpoint_and_publishes_
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.deployments import run_deployment
 
-    from infra.prefect_server import prefect_env
-    from infra.stack import Stack
-    from infra.supervisor import read_state
+    from tuneloop.infra.prefect_server import prefect_env
+    from tuneloop.infra.stack import Stack
+    from tuneloop.infra.supervisor import read_state
 
     settings = training_settings
     store = Store(settings.db_path)

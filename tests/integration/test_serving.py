@@ -21,11 +21,11 @@ import openai
 import pytest
 from kafka import KafkaConsumer
 
-from services.registry import get_adapter
-from services.shadow import land_shadow_pairs
-from services.store import Store
-from serving.control import GatewayAdmin, GatewayError, promote, reject
 from tests.conftest import ServingStack
+from tuneloop.services.ingest.shadow import land_shadow_pairs
+from tuneloop.services.registry.store import get_adapter
+from tuneloop.services.store.database import Store
+from tuneloop.serving.control import GatewayAdmin, GatewayError, promote, reject
 
 pytestmark = pytest.mark.integration
 
@@ -307,8 +307,8 @@ def test_metrics_count_requests_per_version(serving_stack: ServingStack) -> None
 
 def test_a_restarted_gateway_rebuilds_its_routing_from_the_registry(
         serving_stack: ServingStack) -> None:
-    from infra.gateway import EmbeddedGateway
-    from infra.processes import ManagedProcess
+    from tuneloop.infra.gateway import EmbeddedGateway
+    from tuneloop.runtime.processes import ManagedProcess
 
     stack = serving_stack
     version = stack.publish()
@@ -327,8 +327,8 @@ def test_a_restarted_gateway_rebuilds_its_routing_from_the_registry(
 def test_a_killed_gateway_is_restarted_by_its_supervisor(serving_stack: ServingStack) -> None:
     """SIGKILL the gateway itself: its supervisor starts a new one, which adopts the running
     vLLM and serves production again; meanwhile clients get connection errors, never a hang."""
-    from infra.processes import ManagedProcess, wait_until
-    from infra.supervisor import read_state
+    from tuneloop.infra.supervisor import read_state
+    from tuneloop.runtime.processes import ManagedProcess, wait_until
 
     stack = serving_stack
     version = ensure_production(stack)

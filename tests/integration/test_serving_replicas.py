@@ -16,11 +16,11 @@ import httpx
 import openai
 import pytest
 
-from infra.gateway import EmbeddedGateway
-from infra.processes import ManagedProcess, free_port
-from services.settings import load_settings
-from serving.control import GatewayAdmin, promote
 from tests.conftest import ServingStack
+from tuneloop.infra.gateway import EmbeddedGateway
+from tuneloop.runtime.processes import ManagedProcess, free_port
+from tuneloop.runtime.settings import load_settings
+from tuneloop.serving.control import GatewayAdmin, promote
 
 pytestmark = pytest.mark.integration
 

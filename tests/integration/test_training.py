@@ -14,12 +14,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from services import banking77
-from services.registry import IntegrityError, get_adapter, verify_adapter
-from services.settings import Settings, load_settings
-from services.store import Store
-from training.config import DEFAULT_CONFIG, RecipeConfig
-from training.pipeline import train_and_publish
+from tuneloop.runtime.settings import Settings, load_settings
+from tuneloop.services.demo import banking77
+from tuneloop.services.registry.store import IntegrityError, get_adapter, verify_adapter
+from tuneloop.services.store.database import Store
+from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
+from tuneloop.training.pipeline import train_and_publish
 
 pytestmark = pytest.mark.integration
 
@@ -151,9 +151,9 @@ def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
 @pytest.mark.gpu
 def test_bf16_run_on_cuda(training_settings: Settings, tmp_path: Path) -> None:
     """On CUDA the recipe trains under bf16 autocast and still lowers validation loss."""
-    from training.base_model import resolve_base_model
-    from training.dataset import read_dataset
-    from training.recipe import LoRARecipe
+    from tuneloop.training.base_model import resolve_base_model
+    from tuneloop.training.dataset import read_dataset
+    from tuneloop.training.recipe import LoRARecipe
 
     settings = training_settings
     store = Store(settings.db_path)
@@ -181,9 +181,9 @@ def test_a_crashed_run_resumes_from_its_checkpoint(training_settings: Settings,
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from training.base_model import BaseModel, resolve_base_model
-    from training.dataset import read_dataset
-    from training.recipe import LoRARecipe
+    from tuneloop.training.base_model import BaseModel, resolve_base_model
+    from tuneloop.training.dataset import read_dataset
+    from tuneloop.training.recipe import LoRARecipe
 
     settings = training_settings
     # A tiny random Llama with SmolLM2's tokenizer: the resume logic, not the model, is tested.

@@ -7,7 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from services.canary import (
+from tuneloop.runtime.settings import CanarySettings
+from tuneloop.services.canary.core import (
     Check,
     Decision,
     Paired,
@@ -20,9 +21,8 @@ from services.canary import (
     live_decision,
     only_improvement_holds,
 )
-from services.canary_stats import holm, mann_whitney, mcnemar, paired_bootstrap, two_proportions
-from services.evaluation import evaluate_predictions
-from services.settings import CanarySettings
+from tuneloop.services.canary.stats import holm, mann_whitney, mcnemar, paired_bootstrap, two_proportions
+from tuneloop.services.evaluation.metrics import evaluate_predictions
 
 LABELS = ["card_arrival", "lost_card", "top_up", "refund", "pin_blocked", "exchange_rate"]
 CFG = CanarySettings(bootstrap_resamples=500)

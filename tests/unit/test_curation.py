@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services import curation as cur
-from services.curation import Candidate, GoldenIndex, curate, prompt_key, select, split
-from services.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
-from services.settings import CurationSettings
-from services.store import Store
+from tuneloop.runtime.settings import CurationSettings
+from tuneloop.services.curation import core as cur
+from tuneloop.services.curation.core import Candidate, GoldenIndex, curate, prompt_key, select, split
+from tuneloop.services.curation.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
+from tuneloop.services.store.database import Store
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

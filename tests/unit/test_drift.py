@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.clusters import what_drifted
-from services.drift import (
+from tuneloop.runtime.settings import DriftSettings
+from tuneloop.services.drift.clusters import what_drifted
+from tuneloop.services.drift.core import (
     auc_with_permutations,
     classifier_test,
     detect_drift,
@@ -14,7 +15,6 @@ from services.drift import (
     mmd_test,
     novelty_test,
 )
-from services.settings import DriftSettings
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -43,7 +43,7 @@ def test_mmd_shifted_mean_is_significant() -> None:
 
 
 def test_mmd_matches_direct_unbiased_estimate() -> None:
-    from services.drift import KERNEL_SCALES
+    from tuneloop.services.drift.core import KERNEL_SCALES
 
     x, y = _gauss(30, 4, seed=3), _gauss(20, 4, shift=0.5, seed=4)
     result = mmd_test(x, y, 20, np.random.default_rng(0))

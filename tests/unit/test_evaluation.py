@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.evaluation import evaluate_predictions, normalize_label, token_f1
+from tuneloop.services.evaluation.metrics import evaluate_predictions, normalize_label, token_f1
 
 
 @pytest.mark.parametrize(

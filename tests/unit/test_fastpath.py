@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from services import banking77
-from services.fastpath import fast_decode
-from services.feedback import InvalidEvent, parse_event
-from services.ingest import event_row
+from tuneloop.services.demo import banking77
+from tuneloop.services.feedback.contract import InvalidEvent, parse_event
+from tuneloop.services.feedback.fastpath import fast_decode
+from tuneloop.services.ingest.core import event_row
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 

@@ -3,8 +3,8 @@ import uuid
 
 import pytest
 
-from services import banking77
-from services.feedback import MAX_EVENT_BYTES, InvalidEvent, json_schema, parse_event
+from tuneloop.services.demo import banking77
+from tuneloop.services.feedback.contract import MAX_EVENT_BYTES, InvalidEvent, json_schema, parse_event
 
 
 def _event(**overrides: object) -> dict:
@@ -80,7 +80,7 @@ def test_event_id_is_kept_on_schema_errors_for_the_dead_letter() -> None:
 
 
 def test_exported_schema_file_is_current() -> None:
-    from services.feedback import SCHEMA_FILE
+    from tuneloop.services.feedback.contract import SCHEMA_FILE
 
     assert json.loads(SCHEMA_FILE.read_text()) == json.loads(json.dumps(json_schema(), sort_keys=True))
 

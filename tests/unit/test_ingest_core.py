@@ -5,8 +5,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from services import banking77
-from services.ingest import (
+from tuneloop.services.demo import banking77
+from tuneloop.services.ingest.core import (
     FEEDBACK_COLUMNS,
     RawRecord,
     prepare_batch,
@@ -14,7 +14,7 @@ from services.ingest import (
     write_batch,
     write_isolating,
 )
-from services.store import Store
+from tuneloop.services.store.database import Store
 
 
 def _records(payloads: list[bytes], keys: list[bytes | None] | None = None) -> list[RawRecord]:
@@ -91,7 +91,7 @@ def test_a_row_that_fails_the_write_is_isolated_and_dead_lettered(tmp_path: Path
 def test_only_a_rebalance_excuses_a_failed_offset_commit() -> None:
     from confluent_kafka import KafkaError, KafkaException
 
-    from services.consumer import _lost_partitions
+    from tuneloop.services.ingest.consumer import _lost_partitions
 
     assert _lost_partitions(KafkaException(KafkaError(KafkaError.REBALANCE_IN_PROGRESS)))
     assert _lost_partitions(KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID)))

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from services import curation as cur
-from services.canary import INFO, Check, Decision
-from services.canary_store import record_decision
-from services.curation import Example, GoldenIndex
-from services.loop_metrics import LoopCollector, count_decision, record
-from services.settings import CurationSettings, Settings
-from services.store import Store
+from tuneloop.runtime.settings import CurationSettings, Settings
+from tuneloop.services.canary.core import INFO, Check, Decision
+from tuneloop.services.canary.store import record_decision
+from tuneloop.services.curation import core as cur
+from tuneloop.services.curation.core import Example, GoldenIndex
+from tuneloop.services.loop.metrics import LoopCollector, count_decision, record
+from tuneloop.services.store.database import Store
 
 
 def _example(i: int, label: str) -> Example:
@@ -58,7 +58,7 @@ def _adapter(store: Store, version: str, state: str) -> None:
 
 def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldown(
         tmp_path: Path) -> None:
-    from flows.retrain import why_not
+    from tuneloop.flows.retrain import why_not
 
     settings = Settings(home=tmp_path)
     store = Store(settings.db_path)
@@ -95,7 +95,7 @@ def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldow
 
 def test_the_supervisor_restarts_a_dying_component_and_stops_on_sigterm(tmp_path: Path) -> None:
     child = [sys.executable, "-c", "import time, sys; time.sleep(0.3); sys.exit(3)"]
-    code = ("import sys; from pathlib import Path; from infra.supervisor import supervise; "
+    code = ("import sys; from pathlib import Path; from tuneloop.infra.supervisor import supervise; "
             f"sys.exit(supervise('comp', {child!r}, Path({str(tmp_path)!r})))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
                             env={**os.environ})
@@ -126,7 +126,7 @@ def test_a_supervised_worker_takes_its_process_group_with_it(tmp_path: Path) -> 
     script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
               "'import time; time.sleep(600)']); "
               f"open({str(grandchild_pid)!r}, 'w').write(str(p.pid)); time.sleep(0.5)")
-    code = ("import sys; from pathlib import Path; from infra.supervisor import supervise; "
+    code = ("import sys; from pathlib import Path; from tuneloop.infra.supervisor import supervise; "
             f"sys.exit(supervise('worker', {[sys.executable, '-c', script]!r}, "
             f"Path({str(tmp_path)!r}), own_group=True))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
@@ -175,8 +175,8 @@ def test_loop_figures_reach_prometheus(tmp_path: Path) -> None:
 
 
 def test_the_demo_settings_file_overlays_the_users_and_loads() -> None:
-    from services.settings import load_settings
     from tuneloop.cli.demo import QUICK, _merge, _toml
+    from tuneloop.runtime.settings import load_settings
 
     user = {"kafka": {"topic": "mine"}, "canary": {"alpha": 0.01, "window_s": 999}}
     text = _toml(_merge(user, QUICK.settings))
@@ -199,9 +199,9 @@ def test_the_demo_settings_file_overlays_the_users_and_loads() -> None:
 
 
 def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(tmp_path: Path) -> None:
-    from flows.retrain import waiting_for_labels
-    from services.banking77 import Query, to_events
-    from services.ingest import insert_events
+    from tuneloop.flows.retrain import waiting_for_labels
+    from tuneloop.services.demo.banking77 import Query, to_events
+    from tuneloop.services.ingest.core import insert_events
 
     settings = Settings(home=tmp_path)
     store = Store(settings.db_path)

@@ -1,6 +1,6 @@
 import pytest
 
-from services.redaction import redact
+from tuneloop.services.feedback.redaction import redact
 
 
 @pytest.mark.parametrize(

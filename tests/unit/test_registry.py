@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services import registry
-from services.registry import (
+from tuneloop.services.registry import store as registry
+from tuneloop.services.registry.store import (
     IntegrityError,
     InvalidTransitionError,
     RegistryError,
@@ -20,7 +20,7 @@ from services.registry import (
     plan_rollback,
     verify_adapter,
 )
-from services.store import Store
+from tuneloop.services.store.database import Store
 
 
 def _peft_dir(root: Path, weights: bytes = b"weights") -> Path:

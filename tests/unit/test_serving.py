@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.settings import ServingSettings, load_settings
-from serving.gateway.protocol import (
+from tuneloop.runtime.settings import ServingSettings, load_settings
+from tuneloop.serving.gateway.protocol import (
     BadRequest,
     check_chat,
     check_completion,
@@ -19,10 +19,10 @@ from serving.gateway.protocol import (
     parse_body,
     stream_text,
 )
-from serving.gateway.serving import ResponseCache, Served
-from serving.routing import Route, RoutingTable, bucket, upstream_name
-from serving.upstream import UpstreamError, error_message
-from serving.vllm_process import cpu_share, vllm_argv, vllm_env
+from tuneloop.serving.gateway.serving import ResponseCache, Served
+from tuneloop.serving.routing import Route, RoutingTable, bucket, upstream_name
+from tuneloop.serving.upstream import UpstreamError, error_message
+from tuneloop.serving.vllm_process import cpu_share, vllm_argv, vllm_env
 
 
 def test_production_answers_everyone_without_a_candidate() -> None:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.settings import SettingsError, load_settings
+from tuneloop.runtime.settings import SettingsError, load_settings
 
 
 def test_precedence_file_then_env_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +70,7 @@ def test_min_insync_replicas_cannot_exceed_the_replication_factor() -> None:
     import pytest
     from pydantic import ValidationError
 
-    from services.settings import KafkaSettings
+    from tuneloop.runtime.settings import KafkaSettings
 
     with pytest.raises(ValidationError, match="no write could succeed"):
         KafkaSettings(replication_factor=1, min_insync_replicas=2)

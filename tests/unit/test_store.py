@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.settings import Settings
-from services.store import Store, holder
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.store.database import Store, holder
 
 
 def test_a_busy_store_names_its_holder_and_the_cli_exits_cleanly(tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_a_busy_store_names_its_holder_and_the_cli_exits_cleanly(tmp_path: Path)
 _HOG = """
 import sys, time
 from pathlib import Path
-from services.store import Store
+from tuneloop.services.store.database import Store
 store = Store(Path(sys.argv[1]), lock_timeout_s=60)
 end = time.monotonic() + float(sys.argv[2])
 print("ready", flush=True)
@@ -68,8 +68,8 @@ def test_the_broker_check_tells_kafka_from_another_program_on_the_port() -> None
     import socket
     import threading
 
-    from infra.broker import EmbeddedBroker, speaks_kafka
-    from services.settings import KafkaSettings
+    from tuneloop.infra.broker import EmbeddedBroker, speaks_kafka
+    from tuneloop.runtime.settings import KafkaSettings
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import CONFIGS_DIR, ConfigError, RecipeConfig
-from training.data import (
+from tuneloop.training.config import CONFIGS_DIR, ConfigError, RecipeConfig
+from tuneloop.training.data import (
     IGNORE,
     Encoded,
     collate,
@@ -191,7 +191,7 @@ def test_packing_matches_separate_forward_passes() -> None:
 
 
 def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path: Path) -> None:
-    from training.checkpoint import load_checkpoint, save_checkpoint
+    from tuneloop.training.checkpoint import load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 3)
@@ -218,7 +218,7 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path: Path) ->
 
 
 def test_early_stopping_counts_evaluations_without_a_gain() -> None:
-    from training.recipe import EarlyStopping
+    from tuneloop.training.recipe import EarlyStopping
 
     stopper = EarlyStopping(patience=2, min_delta=0.01, best=1.0)
     assert stopper.update(10, 0.8) and stopper.best_step == 10
@@ -233,7 +233,7 @@ def test_a_hub_base_model_is_pinned_by_its_cached_revision(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
-    from training.base_model import resolve_base_model
+    from tuneloop.training.base_model import resolve_base_model
 
     revision = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--acme--tiny-lm"

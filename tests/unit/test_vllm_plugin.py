@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "serving" / "vllm_plugin"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "vllm-plugin"))
 
 from tuneloop_vllm import lora_ops  # noqa: E402
 

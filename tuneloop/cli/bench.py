@@ -1,4 +1,4 @@
-"""``tuneloop bench NAME``: run ``bench/NAME.py``, which prints ``FIGURE name=value`` lines."""
+"""``tuneloop bench NAME``: run ``tuneloop/bench/NAME.py``, which prints ``FIGURE name=value`` lines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pkgutil
 
 import typer
 
-import bench
+from tuneloop import bench
 from tuneloop.cli.common import fail, settings_of
 
 
@@ -25,5 +25,5 @@ def register(app: typer.Typer) -> None:
         """Run a benchmark against its baseline, in one run; ends with FIGURE lines."""
         if name not in available():
             raise fail(f"no benchmark {name!r}; choose from {', '.join(available())}")
-        module = importlib.import_module(f"bench.{name}")
+        module = importlib.import_module(f"tuneloop.bench.{name}")
         module.main(settings_of(ctx), quick=quick)

@@ -32,8 +32,8 @@ def run_cmd(
     """Run the canary flow: offline gate, live window, then promote or roll back."""
     from pydantic import ValidationError
 
-    from flows.canary import canary
-    from services.settings import SettingsError, load_settings
+    from tuneloop.flows.canary import canary
+    from tuneloop.runtime.settings import SettingsError, load_settings
 
     base = settings_of(ctx)
     try:
@@ -61,10 +61,10 @@ def rollback_cmd(
     to: str | None = typer.Option(None, "--to", help="Retired version to restore."),
 ) -> None:
     """Take the live canary off traffic; with none, roll production back to the last version."""
-    from services import canary_store
-    from services.canary import Decision
-    from serving.control import registry_route, reject, rollback
     from tuneloop.cli.training import _change
+    from tuneloop.services.canary import store as canary_store
+    from tuneloop.services.canary.core import Decision
+    from tuneloop.serving.control import registry_route, reject, rollback
 
     settings = settings_of(ctx)
     route = registry_route(settings, settings.serving.alias)
@@ -85,7 +85,7 @@ def rollback_cmd(
 @canary_app.command("check")
 def check_cmd(ctx: typer.Context) -> None:
     """Evaluate production on the golden set now; freeze promotions if it fell too far."""
-    from flows.canary import check_production
+    from tuneloop.flows.canary import check_production
 
     result = check_production(settings=settings_of(ctx))
     console.print(f"production check: [bold]{result['verdict']}[/]: {result['reason']}")
@@ -94,7 +94,7 @@ def check_cmd(ctx: typer.Context) -> None:
 @freeze_app.command("show")
 def freeze_show(ctx: typer.Context) -> None:
     """Whether promotions are frozen, since when and why."""
-    from services.canary_store import active_freeze
+    from tuneloop.services.canary.store import active_freeze
 
     with store_of(settings_of(ctx)).connect() as con:
         active = active_freeze(con)
@@ -109,7 +109,7 @@ def freeze_show(ctx: typer.Context) -> None:
 def freeze_set(ctx: typer.Context,
                reason: str = typer.Option(..., "--reason", help="Why promotions stop.")) -> None:
     """Stop promotions until a person lifts the freeze."""
-    from services.canary_store import freeze
+    from tuneloop.services.canary.store import freeze
 
     try:
         with store_of(settings_of(ctx)).connect() as con:
@@ -123,7 +123,7 @@ def freeze_set(ctx: typer.Context,
 def freeze_lift(ctx: typer.Context,
                 reason: str = typer.Option(..., "--reason", help="Why it is safe again.")) -> None:
     """Lift the freeze: promotions resume."""
-    from services.canary_store import lift
+    from tuneloop.services.canary.store import lift
 
     try:
         with store_of(settings_of(ctx)).connect() as con:
@@ -141,7 +141,7 @@ def decisions(
 ) -> None:
     """Every decision of the loop, newest first: retrains (started, skipped, trained,
     failed), the canary's gates with the tests that made them, freezes, manual moves."""
-    from services.canary_store import list_decisions
+    from tuneloop.services.canary.store import list_decisions
 
     with store_of(settings_of(ctx)).connect() as con:
         rows = list_decisions(con, limit, candidate)

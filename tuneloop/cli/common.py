@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from services.settings import Settings
-from services.store import Store
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.store.database import Store
 
 console = Console()
 err_console = Console(stderr=True)

@@ -9,11 +9,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from services import golden
-from services.curation_store import load_candidates
-from services.datasets import FORMATS, export_jsonl
-from services.drift_store import report_history
 from tuneloop.cli.common import console, fail, settings_of, store_of
+from tuneloop.services.curation import golden
+from tuneloop.services.curation.datasets import FORMATS, export_jsonl
+from tuneloop.services.curation.store import load_candidates
+from tuneloop.services.drift.store import report_history
 
 golden_app = typer.Typer(help="The pinned golden set: never trained on, used for every check.")
 
@@ -39,7 +39,7 @@ def drift(
     settings = settings_of(ctx)
     store = store_of(settings)
     if plot is not None:
-        from services.plots import plot_drift_history
+        from tuneloop.services.drift.plots import plot_drift_history
 
         with store.connect() as con:
             rows = report_history(con)
@@ -54,7 +54,7 @@ def drift(
         "reference_start": reference_start, "reference_end": reference_end,
     }
     cfg = settings.drift.model_copy(update={k: v for k, v in updates.items() if v is not None})
-    from flows.drift import detect_drift_flow
+    from tuneloop.flows.drift import detect_drift_flow
 
     with console.status("embedding and testing the windows..."):
         result = detect_drift_flow(settings=settings.model_copy(update={"drift": cfg}))
@@ -84,7 +84,7 @@ def curate(
     ),
 ) -> None:
     """Curate a new immutable dataset version from feedback, and export it as JSONL."""
-    from flows.curate import curate_flow
+    from tuneloop.flows.curate import curate_flow
 
     settings = settings_of(ctx)
     try:

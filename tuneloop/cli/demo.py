@@ -37,10 +37,10 @@ from typing import Any
 import typer
 from rich.rule import Rule
 
-from services import banking77
-from services.banking77 import Query
-from services.settings import CONFIG_ENV, Settings, load_settings
 from tuneloop.cli.common import console, fail, settings_of
+from tuneloop.runtime.settings import CONFIG_ENV, Settings, load_settings
+from tuneloop.services.demo import banking77
+from tuneloop.services.demo.banking77 import Query
 
 
 def register(app: typer.Typer) -> None:
@@ -81,11 +81,11 @@ def _cores(first: int, end: int) -> str:
 
 def _demo_settings(window: int, canary_window_s: int, min_requests: int,
                    min_ratings: int) -> dict[str, dict[str, Any]]:
-    import training
+    from tuneloop.training.config import CONFIGS_DIR
 
-    recipe = Path(training.__file__).parent / "configs" / "demo.yaml"
+    recipe = CONFIGS_DIR / "demo.yaml"
     # On a CPU, vLLM and training each get their own cores: threads of the two spinning on
-    # the same core slow both several times over (see services/cpu.py).
+    # the same core slow both several times over (see tuneloop/runtime/cpu.py).
     cores = os.cpu_count() or 1
     split = {"serving": {"engine_cores": _cores(0, max(1, cores // 2))},
              "training": {"cpu_cores": _cores(max(1, cores // 2), cores)}} if cores > 1 else {}
@@ -222,7 +222,7 @@ def _pick(pool: list[Query], intents: list[str], per_intent: int, skip: int = 0)
 
 def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Path | None,
                  seed: int) -> Result:
-    from services.simulation import SimulatedUsers
+    from tuneloop.services.demo.simulation import SimulatedUsers
 
     intents = banking77.intents(data)
     rng = random.Random(seed)
@@ -326,7 +326,7 @@ def _mix(new: list[Query], old: list[Query], share: float, seed: int) -> list[Qu
 
 
 def _send_history(settings: Settings, queries: list[Query], seed: int) -> None:
-    from services.producer import FeedbackProducer
+    from tuneloop.services.feedback.producer import FeedbackProducer
 
     events = list(banking77.to_events(queries, app=settings.serving.alias, seed=seed,
                                       accuracy=0.0, spacing_s=0.01))
@@ -339,7 +339,7 @@ def _send_history(settings: Settings, queries: list[Query], seed: int) -> None:
 
 def _wait_for_rows(settings: Settings, n: int, timeout_s: float = 300) -> None:
     """The long-running ingest lands the history; wait until it did."""
-    from services.store import Store
+    from tuneloop.services.store.database import Store
 
     deadline = time.monotonic() + timeout_s
     with console.status(f"the ingest lands {n:,} events..."):
@@ -352,7 +352,7 @@ def _wait_for_rows(settings: Settings, n: int, timeout_s: float = 300) -> None:
 
 
 def _production(settings: Settings) -> str | None:
-    from services.store import Store
+    from tuneloop.services.store.database import Store
 
     with Store(settings.db_path, 60).connect() as con:
         rows = con.execute("SELECT version FROM adapters WHERE state = 'production' "
@@ -363,8 +363,8 @@ def _production(settings: Settings) -> str | None:
 def _wait_for_promotion(settings: Settings, current: str | None, timeout_s: float,
                         who: str) -> str | None:
     """Wait until production is a version other than ``current``; narrate the decisions."""
-    from services.canary_store import list_decisions
-    from services.store import Store, StoreBusyError
+    from tuneloop.services.canary.store import list_decisions
+    from tuneloop.services.store.database import Store, StoreBusyError
 
     seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
@@ -396,7 +396,7 @@ def _wait_for_promotion(settings: Settings, current: str | None, timeout_s: floa
 
 
 def _promoted_at(settings: Settings, version: str) -> datetime:
-    from services.store import Store
+    from tuneloop.services.store.database import Store
 
     with Store(settings.db_path, 60).connect() as con:
         at = con.execute("SELECT max(occurred_at) FROM deployments WHERE adapter_version = ? "
@@ -405,7 +405,7 @@ def _promoted_at(settings: Settings, version: str) -> datetime:
 
 
 def _steady_activity(settings: Settings, since: datetime) -> tuple[int, int]:
-    from services.store import Store
+    from tuneloop.services.store.database import Store
 
     with Store(settings.db_path, 60).connect() as con:
         alarms = con.execute("SELECT count(*) FROM drift_reports WHERE drifted AND "
@@ -419,7 +419,7 @@ def _steady_activity(settings: Settings, since: datetime) -> tuple[int, int]:
 def _drift_findings(settings: Settings, since: datetime, new: list[str]
                     ) -> tuple[list[dict[str, Any]], list[str]]:
     """The first drift report after the shift: its clusters, and which new intents it named."""
-    from services.store import Store
+    from tuneloop.services.store.database import Store
 
     with Store(settings.db_path, 60).connect() as con:
         rows = con.execute("SELECT clusters FROM drift_reports WHERE drifted AND created_at >= ? "
@@ -441,7 +441,7 @@ def _measure(settings: Settings, old: list[Query], new: list[Query]
     and the answers."""
     from openai import OpenAI
 
-    from services.evaluation import evaluate_predictions
+    from tuneloop.services.evaluation.metrics import evaluate_predictions
 
     client = OpenAI(base_url=f"{settings.serving.gateway_url}/v1", api_key="unused",
                     max_retries=3, timeout=settings.serving.upstream_timeout_s)
@@ -468,7 +468,7 @@ def _old_delta(queries: list[Query], before: list[str], after: list[str]) -> dic
     """The old intents' macro-F1 change on the same held-out queries, in points, with a 95%
     paired-bootstrap interval: a few hundred queries move by a few points between two
     adapters that are equally good, so the change is read with its interval."""
-    from services.canary import macro_f1_bootstrap
+    from tuneloop.services.canary.core import macro_f1_bootstrap
 
     boot = macro_f1_bootstrap([q.intent for q in queries], before, after,
                               OLD_DROP_POINTS / 100, alpha=0.05)

@@ -9,8 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from services.settings import Settings
-from services.store import Store
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.store.database import Store
 
 
 def _img(path: Path | None, alt: str) -> str:
@@ -29,10 +29,12 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
 
 def write_report(settings: Settings, result: dict[str, Any]) -> Path:
     """Write ``<home>/reports/demo.html`` from the demo's result; returns its path."""
-    from services.canary_store import list_decisions
-    from services.drift_store import report_history
-    from services.plots import plot_before_after, plot_curation, plot_drift_history
-    from training.pipeline import run_dir_for
+    from tuneloop.services.canary.store import list_decisions
+    from tuneloop.services.curation.plots import plot_curation
+    from tuneloop.services.demo.plots import plot_before_after
+    from tuneloop.services.drift.plots import plot_drift_history
+    from tuneloop.services.drift.store import report_history
+    from tuneloop.training.pipeline import run_dir_for
 
     reports = Path(settings.home) / "reports"
     reports.mkdir(parents=True, exist_ok=True)

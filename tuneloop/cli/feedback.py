@@ -8,11 +8,11 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from services import banking77
-from services.feedback import InvalidEvent, parse_event
-from services.producer import FeedbackProducer, FlushReport
-from services.settings import Settings
 from tuneloop.cli.common import console, err_console, fail, settings_of, store_of
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.demo import banking77
+from tuneloop.services.feedback.contract import InvalidEvent, parse_event
+from tuneloop.services.feedback.producer import FeedbackProducer, FlushReport
 
 
 def register(app: typer.Typer) -> None:
@@ -112,7 +112,7 @@ def replay(
     if wanted:
         unknown = sorted(set(wanted) - set(banking77.intents()))
         if unknown:
-            raise fail(f"unknown intents {unknown}; see shared/data/banking77/categories.json")
+            raise fail(f"unknown intents {unknown}; see {banking77.data_dir() / 'categories.json'}")
     queries = banking77.select(banking77.load(split), wanted, limit, seed=seed)
     # Events occur as they are sent: at the replay rate, or within a second for a burst.
     spacing = 1 / rate if rate else 1 / max(len(queries), 1)
@@ -146,14 +146,14 @@ def ingest(
         import signal
         import threading
 
-        from services.ingest_service import follow as follow_topic
+        from tuneloop.services.ingest.service import follow as follow_topic
 
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         follow_topic(settings_of(ctx), stop)
         return
-    from flows.ingest import ingest as ingest_flow
+    from tuneloop.flows.ingest import ingest as ingest_flow
 
     stats = ingest_flow(max_batches=max_batches)
     console.print(

@@ -9,10 +9,10 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
-from infra.prefect_server import prefect_env
-from services.logs import setup_logging
-from services.settings import SettingsError, load_settings
 from tuneloop.cli.common import fail
+from tuneloop.infra.prefect_server import prefect_env
+from tuneloop.runtime.logs import setup_logging
+from tuneloop.runtime.settings import SettingsError, load_settings
 
 app = typer.Typer(
     name="tuneloop",
@@ -75,7 +75,7 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    from services.store import StoreBusyError
+    from tuneloop.services.store.database import StoreBusyError
 
     try:
         app()

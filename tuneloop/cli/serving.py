@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
 def served_model(settings_home_models: Path, base_model: str) -> tuple[str, str]:
     """(path vLLM loads, name it serves the base model under)."""
-    from training.base_model import resolve_base_model
+    from tuneloop.training.base_model import resolve_base_model
 
     base = resolve_base_model(base_model, settings_home_models)
     name = Path(base.model_id).name if Path(base.model_id).is_absolute() else base.model_id
@@ -24,8 +24,8 @@ def served_model(settings_home_models: Path, base_model: str) -> tuple[str, str]
 
 def gateway(ctx: typer.Context) -> None:
     """Serve the OpenAI-compatible endpoint; starts and supervises the vLLM replicas."""
-    from serving.gateway.app import run_gateway
-    from serving.vllm_process import VLLMNotInstalledError
+    from tuneloop.serving.gateway.app import run_gateway
+    from tuneloop.serving.vllm_process import VLLMNotInstalledError
 
     settings = settings_of(ctx)
     try:

@@ -9,9 +9,9 @@ import typer
 from rich.panel import Panel
 from rich.table import Table
 
-from services.settings import Settings
-from services.store import Store, StoreBusyError
 from tuneloop.cli.common import console, fail, settings_of
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.store.database import Store, StoreBusyError
 
 STORE_WAIT_S = 3.0
 
@@ -31,7 +31,7 @@ def up(
     no_ingest: bool = typer.Option(False, "--no-ingest", help="Skip the long-running ingest."),
 ) -> None:
     """Start the broker, Prefect server (UI on :4200), worker, ingest, and the gateway with vLLM."""
-    from infra.stack import Stack
+    from tuneloop.infra.stack import Stack
 
     settings = settings_of(ctx)
     with console.status("starting the embedded stack (vLLM takes about a minute)..."):
@@ -56,7 +56,7 @@ def topic_problems(settings: Settings) -> list[str]:
         return []
     from kafka.errors import KafkaError
 
-    from services.topics import under_replicated
+    from tuneloop.services.feedback.topics import under_replicated
 
     try:
         return under_replicated(settings.kafka, (settings.serving.shadow_topic,))
@@ -66,7 +66,7 @@ def topic_problems(settings: Settings) -> list[str]:
 
 def down(ctx: typer.Context) -> None:
     """Stop the embedded stack. The embedded broker keeps messages in memory: they go with it."""
-    from infra.stack import Stack
+    from tuneloop.infra.stack import Stack
 
     stopped = Stack(settings_of(ctx)).down()
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
@@ -74,7 +74,7 @@ def down(ctx: typer.Context) -> None:
 
 def worker(ctx: typer.Context) -> None:
     """Serve the deployments (run by ``tuneloop up``)."""
-    from flows.serve import serve_all
+    from tuneloop.flows.serve import serve_all
 
     serve_all(settings_of(ctx))
 
@@ -89,7 +89,7 @@ def supervise(ctx: typer.Context,
     """Run a component and restart it when it dies (run by ``tuneloop up``)."""
     import sys
 
-    from infra.supervisor import supervise as run_supervised
+    from tuneloop.infra.supervisor import supervise as run_supervised
 
     if name not in SUPERVISED:
         raise fail(f"nothing called {name!r} to supervise; choose from {', '.join(SUPERVISED)}")
@@ -117,8 +117,8 @@ def status(
 def collect_status(settings: Settings) -> dict[str, Any]:
     from kafka.errors import KafkaError
 
-    from infra.stack import Stack
-    from services.topics import topic_offsets
+    from tuneloop.infra.stack import Stack
+    from tuneloop.services.feedback.topics import topic_offsets
 
     stack = Stack(settings)
     health = [h.__dict__ for h in stack.health()]
@@ -170,7 +170,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 if change:
                     last_change = dict(zip(("at", "version", "from", "to", "action", "reason"),
                                            change[0], strict=True))
-                from services.canary_store import active_freeze, list_decisions
+                from tuneloop.services.canary.store import active_freeze, list_decisions
 
                 freeze = active_freeze(con)
                 canary = [{k: d[k] for k in ("created_at", "stage", "candidate", "incumbent",
@@ -178,15 +178,15 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                           for d in list_decisions(con, 3)]
         except StoreBusyError as exc:
             store_busy = str(exc)
-    from services.ingest_service import read_status
-    from services.loop_metrics import outbox_backlog
+    from tuneloop.services.ingest.service import read_status
+    from tuneloop.services.loop.metrics import outbox_backlog
 
     ingest = read_status(settings.home)
     outboxes = outbox_backlog(settings.home)
     runs = recent_flow_runs(settings) if health[1]["ok"] else []
     serving: dict[str, Any] = {}
     if next((h["ok"] for h in health if h["component"] == "gateway"), False):
-        from serving.control import GatewayAdmin, GatewayError
+        from tuneloop.serving.control import GatewayAdmin, GatewayError
 
         try:
             serving = GatewayAdmin(settings, timeout_s=5).state()

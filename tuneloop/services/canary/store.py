@@ -1,0 +1,138 @@
+"""The canary's records in DuckDB: decisions, deployment freezes, cached evaluation answers.
+
+- ``canary_decisions``: every verdict of every gate with its checks and figures. A
+  live window's start is a decision too (verdict ``start``), so a rerun after a crash
+  resumes the same window instead of starting a fresh, shorter one.
+- ``freezes``: while a row has no ``lifted_at``, no promotion happens.
+- ``eval_answers``: greedy answers by (model, example). The model key is the sha256
+  of the adapter's weights (or the base model's id), so the same weights published
+  twice, or an incumbent evaluated again, are not asked again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import duckdb
+
+from tuneloop.services.canary.core import Decision
+
+
+def record_decision(con: duckdb.DuckDBPyConnection, decision: Decision,
+                    run_id: str | None) -> str:
+    decision_id = str(uuid.uuid4())
+    con.execute(
+        "INSERT INTO canary_decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [decision_id, datetime.now(UTC), run_id, decision.stage, decision.candidate,
+         decision.incumbent, decision.verdict, decision.reason,
+         json.dumps([c.__dict__ for c in decision.checks], default=str),
+         json.dumps(decision.figures, default=str)],
+    )
+    return decision_id
+
+
+def list_decisions(con: duckdb.DuckDBPyConnection, limit: int = 20,
+                   candidate: str | None = None) -> list[dict[str, Any]]:
+    """Newest first."""
+    sql = ("SELECT decision_id, created_at, run_id, stage, candidate, incumbent, verdict, reason, "
+           "checks, figures FROM canary_decisions")
+    params: list[Any] = []
+    if candidate is not None:
+        sql += " WHERE candidate = ?"
+        params.append(candidate)
+    rows = con.execute(sql + " ORDER BY created_at DESC LIMIT ?", [*params, limit]).fetchall()
+    keys = ("decision_id", "created_at", "run_id", "stage", "candidate", "incumbent", "verdict",
+            "reason", "checks", "figures")
+    out = []
+    for r in rows:
+        row = dict(zip(keys, r, strict=True))
+        row["checks"] = _json(row["checks"])
+        row["figures"] = _json(row["figures"])
+        out.append(row)
+    return out
+
+
+def live_started_at(con: duckdb.DuckDBPyConnection, candidate: str) -> float | None:
+    """When ``candidate``'s live window began (seconds since the epoch), if it did."""
+    rows = con.execute(
+        "SELECT figures FROM canary_decisions WHERE candidate = ? AND stage = 'live' AND "
+        "verdict = 'start' ORDER BY created_at DESC LIMIT 1", [candidate]).fetchall()
+    return float(_json(rows[0][0])["started_at"]) if rows else None
+
+
+def promoted_score(con: duckdb.DuckDBPyConnection, version: str) -> float | None:
+    """The golden score ``version`` had when its offline gate passed, if it went through one."""
+    rows = con.execute(
+        "SELECT figures FROM canary_decisions WHERE candidate = ? AND stage = 'offline' AND "
+        "verdict = 'pass' ORDER BY created_at DESC LIMIT 1", [version]).fetchall()
+    if not rows:
+        return None
+    figures = _json(rows[0][0])
+    score = figures.get("golden_macro_f1") or figures.get("golden_accuracy") or {}
+    return score.get("candidate")
+
+
+# ------------------------------------------------------------------ freezes
+def active_freeze(con: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
+    rows = con.execute(
+        "SELECT freeze_id, created_at, reason, figures FROM freezes WHERE lifted_at IS NULL "
+        "ORDER BY created_at LIMIT 1").fetchall()
+    if not rows:
+        return None
+    freeze_id, created, reason, figures = rows[0]
+    return {"freeze_id": freeze_id, "created_at": created, "reason": reason,
+            "figures": _json(figures)}
+
+
+def freeze(con: duckdb.DuckDBPyConnection, reason: str, figures: dict[str, Any]) -> str:
+    """Stop promotions (a second freeze while one is active is kept as its own row)."""
+    if not reason.strip():
+        raise ValueError("a freeze needs a reason; pass --reason")
+    freeze_id = str(uuid.uuid4())
+    con.execute("INSERT INTO freezes VALUES (?, ?, ?, ?, NULL, NULL)",
+                [freeze_id, datetime.now(UTC), reason, json.dumps(figures, default=str)])
+    return freeze_id
+
+
+def lift(con: duckdb.DuckDBPyConnection, reason: str) -> int:
+    """Lift every active freeze; returns how many were lifted."""
+    if not reason.strip():
+        raise ValueError("lifting a freeze needs a reason; pass --reason")
+    active = con.execute("SELECT count(*) FROM freezes WHERE lifted_at IS NULL").fetchall()[0][0]
+    con.execute("UPDATE freezes SET lifted_at = ?, lift_reason = ? WHERE lifted_at IS NULL",
+                [datetime.now(UTC), reason])
+    return int(active)
+
+
+# ------------------------------------------------------------------ answer cache
+def example_key(messages: Sequence[dict[str, str]], max_tokens: int) -> str:
+    """The prompt (every turn but the answer) and the answer length, hashed."""
+    blob = json.dumps([list(messages), max_tokens], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def cached_answers(con: duckdb.DuckDBPyConnection, model_key: str,
+                   keys: Iterable[str]) -> dict[str, str]:
+    wanted = list(set(keys))
+    if not wanted:
+        return {}
+    rows = con.execute(
+        "SELECT example_key, answer FROM eval_answers WHERE model_key = ? AND "
+        "list_contains(?, example_key)", [model_key, wanted]).fetchall()
+    return dict(rows)
+
+
+def save_answers(con: duckdb.DuckDBPyConnection, model_key: str,
+                 answers: dict[str, str]) -> None:
+    now = datetime.now(UTC)
+    con.executemany("INSERT INTO eval_answers VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    [(model_key, k, a, now) for k, a in answers.items()])
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value

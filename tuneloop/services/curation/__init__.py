@@ -1,0 +1,1 @@
+"""Curation: feedback into versioned training sets, and the golden set."""

@@ -1,0 +1,241 @@
+"""Dataset versions: immutable rows, JSONL exports, and an export validator.
+
+A version (``ds-0001``, ``ds-0002``, ...) is written once, in one transaction,
+with its lineage (source event ids per example, parent versions it replays,
+the filters and the curation report) and a content hash over its examples.
+Nothing updates or deletes a version; writing an existing id raises
+:class:`DatasetExists`.
+
+Exports come in two JSONL formats: ``chat`` (``{"messages": [...]}``) and
+``completion`` (``{"prompt": ..., "completion": ...}``). :func:`validate_jsonl`
+checks a file the way the OpenAI fine-tuning validator does: parse errors,
+missing keys, unknown roles, empty content, a missing assistant turn, and
+token length against the base model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from tuneloop.services.curation.core import SPLITS, Example
+from tuneloop.services.store.database import registered
+
+FORMATS = ("chat", "completion")
+ROLES = {"system", "user", "assistant", "tool"}
+TokenCounter = Callable[[str], int]
+
+
+class DatasetExists(ValueError):
+    """A dataset version id is taken; versions are immutable."""
+
+
+def content_hash(examples: Sequence[Example]) -> str:
+    """SHA-256 over (split, messages) of every example, order-independent."""
+    digest = hashlib.sha256()
+    for line in sorted(f"{e.split}\t{json.dumps(e.messages, sort_keys=True)}" for e in examples):
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def next_version(con: duckdb.DuckDBPyConnection) -> str:
+    rows = con.execute("SELECT version FROM datasets").fetchall()
+    numbers = [int(m.group(1)) for (v,) in rows if (m := re.fullmatch(r"ds-(\d+)", v))]
+    return f"ds-{max(numbers, default=0) + 1:04d}"
+
+
+def save_version(
+    con: duckdb.DuckDBPyConnection,
+    version: str,
+    examples: Sequence[Example],
+    parents: Sequence[str],
+    filters: dict[str, Any],
+    report: dict[str, Any],
+) -> str:
+    """Write a new version in one transaction; returns its content hash.
+
+    Raises :class:`DatasetExists` if ``version`` exists, and ``ValueError`` for an
+    empty dataset or an example with an unknown split.
+    """
+    if not examples:
+        raise ValueError(f"{version}: no examples survived curation; nothing to version")
+    bad = {e.split for e in examples} - set(SPLITS)
+    if bad:
+        raise ValueError(f"{version}: unknown split(s) {sorted(bad)}; use {SPLITS}")
+    if con.execute("SELECT 1 FROM datasets WHERE version = ?", [version]).fetchall():
+        raise DatasetExists(
+            f"dataset {version} exists and versions are immutable: curate a new version instead"
+        )
+    digest = content_hash(examples)
+    counts = Counter(e.split for e in examples)
+    rows = pa.Table.from_pylist([{"version": version, **e.to_row()} for e in examples])
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                version, datetime.now(UTC), digest, json.dumps(list(parents)),
+                json.dumps(filters, default=str), json.dumps(report), counts["train"],
+                counts["validation"], counts["test"],
+            ],
+        )
+        with registered(con, "incoming_examples", rows):
+            con.execute(
+                "INSERT INTO dataset_examples SELECT version, example_id, split, source_event_id, "
+                "label, messages, prompt, completion FROM incoming_examples"
+            )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return digest
+
+
+def load_examples(con: duckdb.DuckDBPyConnection, version: str) -> list[Example]:
+    """The examples of ``version``; raises ``KeyError`` naming known versions if absent."""
+    if not con.execute("SELECT 1 FROM datasets WHERE version = ?", [version]).fetchall():
+        known = [v for (v,) in con.execute("SELECT version FROM datasets ORDER BY 1").fetchall()]
+        raise KeyError(f"no dataset version {version!r}; known: {known or 'none'}")
+    rows = con.execute(
+        "SELECT example_id, split, source_event_id, label, messages, prompt, completion "
+        "FROM dataset_examples WHERE version = ? ORDER BY split, example_id",
+        [version],
+    ).fetchall()
+    return [
+        Example(
+            example_id=r[0], split=r[1], source_event_id=r[2], label=r[3],
+            messages=json.loads(r[4]) if isinstance(r[4], str) else r[4], prompt=r[5],
+            completion=r[6],
+        )
+        for r in rows
+    ]
+
+
+def latest_version(con: duckdb.DuckDBPyConnection) -> str | None:
+    rows = con.execute("SELECT version FROM datasets ORDER BY created_at DESC LIMIT 1").fetchall()
+    return str(rows[0][0]) if rows else None
+
+
+def export_jsonl(examples: Sequence[Example], path: Path, fmt: str = "chat") -> Path:
+    """Write ``examples`` as JSONL in ``fmt`` (``chat`` or ``completion``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}: use one of {FORMATS}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for ex in examples:
+            record: dict[str, Any] = (
+                {"messages": ex.messages} if fmt == "chat"
+                else {"prompt": ex.prompt, "completion": ex.completion}
+            )
+            if ex.label is not None:
+                record["label"] = ex.label
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+@dataclass
+class ValidationReport:
+    """What :func:`validate_jsonl` found; ``ok`` when there are no errors."""
+
+    examples: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    first_lines: dict[str, int] = field(default_factory=dict)
+    max_tokens_seen: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def add(self, kind: str, line: int) -> None:
+        self.errors[kind] += 1
+        self.first_lines.setdefault(kind, line)
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"{self.examples} examples OK (longest {self.max_tokens_seen} tokens)"
+        return "; ".join(
+            f"{kind}: {n} (first at line {self.first_lines[kind]})"
+            for kind, n in self.errors.most_common()
+        )
+
+
+def validate_jsonl(
+    path: Path, fmt: str = "chat", count_tokens: TokenCounter | None = None,
+    max_tokens: int = 512,
+) -> ValidationReport:
+    """Check every line of an export; never raises for bad content, reports it.
+
+    Error kinds: ``format_error`` (not a JSON object), ``missing_messages``,
+    ``message_missing_key``, ``unrecognized_role``, ``empty_content``,
+    ``missing_assistant_message``, ``missing_prompt_or_completion`` and
+    ``too_many_tokens`` (when ``count_tokens`` is given).
+    """
+    report = ValidationReport()
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        report.examples += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            report.add("format_error", n)
+            continue
+        if not isinstance(record, dict):
+            report.add("format_error", n)
+            continue
+        texts = _check_chat(record, report, n) if fmt == "chat" else _check_completion(
+            record, report, n
+        )
+        if texts is not None and count_tokens is not None:
+            tokens = sum(count_tokens(t) for t in texts)
+            report.max_tokens_seen = max(report.max_tokens_seen, tokens)
+            if tokens > max_tokens:
+                report.add("too_many_tokens", n)
+    return report
+
+
+def _check_chat(record: dict[str, Any], report: ValidationReport, n: int) -> list[str] | None:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        report.add("missing_messages", n)
+        return None
+    texts = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            report.add("message_missing_key", n)
+            return None
+        if m["role"] not in ROLES:
+            report.add("unrecognized_role", n)
+            return None
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            report.add("empty_content", n)
+            return None
+        texts.append(m["content"])
+    if messages[-1]["role"] != "assistant":
+        report.add("missing_assistant_message", n)
+        return None
+    return texts
+
+
+def _check_completion(
+    record: dict[str, Any], report: ValidationReport, n: int
+) -> list[str] | None:
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        report.add("missing_prompt_or_completion", n)
+        return None
+    if not prompt.strip() or not completion.strip():
+        report.add("empty_content", n)
+        return None
+    return [prompt, completion]

@@ -1,0 +1,1 @@
+"""Drift: embeddings, the novel-share test, and the clusters that drifted."""

@@ -1,0 +1,246 @@
+"""The I/O shell of drift detection: windows out of DuckDB, reports into it.
+
+The reference window is, in order of preference:
+
+1. the feedback the **production adapter** was trained on (``adapters`` with
+   ``state='production'`` -> its dataset version -> the source events of its
+   examples);
+2. a **pinned** time range (``drift.reference_start`` .. ``drift.reference_end``);
+3. the **oldest** ``drift.reference_window_events`` events outside the current window.
+
+The current window is the last ``drift.current_window_minutes`` minutes if set,
+otherwise the last ``drift.current_window_events`` events; the two windows never
+share an event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import duckdb
+
+from tuneloop.runtime.settings import DriftSettings
+from tuneloop.services.drift.clusters import what_drifted
+from tuneloop.services.drift.core import DriftReport, detect_drift
+from tuneloop.services.drift.embeddings import Embedder, Progress, embed_texts
+from tuneloop.services.store.database import Store, registered
+
+log = logging.getLogger(__name__)
+
+MIN_WINDOW_EVENTS = 20
+
+
+class NotEnoughEvents(ValueError):
+    """A window has too few events to test; more feedback (or a wider window) fixes it."""
+
+    retriable = True
+
+
+@dataclass(frozen=True)
+class Window:
+    """Events of one side of a comparison, in time order."""
+
+    desc: str
+    event_ids: list[str]
+    texts: list[str]
+    labels: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
+
+
+def _window(desc: str, rows: Sequence[tuple[Any, ...]]) -> Window:
+    return Window(
+        desc=desc,
+        event_ids=[str(r[0]) for r in rows],
+        texts=[str(r[1]) for r in rows],
+        labels=[r[2] for r in rows],
+    )
+
+
+def _app_clause(cfg: DriftSettings) -> tuple[str, list[Any]]:
+    return (" AND app = ?", [cfg.app]) if cfg.app else ("", [])
+
+
+def reference_window(
+    con: duckdb.DuckDBPyConnection, cfg: DriftSettings, exclude: Sequence[str] | None = None
+) -> Window | None:
+    """The reference events (see the module docstring for the order of choice).
+
+    Returns None when neither a production adapter nor a pin defines it and
+    ``exclude`` (the current window) is still unknown: the oldest-N fallback must
+    leave the current window out, so the caller loads that first.
+    """
+    app_sql, app_args = _app_clause(cfg)
+    production = con.execute(
+        "SELECT version, dataset_version FROM adapters WHERE state = 'production' "
+        "AND dataset_version IS NOT NULL ORDER BY created_at DESC LIMIT 1"
+    ).fetchall()
+    if production:
+        adapter, dataset = production[0]
+        rows = con.execute(
+            "SELECT f.event_id, f.user_text, f.label FROM feedback f WHERE f.event_id IN "
+            "(SELECT source_event_id FROM dataset_examples WHERE version = ?)"
+            f"{app_sql} ORDER BY f.occurred_at, f.event_id",
+            [dataset, *app_args],
+        ).fetchall()
+        if len(rows) >= MIN_WINDOW_EVENTS:
+            return _window(f"production adapter {adapter} (dataset {dataset})", rows)
+        log.warning(
+            "production adapter %s: dataset %s has %d source events; falling back",
+            adapter, dataset, len(rows),
+        )
+    if cfg.reference_start and cfg.reference_end:
+        rows = con.execute(
+            "SELECT event_id, user_text, label FROM feedback WHERE occurred_at >= ? "
+            f"AND occurred_at < ?{app_sql} ORDER BY occurred_at, event_id",
+            [cfg.reference_start, cfg.reference_end, *app_args],
+        ).fetchall()
+        return _window(
+            f"pinned {cfg.reference_start.isoformat()} .. {cfg.reference_end.isoformat()}", rows
+        )
+    if exclude is None:
+        return None
+    with registered(con, "excluded_events", _ids_table(exclude)):
+        rows = con.execute(
+            "SELECT event_id, user_text, label FROM feedback WHERE event_id NOT IN "
+            f"(SELECT event_id FROM excluded_events){app_sql} ORDER BY occurred_at, event_id "
+            "LIMIT ?",
+            [*app_args, cfg.reference_window_events],
+        ).fetchall()
+    return _window(f"oldest {cfg.reference_window_events} events", rows)
+
+
+def current_window(
+    con: duckdb.DuckDBPyConnection, cfg: DriftSettings, exclude: Sequence[str] = (),
+    now: datetime | None = None,
+) -> Window:
+    """The most recent events, without any of ``exclude`` (the reference's ids)."""
+    app_sql, app_args = _app_clause(cfg)
+    with registered(con, "excluded_events", _ids_table(exclude)):
+        if cfg.current_window_minutes:
+            since = (now or datetime.now(UTC)) - timedelta(minutes=cfg.current_window_minutes)
+            desc = f"last {cfg.current_window_minutes} minutes"
+            rows = con.execute(
+                "SELECT event_id, user_text, label FROM feedback WHERE occurred_at >= ? "
+                f"AND event_id NOT IN (SELECT event_id FROM excluded_events){app_sql} "
+                "ORDER BY occurred_at, event_id",
+                [since, *app_args],
+            ).fetchall()
+        else:
+            desc = f"last {cfg.current_window_events} events"
+            rows = con.execute(
+                "SELECT * FROM (SELECT event_id, user_text, label, occurred_at FROM feedback "
+                f"WHERE event_id NOT IN (SELECT event_id FROM excluded_events){app_sql} "
+                "ORDER BY occurred_at DESC, event_id DESC LIMIT ?) ORDER BY occurred_at, event_id",
+                [*app_args, cfg.current_window_events],
+            ).fetchall()
+    return _window(desc, rows)
+
+
+def _ids_table(ids: Sequence[str]) -> Any:
+    import pyarrow as pa
+
+    return pa.table({"event_id": pa.array(list(ids), pa.string())})
+
+
+def load_windows(con: duckdb.DuckDBPyConnection, cfg: DriftSettings) -> tuple[Window, Window]:
+    """Reference and current window; raises :class:`NotEnoughEvents` if either is too small."""
+    ref = reference_window(con, cfg)
+    if ref is None:
+        cur = current_window(con, cfg)
+        ref = reference_window(con, cfg, exclude=cur.event_ids)
+        assert ref is not None
+    else:
+        cur = current_window(con, cfg, exclude=ref.event_ids)
+    for name, window in (("reference", ref), ("current", cur)):
+        if len(window) < MIN_WINDOW_EVENTS:
+            raise NotEnoughEvents(
+                f"{name} window ({window.desc}) has {len(window)} events, fewer than "
+                f"{MIN_WINDOW_EVENTS}: ingest more feedback, or widen it with "
+                "drift.reference_window_events / drift.current_window_events / "
+                "drift.current_window_minutes"
+            )
+    return ref, cur
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def save_report(con: duckdb.DuckDBPyConnection, report: DriftReport) -> str:
+    """Persist ``report`` in ``drift_reports``; returns its new id."""
+    report_id = f"drift-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    con.execute(
+        "INSERT INTO drift_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            report_id, datetime.now(UTC), report.reference_desc, report.current_desc,
+            report.n_reference, report.n_current, report.score, report.p_value, report.drifted,
+            json.dumps(report.methods()), json.dumps(report.clusters, allow_nan=False),
+        ],
+    )
+    log.info("drift report %s saved: %s", report_id, report.summary())
+    return report_id
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    report_id: str
+    created_at: datetime
+    score: float
+    p_value: float
+    drifted: bool
+    n_reference: int
+    n_current: int
+    clusters: list[dict[str, Any]]
+    min_novel_share: float | None = None  # the practical threshold the report decided with
+
+
+def report_history(con: duckdb.DuckDBPyConnection, limit: int = 500) -> list[ReportRow]:
+    """The latest ``limit`` reports, oldest first."""
+    rows = con.execute(
+        "SELECT * FROM (SELECT report_id, created_at, score, p_value, drifted, n_reference, "
+        "n_current, clusters, methods->>'min_novel_share' FROM drift_reports "
+        "ORDER BY created_at DESC LIMIT ?) "
+        "ORDER BY created_at",
+        [limit],
+    ).fetchall()
+    return [
+        ReportRow(
+            report_id=r[0], created_at=r[1], score=float(r[2]), p_value=float(r[3]),
+            drifted=bool(r[4]), n_reference=int(r[5]), n_current=int(r[6]),
+            clusters=json.loads(r[7]) if isinstance(r[7], str) else list(r[7] or []),
+            min_novel_share=float(r[8]) if r[8] is not None else None,
+        )
+        for r in rows
+    ]
+
+
+def run_check(
+    store: Store, embedder: Embedder, cfg: DriftSettings, progress: Progress | None = None
+) -> tuple[str, DriftReport]:
+    """Load both windows, embed them (cached), test, explain and persist one report.
+
+    The store is held for each read or write only, never while embedding or
+    testing. Raises :class:`NotEnoughEvents` when a window is too small.
+    """
+    with store.connect() as con:
+        ref, cur = load_windows(con, cfg)
+    vectors, _ = embed_texts(store, embedder, ref.texts + cur.texts, progress)
+    ref_vec, cur_vec = vectors[: len(ref)], vectors[len(ref) :]
+    report = detect_drift(ref_vec, cur_vec, cfg)
+    report.reference_desc, report.current_desc = ref.desc, cur.desc
+    report.clusters = [
+        change.to_dict()
+        for change in what_drifted(ref_vec, cur_vec, cur.texts, cfg, cur.labels, ref.labels)
+    ]
+    with store.connect() as con:
+        report_id = save_report(con, report)
+    return report_id, report

@@ -1,0 +1,1 @@
+"""Task metrics, one implementation for training and the canary."""

@@ -1,0 +1,337 @@
+"""Ingest: validated, redacted feedback into DuckDB, exactly once per event_id.
+
+The core, :func:`prepare_batch`, is pure: raw Kafka records in, rows and dead
+letters out (a record that cannot be stored, say with a lone UTF-16 surrogate, is a dead
+letter too). :func:`write_batch` lands both in one DuckDB transaction with
+``ON CONFLICT DO NOTHING`` on ``event_id`` (feedback) and on
+``topic:partition:offset`` (dead letters), so a batch replayed after a crash
+changes nothing; :func:`write_isolating` bisects a batch that one row makes fail and
+dead-letters that row with the store's error. The consumer loop in
+:mod:`tuneloop.services.ingest.consumer` commits Kafka offsets only after the write has returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import duckdb
+import msgspec
+import pyarrow as pa
+
+from tuneloop.services.feedback.contract import (
+    MAX_EVENT_BYTES,
+    FeedbackEvent,
+    InvalidEvent,
+    Message,
+    parse_event,
+)
+from tuneloop.services.feedback.fastpath import DecodedEvent, fast_decode
+from tuneloop.services.feedback.redaction import Redactor, redact
+from tuneloop.services.store.database import registered
+
+log = logging.getLogger(__name__)
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One message as read from the bus."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    record: RawRecord
+    reason: str
+    event_id: str | None = None
+    keep_raw: bool = False  # ``ingest.keep_raw_dead_letters``: store the payload unredacted
+
+    @property
+    def dead_letter_id(self) -> str:
+        """The record's place, and a checksum of its bytes: a redelivered record keeps its
+        id, while a different record at the same offset (a broker that restarted with its
+        topics empty, as the embedded in-memory one does) gets a new one."""
+        crc = zlib.crc32(self.record.value or b"")
+        return f"{self.record.topic}:{self.record.partition}:{self.record.offset}:{crc:08x}"
+
+    @property
+    def payload(self) -> bytes:
+        """What is kept of the record, in DuckDB and on the dead-letter topic: its bytes
+        with PII redacted (as text; bytes that are not UTF-8 become U+FFFD), unless the
+        raw payload is kept on purpose."""
+        if self.keep_raw:
+            return self.record.value
+        return redact(self.record.value.decode("utf-8", errors="replace")).text.encode()
+
+
+def redact_json(value: object) -> tuple[object, int]:
+    """``value`` (decoded JSON) with PII redacted in every string in it, and the count."""
+    if isinstance(value, str):
+        r = redact(value)
+        return r.text, r.count
+    if isinstance(value, dict):
+        out, total = {}, 0
+        for key, item in value.items():
+            out[key], n = redact_json(item)
+            total += n
+        return out, total
+    if isinstance(value, list):
+        items = [redact_json(item) for item in value]
+        return [i for i, _ in items], sum(n for _, n in items)
+    return value, 0
+
+
+@dataclass
+class PreparedBatch:
+    rows: list[tuple[object, ...]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    redactions: int = 0
+    duplicates_in_batch: int = 0
+    # The record each row came from (None for events landed directly), so a row the
+    # store rejects can become a dead letter.
+    records: list[RawRecord | None] = field(default_factory=list)
+
+
+# Errors that one row can cause in a write; anything else (a busy or broken store) is
+# the batch's and propagates, so the batch is retried instead of dead-lettered.
+ROW_ERRORS: tuple[type[BaseException], ...] = (
+    duckdb.ConstraintException, duckdb.ConversionException, duckdb.InvalidInputException,
+    duckdb.OutOfRangeException, duckdb.TypeMismatchException, pa.ArrowException, UnicodeError,
+    OverflowError,
+)
+
+
+FEEDBACK_COLUMNS = (
+    "event_id", "occurred_at", "ingested_at", "app", "request_id", "adapter_version",
+    "messages", "user_text", "completion", "rating", "correction", "label", "language",
+    "user_id", "metadata", "redactions", "source_topic", "source_partition", "source_offset",
+)
+
+
+_FEEDBACK_ARROW = pa.schema(
+    [
+        ("event_id", pa.string()), ("occurred_at", pa.timestamp("us", tz="UTC")),
+        ("ingested_at", pa.timestamp("us", tz="UTC")), ("app", pa.string()),
+        ("request_id", pa.string()), ("adapter_version", pa.string()),
+        ("messages", pa.string()), ("user_text", pa.string()), ("completion", pa.string()),
+        ("rating", pa.float64()), ("correction", pa.string()), ("label", pa.string()),
+        ("language", pa.string()), ("user_id", pa.string()), ("metadata", pa.string()),
+        ("redactions", pa.int32()), ("source_topic", pa.string()),
+        ("source_partition", pa.int32()), ("source_offset", pa.int64()),
+    ]
+)
+
+
+_DEAD_ARROW = pa.schema(
+    [
+        ("dead_letter_id", pa.string()), ("received_at", pa.timestamp("us", tz="UTC")),
+        ("source_topic", pa.string()), ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()), ("event_key", pa.string()), ("event_id", pa.string()),
+        ("reason", pa.string()), ("payload", pa.binary()),
+    ]
+)
+
+
+def redact_event(event: FeedbackEvent) -> tuple[FeedbackEvent, int]:
+    """The event with PII replaced in every free-text field, and the number of spans."""
+    clean = Redactor()
+    metadata, count = redact_json(event.metadata) if event.metadata else (event.metadata, 0)
+    cleaned = event.model_copy(
+        update={
+            "messages": [Message(role=m.role, content=clean(m.content)) for m in event.messages],
+            "completion": clean(event.completion),
+            "correction": clean(event.correction) if event.correction is not None else None,
+            "metadata": metadata,
+        }
+    )
+    return cleaned, clean.count + count
+
+
+def event_row(
+    event: FeedbackEvent | DecodedEvent, record: RawRecord | None, now: datetime
+) -> tuple[tuple[object, ...], int]:
+    """The ``feedback`` row of an event, redacted on the way (no intermediate model copy)."""
+    redactions = 0
+    messages = []
+    user_text = ""
+    for m in event.messages:
+        r = redact(m.content)
+        redactions += r.count
+        messages.append({"role": m.role, "content": r.text})
+        if m.role == "user":
+            user_text = r.text
+    completion = redact(event.completion)
+    correction = redact(event.correction) if event.correction is not None else None
+    redactions += completion.count + (correction.count if correction else 0)
+    metadata, count = redact_json(event.metadata) if event.metadata else ({}, 0)
+    redactions += count
+    row = (
+        str(event.event_id),
+        event.occurred_at,
+        now,
+        event.app,
+        event.request_id,
+        event.adapter_version,
+        _encode(messages).decode(),
+        user_text,
+        completion.text,
+        event.rating,
+        correction.text if correction else None,
+        event.label,
+        event.language,
+        event.user_id,
+        _encode(metadata).decode(),
+        redactions,
+        record.topic if record else None,
+        record.partition if record else None,
+        record.offset if record else None,
+    )
+    return row, redactions
+
+
+def prepare_batch(
+    records: Iterable[RawRecord], max_bytes: int = MAX_EVENT_BYTES, now: datetime | None = None,
+    keep_raw: bool = False,
+) -> PreparedBatch:
+    """Validate and redact a batch. Never raises for bad input: it becomes a dead letter
+    (its payload redacted unless ``keep_raw``)."""
+    now = now or datetime.now(UTC)
+    batch = PreparedBatch()
+    seen: set[str] = set()
+    for record in records:
+        event: FeedbackEvent | DecodedEvent | None = (
+            fast_decode(record.value) if len(record.value) <= max_bytes else None
+        )
+        if event is None:
+            try:
+                event = parse_event(record.value, max_bytes)
+            except InvalidEvent as exc:
+                batch.dead.append(DeadLetter(record, exc.reason, exc.event_id, keep_raw))
+                continue
+        event_id = str(event.event_id)
+        if record.key is not None and record.key.decode(errors="replace") != event_id:
+            batch.dead.append(
+                DeadLetter(record, f"key {record.key!r} does not match event_id {event_id}",
+                           event_id, keep_raw)
+            )
+            continue
+        if event_id in seen:
+            batch.duplicates_in_batch += 1
+            continue
+        seen.add(event_id)
+        try:
+            row, count = event_row(event, record, now)
+        except ROW_ERRORS as exc:  # valid JSON the store cannot hold (a lone surrogate)
+            batch.dead.append(DeadLetter(record, f"cannot be stored: {exc}", event_id, keep_raw))
+            continue
+        batch.redactions += count
+        batch.rows.append(row)
+        batch.records.append(record)
+    return batch
+
+
+def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
+    """Land a prepared batch in one transaction; returns how many events were new."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        inserted = 0
+        if batch.rows:
+            # executemany binds row by row (~4 ms each); an Arrow scan is one statement.
+            columns = list(zip(*batch.rows, strict=True))
+            inserted = _insert_arrow(con, "feedback", "event_id", [
+                pa.array(col, type=field.type)
+                for col, field in zip(columns, _FEEDBACK_ARROW, strict=True)
+            ], _FEEDBACK_ARROW)
+        if batch.dead:
+            now = datetime.now(UTC)
+            dead = batch.dead
+            _insert_arrow(con, "dead_letters", "dead_letter_id", [
+                pa.array([d.dead_letter_id for d in dead], pa.string()),
+                pa.array([now] * len(dead), pa.timestamp("us", tz="UTC")),
+                pa.array([d.record.topic for d in dead], pa.string()),
+                pa.array([d.record.partition for d in dead], pa.int32()),
+                pa.array([d.record.offset for d in dead], pa.int64()),
+                pa.array([d.record.key.decode(errors="replace") if d.record.key else None
+                          for d in dead], pa.string()),
+                pa.array([d.event_id for d in dead], pa.string()),
+                pa.array([d.reason for d in dead], pa.string()),
+                pa.array([d.payload for d in dead], pa.binary()),
+            ], _DEAD_ARROW)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return inserted
+
+
+def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch,
+                    keep_raw: bool = False) -> int:
+    """:func:`write_batch`, and when a row makes it fail, find that row by bisection and
+    dead-letter it with the store's error, so the partition moves on.
+
+    The halves are written one by one; each write is keyed, so a crash in between
+    replays to the same result. ``batch.dead`` gains the rejected rows.
+    """
+    try:
+        return write_batch(con, batch)
+    except ROW_ERRORS as exc:
+        if not batch.rows:
+            raise
+        log.warning("a batch of %d rows failed to write (%s); isolating the row", len(batch.rows),
+                    exc)
+    rejected: list[DeadLetter] = []
+    inserted = _write_halves(con, batch.rows, batch.records, rejected, keep_raw)
+    dead = batch.dead + rejected
+    write_batch(con, PreparedBatch(dead=dead))
+    batch.dead[:] = dead
+    return inserted
+
+
+def _write_halves(con: duckdb.DuckDBPyConnection, rows: list[tuple[object, ...]],
+                  records: list[RawRecord | None], rejected: list[DeadLetter],
+                  keep_raw: bool) -> int:
+    try:
+        return write_batch(con, PreparedBatch(rows=rows, records=records))
+    except ROW_ERRORS as exc:
+        if len(rows) == 1:
+            record = records[0] if records else None
+            if record is None:
+                raise
+            rejected.append(DeadLetter(record, f"the store rejected it: {exc}", str(rows[0][0]),
+                                       keep_raw))
+            return 0
+    mid = len(rows) // 2
+    return (_write_halves(con, rows[:mid], records[:mid], rejected, keep_raw)
+            + _write_halves(con, rows[mid:], records[mid:], rejected, keep_raw))
+
+
+def _insert_arrow(
+    con: duckdb.DuckDBPyConnection, table: str, key: str, arrays: list[pa.Array], schema: pa.Schema
+) -> int:
+    """Insert an Arrow batch, skipping keys already present; returns the rows inserted."""
+    names = ", ".join(schema.names)
+    with registered(con, f"incoming_{table}", pa.Table.from_arrays(arrays, schema=schema)) as view:
+        return int(con.execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM {view} ON CONFLICT ({key}) DO NOTHING"
+        ).fetchall()[0][0])
+
+
+def insert_events(con: duckdb.DuckDBPyConnection, events: Sequence[FeedbackEvent]) -> int:
+    """Land already-valid events directly (tests, demos, backfills); idempotent."""
+    now = datetime.now(UTC)
+    batch = PreparedBatch()
+    for event in events:
+        row, count = event_row(event, None, now)
+        batch.redactions += count
+        batch.rows.append(row)
+        batch.records.append(None)
+    return write_batch(con, batch)

@@ -1,0 +1,1 @@
+"""The loop's policy and figures."""

@@ -1,0 +1,1 @@
+"""The adapter registry: artifacts, manifests and deployment states."""

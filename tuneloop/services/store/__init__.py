@@ -1,0 +1,1 @@
+"""The DuckDB file every stage shares, its tables and migrations."""

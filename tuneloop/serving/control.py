@@ -1,0 +1,213 @@
+"""The serving layer seen from outside the gateway: its key, its routing in the registry,
+and the admin client the CLI and flows use to swap adapters.
+
+The registry is the source of truth. A promotion is: load and probe the version on
+every replica, flip the alias (both done by the gateway's ``/admin/route``), then
+record the move in the registry; if the record fails, the gateway is flipped back.
+A gateway that starts (or restarts) builds its routing from the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.registry.store import Adapter, Transition, get_adapter, list_adapters
+from tuneloop.services.store.database import Store
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(RuntimeError):
+    """The gateway refused or failed an admin call; ``status`` is its HTTP status (0: down)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def admin_key(settings: Settings) -> str:
+    """``serving.admin_key``, else the key in ``<home>/gateway.key`` (created, mode 0600)."""
+    if settings.serving.admin_key:
+        return settings.serving.admin_key
+    path = Path(settings.home) / "gateway.key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key
+
+
+@dataclass(frozen=True)
+class RegistryRoute:
+    """What the registry says an alias serves."""
+
+    production: str | None
+    canary: str | None
+
+
+def registry_route(settings: Settings, alias: str) -> RegistryRoute:
+    """The production and canary versions of ``alias`` (None: the base model / no canary)."""
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    with store.connect() as con:
+        adapters = list_adapters(con)
+    mine = [a for a in adapters if a.name == f"{alias}-{a.version}"]
+    production = [a.version for a in mine if a.state == "production"]
+    canary = [a.version for a in mine if a.state == "canary"]
+    return RegistryRoute(production[-1] if production else None, canary[-1] if canary else None)
+
+
+def read_adapter(settings: Settings, version: str) -> Adapter:
+    """One registry row; raises ``LookupError`` when there is none."""
+    from tuneloop.services.registry.store import RegistryError
+
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    try:
+        with store.connect() as con:
+            return get_adapter(con, version)
+    except RegistryError as exc:
+        raise LookupError(str(exc)) from None
+
+
+def saved_shares(settings: Settings) -> dict[str, Any]:
+    """The shares the gateway last applied (``<home>/serving/routing.json``), if any."""
+    try:
+        return dict(json.loads(routing_file(settings).read_text()))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def routing_file(settings: Settings) -> Path:
+    return Path(settings.home) / "serving" / "routing.json"
+
+
+class GatewayAdmin:
+    """The gateway's admin routes, for the CLI and the flows."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 600.0) -> None:
+        self.url = settings.serving.gateway_url
+        self._headers = {"Authorization": f"Bearer {admin_key(settings)}"}
+        self._timeout = timeout_s
+
+    def state(self) -> dict[str, Any]:
+        return self._call("GET", "/admin/state")
+
+    def set_route(self, **fields: Any) -> dict[str, Any]:
+        """Change an alias's routing (production, candidate, canary_share, shadow_share)."""
+        return self._call("POST", "/admin/route", fields)
+
+    def load(self, version: str) -> dict[str, Any]:
+        return self._call("POST", "/admin/load", {"version": version})
+
+    def unload(self, version: str) -> dict[str, Any]:
+        return self._call("POST", "/admin/unload", {"version": version})
+
+    def observations(self, alias: str, since: float, until: float | None = None) -> dict[str, Any]:
+        """Requests, errors and latencies per version of ``alias`` between ``since`` and
+        ``until`` (epoch seconds; None: now)."""
+        query = f"alias={alias}&since={since}" + ("" if until is None else f"&until={until}")
+        return self._call("GET", f"/admin/observations?{query}")
+
+    def running(self) -> bool:
+        try:
+            httpx.get(f"{self.url}/v1/models", timeout=2)
+            return True
+        except httpx.HTTPError:
+            return False
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            resp = httpx.request(method, self.url + path, json=body, headers=self._headers,
+                                 timeout=self._timeout)
+        except httpx.HTTPError as exc:
+            raise GatewayError(0, f"gateway at {self.url} unreachable: {exc}") from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text[:300]
+            raise GatewayError(resp.status_code, message)
+        return dict(resp.json())
+
+
+# ------------------------------------------------------------------ registry + gateway together
+def promote(settings: Settings, version: str, to_state: str, reason: str) -> list[Transition]:
+    """Put ``version`` into 'canary' or 'production': swap on the gateway, then record it.
+
+    With no gateway running, only the registry changes; a gateway that starts later
+    serves what the registry says. Raises ``RegistryError`` (nothing changed) or
+    :class:`GatewayError` (the swap failed; production keeps serving, nothing recorded).
+    """
+    from tuneloop.services.registry import store as registry
+
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    with store.connect() as con:
+        adapter = get_adapter(con, version)
+        registry.verify_adapter(Path(adapter.path), adapter.sha256)
+        states = {a.version: a.state for a in list_adapters(con)}
+        registry.plan_promotion(states, version, to_state)  # raises before anything moves
+    change: dict[str, Any] = {"production": version} if to_state == "production" else \
+        {"candidate": version, "canary_share": settings.serving.canary_share,
+         "shadow_share": settings.serving.shadow_share}
+    if to_state == "production" and states.get(version) == "canary":
+        change["candidate"] = None
+    return _swap_then_record(settings, change,
+                             lambda con: registry.promote(con, version, to_state, reason))
+
+
+def rollback(settings: Settings, reason: str, to_version: str | None = None) -> list[Transition]:
+    """Reject production and restore the previous version (or the base model), swap first."""
+    from tuneloop.services.registry import store as registry
+
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    with store.connect() as con:
+        plan = registry.rollback_plan(con, to_version)
+    restored = next((t.version for t in plan if t.to_state == "production"), None)
+    return _swap_then_record(settings, {"production": restored},
+                             lambda con: registry.rollback(con, reason, to_version))
+
+
+def reject(settings: Settings, version: str, reason: str) -> list[Transition]:
+    """Reject ``version``; if it is the canary, it stops taking traffic first."""
+    from tuneloop.services.registry import store as registry
+
+    route = registry_route(settings, settings.serving.alias)
+    change: dict[str, Any] = {"candidate": None} if route.canary == version else {}
+    if route.production == version:
+        raise registry.RegistryError(f"{version} is in production: roll it back instead")
+    return _swap_then_record(settings, change, lambda con: registry.reject(con, version, reason))
+
+
+def _swap_then_record(settings: Settings, change: dict[str, Any],
+                      record: Any) -> list[Transition]:
+    admin = GatewayAdmin(settings)
+    before: dict[str, Any] | None = None
+    if change and admin.running():
+        routes = admin.state()["routes"]
+        current = next((r for r in routes if r["alias"] == settings.serving.alias), None)
+        if current is not None:
+            before = {"production": current["production"], "candidate": current["candidate"]}
+        admin.set_route(**change)  # load + probe on every replica, then the flip
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    try:
+        with store.connect() as con:
+            plan: list[Transition] = record(con)
+    except BaseException:
+        if before is not None:
+            log.error("recording the change failed; the gateway goes back to %s", before)
+            admin.set_route(**before)
+        raise
+    return plan

@@ -1,0 +1,130 @@
+"""The gateway process: a Starlette app on uvicorn that owns the vLLM replicas.
+
+At start-up it starts (or adopts, if already running) the managed vLLM replicas,
+builds its routing from the registry, and begins supervising: restart a replica
+whose process died, load the routed adapters on it, then let it take traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import uvicorn
+from starlette.applications import Starlette
+
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.feedback.producer import FeedbackProducer
+from tuneloop.services.loop.metrics import LoopCollector
+from tuneloop.services.registry.store import Adapter
+from tuneloop.serving.control import admin_key, read_adapter, registry_route, routing_file, saved_shares
+from tuneloop.serving.gateway.routes import build_routes
+from tuneloop.serving.gateway.serving import Gateway
+from tuneloop.serving.metrics import GatewayMetrics
+from tuneloop.serving.pool import Replica, ReplicaPool
+from tuneloop.serving.routing import Route, RoutingTable
+from tuneloop.serving.upstream import ReplicaClient
+from tuneloop.serving.vllm_process import replica_specs
+
+log = logging.getLogger(__name__)
+
+
+def initial_route(settings: Settings) -> Route:
+    """The alias's route as the registry has it, with the shares last applied."""
+    alias = settings.serving.alias
+    reg = registry_route(settings, alias)
+    saved = saved_shares(settings)
+    same = saved.get("candidate") == reg.canary
+    return Route(
+        alias, reg.production, reg.canary,
+        float(saved.get("canary_share", settings.serving.canary_share)) if same
+        else settings.serving.canary_share,
+        float(saved.get("shadow_share", settings.serving.shadow_share)) if same
+        else settings.serving.shadow_share,
+    )
+
+
+def save_route(settings: Settings, route: Route) -> None:
+    """Keep the shares across gateway restarts (versions come from the registry)."""
+    path = routing_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"alias": route.alias, "production": route.production,
+                               "candidate": route.candidate, "canary_share": route.canary_share,
+                               "shadow_share": route.shadow_share}))
+    os.replace(tmp, path)
+
+
+def create_app(settings: Settings, model_path: str, served_name: str,
+               kafka: bool = True) -> Starlette:
+    """The gateway for ``settings``; vLLM serves ``model_path`` as ``served_name``."""
+    cfg = settings.serving
+    metrics = GatewayMetrics()
+    # The loop's own figures (ingest, drift, retrain, canary) on the same /metrics.
+    metrics.registry.register(LoopCollector(Path(settings.home)))
+    specs = {s.index: s for s in replica_specs(settings, model_path, served_name)}
+
+    async def lookup(version: str) -> Adapter:
+        return await asyncio.to_thread(read_adapter, settings, version)
+
+    pool = ReplicaPool([], base_name=served_name, adapters_dir=settings.adapters_dir,
+                       lookup=lookup, start_timeout_s=cfg.start_timeout_s,
+                       health_interval_s=cfg.health_interval_s,
+                       rollback_grace_s=cfg.rollback_grace_s)
+    pool.on_restart = lambda r: metrics.replica_restarts.labels(str(r.index)).inc()
+    feedback = shadow = None
+    if kafka:
+        home = Path(settings.home)
+        feedback = FeedbackProducer(settings, background=True,
+                                    outbox_path=home / "gateway-outbox.sqlite")
+        shadow = FeedbackProducer(settings, background=True, topic=cfg.shadow_topic,
+                                  outbox_path=home / "gateway-shadow-outbox.sqlite")
+    gateway = Gateway(cfg, pool, metrics, feedback, shadow)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            auto_decompress=False)
+        gateway.session = session
+        for i, url in enumerate(cfg.upstream_urls()):
+            spec = specs.get(i)
+            pool.replicas.append(Replica(i, ReplicaClient(url, session), spec))
+            if spec is not None:
+                pid = await asyncio.to_thread(spec.start)
+                log.info("replica %d: vLLM pid %d at %s", i, pid, url)
+        route = await asyncio.to_thread(initial_route, settings)
+        pool.routing = RoutingTable().with_route(route)
+        log.info("gateway on %s: %s -> production %s, candidate %s", cfg.gateway_url,
+                 route.alias, route.production or "base", route.candidate or "-")
+        supervisor = asyncio.get_running_loop().create_task(pool.supervise())
+        try:
+            yield
+        finally:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+            await gateway.drain()
+            await session.close()
+            for producer in (feedback, shadow):
+                if producer is not None:
+                    await asyncio.to_thread(producer.close, 5.0)
+
+    routes = build_routes(gateway, admin_key(settings), cfg.alias,
+                          lambda route: save_route(settings, route))
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = gateway
+    return app
+
+
+def run_gateway(settings: Settings, model_path: str, served_name: str) -> None:
+    """Serve until stopped (``tuneloop gateway``, started by ``tuneloop up``)."""
+    app = create_app(settings, model_path, served_name)
+    uvicorn.run(app, host=settings.serving.host, port=settings.serving.gateway_port,
+                log_level="warning", access_log=False, timeout_graceful_shutdown=10)

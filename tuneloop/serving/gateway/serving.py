@@ -1,0 +1,399 @@
+"""The gateway's logic: route a request to an adapter version, proxy it to vLLM, account for it.
+
+The data path is deliberately thin: parse the body once, pick the version (sticky
+canary split), rewrite ``model`` to the versioned vLLM name, and stream vLLM's bytes
+back as they arrive (aiohttp upstream). What the gateway learns from an answer (its
+text, for feedback and shadow comparison; metrics) is taken after the last byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from starlette.responses import Response, StreamingResponse
+
+from tuneloop.runtime.settings import ServingSettings
+from tuneloop.services.feedback.contract import FeedbackEvent, InvalidEvent
+from tuneloop.services.feedback.producer import FeedbackProducer
+from tuneloop.serving.gateway.protocol import (
+    ALIAS_HEADER,
+    RESPONSE_ID_HEADER,
+    VERSION_HEADER,
+    BadRequest,
+    FeedbackRequest,
+    check_chat,
+    check_completion,
+    completion_text,
+    error_response,
+    parse_body,
+    stream_text,
+)
+from tuneloop.serving.metrics import GatewayMetrics
+from tuneloop.serving.observations import Observations
+from tuneloop.serving.pool import NoReplicaError, Replica, ReplicaPool
+from tuneloop.serving.routing import Route, upstream_name
+from tuneloop.serving.upstream import error_message
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_NAMESPACE = uuid.UUID("5b0a3c8e-9d51-4f0e-8a53-1f0c2e7d9b64")
+_RETRY_AFTER = {"Retry-After": "2"}
+
+
+@dataclass
+class Served:
+    """One answer, kept for feedback and shadow comparison."""
+
+    response_id: str
+    alias: str
+    version: str | None
+    chat: bool
+    messages: list[dict[str, str]]
+    user: str | None
+    body: dict[str, Any]
+    occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    completion: str = ""
+    latency_s: float = 0.0
+    internal: bool = False  # an evaluation request on the admin route, not a user's
+
+
+class ResponseCache:
+    """The last ``capacity`` answers by response id (and by vLLM's own id)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, Served] = OrderedDict()
+
+    def put(self, served: Served, *keys: str | None) -> None:
+        for key in (served.response_id, *keys):
+            if key:
+                self._items[key] = served
+                self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, key: str) -> Served | None:
+        return self._items.get(key)
+
+
+class Gateway:
+    """Everything a request goes through between the routes and vLLM."""
+
+    def __init__(self, cfg: ServingSettings, pool: ReplicaPool, metrics: GatewayMetrics,
+                 feedback: FeedbackProducer | None, shadow: FeedbackProducer | None) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.metrics = metrics
+        self.feedback_producer = feedback
+        self.shadow_producer = shadow
+        self.cache = ResponseCache(cfg.response_cache)
+        self.session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(total=cfg.upstream_timeout_s, sock_connect=2)
+        self._background: set[asyncio.Task[None]] = set()
+        self.observations = Observations()
+
+    # ------------------------------------------------------------ serving
+    async def serve(self, raw: bytes, endpoint: str, client_host: str,
+                    user_header: str | None) -> Response:
+        chat = endpoint == "chat"
+        try:
+            body = parse_body(raw)
+            route = self.pool.routing.get(body["model"])
+            if route is None:
+                known = ", ".join(sorted(self.pool.routing.routes)) or "none yet"
+                raise BadRequest(f"model {body['model']!r} is not served here; aliases: {known}",
+                                 param="model", status=404, code="model_not_found")
+            messages = check_chat(body) if chat else check_completion(body)
+        except BadRequest as exc:
+            self.metrics.errors.labels("-", "-", "bad_request").inc()
+            return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+        user = body.get("user") if isinstance(body.get("user"), str) else None
+        user = user or user_header
+        version = route.choose(user or client_host)
+        served = Served(f"resp-{uuid.uuid4().hex}", route.alias, version, chat, messages, user,
+                        body)
+        upstream = dict(body, model=upstream_name(route.alias, version, self.pool.base_name))
+        payload = json.dumps(upstream).encode()
+        stream = bool(body.get("stream"))
+        return await self._forward(route, served, payload, stream)
+
+    async def serve_internal(self, raw: bytes, endpoint: str) -> Response:
+        """An evaluation request for one exact version (``support-bot-v7``, or the base
+        model's name), on the admin route: the canary's offline gate. The version must be
+        loaded (``/admin/load``); nothing is recorded as user traffic."""
+        chat = endpoint == "chat"
+        try:
+            body = parse_body(raw)
+            alias, version = self._resolve_name(body["model"])
+            messages = check_chat(body) if chat else check_completion(body)
+        except BadRequest as exc:
+            return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+        served = Served(f"eval-{uuid.uuid4().hex}", alias, version, chat, messages, None, body,
+                        internal=True)
+        payload = json.dumps(body).encode()
+        return await self._forward(Route(alias, version), served, payload,
+                                   bool(body.get("stream")))
+
+    def _resolve_name(self, name: str) -> tuple[str, str | None]:
+        if name == self.pool.base_name:
+            return self.cfg.alias, None
+        for r in self.pool.replicas:
+            if name in r.loaded:
+                alias, _, version = name.rpartition("-")
+                return alias, version
+        raise BadRequest(f"{name!r} is not loaded on any replica; load it with POST "
+                         "/admin/load first", param="model", status=409, code="not_loaded")
+
+    async def _forward(self, route: Route, served: Served, payload: bytes,
+                       stream: bool) -> Response:
+        assert self.session is not None
+        endpoint = _endpoint(served)
+        path = "/v1/chat/completions" if served.chat else "/v1/completions"
+        name = upstream_name(route.alias, served.version, self.pool.base_name)
+        version_label = served.version or "base"
+        headers = {VERSION_HEADER: version_label, RESPONSE_ID_HEADER: served.response_id,
+                   ALIAS_HEADER: route.alias}
+        started = time.perf_counter()
+        tried: set[int] = set()
+        while True:
+            try:
+                replica = self.pool.pick(name)
+            except NoReplicaError as exc:
+                return self._unavailable(served, str(exc))
+            if replica.index in tried:
+                return self._unavailable(served, f"every replica failed for {name}")
+            tried.add(replica.index)
+            self.pool.acquire(replica, name)
+            self.metrics.replica_requests.labels(str(replica.index)).inc()
+            self.metrics.inflight.inc()
+            try:
+                resp = await self.session.post(
+                    replica.url + path, data=payload, timeout=self._timeout,
+                    headers={"content-type": "application/json"})
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                self.pool.release(replica, name)
+                self.metrics.inflight.dec()
+                self.pool.report_failure(replica, f"{type(exc).__name__}: {exc}")
+                continue
+            break
+        self.metrics.first_byte.labels(route.alias, version_label, endpoint).observe(
+            time.perf_counter() - started)
+        if resp.status >= 400 or not stream:
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._done(replica, name)
+                self.pool.report_failure(replica, str(exc))
+                return self._unavailable(served,
+                                         f"replica {replica.index} failed mid-answer: {exc}")
+            finally:
+                resp.release()
+            self._done(replica, name)
+            return self._finish_plain(route, served, resp.status, raw, headers, started)
+        return StreamingResponse(self._relay(route, served, replica, name, resp, started),
+                                 status_code=resp.status, media_type="text/event-stream",
+                                 headers=headers)
+
+    def _done(self, replica: Replica, name: str) -> None:
+        self.pool.release(replica, name)
+        self.metrics.inflight.dec()
+
+    def _finish_plain(self, route: Route, served: Served, status: int, raw: bytes,
+                      headers: dict[str, str], started: float) -> Response:
+        endpoint = _endpoint(served)
+        version_label = served.version or "base"
+        elapsed = time.perf_counter() - started
+        self.metrics.requests.labels(route.alias, version_label, endpoint, str(status)).inc()
+        self.metrics.latency.labels(route.alias, version_label, endpoint).observe(elapsed)
+        if status < 400 or status >= 500:  # a client's own bad request says nothing of the version
+            self._observe(served, status < 400, elapsed)
+        if status >= 400:
+            kind = "bad_request" if status < 500 else "upstream"
+            self.metrics.errors.labels(route.alias, version_label, kind).inc()
+            if status >= 500:
+                return error_response(502, f"vLLM failed: {error_message(raw)}",
+                                      headers=headers)
+            return Response(raw, status_code=status, media_type="application/json",
+                            headers=headers)
+        try:
+            data = json.loads(raw)
+            # The answer's id is the response id, so `completion.id` is what feedback cites.
+            data["id"] = served.response_id
+            raw = json.dumps(data).encode()
+            served.completion = completion_text(data, served.chat)
+        except (ValueError, TypeError):
+            pass
+        served.latency_s = elapsed
+        self._after(route, served, None)
+        return Response(raw, status_code=status, media_type="application/json", headers=headers)
+
+    async def _relay(self, route: Route, served: Served, replica: Replica, name: str,
+                     resp: aiohttp.ClientResponse, started: float) -> AsyncIterator[bytes]:
+        endpoint = _endpoint(served)
+        version_label = served.version or "base"
+        chunks: list[bytes] = []
+        status = str(resp.status)
+        try:
+            async for chunk in resp.content.iter_any():
+                chunks.append(chunk)
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: end the stream with an error event the client raises.
+            status = "503"
+            self.metrics.errors.labels(route.alias, version_label, "unavailable").inc()
+            self.pool.report_failure(replica, str(exc))
+            error = {"error": {"message": f"replica {replica.index} failed mid-stream: {exc}; "
+                                          "retry the request", "type": "server_error",
+                               "code": 503}}
+            yield f"data: {json.dumps(error)}\n\n".encode()
+        finally:
+            resp.release()
+            self._done(replica, name)
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels(route.alias, version_label, endpoint, status).inc()
+            self.metrics.latency.labels(route.alias, version_label, endpoint).observe(elapsed)
+            self._observe(served, status == "200", elapsed)
+        if status == "200":
+            text, upstream_id = stream_text(b"".join(chunks), served.chat)
+            served.completion = text
+            served.latency_s = time.perf_counter() - started
+            self._after(route, served, upstream_id)
+
+    def _unavailable(self, served: Served, why: str) -> Response:
+        alias, version = served.alias, served.version or "base"
+        self.metrics.errors.labels(alias, version, "unavailable").inc()
+        self._observe(served, False, 0.0)
+        log.warning("503 for %s (%s): %s", alias, version, why)
+        return error_response(503, f"{alias} is not available right now: {why}; retry shortly",
+                              kind="service_unavailable", headers=_RETRY_AFTER)
+
+    def _observe(self, served: Served, ok: bool, latency_s: float) -> None:
+        if not served.internal:
+            self.observations.record(served.alias, served.version, ok, latency_s)
+
+    # ------------------------------------------------------------ after an answer
+    def _after(self, route: Route, served: Served, upstream_id: str | None) -> None:
+        if served.internal:
+            return
+        self.cache.put(served, upstream_id)
+        if self.feedback_producer is not None and self.cfg.sample_requests > 0 and \
+                random.random() < self.cfg.sample_requests:
+            self._spawn(self._emit(self._event(served, source="gateway.served"), "served"))
+        if served.version == route.production and route.shadow(served.response_id):
+            self._spawn(self._shadow(route, served))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _emit(self, event: FeedbackEvent, kind: str) -> None:
+        assert self.feedback_producer is not None
+        try:
+            await asyncio.to_thread(self.feedback_producer.send, event)
+            self.metrics.feedback.labels(kind).inc()
+        except InvalidEvent as exc:
+            log.warning("%s event for %s not sent: %s", kind, event.request_id, exc.reason)
+
+    async def _shadow(self, route: Route, served: Served) -> None:
+        """The candidate answers the same request unseen; the pair goes to Kafka."""
+        assert self.session is not None
+        if route.candidate is None or self.shadow_producer is None:
+            return
+        name = upstream_name(route.alias, route.candidate, self.pool.base_name)
+        body = dict(served.body, model=name, stream=False)
+        path = "/v1/chat/completions" if served.chat else "/v1/completions"
+        started = time.perf_counter()
+        try:
+            replica = self.pool.pick(name)
+            async with self.session.post(replica.url + path, json=body,
+                                         timeout=self._timeout) as resp:
+                data = await resp.json(content_type=None)
+                status = resp.status
+        except (NoReplicaError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.info("shadow request for %s skipped: %s", served.response_id, exc)
+            return
+        pair_id = str(uuid.uuid5(FEEDBACK_NAMESPACE, f"shadow:{served.response_id}"))
+        pair = {
+            "pair_id": pair_id,
+            "occurred_at": served.occurred_at.isoformat(), "app": route.alias,
+            "response_id": served.response_id, "messages": served.messages,
+            "production_version": served.version, "production_completion": served.completion,
+            "production_latency_s": served.latency_s, "candidate_version": route.candidate,
+            "candidate_completion": completion_text(data, served.chat) if status < 400 else None,
+            "candidate_status": status, "candidate_latency_s": time.perf_counter() - started,
+        }
+        await asyncio.to_thread(self.shadow_producer.send_record, pair_id,
+                                json.dumps(pair).encode())
+        self.metrics.feedback.labels("shadow").inc()
+
+    # ------------------------------------------------------------ feedback
+    async def feedback(self, request: FeedbackRequest) -> dict[str, Any]:
+        """Turn a verdict on a served answer into a feedback v1 event; raises BadRequest."""
+        if request.rating is None and request.correction is None and request.label is None:
+            raise BadRequest("feedback needs at least one of rating, correction or label")
+        served = self.cache.get(request.response_id)
+        if served is None:
+            raise BadRequest(
+                f"response {request.response_id!r} is unknown or older than the last "
+                f"{self.cfg.response_cache} answers; send a feedback event with the producer "
+                "SDK instead", param="response_id", status=404, code="response_not_found")
+        if self.feedback_producer is None:
+            raise BadRequest("this gateway has no Kafka producer configured", status=503)
+        event = self._event(served, source="gateway.feedback", verdict=request)
+        try:
+            await asyncio.to_thread(self.feedback_producer.send, event)
+        except InvalidEvent as exc:
+            raise BadRequest(f"feedback is not a valid event: {exc.reason}") from None
+        self.metrics.feedback.labels("feedback").inc()
+        return {"object": "feedback", "event_id": str(event.event_id),
+                "response_id": served.response_id, "adapter_version": served.version,
+                "status": "accepted"}
+
+    def _event(self, served: Served, source: str,
+               verdict: FeedbackRequest | None = None) -> FeedbackEvent:
+        verdict_fields: dict[str, Any] = {}
+        if verdict is not None:
+            verdict_fields = verdict.model_dump(exclude={"response_id", "metadata"},
+                                                exclude_none=True)
+        key = json.dumps([served.response_id, source, verdict_fields], sort_keys=True)
+        # The same verdict posted twice is the same event: ingest keeps one.
+        event_id = uuid.uuid5(FEEDBACK_NAMESPACE, key)
+        user_id = (hashlib.sha256(served.user.encode()).hexdigest()[:32]
+                   if served.user else None)
+        metadata = {"source": source, "latency_ms": round(1000 * served.latency_s, 1)}
+        if verdict is not None:
+            metadata.update(verdict.metadata)
+        return FeedbackEvent(
+            schema_version=1, event_id=event_id, occurred_at=served.occurred_at,
+            app=served.alias, request_id=served.response_id, adapter_version=served.version,
+            messages=[m for m in served.messages if m["role"] in ("system", "user", "assistant",
+                                                                     "tool")],
+            completion=served.completion, user_id=user_id, metadata=metadata, **verdict_fields,
+        )
+
+    async def drain(self) -> None:
+        """Wait for background emits (shutdown)."""
+        if self._background:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(set(self._background), timeout=10)
+
+
+def _endpoint(served: Served) -> str:
+    """The metrics label: evaluation traffic is kept apart from users'."""
+    if served.internal:
+        return "evaluation"
+    return "chat" if served.chat else "completions"

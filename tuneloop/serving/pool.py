@@ -1,0 +1,378 @@
+"""The replicas behind the gateway: readiness, adapter loads, versioned hot-swap.
+
+A replica is *ready* when vLLM answers its health check and every adapter version
+the routing table can send traffic to is loaded on it. Only ready replicas get
+requests. The supervisor loop (:meth:`ReplicaPool.supervise`) restarts a managed
+replica whose process died, and after any restart loads the routed adapters again
+before the replica takes traffic (runtime loads do not survive a restart).
+
+A swap (:meth:`ReplicaPool.set_route`) verifies each new version against its
+manifest, loads it on every replica that is up and probes it with one token, and
+only then replaces the routing table in a single assignment. A failure at any step
+unloads what this attempt loaded and leaves the old route serving. The production
+version a swap replaces stays loaded for ``rollback_grace_s``, so a rollback is a
+flip, not a load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneloop.services.registry.store import Adapter, IntegrityError, verify_adapter
+from tuneloop.serving.routing import Route, RoutingTable, upstream_name
+from tuneloop.serving.upstream import ReplicaClient, UpstreamError
+from tuneloop.serving.vllm_process import ReplicaSpec
+
+log = logging.getLogger(__name__)
+
+# Health checks that fail in a row before a replica whose process lives is taken out
+# (a loaded CPU can make one check slow); a dead process is taken out at once.
+_FAILS_BEFORE_DOWN = 3
+
+
+class SwapError(Exception):
+    """A version could not be made ready on every replica; the old route still serves.
+
+    ``client_error`` is true when the adapter or the request is at fault (tampered
+    files, a path outside the registry, vLLM's 4xx), false when the engine refused.
+    """
+
+    def __init__(self, message: str, client_error: bool) -> None:
+        super().__init__(message)
+        self.client_error = client_error
+
+
+class NoReplicaError(Exception):
+    """No replica can serve right now (starting, restarting, or loading adapters)."""
+
+
+@dataclass
+class Replica:
+    """What the gateway knows of one vLLM replica."""
+
+    index: int
+    client: ReplicaClient
+    spec: ReplicaSpec | None = None
+    state: str = "starting"  # starting | syncing | ready | down
+    loaded: dict[str, str | None] = field(default_factory=dict)
+    inflight: int = 0
+    using: dict[str, int] = field(default_factory=dict)  # requests in flight per served name
+    restarts: int = 0
+    failures: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    last_error: str = ""
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self.locks.setdefault(name, asyncio.Lock())
+
+
+AdapterLookup = Callable[[str], Awaitable[Adapter]]
+
+
+@dataclass
+class SwapTimings:
+    verify_s: float = 0.0
+    load_s: float = 0.0
+    probe_s: float = 0.0
+    flip_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.verify_s + self.load_s + self.probe_s + self.flip_s
+
+
+class ReplicaPool:
+    """Replicas, the routing table, and the only code that changes either."""
+
+    def __init__(self, replicas: list[Replica], *, base_name: str, adapters_dir: Path,
+                 lookup: AdapterLookup, start_timeout_s: float, health_interval_s: float,
+                 rollback_grace_s: float) -> None:
+        self.replicas = replicas
+        self.base_name = base_name
+        self.adapters_dir = Path(adapters_dir).resolve()
+        self.lookup = lookup
+        self.start_timeout_s = start_timeout_s
+        self.health_interval_s = health_interval_s
+        self.rollback_grace_s = rollback_grace_s
+        self.routing = RoutingTable()
+        self.grace: dict[tuple[str, str], float] = {}  # (alias, version) -> unload after
+        self.errors: dict[tuple[str, str], str] = {}  # (alias, version) -> why it cannot load
+        self._swap_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self.on_restart: Callable[[Replica], None] | None = None
+
+    # ------------------------------------------------------------ data plane
+    def pick(self, name: str) -> Replica:
+        """The ready replica with ``name`` loaded and the fewest requests in flight."""
+        best: Replica | None = None
+        for r in self.replicas:
+            serves = r.state == "ready" and (name == self.base_name or name in r.loaded)
+            if serves and (best is None or r.inflight < best.inflight):
+                best = r
+        if best is None:
+            states = ", ".join(f"replica {r.index} {r.state}" for r in self.replicas)
+            raise NoReplicaError(f"no replica can serve {name} right now ({states})")
+        return best
+
+    @staticmethod
+    def acquire(replica: Replica, name: str) -> None:
+        """Count a request to ``name`` on ``replica`` (call right after :meth:`pick`, no await
+        between), so the name is not unloaded under it."""
+        replica.inflight += 1
+        replica.using[name] = replica.using.get(name, 0) + 1
+
+    @staticmethod
+    def release(replica: Replica, name: str) -> None:
+        replica.inflight -= 1
+        left = replica.using.get(name, 1) - 1
+        if left:
+            replica.using[name] = left
+        else:
+            replica.using.pop(name, None)
+
+    def in_use(self, name: str) -> bool:
+        return any(r.using.get(name) for r in self.replicas)
+
+    def report_failure(self, replica: Replica, error: str) -> None:
+        """A request could not reach ``replica``: stop routing to it until it is checked."""
+        if replica.state == "ready":
+            log.warning("replica %d (%s) unreachable, taken out of rotation: %s",
+                        replica.index, replica.url, error)
+            replica.state = "down"
+            replica.last_error = error
+        self._wake.set()
+
+    def ready(self) -> bool:
+        return any(r.state == "ready" for r in self.replicas)
+
+    # ------------------------------------------------------------ swaps
+    async def set_route(self, route: Route) -> SwapTimings:
+        """Make every version of ``route`` ready on every live replica, then flip to it.
+
+        Raises :class:`SwapError` (old route untouched) or :class:`NoReplicaError`.
+        """
+        async with self._swap_lock:
+            timings = SwapTimings()
+            previous = self.routing.get(route.alias)
+            for version in sorted(route.versions()):
+                await self._prepare(route.alias, version, timings)
+            started = time.perf_counter()
+            self.routing = self.routing.with_route(route)  # the flip: one assignment
+            timings.flip_s = time.perf_counter() - started
+            now = time.monotonic()
+            if previous is not None:
+                for version in previous.versions() - route.versions():
+                    self.grace[(route.alias, version)] = now + self.rollback_grace_s
+            for version in route.versions():
+                self.grace.pop((route.alias, version), None)
+            log.info("route %s: production %s, candidate %s (canary %.0f%%, shadow %.0f%%); swap %.2fs",
+                     route.alias, route.production or "base", route.candidate or "-",
+                     100 * route.canary_share, 100 * route.shadow_share, timings.total_s)
+        self._wake.set()
+        return timings
+
+    async def preload(self, alias: str, version: str) -> SwapTimings:
+        """Load and probe ``version`` everywhere without routing to it."""
+        async with self._swap_lock:
+            timings = SwapTimings()
+            await self._prepare(alias, version, timings)
+            self.grace[(alias, version)] = time.monotonic() + self.rollback_grace_s
+            return timings
+
+    async def unload(self, alias: str, version: str) -> None:
+        """Drop ``version`` from every replica (refused while a route uses it)."""
+        async with self._swap_lock:
+            if (alias, version) in self.routing.versions():
+                raise SwapError(f"{alias} still routes to {version}; change the route first",
+                                client_error=True)
+            self.grace.pop((alias, version), None)
+            name = upstream_name(alias, version, self.base_name)
+            # Requests routed before the last flip may still be on their way to vLLM.
+            deadline = time.monotonic() + 60
+            while self.in_use(name) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await self._unload_everywhere(name)
+
+    async def _prepare(self, alias: str, version: str, timings: SwapTimings) -> None:
+        name = upstream_name(alias, version, self.base_name)
+        live = [r for r in self.replicas if r.state in ("ready", "syncing")]
+        if not live:
+            raise NoReplicaError(f"no replica is up to load {name}; try again when one is")
+        started = time.perf_counter()
+        path = await self._verified_path(alias, version)
+        timings.verify_s += time.perf_counter() - started
+        loaded_here: list[Replica] = []
+        try:
+            results = await asyncio.gather(
+                *(self._ensure_loaded(r, name, path, timings) for r in live),
+                return_exceptions=True)
+            for replica, result in zip(live, results, strict=True):
+                if result is True:
+                    loaded_here.append(replica)
+            failures = [(r, e) for r, e in zip(live, results, strict=True)
+                        if isinstance(e, BaseException)]
+            if failures:
+                replica, exc = failures[0]
+                client = isinstance(exc, UpstreamError) and exc.client_error
+                raise SwapError(f"{name} failed on replica {replica.index}: {exc}",
+                                client_error=client) from exc
+        except BaseException:
+            await asyncio.gather(*(self._unload_one(r, name) for r in loaded_here),
+                                 return_exceptions=True)
+            raise
+
+    async def _verified_path(self, alias: str, version: str) -> str:
+        try:
+            adapter = await self.lookup(version)
+        except LookupError as exc:
+            raise SwapError(str(exc), client_error=True) from None
+        path = Path(adapter.path).resolve()
+        if not path.is_relative_to(self.adapters_dir):
+            raise SwapError(f"adapter {version} lives at {path}, outside the registry's "
+                            f"{self.adapters_dir}; refusing to load it", client_error=True)
+        try:
+            await asyncio.to_thread(verify_adapter, path, adapter.sha256)
+        except IntegrityError as exc:
+            self.errors[(alias, version)] = str(exc)
+            raise SwapError(f"adapter {version} failed verification: {exc}",
+                            client_error=True) from None
+        self.errors.pop((alias, version), None)
+        return str(path)
+
+    async def _ensure_loaded(self, replica: Replica, name: str, path: str,
+                             timings: SwapTimings) -> bool:
+        """Load and probe ``name`` on ``replica``; True if this call loaded it."""
+        async with replica.lock(name):
+            if name in replica.loaded:
+                return False
+            current = await replica.client.models()
+            if name in current:
+                replica.loaded[name] = current[name]
+                return False
+            started = time.perf_counter()
+            await replica.client.load(name, path)
+            loaded = time.perf_counter()
+            try:
+                await replica.client.probe(name)
+            except BaseException:
+                await self._unload_one(replica, name)
+                raise
+            timings.load_s = max(timings.load_s, loaded - started)
+            timings.probe_s = max(timings.probe_s, time.perf_counter() - loaded)
+            replica.loaded[name] = path
+            log.info("replica %d: loaded and probed %s from %s (%.2fs)", replica.index, name,
+                     path, time.perf_counter() - started)
+            return True
+
+    async def _unload_one(self, replica: Replica, name: str) -> None:
+        try:
+            await replica.client.unload(name)
+        except UpstreamError as exc:
+            log.warning("replica %d: unload %s: %s", replica.index, name, exc)
+        replica.loaded.pop(name, None)
+
+    async def _unload_everywhere(self, name: str) -> None:
+        await asyncio.gather(*(self._unload_one(r, name) for r in self.replicas
+                               if r.state != "down"), return_exceptions=True)
+
+    # ------------------------------------------------------------ supervision
+    async def supervise(self) -> None:
+        """Run forever: check each replica, restart, resync adapters, expire graced versions."""
+        while True:
+            await asyncio.gather(*(self._check(r) for r in self.replicas), return_exceptions=True)
+            await self._expire_grace()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.health_interval_s)
+
+    async def _check(self, replica: Replica) -> None:
+        spec = replica.spec
+        if spec is not None and not spec.alive():
+            # Died while serving: restart now. Died while starting: back off, so a
+            # replica that cannot start (bad flags, no memory) is not restarted in a loop.
+            backoff = min(60.0, 2.0 ** min(replica.restarts, 6))
+            if replica.state != "starting" or time.monotonic() - replica.started_at > backoff:
+                self._restart(replica, "its process is gone")
+            return
+        if not await replica.client.healthy():
+            replica.failures += 1
+            if replica.state == "starting":
+                if spec is not None and time.monotonic() - replica.started_at > self.start_timeout_s:
+                    spec.process.stop(timeout_s=5)
+                    self._restart(replica, f"not healthy after {self.start_timeout_s:.0f}s")
+                return
+            if replica.failures >= _FAILS_BEFORE_DOWN and replica.state != "down":
+                log.warning("replica %d (%s) failed %d health checks; out of rotation",
+                            replica.index, replica.url, replica.failures)
+                replica.state = "down"
+            return
+        replica.failures = 0
+        await self._sync(replica)
+
+    def _restart(self, replica: Replica, why: str) -> None:
+        assert replica.spec is not None
+        log.warning("replica %d: %s; restarting vLLM", replica.index, why)
+        replica.state = "starting"
+        replica.loaded.clear()
+        replica.locks.clear()
+        replica.restarts += 1
+        replica.started_at = time.monotonic()
+        replica.spec.start()
+        if self.on_restart is not None:
+            self.on_restart(replica)
+
+    async def _sync(self, replica: Replica) -> None:
+        """Match what the replica really has loaded; load what the routes need; mark ready."""
+        try:
+            current = await replica.client.models()
+        except UpstreamError as exc:
+            replica.last_error = str(exc)
+            return
+        replica.loaded = {n: p for n, p in current.items() if n != self.base_name}
+        needed = {upstream_name(a, v, self.base_name): (a, v) for a, v in self.routing.versions()}
+        missing = [n for n in needed if n not in replica.loaded]
+        if missing:
+            was = replica.state
+            if replica.state != "ready":
+                replica.state = "syncing"
+            for name in missing:
+                alias, version = needed[name]
+                try:
+                    path = await self._verified_path(alias, version)
+                    await self._ensure_loaded(replica, name, path, SwapTimings())
+                except (SwapError, UpstreamError) as exc:
+                    replica.last_error = str(exc)
+                    log.error("replica %d: cannot load routed adapter %s: %s", replica.index,
+                              name, exc)
+                    if was == "ready":
+                        # It lost an adapter it served (an external restart): out of rotation.
+                        replica.state = "syncing"
+                    return
+            if was != "ready":
+                log.info("replica %d ready after loading %s", replica.index, ", ".join(missing))
+        if replica.state != "ready":
+            log.info("replica %d (%s) ready", replica.index, replica.url)
+        replica.state = "ready"
+        replica.last_error = ""
+
+    async def _expire_grace(self) -> None:
+        now = time.monotonic()
+        for key, deadline in list(self.grace.items()):
+            alias, version = key
+            name = upstream_name(alias, version, self.base_name)
+            # A request routed before the flip may still be on its way: unload after it.
+            if deadline <= now and key not in self.routing.versions() and not self.in_use(name):
+                self.grace.pop(key, None)
+                log.info("unloading %s %s: its rollback grace period ended", alias, version)
+                await self._unload_everywhere(name)

@@ -1,0 +1,85 @@
+"""Task evaluation through generation: answers from the model, scored by the evaluation stage.
+
+The canary scores vLLM's answers with the same
+:func:`tuneloop.services.evaluation.metrics.evaluate_predictions`,
+so an adapter's training-time and canary metrics are comparable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tuneloop.services.evaluation.metrics import EvalReport, evaluate_predictions
+from tuneloop.training.dataset import ChatExample
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[ChatExample],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy answers to each example's prompt (the chat without its assistant turn)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues at the right edge
+    answers: list[str] = []
+    try:
+        # Similar lengths together: less padding per generate() call.
+        order = sorted(range(len(examples)),
+                       key=lambda i: len(examples[i].prompt_messages[-1]["content"]))
+        by_index: dict[int, str] = {}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            prompts = [
+                tokenizer.apply_chat_template(examples[i].prompt_messages, tokenize=False,
+                                              add_generation_prompt=True)
+                for i in chunk
+            ]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            # use_cache: training turns the cache off in the config; without it every
+            # new token would recompute the whole prompt.
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            for i, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True),
+                               strict=True):
+                by_index[i] = text.strip()
+        answers = [by_index[i] for i in range(len(examples))]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def evaluate_examples(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[ChatExample],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+) -> tuple[EvalReport, list[str]]:
+    """Generate for ``examples`` and score the answers; returns the report and the answers."""
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+    labels = [e.label for e in examples]
+    report = evaluate_predictions(
+        answers, [e.completion for e in examples],
+        labels if all(label is not None for label in labels) else None,
+    )
+    return report, answers

@@ -1,0 +1,199 @@
+"""One training run end to end: read the data, train, evaluate, publish. No Prefect needed.
+
+The steps are separate functions so the ``retrain`` flow can make each a task,
+and each is safe to repeat:
+- :func:`train_candidate` works in ``runs_dir/<run key>``; a retry resumes from the
+  last checkpoint, and a run that already finished returns its saved result.
+- :func:`publish_run` returns the adapter already published under the run key
+  instead of publishing a second copy.
+The store is held only for the reads and the publish, never while training.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneloop.runtime.cpu import pin
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.registry.store import Adapter, find_by_run_key, publish_adapter
+from tuneloop.services.store.database import Store
+from tuneloop.training.base_model import BaseModel, resolve_base_model
+from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
+from tuneloop.training.dataset import ChatExample, DatasetSplits, read_dataset, read_golden
+from tuneloop.training.recipe import LoRARecipe
+
+log = logging.getLogger(__name__)
+RESULT = "result.json"
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A finished run waiting to be published (saved as ``result.json`` in its directory)."""
+
+    run_key: str
+    run_dir: str
+    adapter_dir: str
+    dataset_version: str
+    base: BaseModel
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+
+    @classmethod
+    def load(cls, path: Path) -> TrainedRun:
+        raw = json.loads(path.read_text())
+        raw["base"] = BaseModel(**raw["base"])
+        return cls(**raw)
+
+
+def recipe_config(settings: Settings, config_file: Path | None = None,
+                  **overrides: Any) -> RecipeConfig:
+    """The recipe config: the file given, else ``training.config``, else the shipped default."""
+    path = config_file or settings.training.config or DEFAULT_CONFIG
+    return RecipeConfig.from_file(Path(path), **overrides)
+
+
+def run_dir_for(settings: Settings, run_key: str) -> Path:
+    return settings.runs_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", run_key)
+
+
+def load_inputs(store: Store, dataset_version: str) -> tuple[DatasetSplits, list[ChatExample]]:
+    """Read the dataset version and the golden set, then let go of the store."""
+    with store.connect() as con:
+        return read_dataset(con, dataset_version), read_golden(con)
+
+
+def find_published(store: Store, run_key: str) -> Adapter | None:
+    with store.connect() as con:
+        return find_by_run_key(con, run_key)
+
+
+def train_candidate(
+    settings: Settings,
+    splits: DatasetSplits,
+    golden: list[ChatExample],
+    config: RecipeConfig,
+    run_key: str,
+    *,
+    show_progress: bool = True,
+    init_adapter: Path | None = None,
+) -> TrainedRun:
+    """Train, evaluate and save an adapter for ``splits``; resumable, idempotent by run key.
+
+    ``init_adapter`` (production's adapter directory) is where the weights start, when it
+    has this recipe's rank and target modules; zeros otherwise.
+    """
+    run_dir = run_dir_for(settings, run_key)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # One trainer a run directory: a second process with the same run key (a resubmitted
+    # run while the first still lives) waits, then finds the finished result.
+    with _run_lock(run_dir):
+        return _train_locked(settings, splits, golden, config, run_key, run_dir,
+                             show_progress, init_adapter)
+
+
+@contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    with (run_dir / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train_locked(settings: Settings, splits: DatasetSplits, golden: list[ChatExample],
+                  config: RecipeConfig, run_key: str, run_dir: Path, show_progress: bool,
+                  init_adapter: Path | None) -> TrainedRun:
+    if (run_dir / RESULT).exists():
+        log.info("run %s: already trained, reusing %s", run_key, run_dir / RESULT)
+        return TrainedRun.load(run_dir / RESULT)
+    pin(settings.training.cpu_cores)
+    started = time.perf_counter()
+    base = resolve_base_model(settings.training.base_model, settings.models_dir)
+    recipe = LoRARecipe(config, base, run_dir, device=settings.training.device, run_id=run_key,
+                        show_progress=show_progress, init_adapter=init_adapter)
+    try:
+        recipe.setup(splits.train, splits.validation)
+        metrics: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        if golden:
+            base_golden, _ = recipe.evaluate_base(golden)
+            metrics["base_golden"] = base_golden.to_dict()
+        result = recipe.train()
+        metrics["training"] = result.metrics() | {
+        "continued_from": str(init_adapter) if recipe.continued else None}
+        validation, _ = recipe.evaluate(splits.validation)
+        metrics["validation"] = validation.to_dict()
+        if golden:
+            adapter_golden, _ = recipe.evaluate(golden)
+            metrics["golden"] = adapter_golden.to_dict()
+        eval_s = time.perf_counter() - t0 - result.train_s
+        adapter_dir = run_dir / "adapter"
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        recipe.save_adapter(adapter_dir)
+    finally:
+        recipe.cleanup()
+    timings = {**recipe.timings, "eval_s": eval_s, "total_s": time.perf_counter() - started}
+    run = TrainedRun(run_key, str(run_dir), str(adapter_dir), splits.version, base,
+                     config.to_dict(), metrics, timings)
+    # result.json last: its presence means the run finished.
+    (run_dir / RESULT).write_text(json.dumps(asdict(run), indent=2, default=str))
+    log.info("run %s: trained on %s, val loss %.4f -> %.4f, golden accuracy %s -> %s", run_key,
+             splits.version, result.initial_val_loss, result.best_val_loss,
+             _headline(metrics.get("base_golden")), _headline(metrics.get("golden")))
+    return run
+
+
+def publish_run(store: Store, settings: Settings, run: TrainedRun) -> Adapter:
+    """Publish ``run``'s adapter, or return the one already published for its run key."""
+    with store.connect() as con:
+        existing = find_by_run_key(con, run.run_key)
+        if existing is not None:
+            log.info("run %s: already published as %s", run.run_key, existing.version)
+            return existing
+        return publish_adapter(
+            con, settings.adapters_dir, Path(run.adapter_dir), alias=settings.serving.alias,
+            base_model=run.base.model_id, base_hash=run.base.sha256,
+            dataset_version=run.dataset_version, run_key=run.run_key,
+            details={"base_model_path": run.base.path, "hyperparameters": run.config,
+                     "metrics": run.metrics, "timings": run.timings},
+        )
+
+
+def train_and_publish(settings: Settings, dataset_version: str, config: RecipeConfig,
+                      run_key: str, *, show_progress: bool = True) -> Adapter:
+    """The whole run without an orchestrator (``tuneloop train``)."""
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    existing = find_published(store, run_key)
+    if existing is not None:
+        return existing
+    splits, golden = load_inputs(store, dataset_version)
+    run = train_candidate(settings, splits, golden, config, run_key, show_progress=show_progress)
+    return publish_run(store, settings, run)
+
+
+def default_run_key(dataset_version: str, config: RecipeConfig, base_model: str) -> str:
+    """Same data, config and base model: same key, so a repeated command trains once."""
+    return f"{dataset_version}-{config.fingerprint()[:12]}-{_slug(base_model)}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[-40:]
+
+
+def _headline(report: dict[str, Any] | None) -> str:
+    if not report:
+        return "n/a"
+    value = report.get("accuracy")
+    return f"{value:.3f}" if value is not None else f"em {report.get('exact_match', 0):.3f}"

@@ -1,0 +1,412 @@
+"""The LoRA SFT recipe: one class, read top to bottom (setup, train, cleanup).
+
+Why it is fast on a small CPU without changing what is learned:
+- examples are packed into rows with restarted positions (no padding, no
+  cross-example attention; see ``training/data.py``);
+- the 49k-wide LM head runs only on the positions that carry a target (the
+  assistant's answer, a few tokens of each example), not on every position: for a
+  135M model the full-vocabulary projection and its softmax would otherwise be a
+  large share of the step;
+- a plain loop: no trainer callbacks, no per-step device syncs besides the loss.
+On CUDA the forward runs under bf16 autocast; on CPU in float32 (CPUs without
+bf16 units run bf16 matmuls slower, not faster).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tuneloop.services.evaluation.metrics import EvalReport
+from tuneloop.training.base_model import BaseModel
+from tuneloop.training.checkpoint import load_checkpoint, save_checkpoint
+from tuneloop.training.config import RecipeConfig
+from tuneloop.training.data import (
+    IGNORE,
+    Batch,
+    Encoded,
+    collate,
+    encode_example,
+    learning_rate_at,
+    micro_batches,
+    steps_per_epoch,
+)
+from tuneloop.training.dataset import ChatExample
+from tuneloop.training.evaluate import evaluate_examples
+from tuneloop.training.report import Point, plot_curve, progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What one run achieved; ``best_val_loss`` belongs to the weights kept."""
+
+    steps: int
+    total_steps: int
+    stopped_early: bool
+    initial_val_loss: float
+    best_val_loss: float
+    best_step: int
+    train_tokens: int
+    train_s: float
+    tokens_per_s: float
+    train_curve: list[Point] = field(default_factory=list)
+    val_curve: list[Point] = field(default_factory=list)
+    curve_path: Path | None = None
+    resumed_from_step: int = 0  # the checkpoint a restarted run went on from; 0 when fresh
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps, "total_steps": self.total_steps,
+            "resumed_from_step": self.resumed_from_step,
+            "stopped_early": self.stopped_early, "initial_val_loss": self.initial_val_loss,
+            "best_val_loss": self.best_val_loss, "best_step": self.best_step,
+            "train_tokens": self.train_tokens, "tokens_per_s": self.tokens_per_s,
+        }
+
+
+@dataclass
+class EarlyStopping:
+    """Patience on validation loss: stop after ``patience`` evaluations without a gain.
+
+    A gain is a loss below the best so far by more than ``min_delta``.
+    """
+
+    patience: int
+    min_delta: float
+    best: float
+    best_step: int = 0
+    bad: int = 0
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record an evaluation; True if it is the new best."""
+        if loss < self.best - self.min_delta:
+            self.best, self.best_step, self.bad = loss, step, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad >= self.patience
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> Encoded:
+    """Tokenise a chat with the base tokenizer's template; labels on the answer only.
+
+    The answer's labels run through the end-of-turn token, so the model learns to stop.
+    """
+    prompt = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False,
+                                           add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in full_ids[len(prompt_ids):]:
+        full_ids = full_ids[: full_ids.index(eos, len(prompt_ids)) + 1]
+    return encode_example(prompt_ids, full_ids)
+
+
+class LoRARecipe:
+    """LoRA fine-tuning of a causal LM on chat examples, on one device.
+
+    >>> recipe = LoRARecipe(config, base, run_dir)
+    >>> recipe.setup(train, validation)
+    >>> result = recipe.train()
+    >>> recipe.save_adapter(out_dir); recipe.cleanup()
+    """
+
+    def __init__(self, config: RecipeConfig, base: BaseModel, run_dir: Path, *,
+                 device: str = "auto", run_id: str = "run", show_progress: bool = True,
+                 init_adapter: Path | None = None) -> None:
+        self.config = config
+        self.init_adapter = Path(init_adapter) if init_adapter else None
+        self.continued = False
+        self.base = base
+        self.run_dir = Path(run_dir)
+        self.run_id = run_id
+        self.show_progress = show_progress
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
+        precision = config.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.timings: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, train: Sequence[ChatExample], validation: Sequence[ChatExample]) -> None:
+        """Load the base model and tokenizer, wrap it with LoRA, encode the data."""
+        started = time.perf_counter()
+        self._setup_runtime()
+        self.tokenizer, self.model = self._setup_model()
+        self.train_examples = self._setup_data(train, "train")
+        validation_encoded = self._setup_data(validation, "validation")
+        self.val_examples = validation_encoded[: self.config.eval_max_examples]
+        if not self.train_examples or not self.val_examples:
+            raise ValueError(f"run {self.run_id}: no train or validation example fits "
+                             f"max_seq_len={self.config.max_seq_len}; raise it")
+        self.optimizer = self._setup_optimizer()
+        cfg = self.config
+        self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(
+            len(self.train_examples), cfg.batch_size, cfg.grad_accum_steps)
+        self.timings["setup_s"] = time.perf_counter() - started
+        log.info("run %s: %d train / %d validation examples, %d steps, device %s, %s",
+                 self.run_id, len(self.train_examples), len(self.val_examples),
+                 self.total_steps, self.device, self.autocast_dtype or "float32")
+
+    def _setup_runtime(self) -> None:
+        if self.device.type == "cpu":
+            # The cores this process may use (training.cpu_cores pins it), not the machine's.
+            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+                os.cpu_count()
+            torch.set_num_threads(self.config.num_threads or usable or 1)
+        torch.manual_seed(self.config.seed)
+
+    def _setup_model(self) -> tuple[Any, Any]:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.base.path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        dtype = self.autocast_dtype or torch.float32
+        model = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=dtype,
+                                                     attn_implementation="sdpa")
+        model.config.use_cache = False
+        lora = LoraConfig(
+            r=self.config.rank, lora_alpha=self.config.alpha,  # type: ignore[arg-type]
+            lora_dropout=self.config.dropout,
+            target_modules=list(self.config.target_modules), task_type="CAUSAL_LM",
+        )
+        if self.init_adapter is not None and self._same_shape(lora):
+            from peft import PeftModel
+
+            # Continued training: start from an adapter (production's) instead of zeros.
+            peft_model = PeftModel.from_pretrained(model, str(self.init_adapter),
+                                                   is_trainable=True).to(self.device)
+            self.continued = True
+            log.info("run %s: continuing from adapter %s", self.run_id, self.init_adapter)
+        else:
+            peft_model = get_peft_model(model, lora).to(self.device)
+        peft_model.train()
+        return tokenizer, peft_model
+
+    def _same_shape(self, lora: Any) -> bool:
+        """Whether ``init_adapter`` has this config's rank and target modules."""
+        assert self.init_adapter is not None
+        raw = json.loads((self.init_adapter / "adapter_config.json").read_text())
+        same = raw.get("r") == lora.r and set(raw.get("target_modules") or []) == set(
+            lora.target_modules)
+        if not same:
+            log.warning("run %s: adapter %s has rank %s on %s, not this recipe's; training "
+                        "from scratch", self.run_id, self.init_adapter, raw.get("r"),
+                        raw.get("target_modules"))
+        return same
+
+    def _setup_data(self, examples: Sequence[ChatExample], split: str) -> list[Encoded]:
+        encoded = [encode_chat(self.tokenizer, e.messages) for e in examples]
+        kept = [e for e in encoded if len(e) <= self.config.max_seq_len]
+        if len(kept) < len(encoded):
+            log.warning("run %s: skipped %d %s examples longer than max_seq_len=%d",
+                        self.run_id, len(encoded) - len(kept), split, self.config.max_seq_len)
+        return kept
+
+    def _setup_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.config.learning_rate,
+                                 weight_decay=self.config.weight_decay,
+                                 fused=self.device.type == "cuda")
+
+    # ----------------------------------------------------------------- train
+    def train(self) -> TrainResult:
+        """Train to ``total_steps`` or until validation loss stops improving.
+
+        Resumes from ``run_dir/checkpoint`` when a previous attempt left one, and
+        ends with the best weights (by validation loss) in the model.
+        """
+        cfg = self.config
+        ckpt_dir = self.run_dir / "checkpoint"
+        state = self._resume(ckpt_dir)
+        step, train_tokens, train_s = state["step"], state["train_tokens"], state["train_s"]
+        resumed_from = step
+        train_curve = [Point(*p) for p in state["train_curve"]]
+        val_curve = [Point(*p) for p in state["val_curve"]]
+        if not val_curve:
+            val_curve.append(Point(0, self.validation_loss()))
+        initial = val_curve[0].loss
+        stopper = EarlyStopping(cfg.patience, cfg.min_delta, state.get("best", initial),
+                                state.get("best_step", 0), state["bad"])
+        best_weights = state.get("best_weights") or self._trainable_copy()
+        stopped_early = False
+        batches = self._batches(skip=step * cfg.grad_accum_steps)
+        with progress_bar(disable=not self.show_progress) as bar:
+            task = bar.add_task("train", total=self.total_steps, completed=step,
+                                loss=float("nan"), val=f"{stopper.best:.4f}", tps=0.0)
+            while step < self.total_steps:
+                t0 = time.perf_counter()
+                lr = learning_rate_at(step, self.total_steps, cfg.learning_rate,
+                                      cfg.warmup_ratio, cfg.min_lr_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, tokens = 0.0, 0
+                for _ in range(cfg.grad_accum_steps):
+                    batch = next(batches).to(self.device)
+                    loss = self._loss(batch) / cfg.grad_accum_steps
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    tokens += batch.n_tokens
+                torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
+                                               cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(loss_sum):
+                    raise FloatingPointError(
+                        f"run {self.run_id}: loss is {loss_sum} at step {step}; lower "
+                        f"learning_rate={cfg.learning_rate} or max_grad_norm")
+                step += 1
+                train_s += time.perf_counter() - t0
+                train_tokens += tokens
+                train_curve.append(Point(step, loss_sum))
+                bar.update(task, completed=step, loss=loss_sum, tps=train_tokens / train_s)
+                if step % cfg.eval_interval and step != self.total_steps:
+                    continue
+                val = self.validation_loss()
+                val_curve.append(Point(step, val))
+                if stopper.update(step, val):
+                    best_weights = self._trainable_copy()
+                bar.update(task, val=f"{val:.4f}")
+                log.info("run %s: step %d/%d train loss %.4f val loss %.4f (best %.4f @%d)",
+                         self.run_id, step, self.total_steps, loss_sum, val, stopper.best,
+                         stopper.best_step)
+                save_checkpoint(ckpt_dir, self._checkpoint_tensors(best_weights), self.optimizer, {
+                    "step": step, "train_tokens": train_tokens, "train_s": train_s,
+                    "train_curve": [[p.step, p.loss] for p in train_curve],
+                    "val_curve": [[p.step, p.loss] for p in val_curve],
+                    "best": stopper.best, "best_step": stopper.best_step, "bad": stopper.bad,
+                })
+                if stopper.should_stop:
+                    stopped_early = True
+                    log.info("run %s: stopping early at step %d, no improvement in %d evals",
+                             self.run_id, step, stopper.bad)
+                    break
+        self._load_trainable(best_weights)
+        self.timings["train_s"] = train_s
+        curve = plot_curve(train_curve, val_curve, self.run_dir / "training_curve.png",
+                           f"LoRA r={cfg.rank} on {self.base.model_id} ({self.run_id})")
+        return TrainResult(step, self.total_steps, stopped_early, initial, stopper.best,
+                           stopper.best_step,
+                           train_tokens, train_s, train_tokens / max(train_s, 1e-9),
+                           train_curve, val_curve, curve, resumed_from)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens of ``batch``."""
+        inner = self.model.get_base_model()
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            hidden = inner.get_decoder()(
+                input_ids=batch.input_ids, position_ids=batch.position_ids,
+                attention_mask=batch.attention_mask, use_cache=False,
+            ).last_hidden_state  # [rows, length, d_model]
+            selected = batch.targets != IGNORE
+            logits = inner.get_output_embeddings()(hidden[selected])  # [n_targets, vocab]
+        return F.cross_entropy(logits.float(), batch.targets[selected])
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Token-weighted mean loss over the validation examples."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        size = self.config.batch_size * 2
+        for start in range(0, len(self.val_examples), size):
+            batch = collate(self.val_examples[start:start + size], self._pad_id,
+                            self.config.packing, self.config.max_seq_len).to(self.device)
+            total += float(self._loss(batch)) * batch.n_targets
+            count += batch.n_targets
+        self.model.train(was_training)
+        return total / max(count, 1)
+
+    def _batches(self, skip: int) -> Iterator[Batch]:
+        """Collated micro-batches over as many epochs as the steps need, after ``skip``."""
+        seen = 0
+        for epoch in range(10**9):
+            for group in micro_batches(self.train_examples, self.config.batch_size,
+                                       self.config.seed, epoch):
+                seen += 1
+                if seen > skip:
+                    yield collate(group, self._pad_id, self.config.packing,
+                                  self.config.max_seq_len)
+
+    @property
+    def _pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def _trainable_copy(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _load_trainable(self, weights: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+
+    def _checkpoint_tensors(self, best: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        current = self._trainable_copy()
+        return {**{f"current.{k}": v for k, v in current.items()},
+                **{f"best.{k}": v for k, v in best.items()}}
+
+    def _resume(self, ckpt_dir: Path) -> dict[str, Any]:
+        fresh = {"step": 0, "train_tokens": 0, "train_s": 0.0, "train_curve": [],
+                 "val_curve": [], "bad": 0}
+        loaded = load_checkpoint(ckpt_dir, self.optimizer)
+        if loaded is None:
+            return fresh
+        tensors, state = loaded
+        self._load_trainable({k[len("current."):]: v.to(self.device)
+                              for k, v in tensors.items() if k.startswith("current.")})
+        state["best_weights"] = {k[len("best."):]: v.to(self.device)
+                                 for k, v in tensors.items() if k.startswith("best.")}
+        log.info("run %s: resumed from checkpoint at step %d", self.run_id, state["step"])
+        return state
+
+    # --------------------------------------------------------------- outputs
+    def evaluate(self, examples: Sequence[ChatExample]) -> tuple[EvalReport, list[str]]:
+        """Task metrics of the current weights on ``examples`` (generation)."""
+        cfg = self.config
+        picked = list(examples)[: cfg.task_eval_max_examples]
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            return evaluate_examples(self.model, self.tokenizer, picked,
+                                     max_new_tokens=cfg.generation_max_new_tokens,
+                                     batch_size=cfg.generation_batch_size)
+
+    def evaluate_base(self, examples: Sequence[ChatExample]) -> tuple[EvalReport, list[str]]:
+        """Task metrics of the base model alone (the adapter disabled)."""
+        with self.model.disable_adapter():
+            return self.evaluate(examples)
+
+    def save_adapter(self, directory: Path) -> list[Path]:
+        """Write the PEFT adapter (config + safetensors weights) into ``directory``."""
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        return sorted(p for p in Path(directory).iterdir() if p.is_file())
+
+    def cleanup(self) -> None:
+        """Free the model and optimizer; the run directory stays for inspection."""
+        for name in ("model", "optimizer", "tokenizer"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
