@@ -14,7 +14,8 @@ import pytest
 from tests.integration.test_training import training_settings, write_banking77_version
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.canary.store import list_decisions
-from tuneloop.services.registry.store import list_adapters, promote, verify_adapter
+from tuneloop.services.registry.artifacts import verify_adapter
+from tuneloop.services.registry.store import list_adapters, promote
 from tuneloop.services.store.database import Store
 
 pytestmark = pytest.mark.integration

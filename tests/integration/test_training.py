@@ -16,7 +16,9 @@ import pytest
 
 from tuneloop.runtime.settings import Settings, load_settings
 from tuneloop.services.demo import banking77
-from tuneloop.services.registry.store import IntegrityError, get_adapter, verify_adapter
+from tuneloop.services.registry.artifacts import verify_adapter
+from tuneloop.services.registry.core import IntegrityError
+from tuneloop.services.registry.store import get_adapter
 from tuneloop.services.store.database import Store
 from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
 from tuneloop.training.pipeline import train_and_publish

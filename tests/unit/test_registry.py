@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tuneloop.services.registry import artifacts
 from tuneloop.services.registry import store as registry
-from tuneloop.services.registry.store import (
+from tuneloop.services.registry.artifacts import verify_adapter
+from tuneloop.services.registry.core import (
+    Adapter,
     IntegrityError,
     InvalidTransitionError,
     RegistryError,
@@ -18,7 +21,6 @@ from tuneloop.services.registry.store import (
     next_version,
     plan_promotion,
     plan_rollback,
-    verify_adapter,
 )
 from tuneloop.services.store.database import Store
 
@@ -30,9 +32,10 @@ def _peft_dir(root: Path, weights: bytes = b"weights") -> Path:
     return root
 
 
-def _publish(con, adapters: Path, source: Path, key: str | None = None) -> registry.Adapter:
+def _publish(con, adapters: Path, source: Path, key: str | None = None,
+             alias: str = "support-bot") -> Adapter:
     return registry.publish_adapter(
-        con, adapters, source, alias="support-bot", base_model="base", base_hash="abc",
+        con, adapters, source, alias=alias, base_model="base", base_hash="abc",
         dataset_version="ds1", run_key=key, details={"metrics": {"golden": {"accuracy": 0.5}}},
     )
 
@@ -143,7 +146,7 @@ def test_crash_mid_publish_leaves_nothing_visible(
     def crash(src: object, dst: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(registry.os, "rename", crash)
+    monkeypatch.setattr(artifacts.os, "rename", crash)
     with store.connect() as con, pytest.raises(OSError, match="disk full"):
         _publish(con, adapters, source)
     monkeypatch.undo()
@@ -212,7 +215,7 @@ def test_lifecycle_records_every_move(tmp_path: Path) -> None:
         registry.promote(con, "v2", "production", "canary passed")
         states = {a.version: a.state for a in registry.list_adapters(con)}
         assert states == {"v1": "retired", "v2": "production"}
-        registry.rollback(con, "error rate up")
+        registry.rollback(con, "support-bot", "error rate up")
         states = {a.version: a.state for a in registry.list_adapters(con)}
         assert states == {"v1": "production", "v2": "rejected"}
         with pytest.raises(RegistryError, match="needs a reason"):
@@ -229,3 +232,51 @@ def test_lifecycle_records_every_move(tmp_path: Path) -> None:
     ]
     # A removed row does not free its version number: the directory still holds it.
     assert sorted(os.listdir(adapters)) == ["v1", "v2"]
+
+
+def test_each_alias_has_its_own_production_and_candidates(tmp_path: Path) -> None:
+    """Versions are numbered across aliases, but promoting one alias's adapter never
+    retires another's, and each alias answers for its own production and candidates."""
+    store = Store(tmp_path / "t.duckdb")
+    adapters = tmp_path / "adapters"
+    with store.connect() as con:
+        a1 = _publish(con, adapters, _peft_dir(tmp_path / "a"), alias="support-bot")
+        b2 = _publish(con, adapters, _peft_dir(tmp_path / "b", b"b"), alias="billing-bot")
+        a3 = _publish(con, adapters, _peft_dir(tmp_path / "c", b"c"), alias="support-bot")
+        assert (a1.version, b2.version, a3.version) == ("v1", "v2", "v3")
+        assert (b2.alias, b2.name) == ("billing-bot", "billing-bot-v2")
+        assert registry.production(con, "support-bot") is None
+        assert registry.latest_candidate(con, "support-bot") == a3
+        registry.promote(con, "v1", "production", "first")
+        registry.promote(con, "v2", "production", "first of billing")
+        assert registry.production(con, "support-bot").version == "v1"  # type: ignore[union-attr]
+        assert registry.production(con, "billing-bot").version == "v2"  # type: ignore[union-attr]
+        registry.promote(con, "v3", "canary", "try it")
+        assert registry.latest_candidate(con, "support-bot") is None
+        assert registry.latest_candidate(con, "support-bot", in_canary=True).version == "v3"  # type: ignore[union-attr]
+        assert registry.canary(con, "billing-bot") is None
+        registry.rollback(con, "billing-bot", "worse")
+        assert registry.production(con, "billing-bot") is None
+        assert registry.production(con, "support-bot").version == "v1"  # type: ignore[union-attr]
+        assert [a.version for a in registry.list_adapters(con, "billing-bot")] == ["v2"]
+
+
+def test_a_file_from_before_the_alias_column_is_migrated(tmp_path: Path) -> None:
+    """An adapters table with ``flow_run_id`` and no ``alias`` (older tuneloop) opens with
+    the column renamed to ``run_key`` and each alias taken from the vLLM name."""
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE adapters (version VARCHAR PRIMARY KEY, name VARCHAR NOT NULL UNIQUE, "
+                "created_at TIMESTAMPTZ NOT NULL, base_model VARCHAR NOT NULL, "
+                "base_hash VARCHAR NOT NULL, dataset_version VARCHAR, path VARCHAR NOT NULL, "
+                "sha256 VARCHAR NOT NULL, metrics JSON NOT NULL, state VARCHAR NOT NULL, "
+                "flow_run_id VARCHAR)")
+    con.execute("INSERT INTO adapters VALUES ('v4', 'my-bot-2-v4', now(), 'base', 'abc', NULL, "
+                "'/x', 'f00', '{}', 'production', 'run-9')")
+    con.close()
+    with Store(path).connect() as con:
+        adapter = registry.find_by_run_key(con, "run-9")
+        assert adapter is not None and adapter.alias == "my-bot-2"
+        assert registry.production(con, "my-bot-2") == adapter

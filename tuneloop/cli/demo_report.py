@@ -42,7 +42,7 @@ def write_report(settings: Settings, result: dict[str, Any]) -> Path:
     with Store(settings.db_path, 120).connect() as con:
         history = report_history(con)
         decisions = list_decisions(con, 200)
-        adapter = con.execute("SELECT dataset_version, flow_run_id FROM adapters WHERE version = ?",
+        adapter = con.execute("SELECT dataset_version, run_key FROM adapters WHERE version = ?",
                               [promoted]).fetchall() if promoted else []
         dataset_report: dict[str, Any] = {}
         if adapter:

@@ -13,7 +13,7 @@ from rich.table import Table
 from tuneloop.cli.common import console, fail, settings_of, store_of
 
 if TYPE_CHECKING:
-    from tuneloop.services.registry.store import Transition
+    from tuneloop.services.registry.core import Transition
 
 adapters_app = typer.Typer(help="The adapter registry: versions, states, deployments.",
                            no_args_is_help=True)
@@ -125,7 +125,8 @@ def list_cmd(ctx: typer.Context) -> None:
 @adapters_app.command("show")
 def show_cmd(ctx: typer.Context, version: str = typer.Argument(...)) -> None:
     """An adapter's record, manifest and deployment history."""
-    from tuneloop.services.registry.store import RegistryError, get_adapter, history
+    from tuneloop.services.registry.core import RegistryError
+    from tuneloop.services.registry.store import get_adapter, history
 
     with store_of(settings_of(ctx)).connect() as con:
         try:
@@ -190,7 +191,7 @@ def reject_cmd(
 
 def _change(apply: Callable[[], list[Transition]]) -> list[Transition]:
     """Run a registry + gateway change, print its moves; a refusal exits with its reason."""
-    from tuneloop.services.registry.store import RegistryError
+    from tuneloop.services.registry.core import RegistryError
     from tuneloop.serving.control import GatewayError
 
     try:
@@ -206,13 +207,9 @@ def _change(apply: Callable[[], list[Transition]]) -> list[Transition]:
 def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
         None, help="One version; default: all.")) -> None:
     """Check every file of an adapter against its manifest and the registry."""
-    from tuneloop.services.registry.store import (
-        IntegrityError,
-        RegistryError,
-        get_adapter,
-        list_adapters,
-        verify_adapter,
-    )
+    from tuneloop.services.registry.artifacts import verify_adapter
+    from tuneloop.services.registry.core import IntegrityError, RegistryError
+    from tuneloop.services.registry.store import get_adapter, list_adapters
 
     with store_of(settings_of(ctx)).connect() as con:
         try:

@@ -44,7 +44,7 @@ from tuneloop.services.canary.core import INFO, Check, Decision
 from tuneloop.services.curation.store import CurationRun, find_curated, new_labels, run_curation
 from tuneloop.services.drift.embeddings import Embedder
 from tuneloop.services.loop import metrics as loop_metrics
-from tuneloop.services.registry.store import Adapter
+from tuneloop.services.registry.core import Adapter
 from tuneloop.services.store.database import Store
 from tuneloop.training.dataset import ChatExample, DatasetSplits
 from tuneloop.training.pipeline import (

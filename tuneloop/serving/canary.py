@@ -49,7 +49,9 @@ from tuneloop.services.curation.datasets import load_examples
 from tuneloop.services.curation.store import fresh_examples
 from tuneloop.services.evaluation.metrics import evaluate_predictions, normalize_label, normalize_text
 from tuneloop.services.ingest.shadow import land_shadow_pairs
-from tuneloop.services.registry.store import MANIFEST, WEIGHTS, Adapter, get_adapter, vllm_name
+from tuneloop.services.registry.artifacts import MANIFEST, WEIGHTS
+from tuneloop.services.registry.core import Adapter, vllm_name
+from tuneloop.services.registry.store import get_adapter
 from tuneloop.services.store.database import Store, StoreBusyError
 from tuneloop.serving import control
 

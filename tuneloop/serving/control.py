@@ -20,7 +20,9 @@ from typing import Any
 import httpx
 
 from tuneloop.runtime.settings import Settings
-from tuneloop.services.registry.store import Adapter, Transition, get_adapter, list_adapters
+from tuneloop.services.registry import store as registry
+from tuneloop.services.registry.artifacts import verify_adapter
+from tuneloop.services.registry.core import Adapter, RegistryError, Transition, plan_promotion
 from tuneloop.services.store.database import Store
 
 log = logging.getLogger(__name__)
@@ -63,21 +65,18 @@ def registry_route(settings: Settings, alias: str) -> RegistryRoute:
     """The production and canary versions of ``alias`` (None: the base model / no canary)."""
     store = Store(settings.db_path, settings.store.lock_timeout_s)
     with store.connect() as con:
-        adapters = list_adapters(con)
-    mine = [a for a in adapters if a.name == f"{alias}-{a.version}"]
-    production = [a.version for a in mine if a.state == "production"]
-    canary = [a.version for a in mine if a.state == "canary"]
-    return RegistryRoute(production[-1] if production else None, canary[-1] if canary else None)
+        production = registry.production(con, alias)
+        canary = registry.canary(con, alias)
+    return RegistryRoute(production.version if production else None,
+                         canary.version if canary else None)
 
 
 def read_adapter(settings: Settings, version: str) -> Adapter:
     """One registry row; raises ``LookupError`` when there is none."""
-    from tuneloop.services.registry.store import RegistryError
-
     store = Store(settings.db_path, settings.store.lock_timeout_s)
     try:
         with store.connect() as con:
-            return get_adapter(con, version)
+            return registry.get_adapter(con, version)
     except RegistryError as exc:
         raise LookupError(str(exc)) from None
 
@@ -151,14 +150,12 @@ def promote(settings: Settings, version: str, to_state: str, reason: str) -> lis
     serves what the registry says. Raises ``RegistryError`` (nothing changed) or
     :class:`GatewayError` (the swap failed; production keeps serving, nothing recorded).
     """
-    from tuneloop.services.registry import store as registry
-
     store = Store(settings.db_path, settings.store.lock_timeout_s)
     with store.connect() as con:
-        adapter = get_adapter(con, version)
-        registry.verify_adapter(Path(adapter.path), adapter.sha256)
-        states = {a.version: a.state for a in list_adapters(con)}
-        registry.plan_promotion(states, version, to_state)  # raises before anything moves
+        adapter = registry.get_adapter(con, version)
+        verify_adapter(Path(adapter.path), adapter.sha256)
+        states = {a.version: a.state for a in registry.list_adapters(con, adapter.alias)}
+        plan_promotion(states, version, to_state)  # raises before anything moves
     change: dict[str, Any] = {"production": version} if to_state == "production" else \
         {"candidate": version, "canary_share": settings.serving.canary_share,
          "shadow_share": settings.serving.shadow_share}
@@ -170,24 +167,21 @@ def promote(settings: Settings, version: str, to_state: str, reason: str) -> lis
 
 def rollback(settings: Settings, reason: str, to_version: str | None = None) -> list[Transition]:
     """Reject production and restore the previous version (or the base model), swap first."""
-    from tuneloop.services.registry import store as registry
-
+    alias = settings.serving.alias
     store = Store(settings.db_path, settings.store.lock_timeout_s)
     with store.connect() as con:
-        plan = registry.rollback_plan(con, to_version)
+        plan = registry.rollback_plan(con, alias, to_version)
     restored = next((t.version for t in plan if t.to_state == "production"), None)
     return _swap_then_record(settings, {"production": restored},
-                             lambda con: registry.rollback(con, reason, to_version))
+                             lambda con: registry.rollback(con, alias, reason, to_version))
 
 
 def reject(settings: Settings, version: str, reason: str) -> list[Transition]:
     """Reject ``version``; if it is the canary, it stops taking traffic first."""
-    from tuneloop.services.registry import store as registry
-
     route = registry_route(settings, settings.serving.alias)
     change: dict[str, Any] = {"candidate": None} if route.canary == version else {}
     if route.production == version:
-        raise registry.RegistryError(f"{version} is in production: roll it back instead")
+        raise RegistryError(f"{version} is in production: roll it back instead")
     return _swap_then_record(settings, change, lambda con: registry.reject(con, version, reason))
 
 

@@ -24,7 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneloop.services.registry.store import Adapter, IntegrityError, verify_adapter
+from tuneloop.services.registry.artifacts import verify_adapter
+from tuneloop.services.registry.core import Adapter, IntegrityError
 from tuneloop.serving.routing import Route, RoutingTable, upstream_name
 from tuneloop.serving.upstream import ReplicaClient, UpstreamError
 from tuneloop.serving.vllm_process import ReplicaSpec

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from tuneloop.services.registry.store import vllm_name
+from tuneloop.services.registry.core import vllm_name
 
 
 @dataclass(frozen=True)

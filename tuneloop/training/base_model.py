@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneloop.services.registry.store import sha256_file
+from tuneloop.services.registry.artifacts import sha256_file
 
 log = logging.getLogger(__name__)
 

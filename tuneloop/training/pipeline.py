@@ -25,7 +25,8 @@ from typing import Any
 
 from tuneloop.runtime.cpu import pin
 from tuneloop.runtime.settings import Settings
-from tuneloop.services.registry.store import Adapter, find_by_run_key, publish_adapter
+from tuneloop.services.registry.core import Adapter
+from tuneloop.services.registry.store import find_by_run_key, publish_adapter
 from tuneloop.services.store.database import Store
 from tuneloop.training.base_model import BaseModel, resolve_base_model
 from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig

@@ -190,7 +190,8 @@ def republish(settings: Settings, version: str) -> str:
     import tempfile
     from pathlib import Path
 
-    from tuneloop.services.registry.store import MANIFEST, get_adapter, publish_adapter
+    from tuneloop.services.registry.artifacts import MANIFEST
+    from tuneloop.services.registry.store import get_adapter, publish_adapter
 
     store = Store(settings.db_path, settings.store.lock_timeout_s)
     source = Path(tempfile.mkdtemp(prefix="republish-", dir=settings.home))

@@ -1,231 +1,46 @@
-"""The adapter registry: atomic publishing, manifest verification, deployment states.
+"""The registry in the store: publishing, versions by alias and state, state changes.
 
-An adapter version (``v1``, ``v2``, ...; vLLM name ``<alias>-v<N>``, never reused)
-is a directory under ``adapters_dir``:
-
-    v7/adapter_config.json
-    v7/adapter_model.safetensors
-    v7/manifest.json      sha256 of every other file, base model, dataset, hyperparameters,
-                          metrics, timings
-
-Publishing writes into a hidden temporary directory, fsyncs, and renames it into
-place, so a reader (or a crash) never sees half an adapter. Every load verifies the
-manifest first (:func:`verify_adapter`); only safetensors weights are accepted.
-
-States and the moves between them (every move is a row in ``deployments``):
-
-    candidate -> canary -> production -> retired -> production (rollback / re-promote)
-        \\-> production   \\-> rejected    \\-> rejected (rollback)
-         \\-> rejected
+Every caller asks the registry (never the ``adapters`` table) which version is an
+alias's production (:func:`production`) or its newest candidate (:func:`latest_candidate`),
+and changes states only through :func:`promote`, :func:`reject` and :func:`rollback`,
+each recorded in ``deployments`` with its reason.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from tuneloop.services.registry.artifacts import (
+    MANIFEST,
+    check_source,
+    sha256_file,
+    verify_adapter,
+    write_version,
+)
+from tuneloop.services.registry.core import (
+    Adapter,
+    IntegrityError,
+    RegistryError,
+    Transition,
+    check_transition,
+    next_version,
+    plan_promotion,
+    plan_rollback,
+    vllm_name,
+)
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-STATES = ("candidate", "canary", "production", "retired", "rejected")
-ALLOWED: dict[str, frozenset[str]] = {
-    "candidate": frozenset({"canary", "production", "rejected"}),
-    "canary": frozenset({"production", "rejected"}),
-    "production": frozenset({"retired", "rejected"}),
-    "retired": frozenset({"production"}),
-    "rejected": frozenset(),
-}
-# Pickle-based weight formats run code on load: never accepted.
-_UNSAFE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
-_VERSION = re.compile(r"^v(\d+)$")
-
-
-class RegistryError(ValueError):
-    """A registry request that cannot be honoured; the message says why and what to do."""
-
-
-class IntegrityError(RegistryError):
-    """An adapter's files do not match its manifest (or are not safetensors)."""
-
-
-class InvalidTransitionError(RegistryError):
-    """A state change the lifecycle does not allow."""
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """One row of ``adapters``."""
-
-    version: str
-    name: str
-    created_at: datetime
-    base_model: str
-    base_hash: str
-    dataset_version: str | None
-    path: str
-    sha256: str  # of manifest.json, which covers every other file
-    metrics: dict[str, Any]
-    state: str
-    run_key: str | None
-
-
-@dataclass(frozen=True)
-class Transition:
-    """One planned state change of one adapter."""
-
-    version: str
-    from_state: str
-    to_state: str
-    action: str
-
-
-# ------------------------------------------------------------------ pure core
-def check_transition(from_state: str, to_state: str) -> None:
-    """Raise :class:`InvalidTransitionError` unless ``from_state -> to_state`` is allowed."""
-    if to_state not in STATES:
-        raise InvalidTransitionError(f"state {to_state!r} does not exist; use one of {STATES}")
-    if to_state not in ALLOWED.get(from_state, frozenset()):
-        allowed = sorted(ALLOWED.get(from_state, frozenset())) or "none (final state)"
-        raise InvalidTransitionError(
-            f"cannot move an adapter from {from_state!r} to {to_state!r}; from {from_state!r} "
-            f"it may go to: {allowed}"
-        )
-
-
-def plan_promotion(states: Mapping[str, str], version: str, to_state: str) -> list[Transition]:
-    """The transitions that put ``version`` into ``to_state`` ('canary' or 'production').
-
-    ``states`` maps every adapter version to its state. Promoting to production
-    retires the current production adapter; only one canary may run at a time.
-    """
-    if version not in states:
-        raise RegistryError(f"adapter {version!r} does not exist; see `tuneloop adapters list`")
-    if to_state not in {"canary", "production"}:
-        raise RegistryError(f"promote to {to_state!r}: use 'canary' or 'production'")
-    current = states[version]
-    if current == to_state:
-        raise RegistryError(f"adapter {version} is already in {to_state}")
-    check_transition(current, to_state)
-    plan: list[Transition] = []
-    holders = [v for v, s in states.items() if s == to_state]
-    if to_state == "canary" and holders:
-        raise RegistryError(
-            f"adapter {holders[0]} is already the canary; promote or reject it first"
-        )
-    for holder in holders:
-        plan.append(Transition(holder, "production", "retired", "retire"))
-    plan.append(Transition(version, current, to_state, "promote"))
-    return plan
-
-
-def plan_rollback(
-    states: Mapping[str, str], retired_order: Iterable[str], to_version: str | None = None
-) -> list[Transition]:
-    """Reject the production adapter and restore ``to_version`` (default: the last retired).
-
-    ``retired_order`` lists retired versions, most recently retired first. With no
-    retired adapter, the alias falls back to the base model.
-    """
-    production = [v for v, s in states.items() if s == "production"]
-    if not production:
-        raise RegistryError("no adapter is in production; nothing to roll back")
-    plan = [Transition(production[0], "production", "rejected", "rollback")]
-    target = to_version or next(iter(retired_order), None)
-    if target is not None:
-        if states.get(target) != "retired":
-            raise RegistryError(
-                f"cannot roll back to {target!r}: it is {states.get(target, 'unknown')!r}, "
-                "not 'retired'"
-            )
-        plan.append(Transition(target, "retired", "production", "rollback"))
-    return plan
-
-
-def next_version(existing: Iterable[str]) -> str:
-    """The first version number above every one ever used (``v1`` for none)."""
-    numbers = [int(m.group(1)) for v in existing if (m := _VERSION.match(v))]
-    return f"v{max(numbers, default=0) + 1}"
-
-
-def vllm_name(alias: str, version: str) -> str:
-    """The adapter's name in vLLM and the gateway, e.g. ``support-bot-v7``."""
-    return f"{alias}-{version}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def build_manifest(directory: Path, **fields: Any) -> dict[str, Any]:
-    """A manifest covering every file in ``directory`` (except a previous manifest)."""
-    files = {
-        p.name: sha256_file(p)
-        for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST
-    }
-    return {"format": 1, "files": files, **fields}
-
-
-def verify_adapter(directory: Path, manifest_sha256: str | None = None) -> dict[str, Any]:
-    """Check an adapter directory against its manifest; return the manifest.
-
-    Raises :class:`IntegrityError` when the manifest is missing or altered, a file
-    is missing, extra, or differs from its recorded sha256, or the weights are not
-    safetensors. Nothing in the directory should be loaded after a failure.
-    """
-    directory = Path(directory)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise IntegrityError(f"{directory}: no {MANIFEST}; republish the adapter")
-    if manifest_sha256 is not None and sha256_file(manifest_path) != manifest_sha256:
-        raise IntegrityError(
-            f"{manifest_path} differs from the registry's record (sha256 {manifest_sha256[:12]}); "
-            "the manifest was edited after publishing, do not load this adapter"
-        )
-    manifest = json.loads(manifest_path.read_text())
-    files: dict[str, str] = manifest.get("files", {})
-    if WEIGHTS not in files or ADAPTER_CONFIG not in files:
-        raise IntegrityError(f"{directory}: manifest must list {WEIGHTS} and {ADAPTER_CONFIG}")
-    present = {p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST}
-    unsafe = sorted(n for n in present if Path(n).suffix in _UNSAFE_SUFFIXES)
-    if unsafe:
-        raise IntegrityError(f"{directory}: refusing pickle-based files {unsafe}; "
-                             "only safetensors weights are loaded")
-    extra = sorted(present - set(files))
-    if extra:
-        raise IntegrityError(f"{directory}: files not in the manifest: {extra}")
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise IntegrityError(f"{directory}: {name} is listed in the manifest but missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise IntegrityError(
-                f"{path}: sha256 {actual[:12]}... does not match the manifest's "
-                f"{expected[:12]}...; the file was modified or corrupted, do not load it"
-            )
-    return manifest
-
-
-# ------------------------------------------------------------------ I/O shell
 def publish_adapter(
     con: duckdb.DuckDBPyConnection,
     adapters_dir: Path,
@@ -245,8 +60,7 @@ def publish_adapter(
     Raises :class:`IntegrityError` if ``source`` holds no safetensors weights.
     """
     source = Path(source)
-    if not (source / WEIGHTS).is_file() or not (source / ADAPTER_CONFIG).is_file():
-        raise IntegrityError(f"{source}: expected {WEIGHTS} and {ADAPTER_CONFIG}")
+    check_source(source)
     adapters_dir.mkdir(parents=True, exist_ok=True)
     repair(con, adapters_dir)
     used = [r[0] for r in con.execute("SELECT version FROM adapters").fetchall()]
@@ -254,25 +68,10 @@ def publish_adapter(
     aside = [p.name for p in broken.iterdir()] if broken.is_dir() else []
     version = next_version([*used, *(p.name for p in adapters_dir.iterdir()), *aside])
     name = vllm_name(alias, version)
-    created = datetime.now(UTC)
-    tmp = Path(tempfile.mkdtemp(prefix=f".publish-{version}-", dir=adapters_dir))
-    try:
-        for file in sorted(source.iterdir()):
-            if file.is_file() and file.name != MANIFEST:
-                shutil.copyfile(file, tmp / file.name)
-        manifest = build_manifest(
-            tmp, version=version, name=name, created_at=created.isoformat(),
-            base_model={"id": base_model, "sha256": base_hash},
-            dataset_version=dataset_version, run_key=run_key, **details,
-        )
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        _fsync_dir_files(tmp)
-        os.chmod(tmp, 0o755)
-        final = adapters_dir / version
-        os.rename(tmp, final)
-        _fsync_path(adapters_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    final, manifest = write_version(adapters_dir, source, version, {
+        "name": name, "alias": alias, "created_at": datetime.now(UTC).isoformat(),
+        "base_model": {"id": base_model, "sha256": base_hash},
+        "dataset_version": dataset_version, "run_key": run_key, **details})
     _register(con, final, manifest, f"published by training run {run_key or 'manual'}")
     log.info("adapter %s (%s) published at %s for dataset %s", version, name, final,
              dataset_version)
@@ -285,13 +84,15 @@ def _register(con: duckdb.DuckDBPyConnection, directory: Path, manifest: Mapping
     """The ``adapters`` row and its ``deployments`` row of a published directory, in one
     transaction: a crash leaves both or neither (and :func:`repair` finishes the job)."""
     base = manifest.get("base_model") or {}
+    # Manifests written before the alias was recorded name the version "<alias>-<version>".
+    alias = manifest.get("alias") or manifest["name"].removesuffix(f"-{manifest['version']}")
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute(
-            "INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
-            "dataset_version, path, sha256, metrics, state, flow_run_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [manifest["version"], manifest["name"], manifest["created_at"], base.get("id"),
+            "INSERT INTO adapters (version, name, alias, created_at, base_model, base_hash, "
+            "dataset_version, path, sha256, metrics, state, run_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [manifest["version"], manifest["name"], alias, manifest["created_at"], base.get("id"),
              base.get("sha256"), manifest.get("dataset_version"), str(directory.resolve()),
              sha256_file(directory / MANIFEST),
              json.dumps(dict(manifest.get("metrics") or {}), default=str), "candidate",
@@ -344,7 +145,7 @@ def repair(con: duckdb.DuckDBPyConnection, adapters_dir: Path) -> list[str]:
 
 def find_by_run_key(con: duckdb.DuckDBPyConnection, run_key: str) -> Adapter | None:
     """The adapter an earlier attempt of the same run already published, if any."""
-    rows = con.execute("SELECT version FROM adapters WHERE flow_run_id = ?", [run_key]).fetchall()
+    rows = con.execute("SELECT version FROM adapters WHERE run_key = ?", [run_key]).fetchall()
     return get_adapter(con, rows[0][0]) if rows else None
 
 
@@ -355,9 +156,35 @@ def get_adapter(con: duckdb.DuckDBPyConnection, version: str) -> Adapter:
     return _adapter(rows[0])
 
 
-def list_adapters(con: duckdb.DuckDBPyConnection) -> list[Adapter]:
-    rows = con.execute(f"SELECT {_COLUMNS} FROM adapters ORDER BY created_at").fetchall()
+def list_adapters(con: duckdb.DuckDBPyConnection, alias: str | None = None) -> list[Adapter]:
+    """Every adapter (of ``alias``, when given), oldest first."""
+    where, params = ("WHERE alias = ?", [alias]) if alias is not None else ("", [])
+    rows = con.execute(f"SELECT {_COLUMNS} FROM adapters {where} ORDER BY created_at",
+                       params).fetchall()
     return [_adapter(r) for r in rows]
+
+
+def production(con: duckdb.DuckDBPyConnection, alias: str) -> Adapter | None:
+    """The adapter serving ``alias`` in production; None when the base model serves it."""
+    return _newest(con, alias, ("production",))
+
+
+def canary(con: duckdb.DuckDBPyConnection, alias: str) -> Adapter | None:
+    """The adapter of ``alias`` now in its canary, if any."""
+    return _newest(con, alias, ("canary",))
+
+
+def latest_candidate(con: duckdb.DuckDBPyConnection, alias: str,
+                     *, in_canary: bool = False) -> Adapter | None:
+    """The newest published candidate of ``alias`` (or the canary, with ``in_canary``)."""
+    return _newest(con, alias, ("candidate", "canary") if in_canary else ("candidate",))
+
+
+def _newest(con: duckdb.DuckDBPyConnection, alias: str, states: tuple[str, ...]) -> Adapter | None:
+    marks = ", ".join("?" for _ in states)
+    rows = con.execute(f"SELECT {_COLUMNS} FROM adapters WHERE alias = ? AND state IN ({marks}) "
+                       "ORDER BY created_at DESC LIMIT 1", [alias, *states]).fetchall()
+    return _adapter(rows[0]) if rows else None
 
 
 def history(con: duckdb.DuckDBPyConnection, version: str | None = None) -> list[dict[str, Any]]:
@@ -379,36 +206,35 @@ def promote(
 ) -> list[Transition]:
     """Move ``version`` to 'canary' or 'production' (retiring the old production)."""
     _need_reason(reason)
-    plan = plan_promotion(_states(con), version, to_state)
+    plan = plan_promotion(_states(con, _alias_of(con, version)), version, to_state)
     return _apply(con, plan, reason)
 
 
 def reject(con: duckdb.DuckDBPyConnection, version: str, reason: str) -> list[Transition]:
     """Mark ``version`` rejected (a failed canary, or a bad candidate)."""
     _need_reason(reason)
-    current = _states(con).get(version)
-    if current is None:
-        raise RegistryError(f"adapter {version!r} does not exist; see `tuneloop adapters list`")
+    current = _states(con, _alias_of(con, version))[version]
     check_transition(current, "rejected")
     return _apply(con, [Transition(version, current, "rejected", "reject")], reason)
 
 
 def rollback(
-    con: duckdb.DuckDBPyConnection, reason: str, to_version: str | None = None
+    con: duckdb.DuckDBPyConnection, alias: str, reason: str, to_version: str | None = None
 ) -> list[Transition]:
-    """Reject the production adapter and bring back the previous one (or the base model)."""
+    """Reject ``alias``'s production adapter and bring back the previous one (or the base model)."""
     _need_reason(reason)
-    return _apply(con, rollback_plan(con, to_version), reason)
+    return _apply(con, rollback_plan(con, alias, to_version), reason)
 
 
-def rollback_plan(con: duckdb.DuckDBPyConnection, to_version: str | None = None) -> list[Transition]:
+def rollback_plan(con: duckdb.DuckDBPyConnection, alias: str,
+                  to_version: str | None = None) -> list[Transition]:
     """What :func:`rollback` would do, without doing it."""
     retired = [r[0] for r in con.execute(
         "SELECT a.version FROM adapters a JOIN deployments d ON d.adapter_version = a.version "
-        "WHERE a.state = 'retired' AND d.to_state = 'retired' "
-        "GROUP BY a.version ORDER BY max(d.occurred_at) DESC"
+        "WHERE a.alias = ? AND a.state = 'retired' AND d.to_state = 'retired' "
+        "GROUP BY a.version ORDER BY max(d.occurred_at) DESC", [alias]
     ).fetchall()]
-    return plan_rollback(_states(con), retired, to_version)
+    return plan_rollback(_states(con, alias), retired, to_version)
 
 
 def _apply(con: duckdb.DuckDBPyConnection, plan: list[Transition], reason: str) -> list[Transition]:
@@ -442,31 +268,25 @@ def _record(con: duckdb.DuckDBPyConnection, step: Transition, reason: str) -> No
     )
 
 
-def _states(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-    return {v: s for v, s in con.execute("SELECT version, state FROM adapters").fetchall()}
+def _states(con: duckdb.DuckDBPyConnection, alias: str) -> dict[str, str]:
+    """Every version of ``alias`` and its state: promotions and rollbacks act within an alias."""
+    return {v: s for v, s in con.execute("SELECT version, state FROM adapters WHERE alias = ?",
+                                         [alias]).fetchall()}
 
 
-_COLUMNS = ("version, name, created_at, base_model, base_hash, dataset_version, path, sha256, "
-            "metrics, state, flow_run_id")
+def _alias_of(con: duckdb.DuckDBPyConnection, version: str) -> str:
+    return get_adapter(con, version).alias
+
+
+_COLUMNS = ("version, name, alias, created_at, base_model, base_hash, dataset_version, path, "
+            "sha256, metrics, state, run_key")
 
 
 def _adapter(row: tuple[Any, ...]) -> Adapter:
-    (version, name, created, base, base_hash, dataset, path, sha, metrics, state, run_key) = row
-    return Adapter(version, name, created, base, base_hash, dataset, path, sha,
+    (version, name, alias, created, base, base_hash, dataset, path, sha, metrics, state,
+     run_key) = row
+    return Adapter(version, name, alias, created, base, base_hash, dataset, path, sha,
                    json.loads(metrics) if isinstance(metrics, str) else dict(metrics or {}),
                    state, run_key)
 
 
-def _fsync_dir_files(directory: Path) -> None:
-    for file in directory.iterdir():
-        with file.open("rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_path(directory)
-
-
-def _fsync_path(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

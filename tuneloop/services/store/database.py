@@ -153,6 +153,7 @@ SCHEMA: tuple[str, ...] = (
     CREATE TABLE IF NOT EXISTS adapters (
         version VARCHAR PRIMARY KEY,
         name VARCHAR NOT NULL UNIQUE,
+        alias VARCHAR,
         created_at TIMESTAMPTZ NOT NULL,
         base_model VARCHAR NOT NULL,
         base_hash VARCHAR NOT NULL,
@@ -161,7 +162,7 @@ SCHEMA: tuple[str, ...] = (
         sha256 VARCHAR NOT NULL,
         metrics JSON NOT NULL,
         state VARCHAR NOT NULL,
-        flow_run_id VARCHAR
+        run_key VARCHAR
     )
     """,
     """
@@ -226,6 +227,29 @@ SCHEMA: tuple[str, ...] = (
     )
     """,
 )
+
+
+
+def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    return {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+    ).fetchall()}
+
+
+def _migrate_adapters(con: duckdb.DuckDBPyConnection) -> None:
+    """Files made before the registry kept an alias column, or named the run key flow_run_id."""
+    columns = _columns(con, "adapters")
+    if "flow_run_id" in columns:
+        con.execute("ALTER TABLE adapters RENAME COLUMN flow_run_id TO run_key")
+    if "alias" not in columns:
+        con.execute("ALTER TABLE adapters ADD COLUMN alias VARCHAR")
+    # The vLLM name is "<alias>-<version>".
+    con.execute("UPDATE adapters SET alias = left(name, length(name) - length(version) - 1) "
+                "WHERE alias IS NULL")
+
+
+# Run in order after SCHEMA on every first connection of a process; each is idempotent.
+MIGRATIONS = (_migrate_adapters,)
 
 TABLES = (
     "feedback",
@@ -293,6 +317,8 @@ class Store:
                 if not self._initialised:
                     for ddl in SCHEMA:
                         con.execute(ddl)
+                    for migrate in MIGRATIONS:
+                        migrate(con)
                     self._initialised = True
                 yield con
             finally:

@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.feedback.producer import FeedbackProducer
 from tuneloop.services.loop.metrics import LoopCollector
-from tuneloop.services.registry.store import Adapter
+from tuneloop.services.registry.core import Adapter
 from tuneloop.serving.control import admin_key, read_adapter, registry_route, routing_file, saved_shares
 from tuneloop.serving.gateway.routes import build_routes
 from tuneloop.serving.gateway.serving import Gateway
