@@ -1,0 +1,114 @@
+"""The gateway's HTTP surface without vLLM: every route's status codes and error bodies.
+
+The app is the real one (``create_app``) with no replica behind it and no Kafka; its
+lifespan does not run, so nothing is started. An admin call that needs a replica
+answers as it does while vLLM is down: 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from tuneloop.runtime.settings import load_settings
+from tuneloop.serving.gateway.app import create_app
+from tuneloop.serving.routing import Route, RoutingTable
+
+KEY = "unit-admin-key"
+ADMIN = {"Authorization": f"Bearer {KEY}"}
+CHAT = [{"role": "user", "content": "where is my card?"}]
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestClient:
+    settings = load_settings({"home": tmp_path, "serving.admin_key": KEY,
+                              "serving.replica_urls": ["http://127.0.0.1:9"]})
+    app = create_app(settings, "unused-model-path", "base-model", kafka=False)
+    app.state.gateway.pool.routing = RoutingTable().with_route(Route("support-bot", "v1"))
+    return TestClient(app)
+
+
+def _error(resp: object) -> dict[str, object]:
+    body = json.loads(resp.content)  # type: ignore[attr-defined]
+    return dict(body["error"])
+
+
+def test_public_routes_answer_without_a_replica(client: TestClient) -> None:
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json() == {"status": "unavailable"}
+    models = client.get("/v1/models").json()
+    assert [(m["id"], m["production"], m["candidate"]) for m in models["data"]] == [
+        ("support-bot", "v1", None)]
+    assert "tuneloop_gateway_requests" in client.get("/metrics").text
+
+
+def test_bad_requests_get_openai_errors(client: TestClient) -> None:
+    garbage = client.post("/v1/chat/completions", content=b"{not json")
+    assert garbage.status_code == 400 and _error(garbage)["type"] == "invalid_request_error"
+    unknown = client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    assert unknown.status_code == 404 and _error(unknown)["code"] == "model_not_found"
+    empty = client.post("/v1/chat/completions", json={"model": "support-bot", "messages": []})
+    assert empty.status_code == 400 and _error(empty)["param"] == "messages"
+
+
+def test_feedback_is_checked_before_it_is_sent(client: TestClient) -> None:
+    no_verdict = client.post("/v1/feedback", json={"response_id": "resp-1"})
+    assert no_verdict.status_code == 400 and "at least one" in str(_error(no_verdict)["message"])
+    unknown = client.post("/v1/feedback", json={"response_id": "resp-1", "rating": 1})
+    assert unknown.status_code == 404 and _error(unknown)["code"] == "response_not_found"
+    extra = client.post("/v1/feedback", json={"response_id": "r", "rating": 1, "stars": 5})
+    assert extra.status_code == 400 and _error(extra)["param"] == "stars"
+    out_of_range = client.post("/v1/feedback", json={"response_id": "r", "rating": 3})
+    assert out_of_range.status_code == 400 and _error(out_of_range)["param"] == "rating"
+
+
+def test_admin_routes_need_the_key(client: TestClient) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": ""}):
+        resp = client.get("/admin/state", headers=headers)
+        assert resp.status_code == 401 and _error(resp)["type"] == "authentication_error"
+    assert client.post("/admin/route", json={}).status_code == 401
+    assert client.post("/admin/v1/chat/completions", json={}).status_code == 401
+    state = client.get("/admin/state", headers={"x-api-key": KEY})
+    assert state.status_code == 200
+    assert state.json()["routes"][0]["production_name"] == "support-bot-v1"
+    assert state.json()["base_model"] == "base-model"
+
+
+def test_admin_route_changes_the_routing_and_keeps_the_shares(
+        client: TestClient, tmp_path: Path) -> None:
+    same = client.post("/admin/route", json={"candidate": "v1"}, headers=ADMIN)
+    assert same.status_code == 400 and "production and candidate" in str(_error(same)["message"])
+    share = client.post("/admin/route", json={"production": None, "shadow_share": 0.5},
+                        headers=ADMIN)
+    assert share.status_code == 200, share.text
+    assert share.json()["route"] == {
+        "alias": "support-bot", "production": None, "candidate": None, "canary_share": 0.0,
+        "shadow_share": 0.5, "production_name": "base"}
+    assert "total_s" in share.json()["timings"]
+    saved = json.loads((tmp_path / "serving" / "routing.json").read_text())
+    assert saved["shadow_share"] == 0.5
+    bad = client.post("/admin/route", json={"canary_share": 2}, headers=ADMIN)
+    assert bad.status_code == 400 and _error(bad)["param"] == "canary_share"
+
+
+def test_admin_load_unload_and_observations(client: TestClient) -> None:
+    no_replica = client.post("/admin/load", json={"version": "v2"}, headers=ADMIN)
+    assert no_replica.status_code == 503 and no_replica.headers["retry-after"] == "5"
+    assert client.post("/admin/load", json={"version": "2"}, headers=ADMIN).status_code == 400
+    routed = client.post("/admin/unload", json={"version": "v1"}, headers=ADMIN)
+    assert routed.status_code == 422 and _error(routed)["code"] == "swap_failed"
+    assert 'tuneloop_gateway_swaps_total{alias="support-bot",result="failed"} 1.0' in \
+        client.get("/metrics").text
+    bad = client.get("/admin/observations?since=yesterday", headers=ADMIN)
+    assert bad.status_code == 400 and _error(bad)["param"] == "since"
+    seen = client.get("/admin/observations?since=0&until=5", headers=ADMIN).json()
+    assert seen == {"alias": "support-bot", "since": 0.0, "until": 5.0, "versions": {}}
+
+
+def test_the_internal_route_serves_only_loaded_versions(client: TestClient) -> None:
+    resp = client.post("/admin/v1/chat/completions", headers=ADMIN,
+                       json={"model": "support-bot-v9", "messages": CHAT})
+    assert resp.status_code == 409 and _error(resp)["code"] == "not_loaded"
