@@ -1,9 +1,13 @@
-"""The embedded Prefect server (``prefect server start``), UI on localhost:4200."""
+"""The embedded Prefect server (``prefect server start``), UI on localhost:4200, and
+the flow runs it recorded."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -52,3 +56,40 @@ class EmbeddedPrefect:
             return httpx.get(f"{self.settings.prefect.api_url}/health", timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
+
+
+@dataclass(frozen=True)
+class FlowRunLine:
+    """One flow run as status lists it; ``error`` alone when Prefect could not be read."""
+
+    name: str = ""
+    state: str | None = None
+    started: datetime | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"error": self.error}
+        return {"name": self.name, "state": self.state, "started": self.started,
+                "seconds": self.seconds}
+
+
+def recent_flow_runs(limit: int = 8) -> list[FlowRunLine]:
+    """The latest flow runs on the Prefect API the environment names, newest first.
+
+    Never raises: a server that cannot be reached gives one line with its ``error``.
+    """
+    # Imported here: Prefect reads its settings from the environment when imported, and
+    # the CLI sets that environment (prefect_env) only once the settings are loaded.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(limit=limit, sort=FlowRunSort.START_TIME_DESC)
+    except Exception as exc:  # noqa: BLE001 - status reports what it cannot reach
+        return [FlowRunLine(error=f"{type(exc).__name__}: {exc}")]
+    return [FlowRunLine(r.name, r.state_name, r.start_time,
+                        r.total_run_time.total_seconds() if r.total_run_time else None)
+            for r in runs]

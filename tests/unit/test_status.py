@@ -1,0 +1,128 @@
+"""``tuneloop status``: the store's figures through the stage shells, the JSON document's
+shape, and the rendering of every section (real DuckDB file, no stack)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tuneloop.cli.common import console
+from tuneloop.cli.status import StatusReport, TopicLine, render_status
+from tuneloop.infra.prefect_server import FlowRunLine
+from tuneloop.infra.stack import Health
+from tuneloop.services.canary.core import Check, Decision
+from tuneloop.services.canary.store import record_decision
+from tuneloop.services.loop.status import StoreFigures, read_store_figures
+from tuneloop.services.registry import store as registry
+from tuneloop.services.store.database import Store
+
+JSON_KEYS = {"health", "topics", "replication", "counts", "dead_letters", "adapters",
+             "latest_drift", "db", "serving", "freeze", "canary", "last_change", "store_busy",
+             "ingest", "outbox_backlog", "flow_runs"}
+
+
+def _publish(con, tmp_path: Path, name: str, golden: dict[str, float] | None) -> str:
+    source = tmp_path / name
+    source.mkdir()
+    (source / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (source / "adapter_model.safetensors").write_bytes(name.encode())
+    metrics = {"golden": golden} if golden else {}
+    return registry.publish_adapter(
+        con, tmp_path / "adapters", source, alias="support-bot", base_model="base",
+        base_hash="h", dataset_version="ds1", run_key=None,
+        details={"metrics": metrics}).version
+
+
+def _filled_store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "tuneloop.duckdb")
+    with store.connect() as con:
+        first = _publish(con, tmp_path, "a", {"accuracy": 0.8, "macro_f1": 0.75})
+        _publish(con, tmp_path, "b", None)
+        registry.promote(con, first, "production", "the offline gate passed")
+        for offset in (17, 4242, 9):
+            con.execute("INSERT INTO dead_letters VALUES (?, now(), 'feedback.v1', 0, ?, NULL, "
+                        "NULL, ?, 'x')", [str(uuid.uuid4()), offset,
+                                          f"not JSON at offset {offset}"])
+        con.execute("INSERT INTO dead_letters VALUES ('d4', now(), 'feedback.v1', 0, 1, NULL, "
+                    "NULL, 'schema: missing rating', 'x')")
+        con.execute("INSERT INTO drift_reports VALUES ('r1', ?, 'ref', 'cur', 100, 50, 0.31, "
+                    "0.002, true, '{}', '[]')", [datetime.now(UTC)])
+        record_decision(con, Decision("offline", "v2", first, "reject",
+                                      [Check("golden", "fail", 0.1, None, "", "worse")]), None)
+    return store
+
+
+def test_the_store_figures_come_from_the_stage_shells(tmp_path: Path) -> None:
+    figures = read_store_figures(_filled_store(tmp_path))
+    assert figures.exists and figures.busy is None
+    assert figures.counts["adapters"] == 2 and figures.counts["dead_letters"] == 4
+    # Reasons that differ only in numbers are one group, the commonest first.
+    assert [(d.reason, d.count) for d in figures.dead_letters] == [
+        ("not JSON at offset N", 3), ("schema: missing rating", 1)]
+    assert [a.version for a in figures.adapters] == ["v2", "v1"]  # newest first
+    v1 = figures.adapters[1]
+    assert (v1.state, v1.golden_accuracy, v1.golden_macro_f1) == ("production", 0.8, 0.75)
+    assert figures.adapters[0].golden_accuracy is None
+    assert figures.latest_drift is not None and figures.latest_drift.drifted
+    assert figures.last_change is not None
+    assert (figures.last_change.version, figures.last_change.to_state) == ("v1", "production")
+    assert [d.verdict for d in figures.decisions] == ["reject"]
+    assert figures.freeze is None
+
+
+def test_a_store_that_does_not_exist_gives_empty_figures(tmp_path: Path) -> None:
+    figures = read_store_figures(Store(tmp_path / "none.duckdb"))
+    assert not figures.exists and figures.counts == {} and figures.adapters == []
+
+
+def _report(store: StoreFigures) -> StatusReport:
+    return StatusReport(
+        health=[Health("kafka", True, "127.0.0.1:9092"), Health("gateway", False, "down")],
+        topics=[TopicLine("feedback.v1", 0, 10, 8, 2), TopicLine("feedback.dlq", 0, 1, None),
+                TopicLine("other", error="unreachable")],
+        replication=[], store=store,
+        ingest={"events_per_min": 12.0, "lag": 0, "inserted": 40, "dead_letters": 4,
+                "duplicates": 0, "updated_at": "2026-01-01T10:11:12"},
+        outbox_backlog={"outbox": 3}, serving={},
+        flow_runs=[FlowRunLine("drift-check", "Completed", datetime.now(UTC), 4.2),
+                   FlowRunLine(error="ConnectError: refused")])
+
+
+def test_the_json_document_keeps_its_keys_and_shapes(tmp_path: Path) -> None:
+    report = _report(read_store_figures(_filled_store(tmp_path)))
+    doc = json.loads(json.dumps(report.to_json(), default=str))
+    assert set(doc) == JSON_KEYS
+    assert report.down == ["gateway"]
+    assert doc["health"][0] == {"component": "kafka", "ok": True, "detail": "127.0.0.1:9092"}
+    assert doc["topics"][0] == {"topic": "feedback.v1", "partition": 0, "end": 10,
+                                "committed": 8, "lag": 2}
+    assert doc["topics"][2] == {"topic": "other", "error": "unreachable"}
+    assert doc["dead_letters"][0] == ["not JSON at offset N", 3]
+    assert set(doc["adapters"][0]) == {"version", "name", "state", "dataset", "created_at",
+                                       "golden_accuracy", "golden_macro_f1"}
+    assert len(doc["latest_drift"]) == 1 and doc["latest_drift"][0][1:] == [0.31, 0.002, True]
+    assert set(doc["last_change"]) == {"at", "version", "from", "to", "action", "reason"}
+    assert set(doc["canary"][0]) == {"created_at", "stage", "candidate", "incumbent", "verdict",
+                                     "reason"}
+    assert doc["flow_runs"][1] == {"error": "ConnectError: refused"}
+
+
+def test_every_section_renders(tmp_path: Path) -> None:
+    report = _report(read_store_figures(_filled_store(tmp_path)))
+    with console.capture() as captured:
+        render_status(report)
+    text = captured.get()
+    for fragment in ("components", "kafka", "feedback.v1", "unreachable", "dead_letters",
+                     "events/min", "outbox 3", "not JSON at offset N", "novel share 0.31",
+                     "DRIFT", "offline", "last change", "v1", "0.800 / 0.750",
+                     "recent flow runs", "drift-check", "ConnectError"):
+        assert fragment in text, fragment
+
+
+def test_an_empty_store_renders_without_its_sections(tmp_path: Path) -> None:
+    report = _report(read_store_figures(Store(tmp_path / "none.duckdb")))
+    with console.capture() as captured:
+        render_status(report)
+    assert "does not exist yet" in captured.get()

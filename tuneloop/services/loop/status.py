@@ -1,0 +1,171 @@
+"""What ``tuneloop status`` reads from the store and from the files the loop writes.
+
+Each figure comes from the stage that owns it (the registry for adapters and state
+changes, the drift and canary shells for their records); only the dead-letter summary,
+which no stage shell answers yet, is queried here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from tuneloop.services.canary.store import active_freeze, list_decisions
+from tuneloop.services.drift.store import report_history
+from tuneloop.services.registry.store import history, list_adapters
+from tuneloop.services.store.database import Store, StoreBusyError
+
+# The changes that decide what serves an alias; a publish or a canary start does not.
+SERVING_CHANGES = ("production", "retired", "rejected")
+
+
+@dataclass(frozen=True)
+class DeadLetterGroup:
+    """Dead letters whose reasons differ only in numbers (offsets, lengths), counted."""
+
+    reason: str
+    count: int
+
+
+@dataclass(frozen=True)
+class AdapterLine:
+    """One adapter as status lists it, with its golden-set scores when it was gated."""
+
+    version: str
+    name: str
+    state: str
+    dataset: str | None
+    created_at: datetime
+    golden_accuracy: float | None
+    golden_macro_f1: float | None
+
+
+@dataclass(frozen=True)
+class DriftLine:
+    """The latest drift check."""
+
+    created_at: datetime
+    score: float
+    p_value: float
+    drifted: bool
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """The latest move into or out of production."""
+
+    at: datetime
+    version: str | None
+    from_state: str | None
+    to_state: str
+    action: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DecisionLine:
+    """One gate's verdict."""
+
+    created_at: datetime
+    stage: str
+    candidate: str | None
+    incumbent: str | None
+    verdict: str
+    reason: str
+
+
+@dataclass
+class StoreFigures:
+    """Everything status shows from the store; ``busy`` says why it is empty when it is."""
+
+    path: Path
+    exists: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    dead_letters: list[DeadLetterGroup] = field(default_factory=list)
+    adapters: list[AdapterLine] = field(default_factory=list)
+    latest_drift: DriftLine | None = None
+    freeze: dict[str, Any] | None = None
+    decisions: list[DecisionLine] = field(default_factory=list)
+    last_change: StateChange | None = None
+    busy: str | None = None
+
+
+def read_store_figures(store: Store) -> StoreFigures:
+    """The store's figures for status; a store another process holds past the store's
+    lock timeout gives empty figures with ``busy`` set (status still answers). A store
+    that does not exist yet gives empty figures. Raises ``duckdb.Error`` on a damaged file.
+    """
+    figures = StoreFigures(store.path, exists=store.path.exists())
+    if not figures.exists:
+        return figures
+    try:
+        figures.counts = store.counts()
+        with store.connect() as con:
+            _read_records(con, figures)
+    except StoreBusyError as exc:
+        figures.busy = str(exc)
+    return figures
+
+
+def _read_records(con: duckdb.DuckDBPyConnection, figures: StoreFigures) -> None:
+    figures.dead_letters = dead_letter_reasons(con)
+    figures.adapters = recent_adapters(con)
+    figures.latest_drift = latest_drift(con)
+    figures.last_change = last_serving_change(con)
+    figures.freeze = active_freeze(con)
+    figures.decisions = recent_decisions(con)
+
+
+def dead_letter_reasons(con: duckdb.DuckDBPyConnection, limit: int = 5) -> list[DeadLetterGroup]:
+    """The ``limit`` commonest dead-letter reasons, numbers masked as ``N``, commonest first."""
+    rows = con.execute(
+        "SELECT regexp_replace(reason, '[0-9]+', 'N', 'g') AS r, count(*) "
+        "FROM dead_letters GROUP BY r ORDER BY 2 DESC LIMIT ?", [limit]).fetchall()
+    return [DeadLetterGroup(str(reason), int(n)) for reason, n in rows]
+
+
+def recent_adapters(con: duckdb.DuckDBPyConnection, limit: int = 5) -> list[AdapterLine]:
+    """The ``limit`` newest adapters of every alias, newest first."""
+    newest = list_adapters(con)[-limit:][::-1]
+    return [AdapterLine(a.version, a.name, a.state, a.dataset_version, a.created_at,
+                        _golden(a.metrics, "accuracy"), _golden(a.metrics, "macro_f1"))
+            for a in newest]
+
+
+def _golden(metrics: dict[str, Any], key: str) -> float | None:
+    golden = metrics.get("golden")
+    value = golden.get(key) if isinstance(golden, dict) else None
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def latest_drift(con: duckdb.DuckDBPyConnection) -> DriftLine | None:
+    """The newest drift check, if any ran."""
+    rows = report_history(con, 1)
+    if not rows:
+        return None
+    r = rows[0]
+    return DriftLine(r.created_at, r.score, r.p_value, r.drifted)
+
+
+def last_serving_change(con: duckdb.DuckDBPyConnection) -> StateChange | None:
+    """The newest state change into production, retired or rejected, if any."""
+    changes = [h for h in history(con) if h["to_state"] in SERVING_CHANGES]
+    if not changes:
+        return None
+    h = changes[-1]
+    return StateChange(h["occurred_at"], h["adapter_version"], h["from_state"], h["to_state"],
+                       h["action"], h["reason"])
+
+
+def recent_decisions(con: duckdb.DuckDBPyConnection, limit: int = 3) -> list[DecisionLine]:
+    """The ``limit`` newest gate verdicts, newest first."""
+    return [DecisionLine(d["created_at"], d["stage"], d["candidate"], d["incumbent"],
+                         d["verdict"], d["reason"]) for d in list_decisions(con, limit)]
+
