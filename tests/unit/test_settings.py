@@ -75,3 +75,27 @@ def test_min_insync_replicas_cannot_exceed_the_replication_factor() -> None:
     with pytest.raises(ValidationError, match="no write could succeed"):
         KafkaSettings(replication_factor=1, min_insync_replicas=2)
     assert KafkaSettings(replication_factor=3, min_insync_replicas=2).min_insync_replicas == 2
+
+
+def test_the_admin_key_never_prints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import logging
+
+    from tuneloop.serving.control import admin_key
+
+    secret = "s3cret-admin-key-4711"
+    monkeypatch.setenv("TUNELOOP_SERVING__ADMIN_KEY", secret)
+    # From the environment, and through an override (a dump and a merge under the hood).
+    for settings in (load_settings(), load_settings({"home": tmp_path})):
+        shown = [str(settings), repr(settings), settings.model_dump_json(),
+                 json.dumps(settings.model_dump(mode="json")), str(settings.model_dump()),
+                 str(settings.serving), repr(settings.serving.admin_key),
+                 logging.Formatter().format(logging.LogRecord(
+                     "t", logging.INFO, __file__, 1, "settings: %s", (settings,), None))]
+        assert not [text for text in shown if secret in text]
+        # Read only where it is used: the gateway's auth and its clients.
+        assert admin_key(settings) == secret
+    monkeypatch.delenv("TUNELOOP_SERVING__ADMIN_KEY")
+    assert load_settings({"serving.admin_key": secret}).serving.admin_key is not None
+    generated = admin_key(load_settings({"home": tmp_path}))
+    assert generated and (tmp_path / "gateway.key").read_text().strip() == generated

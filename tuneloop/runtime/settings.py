@@ -19,7 +19,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -324,7 +332,9 @@ class ServingSettings(Section):
     start_timeout_s: float = Field(300.0, gt=0, description="A replica not healthy by then is restarted.")
     health_interval_s: float = Field(1.0, gt=0)
     upstream_timeout_s: float = Field(300.0, gt=0, description="One request to vLLM, end to end.")
-    admin_key: str | None = Field(
+    # A secret: it prints as '**********' (repr, str, logs, JSON dumps); only
+    # serving.control.admin_key reads its value, for the gateway and its clients.
+    admin_key: SecretStr | None = Field(
         None, description="API key of the admin routes; default: a random key in <home>/gateway.key."
     )
     canary_share: float = Field(

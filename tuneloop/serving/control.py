@@ -37,9 +37,13 @@ class GatewayError(RuntimeError):
 
 
 def admin_key(settings: Settings) -> str:
-    """``serving.admin_key``, else the key in ``<home>/gateway.key`` (created, mode 0600)."""
-    if settings.serving.admin_key:
-        return settings.serving.admin_key
+    """``serving.admin_key``, else the key in ``<home>/gateway.key`` (created, mode 0600).
+
+    The one place the key's value is read: settings keep it as a secret that never
+    prints. Raises ``OSError`` when the key file cannot be read or created.
+    """
+    if settings.serving.admin_key is not None and settings.serving.admin_key.get_secret_value():
+        return settings.serving.admin_key.get_secret_value()
     path = Path(settings.home) / "gateway.key"
     try:
         return path.read_text().strip()
