@@ -12,11 +12,12 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import uvicorn
+from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from tuneloop.runtime.settings import Settings
@@ -24,13 +25,14 @@ from tuneloop.services.feedback.producer import FeedbackProducer
 from tuneloop.services.loop.metrics import LoopCollector
 from tuneloop.services.registry.core import Adapter
 from tuneloop.serving.control import admin_key, read_adapter, registry_route, routing_file, saved_shares
-from tuneloop.serving.gateway.routes import build_routes
+from tuneloop.serving.gateway.admin import AdminService
+from tuneloop.serving.gateway.routes import attach_routes
 from tuneloop.serving.gateway.serving import Gateway
 from tuneloop.serving.metrics import GatewayMetrics
 from tuneloop.serving.pool import Replica, ReplicaPool
 from tuneloop.serving.routing import Route, RoutingTable
 from tuneloop.serving.upstream import ReplicaClient
-from tuneloop.serving.vllm_process import replica_specs
+from tuneloop.serving.vllm_process import ReplicaSpec, replica_specs
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,30 @@ def save_route(settings: Settings, route: Route) -> None:
 
 def create_app(settings: Settings, model_path: str, served_name: str,
                kafka: bool = True) -> Starlette:
-    """The gateway for ``settings``; vLLM serves ``model_path`` as ``served_name``."""
-    cfg = settings.serving
+    """The gateway for ``settings``; vLLM serves ``model_path`` as ``served_name``.
+
+    Nothing starts until the app's lifespan does (uvicorn). Raises
+    ``VLLMNotInstalledError`` when replicas are managed and vLLM is missing, and
+    ``OSError`` when the admin key file cannot be read or created.
+    """
     metrics = GatewayMetrics()
     # The loop's own figures (ingest, drift, retrain, canary) on the same /metrics.
     metrics.registry.register(LoopCollector(Path(settings.home)))
     specs = {s.index: s for s in replica_specs(settings, model_path, served_name)}
+    feedback, shadow = _producers(settings) if kafka else (None, None)
+    gateway = Gateway(settings.serving, _pool(settings, served_name, metrics), metrics,
+                      feedback, shadow)
+    app = Starlette(lifespan=_lifespan(settings, gateway, specs))
+    app.state.gateway = gateway
+    app.state.admin = AdminService(gateway, settings.serving.alias,
+                                   lambda route: save_route(settings, route))
+    attach_routes(app, SecretStr(admin_key(settings)))
+    return app
+
+
+def _pool(settings: Settings, served_name: str, metrics: GatewayMetrics) -> ReplicaPool:
+    """An empty pool: the lifespan adds the replicas."""
+    cfg = settings.serving
 
     async def lookup(version: str) -> Adapter:
         return await asyncio.to_thread(read_adapter, settings, version)
@@ -78,14 +98,23 @@ def create_app(settings: Settings, model_path: str, served_name: str,
                        health_interval_s=cfg.health_interval_s,
                        rollback_grace_s=cfg.rollback_grace_s)
     pool.on_restart = lambda r: metrics.replica_restarts.labels(str(r.index)).inc()
-    feedback = shadow = None
-    if kafka:
-        home = Path(settings.home)
-        feedback = FeedbackProducer(settings, background=True,
-                                    outbox_path=home / "gateway-outbox.sqlite")
-        shadow = FeedbackProducer(settings, background=True, topic=cfg.shadow_topic,
-                                  outbox_path=home / "gateway-shadow-outbox.sqlite")
-    gateway = Gateway(cfg, pool, metrics, feedback, shadow)
+    return pool
+
+
+def _producers(settings: Settings) -> tuple[FeedbackProducer, FeedbackProducer]:
+    """The feedback and shadow-pair producers, each with its own outbox."""
+    home = Path(settings.home)
+    feedback = FeedbackProducer(settings, background=True,
+                                outbox_path=home / "gateway-outbox.sqlite")
+    shadow = FeedbackProducer(settings, background=True, topic=settings.serving.shadow_topic,
+                              outbox_path=home / "gateway-shadow-outbox.sqlite")
+    return feedback, shadow
+
+
+def _lifespan(settings: Settings, gateway: Gateway, specs: dict[int, ReplicaSpec]
+              ) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
+    """Start (or adopt) the replicas and supervise them while the app serves."""
+    cfg, pool = settings.serving, gateway.pool
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -112,15 +141,11 @@ def create_app(settings: Settings, model_path: str, served_name: str,
                 await supervisor
             await gateway.drain()
             await session.close()
-            for producer in (feedback, shadow):
+            for producer in (gateway.feedback_producer, gateway.shadow_producer):
                 if producer is not None:
                     await asyncio.to_thread(producer.close, 5.0)
 
-    routes = build_routes(gateway, admin_key(settings), cfg.alias,
-                          lambda route: save_route(settings, route))
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.gateway = gateway
-    return app
+    return lifespan
 
 
 def run_gateway(settings: Settings, model_path: str, served_name: str) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 # Headers on every answer: which version answered, and the id feedback refers to.
@@ -13,6 +14,8 @@ VERSION_HEADER = "x-tuneloop-adapter-version"
 RESPONSE_ID_HEADER = "x-tuneloop-response-id"
 ALIAS_HEADER = "x-tuneloop-alias"
 USER_HEADER = "x-tuneloop-user"
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class BadRequest(ValueError):
@@ -37,7 +40,31 @@ def error_response(status: int, message: str, *, kind: str | None = None,
                     headers=headers)
 
 
+def parse_model(model: type[M], raw: bytes) -> M:
+    """An admin or feedback body as ``model``; raises :class:`BadRequest` naming the field."""
+    try:
+        return model.model_validate(json.loads(raw or b"{}"))
+    except (ValueError, ValidationError) as exc:
+        detail = exc.errors()[0] if isinstance(exc, ValidationError) else None
+        where = ".".join(str(p) for p in detail["loc"]) if detail else None
+        message = f"{where}: {detail['msg']}" if detail else f"invalid JSON: {exc}"
+        raise BadRequest(message, param=where) from None
+
+
+def observation_window(query: Mapping[str, str]) -> tuple[float, float | None]:
+    """``since`` and ``until`` of ``GET /admin/observations`` (epoch seconds; no ``until``:
+    now); raises :class:`BadRequest` when either is not a number."""
+    try:
+        since = float(query.get("since", "0"))
+        until = float(query["until"]) if "until" in query else None
+    except ValueError:
+        raise BadRequest("since, until: seconds since the epoch, e.g. 1795000000.5",
+                         param="since") from None
+    return since, until
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
+    """An inference request's JSON object with its ``model``; raises :class:`BadRequest`."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
