@@ -193,8 +193,3 @@ class RecipeConfig:
 def _check(ok: bool, name: str, value: Any, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {fix}")
-
-
-def help_text() -> dict[str, str]:
-    """Field name -> its documentation, for ``tuneloop train --help-config``."""
-    return {f.name: str(f.metadata.get("help", "")) for f in fields(RecipeConfig)}
