@@ -82,7 +82,10 @@ def test_event_id_is_kept_on_schema_errors_for_the_dead_letter() -> None:
 def test_exported_schema_file_is_current() -> None:
     from tuneloop.services.feedback.contract import SCHEMA_FILE
 
-    assert json.loads(SCHEMA_FILE.read_text()) == json.loads(json.dumps(json_schema(), sort_keys=True))
+    current = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    assert json.loads(SCHEMA_FILE.read_text()) == json.loads(current), (
+        f"{SCHEMA_FILE} is out of date with FeedbackEvent; write json_schema() to it "
+        "(json.dumps(..., indent=2, sort_keys=True)) and review the diff")
 
 
 def test_banking77_events_are_valid_and_deterministic() -> None:

@@ -45,9 +45,6 @@ class GatewayMetrics:
         self.swap_seconds = Histogram(
             "tuneloop_gateway_swap_seconds", "Verify + load + probe + flip.", ["alias"],
             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=r)
-        self.routed = Gauge(
-            "tuneloop_gateway_route_info", "1 for each version an alias routes to, by role.",
-            ["alias", "version", "role"], registry=r)
         self.feedback = Counter(
             "tuneloop_gateway_feedback_events", "Events sent to Kafka by kind (feedback, served, "
             "shadow).", ["kind"], registry=r)

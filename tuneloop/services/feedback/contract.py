@@ -125,7 +125,8 @@ def parse_event(raw: bytes, max_bytes: int = MAX_EVENT_BYTES) -> FeedbackEvent:
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema app developers validate against (``services/schemas``)."""
+    """The JSON Schema app developers validate against (``schemas/feedback.v1.json`` beside
+    this module, which a unit test keeps equal to it)."""
     schema = FeedbackEvent.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://tuneloop.dev/schemas/feedback.v1.json"
@@ -135,8 +136,3 @@ def json_schema() -> dict[str, Any]:
     )
     return schema
 
-
-def write_json_schema(path: Path = SCHEMA_FILE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
-    return path

@@ -21,7 +21,6 @@ from tuneloop.services.feedback.contract import FeedbackEvent
 
 _RFC3339 = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$"
 _UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 _Text128 = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 _Text256 = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
