@@ -3,11 +3,15 @@
 The core, :func:`prepare_batch`, is pure: raw Kafka records in, rows and dead
 letters out (a record that cannot be stored, say with a lone UTF-16 surrogate, is a dead
 letter too). :func:`write_batch` lands both in one DuckDB transaction with
-``ON CONFLICT DO NOTHING`` on ``event_id`` (feedback) and on
-``topic:partition:offset`` (dead letters), so a batch replayed after a crash
+``ON CONFLICT DO NOTHING`` on the table's key (``event_id`` for feedback) and on
+``topic:partition:offset:crc`` (dead letters), so a batch replayed after a crash
 changes nothing; :func:`write_isolating` bisects a batch that one row makes fail and
 dead-letters that row with the store's error. The consumer loop in
 :mod:`tuneloop.services.ingest.consumer` commits Kafka offsets only after the write has returned.
+
+The keyed write and the dead letters serve every topic ingest lands: a batch names its
+:class:`KeyedTable` (:mod:`tuneloop.services.ingest.shadow` lands the gateway's shadow
+pairs through the same functions).
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class RawRecord:
 
 @dataclass(frozen=True)
 class DeadLetter:
+    """A record ingest keeps aside with its reason; ``event_id`` is the record's own id
+    when it has one (a feedback event's, a shadow pair's)."""
+
     record: RawRecord
     reason: str
     event_id: str | None = None
@@ -90,17 +97,6 @@ def redact_json(value: object) -> tuple[object, int]:
     return value, 0
 
 
-@dataclass
-class PreparedBatch:
-    rows: list[tuple[object, ...]] = field(default_factory=list)
-    dead: list[DeadLetter] = field(default_factory=list)
-    redactions: int = 0
-    duplicates_in_batch: int = 0
-    # The record each row came from (None for events landed directly), so a row the
-    # store rejects can become a dead letter.
-    records: list[RawRecord | None] = field(default_factory=list)
-
-
 # Errors that one row can cause in a write; anything else (a busy or broken store) is
 # the batch's and propagates, so the batch is retried instead of dead-lettered.
 ROW_ERRORS: tuple[type[BaseException], ...] = (
@@ -108,6 +104,16 @@ ROW_ERRORS: tuple[type[BaseException], ...] = (
     duckdb.OutOfRangeException, duckdb.TypeMismatchException, pa.ArrowException, UnicodeError,
     OverflowError,
 )
+
+
+@dataclass(frozen=True)
+class KeyedTable:
+    """A table ingest writes keyed: a row whose ``key`` is present already is skipped,
+    so a replayed batch changes nothing. ``schema`` lists the columns in row order."""
+
+    name: str
+    key: str
+    schema: pa.Schema
 
 
 FEEDBACK_COLUMNS = (
@@ -131,6 +137,9 @@ _FEEDBACK_ARROW = pa.schema(
 )
 
 
+FEEDBACK_TABLE = KeyedTable("feedback", "event_id", _FEEDBACK_ARROW)
+
+
 _DEAD_ARROW = pa.schema(
     [
         ("dead_letter_id", pa.string()), ("received_at", pa.timestamp("us", tz="UTC")),
@@ -139,6 +148,23 @@ _DEAD_ARROW = pa.schema(
         ("reason", pa.string()), ("payload", pa.binary()),
     ]
 )
+
+
+_DEAD_LETTERS = KeyedTable("dead_letters", "dead_letter_id", _DEAD_ARROW)
+
+
+@dataclass
+class PreparedBatch:
+    """Rows for ``table`` and the dead letters of one batch of records."""
+
+    rows: list[tuple[object, ...]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    redactions: int = 0
+    duplicates_in_batch: int = 0
+    # The record each row came from (None for events landed directly), so a row the
+    # store rejects can become a dead letter.
+    records: list[RawRecord | None] = field(default_factory=list)
+    table: KeyedTable = FEEDBACK_TABLE
 
 
 def redact_event(event: FeedbackEvent) -> tuple[FeedbackEvent, int]:
@@ -240,37 +266,46 @@ def prepare_batch(
 
 
 def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
-    """Land a prepared batch in one transaction; returns how many events were new."""
+    """Land a prepared batch in one transaction: its rows into ``batch.table`` and its
+    dead letters, both keyed; returns how many rows were new.
+
+    Raises one of :data:`ROW_ERRORS` when a row cannot be stored, any other DuckDB error
+    when the store is busy or broken; the transaction is rolled back either way.
+    """
     con.execute("BEGIN TRANSACTION")
     try:
         inserted = 0
         if batch.rows:
-            # executemany binds row by row (~4 ms each); an Arrow scan is one statement.
-            columns = list(zip(*batch.rows, strict=True))
-            inserted = _insert_arrow(con, "feedback", "event_id", [
-                pa.array(col, type=field.type)
-                for col, field in zip(columns, _FEEDBACK_ARROW, strict=True)
-            ], _FEEDBACK_ARROW)
+            inserted = _insert_arrow(con, batch.table, _row_columns(batch.rows, batch.table))
         if batch.dead:
-            now = datetime.now(UTC)
-            dead = batch.dead
-            _insert_arrow(con, "dead_letters", "dead_letter_id", [
-                pa.array([d.dead_letter_id for d in dead], pa.string()),
-                pa.array([now] * len(dead), pa.timestamp("us", tz="UTC")),
-                pa.array([d.record.topic for d in dead], pa.string()),
-                pa.array([d.record.partition for d in dead], pa.int32()),
-                pa.array([d.record.offset for d in dead], pa.int64()),
-                pa.array([d.record.key.decode(errors="replace") if d.record.key else None
-                          for d in dead], pa.string()),
-                pa.array([d.event_id for d in dead], pa.string()),
-                pa.array([d.reason for d in dead], pa.string()),
-                pa.array([d.payload for d in dead], pa.binary()),
-            ], _DEAD_ARROW)
+            _insert_arrow(con, _DEAD_LETTERS, _dead_letter_columns(batch.dead))
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
     return inserted
+
+
+def _row_columns(rows: list[tuple[object, ...]], table: KeyedTable) -> list[pa.Array]:
+    # executemany binds row by row (~4 ms each); an Arrow scan is one statement.
+    columns = list(zip(*rows, strict=True))
+    return [pa.array(col, type=f.type) for col, f in zip(columns, table.schema, strict=True)]
+
+
+def _dead_letter_columns(dead: list[DeadLetter]) -> list[pa.Array]:
+    now = datetime.now(UTC)
+    return [
+        pa.array([d.dead_letter_id for d in dead], pa.string()),
+        pa.array([now] * len(dead), pa.timestamp("us", tz="UTC")),
+        pa.array([d.record.topic for d in dead], pa.string()),
+        pa.array([d.record.partition for d in dead], pa.int32()),
+        pa.array([d.record.offset for d in dead], pa.int64()),
+        pa.array([d.record.key.decode(errors="replace") if d.record.key else None
+                  for d in dead], pa.string()),
+        pa.array([d.event_id for d in dead], pa.string()),
+        pa.array([d.reason for d in dead], pa.string()),
+        pa.array([d.payload for d in dead], pa.binary()),
+    ]
 
 
 def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch,
@@ -289,18 +324,18 @@ def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch,
         log.warning("a batch of %d rows failed to write (%s); isolating the row", len(batch.rows),
                     exc)
     rejected: list[DeadLetter] = []
-    inserted = _write_halves(con, batch.rows, batch.records, rejected, keep_raw)
+    inserted = _write_halves(con, batch.table, batch.rows, batch.records, rejected, keep_raw)
     dead = batch.dead + rejected
     write_batch(con, PreparedBatch(dead=dead))
     batch.dead[:] = dead
     return inserted
 
 
-def _write_halves(con: duckdb.DuckDBPyConnection, rows: list[tuple[object, ...]],
-                  records: list[RawRecord | None], rejected: list[DeadLetter],
-                  keep_raw: bool) -> int:
+def _write_halves(con: duckdb.DuckDBPyConnection, table: KeyedTable,
+                  rows: list[tuple[object, ...]], records: list[RawRecord | None],
+                  rejected: list[DeadLetter], keep_raw: bool) -> int:
     try:
-        return write_batch(con, PreparedBatch(rows=rows, records=records))
+        return write_batch(con, PreparedBatch(rows=rows, records=records, table=table))
     except ROW_ERRORS as exc:
         if len(rows) == 1:
             record = records[0] if records else None
@@ -310,18 +345,18 @@ def _write_halves(con: duckdb.DuckDBPyConnection, rows: list[tuple[object, ...]]
                                        keep_raw))
             return 0
     mid = len(rows) // 2
-    return (_write_halves(con, rows[:mid], records[:mid], rejected, keep_raw)
-            + _write_halves(con, rows[mid:], records[mid:], rejected, keep_raw))
+    return (_write_halves(con, table, rows[:mid], records[:mid], rejected, keep_raw)
+            + _write_halves(con, table, rows[mid:], records[mid:], rejected, keep_raw))
 
 
-def _insert_arrow(
-    con: duckdb.DuckDBPyConnection, table: str, key: str, arrays: list[pa.Array], schema: pa.Schema
-) -> int:
+def _insert_arrow(con: duckdb.DuckDBPyConnection, table: KeyedTable, arrays: list[pa.Array]) -> int:
     """Insert an Arrow batch, skipping keys already present; returns the rows inserted."""
-    names = ", ".join(schema.names)
-    with registered(con, f"incoming_{table}", pa.Table.from_arrays(arrays, schema=schema)) as view:
+    names = ", ".join(table.schema.names)
+    incoming = pa.Table.from_arrays(arrays, schema=table.schema)
+    with registered(con, f"incoming_{table.name}", incoming) as view:
         return int(con.execute(
-            f"INSERT INTO {table} ({names}) SELECT {names} FROM {view} ON CONFLICT ({key}) DO NOTHING"
+            f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {view} "
+            f"ON CONFLICT ({table.key}) DO NOTHING"
         ).fetchall()[0][0])
 
 

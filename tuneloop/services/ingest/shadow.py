@@ -2,10 +2,12 @@
 
 The gateway sends one JSON record per shadowed request to ``serving.shadow_topic``
 (key = ``pair_id``): the request, both versions, both answers, both latencies. This
-module lands them in ``shadow_pairs`` (schema in :mod:`tuneloop.services.store.database`) for the canary
-to compare, with the same rules as feedback ingest: writes keyed by ``pair_id`` (a replay is a no-op), offsets
-committed only after the write, and a record that fails the contract kept in
-``dead_letters`` with its reason.
+module lands them in ``shadow_pairs`` (schema in :mod:`tuneloop.services.store.database`)
+for the canary to compare, through feedback ingest's own machinery
+(:mod:`tuneloop.services.ingest.core`): writes keyed by ``pair_id`` (a replay is a
+no-op), a record that fails the contract or the store kept in ``dead_letters`` with its
+reason under the same ``topic:partition:offset:crc`` id, and offsets committed only
+after the write.
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
 
+import pyarrow as pa
 from kafka import KafkaConsumer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuneloop.runtime.settings import Settings
+from tuneloop.services.ingest.core import (
+    DeadLetter,
+    KeyedTable,
+    PreparedBatch,
+    RawRecord,
+    write_isolating,
+)
 from tuneloop.services.store.database import Store
 
 log = logging.getLogger(__name__)
-
 
 
 class ShadowPair(BaseModel):
@@ -46,68 +55,92 @@ class ShadowPair(BaseModel):
     candidate_latency_s: float | None = Field(None, ge=0)
 
 
+SHADOW_TABLE = KeyedTable("shadow_pairs", "pair_id", pa.schema([
+    ("pair_id", pa.string()), ("occurred_at", pa.timestamp("us", tz="UTC")),
+    ("landed_at", pa.timestamp("us", tz="UTC")), ("app", pa.string()),
+    ("response_id", pa.string()), ("messages", pa.string()),
+    ("production_version", pa.string()), ("production_completion", pa.string()),
+    ("production_latency_s", pa.float64()), ("candidate_version", pa.string()),
+    ("candidate_completion", pa.string()), ("candidate_status", pa.int32()),
+    ("candidate_latency_s", pa.float64()),
+]))
+
+
+def prepare_pairs(records: Iterable[RawRecord], now: datetime | None = None,
+                  keep_raw: bool = False) -> PreparedBatch:
+    """Check shadow records against :class:`ShadowPair`: rows for ``shadow_pairs``, and a
+    dead letter (``shadow pair: <field>: <error>``, payload redacted unless ``keep_raw``)
+    for each record that fails. Never raises for bad input; a pair repeated in the batch
+    is counted in ``duplicates_in_batch`` and kept once."""
+    now = now or datetime.now(UTC)
+    batch = PreparedBatch(table=SHADOW_TABLE)
+    seen: set[str] = set()
+    for record in records:
+        try:
+            pair = ShadowPair.model_validate_json(record.value)
+        except ValidationError as exc:
+            batch.dead.append(DeadLetter(record, f"shadow pair: {_reason(exc)}", None, keep_raw))
+            continue
+        if str(pair.pair_id) in seen:
+            batch.duplicates_in_batch += 1
+            continue
+        seen.add(str(pair.pair_id))
+        batch.rows.append(pair_row(pair, now))
+        batch.records.append(record)
+    return batch
+
+
+def pair_row(pair: ShadowPair, landed_at: datetime) -> tuple[object, ...]:
+    """The ``shadow_pairs`` row of a pair, in :data:`SHADOW_TABLE`'s column order."""
+    return (str(pair.pair_id), pair.occurred_at, landed_at, pair.app, pair.response_id,
+            json.dumps(pair.messages), pair.production_version, pair.production_completion,
+            pair.production_latency_s, pair.candidate_version, pair.candidate_completion,
+            pair.candidate_status, pair.candidate_latency_s)
+
+
+def _reason(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+
+
 def land_shadow_pairs(settings: Settings, idle_polls: int = 2, poll_timeout_ms: int = 1000) -> int:
-    """Consume the shadow topic until idle; returns how many new pairs were written."""
+    """Consume the shadow topic until idle; returns how many new pairs were written.
+
+    Raises ``kafka.errors.KafkaError`` when the broker cannot be reached or the commit
+    fails, and DuckDB errors when the store is busy or broken; offsets of a batch not
+    written stay uncommitted, so the next run lands it.
+    """
     cfg = settings.kafka
-    topic = settings.serving.shadow_topic
     consumer = KafkaConsumer(
-        topic, bootstrap_servers=cfg.bootstrap_servers, group_id=f"{cfg.group_id}-shadow",
-        enable_auto_commit=False, auto_offset_reset="earliest",
-        session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+        settings.serving.shadow_topic, bootstrap_servers=cfg.bootstrap_servers,
+        group_id=f"{cfg.group_id}-shadow", enable_auto_commit=False,
+        auto_offset_reset="earliest", session_timeout_ms=cfg.session_timeout_ms,
+        heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         request_timeout_ms=max(cfg.request_timeout_ms, cfg.session_timeout_ms + 1000),
     )
     store = Store(settings.db_path, settings.store.lock_timeout_s)
+    keep_raw = settings.ingest.keep_raw_dead_letters
     landed = idle = 0
     # Polls return nothing while the group is joining (seconds): only count idle ones after.
     join_deadline = time.monotonic() + 6 * cfg.session_timeout_ms / 1000
     try:
         while idle < idle_polls:
-            batches = consumer.poll(timeout_ms=poll_timeout_ms, max_records=5000)
-            records = [r for part in batches.values() for r in part]
+            polled = consumer.poll(timeout_ms=poll_timeout_ms, max_records=5000)
+            records = [RawRecord(r.topic, r.partition, r.offset, r.key, r.value or b"")
+                       for part in polled.values() for r in part]
             if not records:
                 if consumer.assignment() or time.monotonic() > join_deadline:
                     idle += 1
                 continue
             idle = 0
-            landed += _write(store, topic, records)
+            batch = prepare_pairs(records, keep_raw=keep_raw)
+            with store.connect() as con:
+                landed += write_isolating(con, batch, keep_raw)
+            if batch.dead:
+                log.warning("%d shadow records kept as dead letters, e.g. %s: %s",
+                            len(batch.dead), batch.dead[0].dead_letter_id, batch.dead[0].reason)
             consumer.commit()  # only after the rows are durable
     finally:
         consumer.close()
     if landed:
-        log.info("landed %d shadow pairs from %s", landed, topic)
+        log.info("landed %d shadow pairs from %s", landed, settings.serving.shadow_topic)
     return landed
-
-
-def _write(store: Store, topic: str, records: list[Any]) -> int:
-    now = datetime.now(UTC)
-    rows: list[list[Any]] = []
-    dead: list[list[Any]] = []
-    for r in records:
-        try:
-            pair = ShadowPair.model_validate_json(r.value)
-        except ValidationError as exc:
-            reason = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
-            dead.append([str(uuid.uuid5(uuid.NAMESPACE_URL, f"{topic}/{r.partition}/{r.offset}")),
-                         now, topic, r.partition, r.offset,
-                         r.key.decode(errors="replace") if r.key else None, None,
-                         f"shadow pair: {reason}", r.value])
-            continue
-        rows.append([str(pair.pair_id), pair.occurred_at, now, pair.app, pair.response_id,
-                     json.dumps(pair.messages), pair.production_version,
-                     pair.production_completion, pair.production_latency_s,
-                     pair.candidate_version, pair.candidate_completion, pair.candidate_status,
-                     pair.candidate_latency_s])
-    with store.connect() as con:
-        before = int(con.execute("SELECT count(*) FROM shadow_pairs").fetchone()[0])  # type: ignore[index]
-        con.execute("BEGIN TRANSACTION")
-        if rows:
-            con.executemany("INSERT INTO shadow_pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                            "ON CONFLICT DO NOTHING", rows)
-        if dead:
-            con.executemany("INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                            "ON CONFLICT DO NOTHING", dead)
-        con.execute("COMMIT")
-        after = int(con.execute("SELECT count(*) FROM shadow_pairs").fetchone()[0])  # type: ignore[index]
-    if dead:
-        log.warning("%d shadow records kept as dead letters", len(dead))
-    return after - before
