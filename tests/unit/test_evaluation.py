@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tuneloop.services.evaluation.metrics import evaluate_predictions, normalize_label, token_f1
+from tuneloop.services.evaluation.metrics import (
+    encode_labels,
+    evaluate_predictions,
+    macro_f1,
+    normalize_label,
+    token_f1,
+)
 
 
 @pytest.mark.parametrize(
@@ -46,6 +55,40 @@ def test_macro_f1_matches_scikit_learn_on_reference_labels() -> None:
     report = evaluate_predictions(pred, gold, gold)
     expected = f1_score(gold, pred, labels=["x", "y", "z"], average="macro")
     assert report.macro_f1 == pytest.approx(expected)
+
+
+# Labels a gold sequence may hold, and answers that also name labels outside it.
+_GOLD = st.sampled_from(["a", "b", "c", "d", "e"])
+_ANSWER = st.sampled_from(["a", "b", "c", "d", "e", "x", "y"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_GOLD, _ANSWER), min_size=1, max_size=40), st.data())
+def test_the_fast_macro_f1_is_scikit_learns(pairs: list[tuple[str, str]],
+                                             data: st.DataObject) -> None:
+    """The bincount macro-F1 the bootstrap calls equals f1_score(average="macro") over
+    the labels in the references, on every sample and on every resample of it."""
+    from sklearn.metrics import f1_score
+
+    gold, pred = [g for g, _ in pairs], [p for _, p in pairs]
+    codes, (guess,), names = encode_labels(gold, pred)
+    expected = f1_score(gold, pred, labels=names, average="macro", zero_division=0)
+    assert macro_f1(codes, guess, len(names)) == pytest.approx(expected)
+    assert evaluate_predictions(pred, gold, gold).macro_f1 == pytest.approx(expected)
+    # A bootstrap resample keeps the full label coding; labels it lost drop out.
+    idx = np.array(data.draw(st.lists(st.integers(0, len(gold) - 1), min_size=1,
+                                      max_size=len(gold))))
+    kept = sorted({gold[i] for i in idx})
+    resampled = f1_score([gold[i] for i in idx], [pred[i] for i in idx], labels=kept,
+                         average="macro", zero_division=0)
+    assert macro_f1(codes[idx], guess[idx], len(names)) == pytest.approx(resampled)
+
+
+def test_macro_f1_refuses_what_it_cannot_score() -> None:
+    with pytest.raises(ValueError, match="pair them"):
+        macro_f1(np.array([0, 1]), np.array([0]), 2)
+    with pytest.raises(ValueError, match="empty"):
+        macro_f1(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 0)
 
 
 def test_free_text_exact_match_and_similarity() -> None:
