@@ -20,13 +20,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import ServingStack
-from tuneloop.runtime.settings import CanarySettings, Settings
 from tuneloop.services.canary import store as canary_store
 from tuneloop.services.demo import banking77
 from tuneloop.services.demo.simulation import (
@@ -48,6 +49,14 @@ INTENTS = sorted(banking77.intents())
 OLD = INTENTS[0:60:10]  # six intents spread over the alphabet
 NEW = INTENTS[5:65:10]  # six others
 TRAFFIC = banking77.select(banking77.load("test"), OLD + NEW, seed=2)
+# What the tests' canary runs change, as a flow run gets it: dotted setting names.
+# 30 golden examples: one answer moves accuracy by 0.033, so the golden margin is wider
+# than the default 0.05 (a drop inside noise would hold, correctly, and the tests of the
+# live gate would never reach it).
+LIVE: dict[str, Any] = {
+    "canary.window_s": 25, "canary.max_window_s": 120, "canary.poll_s": 2,
+    "canary.min_requests": 12, "canary.min_ratings": 8, "canary.bootstrap_resamples": 1000,
+    "canary.golden_margin": 0.1, "serving.canary_share": 0.5, "serving.shadow_share": 0.0}
 
 
 @dataclass
@@ -55,7 +64,16 @@ class Trained:
     old: str
     flipped: str
     more: list[str]
-    canary_settings: Settings
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stack_environment(serving_stack: ServingStack) -> Iterator[None]:
+    """The flows load their settings themselves, as a deployment's run does: from the
+    environment the stack was started with (its home, ports and admin key)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in serving_stack.env.items():
+            patch.setenv(name, value)
+        yield
 
 
 def _recipe(steps: int) -> RecipeConfig:
@@ -79,17 +97,8 @@ def trained(serving_stack: ServingStack, prefect_server: str) -> Trained:
                                 show_progress=False)
     more = train_and_publish(settings, "cn-more", _recipe(64), "cn-more", show_progress=False)
     promote(settings, old.version, "production", "the first adapter, promoted by hand")
-    # 30 golden examples: one answer moves accuracy by 0.033, so the golden margin is
-    # wider than the default 0.05 (a drop inside noise would hold, correctly, and the
-    # tests of the live gate would never reach it).
-    canary = CanarySettings(window_s=25, max_window_s=120, poll_s=2, min_requests=12,
-                            min_ratings=8, bootstrap_resamples=1000, golden_margin=0.1)
-    live = settings.model_copy(update={
-        "canary": canary,
-        "serving": settings.serving.model_copy(update={"canary_share": 0.5,
-                                                       "shadow_share": 0.0})})
     return Trained(old.version, flipped.version,
-                   [more.version, republish(settings, more.version)], live)
+                   [more.version, republish(settings, more.version)])
 
 
 def _route(stack: ServingStack) -> dict[str, object]:
@@ -105,7 +114,7 @@ def test_a_candidate_trained_on_flipped_labels_is_rejected_offline(
         serving_stack: ServingStack, trained: Trained) -> None:
     from tuneloop.flows.canary import canary
 
-    result = canary(trained.flipped, settings=trained.canary_settings)
+    result = canary(trained.flipped, overrides=LIVE)
     assert result["verdict"] == "reject", result["reason"]
     assert "golden" in result["reason"]
     assert _state(serving_stack, trained.flipped) == "rejected"
@@ -129,10 +138,10 @@ def test_a_candidate_users_rate_down_is_rolled_back_within_the_window(
     bad = trained.more[0]
     users = SimulatedUsers(serving_stack.settings, TRAFFIC, rate_down=bad)
     with users.running():
-        result = canary(bad, settings=trained.canary_settings)
+        result = canary(bad, overrides=LIVE)
     assert result["verdict"] == "rollback", result["reason"]
     assert "bad-rating rate" in result["reason"]
-    assert result["figures"]["live_s"] < trained.canary_settings.canary.max_window_s
+    assert result["figures"]["live_s"] < LIVE["canary.max_window_s"]
     assert _state(serving_stack, bad) == "rejected"
     assert _route(serving_stack)["production"] == trained.old
     assert _route(serving_stack)["candidate"] is None
@@ -145,13 +154,10 @@ def test_a_freeze_blocks_promotion_until_lifted(serving_stack: ServingStack,
                                                 trained: Trained) -> None:
     from tuneloop.flows.canary import canary, check_production
 
-    settings = trained.canary_settings
     good = trained.more[1]
-    strict = settings.model_copy(update={"canary": settings.canary.model_copy(
-        update={"freeze_min_score": 0.999})})
-    checked = check_production(settings=strict)
+    checked = check_production(overrides={**LIVE, "canary.freeze_min_score": 0.999})
     assert checked["verdict"] == "frozen", checked["reason"]
-    result = canary(good, settings=settings)
+    result = canary(good, overrides=LIVE)
     assert result["verdict"] == "frozen"
     assert _state(serving_stack, good) == "candidate"
     assert _route(serving_stack)["candidate"] is None
@@ -173,16 +179,10 @@ def test_a_crash_mid_window_is_safe_and_the_rerun_promotes_the_good_candidate(
     from tuneloop.flows.canary import canary
 
     good = trained.more[1]
-    live = trained.canary_settings.canary
+    with_shadow = {**LIVE, "serving.shadow_share": 0.5}
     env = {**os.environ, **serving_stack.env,
-           "TUNELOOP_SERVING__CANARY_SHARE": "0.5",
-           "TUNELOOP_SERVING__SHADOW_SHARE": "0.5",
-           "TUNELOOP_CANARY__WINDOW_S": str(live.window_s),
-           "TUNELOOP_CANARY__MAX_WINDOW_S": str(live.max_window_s),
-           "TUNELOOP_CANARY__POLL_S": str(live.poll_s),
-           "TUNELOOP_CANARY__MIN_REQUESTS": str(live.min_requests),
-           "TUNELOOP_CANARY__MIN_RATINGS": str(live.min_ratings),
-           "TUNELOOP_CANARY__GOLDEN_MARGIN": str(live.golden_margin)}
+           **{"TUNELOOP_" + name.upper().replace(".", "__"): str(value)
+              for name, value in with_shadow.items()}}
     users = SimulatedUsers(serving_stack.settings, TRAFFIC)
     with users.running():
         output = Path(serving_stack.settings.home) / "canary-run.log"
@@ -211,10 +211,7 @@ def test_a_crash_mid_window_is_safe_and_the_rerun_promotes_the_good_candidate(
         time.sleep(3)
         assert users.served.get(trained.old, 0) > served_before.get(trained.old, 0)
 
-        settings = trained.canary_settings
-        with_shadow = settings.model_copy(update={"serving": settings.serving.model_copy(
-            update={"shadow_share": 0.5})})
-        result = canary(good, settings=with_shadow)
+        result = canary(good, overrides=with_shadow)
     assert result["verdict"] == "promote", result["reason"]
     # The canary also answered production requests unseen; where users labelled the
     # production answer, the report says which side was right.

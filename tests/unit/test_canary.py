@@ -12,14 +12,20 @@ from tuneloop.services.canary.core import (
     Check,
     Decision,
     Paired,
-    Side,
-    _encode,
-    _macro_f1,
+    Plan,
+    another_look,
     combine,
     golden_checks,
     improvement_checks,
-    live_decision,
+    macro_f1_bootstrap,
     only_improvement_holds,
+)
+from tuneloop.services.canary.live import (
+    Side,
+    count_ratings,
+    hold_while_frozen,
+    live_decision,
+    summarise_shadow,
 )
 from tuneloop.services.canary.stats import holm, mann_whitney, mcnemar, paired_bootstrap, two_proportions
 from tuneloop.services.evaluation.metrics import evaluate_predictions
@@ -69,11 +75,18 @@ def test_two_proportions_and_mann_whitney() -> None:
     assert lat.p_slower < 0.001 and lat.p95_ratio == pytest.approx(2.0)
 
 
-def test_fast_macro_f1_matches_the_evaluation_module() -> None:
+def test_the_bootstrap_measures_the_macro_f1_of_the_evaluation_module() -> None:
     p = pairs(8, 0.6, 0.7, seed=3)
-    gold, inc, cand, names = _encode(p)
-    report = evaluate_predictions(p.candidate, p.references, p.labels)
-    assert _macro_f1(gold, cand, len(names)) == pytest.approx(report.macro_f1)
+    labels = [str(g) for g in p.labels]
+    boot = macro_f1_bootstrap(labels, p.incumbent, p.candidate, 0.05, 0.05, resamples=50)
+    before = evaluate_predictions(p.incumbent, p.references, p.labels).macro_f1
+    after = evaluate_predictions(p.candidate, p.references, p.labels).macro_f1
+    assert before is not None and after is not None
+    assert boot.delta == pytest.approx(after - before)
+    figures = golden_checks(p, CFG)[1]["golden_macro_f1"]
+    assert (figures["incumbent"], figures["candidate"]) == pytest.approx((before, after))
+    with pytest.raises(ValueError, match="pair them"):
+        macro_f1_bootstrap(labels, p.incumbent[:-1], p.candidate, 0.05, 0.05)
 
 
 def test_paired_bootstrap_sees_no_difference_between_equal_versions() -> None:
@@ -135,10 +148,15 @@ def test_each_look_tests_the_improvement_at_alpha_over_the_looks() -> None:
     assert combine(checks) == "hold" and "p < 0.0333" in checks[0].threshold
     assert figures["fresh_n"] == 15 and figures["test_n"] == 40 and figures["look"] == 2
     # Held by the improvement test alone: another look on more data can settle it.
-    assert only_improvement_holds(Decision("offline", "v2", "v1", "hold", checks))
+    held = Decision("offline", "v2", "v1", "hold", checks, figures)
+    assert only_improvement_holds(held)
+    looks = CanarySettings(offline_looks=3, alpha=0.1)
+    assert another_look(held, looks) == 3
+    last = Decision("offline", "v2", "v1", "hold", checks, {**figures, "look": 3})
+    assert another_look(last, looks) is None
     golden_hold = Check("golden macro-F1 (paired bootstrap)", "hold", -0.1, 0.08, "", "")
-    assert not only_improvement_holds(Decision("offline", "v2", "v1", "hold",
-                                               [golden_hold, *checks]))
+    both = Decision("offline", "v2", "v1", "hold", [golden_hold, *checks], figures)
+    assert not only_improvement_holds(both) and another_look(both, looks) is None
 
 
 def test_free_text_is_judged_by_exact_match() -> None:
@@ -199,3 +217,43 @@ def test_latency_against_the_base_model_is_gated_only_when_configured() -> None:
 def test_ratings_not_required_when_min_ratings_is_zero() -> None:
     cfg = CanarySettings(window_s=60, max_window_s=120, min_requests=50, min_ratings=0)
     assert live_decision("v2", None, side(60), side(60, seed=1), 61, cfg).verdict == "promote"
+
+
+def test_a_freeze_holds_a_promotion_until_the_maximum_window() -> None:
+    def promoted() -> Decision:
+        return live_decision("v2", "v1", side(60, ratings=25), side(400, ratings=80, seed=1),
+                             61, LIVE)
+
+    assert hold_while_frozen(promoted(), False, 61, LIVE).verdict == "promote"
+    assert hold_while_frozen(promoted(), True, 61, LIVE).verdict == "hold"
+    assert hold_while_frozen(promoted(), True, 121, LIVE).verdict == "rollback"
+    rolled = live_decision("v2", "v1", side(10), side(90), 121, LIVE)
+    assert hold_while_frozen(rolled, True, 121, LIVE).verdict == "rollback"
+
+
+def test_the_plan_says_where_a_rerun_goes_on() -> None:
+    def plan(state: str, freeze: str | None = None) -> Plan:
+        return Plan("v2", state, "v1", freeze, None)
+
+    assert plan("candidate").step == "offline"
+    assert plan("candidate", "golden score fell").step == "frozen"
+    assert plan("canary", "golden score fell").step == "live"  # the window holds instead
+    assert plan("production").step == plan("rejected").step == "done"
+    frozen = plan("candidate", "golden score fell").frozen()
+    assert (frozen.stage, frozen.verdict, frozen.figures) == (
+        "offline", "frozen", {"freeze": "golden score fell"})
+
+
+def test_ratings_count_the_last_verdict_and_corrections_to_something_else() -> None:
+    rows = [("v2", 1.0, None, "refund"), ("v2", 5.0, None, "refund"),
+            ("v2", None, "  Refund ", "refund"), ("v2", None, "top_up", "refund"),
+            (None, 2.0, None, "x"), ("v9", 1.0, None, "y")]
+    assert count_ratings(rows, ["v2", None], bad_below=3) == {"v2": (4, 2), None: (1, 1)}
+
+
+def test_the_shadow_summary_says_which_side_was_right() -> None:
+    rows = [("refund", "Refund", "refund", None), ("refund", "top_up", None, "top_up"),
+            ("lost_card", None, None, None)]
+    assert summarise_shadow(rows) == {"pairs": 3, "agreement": 1 / 3, "with_truth": 2,
+                                      "production_right": 1, "candidate_right": 2}
+    assert summarise_shadow([])["agreement"] is None

@@ -36,16 +36,17 @@ def run_cmd(
     from tuneloop.runtime.settings import SettingsError, load_settings
 
     base = settings_of(ctx)
+    # A longer window than the maximum raises the maximum with it.
+    longest = max(window_s, base.canary.max_window_s) if window_s else None
+    overrides = {name: value for name, value in (
+        ("canary.window_s", window_s), ("canary.max_window_s", longest),
+        ("serving.canary_share", share)) if value is not None}
     try:
-        # A longer window than the maximum raises the maximum with it.
-        longest = max(window_s, base.canary.max_window_s) if window_s else None
-        settings = load_settings({"home": base.home, "canary.window_s": window_s,
-                                  "canary.max_window_s": longest,
-                                  "serving.canary_share": share})
+        load_settings(overrides)  # a bad value fails here, before a flow run starts
     except (ValidationError, SettingsError) as exc:
         raise fail(f"invalid settings:\n{exc}") from None
     try:
-        result = canary(version, settings=settings)
+        result = canary(version, overrides=overrides or None)
     except ValueError as exc:
         raise fail(str(exc)) from None
     colour = {"promote": "green", "reject": "red", "rollback": "red"}.get(result["verdict"],
@@ -60,26 +61,16 @@ def rollback_cmd(
     reason: str = typer.Option(..., "--reason", help="Why; recorded in deployments."),
     to: str | None = typer.Option(None, "--to", help="Retired version to restore."),
 ) -> None:
-    """Take the live canary off traffic; with none, roll production back to the last version."""
+    """Take the live canary off traffic; with none, roll production back to the last version.
+
+    Recorded as a decision (stage ``manual``) and counted in the loop's metrics, as the
+    canary flow's own verdicts are.
+    """
     from tuneloop.cli.training import _change
-    from tuneloop.services.canary import store as canary_store
-    from tuneloop.services.canary.core import Decision
-    from tuneloop.serving.control import registry_route, reject, rollback
+    from tuneloop.serving.canary.manual import rollback_by_hand
 
     settings = settings_of(ctx)
-    route = registry_route(settings, settings.serving.alias)
-    why = f"manual rollback: {reason}"
-    candidate: str | None
-    if route.canary is not None and to is None:
-        _change(lambda: reject(settings, route.canary or "", why))
-        candidate, incumbent = route.canary, route.production
-    else:
-        plan = _change(lambda: rollback(settings, why, to))
-        candidate = route.production
-        incumbent = next((t.version for t in plan if t.to_state == "production"), None)
-    with store_of(settings).connect() as con:
-        canary_store.record_decision(con, Decision("manual", candidate, incumbent, "rollback",
-                                                   figures={"reason": reason}), None)
+    _change(lambda: rollback_by_hand(settings, reason, to).transitions)
 
 
 @canary_app.command("check")
@@ -87,7 +78,7 @@ def check_cmd(ctx: typer.Context) -> None:
     """Evaluate production on the golden set now; freeze promotions if it fell too far."""
     from tuneloop.flows.canary import check_production
 
-    result = check_production(settings=settings_of(ctx))
+    result = check_production()
     console.print(f"production check: [bold]{result['verdict']}[/]: {result['reason']}")
 
 

@@ -1,5 +1,8 @@
 """The canary's decisions: pure functions from paired answers and live windows to a verdict.
 
+This module holds what both gates share (:class:`Check`, :class:`Decision`, :class:`Plan`)
+and the offline gate; the live gate is :mod:`tuneloop.services.canary.live`.
+
 Two gates stand between a candidate adapter and production traffic:
 
 1. **Offline.** The candidate and the incumbent (the production version, or the base
@@ -30,15 +33,13 @@ from typing import Any
 import numpy as np
 
 from tuneloop.runtime.settings import CanarySettings
-from tuneloop.services.canary.stats import (
-    Bootstrap,
-    holm,
-    mann_whitney,
-    mcnemar,
-    paired_bootstrap,
-    two_proportions,
+from tuneloop.services.canary.stats import Bootstrap, holm, mcnemar, paired_bootstrap
+from tuneloop.services.evaluation.metrics import (
+    encode_labels,
+    macro_f1,
+    normalize_label,
+    normalize_text,
 )
-from tuneloop.services.evaluation.metrics import normalize_label, normalize_text
 
 PASS, FAIL, HOLD, INFO = "pass", "fail", "hold", "info"
 
@@ -101,6 +102,37 @@ def combine(checks: Sequence[Check], passed: str = "pass", failed: str = "reject
     return passed
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Where a candidate stands when the canary flow starts, or starts again after a crash."""
+
+    candidate: str
+    state: str  # its registry state
+    incumbent: str | None  # the alias's production version; None: the base model
+    freeze: str | None  # the active deployment freeze's reason, if any
+    live_started_at: float | None  # when its live window opened, if it did
+
+    @property
+    def step(self) -> str:
+        """What the flow does next.
+
+        ``done``: already decided (a repeated trigger, or a rerun after the verdict);
+        ``frozen``: a candidate waits, untouched, while promotions are frozen;
+        ``offline``: the offline gate; ``live``: the live window (resumed when a rerun
+        finds the candidate already the canary; a freeze holds its promotion instead).
+        """
+        if self.state not in ("candidate", "canary"):
+            return "done"
+        if self.state == "canary":
+            return "live"
+        return "frozen" if self.freeze is not None else "offline"
+
+    def frozen(self) -> Decision:
+        """The decision recorded for a candidate that waits out a freeze."""
+        return Decision("offline", self.candidate, self.incumbent, "frozen",
+                        figures={"freeze": self.freeze})
+
+
 # ------------------------------------------------------------------ offline gate
 @dataclass(frozen=True)
 class Paired:
@@ -139,28 +171,43 @@ def golden_checks(golden: Paired, cfg: CanarySettings) -> tuple[list[Check], dic
         "golden_n": len(golden.references),
         "golden_accuracy": {"incumbent": _mean(inc_right), "candidate": _mean(cand_right)},
     }
-    checks: list[Check] = []
+    label_checks: list[Check] = []
     if golden.labelled:
-        gold, inc_pred, cand_pred, names = _encode(golden)
-        boot = macro_f1_bootstrap([str(g) for g in golden.labels], golden.incumbent,
-                                  golden.candidate, cfg.golden_margin, cfg.alpha,
-                                  cfg.bootstrap_resamples, cfg.seed)
         metric = "macro-F1"
-        figures["golden_macro_f1"] = {
-            "incumbent": _macro_f1(gold, inc_pred, len(names)),
-            "candidate": _macro_f1(gold, cand_pred, len(names)),
-            "delta_ci": [boot.low, boot.high]}
-        per_label, label_checks = _label_checks(golden, inc_right, cand_right, cfg)
-        figures["golden_per_label"] = per_label
+        boot, figures["golden_macro_f1"] = _macro_f1_delta(golden, cfg)
+        figures["golden_per_label"], label_checks = _label_checks(golden, inc_right,
+                                                                  cand_right, cfg)
     else:
+        metric = "exact match"
         right_i = np.array(inc_right, dtype=float)
         right_c = np.array(cand_right, dtype=float)
         boot = paired_bootstrap(lambda idx: float(right_i[idx].mean()),
                                 lambda idx: float(right_c[idx].mean()),
                                 len(right_i), cfg.golden_margin, cfg.alpha,
                                 cfg.bootstrap_resamples, cfg.seed)
-        metric = "exact match"
-        label_checks = []
+    paired = mcnemar(inc_right, cand_right)
+    accuracy = Check("golden accuracy (McNemar)", INFO,
+                     float(paired.only_candidate - paired.only_incumbent), paired.p_worse,
+                     "reported, not gating",
+                     f"candidate alone right {paired.only_candidate}, incumbent alone right "
+                     f"{paired.only_incumbent}")
+    return [_margin_check(metric, boot, cfg), accuracy, *label_checks], figures
+
+
+def _macro_f1_delta(golden: Paired, cfg: CanarySettings) -> tuple[Bootstrap, dict[str, Any]]:
+    """The bootstrap of the macro-F1 difference, and both versions' macro-F1."""
+    gold, (inc, cand), names = _encode(golden.labels, golden.incumbent, golden.candidate)
+    boot = macro_f1_bootstrap([str(g) for g in golden.labels], golden.incumbent,
+                              golden.candidate, cfg.golden_margin, cfg.alpha,
+                              cfg.bootstrap_resamples, cfg.seed)
+    return boot, {"incumbent": macro_f1(gold, inc, len(names)),
+                  "candidate": macro_f1(gold, cand, len(names)),
+                  "delta_ci": [boot.low, boot.high]}
+
+
+def _margin_check(metric: str, boot: Bootstrap, cfg: CanarySettings) -> Check:
+    """Fail on a significant drop beyond the margin; hold on a drop beyond it that noise
+    explains; else pass."""
     threshold = f"fail if p < {cfg.alpha} that it is worse by more than {cfg.golden_margin}"
     detail = f"{metric} delta {boot.delta:+.3f} [{boot.low:+.3f}, {boot.high:+.3f}]"
     if boot.p_beyond_margin < cfg.alpha:
@@ -169,15 +216,8 @@ def golden_checks(golden: Paired, cfg: CanarySettings) -> tuple[list[Check], dic
         outcome, detail = HOLD, detail + ": below the margin, not significantly"
     else:
         outcome = PASS
-    checks.append(Check(f"golden {metric} (paired bootstrap)", outcome, boot.delta,
-                        boot.p_beyond_margin, threshold, detail))
-    paired = mcnemar(inc_right, cand_right)
-    checks.append(Check("golden accuracy (McNemar)", INFO,
-                        float(paired.only_candidate - paired.only_incumbent), paired.p_worse,
-                        "reported, not gating",
-                        f"candidate alone right {paired.only_candidate}, incumbent alone right "
-                        f"{paired.only_incumbent}"))
-    return checks + label_checks, figures
+    return Check(f"golden {metric} (paired bootstrap)", outcome, boot.delta,
+                 boot.p_beyond_margin, threshold, detail)
 
 
 def improvement_checks(test: Paired, cfg: CanarySettings, fresh_n: int = 0,
@@ -225,30 +265,40 @@ def only_improvement_holds(decision: Decision) -> bool:
         c.name.startswith("test split improvement") for c in held)
 
 
+def another_look(decision: Decision, cfg: CanarySettings) -> int | None:
+    """The number of the next offline look at the same candidate, or None when the
+    verdict stands: only an improvement held by too little data is looked at again,
+    at most ``cfg.offline_looks`` times."""
+    if not only_improvement_holds(decision):
+        return None
+    seen = int(decision.figures.get("look", cfg.offline_looks))
+    return seen + 1 if seen < cfg.offline_looks else None
+
+
 def _label_checks(golden: Paired, inc_right: list[bool], cand_right: list[bool],
                   cfg: CanarySettings) -> tuple[dict[str, Any], list[Check]]:
+    from tuneloop.services.evaluation.metrics import classification_breakdown
+
     labels = [normalize_label(str(g)) for g in golden.labels]
     names = sorted(set(labels))
-    f1_inc = _per_label_f1(labels, [normalize_label(a) for a in golden.incumbent])
-    f1_cand = _per_label_f1(labels, [normalize_label(a) for a in golden.candidate])
+    f1_inc = classification_breakdown([normalize_label(a) for a in golden.incumbent], labels)
+    f1_cand = classification_breakdown([normalize_label(a) for a in golden.candidate], labels)
     p_worse = []
     for name in names:
         idx = [i for i, g in enumerate(labels) if g == name]
         p_worse.append(mcnemar([inc_right[i] for i in idx], [cand_right[i] for i in idx]).p_worse)
-    adjusted = holm(p_worse)
     per_label: dict[str, Any] = {}
     checks: list[Check] = []
-    for name, p_adj in zip(names, adjusted, strict=True):
-        drop = f1_inc[name] - f1_cand[name]
-        per_label[name] = {"incumbent_f1": f1_inc[name], "candidate_f1": f1_cand[name],
-                           "p_worse_holm": p_adj}
-        if drop > cfg.label_margin:
+    for name, p_adj in zip(names, holm(p_worse), strict=True):
+        before, after = f1_inc[name].f1, f1_cand[name].f1
+        per_label[name] = {"incumbent_f1": before, "candidate_f1": after, "p_worse_holm": p_adj}
+        if before - after > cfg.label_margin:
             significant = p_adj < cfg.alpha
             checks.append(Check(
-                f"golden label {name} (McNemar, Holm)", FAIL if significant else INFO, -drop,
-                p_adj, f"fail if F1 drops > {cfg.label_margin} with p < {cfg.alpha}",
-                f"F1 {f1_inc[name]:.2f} -> {f1_cand[name]:.2f}"
-                + ("" if significant else ": not significant")))
+                f"golden label {name} (McNemar, Holm)", FAIL if significant else INFO,
+                after - before, p_adj,
+                f"fail if F1 drops > {cfg.label_margin} with p < {cfg.alpha}",
+                f"F1 {before:.2f} -> {after:.2f}" + ("" if significant else ": not significant")))
     return per_label, checks
 
 
@@ -257,117 +307,22 @@ def macro_f1_bootstrap(labels: Sequence[str], incumbent: Sequence[str],
                        resamples: int = 2000, seed: int = 0) -> Bootstrap:
     """Macro-F1 of ``candidate`` minus ``incumbent`` on the same labelled examples, with
     the paired bootstrap's interval and the p-value that it is worse by more than
-    ``margin``."""
-    gold, inc_pred, cand_pred, names = _encode(
-        Paired(list(labels), list(labels), list(incumbent), list(candidate)))
-    return paired_bootstrap(lambda idx: _macro_f1(gold[idx], inc_pred[idx], len(names)),
-                            lambda idx: _macro_f1(gold[idx], cand_pred[idx], len(names)),
+    ``margin``. Raises ``ValueError`` when the lengths differ or there are no examples."""
+    if not len(labels) == len(incumbent) == len(candidate):
+        raise ValueError(f"{len(labels)} labels, {len(incumbent)} incumbent and "
+                         f"{len(candidate)} candidate answers: pair them")
+    gold, (inc, cand), names = _encode(labels, incumbent, candidate)
+    return paired_bootstrap(lambda idx: macro_f1(gold[idx], inc[idx], len(names)),
+                            lambda idx: macro_f1(gold[idx], cand[idx], len(names)),
                             len(gold), margin, alpha, resamples, seed)
 
 
-def _encode(golden: Paired) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    gold = [normalize_label(str(g)) for g in golden.labels]
-    names = sorted(set(gold))
-    index = {n: i for i, n in enumerate(names)}
-
-    def codes(answers: Sequence[str]) -> np.ndarray:
-        return np.array([index.get(normalize_label(a), -1) for a in answers], dtype=np.int64)
-
-    return (np.array([index[g] for g in gold], dtype=np.int64), codes(golden.incumbent),
-            codes(golden.candidate), names)
-
-
-def _macro_f1(gold: np.ndarray, pred: np.ndarray, k: int) -> float:
-    """Macro-F1 over the labels present in ``gold``: F1 = 2TP / (predicted + support)."""
-    support = np.bincount(gold, minlength=k)
-    tp = np.bincount(gold[gold == pred], minlength=k)
-    predicted = np.bincount(pred[pred >= 0], minlength=k)
-    present = support > 0
-    f1 = 2 * tp[present] / (predicted[present] + support[present])
-    return float(f1.mean())
-
-
-def _per_label_f1(gold: list[str], pred: list[str]) -> dict[str, float]:
-    out = {}
-    for name in sorted(set(gold)):
-        tp = sum(1 for g, p in zip(gold, pred, strict=True) if g == p == name)
-        out[name] = 2 * tp / (sum(p == name for p in pred) + sum(g == name for g in gold))
-    return out
+def _encode(labels: Sequence[str | None], *answers: Sequence[str]
+            ) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """Labels and answers normalised, then as the integer codes :func:`macro_f1` takes."""
+    return encode_labels([normalize_label(str(g)) for g in labels],
+                         *([normalize_label(a) for a in given] for given in answers))
 
 
 def _mean(values: Sequence[bool]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-# ------------------------------------------------------------------ live gate
-@dataclass
-class Side:
-    """What one version did for users in the window."""
-
-    requests: int = 0
-    errors: int = 0
-    latencies_s: list[float] = field(default_factory=list)
-    ratings: int = 0
-    bad_ratings: int = 0
-
-
-def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
-                  elapsed_s: float, cfg: CanarySettings) -> Decision:
-    """Promote, roll back or hold, from both versions' window so far."""
-    checks: list[Check] = []
-    figures: dict[str, Any] = {
-        "elapsed_s": round(elapsed_s, 1),
-        "requests": {"candidate": cand.requests, "incumbent": inc.requests},
-        "errors": {"candidate": cand.errors, "incumbent": inc.errors},
-        "ratings": {"candidate": cand.ratings, "incumbent": inc.ratings},
-        "bad_ratings": {"candidate": cand.bad_ratings, "incumbent": inc.bad_ratings},
-    }
-    enough = min(cand.requests, inc.requests) >= cfg.min_requests and \
-        min(cand.ratings, inc.ratings) >= cfg.min_ratings
-    checks.append(Check(
-        "minimum sample", PASS if enough else HOLD, float(min(cand.requests, inc.requests)), None,
-        f">= {cfg.min_requests} requests and >= {cfg.min_ratings} ratings a side",
-        f"requests {cand.requests}/{inc.requests}, ratings {cand.ratings}/{inc.ratings} "
-        "(candidate/production)"))
-    if min(cand.requests, inc.requests) >= cfg.min_requests:
-        err = two_proportions(cand.errors, cand.requests, inc.errors, inc.requests)
-        checks.append(Check(
-            "error rate (two-proportion z)", FAIL if err.p_worse < cfg.alpha else PASS, err.z,
-            err.p_worse, f"fail if higher with p < {cfg.alpha}",
-            f"{err.candidate_rate:.2%} vs {err.incumbent_rate:.2%}"))
-        figures["error_rate"] = {"candidate": err.candidate_rate, "incumbent": err.incumbent_rate}
-        if cand.latencies_s and inc.latencies_s:
-            lat = mann_whitney(cand.latencies_s, inc.latencies_s)
-            limit = cfg.max_p95_ratio if incumbent is not None else cfg.base_p95_ratio
-            slower = limit is not None and lat.p_slower < cfg.alpha and lat.p95_ratio > limit
-            checks.append(Check(
-                "latency (Mann-Whitney U)", FAIL if slower else PASS, lat.u, lat.p_slower,
-                f"fail if slower with p < {cfg.alpha} and p95 ratio > {limit}" if limit else
-                "not gated against the base model (canary.base_p95_ratio)",
-                f"p95 {lat.candidate_p95_s * 1000:.0f} ms vs {lat.incumbent_p95_s * 1000:.0f} ms "
-                f"(ratio {lat.p95_ratio:.2f})"))
-            figures["latency_p95_s"] = {"candidate": lat.candidate_p95_s,
-                                        "incumbent": lat.incumbent_p95_s}
-    if cfg.min_ratings > 0 and min(cand.ratings, inc.ratings) >= cfg.min_ratings:
-        bad = two_proportions(cand.bad_ratings, cand.ratings, inc.bad_ratings, inc.ratings)
-        checks.append(Check(
-            "bad-rating rate (two-proportion z)", FAIL if bad.p_worse < cfg.alpha else PASS,
-            bad.z, bad.p_worse, f"fail if higher with p < {cfg.alpha}",
-            f"{bad.candidate_rate:.2%} vs {bad.incumbent_rate:.2%} of rated answers"))
-        figures["bad_rating_rate"] = {"candidate": bad.candidate_rate,
-                                      "incumbent": bad.incumbent_rate}
-    if any(c.outcome == FAIL for c in checks):
-        verdict = "rollback"
-    elif not enough:
-        verdict = "rollback" if elapsed_s >= cfg.max_window_s else "hold"
-        if verdict == "rollback":
-            checks.append(Check("maximum window", FAIL, elapsed_s, None,
-                                f"a verdict within {cfg.max_window_s:.0f}s",
-                                "the minimum sample never arrived: no evidence, no promotion"))
-    elif elapsed_s < cfg.window_s:
-        verdict = "hold"
-        checks.append(Check("window", HOLD, elapsed_s, None, f">= {cfg.window_s:.0f}s",
-                            "the window is still open"))
-    else:
-        verdict = "promote"
-    return Decision("live", candidate, incumbent, verdict, checks, figures)

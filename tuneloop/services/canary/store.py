@@ -1,4 +1,5 @@
-"""The canary's records in DuckDB: decisions, deployment freezes, cached evaluation answers.
+"""The canary's records in DuckDB: decisions, deployment freezes, cached evaluation answers,
+and the reads of the live window (ratings, shadow pairs). Every canary query is here.
 
 - ``canary_decisions``: every verdict of every gate with its checks and figures. A
   live window's start is a decision too (verdict ``start``), so a rerun after a crash
@@ -20,11 +21,14 @@ from typing import Any
 
 import duckdb
 
-from tuneloop.services.canary.core import Decision
+from tuneloop.services.canary.core import Decision, Plan
+from tuneloop.services.registry import store as registry
 
 
 def record_decision(con: duckdb.DuckDBPyConnection, decision: Decision,
                     run_id: str | None) -> str:
+    """Insert one decision row; returns its id. Only the row: the loop's counters and the
+    plot come with :func:`tuneloop.services.canary.records.record`."""
     decision_id = str(uuid.uuid4())
     con.execute(
         "INSERT INTO canary_decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -63,6 +67,37 @@ def live_started_at(con: duckdb.DuckDBPyConnection, candidate: str) -> float | N
         "SELECT figures FROM canary_decisions WHERE candidate = ? AND stage = 'live' AND "
         "verdict = 'start' ORDER BY created_at DESC LIMIT 1", [candidate]).fetchall()
     return float(_json(rows[0][0])["started_at"]) if rows else None
+
+
+def latest_figures(con: duckdb.DuckDBPyConnection, candidate: str | None,
+                   stage: str) -> dict[str, Any]:
+    """The figures of ``candidate``'s newest ``stage`` decision; empty when it has none."""
+    rows = con.execute(
+        "SELECT figures FROM canary_decisions WHERE candidate = ? AND stage = ? "
+        "ORDER BY created_at DESC LIMIT 1", [candidate, stage]).fetchall()
+    return dict(_json(rows[0][0]) or {}) if rows else {}
+
+
+def gate_plan(con: duckdb.DuckDBPyConnection, alias: str, candidate: str | None) -> Plan:
+    """Where ``candidate`` (default: ``alias``'s newest candidate or canary) stands.
+
+    Raises ``ValueError`` when there is no candidate, or ``candidate`` is another
+    alias's, and ``RegistryError`` when it does not exist.
+    """
+    if candidate is None:
+        newest = registry.latest_candidate(con, alias, in_canary=True)
+        if newest is None:
+            raise ValueError(f"no candidate adapter of {alias!r} to check; train one with "
+                             "`tuneloop train`")
+        candidate = newest.version
+    adapter = registry.get_adapter(con, candidate)
+    if adapter.alias != alias:
+        raise ValueError(f"adapter {candidate} serves {adapter.alias!r}, not {alias!r}: "
+                         f"run the canary with serving.alias={adapter.alias!r}")
+    production = registry.production(con, alias)
+    freeze = active_freeze(con)
+    return Plan(candidate, adapter.state, production.version if production else None,
+                freeze["reason"] if freeze else None, live_started_at(con, candidate))
 
 
 def promoted_score(con: duckdb.DuckDBPyConnection, version: str) -> float | None:
@@ -107,6 +142,33 @@ def lift(con: duckdb.DuckDBPyConnection, reason: str) -> int:
     con.execute("UPDATE freezes SET lifted_at = ?, lift_reason = ? WHERE lifted_at IS NULL",
                 [datetime.now(UTC), reason])
     return int(active)
+
+
+# ------------------------------------------------------------------ the live window
+def rated_answers(con: duckdb.DuckDBPyConnection, alias: str, since: datetime,
+                  until: datetime) -> list[tuple[str | None, float | None, str | None, str]]:
+    """One row per rated or corrected answer of ``alias`` given in [since, until): its
+    version, last rating, last correction and the answer (the last verdict counts)."""
+    rows: list[tuple[str | None, float | None, str | None, str]] = con.execute(
+        "SELECT adapter_version, arg_max(rating, ingested_at), arg_max(correction, ingested_at),"
+        " any_value(completion) FROM feedback WHERE app = ? AND occurred_at >= ? AND "
+        "occurred_at < ? AND (rating IS NOT NULL OR correction IS NOT NULL) "
+        "GROUP BY adapter_version, request_id", [alias, since, until]).fetchall()
+    return rows
+
+
+def shadow_answers(con: duckdb.DuckDBPyConnection, candidate: str, since: datetime
+                   ) -> list[tuple[str, str | None, str | None, str | None]]:
+    """The candidate's shadow pairs since ``since`` that it answered without error:
+    production's answer, the candidate's, and the last label and correction users gave."""
+    rows: list[tuple[str, str | None, str | None, str | None]] = con.execute(
+        "SELECT s.production_completion, s.candidate_completion, f.label, f.correction "
+        "FROM shadow_pairs s LEFT JOIN (SELECT request_id, arg_max(label, ingested_at) AS label,"
+        " arg_max(correction, ingested_at) AS correction FROM feedback WHERE label IS NOT NULL"
+        " OR correction IS NOT NULL GROUP BY request_id) f ON f.request_id = s.response_id "
+        "WHERE s.candidate_version = ? AND s.occurred_at >= ? AND s.candidate_status < 400",
+        [candidate, since]).fetchall()
+    return rows
 
 
 # ------------------------------------------------------------------ answer cache

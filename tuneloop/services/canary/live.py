@@ -1,0 +1,154 @@
+"""The live gate's decisions: pure functions from both versions' window to a verdict.
+
+The candidate answers a sticky share of users for a window; its error rate and
+bad-rating rate (two-proportion z-tests) and its latency (Mann-Whitney U and the p95
+ratio) are compared with production's over the same window. Three outcomes, as in Argo
+Rollouts and Kayenta: promote, roll back, or hold and extend the window, up to a
+maximum, then roll back. A deployment freeze turns a promotion into a hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneloop.runtime.settings import CanarySettings
+from tuneloop.services.canary.core import FAIL, HOLD, PASS, Check, Decision
+from tuneloop.services.canary.stats import mann_whitney, two_proportions
+from tuneloop.services.evaluation.metrics import normalize_label, normalize_text
+
+
+@dataclass
+class Side:
+    """What one version did for users in the window."""
+
+    requests: int = 0
+    errors: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    ratings: int = 0
+    bad_ratings: int = 0
+
+
+def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
+                  elapsed_s: float, cfg: CanarySettings) -> Decision:
+    """Promote, roll back or hold, from both versions' window so far."""
+    figures: dict[str, Any] = {
+        "elapsed_s": round(elapsed_s, 1),
+        "requests": {"candidate": cand.requests, "incumbent": inc.requests},
+        "errors": {"candidate": cand.errors, "incumbent": inc.errors},
+        "ratings": {"candidate": cand.ratings, "incumbent": inc.ratings},
+        "bad_ratings": {"candidate": cand.bad_ratings, "incumbent": inc.bad_ratings},
+    }
+    enough = min(cand.requests, inc.requests) >= cfg.min_requests and \
+        min(cand.ratings, inc.ratings) >= cfg.min_ratings
+    checks = [Check(
+        "minimum sample", PASS if enough else HOLD, float(min(cand.requests, inc.requests)), None,
+        f">= {cfg.min_requests} requests and >= {cfg.min_ratings} ratings a side",
+        f"requests {cand.requests}/{inc.requests}, ratings {cand.ratings}/{inc.ratings} "
+        "(candidate/production)")]
+    if min(cand.requests, inc.requests) >= cfg.min_requests:
+        checks += _request_checks(cand, inc, incumbent is None, cfg, figures)
+    if cfg.min_ratings > 0 and min(cand.ratings, inc.ratings) >= cfg.min_ratings:
+        bad = two_proportions(cand.bad_ratings, cand.ratings, inc.bad_ratings, inc.ratings)
+        checks.append(Check(
+            "bad-rating rate (two-proportion z)", FAIL if bad.p_worse < cfg.alpha else PASS,
+            bad.z, bad.p_worse, f"fail if higher with p < {cfg.alpha}",
+            f"{bad.candidate_rate:.2%} vs {bad.incumbent_rate:.2%} of rated answers"))
+        figures["bad_rating_rate"] = {"candidate": bad.candidate_rate,
+                                      "incumbent": bad.incumbent_rate}
+    verdict, more = _verdict(checks, enough, elapsed_s, cfg)
+    return Decision("live", candidate, incumbent, verdict, checks + more, figures)
+
+
+def _request_checks(cand: Side, inc: Side, against_base: bool, cfg: CanarySettings,
+                    figures: dict[str, Any]) -> list[Check]:
+    """Error rate and latency, once both sides have the minimum of requests."""
+    err = two_proportions(cand.errors, cand.requests, inc.errors, inc.requests)
+    checks = [Check(
+        "error rate (two-proportion z)", FAIL if err.p_worse < cfg.alpha else PASS, err.z,
+        err.p_worse, f"fail if higher with p < {cfg.alpha}",
+        f"{err.candidate_rate:.2%} vs {err.incumbent_rate:.2%}")]
+    figures["error_rate"] = {"candidate": err.candidate_rate, "incumbent": err.incumbent_rate}
+    if cand.latencies_s and inc.latencies_s:
+        lat = mann_whitney(cand.latencies_s, inc.latencies_s)
+        # The base model answers without an adapter, so it is faster by nature: latency
+        # against it is gated only when canary.base_p95_ratio says how much slower is fine.
+        limit = cfg.base_p95_ratio if against_base else cfg.max_p95_ratio
+        slower = limit is not None and lat.p_slower < cfg.alpha and lat.p95_ratio > limit
+        checks.append(Check(
+            "latency (Mann-Whitney U)", FAIL if slower else PASS, lat.u, lat.p_slower,
+            f"fail if slower with p < {cfg.alpha} and p95 ratio > {limit}" if limit else
+            "not gated against the base model (canary.base_p95_ratio)",
+            f"p95 {lat.candidate_p95_s * 1000:.0f} ms vs {lat.incumbent_p95_s * 1000:.0f} ms "
+            f"(ratio {lat.p95_ratio:.2f})"))
+        figures["latency_p95_s"] = {"candidate": lat.candidate_p95_s,
+                                    "incumbent": lat.incumbent_p95_s}
+    return checks
+
+
+def _verdict(checks: list[Check], enough: bool, elapsed_s: float,
+             cfg: CanarySettings) -> tuple[str, list[Check]]:
+    """The verdict, and the check that explains a verdict of time (window or maximum)."""
+    if any(c.outcome == FAIL for c in checks):
+        return "rollback", []
+    if not enough:
+        if elapsed_s < cfg.max_window_s:
+            return "hold", []
+        return "rollback", [Check("maximum window", FAIL, elapsed_s, None,
+                                  f"a verdict within {cfg.max_window_s:.0f}s",
+                                  "the minimum sample never arrived: no evidence, no promotion")]
+    if elapsed_s < cfg.window_s:
+        return "hold", [Check("window", HOLD, elapsed_s, None, f">= {cfg.window_s:.0f}s",
+                              "the window is still open")]
+    return "promote", []
+
+
+def hold_while_frozen(decision: Decision, frozen: bool, elapsed_s: float,
+                      cfg: CanarySettings) -> Decision:
+    """A promotion waits while promotions are frozen; past the maximum window it rolls
+    back instead, so a canary never holds its share of users for ever."""
+    if decision.verdict != "promote" or not frozen:
+        return decision
+    decision.verdict = "rollback" if elapsed_s >= cfg.max_window_s else "hold"
+    return decision
+
+
+def count_ratings(rows: Iterable[tuple[str | None, float | None, str | None, str]],
+                  versions: Sequence[str | None], bad_below: float
+                  ) -> dict[str | None, tuple[int, int]]:
+    """(rated answers, bad ones) per version, from one row per rated answer:
+    (version, last rating, last correction, the answer).
+
+    A rating below ``bad_below`` is bad; an answer corrected to something else is bad too.
+    Versions not in ``versions`` are left out.
+    """
+    out: dict[str | None, tuple[int, int]] = {v: (0, 0) for v in versions}
+    for version, rating, correction, completion in rows:
+        if version not in out:
+            continue
+        if rating is not None:
+            bad = rating < bad_below
+        else:
+            bad = normalize_text(correction or "") != normalize_text(completion)
+        rated, bads = out[version]
+        out[version] = (rated + 1, bads + int(bad))
+    return out
+
+
+def summarise_shadow(rows: Sequence[tuple[str, str | None, str | None, str | None]]
+                     ) -> dict[str, Any]:
+    """How often the candidate's unseen answers agreed with production's and, where a
+    label or correction came later, which side was right. One row per shadow pair:
+    (production's answer, the candidate's, the label, the correction)."""
+    agree = truth = production_right = candidate_right = 0
+    for prod, cand, label, correction in rows:
+        agree += normalize_label(prod) == normalize_label(cand or "")
+        answer = label or correction
+        if answer:
+            truth += 1
+            production_right += normalize_label(prod) == normalize_label(answer)
+            candidate_right += normalize_label(cand or "") == normalize_label(answer)
+    return {"pairs": len(rows), "agreement": agree / len(rows) if rows else None,
+            "with_truth": truth, "production_right": production_right,
+            "candidate_right": candidate_right}

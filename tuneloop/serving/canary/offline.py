@@ -1,0 +1,98 @@
+"""The offline gate: the candidate against the incumbent on examples, before any user sees it.
+
+The golden set is evaluated first (a regression rejects without spending time on the
+rest), then the candidate's test split with the labelled events written after its
+dataset. Both versions answer through the gateway's internal route.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tuneloop.runtime.settings import Settings
+from tuneloop.services.canary.core import (
+    Decision,
+    Plan,
+    another_look,
+    combine,
+    golden_checks,
+    improvement_checks,
+)
+from tuneloop.services.curation import golden
+from tuneloop.services.curation.core import Example
+from tuneloop.services.curation.datasets import load_examples
+from tuneloop.services.curation.store import fresh_examples
+from tuneloop.services.registry.store import get_adapter
+from tuneloop.services.store.database import Store
+from tuneloop.serving import control
+from tuneloop.serving.canary.answers import paired
+from tuneloop.serving.canary.live import start
+
+log = logging.getLogger(__name__)
+
+
+def gate_examples(settings: Settings, candidate: str
+                  ) -> tuple[list[Example], list[Example], list[Example]]:
+    """The golden set, the candidate's test split, and the labelled events written after
+    its dataset (:func:`tuneloop.services.curation.store.fresh_examples`)."""
+    with Store(settings.db_path, settings.store.lock_timeout_s).connect() as con:
+        adapter = get_adapter(con, candidate)
+        gold = golden.load(con)
+        if adapter.dataset_version is None:
+            return gold, [], []
+        test = [ex for ex in load_examples(con, adapter.dataset_version) if ex.split == "test"]
+        fresh = fresh_examples(con, adapter.dataset_version, settings.curation,
+                               settings.canary.fresh_max_examples)
+    return gold, test, fresh
+
+
+def offline_gate(settings: Settings, plan: Plan, look: int = 1) -> Decision:
+    """Load the candidate on the gateway, evaluate both versions, decide pass/reject/hold.
+
+    ``look`` counts the looks at the same candidate (see ``canary.offline_looks``);
+    answers are cached by weights, so a later look only asks the new events. A hold
+    that another look may settle carries ``figures["next_look_at"]`` (epoch seconds).
+    Raises :class:`tuneloop.serving.control.GatewayError` when the gateway fails.
+    """
+    cfg = settings.canary
+    candidate, incumbent = plan.candidate, plan.incumbent
+    admin = control.GatewayAdmin(settings)
+    admin.load(candidate)
+    if incumbent is not None:
+        admin.load(incumbent)  # already routed: a no-op unless the gateway restarted
+    gold, test, fresh = gate_examples(settings, candidate)
+    started = time.perf_counter()
+    checks, figures = golden_checks(paired(settings, candidate, incumbent, gold), cfg)
+    if combine(checks) != "reject":
+        more, test_figures = improvement_checks(
+            paired(settings, candidate, incumbent, test + fresh), cfg, len(fresh), look)
+        checks += more
+        figures.update(test_figures)
+    figures["evaluation_s"] = round(time.perf_counter() - started, 2)
+    decision = Decision("offline", candidate, incumbent, combine(checks), checks, figures)
+    if another_look(decision, cfg) is not None:
+        decision.figures["next_look_at"] = time.time() + cfg.offline_recheck_s
+    return decision
+
+
+def conclude_offline(settings: Settings, decision: Decision, run_id: str | None) -> float | None:
+    """Carry out an offline verdict: a pass opens the live window (returns when it began),
+    a reject rejects and unloads the candidate, which never served a user; anything else
+    leaves it a candidate (returns None for both).
+
+    Raises ``RegistryError`` or :class:`tuneloop.serving.control.GatewayError` when the
+    move is refused or fails.
+    """
+    candidate = decision.candidate
+    if candidate is None:
+        raise ValueError("an offline decision names its candidate")
+    if decision.verdict == "pass":
+        return start(settings, candidate, decision.incumbent, run_id)
+    if decision.verdict == "reject":
+        control.reject(settings, candidate, decision.reason)
+        try:
+            control.GatewayAdmin(settings).unload(candidate)
+        except control.GatewayError as exc:
+            log.info("unloading %s: %s", candidate, exc)
+    return None
