@@ -1,9 +1,10 @@
-"""End to end: ``tuneloop demo --quick``, the loop running itself on the real embedded stack.
+"""End to end: ``tuneloop demo`` (the default, small scenario), the loop running itself on
+the real embedded stack.
 
 Its own tansu broker, Prefect server, worker, long-running ingest, gateway and vLLM, in a
 temporary home with free ports; the official ``openai`` client as the users. No person
 acts between the shift and the promotion: the drift check, the retrain and the canary
-are triggered by Prefect events. The quick scenario is the full one with fewer intents.
+are triggered by Prefect events. The default scenario is ``--full``'s with fewer intents.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ OLD_MARGIN_POINTS = 2.0
 
 
 @pytest.mark.timeout(3400)  # the whole loop, end to end; the command's own limit is 3300 s
-def test_demo_quick_learns_the_new_intents_unattended(tmp_path: Path) -> None:
+def test_demo_learns_the_new_intents_unattended(tmp_path: Path) -> None:
     env = own_stack_env(tmp_path / "home", TUNELOOP_SERVING__GATEWAY_PORT=str(free_port()),
                         TUNELOOP_SERVING__VLLM_PORT=str(free_port()), COLUMNS="140")
     env.pop("TUNELOOP_CONFIG", None)
     for key in [k for k in env if k.startswith("TUNELOOP_SERVING__") and k not in (
             "TUNELOOP_SERVING__GATEWAY_PORT", "TUNELOOP_SERVING__VLLM_PORT")]:
         env.pop(key)  # the session's shared gateway settings are not this stack's
-    run = subprocess.run([sys.executable, "-m", "tuneloop.cli.main", "demo", "--quick", "--down"],
+    run = subprocess.run([sys.executable, "-m", "tuneloop.cli.main", "demo", "--down"],
                          env=env, text=True, capture_output=True, timeout=3300)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-6000:]

@@ -1,16 +1,127 @@
-"""The demo's report: one self-contained HTML page (plots inline) of what the loop did."""
+"""The demo's report: one self-contained HTML page (plots inline) of what the loop did,
+and the terminal summary with its ``FIGURE`` lines.
+
+:func:`write_report` reads what the stores hold about the promotion
+(:func:`_read_records`), draws the plots (:func:`_draw_plots`), and lays out one
+section a function.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rich.rule import Rule
+
+from tuneloop.cli.common import console
 from tuneloop.runtime.settings import Settings
-from tuneloop.services.store.database import Store
+from tuneloop.services.demo.result import NEW, Result, Scores, goals
+
+if TYPE_CHECKING:
+    from tuneloop.services.drift.store import ReportRow
+    from tuneloop.services.registry.core import Adapter
+
+STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0;font-size:90%}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}")
+
+
+@dataclass
+class Records:
+    """What the stores hold about the run: drift checks, decisions, the promoted adapter."""
+
+    promoted: str | None  # the version the loop promoted after the shift
+    drift_history: list[ReportRow] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # newest first
+    adapter: Adapter | None = None  # the promoted version's registry entry
+    dataset_report: dict[str, Any] = field(default_factory=dict)  # curation of its dataset
+
+    def decision(self, stage: str, verdict: str | None = None) -> dict[str, Any] | None:
+        """The newest decision of ``stage`` (with ``verdict``) about the promoted adapter."""
+        return next((d for d in self.decisions if d["candidate"] == self.promoted
+                     and d["stage"] == stage and verdict in (None, d["verdict"])), None)
+
+
+@dataclass(frozen=True)
+class Plots:
+    """The report's images; None where there was nothing to draw."""
+
+    scores: Path | None
+    drift: Path | None
+    curation: Path | None
+    training_curve: Path | None
+    canary: Path | None
+
+
+def write_report(settings: Settings, result: Result) -> Path:
+    """Write ``<home>/reports/demo.html`` from the demo's result; returns its path.
+    Raises ``StoreBusyError`` when the store stays busy for two minutes."""
+    reports = Path(settings.home) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    records = _read_records(settings, result.promoted_version)
+    plots = _draw_plots(settings, result, records, reports)
+    parts = [*_summary_section(result), *_scores_section(result, plots),
+             *_drift_section(result, plots), *_adapter_section(records, plots),
+             *_decisions_section(result, records)]
+    path = reports / "demo.html"
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>tuneloop demo"
+                    f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    return path
+
+
+def _read_records(settings: Settings, promoted: str | None) -> Records:
+    from tuneloop.services.canary.store import list_decisions
+    from tuneloop.services.demo.store import dataset_report
+    from tuneloop.services.drift.store import report_history
+    from tuneloop.services.registry.core import RegistryError
+    from tuneloop.services.registry.store import get_adapter
+    from tuneloop.services.store.database import Store
+
+    records = Records(promoted)
+    with Store(settings.db_path, 120).connect() as con:
+        records.drift_history = report_history(con)
+        records.decisions = list_decisions(con, 200)
+        try:
+            records.adapter = get_adapter(con, promoted) if promoted else None
+        except RegistryError:
+            records.adapter = None
+        if records.adapter and records.adapter.dataset_version:
+            records.dataset_report = dataset_report(con, records.adapter.dataset_version)
+    return records
+
+
+def _draw_plots(settings: Settings, result: Result, records: Records, reports: Path) -> Plots:
+    from tuneloop.services.curation.plots import plot_curation
+    from tuneloop.services.demo.plots import plot_before_after
+    from tuneloop.services.drift.plots import plot_drift_history
+    from tuneloop.training.pipeline import run_dir_for
+
+    marks: dict[str, datetime] = {}
+    if result.shift_at:
+        marks["traffic shifts"] = datetime.fromisoformat(result.shift_at)
+    if result.promoted_at:
+        marks[f"{result.promoted_version} promoted"] = datetime.fromisoformat(result.promoted_at)
+    adapter, live = records.adapter, records.decision("live", "promote")
+    groups = {f"{g}, {when}": s for when, scores in (("before", result.before),
+                                                    ("after", result.after))
+              for g, s in scores.items()}
+    return Plots(
+        scores=plot_before_after(groups, "held-out queries through the alias",
+                                 reports / "demo-scores.png") if groups else None,
+        drift=plot_drift_history(records.drift_history, reports / "demo-drift.png", marks)
+        if records.drift_history else None,
+        curation=plot_curation(records.dataset_report, f"curation of {adapter.dataset_version}",
+                               reports / "demo-curation.png")
+        if adapter and records.dataset_report else None,
+        training_curve=run_dir_for(settings, adapter.run_key) / "training_curve.png"
+        if adapter and adapter.run_key else None,
+        canary=reports / f"canary-{live['decision_id']}.png" if live else None,
+    )
 
 
 def _img(path: Path | None, alt: str) -> str:
@@ -27,111 +138,100 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def write_report(settings: Settings, result: dict[str, Any]) -> Path:
-    """Write ``<home>/reports/demo.html`` from the demo's result; returns its path."""
-    from tuneloop.services.canary.store import list_decisions
-    from tuneloop.services.curation.plots import plot_curation
-    from tuneloop.services.demo.plots import plot_before_after
-    from tuneloop.services.drift.plots import plot_drift_history
-    from tuneloop.services.drift.store import report_history
-    from tuneloop.training.pipeline import run_dir_for
-
-    reports = Path(settings.home) / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
-    promoted = result.get("promoted_version")
-    with Store(settings.db_path, 120).connect() as con:
-        history = report_history(con)
-        decisions = list_decisions(con, 200)
-        adapter = con.execute("SELECT dataset_version, run_key FROM adapters WHERE version = ?",
-                              [promoted]).fetchall() if promoted else []
-        dataset_report: dict[str, Any] = {}
-        if adapter:
-            raw = con.execute("SELECT report FROM datasets WHERE version = ?",
-                              [adapter[0][0]]).fetchall()
-            if raw:
-                dataset_report = json.loads(raw[0][0]) if isinstance(raw[0][0], str) \
-                    else dict(raw[0][0])
-
-    marks: dict[str, datetime] = {}
-    if result.get("shift_at"):
-        marks["traffic shifts"] = datetime.fromisoformat(result["shift_at"])
-    if result.get("promoted_at"):
-        marks[f"{promoted} promoted"] = datetime.fromisoformat(result["promoted_at"])
-    drift_png = plot_drift_history(history, reports / "demo-drift.png", marks) if history \
-        else None
-    curation_png = plot_curation(dataset_report, f"curation of {adapter[0][0]}",
-                                 reports / "demo-curation.png") if dataset_report and adapter \
-        else None
-    curve = run_dir_for(settings, adapter[0][1]) / "training_curve.png" \
-        if adapter and adapter[0][1] else None
-    live = next((d for d in decisions if d["candidate"] == promoted and d["stage"] == "live"
-                 and d["verdict"] == "promote"), None)
-    offline = next((d for d in decisions if d["candidate"] == promoted
-                    and d["stage"] == "offline"), None)
-    canary_png = reports / f"canary-{live['decision_id']}.png" if live else None
-    groups = {f"{g}, {when}": scores for when in ("before", "after")
-              for g, scores in (result.get(when) or {}).items()}
-    scores_png = plot_before_after(groups, "held-out queries through the alias",
-                                   reports / "demo-scores.png") if groups else None
-
-    before, after = result.get("before") or {}, result.get("after") or {}
-    new_after = after.get("new intents", {}).get("macro_f1", 0.0)
-    delta = 100 * (after.get("old intents", {}).get("macro_f1", 0.0)
-                   - before.get("old intents", {}).get("macro_f1", 0.0))
-    shift_s = result.get("shift_to_promotion_s")
-    goals = [
-        ["new-intent macro-F1 after", f"{new_after:.3f}", ">= 0.70 (stretch 0.85)",
-         "met" if new_after >= 0.70 else "MISSED"],
-        ["old-intent macro-F1 change (points)", f"{delta:+.1f}" + (
-            " (95% interval {:+.1f} to {:+.1f}, {} queries)".format(
-                *result["old_intents_delta"]["ci95"], result["old_intents_delta"]["queries"])
-            if result.get("old_intents_delta") else ""), ">= -2.0",
-         "met" if delta >= -2.0 else "MISSED"],
-        ["shift onset to promotion (s)", "-" if shift_s is None else f"{shift_s:.0f}", "<= 1200",
-         "met" if shift_s is not None and shift_s <= 1200 else "MISSED"],
-        ["steady traffic: drift alarms / retrains",
-         f"{result.get('steady_drift_alarms', 0)} / {result.get('steady_retrains', 0)}", "0 / 0",
-         "met" if not (result.get("steady_drift_alarms") or result.get("steady_retrains"))
-         else "MISSED"],
+def _summary_section(result: Result) -> list[str]:
+    goal_rows = [[g.name, g.measured, g.target, "met" if g.met else "MISSED"]
+                 for g in goals(result)]
+    return [
+        "<h1>tuneloop demo: the loop, unattended</h1>",
+        f"<p>data: {html.escape(result.dataset)}; {len(result.old_intents)} intents "
+        f"before the shift, {len(result.new_intents)} new after it "
+        f"({html.escape(', '.join(result.new_intents))}). First adapter "
+        f"<b>{result.bootstrap_version}</b>; promoted after the shift "
+        f"<b>{result.promoted_version or 'nothing'}</b>.</p>",
+        "<h2>goals</h2>", _table(["goal", "measured", "target", ""], goal_rows),
     ]
+
+
+def _scores_section(result: Result, plots: Plots) -> list[str]:
+    rows = [[g, when, f"{s['accuracy']:.3f}", f"{s['macro_f1']:.3f}"]
+            for when, scores in (("before", result.before), ("after", result.after))
+            for g, s in scores.items()]
+    return ["<h2>accuracy and macro-F1 on held-out queries, through the gateway alias</h2>",
+            _img(plots.scores, "before and after"),
+            _table(["group", "when", "accuracy", "macro-F1"], rows)]
+
+
+def _drift_section(result: Result, plots: Plots) -> list[str]:
     clusters = [[c["name"], c["status"], c["size"], f"{c['share']:.1%}",
                  f"{c['reference_share']:.1%}",
                  ", ".join(f"{lab['label']} ({lab['current']})" for lab in c.get("labels", []))]
-                for c in result.get("drift_clusters") or []]
-    decision_rows = [[f"{d['created_at']:%H:%M:%S}", d["stage"], d["candidate"] or "-",
-                      d["verdict"], d["reason"][:200]] for d in reversed(decisions)]
-    parts = [
-        "<h1>tuneloop demo: the loop, unattended</h1>",
-        f"<p>data: {html.escape(result['dataset'])}; {len(result['old_intents'])} intents "
-        f"before the shift, {len(result['new_intents'])} new after it "
-        f"({html.escape(', '.join(result['new_intents']))}). First adapter "
-        f"<b>{result.get('bootstrap_version')}</b>; promoted after the shift "
-        f"<b>{promoted or 'nothing'}</b>.</p>",
-        "<h2>goals</h2>", _table(["goal", "measured", "target", ""], goals),
-        "<h2>accuracy and macro-F1 on held-out queries, through the gateway alias</h2>",
-        _img(scores_png, "before and after"),
-        _table(["group", "when", "accuracy", "macro-F1"],
-               [[g, w, f"{s['accuracy']:.3f}", f"{s['macro_f1']:.3f}"]
-                for w, res in (("before", before), ("after", after)) for g, s in res.items()]),
-        "<h2>drift score over time</h2>", _img(drift_png, "drift history"),
-        "<h3>what the first drift alarm after the shift found</h3>",
-        f"<p>new intents named: {html.escape(', '.join(result.get('named_new_intents') or []))}"
-        "</p>",
-        _table(["cluster", "status", "events", "share now", "share before", "labels"], clusters),
-        "<h2>curation of the retrain's dataset</h2>", _img(curation_png, "curation"),
-        "<h2>training curve</h2>", _img(curve, "training curve"),
-        "<h2>canary comparison</h2>",
-        f"<p>{html.escape(offline['reason'][:400]) if offline else ''}</p>",
-        f"<p>{html.escape(live['reason'][:400]) if live else ''}</p>",
-        _img(canary_png, "canary comparison"),
-        "<h2>every decision</h2>",
-        _table(["time", "stage", "candidate", "verdict", "reason"], decision_rows),
-        f"<p>timings: {html.escape(json.dumps(result.get('timings', {})))}</p>",
-    ]
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:90%}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}")
-    path = reports / "demo.html"
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>tuneloop demo"
-                    f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    return path
+                for c in result.drift_clusters]
+    return ["<h2>drift score over time</h2>", _img(plots.drift, "drift history"),
+            "<h3>what the first drift alarm after the shift found</h3>",
+            f"<p>new intents named: {html.escape(', '.join(result.named_new_intents))}</p>",
+            _table(["cluster", "status", "events", "share now", "share before", "labels"],
+                   clusters)]
+
+
+def _adapter_section(records: Records, plots: Plots) -> list[str]:
+    offline, live = records.decision("offline"), records.decision("live", "promote")
+    return ["<h2>curation of the retrain's dataset</h2>", _img(plots.curation, "curation"),
+            "<h2>training curve</h2>", _img(plots.training_curve, "training curve"),
+            "<h2>canary comparison</h2>",
+            f"<p>{html.escape(offline['reason'][:400]) if offline else ''}</p>",
+            f"<p>{html.escape(live['reason'][:400]) if live else ''}</p>",
+            _img(plots.canary, "canary comparison")]
+
+
+def _decisions_section(result: Result, records: Records) -> list[str]:
+    rows = [[f"{d['created_at']:%H:%M:%S}", d["stage"], d["candidate"] or "-", d["verdict"],
+             d["reason"][:200]] for d in reversed(records.decisions)]
+    return ["<h2>every decision</h2>",
+            _table(["time", "stage", "candidate", "verdict", "reason"], rows),
+            f"<p>timings: {html.escape(json.dumps(result.timings))}</p>"]
+
+
+# ------------------------------------------------------------------ the terminal
+def print_scores(when: str, scores: Scores) -> None:
+    """One line: accuracy and macro-F1 of each group ``when`` ("before", "after")."""
+    console.print("  " + "; ".join(f"{group} {when}: accuracy {s['accuracy']:.3f}, macro-F1 "
+                                   f"{s['macro_f1']:.3f}" for group, s in scores.items()))
+
+
+def print_summary(settings: Settings, r: Result) -> None:
+    """The run in a few lines, its goals met or missed, then the ``FIGURE`` lines."""
+    console.print(Rule("summary"))
+    console.print(f"old intents ({len(r.old_intents)}): {', '.join(r.old_intents)}")
+    console.print(f"new intents ({len(r.new_intents)}): {', '.join(r.new_intents)}")
+    console.print(f"first adapter {r.bootstrap_version}; after the shift "
+                  f"{r.promoted_version or 'nothing promoted'}"
+                  + (f", {r.shift_to_promotion_s:.0f} s from shift to promotion"
+                     if r.shift_to_promotion_s is not None else ""))
+    console.print(f"the drift report named {len(r.named_new_intents)} of {len(r.new_intents)} "
+                  f"new intents: {', '.join(r.named_new_intents) or '-'}")
+    print_scores("before", r.before)
+    print_scores("after", r.after)
+    if r.old_intents_delta:
+        d = r.old_intents_delta
+        console.print(f"  old intents' macro-F1 change: {d.points:+.1f} points, 95% interval "
+                      f"{d.ci95[0]:+.1f} to {d.ci95[1]:+.1f} ({d.queries} queries)")
+    console.print(f"failed user requests: {r.served_failures}")
+    if r.missed:
+        console.print("[bold red]missed:[/] " + "; ".join(r.missed))
+    else:
+        console.print("[bold green]every goal met[/]")
+    console.print(f"report: {r.report}")
+    console.print(f"Prefect UI: {settings.prefect.api_url.removesuffix('/api')}; "
+                  f"`tuneloop --home {settings.home} status`; "
+                  f"`tuneloop --home {settings.home} down` stops the stack.")
+    print_figures(r)
+
+
+def print_figures(r: Result) -> None:
+    """The ``FIGURE name=value`` lines scripts read, on stdout as plain text."""
+    shift = r.shift_to_promotion_s
+    for name, value in (("new_intents_macro_f1_before", f"{r.f1('before', NEW):.3f}"),
+                        ("new_intents_macro_f1_after", f"{r.f1('after', NEW):.3f}"),
+                        ("old_intents_macro_f1_delta", f"{r.old_change_points:.1f}"),
+                        ("shift_to_promotion_s", "nan" if shift is None else f"{shift:.0f}")):
+        print(f"FIGURE {name}={value}")  # noqa: T201

@@ -8,6 +8,7 @@ benchmarks and the demo.
 - :class:`SimulatedUsers`: end users asking the gateway's alias with the official
   ``openai`` client and rating what they get through ``POST /v1/feedback``, while a
   real ingest consumer lands their feedback in DuckDB.
+- :func:`ask_alias`: the alias's answers to chosen queries, as end users get them.
 
 Works with any :class:`tuneloop.services.demo.banking77.Query` list (text and intent), not only
 banking77's.
@@ -21,8 +22,10 @@ import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import openai
@@ -181,6 +184,24 @@ class SimulatedUsers:
             consumer.run(until_idle=False, stop=lambda _: self._stop.is_set())
         finally:
             consumer.close()
+
+
+def ask_alias(settings: Settings, queries: Sequence[Query], threads: int = 8) -> list[str]:
+    """The gateway alias's greedy answer to each of ``queries``, in order, asked with the
+    official ``openai`` client as end users ask it. Raises ``openai.APIError`` when a
+    request still fails after the client's retries."""
+    client = openai.OpenAI(base_url=f"{settings.serving.gateway_url}/v1", api_key="unused",
+                           max_retries=3, timeout=settings.serving.upstream_timeout_s)
+
+    def ask(q: Query) -> str:
+        messages: Any = [m.model_dump() for m in chat(q.text)]
+        answer = client.chat.completions.create(
+            model=settings.serving.alias, messages=messages, max_tokens=16, temperature=0,
+            user="demo-evaluation")
+        return answer.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(ask, queries))
 
 
 def republish(settings: Settings, version: str) -> str:

@@ -1,0 +1,166 @@
+"""The demo's two scenarios, pure: their sizes, the settings they run under, and which
+intents and queries each phase uses.
+
+:data:`SMALL` (the default of ``tuneloop demo``) and :data:`FULL` (``--full``) take the
+same path; the full one serves about half the dataset's intents before the shift and
+brings in 10 new ones, the small one 6 and 3. Every size scales with the number of
+intents and nothing is tied to one dataset: intents are drawn at random (seeded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneloop.services.demo.banking77 import Query
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The demo's sizes and the settings (over the user's) it runs under."""
+
+    old_share: float  # of all intents, served before the shift
+    max_old: int
+    new_intents: int
+    history_per_intent: int  # labelled events the app sent before tuneloop
+    golden_per_intent: int
+    heldout_per_intent: int  # test-split queries per intent for before/after
+    new_share: float  # of traffic after the shift
+    steady_s: float
+    users: int
+    rate: float  # user requests per second, all users together
+    label_share: float  # answers an agent labels
+    drift_window: int  # current window of the drift check, events
+    shift_timeout_s: float
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, table by table (nested dicts merge, the rest replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """The few TOML shapes settings use: top-level scalars, tables of scalars and lists."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
+              for k, v in data.items() if isinstance(v, dict)]
+    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+
+
+def _cores(first: int, end: int) -> str:
+    return str(first) if end - first == 1 else f"{first}-{end - 1}"
+
+
+def _settings(window: int, canary_window_s: int, min_requests: int,
+              min_ratings: int) -> dict[str, dict[str, Any]]:
+    # On a CPU, vLLM and training each get their own cores: threads of the two spinning on
+    # the same core slow both several times over (see tuneloop/runtime/cpu.py).
+    cores = os.cpu_count() or 1
+    split = {"serving": {"engine_cores": _cores(0, max(1, cores // 2))},
+             "training": {"cpu_cores": _cores(max(1, cores // 2), cores)}} if cores > 1 else {}
+    return merge(split, {
+        # Checks often enough to see a shift within a minute of enough traffic.
+        "drift": {"interval_s": 60, "current_window_events": window},
+        # A short live window sized to the traffic a CPU serves; half the users see it.
+        # An inconclusive offline improvement is looked at again within minutes, on the
+        # labelled answers that arrived meanwhile.
+        "canary": {"window_s": canary_window_s, "max_window_s": 900, "poll_s": 10,
+                   "offline_recheck_s": 90, "fresh_max_examples": 80,
+                   "min_requests": min_requests, "min_ratings": min_ratings},
+        "serving": {"canary_share": 0.5},
+        # The demo shows the drift path; a retrain on label count alone is off.
+        "loop": {"cooldown_s": 240, "retrain_min_new_labels": 0},
+        # A larger test split: a small dataset still gives the offline gate enough new
+        # examples to show an improvement (the golden set holds only what production knew).
+        # A retrain continues from production: 10 train examples of each label it knows
+        # keep that label (bench/RESULTS.md, forgetting), and the steps go to the new ones.
+        "curation": {"split": [0.7, 0.1, 0.2], "known_label_train_cap": 10},
+    })
+
+
+FULL = Scenario(old_share=0.5, max_old=40, new_intents=10, history_per_intent=24,
+                golden_per_intent=5, heldout_per_intent=10, new_share=0.5, steady_s=120,
+                users=4, rate=1.5, label_share=0.6, drift_window=200, shift_timeout_s=4200,
+                settings=_settings(200, 90, 40, 20))
+SMALL = Scenario(old_share=0.5, max_old=6, new_intents=3, history_per_intent=40,
+                 golden_per_intent=5, heldout_per_intent=20, new_share=0.5, steady_s=70,
+                 users=4, rate=1.0, label_share=0.6, drift_window=180, shift_timeout_s=2400,
+                 settings=_settings(180, 45, 25, 12))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which intents are old and new, and the queries each phase sends or asks."""
+
+    seed: int  # also seeds the history's event ids
+    old: list[str]
+    new: list[str]
+    history: list[Query]  # the app's labelled history, before tuneloop
+    steady: list[Query]  # users' traffic before the shift: other queries of the old intents
+    shifted: list[Query]  # users' traffic after it: ``new_share`` from the new intents
+    heldout_old: list[Query]  # test-split queries asked before and after
+    heldout_new: list[Query]
+
+
+def plan(sc: Scenario, intents: list[str], train: list[Query], test: list[Query],
+         seed: int) -> Plan:
+    """Draw the old and new intents and every phase's queries, reproducibly for ``seed``.
+
+    Raises ``ValueError`` when ``train`` leaves no traffic for a phase (no query of the
+    new intents, or none of the old ones beyond their history).
+    """
+    intents = list(intents)
+    random.Random(seed).shuffle(intents)
+    n_old = min(sc.max_old, max(2, round(len(intents) * sc.old_share)))
+    old, new = intents[:n_old], intents[n_old:n_old + sc.new_intents]
+    # Queries in a random order: a data file's order (by collection batch, say) must not
+    # make the history and the later traffic of the same intents look different.
+    train = list(train)
+    random.Random(seed + 2).shuffle(train)
+    history = pick(train, old, sc.history_per_intent)
+    random.Random(seed + 3).shuffle(history)  # the app's history interleaves its intents
+    steady = pick(train, old, 10_000, skip=sc.history_per_intent)
+    new_traffic = pick(train, new, 10_000)
+    if not new_traffic or not steady:
+        raise ValueError(
+            f"the training split leaves no traffic for a phase: {len(new_traffic)} queries of "
+            f"the new intents, {len(steady)} of the old ones beyond the history of "
+            f"{sc.history_per_intent} each; use a dataset with more queries per intent")
+    return Plan(seed, old, new, history, steady, mix(new_traffic, steady, sc.new_share, seed),
+                pick(test, old, sc.heldout_per_intent), pick(test, new, sc.heldout_per_intent))
+
+
+def pick(pool: list[Query], intents: list[str], per_intent: int, skip: int = 0) -> list[Query]:
+    """Per intent in order, its queries of ``pool`` from ``skip``, at most ``per_intent``."""
+    out: list[Query] = []
+    for name in intents:
+        out += [q for q in pool if q.intent == name][skip:skip + per_intent]
+    return out
+
+
+def mix(new: list[Query], old: list[Query], share: float, seed: int) -> list[Query]:
+    """A traffic list with ``share`` of queries from ``new``, shuffled."""
+    rng = random.Random(seed + 1)
+    n = max(len(new), len(old))
+    n_new = max(1, round(n * share))
+    picked = [new[i % len(new)] for i in range(n_new)] + \
+        [old[i % len(old)] for i in range(n - n_new)]
+    rng.shuffle(picked)
+    return picked
