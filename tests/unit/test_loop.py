@@ -1,5 +1,6 @@
-"""The loop's own parts: replay that keeps every label, the retrain guard, the supervisor,
-the loop's Prometheus figures, the demo's settings file."""
+"""The loop's own parts: replay that keeps every label, the retrain guard on a real store
+(its pure rules: test_loop_policy), the supervisor, the loop's Prometheus figures, the
+demo's settings file."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 import tomllib
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -21,6 +23,8 @@ from tuneloop.services.canary.store import record_decision
 from tuneloop.services.curation import core as cur
 from tuneloop.services.curation.core import Example, GoldenIndex
 from tuneloop.services.loop.metrics import LoopCollector, count_decision, record
+from tuneloop.services.loop.policy import why_not_retrain
+from tuneloop.services.loop.store import read_snapshot
 from tuneloop.services.store.database import Store
 
 
@@ -49,20 +53,26 @@ def test_replay_keeps_every_label_of_the_previous_version() -> None:
     assert len(plain) == 25 and len({e.label for e in plain}) == 25
 
 
-def _adapter(store: Store, version: str, state: str) -> None:
+def _adapter(store: Store, version: str, state: str, dataset: str | None = None,
+             alias: str = "support-bot") -> None:
     with store.connect() as con:
-        con.execute("INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
-                    "path, sha256, metrics, state) VALUES (?, 'support-bot-' || ?, now(), 'b', "
-                    "'h', '/x', 's', '{}', ?)", [version, version, state])
+        con.execute("INSERT INTO adapters (version, name, alias, created_at, base_model, "
+                    "base_hash, path, sha256, metrics, state, dataset_version) VALUES (?, ? || "
+                    "'-' || ?, ?, now(), 'b', 'h', '/x', 's', '{}', ?, ?)",
+                    [version, alias, version, alias, state, dataset])
+
+
+def why_not(settings: Settings, run_key: str) -> str | None:
+    """The retrain flow's guard: the snapshot of the store, then the policy."""
+    snapshot = read_snapshot(Store(settings.db_path), settings.serving.alias, run_key)
+    return why_not_retrain(snapshot, datetime.now(UTC), settings.loop)
 
 
 def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldown(
         tmp_path: Path) -> None:
-    from tuneloop.flows.retrain import why_not
-
     settings = Settings(home=tmp_path)
     store = Store(settings.db_path)
-    assert why_not.fn(settings, "a") is None
+    assert why_not(settings, "a") is None
 
     def decide(verdict: str, key: str) -> None:
         with store.connect() as con:
@@ -71,26 +81,40 @@ def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldow
                                           {"run_key": key}), None)
 
     decide("start", "a")
-    assert "still running" in (why_not.fn(settings, "c") or "")
+    assert "still running" in (why_not(settings, "c") or "")
     # The same retrain run again after a worker crash goes on.
-    assert why_not.fn(settings, "a") is None
+    assert why_not(settings, "a") is None
     decide("trained", "a")
-    assert "cool-down" in (why_not.fn(settings, "c") or "")
+    assert "cool-down" in (why_not(settings, "c") or "")
     cooled = settings.model_copy(update={"loop": settings.loop.model_copy(
         update={"cooldown_s": 0})})
-    assert why_not.fn(cooled, "c") is None
+    assert why_not(cooled, "c") is None
     decide("start", "b")
     decide("failed", "b")
-    assert why_not.fn(cooled, "c") is None
+    assert why_not(cooled, "c") is None
     _adapter(store, "v8", "candidate")
     # A new candidate waits for the canary's first verdict before another retrain starts.
-    assert "v8 is waiting for the canary" in (why_not.fn(cooled, "c") or "")
+    assert "v8 is waiting for the canary" in (why_not(cooled, "c") or "")
     with store.connect() as con:
         record_decision(con, Decision("offline", "v8", None, "reject",
                                       [Check("golden", INFO, None, None, "", "worse")], {}), None)
-    assert why_not.fn(cooled, "c") is None
-    _adapter(store, "v9", "canary")
-    assert "live window" in (why_not.fn(cooled, "c") or "")
+    assert why_not(cooled, "c") is None
+
+    def look(figures: dict[str, float]) -> None:
+        with store.connect() as con:
+            record_decision(con, Decision("offline", "v8", None, "hold", [Check(
+                "improvement", INFO, None, None, "", "inconclusive")], figures), None)
+
+    # Its latest offline look asks to look again later: the loop waits for that look.
+    look({"next_look_at": time.time() + 600})
+    assert "v8 is waiting for more labelled events" in (why_not(cooled, "c") or "")
+    look({})
+    assert why_not(cooled, "c") is None
+    # Another alias's canary is not this alias's business.
+    _adapter(store, "v9", "canary", alias="other-bot")
+    assert why_not(cooled, "c") is None
+    _adapter(store, "v10", "canary")
+    assert "v10 is still in its live window" in (why_not(cooled, "c") or "")
 
 
 def test_the_supervisor_restarts_a_dying_component_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -199,7 +223,6 @@ def test_the_demo_settings_file_overlays_the_users_and_loads() -> None:
 
 
 def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(tmp_path: Path) -> None:
-    from tuneloop.flows.retrain import waiting_for_labels
     from tuneloop.services.demo.banking77 import Query, to_events
     from tuneloop.services.ingest.core import insert_events
 
@@ -211,18 +234,15 @@ def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(tmp_path:
         insert_events(con, list(to_events(queries, seed=1)))
         con.execute("INSERT INTO dataset_examples VALUES ('ds-0001', 'x1', 'train', NULL, "
                     "'known', '[]', 'p', 'known')")
-        con.execute("INSERT INTO adapters (version, name, created_at, base_model, base_hash, "
-                    "path, sha256, metrics, state, dataset_version) VALUES ('v1', "
-                    "'support-bot-v1', now(), 'b', 'h', '/x', 's', '{}', 'production', "
-                    "'ds-0001')")
+    _adapter(store, "v1", "production", dataset="ds-0001")
     # 'unheard' has 3 labelled examples of the 20 a new label needs; 'known' is not new.
-    reason = waiting_for_labels(settings) or ""
+    reason = why_not(settings, "k") or ""
     assert "unheard (3/20)" in reason and "known" not in reason
 
     def loop(**update: int) -> Settings:
         return settings.model_copy(update={"loop": settings.loop.model_copy(update=update)})
 
-    assert waiting_for_labels(loop(min_examples_per_new_label=3)) is None
-    assert waiting_for_labels(loop(min_examples_per_new_label=0)) is None
+    assert why_not(loop(min_examples_per_new_label=3), "k") is None
+    assert why_not(loop(min_examples_per_new_label=0), "k") is None
     # A label that stays rare past the patience no longer holds the loop back.
-    assert waiting_for_labels(loop(new_label_wait_s=0)) is None
+    assert why_not(loop(new_label_wait_s=0), "k") is None
