@@ -13,17 +13,13 @@ from tuneloop.runtime.settings import Settings
 from tuneloop.services.curation import golden
 from tuneloop.services.curation.core import prompt_key
 from tuneloop.services.curation.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
-from tuneloop.services.curation.store import (
-    examples_of,
-    fresh_examples,
-    load_candidates,
-    load_tokenizer,
-    run_curation,
-)
+from tuneloop.services.curation.run import run_curation
+from tuneloop.services.curation.store import examples_of, fresh_examples, load_candidates
 from tuneloop.services.demo import banking77
 from tuneloop.services.drift.embeddings import Embedder
 from tuneloop.services.ingest.core import RawRecord, insert_events, prepare_batch, write_batch
 from tuneloop.services.store.database import Store
+from tuneloop.training.tokenizer import token_counter
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +66,7 @@ def test_curate_versions_with_lineage_golden_guard_and_valid_exports(
     assert all(e.messages[-1] == {"role": "assistant", "content": e.completion} for e in examples)
     assert all(e.completion == e.label for e in examples)
 
-    count_tokens = load_tokenizer(settings)
+    count_tokens = token_counter(settings.training.base_model, settings.models_dir)
     for fmt in ("chat", "completion"):
         path = export_jsonl(examples, tmp_path / f"{version}.{fmt}.jsonl", fmt)
         check = validate_jsonl(path, fmt, count_tokens, settings.curation.max_tokens)
@@ -113,7 +109,7 @@ def test_curate_flow_on_prefect_server(prefect_server: str, settings: Settings) 
 
     store = Store(settings.db_path)
     _seed(store, 400, seed=21, start=datetime.now(UTC) - timedelta(hours=1))
-    result = curate_flow(settings=settings)
+    result = curate_flow(overrides={"home": str(settings.home)})
     assert result["version"] == "ds-0001"
     for export in result["exports"].values():
         assert Path(export["path"]).exists()

