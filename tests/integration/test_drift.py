@@ -20,11 +20,12 @@ import pytest
 
 from tuneloop.runtime.settings import DriftSettings, EmbeddingSettings, Settings
 from tuneloop.services.demo import banking77
+from tuneloop.services.drift.check import run_check
 from tuneloop.services.drift.clusters import what_drifted
 from tuneloop.services.drift.core import detect_drift
 from tuneloop.services.drift.embeddings import Embedder, embed_texts
 from tuneloop.services.drift.plots import plot_drift_history
-from tuneloop.services.drift.store import load_windows, report_history, run_check
+from tuneloop.services.drift.store import load_windows, report_history
 from tuneloop.services.ingest.core import insert_events
 from tuneloop.services.store.database import Store
 
@@ -234,8 +235,8 @@ def test_detect_drift_flow_emits_event(prefect_server: str, settings: Settings) 
     with store.connect() as con:
         insert_events(con, list(banking77.to_events(ref, seed=1, start=t0)))
         insert_events(con, list(banking77.to_events(cur, seed=2, start=t0 + timedelta(hours=1))))
-    cfg = settings.model_copy(update={"drift": DriftSettings(current_window_events=200)})
-    result = detect_drift_flow(cfg)
+    result = detect_drift_flow(overrides={"home": str(settings.home),
+                                          "drift.current_window_events": 200})
     assert result["drifted"] and result["event_id"]
     with store.connect() as con:
         assert con.execute("SELECT count(*) FROM drift_reports").fetchall()[0][0] == 1

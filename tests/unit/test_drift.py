@@ -1,11 +1,16 @@
-"""Drift math on synthetic data: the novel share, MMD, classifier AUC, the decision, clusters."""
+"""Drift math on synthetic data: the novel share, MMD, classifier AUC, the decision, clusters;
+and the reference window the registry's production adapter defines."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tuneloop.runtime.settings import DriftSettings
+from tuneloop.services.demo.banking77 import Query, to_events
 from tuneloop.services.drift.clusters import what_drifted
 from tuneloop.services.drift.core import (
     auc_with_permutations,
@@ -15,6 +20,9 @@ from tuneloop.services.drift.core import (
     mmd_test,
     novelty_test,
 )
+from tuneloop.services.drift.store import load_windows
+from tuneloop.services.ingest.core import insert_events
+from tuneloop.services.store.database import Store
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -166,3 +174,31 @@ def test_cluster_report_quiet_window_reports_nothing() -> None:
     ref = _unit(centres[rng.integers(0, 5, 600)] + rng.normal(size=(600, 32)))
     cur = _unit(centres[rng.integers(0, 5, 300)] + rng.normal(size=(300, 32)))
     assert what_drifted(ref, cur, ["x"] * 300, DriftSettings(clusters=5)) == []
+
+
+def test_the_reference_is_what_the_aliases_production_adapter_was_trained_on(
+        tmp_path: Path) -> None:
+    """The registry answers which adapter is production of the alias; its dataset's source
+    events are the reference, and another alias (or none) falls back to the oldest events."""
+    events = list(to_events([Query(f"question {i}", f"intent{i % 3}") for i in range(90)],
+                            seed=1, start=datetime.now(UTC) - timedelta(hours=1)))
+    store = Store(tmp_path / "tuneloop.duckdb")
+    trained_on = [str(e.event_id) for e in events[30:60]]
+    with store.connect() as con:
+        insert_events(con, events)
+        for i, event_id in enumerate(trained_on):
+            con.execute("INSERT INTO dataset_examples VALUES ('ds-0001', ?, 'train', ?, 'x', "
+                        "'[]', 'p', 'x')", [f"x{i}", event_id])
+        con.execute("INSERT INTO adapters (version, name, alias, created_at, base_model, "
+                    "base_hash, path, sha256, metrics, state, dataset_version) VALUES ('v1', "
+                    "'support-bot-v1', 'support-bot', now(), 'b', 'h', '/x', 's', '{}', "
+                    "'production', 'ds-0001')")
+        cfg = DriftSettings(current_window_events=20, reference_window_events=20)
+        ref, cur = load_windows(con, cfg, "support-bot")
+        assert ref.desc == "production adapter v1 (dataset ds-0001)"
+        assert ref.event_ids == trained_on
+        assert cur.event_ids == [str(e.event_id) for e in events[-20:]]
+        for alias in ("other-bot", None):
+            ref, _ = load_windows(con, cfg, alias)
+            assert ref.desc == "oldest 20 events"
+            assert ref.event_ids == [str(e.event_id) for e in events[:20]]

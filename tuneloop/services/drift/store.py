@@ -2,15 +2,15 @@
 
 The reference window is, in order of preference:
 
-1. the feedback the **production adapter** was trained on (``adapters`` with
-   ``state='production'`` -> its dataset version -> the source events of its
+1. the feedback the alias's **production adapter** was trained on (the registry's
+   production of the alias -> its dataset version -> the source events of its
    examples);
 2. a **pinned** time range (``drift.reference_start`` .. ``drift.reference_end``);
 3. the **oldest** ``drift.reference_window_events`` events outside the current window.
 
 The current window is the last ``drift.current_window_minutes`` minutes if set,
 otherwise the last ``drift.current_window_events`` events; the two windows never
-share an event.
+share an event. The check that uses them is :func:`tuneloop.services.drift.check.run_check`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from typing import Any
 import duckdb
 
 from tuneloop.runtime.settings import DriftSettings
-from tuneloop.services.drift.clusters import what_drifted
-from tuneloop.services.drift.core import DriftReport, detect_drift
-from tuneloop.services.drift.embeddings import Embedder, Progress, embed_texts
-from tuneloop.services.store.database import Store, registered
+from tuneloop.services.drift.core import DriftReport
+from tuneloop.services.registry.store import production
+from tuneloop.services.store.database import registered
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +69,20 @@ def _app_clause(cfg: DriftSettings) -> tuple[str, list[Any]]:
 
 
 def reference_window(
-    con: duckdb.DuckDBPyConnection, cfg: DriftSettings, exclude: Sequence[str] | None = None
+    con: duckdb.DuckDBPyConnection, cfg: DriftSettings, exclude: Sequence[str] | None = None,
+    alias: str | None = None,
 ) -> Window | None:
     """The reference events (see the module docstring for the order of choice).
 
-    Returns None when neither a production adapter nor a pin defines it and
-    ``exclude`` (the current window) is still unknown: the oldest-N fallback must
-    leave the current window out, so the caller loads that first.
+    ``alias`` names the served alias whose production adapter's training data is the
+    reference (None: no adapter's). Returns None when neither that adapter nor a pin
+    defines it and ``exclude`` (the current window) is still unknown: the oldest-N
+    fallback must leave the current window out, so the caller loads that first.
     """
     app_sql, app_args = _app_clause(cfg)
-    production = con.execute(
-        "SELECT version, dataset_version FROM adapters WHERE state = 'production' "
-        "AND dataset_version IS NOT NULL ORDER BY created_at DESC LIMIT 1"
-    ).fetchall()
-    if production:
-        adapter, dataset = production[0]
-        rows = con.execute(
-            "SELECT f.event_id, f.user_text, f.label FROM feedback f WHERE f.event_id IN "
-            "(SELECT source_event_id FROM dataset_examples WHERE version = ?)"
-            f"{app_sql} ORDER BY f.occurred_at, f.event_id",
-            [dataset, *app_args],
-        ).fetchall()
-        if len(rows) >= MIN_WINDOW_EVENTS:
-            return _window(f"production adapter {adapter} (dataset {dataset})", rows)
-        log.warning(
-            "production adapter %s: dataset %s has %d source events; falling back",
-            adapter, dataset, len(rows),
-        )
+    trained = _production_window(con, alias, app_sql, app_args) if alias else None
+    if trained is not None:
+        return trained
     if cfg.reference_start and cfg.reference_end:
         rows = con.execute(
             "SELECT event_id, user_text, label FROM feedback WHERE occurred_at >= ? "
@@ -116,6 +102,26 @@ def reference_window(
             [*app_args, cfg.reference_window_events],
         ).fetchall()
     return _window(f"oldest {cfg.reference_window_events} events", rows)
+
+
+def _production_window(con: duckdb.DuckDBPyConnection, alias: str, app_sql: str,
+                       app_args: list[Any]) -> Window | None:
+    """The feedback ``alias``'s production adapter was trained on, if it is enough."""
+    adapter = production(con, alias)
+    if adapter is None or adapter.dataset_version is None:
+        return None
+    dataset = adapter.dataset_version
+    rows = con.execute(
+        "SELECT f.event_id, f.user_text, f.label FROM feedback f WHERE f.event_id IN "
+        "(SELECT source_event_id FROM dataset_examples WHERE version = ?)"
+        f"{app_sql} ORDER BY f.occurred_at, f.event_id",
+        [dataset, *app_args],
+    ).fetchall()
+    if len(rows) >= MIN_WINDOW_EVENTS:
+        return _window(f"production adapter {adapter.version} (dataset {dataset})", rows)
+    log.warning("production adapter %s: dataset %s has %d source events; falling back",
+                adapter.version, dataset, len(rows))
+    return None
 
 
 def current_window(
@@ -151,12 +157,14 @@ def _ids_table(ids: Sequence[str]) -> Any:
     return pa.table({"event_id": pa.array(list(ids), pa.string())})
 
 
-def load_windows(con: duckdb.DuckDBPyConnection, cfg: DriftSettings) -> tuple[Window, Window]:
-    """Reference and current window; raises :class:`NotEnoughEvents` if either is too small."""
-    ref = reference_window(con, cfg)
+def load_windows(con: duckdb.DuckDBPyConnection, cfg: DriftSettings,
+                 alias: str | None = None) -> tuple[Window, Window]:
+    """Reference and current window (``alias`` as in :func:`reference_window`); raises
+    :class:`NotEnoughEvents` if either is too small."""
+    ref = reference_window(con, cfg, alias=alias)
     if ref is None:
         cur = current_window(con, cfg)
-        ref = reference_window(con, cfg, exclude=cur.event_ids)
+        ref = reference_window(con, cfg, exclude=cur.event_ids, alias=alias)
         assert ref is not None
     else:
         cur = current_window(con, cfg, exclude=ref.event_ids)
@@ -221,26 +229,3 @@ def report_history(con: duckdb.DuckDBPyConnection, limit: int = 500) -> list[Rep
         )
         for r in rows
     ]
-
-
-def run_check(
-    store: Store, embedder: Embedder, cfg: DriftSettings, progress: Progress | None = None
-) -> tuple[str, DriftReport]:
-    """Load both windows, embed them (cached), test, explain and persist one report.
-
-    The store is held for each read or write only, never while embedding or
-    testing. Raises :class:`NotEnoughEvents` when a window is too small.
-    """
-    with store.connect() as con:
-        ref, cur = load_windows(con, cfg)
-    vectors, _ = embed_texts(store, embedder, ref.texts + cur.texts, progress)
-    ref_vec, cur_vec = vectors[: len(ref)], vectors[len(ref) :]
-    report = detect_drift(ref_vec, cur_vec, cfg)
-    report.reference_desc, report.current_desc = ref.desc, cur.desc
-    report.clusters = [
-        change.to_dict()
-        for change in what_drifted(ref_vec, cur_vec, cur.texts, cfg, cur.labels, ref.labels)
-    ]
-    with store.connect() as con:
-        report_id = save_report(con, report)
-    return report_id, report
