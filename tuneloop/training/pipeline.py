@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.runtime.cpu import pin
-from tuneloop.runtime.settings import Settings
+from tuneloop.runtime.settings import Settings, TrainingSettings
 from tuneloop.services.registry.core import Adapter
-from tuneloop.services.registry.store import find_by_run_key, publish_adapter
+from tuneloop.services.registry.store import find_by_run_key, production, publish_adapter
 from tuneloop.services.store.database import Store
 from tuneloop.training.base_model import BaseModel, resolve_base_model
 from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
@@ -57,15 +57,36 @@ class TrainedRun:
         return cls(**raw)
 
 
-def recipe_config(settings: Settings, config_file: Path | None = None,
+@dataclass(frozen=True)
+class Workspace:
+    """What a training run needs of the settings: the training section, where runs, base
+    models and adapters live, and the alias it publishes under."""
+
+    training: TrainingSettings
+    runs_dir: Path
+    models_dir: Path
+    adapters_dir: Path
+    alias: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> Workspace:
+        return cls(settings.training, settings.runs_dir, settings.models_dir,
+                   settings.adapters_dir, settings.serving.alias)
+
+
+def recipe_config(training: TrainingSettings, config_file: Path | None = None,
                   **overrides: Any) -> RecipeConfig:
-    """The recipe config: the file given, else ``training.config``, else the shipped default."""
-    path = config_file or settings.training.config or DEFAULT_CONFIG
+    """The recipe config: the file given, else ``training.config``, else the shipped default.
+
+    Raises :class:`~tuneloop.training.config.ConfigError` for a bad file or override.
+    """
+    path = config_file or training.config or DEFAULT_CONFIG
     return RecipeConfig.from_file(Path(path), **overrides)
 
 
-def run_dir_for(settings: Settings, run_key: str) -> Path:
-    return settings.runs_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", run_key)
+def run_dir_for(where: Settings | Workspace, run_key: str) -> Path:
+    """The directory of the run ``run_key`` under ``where``'s runs directory."""
+    return where.runs_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", run_key)
 
 
 def load_inputs(store: Store, dataset_version: str) -> tuple[DatasetSplits, list[ChatExample]]:
@@ -75,12 +96,21 @@ def load_inputs(store: Store, dataset_version: str) -> tuple[DatasetSplits, list
 
 
 def find_published(store: Store, run_key: str) -> Adapter | None:
+    """The adapter published under ``run_key``, if one was."""
     with store.connect() as con:
         return find_by_run_key(con, run_key)
 
 
+def production_adapter_dir(store: Store, alias: str) -> str | None:
+    """The directory of ``alias``'s production adapter, which a retrain continues from;
+    None when the base model serves the alias."""
+    with store.connect() as con:
+        adapter = production(con, alias)
+    return adapter.path if adapter else None
+
+
 def train_candidate(
-    settings: Settings,
+    workspace: Workspace,
     splits: DatasetSplits,
     golden: list[ChatExample],
     config: RecipeConfig,
@@ -94,12 +124,12 @@ def train_candidate(
     ``init_adapter`` (production's adapter directory) is where the weights start, when it
     has this recipe's rank and target modules; zeros otherwise.
     """
-    run_dir = run_dir_for(settings, run_key)
+    run_dir = run_dir_for(workspace, run_key)
     run_dir.mkdir(parents=True, exist_ok=True)
     # One trainer a run directory: a second process with the same run key (a resubmitted
     # run while the first still lives) waits, then finds the finished result.
     with _run_lock(run_dir):
-        return _train_locked(settings, splits, golden, config, run_key, run_dir,
+        return _train_locked(workspace, splits, golden, config, run_key, run_dir,
                              show_progress, init_adapter)
 
 
@@ -113,16 +143,16 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _train_locked(settings: Settings, splits: DatasetSplits, golden: list[ChatExample],
+def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[ChatExample],
                   config: RecipeConfig, run_key: str, run_dir: Path, show_progress: bool,
                   init_adapter: Path | None) -> TrainedRun:
     if (run_dir / RESULT).exists():
         log.info("run %s: already trained, reusing %s", run_key, run_dir / RESULT)
         return TrainedRun.load(run_dir / RESULT)
-    pin(settings.training.cpu_cores)
+    pin(workspace.training.cpu_cores)
     started = time.perf_counter()
-    base = resolve_base_model(settings.training.base_model, settings.models_dir)
-    recipe = LoRARecipe(config, base, run_dir, device=settings.training.device, run_id=run_key,
+    base = resolve_base_model(workspace.training.base_model, workspace.models_dir)
+    recipe = LoRARecipe(config, base, run_dir, device=workspace.training.device, run_id=run_key,
                         show_progress=show_progress, init_adapter=init_adapter)
     try:
         recipe.setup(splits.train, splits.validation)
@@ -156,7 +186,7 @@ def _train_locked(settings: Settings, splits: DatasetSplits, golden: list[ChatEx
     return run
 
 
-def publish_run(store: Store, settings: Settings, run: TrainedRun) -> Adapter:
+def publish_run(store: Store, workspace: Workspace, run: TrainedRun) -> Adapter:
     """Publish ``run``'s adapter, or return the one already published for its run key."""
     with store.connect() as con:
         existing = find_by_run_key(con, run.run_key)
@@ -164,7 +194,7 @@ def publish_run(store: Store, settings: Settings, run: TrainedRun) -> Adapter:
             log.info("run %s: already published as %s", run.run_key, existing.version)
             return existing
         return publish_adapter(
-            con, settings.adapters_dir, Path(run.adapter_dir), alias=settings.serving.alias,
+            con, workspace.adapters_dir, Path(run.adapter_dir), alias=workspace.alias,
             base_model=run.base.model_id, base_hash=run.base.sha256,
             dataset_version=run.dataset_version, run_key=run.run_key,
             details={"base_model_path": run.base.path, "hyperparameters": run.config,
@@ -180,8 +210,10 @@ def train_and_publish(settings: Settings, dataset_version: str, config: RecipeCo
     if existing is not None:
         return existing
     splits, golden = load_inputs(store, dataset_version)
-    run = train_candidate(settings, splits, golden, config, run_key, show_progress=show_progress)
-    return publish_run(store, settings, run)
+    workspace = Workspace.of(settings)
+    run = train_candidate(workspace, splits, golden, config, run_key,
+                          show_progress=show_progress)
+    return publish_run(store, workspace, run)
 
 
 def default_run_key(dataset_version: str, config: RecipeConfig, base_model: str) -> str:
