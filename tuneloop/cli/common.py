@@ -20,6 +20,7 @@ def settings_of(ctx: typer.Context) -> Settings:
 
 
 def store_of(settings: Settings) -> Store:
+    """The store of ``settings``, waiting ``store.lock_timeout_s`` for another writer."""
     return Store(settings.db_path, settings.store.lock_timeout_s)
 
 

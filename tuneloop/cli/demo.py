@@ -54,6 +54,7 @@ STORE_WAIT_S = 60
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``tuneloop demo`` to ``app``."""
     app.command("demo")(demo)
 
 

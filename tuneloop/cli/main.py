@@ -75,6 +75,7 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    """The ``tuneloop`` console script: exit 3, with the holder named, on a busy store."""
     from tuneloop.services.store.database import StoreBusyError
 
     try:

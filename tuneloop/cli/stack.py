@@ -9,6 +9,7 @@ from tuneloop.cli.status import status, topic_problems
 
 
 def register(app: typer.Typer) -> None:
+    """Add the stack's commands to ``app``."""
     app.command("up")(up)
     app.command("down")(down)
     app.command("status")(status)

@@ -41,6 +41,7 @@ class TopicLine:
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The line in ``tuneloop status --json``."""
         if self.error is not None:
             return {"topic": self.topic, "error": self.error}
         return {"topic": self.topic, "partition": self.partition, "end": self.end,

@@ -69,6 +69,11 @@ class EmbeddedBroker:
         self.process = ManagedProcess("broker", Path(settings.home))
 
     def start(self, timeout_s: float = 30.0) -> None:
+        """Start tansu unless a Kafka broker already listens on the configured port.
+
+        Raises ``OSError`` when another program holds the port, ``TimeoutError`` (with
+        the end of tansu's log) when it does not answer within ``timeout_s``.
+        """
         if port_open(self.host, self.port):
             if not speaks_kafka(self.host, self.port):
                 raise OSError(
@@ -100,7 +105,9 @@ class EmbeddedBroker:
             ) from None
 
     def stop(self) -> bool:
+        """Stop the broker tuneloop started; False when it was not running."""
         return self.process.stop()
 
     def healthy(self) -> bool:
+        """Whether a Kafka broker answers on the configured address."""
         return speaks_kafka(self.host, self.port)

@@ -33,6 +33,8 @@ class EmbeddedPrefect:
         self.process = ManagedProcess("prefect", Path(settings.home))
 
     def start(self, timeout_s: float = 90.0) -> None:
+        """Start the server unless one answers already. Raises ``TimeoutError`` (with the
+        end of its log) when it is not healthy within ``timeout_s``."""
         if self.healthy():
             return
         port = str(self.settings.prefect.port)
@@ -49,9 +51,11 @@ class EmbeddedPrefect:
             ) from None
 
     def stop(self) -> bool:
+        """Stop the server tuneloop started; False when it was not running."""
         return self.process.stop()
 
     def healthy(self) -> bool:
+        """Whether the Prefect API answers its health check."""
         try:
             return httpx.get(f"{self.settings.prefect.api_url}/health", timeout=2.0).status_code == 200
         except httpx.HTTPError:
@@ -69,6 +73,7 @@ class FlowRunLine:
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The line in ``tuneloop status --json``."""
         if self.error is not None:
             return {"error": self.error}
         return {"name": self.name, "state": self.state, "started": self.started,

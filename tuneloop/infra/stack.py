@@ -19,12 +19,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Health:
+    """One component: whether it answers, and where it runs."""
+
     component: str
     ok: bool
     detail: str
 
 
 class Stack:
+    """The embedded components of one tuneloop home, started, stopped and probed together."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.broker = EmbeddedBroker(settings)
@@ -67,6 +71,7 @@ class Stack:
                 repair(con, Path(self.settings.adapters_dir))
 
     def down(self) -> list[str]:
+        """Stop every component tuneloop started here; returns the names of those stopped."""
         stopped = self.gateway.stop()
         for name, proc in (("ingest", self.ingest), ("worker", self.worker),
                            ("prefect", self.prefect.process),
@@ -76,6 +81,7 @@ class Stack:
         return stopped
 
     def health(self) -> list[Health]:
+        """Each component's health, in the order status shows them."""
         kafka = self.settings.kafka
         return [
             Health("kafka", self.broker.healthy(),

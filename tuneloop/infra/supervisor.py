@@ -33,10 +33,12 @@ MAX_BACKOFF_S = 60.0
 
 
 def state_path(home: Path, name: str) -> Path:
+    """Where the supervisor of ``name`` writes its restarts and its child's pid."""
     return Path(home) / "run" / f"{name}-supervisor.json"
 
 
 def read_state(home: Path, name: str) -> dict[str, Any] | None:
+    """What the supervisor of ``name`` last wrote; None when it never ran here."""
     try:
         return dict(json.loads(state_path(home, name).read_text()))
     except (FileNotFoundError, ValueError):

@@ -57,6 +57,7 @@ def load(split: str = "train", root: Path | None = None) -> list[Query]:
 
 
 def intents(root: Path | None = None) -> list[str]:
+    """The dataset's intent names (``categories.json``). Raises ``FileNotFoundError``."""
     return list(json.loads(((root or data_dir()) / "categories.json").read_text()))
 
 

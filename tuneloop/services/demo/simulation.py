@@ -69,6 +69,8 @@ def dataset_rows(version: str, queries: Sequence[Query], intents: Sequence[str],
 
 
 def write_dataset(store: Store, version: str, rows: list[dict[str, object]]) -> None:
+    """Write ``rows`` (from :func:`dataset_rows`) as dataset ``version``. Raises
+    ``duckdb.ConstraintException`` when the version exists."""
     counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")}
     with store.connect() as con:
         con.execute("INSERT INTO datasets VALUES (?, now(), ?, '[]', '{}', '{}', ?, ?, ?)",

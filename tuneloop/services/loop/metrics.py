@@ -44,6 +44,7 @@ def _replace(path: Path, data: dict[str, Any]) -> None:
 
 
 def read(home: Path) -> dict[str, Any]:
+    """The loop's figures under ``home``; empty when none was recorded."""
     return _read(Path(home) / "run" / LOOP_FILE)
 
 
@@ -70,6 +71,7 @@ class LoopCollector(Collector):
         self.home = Path(home)
 
     def collect(self) -> Iterator[Any]:
+        """Every figure, read afresh at each scrape."""
         from tuneloop.services.ingest.service import read_status
 
         ingest = read_status(self.home) or {}
