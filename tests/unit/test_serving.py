@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from tuneloop.runtime.settings import ServingSettings, load_settings
+from tuneloop.serving.gateway.answers import ResponseCache, Served
 from tuneloop.serving.gateway.protocol import (
     BadRequest,
     check_chat,
@@ -19,7 +20,6 @@ from tuneloop.serving.gateway.protocol import (
     parse_body,
     stream_text,
 )
-from tuneloop.serving.gateway.serving import ResponseCache, Served
 from tuneloop.serving.routing import Route, RoutingTable, bucket, upstream_name
 from tuneloop.serving.upstream import UpstreamError, error_message
 from tuneloop.serving.vllm_process import cpu_share, vllm_argv, vllm_env
@@ -141,3 +141,22 @@ def test_replicas_get_their_own_cores() -> None:
     assert [cpu_share(i, 2, 2) for i in range(2)] == ["0", "1"]
     assert [cpu_share(i, 2, 16) for i in range(2)] == ["0-7", "8-15"]
     assert [cpu_share(i, 3, 2) for i in range(3)] == ["0", "1", "0"]
+
+
+def test_events_from_an_answer_have_stable_ids_and_no_raw_user() -> None:
+    from tuneloop.services.ingest.shadow import ShadowPair
+    from tuneloop.serving.gateway.answers import feedback_event, shadow_pair
+    from tuneloop.serving.gateway.protocol import FeedbackRequest
+
+    served = Served("resp-1", "support-bot", "v3", True,
+                    [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}],
+                    "agent-7", {}, completion="card_arrival", latency_s=0.25)
+    verdict = FeedbackRequest(response_id="resp-1", rating=-1, label="card_arrival")
+    first = feedback_event(served, "gateway.feedback", verdict)
+    assert first.event_id == feedback_event(served, "gateway.feedback", verdict).event_id
+    assert first.event_id != feedback_event(served, "gateway.served").event_id
+    assert first.user_id and "agent-7" not in first.user_id
+    assert first.rating == -1 and first.metadata["latency_ms"] == 250.0
+    pair = ShadowPair.model_validate(shadow_pair(served, "v4", None, 500, 0.1))
+    assert pair.production_version == "v3" and pair.candidate_completion is None
+    assert str(pair.pair_id) == shadow_pair(served, "v4", "x", 200, 0.2)["pair_id"]

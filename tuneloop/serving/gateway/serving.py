@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import random
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -28,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from tuneloop.runtime.settings import ServingSettings
 from tuneloop.services.feedback.contract import FeedbackEvent, InvalidEvent
 from tuneloop.services.feedback.producer import FeedbackProducer
+from tuneloop.serving.gateway.answers import ResponseCache, Served, feedback_event, shadow_pair
 from tuneloop.serving.gateway.protocol import (
     ALIAS_HEADER,
     RESPONSE_ID_HEADER,
@@ -49,44 +46,7 @@ from tuneloop.serving.upstream import error_message
 
 log = logging.getLogger(__name__)
 
-FEEDBACK_NAMESPACE = uuid.UUID("5b0a3c8e-9d51-4f0e-8a53-1f0c2e7d9b64")
 _RETRY_AFTER = {"Retry-After": "2"}
-
-
-@dataclass
-class Served:
-    """One answer, kept for feedback and shadow comparison."""
-
-    response_id: str
-    alias: str
-    version: str | None
-    chat: bool
-    messages: list[dict[str, str]]
-    user: str | None
-    body: dict[str, Any]
-    occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    completion: str = ""
-    latency_s: float = 0.0
-    internal: bool = False  # an evaluation request on the admin route, not a user's
-
-
-class ResponseCache:
-    """The last ``capacity`` answers by response id (and by vLLM's own id)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, Served] = OrderedDict()
-
-    def put(self, served: Served, *keys: str | None) -> None:
-        for key in (served.response_id, *keys):
-            if key:
-                self._items[key] = served
-                self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def get(self, key: str) -> Served | None:
-        return self._items.get(key)
 
 
 class Gateway:
@@ -291,7 +251,7 @@ class Gateway:
         self.cache.put(served, upstream_id)
         if self.feedback_producer is not None and self.cfg.sample_requests > 0 and \
                 random.random() < self.cfg.sample_requests:
-            self._spawn(self._emit(self._event(served, source="gateway.served"), "served"))
+            self._spawn(self._emit(feedback_event(served, "gateway.served"), "served"))
         if served.version == route.production and route.shadow(served.response_id):
             self._spawn(self._shadow(route, served))
 
@@ -326,17 +286,10 @@ class Gateway:
         except (NoReplicaError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.info("shadow request for %s skipped: %s", served.response_id, exc)
             return
-        pair_id = str(uuid.uuid5(FEEDBACK_NAMESPACE, f"shadow:{served.response_id}"))
-        pair = {
-            "pair_id": pair_id,
-            "occurred_at": served.occurred_at.isoformat(), "app": route.alias,
-            "response_id": served.response_id, "messages": served.messages,
-            "production_version": served.version, "production_completion": served.completion,
-            "production_latency_s": served.latency_s, "candidate_version": route.candidate,
-            "candidate_completion": completion_text(data, served.chat) if status < 400 else None,
-            "candidate_status": status, "candidate_latency_s": time.perf_counter() - started,
-        }
-        await asyncio.to_thread(self.shadow_producer.send_record, pair_id,
+        pair = shadow_pair(served, route.candidate,
+                           completion_text(data, served.chat) if status < 400 else None,
+                           status, time.perf_counter() - started)
+        await asyncio.to_thread(self.shadow_producer.send_record, pair["pair_id"],
                                 json.dumps(pair).encode())
         self.metrics.feedback.labels("shadow").inc()
 
@@ -353,7 +306,7 @@ class Gateway:
                 "SDK instead", param="response_id", status=404, code="response_not_found")
         if self.feedback_producer is None:
             raise BadRequest("this gateway has no Kafka producer configured", status=503)
-        event = self._event(served, source="gateway.feedback", verdict=request)
+        event = feedback_event(served, "gateway.feedback", request)
         try:
             await asyncio.to_thread(self.feedback_producer.send, event)
         except InvalidEvent as exc:
@@ -362,28 +315,6 @@ class Gateway:
         return {"object": "feedback", "event_id": str(event.event_id),
                 "response_id": served.response_id, "adapter_version": served.version,
                 "status": "accepted"}
-
-    def _event(self, served: Served, source: str,
-               verdict: FeedbackRequest | None = None) -> FeedbackEvent:
-        verdict_fields: dict[str, Any] = {}
-        if verdict is not None:
-            verdict_fields = verdict.model_dump(exclude={"response_id", "metadata"},
-                                                exclude_none=True)
-        key = json.dumps([served.response_id, source, verdict_fields], sort_keys=True)
-        # The same verdict posted twice is the same event: ingest keeps one.
-        event_id = uuid.uuid5(FEEDBACK_NAMESPACE, key)
-        user_id = (hashlib.sha256(served.user.encode()).hexdigest()[:32]
-                   if served.user else None)
-        metadata = {"source": source, "latency_ms": round(1000 * served.latency_s, 1)}
-        if verdict is not None:
-            metadata.update(verdict.metadata)
-        return FeedbackEvent(
-            schema_version=1, event_id=event_id, occurred_at=served.occurred_at,
-            app=served.alias, request_id=served.response_id, adapter_version=served.version,
-            messages=[m for m in served.messages if m["role"] in ("system", "user", "assistant",
-                                                                     "tool")],
-            completion=served.completion, user_id=user_id, metadata=metadata, **verdict_fields,
-        )
 
     async def drain(self) -> None:
         """Wait for background emits (shutdown)."""

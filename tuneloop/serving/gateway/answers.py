@@ -1,0 +1,100 @@
+"""What the gateway keeps of an answer, and the records it makes from one.
+
+An answer the gateway served stays in a bounded :class:`ResponseCache` so a verdict
+posted later (``POST /v1/feedback``) can cite it; :func:`feedback_event` turns it into
+a feedback v1 event, and :func:`shadow_pair` into the record of a shadowed request.
+Both are pure, and both ids are derived from the answer, so a retry sends the same
+record and ingest keeps one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from tuneloop.services.feedback.contract import FeedbackEvent
+from tuneloop.serving.gateway.protocol import FeedbackRequest
+
+FEEDBACK_NAMESPACE = uuid.UUID("5b0a3c8e-9d51-4f0e-8a53-1f0c2e7d9b64")
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Served:
+    """One answer, kept for feedback and shadow comparison."""
+
+    response_id: str
+    alias: str
+    version: str | None
+    chat: bool
+    messages: list[dict[str, str]]
+    user: str | None
+    body: dict[str, Any]
+    occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    completion: str = ""
+    latency_s: float = 0.0
+    internal: bool = False  # an evaluation request on the admin route, not a user's
+
+
+class ResponseCache:
+    """The last ``capacity`` answers by response id (and by vLLM's own id)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, Served] = OrderedDict()
+
+    def put(self, served: Served, *keys: str | None) -> None:
+        for key in (served.response_id, *keys):
+            if key:
+                self._items[key] = served
+                self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, key: str) -> Served | None:
+        return self._items.get(key)
+
+
+def feedback_event(served: Served, source: str,
+                   verdict: FeedbackRequest | None = None) -> FeedbackEvent:
+    """The feedback v1 event of an answer (``source`` ``gateway.served``) or of a verdict
+    on it (``gateway.feedback``). The user is hashed, never sent as given. Raises
+    ``pydantic.ValidationError`` when the answer cannot make a valid event."""
+    verdict_fields: dict[str, Any] = {}
+    if verdict is not None:
+        verdict_fields = verdict.model_dump(exclude={"response_id", "metadata"},
+                                            exclude_none=True)
+    key = json.dumps([served.response_id, source, verdict_fields], sort_keys=True)
+    # The same verdict posted twice is the same event: ingest keeps one.
+    event_id = uuid.uuid5(FEEDBACK_NAMESPACE, key)
+    user_id = hashlib.sha256(served.user.encode()).hexdigest()[:32] if served.user else None
+    metadata = {"source": source, "latency_ms": round(1000 * served.latency_s, 1)}
+    if verdict is not None:
+        metadata.update(verdict.metadata)
+    return FeedbackEvent(
+        schema_version=1, event_id=event_id, occurred_at=served.occurred_at,
+        app=served.alias, request_id=served.response_id, adapter_version=served.version,
+        messages=[m for m in served.messages if m["role"] in _ROLES],
+        completion=served.completion, user_id=user_id, metadata=metadata, **verdict_fields,
+    )
+
+
+def shadow_pair(served: Served, candidate: str, candidate_completion: str | None,
+                candidate_status: int, candidate_latency_s: float) -> dict[str, Any]:
+    """The record of a shadowed request (``tuneloop.services.ingest.shadow.ShadowPair``):
+    production's answer beside the candidate's, keyed by a ``pair_id`` derived from the
+    response id."""
+    return {
+        "pair_id": str(uuid.uuid5(FEEDBACK_NAMESPACE, f"shadow:{served.response_id}")),
+        "occurred_at": served.occurred_at.isoformat(), "app": served.alias,
+        "response_id": served.response_id, "messages": served.messages,
+        "production_version": served.version, "production_completion": served.completion,
+        "production_latency_s": served.latency_s, "candidate_version": candidate,
+        "candidate_completion": candidate_completion, "candidate_status": candidate_status,
+        "candidate_latency_s": candidate_latency_s,
+    }
