@@ -31,6 +31,12 @@ def _tiny_recipe(tmp_path: Path, **fields: int) -> Path:
     return path
 
 
+def _home(settings: Settings) -> dict[str, str]:
+    """The flow's settings overrides: the test's state directory (the rest comes from the
+    environment the session set)."""
+    return {"home": str(settings.home)}
+
+
 def test_rerun_of_the_same_flow_run_does_not_train_twice(
     prefect_server: str, training_settings: Settings, tmp_path: Path
 ) -> None:
@@ -42,11 +48,11 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
                             golden_per_intent=1)
     config = _tiny_recipe(tmp_path, max_steps=3, eval_interval=3)
     first = retrain(dataset_version="b77-flow", config_file=str(config), run_key="flow-rerun",
-                    settings=settings)
+                    overrides=_home(settings))
     result_file = settings.runs_dir / "flow-rerun" / "result.json"
     trained_at = result_file.stat().st_mtime_ns
     second = retrain(dataset_version="b77-flow", config_file=str(config), run_key="flow-rerun",
-                     settings=settings)
+                     overrides=_home(settings))
 
     assert second["version"] == first["version"]
     assert result_file.stat().st_mtime_ns == trained_at  # no second training
@@ -65,7 +71,7 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
     with store.connect() as con:
         promote(con, first["version"], "production", "test: production to continue from")
     third = retrain(dataset_version="b77-flow", config_file=str(config), run_key="continued",
-                    settings=settings)
+                    overrides=_home(settings))
     assert third["metrics"]["training"]["continued_from"] == first["path"]
 
 

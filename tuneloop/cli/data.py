@@ -36,12 +36,10 @@ def drift(
     ),
 ) -> None:
     """Compare the current window with the reference and store a drift report."""
-    settings = settings_of(ctx)
-    store = store_of(settings)
     if plot is not None:
         from tuneloop.services.drift.plots import plot_drift_history
 
-        with store.connect() as con:
+        with store_of(settings_of(ctx)).connect() as con:
             rows = report_history(con)
         try:
             path = plot_drift_history(rows, plot)
@@ -49,15 +47,17 @@ def drift(
             raise fail(str(exc)) from None
         console.print(f"drift history ({len(rows)} reports) written to {path}")
         return
-    updates = {
-        "current_window_events": events, "current_window_minutes": minutes,
-        "reference_start": reference_start, "reference_end": reference_end,
-    }
-    cfg = settings.drift.model_copy(update={k: v for k, v in updates.items() if v is not None})
     from tuneloop.flows.drift import detect_drift_flow
 
-    with console.status("embedding and testing the windows..."):
-        result = detect_drift_flow(settings=settings.model_copy(update={"drift": cfg}))
+    window = {"drift.current_window_events": events, "drift.current_window_minutes": minutes,
+              "drift.reference_start": reference_start and reference_start.isoformat(),
+              "drift.reference_end": reference_end and reference_end.isoformat()}
+    try:
+        with console.status("embedding and testing the windows..."):
+            result = detect_drift_flow(
+                overrides={k: v for k, v in window.items() if v is not None})
+    except ValueError as exc:  # a bad window (e.g. a reference start without an end)
+        raise fail(str(exc)) from None
     if result.get("waiting"):
         raise fail(result["waiting"])
     colour = "red" if result["drifted"] else "green"
@@ -86,11 +86,10 @@ def curate(
     """Curate a new immutable dataset version from feedback, and export it as JSONL."""
     from tuneloop.flows.curate import curate_flow
 
-    settings = settings_of(ctx)
     try:
         with console.status("curating (embedding the prompts)..."):
             result = curate_flow(include_used=include_used,
-                                 export_dir=str(export) if export else None, settings=settings)
+                                 export_dir=str(export) if export else None)
     except ValueError as exc:
         raise fail(str(exc)) from None
     report = result["report"]

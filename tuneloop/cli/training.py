@@ -46,17 +46,18 @@ def train(
     from tuneloop.training.pipeline import default_run_key, recipe_config
 
     settings = settings_of(ctx)
-    overrides = {"max_steps": max_steps, "learning_rate": learning_rate,
-                 "batch_size": batch_size, "rank": rank}
+    recipe = {"max_steps": max_steps, "learning_rate": learning_rate,
+              "batch_size": batch_size, "rank": rank}
     try:
-        cfg = recipe_config(settings, Path(config) if config else None, **overrides)
+        cfg = recipe_config(settings.training, Path(config) if config else None, **recipe)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     key = run_key or default_run_key(dataset, cfg, settings.training.base_model)
     try:
         # The same flow the loop runs (from zeros: a person training by hand picks the data).
-        result = train_adapter(dataset, key, config_file=config, overrides=overrides,
-                               show_progress=True, settings=settings)
+        # It loads the settings itself: the root callback put its flags in the environment.
+        result = train_adapter(dataset, key, config_file=config, recipe_overrides=recipe,
+                               show_progress=True)
     except (DatasetNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
     with store_of(settings).connect() as con:
@@ -90,13 +91,11 @@ def retrain(
     """
     from tuneloop.flows.retrain import retrain as retrain_flow
 
-    settings = settings_of(ctx)
-    if no_canary:
-        settings = settings.model_copy(update={"loop": settings.loop.model_copy(
-            update={"canary_new_candidates": False})})
+    # The flow loads the settings itself: the root callback put its flags in the environment.
+    overrides = {"loop.canary_new_candidates": False} if no_canary else None
     try:
         result = retrain_flow(reason=f"manual: {reason}", dataset_version=dataset,
-                              max_steps=max_steps, settings=settings)
+                              max_steps=max_steps, overrides=overrides)
     except (LookupError, ValueError) as exc:
         raise fail(str(exc)) from None
     console.print(f"dataset [bold]{result['dataset_version']}[/] -> adapter "

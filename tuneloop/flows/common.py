@@ -1,17 +1,64 @@
-"""What every tuneloop flow does alike: name its run after what happened, show a picture."""
+"""What every tuneloop flow does alike: load its settings, name its run after what
+happened, show a picture."""
 
 from __future__ import annotations
 
 import base64
 import logging
+import typing
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 from prefect.runtime import flow_run
+from pydantic import BaseModel, SecretBytes, SecretStr
 
+from tuneloop.runtime.settings import Settings, load_settings
 from tuneloop.services.curation.store import CurationRun
 
 log = logging.getLogger(__name__)
+
+
+class SecretOverride(ValueError):
+    """A flow was asked to override a secret setting: Prefect stores and shows every flow
+    parameter, so a secret reaches a flow only through the environment or the file."""
+
+
+def flow_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """The settings a flow run works with: the file and the environment, then
+    ``overrides`` (dotted setting names, such as ``"curation.replay_share"``, to values).
+
+    Flows take these names and values as a parameter instead of a ``Settings`` object,
+    which holds secrets. Raises :class:`SecretOverride` for a name that is a secret, or a
+    section holding one (``serving.admin_key``, ``serving``), and what
+    :func:`~tuneloop.runtime.settings.load_settings` raises for an unknown name or a bad
+    value.
+    """
+    secrets = secret_settings()
+    for name in overrides or {}:
+        hidden = sorted(s for s in secrets if s == name or s.startswith(f"{name}."))
+        if hidden:
+            raise SecretOverride(
+                f"flow override {name!r} would set the secret {', '.join(hidden)}: flow "
+                "parameters are stored and shown by Prefect; set it in the environment "
+                "(TUNELOOP_<SECTION>__<FIELD>) or the settings file instead")
+    return load_settings(dict(overrides or {}))
+
+
+def secret_settings() -> frozenset[str]:
+    """The dotted names of every secret setting (those typed ``SecretStr``/``SecretBytes``)."""
+    return frozenset(_secrets(Settings, ""))
+
+
+def _secrets(model: type[BaseModel], prefix: str) -> Iterator[str]:
+    for name, field in model.model_fields.items():
+        kinds = {field.annotation, *typing.get_args(field.annotation)}
+        if kinds & {SecretStr, SecretBytes}:
+            yield prefix + name
+        for kind in kinds:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from _secrets(kind, f"{prefix}{name}.")
 
 
 def rename_run(name: str) -> None:

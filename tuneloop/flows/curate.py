@@ -1,4 +1,8 @@
-"""The ``curate`` flow: feedback -> a new immutable dataset version -> validated JSONL."""
+"""The ``curate`` flow: feedback -> a new immutable dataset version -> validated JSONL.
+
+The version is the curation stage's entry point,
+:func:`tuneloop.services.curation.run.run_curation`; this flow exports and checks it.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +11,36 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
 
-from tuneloop.flows.common import curation_markdown, rename_run
+from tuneloop.flows.common import curation_markdown, flow_settings, rename_run
 from tuneloop.runtime.cpu import pin
-from tuneloop.runtime.settings import Settings, load_settings
+from tuneloop.runtime.settings import CurationSettings, EmbeddingSettings
 from tuneloop.services.curation.datasets import export_jsonl, validate_jsonl
-from tuneloop.services.curation.store import CurationRun, examples_of, load_tokenizer, run_curation
+from tuneloop.services.curation.run import run_curation
+from tuneloop.services.curation.store import CurationRun, examples_of
 from tuneloop.services.drift.embeddings import Embedder
 from tuneloop.services.store.database import Store
+from tuneloop.training.tokenizer import token_counter
 
 
-def _store(settings: Settings) -> Store:
-    return Store(settings.db_path, settings.store.lock_timeout_s)
+@task(retries=1, retry_delay_seconds=5, cache_policy=NONE)
+def curate_task(store: Store, embeddings: EmbeddingSettings, curation: CurationSettings,
+                cpu_cores: str | None, include_used: bool) -> CurationRun:
+    pin(cpu_cores)
+    return run_curation(store, Embedder(embeddings), curation, include_used=include_used)
 
 
-@task(retries=1, retry_delay_seconds=5)
-def curate_task(settings: Settings, include_used: bool) -> CurationRun:
-    pin(settings.training.cpu_cores)
-    return run_curation(_store(settings), Embedder(settings.embeddings), settings.curation,
-                        include_used=include_used)
-
-
-@task
-def export_task(settings: Settings, version: str, folder: str | None) -> dict[str, Any]:
-    _, examples = examples_of(_store(settings), version)
-    count_tokens = load_tokenizer(settings)
+@task(cache_policy=NONE)
+def export_task(store: Store, version: str, folder: Path, base_model: str, models_dir: Path,
+                max_tokens: int) -> dict[str, Any]:
+    """Both JSONL formats of ``version``, each checked; raises ``ValueError`` for a bad one."""
+    _, examples = examples_of(store, version)
+    count_tokens = token_counter(base_model, models_dir)
     out: dict[str, Any] = {}
     for fmt in ("chat", "completion"):
-        path = export_jsonl(examples, Path(folder or settings.home / "datasets")
-                            / f"{version}.{fmt}.jsonl", fmt)
-        check = validate_jsonl(path, fmt, count_tokens, settings.curation.max_tokens)
+        path = export_jsonl(examples, folder / f"{version}.{fmt}.jsonl", fmt)
+        check = validate_jsonl(path, fmt, count_tokens, max_tokens)
         if not check.ok:
             raise ValueError(f"{path} failed validation: {check.describe()}")
         out[fmt] = {"path": str(path), "check": check.describe()}
@@ -45,11 +49,19 @@ def export_task(settings: Settings, version: str, folder: str | None) -> dict[st
 
 @flow(name="curate")
 def curate_flow(include_used: bool = False, export_dir: str | None = None,
-                settings: Settings | None = None) -> dict[str, Any]:
-    """Curate a new dataset version from feedback and export it as validated JSONL."""
-    settings = settings or load_settings()
-    run = curate_task(settings, include_used)
-    exports = export_task(settings, run.version, export_dir)
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Curate a new dataset version from feedback and export it as validated JSONL.
+
+    ``overrides`` are settings by dotted name (``{"curation.replay_share": 0.3}``),
+    applied over the file and the environment; a secret is refused.
+    """
+    settings = flow_settings(overrides)
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    run = curate_task(store, settings.embeddings, settings.curation,
+                      settings.training.cpu_cores, include_used)
+    exports = export_task(store, run.version, Path(export_dir or settings.home / "datasets"),
+                          settings.training.base_model, settings.models_dir,
+                          settings.curation.max_tokens)
     get_run_logger().info("dataset %s (%s): %s", run.version, run.content_hash[:12], run.report)
     create_markdown_artifact(key="curation-report", markdown=curation_markdown(run),
                              description=f"dataset {run.version}")

@@ -1,34 +1,32 @@
-"""The ``detect_drift`` flow: windows -> embeddings -> tests -> report -> events.
+"""The ``detect_drift`` flow: the drift stage's check, then the report's artifact and events.
 
+The check itself (windows -> embeddings -> tests -> stored report) is the stage's entry
+point, :func:`tuneloop.services.drift.check.run_check`; this flow only wires around it.
 On drift it emits ``tuneloop.drift.detected`` (resource ``tuneloop.drift-report.<id>``);
 when ``loop.retrain_min_new_labels`` labelled events arrived since the last dataset
-version it emits ``tuneloop.labels.accumulated``. The ``retrain/on-event`` deployment's
+version it emits ``tuneloop.labels.accumulated``. The ``retrain/loop`` deployment's
 trigger turns either into a retrain. The report, with its clusters and the score history
 plot, is the run's artifact.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
-from tuneloop.flows.common import image_markdown, rename_run
+from tuneloop.flows.common import flow_settings, image_markdown, rename_run
 from tuneloop.runtime.cpu import pin
-from tuneloop.runtime.settings import Settings, load_settings
+from tuneloop.runtime.settings import DriftSettings, EmbeddingSettings
 from tuneloop.services.curation.store import new_labelled_events
-from tuneloop.services.drift.clusters import what_drifted
-from tuneloop.services.drift.core import UNIT, DriftReport, detect_drift
-from tuneloop.services.drift.embeddings import Embedder, embed_texts
-from tuneloop.services.drift.store import (
-    NotEnoughEvents,
-    Window,
-    load_windows,
-    report_history,
-    save_report,
-)
+from tuneloop.services.drift.check import run_check
+from tuneloop.services.drift.core import UNIT, DriftReport
+from tuneloop.services.drift.embeddings import Embedder
+from tuneloop.services.drift.store import NotEnoughEvents, report_history
 from tuneloop.services.loop import metrics as loop_metrics
 from tuneloop.services.store.database import Store
 
@@ -36,40 +34,15 @@ DRIFT_EVENT = "tuneloop.drift.detected"
 LABELS_EVENT = "tuneloop.labels.accumulated"
 
 
-@task(retries=2, retry_delay_seconds=5)
-def load_windows_task(settings: Settings) -> tuple[Window, Window] | str:
-    """Both windows, or why there is nothing to compare yet."""
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
-    with store.connect() as con:
-        try:
-            return load_windows(con, settings.drift)
-        except NotEnoughEvents as exc:
-            return str(exc)
-
-
-@task(retries=1)
-def embed_task(settings: Settings, ref: Window, cur: Window) -> Any:
-    pin(settings.training.cpu_cores)
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
-    vectors, _ = embed_texts(store, Embedder(settings.embeddings), ref.texts + cur.texts)
-    return vectors
-
-
-@task
-def test_task(settings: Settings, ref: Window, cur: Window, vectors: Any) -> DriftReport:
-    ref_vec, cur_vec = vectors[: len(ref)], vectors[len(ref) :]
-    report = detect_drift(ref_vec, cur_vec, settings.drift)
-    report.reference_desc, report.current_desc = ref.desc, cur.desc
-    changes = what_drifted(ref_vec, cur_vec, cur.texts, settings.drift, cur.labels, ref.labels)
-    report.clusters = [change.to_dict() for change in changes]
-    return report
-
-
-@task(retries=2, retry_delay_seconds=5)
-def save_task(settings: Settings, report: DriftReport) -> str:
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
-    with store.connect() as con:
-        return save_report(con, report)
+@task(retries=1, retry_delay_seconds=5, cache_policy=NONE)
+def check_task(store: Store, embeddings: EmbeddingSettings, drift: DriftSettings,
+               alias: str, cpu_cores: str | None) -> tuple[str, DriftReport] | str:
+    """The drift stage's check (report id and report), or why there is nothing to compare yet."""
+    pin(cpu_cores)
+    try:
+        return run_check(store, Embedder(embeddings), drift, alias)
+    except NotEnoughEvents as exc:
+        return str(exc)
 
 
 @task
@@ -97,9 +70,9 @@ def emit_task(report_id: str, report: DriftReport) -> str | None:
     return str(event.id) if event else None
 
 
-@task(retries=2, retry_delay_seconds=5)
-def count_new_labels(settings: Settings) -> int:
-    return new_labelled_events(Store(settings.db_path, settings.store.lock_timeout_s))
+@task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def count_new_labels(store: Store) -> int:
+    return new_labelled_events(store)
 
 
 @task
@@ -109,15 +82,15 @@ def emit_labels(count: int, threshold: int) -> str | None:
     return str(event.id) if event else None
 
 
-@task
-def report_artifact(settings: Settings, report_id: str, report: DriftReport) -> None:
+@task(cache_policy=NONE)
+def report_artifact(store: Store, reports_dir: Path, report_id: str, report: DriftReport) -> None:
     from tuneloop.services.drift.plots import plot_drift_history
 
-    with Store(settings.db_path, settings.store.lock_timeout_s).connect() as con:
+    with store.connect() as con:
         rows = report_history(con)
     plot = None
     if len(rows) >= 1:
-        plot = plot_drift_history(rows, settings.home / "reports" / "drift-history.png")
+        plot = plot_drift_history(rows, reports_dir / "drift-history.png")
     verdict = "**DRIFT**" if report.drifted else "no drift"
     lines = [f"## drift check: {verdict}", "",
              f"**novel share {report.score:.1%}** ({UNIT}; p = {report.p_value:.4f}); the loop "
@@ -138,35 +111,42 @@ def report_artifact(settings: Settings, report_id: str, report: DriftReport) -> 
 
 
 @flow(name="detect_drift")
-def detect_drift_flow(settings: Settings | None = None) -> dict[str, Any]:
-    """Compare the current window with the reference; persist the report; emit on drift."""
-    settings = settings or load_settings()
-    windows = load_windows_task(settings)
-    if isinstance(windows, str):
+def detect_drift_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compare the current window with the reference; persist the report; emit on drift.
+
+    ``overrides`` are settings by dotted name (``{"drift.current_window_events": 500}``),
+    applied over the file and the environment; a secret is refused.
+    """
+    settings = flow_settings(overrides)
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    checked = check_task(store, settings.embeddings, settings.drift, settings.serving.alias,
+                         settings.training.cpu_cores)
+    if isinstance(checked, str):
         rename_run("drift: waiting for events")
-        get_run_logger().info("no drift check yet: %s", windows)
-        return {"report_id": None, "drifted": False, "waiting": windows}
-    ref, cur = windows
-    vectors = embed_task(settings, ref, cur)
-    report = test_task(settings, ref, cur, vectors)
-    report_id = save_task(settings, report)
-    report_artifact(settings, report_id, report)
+        get_run_logger().info("no drift check yet: %s", checked)
+        return {"report_id": None, "drifted": False, "waiting": checked}
+    report_id, report = checked
+    report_artifact(store, settings.home / "reports", report_id, report)
     loop_metrics.record(settings.home, "drift", score=report.score, drifted=report.drifted,
                         p_value=report.p_value, report_id=report_id)
     event_id = emit_task(report_id, report) if report.drifted else None
     labels_event = None
     threshold = settings.loop.retrain_min_new_labels
-    new_labels = count_new_labels(settings) if threshold else 0
+    new_labels = count_new_labels(store) if threshold else 0
     if threshold and new_labels >= threshold:
         labels_event = emit_labels(new_labels, threshold)
     get_run_logger().info("drift report %s: %s", report_id, report.summary())
-    new = [c["name"] for c in report.clusters if c["status"] in ("new", "grew")]
-    rename_run(f"drift: {'DRIFT' if report.drifted else 'no drift'} "
-               f"(novel share {report.score:.2f})"
-               + (f"; new: {', '.join(new[:3])}" if report.drifted and new else ""))
+    rename_run(_run_name(report))
     return {
         "report_id": report_id, "drifted": report.drifted, "score": report.score,
         "p_value": report.p_value, "event_id": event_id, "summary": report.summary(),
         "reference": report.reference_desc, "current": report.current_desc,
         "clusters": report.clusters, "new_labels": new_labels, "labels_event_id": labels_event,
     }
+
+
+def _run_name(report: DriftReport) -> str:
+    new = [c["name"] for c in report.clusters if c["status"] in ("new", "grew")]
+    return (f"drift: {'DRIFT' if report.drifted else 'no drift'} "
+            f"(novel share {report.score:.2f})"
+            + (f"; new: {', '.join(new[:3])}" if report.drifted and new else ""))
