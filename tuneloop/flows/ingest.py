@@ -20,6 +20,7 @@ from tuneloop.services.ingest.shadow import land_shadow_pairs
 
 @task(retries=3, retry_delay_seconds=2)
 def ensure_feedback_topics() -> list[str]:
+    """The feedback, dead-letter and shadow topics, created when missing."""
     settings = load_settings()
     return ensure_topics(settings.kafka, extra=(settings.serving.shadow_topic,))
 
@@ -32,6 +33,7 @@ def land_shadow() -> int:
 
 @task
 def consume(max_batches: int | None) -> dict[str, Any]:
+    """One consumer-group member, until the topic is idle; its statistics."""
     consumer = IngestConsumer(load_settings())
     try:
         stats = consumer.run(until_idle=True, max_batches=max_batches)

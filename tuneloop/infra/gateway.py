@@ -22,7 +22,12 @@ class EmbeddedGateway:
         self.process = ManagedProcess("gateway", Path(settings.home))
 
     def start(self, env: dict[str, str], timeout_s: float | None = None) -> None:
-        """Start the gateway and wait until a replica serves (vLLM takes ~40 s on 2 cores)."""
+        """Start the gateway and wait until a replica serves (vLLM takes ~40 s on 2 cores).
+
+        Raises ``VLLMNotInstalledError`` (with the fix) before starting anything when vLLM
+        is missing, ``TimeoutError`` naming the logs when no replica is ready in time, and
+        ``OSError`` with the log's tail when the gateway exits at start.
+        """
         vllm_python(self.settings.serving)  # fail now, with the fix, if vLLM is not installed
         # Supervised: a gateway that dies is restarted, adopts the running replicas and
         # rebuilds its routing from the registry.
@@ -49,6 +54,7 @@ class EmbeddedGateway:
         return int(state.get("restarts", 0)) > 0 and not self.healthy()
 
     def stop(self) -> list[str]:
+        """Stop the gateway, then the replicas it started; returns the names stopped."""
         stopped = ["gateway"] if self.process.stop() else []
         for proc in managed_processes(self.settings):
             if proc.stop(timeout_s=20):
@@ -56,6 +62,7 @@ class EmbeddedGateway:
         return stopped
 
     def healthy(self) -> bool:
+        """Whether ``/health`` says a replica takes traffic."""
         try:
             url = f"{self.settings.serving.gateway_url}/health"
             return httpx.get(url, timeout=2.0).status_code == 200

@@ -94,11 +94,14 @@ def saved_shares(settings: Settings) -> dict[str, Any]:
 
 
 def routing_file(settings: Settings) -> Path:
+    """Where the gateway keeps the shares it last applied."""
     return Path(settings.home) / "serving" / "routing.json"
 
 
 class GatewayAdmin:
-    """The gateway's admin routes, for the CLI and the flows."""
+    """The gateway's admin routes, for the CLI and the flows. Every call raises
+    :class:`GatewayError`: ``status`` 0 when the gateway is unreachable, else its HTTP
+    status (401 wrong key, 4xx a refused request, 5xx a failed swap)."""
 
     def __init__(self, settings: Settings, timeout_s: float = 600.0) -> None:
         self.url = settings.serving.gateway_url
@@ -106,6 +109,7 @@ class GatewayAdmin:
         self._timeout = timeout_s
 
     def state(self) -> dict[str, Any]:
+        """Routes, replicas, adapters in their grace period and load errors."""
         return self._call("GET", "/admin/state")
 
     def set_route(self, **fields: Any) -> dict[str, Any]:
@@ -113,9 +117,11 @@ class GatewayAdmin:
         return self._call("POST", "/admin/route", fields)
 
     def load(self, version: str) -> dict[str, Any]:
+        """Load and probe ``version`` on every replica without routing to it."""
         return self._call("POST", "/admin/load", {"version": version})
 
     def unload(self, version: str) -> dict[str, Any]:
+        """Drop ``version`` from every replica (refused while a route uses it)."""
         return self._call("POST", "/admin/unload", {"version": version})
 
     def observations(self, alias: str, since: float, until: float | None = None) -> dict[str, Any]:
@@ -125,6 +131,7 @@ class GatewayAdmin:
         return self._call("GET", f"/admin/observations?{query}")
 
     def running(self) -> bool:
+        """Whether the gateway answers at all (any status)."""
         try:
             httpx.get(f"{self.url}/v1/models", timeout=2)
             return True

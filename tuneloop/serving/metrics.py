@@ -14,6 +14,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class GatewayMetrics:
+    """The gateway's counters and histograms, in a registry of its own."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry

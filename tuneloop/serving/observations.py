@@ -14,6 +14,8 @@ from typing import Any
 
 
 class Observations:
+    """The last ``capacity`` user requests, oldest dropped first."""
+
     def __init__(self, capacity: int = 200_000) -> None:
         self._items: deque[tuple[float, str, str, bool, float]] = deque(maxlen=capacity)
 

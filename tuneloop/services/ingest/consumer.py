@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class IngestStats:
+    """What one run of the consumer did."""
+
     batches: int = 0
     seen: int = 0  # handed to processing, the last batch possibly still being written
     polled: int = 0  # written and committed
@@ -261,6 +263,8 @@ class IngestConsumer:
             future.get(timeout=timeout)
 
     def close(self) -> None:
+        """Release the store, stop the writer, close the dead-letter producer and leave
+        the group (a dead-letter producer that fails to close is logged, not raised)."""
         self._writer.submit(self._release).result()
         self._writer.shutdown()
         try:

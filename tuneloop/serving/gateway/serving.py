@@ -68,6 +68,9 @@ class Gateway:
     # ------------------------------------------------------------ serving
     async def serve(self, raw: bytes, endpoint: str, client_host: str,
                     user_header: str | None) -> Response:
+        """Answer a user's request (``endpoint`` ``chat`` or ``completions``) with the
+        version its alias routes the user to. Never raises: a bad request is a 4xx
+        OpenAI error, no replica a 503 with ``Retry-After``, vLLM's failure a 502."""
         chat = endpoint == "chat"
         try:
             body = parse_body(raw)
