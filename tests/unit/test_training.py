@@ -218,7 +218,7 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path: Path) ->
 
 
 def test_early_stopping_counts_evaluations_without_a_gain() -> None:
-    from tuneloop.training.recipe import EarlyStopping
+    from tuneloop.training.checkpoint import EarlyStopping
 
     stopper = EarlyStopping(patience=2, min_delta=0.01, best=1.0)
     assert stopper.update(10, 0.8) and stopper.best_step == 10

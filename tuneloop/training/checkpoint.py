@@ -1,4 +1,5 @@
-"""Resumable checkpoints in safetensors only: LoRA weights, AdamW moments, loop state.
+"""Resumable checkpoints in safetensors only: LoRA weights, AdamW moments, loop state
+(:class:`LoopState`, with its :class:`EarlyStopping`).
 
 Nothing here unpickles: tensors go to ``.safetensors`` files and the rest (step,
 best loss, history, optimizer hyperparameters) to JSON. A checkpoint is written to
@@ -12,13 +13,65 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from tuneloop.training.report import Point
+
 STATE = "state.json"
+
+
+@dataclass
+class EarlyStopping:
+    """Patience on validation loss: stop after ``patience`` evaluations without a gain.
+
+    A gain is a loss below the best so far by more than ``min_delta``.
+    """
+
+    patience: int
+    min_delta: float
+    best: float
+    best_step: int = 0
+    bad: int = 0
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record an evaluation; True if it is the new best."""
+        if loss < self.best - self.min_delta:
+            self.best, self.best_step, self.bad = loss, step, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad >= self.patience
+
+
+@dataclass
+class LoopState:
+    """The training loop's state, saved with every checkpoint."""
+
+    step: int
+    train_tokens: int
+    train_s: float
+    train_curve: list[Point]
+    val_curve: list[Point]
+    stopper: EarlyStopping
+    best_weights: dict[str, torch.Tensor]
+
+    def to_state(self) -> dict[str, Any]:
+        """What the checkpoint's JSON keeps (the tensors go beside it)."""
+        return {
+            "step": self.step, "train_tokens": self.train_tokens, "train_s": self.train_s,
+            "train_curve": [[p.step, p.loss] for p in self.train_curve],
+            "val_curve": [[p.step, p.loss] for p in self.val_curve],
+            "best": self.stopper.best, "best_step": self.stopper.best_step,
+            "bad": self.stopper.bad,
+        }
 
 
 def save_checkpoint(

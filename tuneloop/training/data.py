@@ -3,7 +3,8 @@
 Pure functions over token ids, so every rule here is unit-tested without a model:
 
 - :func:`encode_example` keeps the loss on the assistant's answer only: the system
-  and user turns (and the template's header of the assistant turn) are context.
+  and user turns (and the template's header of the assistant turn) are context;
+  :func:`encode_chat` gets those token ids from the base tokenizer's chat template.
 - :func:`pack_rows` puts several examples into one row of ``capacity`` tokens
   (first-fit decreasing), and :func:`collate` restarts ``position_ids`` at every
   example. With no attention mask, transformers reads the restarts as packed
@@ -20,6 +21,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,6 +73,22 @@ def encode_example(prompt_ids: Sequence[int], full_ids: Sequence[int]) -> Encode
     if len(full_ids) <= n:
         raise ValueError("the example has no assistant tokens to learn from")
     return Encoded(tuple(full_ids), (IGNORE,) * n + tuple(full_ids[n:]))
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> Encoded:
+    """Tokenise a chat with the base tokenizer's template; labels on the answer only.
+
+    The answer's labels run through the end-of-turn token, so the model learns to stop.
+    """
+    prompt = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False,
+                                           add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in full_ids[len(prompt_ids):]:
+        full_ids = full_ids[: full_ids.index(eos, len(prompt_ids)) + 1]
+    return encode_example(prompt_ids, full_ids)
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -20,7 +20,6 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,93 +28,25 @@ import torch.nn.functional as F
 
 from tuneloop.services.evaluation.metrics import EvalReport
 from tuneloop.training.base_model import BaseModel
-from tuneloop.training.checkpoint import load_checkpoint, save_checkpoint
+from tuneloop.training.checkpoint import EarlyStopping, LoopState, load_checkpoint, save_checkpoint
 from tuneloop.training.config import RecipeConfig
 from tuneloop.training.data import (
     IGNORE,
     Batch,
     Encoded,
     collate,
-    encode_example,
+    encode_chat,
     learning_rate_at,
     micro_batches,
     steps_per_epoch,
 )
 from tuneloop.training.dataset import ChatExample
 from tuneloop.training.evaluate import evaluate_examples
-from tuneloop.training.report import Point, plot_curve, progress_bar
+from tuneloop.training.report import Point, TrainResult, plot_curve, progress_bar
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class TrainResult:
-    """What one run achieved; ``best_val_loss`` belongs to the weights kept."""
-
-    steps: int
-    total_steps: int
-    stopped_early: bool
-    initial_val_loss: float
-    best_val_loss: float
-    best_step: int
-    train_tokens: int
-    train_s: float
-    tokens_per_s: float
-    train_curve: list[Point] = field(default_factory=list)
-    val_curve: list[Point] = field(default_factory=list)
-    curve_path: Path | None = None
-    resumed_from_step: int = 0  # the checkpoint a restarted run went on from; 0 when fresh
-
-    def metrics(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps, "total_steps": self.total_steps,
-            "resumed_from_step": self.resumed_from_step,
-            "stopped_early": self.stopped_early, "initial_val_loss": self.initial_val_loss,
-            "best_val_loss": self.best_val_loss, "best_step": self.best_step,
-            "train_tokens": self.train_tokens, "tokens_per_s": self.tokens_per_s,
-        }
-
-
-@dataclass
-class EarlyStopping:
-    """Patience on validation loss: stop after ``patience`` evaluations without a gain.
-
-    A gain is a loss below the best so far by more than ``min_delta``.
-    """
-
-    patience: int
-    min_delta: float
-    best: float
-    best_step: int = 0
-    bad: int = 0
-
-    def update(self, step: int, loss: float) -> bool:
-        """Record an evaluation; True if it is the new best."""
-        if loss < self.best - self.min_delta:
-            self.best, self.best_step, self.bad = loss, step, 0
-            return True
-        self.bad += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad >= self.patience
-
-
-def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> Encoded:
-    """Tokenise a chat with the base tokenizer's template; labels on the answer only.
-
-    The answer's labels run through the end-of-turn token, so the model learns to stop.
-    """
-    prompt = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False,
-                                           add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos in full_ids[len(prompt_ids):]:
-        full_ids = full_ids[: full_ids.index(eos, len(prompt_ids)) + 1]
-    return encode_example(prompt_ids, full_ids)
+__all__ = ["LoRARecipe", "TrainResult", "encode_chat"]
 
 
 class LoRARecipe:
@@ -235,81 +166,101 @@ class LoRARecipe:
         """Train to ``total_steps`` or until validation loss stops improving.
 
         Resumes from ``run_dir/checkpoint`` when a previous attempt left one, and
-        ends with the best weights (by validation loss) in the model.
+        ends with the best weights (by validation loss) in the model. Raises
+        ``FloatingPointError`` when the loss stops being finite.
         """
         cfg = self.config
         ckpt_dir = self.run_dir / "checkpoint"
+        run = self._start(ckpt_dir)
+        resumed_from, initial = run.step, run.val_curve[0].loss
+        stopped_early = False
+        batches = self._batches(skip=run.step * cfg.grad_accum_steps)
+        with progress_bar(disable=not self.show_progress) as bar:
+            task = bar.add_task("train", total=self.total_steps, completed=run.step,
+                                loss=float("nan"), val=f"{run.stopper.best:.4f}", tps=0.0)
+            while run.step < self.total_steps:
+                t0 = time.perf_counter()
+                loss_sum, tokens = self._step(run.step, batches)
+                run.step += 1
+                run.train_s += time.perf_counter() - t0
+                run.train_tokens += tokens
+                run.train_curve.append(Point(run.step, loss_sum))
+                bar.update(task, completed=run.step, loss=loss_sum,
+                           tps=run.train_tokens / run.train_s)
+                if run.step % cfg.eval_interval and run.step != self.total_steps:
+                    continue
+                bar.update(task, val=f"{self._evaluate_and_save(run, loss_sum, ckpt_dir):.4f}")
+                if run.stopper.should_stop:
+                    stopped_early = True
+                    log.info("run %s: stopping early at step %d, no improvement in %d evals",
+                             self.run_id, run.step, run.stopper.bad)
+                    break
+        return self._finish(run, initial, resumed_from, stopped_early)
+
+    def _start(self, ckpt_dir: Path) -> LoopState:
+        """Where the loop starts: the checkpoint's state, or step 0 with the initial
+        validation loss as the best so far."""
+        cfg = self.config
         state = self._resume(ckpt_dir)
-        step, train_tokens, train_s = state["step"], state["train_tokens"], state["train_s"]
-        resumed_from = step
-        train_curve = [Point(*p) for p in state["train_curve"]]
         val_curve = [Point(*p) for p in state["val_curve"]]
         if not val_curve:
             val_curve.append(Point(0, self.validation_loss()))
-        initial = val_curve[0].loss
-        stopper = EarlyStopping(cfg.patience, cfg.min_delta, state.get("best", initial),
-                                state.get("best_step", 0), state["bad"])
-        best_weights = state.get("best_weights") or self._trainable_copy()
-        stopped_early = False
-        batches = self._batches(skip=step * cfg.grad_accum_steps)
-        with progress_bar(disable=not self.show_progress) as bar:
-            task = bar.add_task("train", total=self.total_steps, completed=step,
-                                loss=float("nan"), val=f"{stopper.best:.4f}", tps=0.0)
-            while step < self.total_steps:
-                t0 = time.perf_counter()
-                lr = learning_rate_at(step, self.total_steps, cfg.learning_rate,
-                                      cfg.warmup_ratio, cfg.min_lr_ratio)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum, tokens = 0.0, 0
-                for _ in range(cfg.grad_accum_steps):
-                    batch = next(batches).to(self.device)
-                    loss = self._loss(batch) / cfg.grad_accum_steps
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    tokens += batch.n_tokens
-                torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
-                                               cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if not math.isfinite(loss_sum):
-                    raise FloatingPointError(
-                        f"run {self.run_id}: loss is {loss_sum} at step {step}; lower "
-                        f"learning_rate={cfg.learning_rate} or max_grad_norm")
-                step += 1
-                train_s += time.perf_counter() - t0
-                train_tokens += tokens
-                train_curve.append(Point(step, loss_sum))
-                bar.update(task, completed=step, loss=loss_sum, tps=train_tokens / train_s)
-                if step % cfg.eval_interval and step != self.total_steps:
-                    continue
-                val = self.validation_loss()
-                val_curve.append(Point(step, val))
-                if stopper.update(step, val):
-                    best_weights = self._trainable_copy()
-                bar.update(task, val=f"{val:.4f}")
-                log.info("run %s: step %d/%d train loss %.4f val loss %.4f (best %.4f @%d)",
-                         self.run_id, step, self.total_steps, loss_sum, val, stopper.best,
-                         stopper.best_step)
-                save_checkpoint(ckpt_dir, self._checkpoint_tensors(best_weights), self.optimizer, {
-                    "step": step, "train_tokens": train_tokens, "train_s": train_s,
-                    "train_curve": [[p.step, p.loss] for p in train_curve],
-                    "val_curve": [[p.step, p.loss] for p in val_curve],
-                    "best": stopper.best, "best_step": stopper.best_step, "bad": stopper.bad,
-                })
-                if stopper.should_stop:
-                    stopped_early = True
-                    log.info("run %s: stopping early at step %d, no improvement in %d evals",
-                             self.run_id, step, stopper.bad)
-                    break
-        self._load_trainable(best_weights)
-        self.timings["train_s"] = train_s
-        curve = plot_curve(train_curve, val_curve, self.run_dir / "training_curve.png",
-                           f"LoRA r={cfg.rank} on {self.base.model_id} ({self.run_id})")
-        return TrainResult(step, self.total_steps, stopped_early, initial, stopper.best,
-                           stopper.best_step,
-                           train_tokens, train_s, train_tokens / max(train_s, 1e-9),
-                           train_curve, val_curve, curve, resumed_from)
+        stopper = EarlyStopping(cfg.patience, cfg.min_delta,
+                                state.get("best", val_curve[0].loss), state.get("best_step", 0),
+                                state["bad"])
+        return LoopState(state["step"], state["train_tokens"], state["train_s"],
+                         [Point(*p) for p in state["train_curve"]], val_curve, stopper,
+                         state.get("best_weights") or self._trainable_copy())
+
+    def _step(self, step: int, batches: Iterator[Batch]) -> tuple[float, int]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the step's
+        training loss and the tokens it trained on."""
+        cfg = self.config
+        lr = learning_rate_at(step, self.total_steps, cfg.learning_rate, cfg.warmup_ratio,
+                              cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, tokens = 0.0, 0
+        for _ in range(cfg.grad_accum_steps):
+            batch = next(batches).to(self.device)
+            loss = self._loss(batch) / cfg.grad_accum_steps
+            loss.backward()
+            loss_sum += float(loss.detach())
+            tokens += batch.n_tokens
+        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
+                                       cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(
+                f"run {self.run_id}: loss is {loss_sum} at step {step}; lower "
+                f"learning_rate={cfg.learning_rate} or max_grad_norm")
+        return loss_sum, tokens
+
+    def _evaluate_and_save(self, run: LoopState, loss_sum: float, ckpt_dir: Path) -> float:
+        """Validation loss now; keep the weights if they are the best; checkpoint."""
+        val = self.validation_loss()
+        run.val_curve.append(Point(run.step, val))
+        if run.stopper.update(run.step, val):
+            run.best_weights = self._trainable_copy()
+        log.info("run %s: step %d/%d train loss %.4f val loss %.4f (best %.4f @%d)",
+                 self.run_id, run.step, self.total_steps, loss_sum, val, run.stopper.best,
+                 run.stopper.best_step)
+        save_checkpoint(ckpt_dir, self._checkpoint_tensors(run.best_weights), self.optimizer,
+                        run.to_state())
+        return val
+
+    def _finish(self, run: LoopState, initial: float, resumed_from: int,
+                stopped_early: bool) -> TrainResult:
+        """Load the best weights back; plot the curve; sum the run up."""
+        self._load_trainable(run.best_weights)
+        self.timings["train_s"] = run.train_s
+        curve = plot_curve(run.train_curve, run.val_curve, self.run_dir / "training_curve.png",
+                           f"LoRA r={self.config.rank} on {self.base.model_id} ({self.run_id})")
+        return TrainResult(run.step, self.total_steps, stopped_early, initial, run.stopper.best,
+                           run.stopper.best_step, run.train_tokens, run.train_s,
+                           run.train_tokens / max(run.train_s, 1e-9), run.train_curve,
+                           run.val_curve, curve, resumed_from)
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens of ``batch``."""

@@ -1,10 +1,11 @@
-"""What a run leaves beside its adapter: the loss history and the training-curve plot."""
+"""What a run leaves beside its adapter: its figures, the loss history and the training-curve plot."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.progress import (
     BarColumn,
@@ -20,6 +21,34 @@ from rich.progress import (
 class Point:
     step: int
     loss: float
+
+
+@dataclass
+class TrainResult:
+    """What one run achieved; ``best_val_loss`` belongs to the weights kept."""
+
+    steps: int
+    total_steps: int
+    stopped_early: bool
+    initial_val_loss: float
+    best_val_loss: float
+    best_step: int
+    train_tokens: int
+    train_s: float
+    tokens_per_s: float
+    train_curve: list[Point] = field(default_factory=list)
+    val_curve: list[Point] = field(default_factory=list)
+    curve_path: Path | None = None
+    resumed_from_step: int = 0  # the checkpoint a restarted run went on from; 0 when fresh
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps, "total_steps": self.total_steps,
+            "resumed_from_step": self.resumed_from_step,
+            "stopped_early": self.stopped_early, "initial_val_loss": self.initial_val_loss,
+            "best_val_loss": self.best_val_loss, "best_step": self.best_step,
+            "train_tokens": self.train_tokens, "tokens_per_s": self.tokens_per_s,
+        }
 
 
 def progress_bar(disable: bool = False) -> Progress:
