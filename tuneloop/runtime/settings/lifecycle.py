@@ -22,7 +22,12 @@ class TrainingSettings(Section):
     config: Path | None = Field(
         None,
         description="Recipe config file (YAML or TOML, fields of training.config.RecipeConfig); "
-        "defaults to training/configs/smollm2_lora.yaml.",
+        "defaults to tuneloop/training/configs/smollm2_lora.yaml.",
+    )
+    models_dir: Path | None = Field(
+        None,
+        description="Where converted base models are kept, shared by every home on the "
+        "machine (named by the hash of their source); default: ~/.cache/tuneloop/models.",
     )
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
     cpu_cores: str | None = Field(

@@ -18,6 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from tuneloop.runtime.cache import user_cache_dir
 from tuneloop.runtime.settings.lifecycle import (
     CanarySettings,
     LoopSettings,
@@ -111,7 +112,7 @@ class Settings(BaseSettings):
 
     @property
     def models_dir(self) -> Path:
-        return self.home / "models"
+        return self.training.models_dir or user_cache_dir("models")
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:

@@ -122,7 +122,7 @@ class EmbeddingSettings(Section):
         "onnxruntime: the library's vectors, faster; a model that is not mean-pooled runs in "
         "torch instead), torch (sentence-transformers itself) or onnx-int8 (weights quantized "
         "to int8: faster again, but the vectors move enough to change near-duplicate sets; "
-        "see bench/RESULTS.md). ONNX files are exported once, on first use, into onnx_dir.",
+        "see tuneloop/bench/RESULTS.md). ONNX files are exported once, on first use, into onnx_dir.",
     )
     onnx_dir: Path | None = Field(
         None, description="Where exported ONNX models are kept (default: ~/.cache/tuneloop/onnx)."
