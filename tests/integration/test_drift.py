@@ -218,12 +218,17 @@ def test_run_check_persists_report_and_plots(pool: Pool, tmp_path: Path) -> None
     assert png.stat().st_size > 1000
 
 
-def test_detect_drift_flow_emits_event(prefect_server: str, settings: Settings) -> None:
-    """The flow on a real Prefect server: report persisted, drift event on the server."""
+def test_detect_drift_flow_emits_event(prefect_server: str, settings: Settings,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flow on a real Prefect server: report persisted, drift event on the server, and
+    the run's stored parameters are the overrides it was given, with no secret in them."""
     import asyncio
+
+    from prefect.client.orchestration import get_client
 
     from tuneloop.flows.drift import DRIFT_EVENT, detect_drift_flow
 
+    monkeypatch.setenv("TUNELOOP_SERVING__ADMIN_KEY", "key-that-must-not-be-stored")
     queries = banking77.load("test")
     intents = sorted({q.intent for q in queries})
     ref = banking77.select(queries, intents[:60], 600, seed=1)
@@ -235,15 +240,20 @@ def test_detect_drift_flow_emits_event(prefect_server: str, settings: Settings) 
     with store.connect() as con:
         insert_events(con, list(banking77.to_events(ref, seed=1, start=t0)))
         insert_events(con, list(banking77.to_events(cur, seed=2, start=t0 + timedelta(hours=1))))
-    result = detect_drift_flow(overrides={"home": str(settings.home),
-                                          "drift.current_window_events": 200})
+    overrides = {"home": str(settings.home), "drift.current_window_events": 200}
+    state = detect_drift_flow(overrides=overrides, return_state=True)
+    result = state.result()
     assert result["drifted"] and result["event_id"]
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+    assert run.parameters == {"overrides": overrides}
+    assert "key-that-must-not-be-stored" not in json.dumps(run.parameters)
     with store.connect() as con:
         assert con.execute("SELECT count(*) FROM drift_reports").fetchall()[0][0] == 1
 
     async def find_event() -> bool:
-        from prefect.client.orchestration import get_client
-
         async with get_client() as client:
             for _ in range(30):
                 response = await client._client.post(
