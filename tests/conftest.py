@@ -12,10 +12,15 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tuneloop.runtime.processes import free_port
+
+if TYPE_CHECKING:  # the models' modules import torch: only the fixtures that train load them
+    from tests.session_models import SessionAdapters
+    from tuneloop.training.base_model import BaseModel
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="tuneloop-test-"))
 _KAFKA_PORT = free_port()
@@ -170,3 +175,20 @@ def serving_stack(broker: Settings) -> Iterator[ServingStack]:
         yield ServingStack(settings, base.path, base.model_id, env)
     finally:
         gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def session_adapters(serving_stack: ServingStack) -> SessionAdapters:
+    """The SmolLM2 adapters the training and canary tests judge, trained once a session in
+    the serving stack's registry (see tests/session_models.py)."""
+    from tests.session_models import train_session_adapters
+
+    return train_session_adapters(serving_stack.settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(session_settings: Settings) -> BaseModel:
+    """A tiny random Llama with SmolLM2's tokenizer, for tests of mechanics, not learning."""
+    from tests.session_models import tiny_base_model
+
+    return tiny_base_model(_SESSION_HOME / "tiny-base", session_settings.models_dir)

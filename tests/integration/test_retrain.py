@@ -17,6 +17,7 @@ from tuneloop.services.canary.store import list_decisions
 from tuneloop.services.registry.artifacts import verify_adapter
 from tuneloop.services.registry.store import list_adapters, promote
 from tuneloop.services.store.database import Store
+from tuneloop.training.base_model import BaseModel
 
 pytestmark = pytest.mark.integration
 __all__ = ["training_settings"]  # the session fixture, shared with test_training
@@ -31,15 +32,16 @@ def _tiny_recipe(tmp_path: Path, **fields: int) -> Path:
     return path
 
 
-def _home(settings: Settings) -> dict[str, str]:
-    """The flow's settings overrides: the test's state directory (the rest comes from the
-    environment the session set)."""
-    return {"home": str(settings.home)}
+def _home(settings: Settings, base: BaseModel) -> dict[str, str]:
+    """The flow's settings overrides: the test's state directory and the tiny base model (the
+    rest comes from the environment the session set)."""
+    return {"home": str(settings.home), "training.base_model": base.path}
 
 
 def test_rerun_of_the_same_flow_run_does_not_train_twice(
-    prefect_server: str, training_settings: Settings, tmp_path: Path
+    prefect_server: str, training_settings: Settings, tiny_base: BaseModel, tmp_path: Path
 ) -> None:
+    """Idempotency and continuation are mechanics: a tiny random Llama trains here."""
     from tuneloop.flows.retrain import retrain
 
     settings = training_settings
@@ -48,11 +50,11 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
                             golden_per_intent=1)
     config = _tiny_recipe(tmp_path, max_steps=3, eval_interval=3)
     first = retrain(dataset_version="b77-flow", config_file=str(config), run_key="flow-rerun",
-                    overrides=_home(settings))
+                    overrides=_home(settings, tiny_base))
     result_file = settings.runs_dir / "flow-rerun" / "result.json"
     trained_at = result_file.stat().st_mtime_ns
     second = retrain(dataset_version="b77-flow", config_file=str(config), run_key="flow-rerun",
-                     overrides=_home(settings))
+                     overrides=_home(settings, tiny_base))
 
     assert second["version"] == first["version"]
     assert result_file.stat().st_mtime_ns == trained_at  # no second training
@@ -71,7 +73,7 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
     with store.connect() as con:
         promote(con, first["version"], "production", "test: production to continue from")
     third = retrain(dataset_version="b77-flow", config_file=str(config), run_key="continued",
-                    overrides=_home(settings))
+                    overrides=_home(settings, tiny_base))
     assert third["metrics"]["training"]["continued_from"] == first["path"]
 
 

@@ -1,25 +1,30 @@
 """A real LoRA run on SmolLM2 over a small banking77 dataset version, on CPU.
 
-The base model is the bundled GGUF, converted once per session. The run is short
-(a couple of dozen steps at batch 4) but must still lower validation loss and
-raise golden-set accuracy over the base model, then publish an adapter that plain
-peft loads and whose manifest verifies.
+The base model is the bundled GGUF, converted once per machine. The run is the session's
+``old`` adapter (tests/session_models.py), which the canary tests serve too: short (two
+dozen steps at batch 4) but it must still lower validation loss and raise golden-set
+accuracy over the base model, then publish an adapter that plain peft loads and whose
+manifest verifies. Tests of mechanics (resume) use a tiny random Llama.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from tests.conftest import ServingStack
+from tests.session_models import SessionAdapters
 from tuneloop.runtime.settings import Settings, load_settings
 from tuneloop.services.demo import banking77
 from tuneloop.services.registry.artifacts import verify_adapter
 from tuneloop.services.registry.core import IntegrityError
-from tuneloop.services.registry.store import get_adapter
+from tuneloop.services.registry.store import get_adapter, history, list_adapters
 from tuneloop.services.store.database import Store
+from tuneloop.training.base_model import BaseModel
 from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
 from tuneloop.training.pipeline import train_and_publish
 
@@ -84,17 +89,14 @@ def short_config(**overrides: object) -> RecipeConfig:
 
 
 def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
-    training_settings: Settings, prefect_server: str,
+    session_adapters: SessionAdapters, serving_stack: ServingStack, tmp_path: Path,
 ) -> None:
-    settings = training_settings
+    """The session's ``old`` adapter (SmolLM2, six banking77 intents, 24 steps): the run
+    lowered validation loss, beat the base model on the golden set, and published an
+    adapter whose manifest verifies and that plain peft loads."""
+    settings = serving_stack.settings
     store = Store(settings.db_path)
-    write_banking77_version(store, "b77-small", train_per_intent=16, val_per_intent=2,
-                            golden_per_intent=2)
-    # The session's training home is shared: other tests may have published before.
-    with store.connect() as con:
-        published_before = con.execute("SELECT count(*) FROM adapters").fetchall()[0][0]
-    adapter = train_and_publish(settings, "b77-small", short_config(), "test-run",
-                                show_progress=False)
+    adapter = session_adapters.old
 
     training = adapter.metrics["training"]
     assert training["best_val_loss"] < training["initial_val_loss"]
@@ -102,14 +104,16 @@ def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
     tuned_acc = adapter.metrics["golden"]["accuracy"]
     assert tuned_acc > base_acc, (base_acc, tuned_acc)
     assert adapter.metrics["golden"]["per_label"], "per-label breakdown missing"
-    assert adapter.state == "candidate" and adapter.version == f"v{published_before + 1}"
+    with store.connect() as con:
+        first_move = history(con, adapter.version)[0]
+    assert (first_move["from_state"], first_move["to_state"]) == (None, "candidate")
 
     # The run left its curve and the manifest records what made the adapter.
-    run_dir = settings.runs_dir / "test-run"
+    run_dir = settings.runs_dir / "cn-old"
     assert (run_dir / "training_curve.png").stat().st_size > 0
     path = Path(adapter.path)
     manifest = verify_adapter(path, adapter.sha256)
-    assert manifest["dataset_version"] == "b77-small"
+    assert manifest["dataset_version"] == "cn-old"
     assert manifest["hyperparameters"]["rank"] == 16
     assert manifest["base_model"]["id"] == "smollm2-135m-instruct"
     assert set(manifest["timings"]) >= {"setup_s", "train_s", "eval_s", "total_s"}
@@ -123,7 +127,9 @@ def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
     assert model.peft_config["default"].r == 16  # type: ignore[attr-defined]
 
     # The same run again does not train twice.
-    again = train_and_publish(settings, "b77-small", short_config(), "test-run",
+    with store.connect() as con:
+        published_before = len(list_adapters(con))
+    again = train_and_publish(settings, "cn-old", session_adapters.recipe["cn-old"], "cn-old",
                               show_progress=False)
     assert again.version == adapter.version
     # ... also through the CLI, which prints the adapter it found.
@@ -132,22 +138,24 @@ def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
     from tuneloop.cli.main import app
 
     result = CliRunner().invoke(app, ["--home", str(settings.home), "train", "--dataset",
-                                      "b77-small", "--run-key", "test-run"])
+                                      "cn-old", "--run-key", "cn-old"])
     assert result.exit_code == 0, result.output
     assert adapter.version in result.output
     missing = CliRunner().invoke(app, ["--home", str(settings.home), "train", "--dataset", "nope"])
     assert missing.exit_code == 2 and "not found" in missing.output
     with store.connect() as con:
         assert get_adapter(con, adapter.version).sha256 == adapter.sha256
-        assert con.execute("SELECT count(*) FROM adapters").fetchall()[0][0] == published_before + 1
+        assert len(list_adapters(con)) == published_before
 
-    # A tampered weight file is refused.
-    weights = path / "adapter_model.safetensors"
+    # A tampered weight file is refused (a copy: the session's adapter stays served).
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    weights = copy / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="adapter_model.safetensors"):
-        verify_adapter(path, adapter.sha256)
+        verify_adapter(copy, adapter.sha256)
 
 
 @pytest.mark.gpu
@@ -177,28 +185,17 @@ class _CrashAfterFirstCheckpoint(Exception):
     pass
 
 
-def test_a_crashed_run_resumes_from_its_checkpoint(training_settings: Settings,
+def test_a_crashed_run_resumes_from_its_checkpoint(training_settings: Settings, tiny_base: BaseModel,
                                                    tmp_path: Path) -> None:
     """Killed after its first checkpoint, a rerun continues to the same weights."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tuneloop.training.base_model import BaseModel, resolve_base_model
     from tuneloop.training.dataset import read_dataset
     from tuneloop.training.recipe import LoRARecipe
 
     settings = training_settings
     # A tiny random Llama with SmolLM2's tokenizer: the resume logic, not the model, is tested.
-    smol = resolve_base_model(settings.training.base_model, settings.models_dir)
-    tiny_dir = tmp_path / "tiny"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, eos_token_id=2,
-        bos_token_id=1, tie_word_embeddings=True,
-    )).save_pretrained(tiny_dir)
-    AutoTokenizer.from_pretrained(smol.path).save_pretrained(tiny_dir)
-    tiny = BaseModel("tiny", str(tiny_dir), "0" * 64)
+    tiny = tiny_base
     store = Store(settings.db_path)
     write_banking77_version(store, "b77-resume", train_per_intent=4, val_per_intent=1,
                             golden_per_intent=0)
