@@ -22,7 +22,8 @@ verdict promotes. ``check_production`` is the nightly freeze check.
 Both flows take plain parameters (Prefect stores them with each run and shows them in
 its UI) and load the settings themselves: ``overrides`` maps dotted setting names
 (``"canary.window_s"``) to values; a secret such as ``serving.admin_key`` is refused
-there and comes from the environment or the settings file.
+there (:func:`tuneloop.flows.common.flow_settings`) and comes from the environment or
+the settings file.
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
-from pydantic import SecretBytes, SecretStr
 
-from tuneloop.flows.common import image_markdown, rename_run
-from tuneloop.runtime.settings import Settings, load_settings
+from tuneloop.flows.common import flow_settings, image_markdown, rename_run
+from tuneloop.runtime.settings import Settings
 from tuneloop.services.canary import records
 from tuneloop.services.canary import store as canary_store
 from tuneloop.services.canary.core import Decision, Plan, another_look
@@ -65,34 +65,6 @@ class CheckResult(TypedDict):
     verdict: str  # ok | frozen
     reason: str
     figures: dict[str, Any]
-
-
-def flow_settings(overrides: dict[str, Any] | None) -> Settings:
-    """The settings a flow run works with: file, environment, then ``overrides``.
-
-    Raises ``ValueError`` naming a secret setting in ``overrides`` (a flow's parameters
-    are stored in Prefect's database), ``SettingsError`` for an unknown name and
-    ``pydantic.ValidationError`` for a bad value.
-    """
-    secret = sorted(name for name in overrides or {} if _is_secret(name))
-    if secret:
-        env = ", ".join(f"TUNELOOP_{n.upper().replace('.', '__')}" for n in secret)
-        raise ValueError(f"{', '.join(secret)}: a secret is never a flow parameter (Prefect "
-                         f"stores parameters with the run); set {env} or the settings file")
-    return load_settings(overrides)
-
-
-def _is_secret(dotted: str) -> bool:
-    """Whether the setting ``dotted`` holds a secret type (its value never prints)."""
-    model: Any = Settings
-    annotation: Any = None
-    for part in dotted.split("."):
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return False  # unknown: load_settings names it
-        annotation = model = field.annotation
-    args = getattr(annotation, "__args__", (annotation,))
-    return any(isinstance(a, type) and issubclass(a, SecretStr | SecretBytes) for a in args)
 
 
 def _run_id() -> str | None:
