@@ -21,7 +21,6 @@ Ends with the FIGURE lines named in the canary issue.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from typing import Any
 from tuneloop.bench.ingest import machine
 from tuneloop.infra.gateway import EmbeddedGateway
 from tuneloop.runtime.processes import free_port
-from tuneloop.runtime.settings import CanarySettings, Settings, load_settings
+from tuneloop.runtime.settings import Settings, load_settings
 from tuneloop.services.demo import banking77
 from tuneloop.services.demo.simulation import (
     SimulatedUsers,
@@ -117,10 +116,14 @@ def main(settings: Settings, quick: bool = False) -> dict[str, float]:
 
         promote(stack, old.version, "production", "the first adapter, promoted by hand")
         second = republish(stack, more.version)
-        live = stack.model_copy(update={"canary": CanarySettings(
-            window_s=60 if quick else 120, max_window_s=300 if quick else 600, poll_s=3,
-            min_requests=15 if quick else 30, min_ratings=10 if quick else 20)})
-        figures.update(_scenario(live, old.version, bad.version, more.version, second,
+        # The canary flow loads its settings itself (home, ports and key from the
+        # environment set above) with these overrides by name.
+        overrides: dict[str, Any] = {
+            "canary.window_s": 60 if quick else 120, "canary.max_window_s": 300 if quick else 600,
+            "canary.poll_s": 3, "canary.min_requests": 15 if quick else 30,
+            "canary.min_ratings": 10 if quick else 20}
+        live = load_settings(overrides)
+        figures.update(_scenario(live, overrides, old.version, bad.version, more.version, second,
                                  test_pool, old_intents + new_intents))
         # Train queries past the ones the datasets used: never sent to any version.
         unseen = [q for q in train_pool if q.intent in set(old_intents)]
@@ -141,20 +144,20 @@ def main(settings: Settings, quick: bool = False) -> dict[str, float]:
     return figures
 
 
-def _scenario(settings: Settings, old: str, bad: str, live_bad: str, good: str,
-              queries: list[banking77.Query], intents: list[str]) -> dict[str, float]:
+def _scenario(settings: Settings, overrides: dict[str, Any], old: str, bad: str, live_bad: str,
+              good: str, queries: list[banking77.Query], intents: list[str]) -> dict[str, float]:
     from tuneloop.flows.canary import canary
 
     traffic = [q for q in queries if q.intent in set(intents)]
-    bad_result = canary(bad, settings=settings)
+    bad_result = canary(bad, overrides=overrides)
     _say(f"bad candidate {bad}: {bad_result['verdict']}: {bad_result['reason'][:300]}")
     users = SimulatedUsers(settings, traffic, rate_down=live_bad)
     with users.running():
-        rated_down = canary(live_bad, settings=settings)
+        rated_down = canary(live_bad, overrides=overrides)
         _say(f"live-bad candidate {live_bad}: {rated_down['verdict']} after "
              f"{rated_down['figures'].get('live_s')}s: {rated_down['reason'][:300]}")
         users.rate_down = None
-        good_result = canary(good, settings=settings)
+        good_result = canary(good, overrides=overrides)
         _say(f"good candidate {good}: {good_result['verdict']} after "
              f"{good_result['figures'].get('live_s')}s: {good_result['reason'][:300]}")
     _say(f"users served per version: {users.served}; failed requests: {len(users.failures)}")
@@ -180,7 +183,7 @@ def _gate_speed(settings: Settings, version: str, queries: list[banking77.Query]
     none of their prompts (only the shared system prompt, as in production).
     """
     from tuneloop.services.canary.store import example_key
-    from tuneloop.serving.canary import _ask_all, model_name
+    from tuneloop.serving.admin_chat import ask, model_name
     from tuneloop.serving.control import GatewayAdmin
     from tuneloop.training.dataset import ChatExample
 
@@ -205,7 +208,7 @@ def _gate_speed(settings: Settings, version: str, queries: list[banking77.Query]
             if side == "vllm":
                 prompts = {example_key(ex.prompt_messages, settings.canary.max_tokens):
                            ex.prompt_messages for ex in chosen}
-                asyncio.run(_ask_all(settings, name, prompts))
+                ask(settings, name, prompts)
                 vllm_s.append((time.perf_counter() - started) / len(chosen))
             else:
                 generate_answers(model, tokenizer, chosen, max_new_tokens=settings.canary.max_tokens,
