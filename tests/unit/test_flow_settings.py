@@ -28,11 +28,12 @@ def test_overrides_apply_over_the_file_and_environment() -> None:
 
 
 def test_no_flow_of_the_loop_takes_a_settings_object() -> None:
+    from tuneloop.flows.canary import canary, check_production
     from tuneloop.flows.curate import curate_flow
     from tuneloop.flows.drift import detect_drift_flow
     from tuneloop.flows.retrain import retrain, train_adapter
 
-    for flow in (detect_drift_flow, curate_flow, retrain, train_adapter):
+    for flow in (detect_drift_flow, curate_flow, retrain, train_adapter, canary, check_production):
         parameters = inspect.signature(flow.fn).parameters
         assert "settings" not in parameters, flow.name
         assert all("Settings" not in str(p.annotation) for p in parameters.values()), flow.name

@@ -41,7 +41,7 @@ from tuneloop.flows.common import curation_markdown, flow_settings, image_markdo
 from tuneloop.flows.recovery import RESUMED_TAG
 from tuneloop.runtime.cpu import pin
 from tuneloop.runtime.settings import CurationSettings, EmbeddingSettings, LoopSettings, Settings
-from tuneloop.services.canary import store as canary_store
+from tuneloop.services.canary import records
 from tuneloop.services.canary.core import INFO, Check, Decision
 from tuneloop.services.curation.run import run_curation
 from tuneloop.services.curation.store import CurationRun, find_curated
@@ -164,10 +164,8 @@ def train_adapter(dataset_version: str, run_key: str, init_adapter: str | None =
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def record(store: Store, home: Path, decision: Decision) -> str:
-    with store.connect() as con:
-        decision_id = canary_store.record_decision(con, decision,
-                                                   str(flow_run.get_id() or "") or None)
-    loop_metrics.count_decision(home, decision.stage, decision.verdict)
+    decision_id = records.record(store, home, decision, str(flow_run.get_id() or "") or None
+                                 ).decision_id
     if "seconds" in decision.figures:
         loop_metrics.record(home, "retrain", seconds=decision.figures["seconds"],
                             version=decision.candidate)
