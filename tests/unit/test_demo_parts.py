@@ -13,6 +13,7 @@ import pytest
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.canary.core import Decision
 from tuneloop.services.canary.store import record_decision
+from tuneloop.services.curation.datasets import report_of as dataset_report
 from tuneloop.services.demo import banking77
 from tuneloop.services.demo.banking77 import Query
 from tuneloop.services.demo.result import (
@@ -28,10 +29,9 @@ from tuneloop.services.demo.result import (
 from tuneloop.services.demo.scenario import FULL, SMALL, plan
 from tuneloop.services.demo.store import (
     activity_since,
-    dataset_report,
-    first_alarm_clusters,
     promoted_at,
 )
+from tuneloop.services.drift.store import first_alarm_clusters
 from tuneloop.services.registry import store as registry
 from tuneloop.services.store.database import Store
 

@@ -138,18 +138,16 @@ class Bench:
 
     # ------------------------------------------------------------------ counts
     def feedback_ids(self) -> list[str]:
+        from tuneloop.services.ingest.core import landed_event_ids
+
         with self.store.connect() as con:
-            return [r[0] for r in con.execute("SELECT event_id FROM feedback").fetchall()]
+            return landed_event_ids(con)
 
     def stored(self) -> int:
-        with self.store.connect() as con:
-            (n,) = con.execute("SELECT count(*) FROM feedback").fetchone() or (0,)
-        return int(n)
+        return self.store.counts()["feedback"]
 
     def dead_letters(self) -> int:
-        with self.store.connect() as con:
-            (n,) = con.execute("SELECT count(*) FROM dead_letters").fetchone() or (0,)
-        return int(n)
+        return self.store.counts()["dead_letters"]
 
     def ingest_restarts(self) -> int:
         return int((read_state(self.home, "ingest") or {}).get("restarts", 0))
@@ -283,10 +281,11 @@ def hostile_events(b: Bench, n: int) -> Outcome:
     crashed = b.ingest_restarts() - restarts
     if crashed:
         out.recovered = False
+    from tuneloop.services.ingest.dead_letters import recent_reasons
+
     with b.store.connect() as con:
-        reasons = con.execute("SELECT reason FROM dead_letters ORDER BY received_at DESC LIMIT ?",
-                              [out.dead_lettered]).fetchall()
-    kinds = Counter(" ".join(r[0].split()[:4])[:60] for r in reasons)
+        reasons = recent_reasons(con, out.dead_lettered)
+    kinds = Counter(" ".join(r.split()[:4])[:60] for r in reasons)
     out.detail = (f"{out.stored} were valid events, {out.dead_lettered} dead-lettered; ingest "
                   f"crashed {crashed} times; most common reasons: "
                   + "; ".join(f"{k!r} x{v}" for k, v in kinds.most_common(5)))

@@ -218,8 +218,7 @@ def main(settings: Settings | None = None, quick: bool = False) -> dict[str, flo
                 seconds = loops[side](run_cfg, n)
                 results.setdefault(side, []).append(n / seconds)
                 print(f"round {rnd + 1} {side:>12}: {n / seconds:>9,.0f} events/s")
-        with Store(home / "full-0.duckdb").connect() as con:
-            landed = con.execute("SELECT count(*) FROM feedback").fetchall()[0][0]
+        landed = Store(home / "full-0.duckdb").counts()["feedback"]
         assert landed == n, f"full path landed {landed} of {n}"
         stages = breakdown(cfg, n, home)
     finally:

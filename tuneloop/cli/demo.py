@@ -240,7 +240,7 @@ def _measure_after(settings: Settings, plan: Plan, result: Result, before: Answe
     """Phase 4's figures: what the first alarm after the shift named, and the same
     held-out queries again."""
     from tuneloop.services.demo.result import named_intents, old_delta
-    from tuneloop.services.demo.store import first_alarm_clusters
+    from tuneloop.services.drift.store import first_alarm_clusters
 
     with _store(settings).connect() as con:
         clusters = first_alarm_clusters(con, shift_at)

@@ -76,7 +76,7 @@ def write_report(settings: Settings, result: Result) -> Path:
 
 def _read_records(settings: Settings, promoted: str | None) -> Records:
     from tuneloop.services.canary.store import list_decisions
-    from tuneloop.services.demo.store import dataset_report
+    from tuneloop.services.curation.datasets import report_of
     from tuneloop.services.drift.store import report_history
     from tuneloop.services.registry.core import RegistryError
     from tuneloop.services.registry.store import get_adapter
@@ -91,7 +91,7 @@ def _read_records(settings: Settings, promoted: str | None) -> Records:
         except RegistryError:
             records.adapter = None
         if records.adapter and records.adapter.dataset_version:
-            records.dataset_report = dataset_report(con, records.adapter.dataset_version)
+            records.dataset_report = report_of(con, records.adapter.dataset_version)
     return records
 
 

@@ -1,16 +1,18 @@
-"""Reading a curated dataset version and the golden set out of DuckDB.
+"""A curated dataset version and the golden set as the recipe trains on them.
 
-A thin I/O shell: the caller holds the store connection for as long as the read
-takes and closes it before training (DuckDB admits one process at a time).
+Curation's shell reads them (``tuneloop.services.curation``); the caller holds the store
+connection for as long as the read takes and closes it before training (DuckDB admits
+one process at a time).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
 
 import duckdb
+
+from tuneloop.services.curation import datasets, golden
+from tuneloop.services.curation.core import Example
 
 
 @dataclass(frozen=True)
@@ -47,46 +49,33 @@ def read_dataset(con: duckdb.DuckDBPyConnection, version: str) -> DatasetSplits:
     Raises :class:`DatasetNotFoundError` naming the versions that do exist, and
     ``ValueError`` when the version has no train or no validation examples.
     """
-    found = con.execute(
-        "SELECT content_hash FROM datasets WHERE version = ?", [version]
-    ).fetchall()
-    if not found:
-        known = [row[0] for row in con.execute(
-            "SELECT version FROM datasets ORDER BY created_at DESC LIMIT 10"
-        ).fetchall()]
+    digest = datasets.version_hash(con, version)
+    if digest is None:
+        known = datasets.recent_versions(con, 10)
         raise DatasetNotFoundError(
             f"dataset version {version!r} not found; recent versions: {known or 'none'} "
             "(create one with `tuneloop curate`)"
         )
-    rows = con.execute(
-        "SELECT example_id, split, label, messages, completion FROM dataset_examples "
-        "WHERE version = ? ORDER BY example_id", [version]
-    ).fetchall()
     splits: dict[str, list[ChatExample]] = {"train": [], "validation": [], "test": []}
-    for example_id, split, label, messages, completion in rows:
-        splits.setdefault(split, []).append(_example(example_id, messages, completion, label))
+    for ex in datasets.load_examples(con, version):  # by split, then example_id
+        splits.setdefault(ex.split, []).append(_example(ex))
     for needed in ("train", "validation"):
         if not splits[needed]:
             raise ValueError(
                 f"dataset version {version!r} has no {needed!r} examples; curate it with a "
                 "non-zero share for that split"
             )
-    return DatasetSplits(version, str(found[0][0]), splits["train"], splits["validation"],
-                         splits["test"])
+    return DatasetSplits(version, digest, splits["train"], splits["validation"], splits["test"])
 
 
 def read_golden(con: duckdb.DuckDBPyConnection) -> list[ChatExample]:
     """The golden set, in ``example_id`` order (may be empty)."""
-    rows = con.execute(
-        "SELECT example_id, label, messages, completion FROM golden_set ORDER BY example_id"
-    ).fetchall()
-    return [_example(eid, messages, completion, label) for eid, label, messages, completion in rows]
+    return sorted((_example(ex) for ex in golden.load(con)), key=lambda ex: ex.example_id)
 
 
-def _example(example_id: str, messages: Any, completion: str, label: str | None) -> ChatExample:
-    chat = json.loads(messages) if isinstance(messages, str) else messages
-    turns = tuple({"role": str(m["role"]), "content": str(m["content"])} for m in chat)
+def _example(ex: Example) -> ChatExample:
+    turns = tuple({"role": str(m["role"]), "content": str(m["content"])} for m in ex.messages)
     if not turns or turns[-1]["role"] != "assistant":
         # Curation stores the answer in the chat; accept a chat without it too.
-        turns = (*turns, {"role": "assistant", "content": completion})
-    return ChatExample(example_id, turns, completion, label)
+        turns = (*turns, {"role": "assistant", "content": ex.completion})
+    return ChatExample(ex.example_id, turns, ex.completion, ex.label)

@@ -40,6 +40,15 @@ def record_decision(con: duckdb.DuckDBPyConnection, decision: Decision,
     return decision_id
 
 
+def count_decisions(con: duckdb.DuckDBPyConnection, stage: str, verdicts: Sequence[str],
+                    since: datetime) -> int:
+    """Decisions of ``stage`` with one of ``verdicts`` taken at or after ``since``."""
+    marks = ", ".join("?" for _ in verdicts)
+    return int(con.execute(
+        f"SELECT count(*) FROM canary_decisions WHERE stage = ? AND verdict IN ({marks}) "
+        "AND created_at >= ?", [stage, *verdicts, since]).fetchall()[0][0])
+
+
 def list_decisions(con: duckdb.DuckDBPyConnection, limit: int = 20,
                    candidate: str | None = None) -> list[dict[str, Any]]:
     """Newest first."""

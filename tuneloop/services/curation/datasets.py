@@ -102,6 +102,27 @@ def save_version(
     return digest
 
 
+def version_hash(con: duckdb.DuckDBPyConnection, version: str) -> str | None:
+    """The content hash of dataset ``version``; None when there is no such version."""
+    rows = con.execute("SELECT content_hash FROM datasets WHERE version = ?", [version]).fetchall()
+    return str(rows[0][0]) if rows else None
+
+
+def recent_versions(con: duckdb.DuckDBPyConnection, limit: int = 10) -> list[str]:
+    """The ``limit`` newest dataset versions, newest first."""
+    return [str(v) for (v,) in con.execute(
+        "SELECT version FROM datasets ORDER BY created_at DESC LIMIT ?", [limit]).fetchall()]
+
+
+def report_of(con: duckdb.DuckDBPyConnection, version: str) -> dict[str, Any]:
+    """The curation report of dataset ``version``; empty when the version does not exist."""
+    rows = con.execute("SELECT report FROM datasets WHERE version = ?", [version]).fetchall()
+    if not rows:
+        return {}
+    raw = rows[0][0]
+    return dict(json.loads(raw) if isinstance(raw, str) else raw)
+
+
 def load_examples(con: duckdb.DuckDBPyConnection, version: str) -> list[Example]:
     """The examples of ``version``; raises ``KeyError`` naming known versions if absent."""
     if not con.execute("SELECT 1 FROM datasets WHERE version = ?", [version]).fetchall():

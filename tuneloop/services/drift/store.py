@@ -229,3 +229,20 @@ def report_history(con: duckdb.DuckDBPyConnection, limit: int = 500) -> list[Rep
         )
         for r in rows
     ]
+
+
+def alarms_since(con: duckdb.DuckDBPyConnection, since: datetime) -> int:
+    """How many drift checks at or after ``since`` raised an alarm."""
+    return int(con.execute("SELECT count(*) FROM drift_reports WHERE drifted AND created_at >= ?",
+                           [since]).fetchall()[0][0])
+
+
+def first_alarm_clusters(con: duckdb.DuckDBPyConnection,
+                         since: datetime) -> list[dict[str, Any]] | None:
+    """The clusters of the first drift alarm at or after ``since``; None when none fired."""
+    rows = con.execute("SELECT clusters FROM drift_reports WHERE drifted AND created_at >= ? "
+                       "ORDER BY created_at LIMIT 1", [since]).fetchall()
+    if not rows:
+        return None
+    raw = rows[0][0]
+    return list(json.loads(raw) if isinstance(raw, str) else raw or [])

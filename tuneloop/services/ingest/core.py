@@ -370,3 +370,8 @@ def insert_events(con: duckdb.DuckDBPyConnection, events: Sequence[FeedbackEvent
         batch.rows.append(row)
         batch.records.append(None)
     return write_batch(con, batch)
+
+
+def landed_event_ids(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The id of every event in ``feedback`` (for checks that nothing was lost or doubled)."""
+    return [str(r) for (r,) in con.execute("SELECT event_id FROM feedback").fetchall()]

@@ -16,19 +16,12 @@ import duckdb
 
 from tuneloop.services.canary.store import active_freeze, list_decisions
 from tuneloop.services.drift.store import report_history
+from tuneloop.services.ingest.dead_letters import DeadLetterGroup, dead_letter_reasons
 from tuneloop.services.registry.store import history, list_adapters
 from tuneloop.services.store.database import Store, StoreBusyError
 
 # The changes that decide what serves an alias; a publish or a canary start does not.
 SERVING_CHANGES = ("production", "retired", "rejected")
-
-
-@dataclass(frozen=True)
-class DeadLetterGroup:
-    """Dead letters whose reasons differ only in numbers (offsets, lengths), counted."""
-
-    reason: str
-    count: int
 
 
 @dataclass(frozen=True)
@@ -118,14 +111,6 @@ def _read_records(con: duckdb.DuckDBPyConnection, figures: StoreFigures) -> None
     figures.last_change = last_serving_change(con)
     figures.freeze = active_freeze(con)
     figures.decisions = recent_decisions(con)
-
-
-def dead_letter_reasons(con: duckdb.DuckDBPyConnection, limit: int = 5) -> list[DeadLetterGroup]:
-    """The ``limit`` commonest dead-letter reasons, numbers masked as ``N``, commonest first."""
-    rows = con.execute(
-        "SELECT regexp_replace(reason, '[0-9]+', 'N', 'g') AS r, count(*) "
-        "FROM dead_letters GROUP BY r ORDER BY 2 DESC LIMIT ?", [limit]).fetchall()
-    return [DeadLetterGroup(str(reason), int(n)) for reason, n in rows]
 
 
 def recent_adapters(con: duckdb.DuckDBPyConnection, limit: int = 5) -> list[AdapterLine]:
