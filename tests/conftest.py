@@ -106,7 +106,7 @@ def settings(tmp_path: Path, session_settings: Settings) -> Settings:
 
 @pytest.fixture
 def store(settings: Settings) -> Store:
-    return Store(settings.db_path, settings.store.lock_timeout_s)
+    return Store.of(settings)
 
 
 class ServingStack:
@@ -131,7 +131,7 @@ class ServingStack:
         write_lora(self.base_path, source, rank=rank, seed=seed if seed is not None else self._published)
         if corrupt:
             (source / "adapter_model.safetensors").write_bytes(b"\x00" * 64 + b"not safetensors")
-        store = Store(self.settings.db_path, self.settings.store.lock_timeout_s)
+        store = Store.of(self.settings)
         with store.connect() as con:
             adapter = publish_adapter(
                 con, self.settings.adapters_dir, source, alias=self.settings.serving.alias,

@@ -202,9 +202,9 @@ def test_run_check_persists_report_and_plots(pool: Pool, tmp_path: Path) -> None
         insert_events(con, list(banking77.to_events(current, seed=9, start=later)))
     cfg = DriftSettings(current_window_events=N_CUR, reference_window_events=N_REF)
     with pool.store.connect() as con:
-        ref, cur = load_windows(con, cfg)
+        ref, cur = load_windows(con, cfg, "support-bot")
     assert len(ref) == N_REF and len(cur) == N_CUR and not set(ref.event_ids) & set(cur.event_ids)
-    report_id, report = run_check(pool.store, pool.embedder, cfg)
+    report_id, report = run_check(pool.store, pool.embedder, cfg, "support-bot")
     assert report.drifted and report.clusters
     named = {c["name"] for c in report.clusters}
     assert named & pool.unseen_intents

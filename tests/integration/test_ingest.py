@@ -338,7 +338,7 @@ def test_a_200k_backlog_leaves_drift_curation_and_status_their_turns(
     impatient = Store(store.path, lock_timeout_s=20)
     def drift(con: Any) -> None:
         with contextlib.suppress(NotEnoughEvents):  # before the first batch lands
-            load_windows(con, settings.drift)
+            load_windows(con, settings.drift, settings.serving.alias)
 
     units = {"drift": drift,
              "curate": lambda con: load_candidates(con),

@@ -8,7 +8,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from tuneloop.cli.common import console, fail, settings_of, store_of
+from tuneloop.cli.common import console, fail, settings_of
+from tuneloop.services.store.database import Store
 
 canary_app = typer.Typer(help="Gate a candidate adapter offline and live; roll back by hand.",
                          no_args_is_help=True)
@@ -87,7 +88,7 @@ def freeze_show(ctx: typer.Context) -> None:
     """Whether promotions are frozen, since when and why."""
     from tuneloop.services.canary.store import active_freeze
 
-    with store_of(settings_of(ctx)).connect() as con:
+    with Store.of(settings_of(ctx)).connect() as con:
         active = active_freeze(con)
     if active is None:
         console.print("no freeze: promotions are allowed")
@@ -103,7 +104,7 @@ def freeze_set(ctx: typer.Context,
     from tuneloop.services.canary.store import freeze
 
     try:
-        with store_of(settings_of(ctx)).connect() as con:
+        with Store.of(settings_of(ctx)).connect() as con:
             freeze(con, reason, {"by": "cli"})
     except ValueError as exc:
         raise fail(str(exc)) from None
@@ -117,7 +118,7 @@ def freeze_lift(ctx: typer.Context,
     from tuneloop.services.canary.store import lift
 
     try:
-        with store_of(settings_of(ctx)).connect() as con:
+        with Store.of(settings_of(ctx)).connect() as con:
             lifted = lift(con, reason)
     except ValueError as exc:
         raise fail(str(exc)) from None
@@ -134,7 +135,7 @@ def decisions(
     failed), the canary's gates with the tests that made them, freezes, manual moves."""
     from tuneloop.services.canary.store import list_decisions
 
-    with store_of(settings_of(ctx)).connect() as con:
+    with Store.of(settings_of(ctx)).connect() as con:
         rows = list_decisions(con, limit, candidate)
     if as_json:
         console.print_json(json.dumps(rows, default=str))

@@ -6,7 +6,6 @@ import typer
 from rich.console import Console
 
 from tuneloop.runtime.settings import Settings
-from tuneloop.services.store.database import Store
 
 console = Console()
 err_console = Console(stderr=True)
@@ -18,10 +17,6 @@ def settings_of(ctx: typer.Context) -> Settings:
     assert isinstance(root.obj, Settings), "root callback did not load settings"
     return root.obj
 
-
-def store_of(settings: Settings) -> Store:
-    """The store of ``settings``, waiting ``store.lock_timeout_s`` for another writer."""
-    return Store(settings.db_path, settings.store.lock_timeout_s)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -9,11 +9,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tuneloop.cli.common import console, fail, settings_of, store_of
+from tuneloop.cli.common import console, fail, settings_of
 from tuneloop.services.curation import golden
 from tuneloop.services.curation.datasets import FORMATS, export_jsonl
 from tuneloop.services.curation.store import load_candidates
 from tuneloop.services.drift.store import report_history
+from tuneloop.services.store.database import Store
 
 golden_app = typer.Typer(help="The pinned golden set: never trained on, used for every check.")
 
@@ -39,7 +40,7 @@ def drift(
     if plot is not None:
         from tuneloop.services.drift.plots import plot_drift_history
 
-        with store_of(settings_of(ctx)).connect() as con:
+        with Store.of(settings_of(ctx)).connect() as con:
             rows = report_history(con)
         try:
             path = plot_drift_history(rows, plot)
@@ -113,7 +114,7 @@ def golden_add(
 ) -> None:
     """Pin examples into the golden set (from labelled feedback, or a JSONL file)."""
     settings = settings_of(ctx)
-    store = store_of(settings)
+    store = Store.of(settings)
     with store.connect() as con:
         if file is not None:
             try:
@@ -139,7 +140,7 @@ def golden_list(
 ) -> None:
     """Show the golden set."""
     settings = settings_of(ctx)
-    with store_of(settings).connect() as con:
+    with Store.of(settings).connect() as con:
         examples = golden.load(con)
     table = Table("id", "label", "prompt", "answer", title=f"golden set: {len(examples)} examples")
     for ex in examples[:limit]:
@@ -155,7 +156,7 @@ def golden_export(
 ) -> None:
     """Export the golden set as JSONL for review or evaluation."""
     settings = settings_of(ctx)
-    with store_of(settings).connect() as con:
+    with Store.of(settings).connect() as con:
         examples = golden.load(con)
     if fmt not in FORMATS:
         raise fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")

@@ -8,11 +8,12 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tuneloop.cli.common import console, err_console, fail, settings_of, store_of
+from tuneloop.cli.common import console, err_console, fail, settings_of
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.demo import banking77
 from tuneloop.services.feedback.contract import InvalidEvent, parse_event
 from tuneloop.services.feedback.producer import FeedbackProducer, FlushReport
+from tuneloop.services.store.database import Store
 
 
 def register(app: typer.Typer) -> None:
@@ -163,6 +164,6 @@ def ingest(
         f"at {stats['events_per_s']:,.0f} events/s"
     )
     # The stack's long-running ingest may have landed events before this run got to them.
-    counts = store_of(settings_of(ctx)).counts()
+    counts = Store.of(settings_of(ctx)).counts()
     console.print(f"feedback holds {counts['feedback']:,} events; "
                   f"{counts['dead_letters']:,} dead letters")

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from tuneloop.cli.common import console, fail, settings_of, store_of
+from tuneloop.cli.common import console, fail, settings_of
+from tuneloop.services.store.database import Store
 
 if TYPE_CHECKING:
     from tuneloop.services.registry.core import Transition
@@ -60,7 +61,7 @@ def train(
                                show_progress=True)
     except (DatasetNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
-    with store_of(settings).connect() as con:
+    with Store.of(settings).connect() as con:
         from tuneloop.services.registry.store import get_adapter
 
         adapter = get_adapter(con, result["version"])
@@ -109,7 +110,7 @@ def list_cmd(ctx: typer.Context) -> None:
     """Every adapter version with its state and headline metrics."""
     from tuneloop.services.registry.store import list_adapters
 
-    with store_of(settings_of(ctx)).connect() as con:
+    with Store.of(settings_of(ctx)).connect() as con:
         rows = list_adapters(con)
     table = Table()
     for column in ("version", "name", "state", "dataset", "val loss", "golden acc"):
@@ -127,7 +128,7 @@ def show_cmd(ctx: typer.Context, version: str = typer.Argument(...)) -> None:
     from tuneloop.services.registry.core import RegistryError
     from tuneloop.services.registry.store import get_adapter, history
 
-    with store_of(settings_of(ctx)).connect() as con:
+    with Store.of(settings_of(ctx)).connect() as con:
         try:
             adapter = get_adapter(con, version)
         except RegistryError as exc:
@@ -210,7 +211,7 @@ def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
     from tuneloop.services.registry.core import IntegrityError, RegistryError
     from tuneloop.services.registry.store import get_adapter, list_adapters
 
-    with store_of(settings_of(ctx)).connect() as con:
+    with Store.of(settings_of(ctx)).connect() as con:
         try:
             adapters = [get_adapter(con, version)] if version else list_adapters(con)
         except RegistryError as exc:

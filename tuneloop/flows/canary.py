@@ -71,9 +71,6 @@ def _run_id() -> str | None:
     return str(flow_run.get_id() or "") or None
 
 
-def _store(settings: Settings) -> Store:
-    return Store(settings.db_path, settings.store.lock_timeout_s)
-
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def resolve(store: Store, alias: str, candidate: str | None) -> Plan:
@@ -140,7 +137,7 @@ def canary(candidate: str | None = None,
     the figures.
     """
     settings = flow_settings(overrides)
-    store = _store(settings)
+    store = Store.of(settings)
     plan = resolve(store, settings.serving.alias, candidate)
     who = f"canary: {plan.candidate}"
     if plan.step == "done":
@@ -210,5 +207,5 @@ def check_production(overrides: dict[str, Any] | None = None) -> CheckResult:
     """
     settings = flow_settings(overrides)
     decision = production_check(settings)
-    record(_store(settings), settings.home, decision)
+    record(Store.of(settings), settings.home, decision)
     return {"verdict": decision.verdict, "reason": decision.reason, "figures": decision.figures}

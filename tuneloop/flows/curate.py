@@ -56,7 +56,7 @@ def curate_flow(include_used: bool = False, export_dir: str | None = None,
     applied over the file and the environment; a secret is refused.
     """
     settings = flow_settings(overrides)
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     run = curate_task(store, settings.embeddings, settings.curation,
                       settings.training.cpu_cores, include_used)
     exports = export_task(store, run.version, Path(export_dir or settings.home / "datasets"),

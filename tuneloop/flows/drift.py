@@ -118,7 +118,7 @@ def detect_drift_flow(overrides: dict[str, Any] | None = None) -> dict[str, Any]
     applied over the file and the environment; a secret is refused.
     """
     settings = flow_settings(overrides)
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     checked = check_task(store, settings.embeddings, settings.drift, settings.serving.alias,
                          settings.training.cpu_cores)
     if isinstance(checked, str):

@@ -69,9 +69,6 @@ PUBLISHED_EVENT = "tuneloop.adapter.published"
 RETRIABLE = (TimeoutError, ConnectionError, OSError)
 
 
-def _store(settings: Settings) -> Store:
-    return Store(settings.db_path, settings.store.lock_timeout_s)
-
 
 def _retry_if_retriable(task: Any, task_run: Any, state: Any) -> bool:
     """Retry I/O hiccups (a busy store, a dropped connection); a bad input fails at once."""
@@ -148,7 +145,7 @@ def train_adapter(dataset_version: str, run_key: str, init_adapter: str | None =
     ``loop.train_work_pool`` when one is set). ``recipe_overrides`` are recipe fields;
     ``overrides`` settings by dotted name (a secret is refused)."""
     settings = flow_settings(overrides)
-    store, workspace = _store(settings), Workspace.of(settings)
+    store, workspace = Store.of(settings), Workspace.of(settings)
     adapter = find_adapter(store, run_key)
     run: TrainedRun | None = None
     if adapter is None:
@@ -212,7 +209,7 @@ def retrain(
     started it, which is then its run key) is skipped while the loop's policy says wait.
     ``overrides`` are settings by dotted name (a secret is refused)."""
     settings = flow_settings(overrides)
-    store = _store(settings)
+    store = Store.of(settings)
     automatic = automatic or trigger_id is not None
     key = run_key or (f"event-{trigger_id}" if automatic else f"flow-{flow_run.get_id()}")
     trigger = Check("trigger", INFO, None, None, "", reason)
@@ -309,7 +306,7 @@ def _train(settings: Settings, overrides: dict[str, Any] | None, dataset_version
                            f"{run.state.name if run.state else 'without a state'}")
     # The run published into the shared registry: read it from there (the pool's machine
     # keeps its own Prefect result storage).
-    adapter = find_published(_store(settings), key)
+    adapter = find_published(Store.of(settings), key)
     if adapter is None:
         raise RuntimeError(f"training on work pool {pool!r} completed but published no adapter "
                            f"under run key {key}")

@@ -67,7 +67,7 @@ class Stack:
         from tuneloop.services.store.database import Store
 
         if Path(self.settings.adapters_dir).is_dir():
-            with Store(self.settings.db_path, self.settings.store.lock_timeout_s).connect() as con:
+            with Store.of(self.settings).connect() as con:
                 repair(con, Path(self.settings.adapters_dir))
 
     def down(self) -> list[str]:

@@ -26,6 +26,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from tuneloop.runtime.files import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 HEALTHY_AFTER_S = 60.0
@@ -98,8 +100,4 @@ def _kill_group(pgid: int) -> None:
 
 
 def _save(home: Path, name: str, state: dict[str, Any]) -> None:
-    path = state_path(home, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(path)
+    write_json_atomic(state_path(home, name), state)

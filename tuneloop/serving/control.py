@@ -67,7 +67,7 @@ class RegistryRoute:
 
 def registry_route(settings: Settings, alias: str) -> RegistryRoute:
     """The production and canary versions of ``alias`` (None: the base model / no canary)."""
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     with store.connect() as con:
         production = registry.production(con, alias)
         canary = registry.canary(con, alias)
@@ -77,7 +77,7 @@ def registry_route(settings: Settings, alias: str) -> RegistryRoute:
 
 def read_adapter(settings: Settings, version: str) -> Adapter:
     """One registry row; raises ``LookupError`` when there is none."""
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     try:
         with store.connect() as con:
             return registry.get_adapter(con, version)
@@ -161,7 +161,7 @@ def promote(settings: Settings, version: str, to_state: str, reason: str) -> lis
     serves what the registry says. Raises ``RegistryError`` (nothing changed) or
     :class:`GatewayError` (the swap failed; production keeps serving, nothing recorded).
     """
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     with store.connect() as con:
         adapter = registry.get_adapter(con, version)
         verify_adapter(Path(adapter.path), adapter.sha256)
@@ -179,7 +179,7 @@ def promote(settings: Settings, version: str, to_state: str, reason: str) -> lis
 def rollback(settings: Settings, reason: str, to_version: str | None = None) -> list[Transition]:
     """Reject production and restore the previous version (or the base model), swap first."""
     alias = settings.serving.alias
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     with store.connect() as con:
         plan = registry.rollback_plan(con, alias, to_version)
     restored = next((t.version for t in plan if t.to_state == "production"), None)
@@ -206,7 +206,7 @@ def _swap_then_record(settings: Settings, change: dict[str, Any],
         if current is not None:
             before = {"production": current["production"], "candidate": current["candidate"]}
         admin.set_route(**change)  # load + probe on every replica, then the flip
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     try:
         with store.connect() as con:
             plan: list[Transition] = record(con)

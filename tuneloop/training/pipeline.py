@@ -205,7 +205,7 @@ def publish_run(store: Store, workspace: Workspace, run: TrainedRun) -> Adapter:
 def train_and_publish(settings: Settings, dataset_version: str, config: RecipeConfig,
                       run_key: str, *, show_progress: bool = True) -> Adapter:
     """The whole run without an orchestrator (``tuneloop train``)."""
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     existing = find_published(store, run_key)
     if existing is not None:
         return existing

@@ -216,7 +216,7 @@ def republish(settings: Settings, version: str) -> str:
     from tuneloop.services.registry.artifacts import MANIFEST
     from tuneloop.services.registry.store import get_adapter, publish_adapter
 
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     source = Path(tempfile.mkdtemp(prefix="republish-", dir=settings.home))
     try:
         with store.connect() as con:

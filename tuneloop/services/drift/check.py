@@ -17,7 +17,7 @@ from tuneloop.services.store.database import Store
 
 
 def run_check(
-    store: Store, embedder: Embedder, cfg: DriftSettings, alias: str | None = None,
+    store: Store, embedder: Embedder, cfg: DriftSettings, alias: str,
     progress: Progress | None = None,
 ) -> tuple[str, DriftReport]:
     """Load both windows, embed them (cached), test, explain and persist one report;

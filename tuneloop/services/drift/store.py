@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,18 +68,18 @@ def _app_clause(cfg: DriftSettings) -> tuple[str, list[Any]]:
 
 
 def reference_window(
-    con: duckdb.DuckDBPyConnection, cfg: DriftSettings, exclude: Sequence[str] | None = None,
-    alias: str | None = None,
+    con: duckdb.DuckDBPyConnection, cfg: DriftSettings, alias: str,
+    exclude: Sequence[str] | None = None,
 ) -> Window | None:
     """The reference events (see the module docstring for the order of choice).
 
     ``alias`` names the served alias whose production adapter's training data is the
-    reference (None: no adapter's). Returns None when neither that adapter nor a pin
+    reference. Returns None when neither that adapter nor a pin
     defines it and ``exclude`` (the current window) is still unknown: the oldest-N
     fallback must leave the current window out, so the caller loads that first.
     """
     app_sql, app_args = _app_clause(cfg)
-    trained = _production_window(con, alias, app_sql, app_args) if alias else None
+    trained = _production_window(con, alias, app_sql, app_args)
     if trained is not None:
         return trained
     if cfg.reference_start and cfg.reference_end:
@@ -158,13 +157,13 @@ def _ids_table(ids: Sequence[str]) -> Any:
 
 
 def load_windows(con: duckdb.DuckDBPyConnection, cfg: DriftSettings,
-                 alias: str | None = None) -> tuple[Window, Window]:
+                 alias: str) -> tuple[Window, Window]:
     """Reference and current window (``alias`` as in :func:`reference_window`); raises
     :class:`NotEnoughEvents` if either is too small."""
-    ref = reference_window(con, cfg, alias=alias)
+    ref = reference_window(con, cfg, alias)
     if ref is None:
         cur = current_window(con, cfg)
-        ref = reference_window(con, cfg, exclude=cur.event_ids, alias=alias)
+        ref = reference_window(con, cfg, alias, exclude=cur.event_ids)
         assert ref is not None
     else:
         cur = current_window(con, cfg, exclude=ref.event_ids)
@@ -177,10 +176,6 @@ def load_windows(con: duckdb.DuckDBPyConnection, cfg: DriftSettings,
                 "drift.current_window_minutes"
             )
     return ref, cur
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def save_report(con: duckdb.DuckDBPyConnection, report: DriftReport) -> str:

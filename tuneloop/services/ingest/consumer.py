@@ -79,7 +79,7 @@ class IngestConsumer:
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
         self.cfg = settings.kafka
-        self.store = store or Store(settings.db_path, settings.store.lock_timeout_s)
+        self.store = store or Store.of(settings)
         # librdkafka (confluent-kafka) fetches and decodes in native background threads:
         # polling costs a few microseconds an event instead of kafka-python's tens,
         # which leaves the time for validation and the DuckDB write. Heartbeats also

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tuneloop.runtime.files import write_json_atomic
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.ingest.consumer import IngestConsumer, IngestStats
 
@@ -59,11 +60,7 @@ def read_status(home: Path) -> dict[str, Any] | None:
 
 
 def _write(home: Path, status: IngestStatus) -> None:
-    path = status_path(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(status)))
-    tmp.replace(path)
+    write_json_atomic(status_path(home), asdict(status))
 
 
 def group_lag(settings: Settings) -> int:

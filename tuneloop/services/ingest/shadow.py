@@ -117,7 +117,7 @@ def land_shadow_pairs(settings: Settings, idle_polls: int = 2, poll_timeout_ms: 
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         request_timeout_ms=max(cfg.request_timeout_ms, cfg.session_timeout_ms + 1000),
     )
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     keep_raw = settings.ingest.keep_raw_dead_letters
     landed = idle = 0
     # Polls return nothing while the group is joining (seconds): only count idle ones after.

@@ -17,6 +17,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tuneloop.runtime.files import write_json_atomic
+
 LOOP_FILE = "loop-metrics.json"
 OUTBOXES = ("outbox.sqlite", "gateway-outbox.sqlite", "gateway-shadow-outbox.sqlite")
 
@@ -33,14 +35,7 @@ def record(home: Path, section: str, **values: Any) -> None:
     path = Path(home) / "run" / LOOP_FILE
     data = _read(path)
     data.setdefault(section, {}).update(values, updated_at=time.time())
-    _replace(path, data)
-
-
-def _replace(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{time.monotonic_ns()}.tmp")
-    tmp.write_text(json.dumps(data, default=str))
-    tmp.replace(path)
+    write_json_atomic(path, data)
 
 
 def read(home: Path) -> dict[str, Any]:
@@ -126,4 +121,4 @@ def count_decision(home: Path, stage: str, verdict: str) -> None:
     counts = dict(data.get("decisions") or {})
     counts[f"{stage}:{verdict}"] = int(counts.get(f"{stage}:{verdict}", 0)) + 1
     data["decisions"] = counts
-    _replace(path, data)
+    write_json_atomic(path, data)

@@ -27,6 +27,8 @@ from typing import Any
 
 import duckdb
 
+from tuneloop.runtime.settings import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -288,6 +290,12 @@ class Store:
     >>> with store.connect() as con:
     ...     con.execute("SELECT count(*) FROM feedback").fetchone()
     """
+
+    @classmethod
+    def of(cls, settings: Settings) -> Store:
+        """The store ``settings`` name (``store.path``, else the home's file), waiting up to
+        ``store.lock_timeout_s`` for another process."""
+        return cls(settings.db_path, settings.store.lock_timeout_s)
 
     def __init__(self, path: Path, lock_timeout_s: float = 120.0) -> None:
         self.path = Path(path)

@@ -42,7 +42,7 @@ def answers(settings: Settings, version: str | None, examples: Sequence[Example]
     (``GatewayAdmin.load``) unless it is the base model. Raises
     :class:`tuneloop.serving.control.GatewayError` when the gateway fails.
     """
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     max_tokens = settings.canary.max_tokens
     prompts = [ex.messages[:-1] for ex in examples]
     keys = [canary_store.example_key(p, max_tokens) for p in prompts]

@@ -33,9 +33,6 @@ from tuneloop.serving import control
 log = logging.getLogger(__name__)
 
 
-def _store(settings: Settings) -> Store:
-    return Store(settings.db_path, settings.store.lock_timeout_s)
-
 
 def start(settings: Settings, candidate: str, incumbent: str | None, run_id: str | None) -> float:
     """Send the canary share of users to ``candidate`` and record when its window began.
@@ -62,7 +59,7 @@ def _mark_start(settings: Settings, candidate: str, incumbent: str | None, start
     decision = Decision("live", candidate, incumbent, "start",
                         figures={"started_at": started,
                                  "canary_share": settings.serving.canary_share})
-    with _store(settings).connect() as con:
+    with Store.of(settings).connect() as con:
         canary_store.record_decision(con, decision, run_id)
     return started
 
@@ -74,7 +71,7 @@ def look(settings: Settings, plan: Plan, started_at: float) -> tuple[Decision, t
     cand, inc = window(settings, plan.candidate, plan.incumbent, started_at, now)
     decision = live_decision(plan.candidate, plan.incumbent, cand, inc, now - started_at,
                              settings.canary)
-    with _store(settings).connect() as con:
+    with Store.of(settings).connect() as con:
         frozen = canary_store.active_freeze(con) is not None
     return hold_while_frozen(decision, frozen, now - started_at, settings.canary), (cand, inc)
 
@@ -107,7 +104,7 @@ def ratings(settings: Settings, versions: Sequence[str | None], since: float,
     ``until`` (None: now), by the last verdict per answer (see
     :func:`tuneloop.services.canary.live.count_ratings`)."""
     end = until if until is not None else time.time() + 1
-    with _store(settings).connect() as con:
+    with Store.of(settings).connect() as con:
         rows = canary_store.rated_answers(con, settings.serving.alias,
                                           datetime.fromtimestamp(since, UTC),
                                           datetime.fromtimestamp(end, UTC))
@@ -121,7 +118,7 @@ def shadow_summary(settings: Settings, candidate: str, since: float) -> dict[str
         land_shadow_pairs(settings, idle_polls=1)
     except (KafkaError, StoreBusyError) as exc:  # a report, not a gate: never fail the canary
         log.warning("shadow pairs not landed, summarising those already in DuckDB: %s", exc)
-    with _store(settings).connect() as con:
+    with Store.of(settings).connect() as con:
         rows = canary_store.shadow_answers(con, candidate, datetime.fromtimestamp(since, UTC))
     return summarise_shadow(rows)
 

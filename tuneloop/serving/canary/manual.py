@@ -41,6 +41,6 @@ def rollback_by_hand(settings: Settings, reason: str, to: str | None = None) -> 
         candidate = route.production
         incumbent = next((t.version for t in moved if t.to_state == "production"), None)
     decision = Decision("manual", candidate, incumbent, "rollback", figures={"reason": reason})
-    recorded = record(Store(settings.db_path, settings.store.lock_timeout_s), settings.home,
+    recorded = record(Store.of(settings), settings.home,
                       decision)
     return ManualRollback(moved, decision, recorded)

@@ -36,7 +36,7 @@ def gate_examples(settings: Settings, candidate: str
                   ) -> tuple[list[Example], list[Example], list[Example]]:
     """The golden set, the candidate's test split, and the labelled events written after
     its dataset (:func:`tuneloop.services.curation.store.fresh_examples`)."""
-    with Store(settings.db_path, settings.store.lock_timeout_s).connect() as con:
+    with Store.of(settings).connect() as con:
         adapter = get_adapter(con, candidate)
         gold = golden.load(con)
         if adapter.dataset_version is None:

@@ -23,7 +23,7 @@ def check_production(settings: Settings) -> Decision:
 
     Raises :class:`tuneloop.serving.control.GatewayError` when the gateway fails.
     """
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    store = Store.of(settings)
     with store.connect() as con:
         adapter = registry.production(con, settings.serving.alias)
         version = adapter.version if adapter is not None else None

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import uvicorn
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
+from tuneloop.runtime.files import write_json_atomic
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.feedback.producer import FeedbackProducer
 from tuneloop.services.loop.metrics import LoopCollector
@@ -54,13 +53,9 @@ def initial_route(settings: Settings) -> Route:
 
 def save_route(settings: Settings, route: Route) -> None:
     """Keep the shares across gateway restarts (versions come from the registry)."""
-    path = routing_file(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"alias": route.alias, "production": route.production,
-                               "candidate": route.candidate, "canary_share": route.canary_share,
-                               "shadow_share": route.shadow_share}))
-    os.replace(tmp, path)
+    write_json_atomic(routing_file(settings), {
+        "alias": route.alias, "production": route.production, "candidate": route.candidate,
+        "canary_share": route.canary_share, "shadow_share": route.shadow_share})
 
 
 def create_app(settings: Settings, model_path: str, served_name: str,
