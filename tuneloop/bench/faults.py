@@ -36,553 +36,77 @@ Ends with ``FIGURE faults_lost_events``, ``faults_duplicated_events``,
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import shutil
-import signal
-import tempfile
-import threading
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
+from tuneloop.bench._faults_feedback import broker_outage, hostile_events, ingest_kill
+from tuneloop.bench._faults_stack import Bench, Outcome, say
+from tuneloop.bench._faults_traffic import gateway_kill, vllm_kill, worker_kill
 from tuneloop.bench.ingest import machine
-from tuneloop.infra.supervisor import read_state
-from tuneloop.runtime.processes import ManagedProcess, free_port, wait_until
-from tuneloop.runtime.settings import Settings, load_settings
-from tuneloop.services.demo import banking77
-from tuneloop.services.feedback.contract import FeedbackEvent
-from tuneloop.services.feedback.topics import topic_offsets
-from tuneloop.services.store.database import Store
-
-REQUEST_LIMIT_S = 60.0
-
-
-def _say(text: str) -> None:
-    print(text, flush=True)  # noqa: T201 - the bench's report
-
-
-@dataclass
-class Outcome:
-    """What one fault cost."""
-
-    fault: str
-    sent: int = 0
-    stored: int = 0
-    dead_lettered: int = 0
-    duplicated: int = 0
-    requests: int = 0
-    retried: int = 0
-    failed: int = 0
-    recovered: bool = True
-    detail: str = ""
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def lost(self) -> int:
-        return max(0, self.sent - self.stored - self.dead_lettered)
-
-    @property
-    def survived(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0 and self.failed == 0 and self.recovered
-
-
-class Bench:
-    """The stack in a temporary home, and the counts the faults are judged by."""
-
-    def __init__(self) -> None:
-        from tuneloop.infra.stack import Stack
-
-        self.home = Path(tempfile.mkdtemp(prefix="tuneloop-bench-faults-"))
-        prefect = free_port()
-        self.env = {
-            "TUNELOOP_HOME": str(self.home),
-            "TUNELOOP_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
-            "TUNELOOP_PREFECT__PORT": str(prefect),
-            "TUNELOOP_PREFECT__API_URL": f"http://127.0.0.1:{prefect}/api",
-            "TUNELOOP_SERVING__GATEWAY_PORT": str(free_port()),
-            "TUNELOOP_SERVING__VLLM_PORT": str(free_port()),
-            "TUNELOOP_SERVING__ADMIN_KEY": "bench-admin-key",
-            # The outbox gives a send up after this long and keeps the event for later.
-            "TUNELOOP_PRODUCER__DELIVERY_TIMEOUT_S": "3",
-            # The worker runs what the bench starts, nothing on its own.
-            "TUNELOOP_LOOP__RETRAIN_ON_DRIFT": "false",
-            "TUNELOOP_LOOP__CANARY_NEW_CANDIDATES": "false",
-            "TUNELOOP_DRIFT__INTERVAL_S": "86400",
-        }
-        cores = os.cpu_count() or 1
-        if cores > 1:
-            # As in the demo: vLLM and training each on their own cores; spinning OpenMP
-            # threads of a CPU vLLM otherwise starve the worker (services/cpu.py).
-            half = cores // 2
-            self.env["TUNELOOP_SERVING__ENGINE_CORES"] = "0" if half == 1 else f"0-{half - 1}"
-            self.env["TUNELOOP_TRAINING__CPU_CORES"] = (
-                str(half) if cores - half == 1 else f"{half}-{cores - 1}")
-        os.environ.update(self.env)
-        self.settings: Settings = load_settings()
-        self.stack = Stack(self.settings)
-        self.store = Store(self.settings.db_path)
-
-    def up(self) -> None:
-        self.stack.up()
-
-    def down(self) -> None:
-        self.stack.down()
-        shutil.rmtree(self.home, ignore_errors=True)
-
-    # ------------------------------------------------------------------ counts
-    def feedback_ids(self) -> list[str]:
-        from tuneloop.services.ingest.core import landed_event_ids
-
-        with self.store.connect() as con:
-            return landed_event_ids(con)
-
-    def stored(self) -> int:
-        return self.store.counts()["feedback"]
-
-    def dead_letters(self) -> int:
-        return self.store.counts()["dead_letters"]
-
-    def ingest_restarts(self) -> int:
-        return int((read_state(self.home, "ingest") or {}).get("restarts", 0))
-
-    def caught_up(self, timeout_s: float) -> bool:
-        """True once ingest has committed every record on the feedback topic."""
-        kafka = self.settings.kafka
-        try:
-            wait_until(lambda: all(p.lag == 0 for p in topic_offsets(
-                kafka, kafka.topic, kafka.group_id)), timeout_s, "ingest", interval_s=1.0)
-        except TimeoutError:
-            return False
-        return True
-
-    def count(self, outcome: Outcome, ids: set[str], dead_before: int) -> None:
-        """Stored and duplicated of ``ids``; dead letters written since ``dead_before``."""
-        stored = [i for i in self.feedback_ids() if i in ids]
-        outcome.stored = len(set(stored))
-        outcome.duplicated = len(stored) - len(set(stored))
-        outcome.dead_lettered = self.dead_letters() - dead_before
-
-    def send_raw(self, payloads: list[bytes]) -> None:
-        from kafka import KafkaProducer
-
-        producer = KafkaProducer(bootstrap_servers=self.settings.kafka.bootstrap_servers,
-                                 acks="all", linger_ms=5, max_request_size=4 * 1024 * 1024)
-        for value in payloads:
-            producer.send(self.settings.kafka.topic, value=value)
-        producer.flush()
-        producer.close()
-
-
-def _events(n: int, seed: int) -> list[FeedbackEvent]:
-    queries = banking77.load("train")
-    picked = [queries[(seed * 7919 + i) % len(queries)] for i in range(n)]
-    # Fresh ids: each fault's events are its own.
-    return [e.model_copy(update={"event_id": uuid.uuid4()})
-            for e in banking77.to_events(picked, seed=seed)]
-
-
-# ---------------------------------------------------------------------- faults
-def ingest_kill(b: Bench, n: int) -> Outcome:
-    """SIGKILL the ingest consumer while it works through ``n`` events."""
-    out = Outcome("ingest SIGKILL mid-batch")
-    events = _events(n, seed=11)
-    ids = {str(e.event_id) for e in events}
-    dead_before = b.dead_letters()
-    restarts = b.ingest_restarts()
-    stored_before = b.stored()
-    # The app keeps sending while ingest works; the kill comes once a tenth is stored.
-    sender = threading.Thread(target=b.send_raw, args=([e.to_json_bytes() for e in events],))
-    sender.start()
-    out.sent = n
-    wait_until(lambda: b.stored() - stored_before >= n // 10, 300, "ingest progress",
-               interval_s=0.02)
-    child = (read_state(b.home, "ingest") or {}).get("child_pid")
-    if child:
-        os.kill(int(child), signal.SIGKILL)
-    landed = b.stored() - stored_before
-    sender.join()
-    wait_until(lambda: b.ingest_restarts() > restarts, 60, "ingest restart")
-    out.recovered = b.caught_up(300)
-    b.count(out, ids, dead_before)
-    out.detail = (f"killed pid {child} with {landed:,} of {n:,} stored, the app still sending; "
-                  f"its supervisor restarted it "
-                  f"({b.ingest_restarts() - restarts} restart)")
-    return out
-
-
-def hostile_payloads(n: int, max_bytes: int) -> list[bytes]:
-    """``n`` payloads from hypothesis strategies (a fixed seed: the same run each time)."""
-    from hypothesis import HealthCheck, given, seed, settings
-    from hypothesis import strategies as st
-
-    template = json.loads(_events(1, seed=5)[0].to_json_bytes())
-    json_values = st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-        | st.text(max_size=200),
-        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=20), inner,
-                                                                   max_size=5),
-        max_leaves=20)
-    nasty_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=300)
-
-    def with_id(data: dict[str, Any]) -> dict[str, Any]:
-        return {**data, "event_id": str(uuid.uuid4())}
-
-    def replaced(key: str, value: Any) -> bytes:
-        return json.dumps({**with_id(template), key: value}).encode()
-
-    def nasty_user_turn(text: str) -> bytes:
-        # ensure_ascii writes lone surrogates as \\udXXX escapes: valid JSON, not UTF-8 text.
-        return json.dumps({**with_id(template),
-                           "messages": [{"role": "user", "content": text}]}).encode()
-
-    def oversized(size: int) -> bytes:
-        return json.dumps({**with_id(template), "metadata": {"blob": "x" * size}}).encode()
-
-    payload = st.one_of(
-        st.binary(max_size=2000),
-        json_values.map(lambda v: json.dumps(v).encode()),
-        st.builds(replaced, st.sampled_from(sorted(template)), json_values),
-        nasty_text.map(nasty_user_turn),
-        st.integers(max_bytes, 2 * max_bytes).map(oversized),
-    )
-    out: list[bytes] = []
-
-    @seed(20261123)
-    @settings(max_examples=n, database=None, deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(payload)
-    def collect(value: bytes) -> None:
-        out.append(value)
-
-    collect()
-    return out[-n:]
-
-
-def hostile_events(b: Bench, n: int) -> Outcome:
-    out = Outcome("hostile events (hypothesis)")
-    payloads = hostile_payloads(n, b.settings.ingest.max_event_bytes)
-    before = set(b.feedback_ids())
-    dead_before = b.dead_letters()
-    restarts = b.ingest_restarts()
-    b.send_raw(payloads)
-    out.sent = len(payloads)
-    out.recovered = b.caught_up(300)
-    after = b.feedback_ids()
-    new = [i for i in after if i not in before]
-    out.stored, out.duplicated = len(set(new)), len(new) - len(set(new))
-    out.dead_lettered = b.dead_letters() - dead_before
-    crashed = b.ingest_restarts() - restarts
-    if crashed:
-        out.recovered = False
-    from tuneloop.services.ingest.dead_letters import recent_reasons
-
-    with b.store.connect() as con:
-        reasons = recent_reasons(con, out.dead_lettered)
-    kinds = Counter(" ".join(r.split()[:4])[:60] for r in reasons)
-    out.detail = (f"{out.stored} were valid events, {out.dead_lettered} dead-lettered; ingest "
-                  f"crashed {crashed} times; most common reasons: "
-                  + "; ".join(f"{k!r} x{v}" for k, v in kinds.most_common(5)))
-    return out
-
-
-@contextmanager
-def _users(b: Bench, out: Outcome, workers: int = 3) -> Iterator[None]:
-    """Users asking the alias, retrying what the gateway says is retriable."""
-    import openai
-
-    stop = threading.Event()
-    chat: Any = [m.model_dump() for m in banking77.chat("I still have not received my card")]
-
-    def user() -> None:
-        client = openai.OpenAI(base_url=f"{b.settings.serving.gateway_url}/v1",
-                               api_key="unused", max_retries=0, timeout=REQUEST_LIMIT_S)
-        while not stop.is_set():
-            out.requests += 1
-            started = time.monotonic()
-            while not stop.is_set():
-                try:
-                    client.chat.completions.create(model=b.settings.serving.alias,
-                                                   messages=chat, max_tokens=8, temperature=0)
-                    break
-                except openai.APIStatusError as exc:  # retriable only with Retry-After
-                    if exc.status_code != 503 or "retry-after" not in exc.response.headers:
-                        out.failed += 1
-                        out.failures.append(f"{exc.status_code}: {exc.message[:120]}")
-                        break
-                    out.retried += 1
-                    time.sleep(min(5.0, float(exc.response.headers["retry-after"] or 1)))
-                except openai.APITimeoutError:
-                    out.failed += 1
-                    out.failures.append(f"no answer in {REQUEST_LIMIT_S:.0f} s")
-                    break
-                except openai.APIConnectionError:  # nothing listening: the gateway is down
-                    out.retried += 1
-                    time.sleep(1.0)
-                if time.monotonic() - started > 600:
-                    out.failed += 1
-                    out.failures.append("no answer after 600 s of retries")
-                    break
-
-    threads = [threading.Thread(target=user, daemon=True) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(REQUEST_LIMIT_S + 10)
-
-
-def _answers(b: Bench) -> bool:
-    import openai
-
-    client = openai.OpenAI(base_url=f"{b.settings.serving.gateway_url}/v1", api_key="unused",
-                           max_retries=0, timeout=REQUEST_LIMIT_S)
-    try:
-        client.chat.completions.create(model=b.settings.serving.alias, max_tokens=4,
-                                       messages=[{"role": "user", "content": "hello"}])
-    except openai.APIError:
-        return False
-    return True
-
-
-def _serving_fault(b: Bench, name: str, kill: Callable[[], str],
-                   back: Callable[[], bool]) -> Outcome:
-    out = Outcome(name)
-    with _users(b, out):
-        time.sleep(5)
-        what = kill()
-        killed_at = time.monotonic()
-        try:
-            wait_until(back, 600, name, interval_s=1.0)
-            resumed = time.monotonic() - killed_at
-        except TimeoutError:
-            resumed = float("nan")
-            out.recovered = False
-        time.sleep(5)  # users keep asking after it is back
-    out.detail = f"{what}; serving again after {resumed:.0f} s"
-    return out
-
-
-def vllm_kill(b: Bench) -> Outcome:
-    from tuneloop.serving.control import GatewayAdmin
-
-    admin = GatewayAdmin(b.settings)
-    restarts = admin.state()["replicas"][0]["restarts"]
-
-    def kill() -> str:
-        pid = int((b.home / "run" / "vllm-0.pid").read_text())
-        os.killpg(pid, signal.SIGKILL)
-        return f"killed vLLM replica 0 (pid {pid})"
-
-    def back() -> bool:
-        replica = admin.state()["replicas"][0]
-        return bool(replica["state"] == "ready" and replica["restarts"] > restarts
-                    and _answers(b))
-
-    return _serving_fault(b, "vLLM replica SIGKILL during traffic", kill, back)
-
-
-def gateway_kill(b: Bench) -> Outcome:
-    supervisor = ManagedProcess("gateway", b.home).pid()
-    state = read_state(b.home, "gateway") or {}
-    child = state.get("child_pid")
-    vllm = ManagedProcess("vllm-0", b.home).pid()
-
-    def kill() -> str:
-        if child is None:  # not supervised: kill what there is
-            os.kill(int(supervisor or 0), signal.SIGKILL)
-            return f"killed the gateway (pid {supervisor}, not supervised)"
-        os.kill(int(child), signal.SIGKILL)
-        return f"killed the gateway (pid {child})"
-
-    def back() -> bool:
-        return _answers(b)
-
-    out = _serving_fault(b, "gateway SIGKILL during traffic", kill, back)
-    adopted = ManagedProcess("vllm-0", b.home).pid() == vllm
-    out.detail += ("; the new gateway adopted the running vLLM" if adopted
-                   else "; vLLM was restarted")
-    return out
-
-
-RETRAIN_RECIPE = ("rank: 8\nalpha: 16\nmax_steps: 12\nbatch_size: 4\neval_interval: 2\n"
-                  "patience: 100\neval_max_examples: 8\ngeneration_max_new_tokens: 6\n"
-                  "task_eval_max_examples: 8\n")
-
-
-def worker_kill(b: Bench, n: int) -> Outcome:
-    """SIGKILL the deployment worker after the first checkpoint of a retrain it runs on
-    ``n`` fresh labelled events, with users asking meanwhile."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from tuneloop.services.registry.store import list_adapters
-
-    out = Outcome("worker SIGKILL during a retrain")
-    events = _events(n, seed=17)
-    ids = {str(e.event_id) for e in events}
-    dead_before = b.dead_letters()
-    b.send_raw([e.to_json_bytes() for e in events])
-    out.sent = n
-    b.caught_up(300)
-    recipe = b.home / "fault-retrain.yaml"
-    recipe.write_text(RETRAIN_RECIPE)
-    key = f"fault-worker-kill-{uuid.uuid4().hex[:8]}"
-
-    def deployed() -> bool:
-        with get_client(sync_client=True) as client:
-            try:
-                client.read_deployment_by_name("retrain/loop")
-            except Exception:  # noqa: BLE001 - not registered yet
-                return False
-        return True
-
-    def published() -> list[Any]:
-        with b.store.connect() as con:
-            return [a for a in list_adapters(con) if a.run_key == key]
-
-    with temporary_settings(updates={PREFECT_API_URL: b.settings.prefect.api_url}):
-        return _worker_kill(b, out, key, recipe, ids, dead_before, deployed, published)
-
-
-def _worker_kill(b: Bench, out: Outcome, key: str, recipe: Path, ids: set[str],
-                 dead_before: int, deployed: Callable[[], bool],
-                 published: Callable[[], list[Any]]) -> Outcome:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-    from prefect.deployments import run_deployment
-
-    wait_until(deployed, 180, "the worker's deployments", interval_s=1.0)
-    checkpoint = b.settings.runs_dir / key / "checkpoint" / "state.json"
-    restarts = int((read_state(b.home, "worker") or {}).get("restarts", 0))
-    first = run_deployment("retrain/loop", timeout=0, parameters={
-        "reason": "bench faults: worker kill", "config_file": str(recipe), "run_key": key})
-    assert not asyncio.iscoroutine(first)
-    started = time.monotonic()
-    with _users(b, out):
-        wait_until(checkpoint.exists, 900, "the retrain's first checkpoint", interval_s=0.2)
-        step = json.loads(checkpoint.read_text())["step"]
-        child = (read_state(b.home, "worker") or {}).get("child_pid")
-        os.kill(int(child or 0), signal.SIGKILL)
-        killed_at = time.monotonic()
-        try:
-            wait_until(lambda: bool(published()), 1200, "the resumed retrain", interval_s=2.0)
-        except TimeoutError:
-            out.recovered = False
-    adapters = published()
-    with get_client(sync_client=True) as client:
-        crashed = client.read_flow_run(first.id)
-        resumed = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            tags=FlowRunFilterTags(all_=["resumed"]))) if r.parameters.get("run_key") == key]
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not all(r.state and r.state.is_final()
-                                                       for r in resumed):
-            time.sleep(1)
-            resumed = [client.read_flow_run(r.id) for r in resumed]
-    b.count(out, ids, dead_before)
-    worker_restarts = int((read_state(b.home, "worker") or {}).get("restarts", 0)) - restarts
-    from_step = adapters[0].metrics["training"]["resumed_from_step"] if adapters else 0
-    out.recovered = bool(out.recovered and len(adapters) == 1 and worker_restarts >= 1
-                         and crashed.state and crashed.state.is_crashed() and len(resumed) == 1
-                         and resumed[0].state and resumed[0].state.is_completed()
-                         and from_step > 0)
-    out.detail = (f"killed worker pid {child} at checkpoint step {step}; {worker_restarts} "
-                  f"restart; the run {crashed.state.name if crashed.state else '?'}, "
-                  f"{len(resumed)} resumed run(s) "
-                  f"{', '.join(str(r.state.name) for r in resumed if r.state)}, training went on "
-                  f"from step {from_step}; {len(adapters)} adapter(s) under the run key "
-                  f"({', '.join(str(a.version) for a in adapters)}); published "
-                  f"{time.monotonic() - killed_at:.0f} s after the kill, "
-                  f"{time.monotonic() - started:.0f} s after the retrain started")
-    return out
-
-
-def broker_outage(b: Bench, n: int, outage_s: float) -> Outcome:
-    """An app sends ``n`` events through the producer SDK at a steady rate while the
-    broker is stopped for ``outage_s`` and started again."""
-    from tuneloop.services.feedback.producer import FeedbackProducer
-    from tuneloop.services.feedback.topics import ensure_topics
-
-    out = Outcome("broker outage while producers send")
-    events = _events(n, seed=13)
-    ids = {str(e.event_id) for e in events}
-    dead_before = b.dead_letters()
-    sent_during = 0
-    with FeedbackProducer(b.settings, background=True) as producer:
-        third = n // 3
-        producer.send_many(events[:third])
-        producer.flush(30)
-        time.sleep(2)
-        b.stack.broker.stop()
-        stopped = time.monotonic()
-        for event in events[third:2 * third]:  # accepted into the outbox meanwhile
-            producer.send(event)
-            sent_during += 1
-        time.sleep(max(0.0, outage_s - (time.monotonic() - stopped)))
-        b.stack.broker.start()
-        ensure_topics(b.settings.kafka, extra=(b.settings.serving.shadow_topic,))
-        producer.send_many(events[2 * third:])
-        report = producer.flush(120)
-    out.sent = n
-    out.recovered = report.complete and b.caught_up(300)
-    b.count(out, ids, dead_before)
-    out.detail = (f"{sent_during} events accepted while the broker was down for {outage_s:.0f} s; "
-                  f"outbox {'empty' if report.complete else f'{report.pending} still pending'} "
-                  "afterwards")
-    return out
-
-
-def main(settings: Settings, quick: bool = False) -> dict[str, float]:
-    _say(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start")
+from tuneloop.runtime.settings import Settings
+
+
+def _faults(b: Bench, quick: bool) -> list[Callable[[], Outcome]]:
+    """The faults in the order they run, sized for ``quick`` or a full run."""
+    return [
+        # First: its retrain curates every event stored so far.
+        lambda: worker_kill(b, 400 if quick else 1_000),
+        lambda: ingest_kill(b, 5_000 if quick else 50_000),
+        lambda: hostile_events(b, 200 if quick else 1_000),
+        lambda: vllm_kill(b),
+        lambda: gateway_kill(b),
+        # Last: the embedded broker keeps records in memory, so a restart starts its
+        # topics empty again.
+        lambda: broker_outage(b, 600 if quick else 3_000, outage_s=10 if quick else 20),
+    ]
+
+
+def _run_faults(quick: bool) -> list[Outcome]:
+    """Bring the stack up in a temporary home, inject each fault, take the stack down."""
     b = Bench()
     outcomes: list[Outcome] = []
     try:
         started = time.monotonic()
         b.up()
-        _say(f"stack up in {time.monotonic() - started:.0f} s (broker, Prefect, worker, "
-             "ingest, gateway + vLLM)")
-        steps: list[Callable[[], Outcome]] = [
-            # First: its retrain curates every event stored so far.
-            lambda: worker_kill(b, 400 if quick else 1_000),
-            lambda: ingest_kill(b, 5_000 if quick else 50_000),
-            lambda: hostile_events(b, 200 if quick else 1_000),
-            lambda: vllm_kill(b),
-            lambda: gateway_kill(b),
-            # Last: the embedded broker keeps records in memory, so a restart starts its
-            # topics empty again.
-            lambda: broker_outage(b, 600 if quick else 3_000, outage_s=10 if quick else 20),
-        ]
-        for step in steps:
+        say(f"stack up in {time.monotonic() - started:.0f} s (broker, Prefect, worker, "
+            "ingest, gateway + vLLM)")
+        for step in _faults(b, quick):
             outcome = step()
             outcomes.append(outcome)
-            _say(f"- {outcome.fault}: {'survived' if outcome.survived else 'NOT SURVIVED'}; "
-                 f"{outcome.detail}")
+            say(f"- {outcome.fault}: {'survived' if outcome.survived else 'NOT SURVIVED'}; "
+                f"{outcome.detail}")
     finally:
         b.down()
-    _say("")
-    _say("| fault | sent | stored | dead-lettered | lost | duplicated | requests | retried "
-         "| failed | survived |")
-    _say("|---|---|---|---|---|---|---|---|---|---|")
+    return outcomes
+
+
+def _print_table(outcomes: list[Outcome]) -> None:
+    say("")
+    say("| fault | sent | stored | dead-lettered | lost | duplicated | requests | retried "
+        "| failed | survived |")
+    say("|---|---|---|---|---|---|---|---|---|---|")
     for o in outcomes:
-        _say(f"| {o.fault} | {o.sent} | {o.stored} | {o.dead_lettered} | {o.lost} | "
-             f"{o.duplicated} | {o.requests} | {o.retried} | {o.failed} | "
-             f"{'yes' if o.survived else 'no'} |")
+        say(f"| {o.fault} | {o.sent} | {o.stored} | {o.dead_lettered} | {o.lost} | "
+            f"{o.duplicated} | {o.requests} | {o.retried} | {o.failed} | "
+            f"{'yes' if o.survived else 'no'} |")
         for failure in o.failures[:5]:
-            _say(f"  failed request: {failure}")
-    _say(f"load average {os.getloadavg()[0]:.2f} at end")
+            say(f"  failed request: {failure}")
+
+
+def main(settings: Settings, quick: bool = False) -> dict[str, float]:
+    """Inject every fault into a fresh stack and print the table and FIGURE lines.
+
+    ``settings`` is unused: the stack runs in a temporary home of its own.
+    """
+    say(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start")
+    outcomes = _run_faults(quick)
+    _print_table(outcomes)
+    say(f"load average {os.getloadavg()[0]:.2f} at end")
     figures = {"faults_lost_events": float(sum(o.lost for o in outcomes)),
                "faults_duplicated_events": float(sum(o.duplicated for o in outcomes)),
                "faults_survived": float(sum(o.survived for o in outcomes)),
                "faults_total": float(len(outcomes))}
     for name, value in figures.items():
-        _say(f"FIGURE {name}={int(value)}")
+        say(f"FIGURE {name}={int(value)}")
     return figures
