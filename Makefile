@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serving-setup demo test test-all lint bench-ingest bench-drift bench-train down clean
+.PHONY: setup serving-setup demo test lint down clean
 
 setup: $(STAMP)
 

@@ -199,14 +199,14 @@ def test_loop_figures_reach_prometheus(tmp_path: Path) -> None:
 
 
 def test_the_demo_settings_file_overlays_the_users_and_loads() -> None:
-    from tuneloop.cli.demo import QUICK, _merge, _toml
     from tuneloop.runtime.settings import load_settings
+    from tuneloop.services.demo.scenario import SMALL, merge, to_toml
 
     user = {"kafka": {"topic": "mine"}, "canary": {"alpha": 0.01, "window_s": 999}}
-    text = _toml(_merge(user, QUICK.settings))
+    text = to_toml(merge(user, SMALL.settings))
     parsed = tomllib.loads(text)
     assert parsed["kafka"]["topic"] == "mine" and parsed["canary"]["alpha"] == 0.01
-    assert parsed["canary"]["window_s"] == QUICK.settings["canary"]["window_s"]
+    assert parsed["canary"]["window_s"] == SMALL.settings["canary"]["window_s"]
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"demo-{os.getpid()}.toml"
     path.write_text(text)
     old = os.environ.get("TUNELOOP_CONFIG")

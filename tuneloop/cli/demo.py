@@ -47,8 +47,6 @@ from tuneloop.services.demo.scenario import FULL, SMALL, Plan, Scenario, merge, 
 if TYPE_CHECKING:
     from tuneloop.services.store.database import Store
 
-# Names tests/unit/test_loop.py imports from here.
-QUICK, _merge, _toml = SMALL, merge, to_toml
 # Each look at the store waits this long for a writer (a retrain's publish, a curation).
 STORE_WAIT_S = 60
 

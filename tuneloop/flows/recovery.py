@@ -2,7 +2,7 @@
 
 The worker runs every flow run of its deployments as its own child process, and the
 supervisor kills what is left of the worker's process group when it dies (see
-``infra.supervisor``). So when a worker starts, a run of its deployments still Pending,
+``tuneloop.infra.supervisor``). So when a worker starts, a run of its deployments still Pending,
 Running or Cancelling in Prefect has no process behind it: nothing else would ever
 finish it, and it would hold the deployment's concurrency slot for good.
 

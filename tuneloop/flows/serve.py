@@ -20,7 +20,7 @@ The loop, with Prefect's own triggers, concurrency limits and schedules:
 
 The worker runs under a supervisor that restarts it; on start it marks the runs its
 predecessor left unfinished Crashed and runs the retrain and canary ones again, which go
-on from where they stopped (``flows.recovery``).
+on from where they stopped (``tuneloop.flows.recovery``).
 
 Ingest is not a deployment: ``tuneloop up`` runs one long-running consumer.
 """
@@ -114,7 +114,7 @@ def register_training_pool(settings: Settings) -> None:
 
 def serve_all(settings: Settings) -> None:
     """Block, running triggered, scheduled and manual runs of every deployment; first
-    resume what a previous worker left unfinished (``flows.recovery``)."""
+    resume what a previous worker left unfinished (``tuneloop.flows.recovery``)."""
     register_training_pool(settings)
     served = deployments(settings)
     recover_interrupted([f"{d.flow_name}/{d.name}" for d in served])

@@ -1,6 +1,6 @@
 """The LoRA recipe's typed config: every field documents itself and is checked.
 
-A config comes from a YAML or TOML file (``training/configs/*.yaml``) plus
+A config comes from a YAML or TOML file (``tuneloop/training/configs/*.yaml``) plus
 overrides; :meth:`RecipeConfig.__post_init__` rejects a bad value by quoting it
 and saying what to use instead, so a run never starts with a config it would
 trip over an hour later.

@@ -204,7 +204,9 @@ def publish_run(store: Store, workspace: Workspace, run: TrainedRun) -> Adapter:
 
 def train_and_publish(settings: Settings, dataset_version: str, config: RecipeConfig,
                       run_key: str, *, show_progress: bool = True) -> Adapter:
-    """The whole run without an orchestrator (``tuneloop train``)."""
+    """The whole run without an orchestrator: train ``dataset_version`` and publish the
+    candidate, or return the adapter already published under ``run_key``. (``tuneloop
+    train`` runs the same steps as the ``train-adapter`` flow.)"""
     store = Store.of(settings)
     existing = find_published(store, run_key)
     if existing is not None:

@@ -2,7 +2,7 @@
 
 Why it is fast on a small CPU without changing what is learned:
 - examples are packed into rows with restarted positions (no padding, no
-  cross-example attention; see ``training/data.py``);
+  cross-example attention; see ``tuneloop/training/data.py``);
 - the 49k-wide LM head runs only on the positions that carry a target (the
   assistant's answer, a few tokens of each example), not on every position: for a
   135M model the full-vocabulary projection and its softmax would otherwise be a

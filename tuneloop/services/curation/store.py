@@ -39,9 +39,10 @@ class CurationRun:
     report: dict[str, Any]
 
 
-def since_latest(con: Any, alias: str = "") -> tuple[str, list[Any]]:
+def since_latest(con: Any, table_prefix: str = "") -> tuple[str, list[Any]]:
     """SQL (``AND ...``) selecting feedback written after the latest dataset version's
-    watermark, and its arguments; nothing when there is no version yet.
+    watermark, and its arguments; nothing when there is no version yet. ``table_prefix``
+    qualifies the columns when the caller's query names feedback by an alias (``"f."``).
 
     The watermark is the write sequence ``seq`` (assigned in the write's transaction, so
     a batch prepared early and written late is never under it); versions curated before
@@ -54,9 +55,9 @@ def since_latest(con: Any, alias: str = "") -> tuple[str, list[Any]]:
         return "", []
     seq, through = rows[0]
     if seq is not None:
-        return f" AND {alias}seq > ?", [int(seq)]
+        return f" AND {table_prefix}seq > ?", [int(seq)]
     if through is not None:
-        return f" AND {alias}ingested_at > ?", [datetime.fromisoformat(through)]
+        return f" AND {table_prefix}ingested_at > ?", [datetime.fromisoformat(through)]
     return "", []
 
 

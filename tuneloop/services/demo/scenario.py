@@ -90,7 +90,7 @@ def _settings(window: int, canary_window_s: int, min_requests: int,
         # A larger test split: a small dataset still gives the offline gate enough new
         # examples to show an improvement (the golden set holds only what production knew).
         # A retrain continues from production: 10 train examples of each label it knows
-        # keep that label (bench/RESULTS.md, forgetting), and the steps go to the new ones.
+        # keep that label (tuneloop/bench/RESULTS.md, forgetting), and the steps go to the new ones.
         "curation": {"split": [0.7, 0.1, 0.2], "known_label_train_cap": 10},
     })
 

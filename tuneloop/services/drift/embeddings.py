@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 import uuid
 import warnings
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from tuneloop.runtime.cache import user_cache_dir
 from tuneloop.runtime.settings import EmbeddingSettings
 from tuneloop.services.store.database import Store, registered
 
@@ -151,15 +151,10 @@ class Embedder:
 
 def onnx_cache(settings: EmbeddingSettings) -> Path:
     """Where exported models are kept: ``embeddings.onnx_dir``, else the user's cache
-    (``~/.cache/tuneloop/onnx``), else the temporary directory where that is not writable."""
+    (``~/.cache/tuneloop/onnx``; see :func:`tuneloop.runtime.cache.user_cache_dir`)."""
     if settings.onnx_dir is not None:
         return settings.onnx_dir
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tuneloop" / "onnx"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        return base
-    except OSError:
-        return Path(tempfile.gettempdir()) / f"tuneloop-onnx-{os.getuid()}"
+    return user_cache_dir("onnx")
 
 
 class UnsupportedModel(ValueError):

@@ -1,7 +1,7 @@
 """Task metrics over generated answers: one implementation for training and canary.
 
 Pure functions only. The recipe feeds them transformers generations after training
-(``training/evaluate.py``); the canary feeds them vLLM generations before a
+(``tuneloop/training/evaluate.py``); the canary feeds them vLLM generations before a
 promotion. Both therefore judge an adapter the same way.
 
 Two kinds of task:

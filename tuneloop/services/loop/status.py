@@ -1,8 +1,7 @@
 """What ``tuneloop status`` reads from the store and from the files the loop writes.
 
-Each figure comes from the stage that owns it (the registry for adapters and state
-changes, the drift and canary shells for their records); only the dead-letter summary,
-which no stage shell answers yet, is queried here.
+Each figure comes from the stage that owns it: the registry for adapters and state
+changes, the drift and canary shells for their records, ingest for the dead letters.
 """
 
 from __future__ import annotations
