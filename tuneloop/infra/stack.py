@@ -62,7 +62,8 @@ class Stack:
             self.gateway.start(env)
 
     def _repair_registry(self) -> None:
-        """Finish or undo an adapter publish a crash cut short (see ``tuneloop.services.registry.store.repair``)."""
+        """Finish or undo an adapter publish a crash cut short
+        (see ``tuneloop.services.registry.store.repair``)."""
         from tuneloop.services.registry.store import repair
         from tuneloop.services.store.database import Store
 
