@@ -43,6 +43,7 @@ from tuneloop.services.demo.simulation import (
     write_golden,
 )
 from tuneloop.services.feedback.topics import ensure_topics
+from tuneloop.services.registry.core import Adapter
 from tuneloop.services.store.database import Store
 from tuneloop.training.evaluate import generate_answers
 
@@ -76,66 +77,92 @@ def _stack(quick: bool) -> tuple[Settings, list[Any]]:
     return settings, [gateway, server, broker, home]
 
 
-def main(settings: Settings, quick: bool = False) -> dict[str, float]:
+def _write_data(store: Store, quick: bool, old_intents: list[str], new_intents: list[str]
+                ) -> tuple[list[banking77.Query], list[banking77.Query], int]:
+    """The golden set and the three adapters' datasets; returns the train and test pools
+    and the golden set's size."""
+    per_intent = 16 if quick else 24
+    train_pool = banking77.select(banking77.load("train"), seed=0)
+    test_pool = banking77.select(banking77.load("test"), seed=1)
+    n_golden = write_golden(store, test_pool, old_intents, per_intent=6 if quick else 10)
+    for version, chosen, flip in (("bench-old", old_intents, False),
+                                  ("bench-bad", old_intents, True),
+                                  ("bench-more", old_intents + new_intents, False)):
+        write_dataset(store, version, dataset_rows(version, train_pool, chosen,
+                                                   train=per_intent, val=2, test=4, flip=flip))
+    return train_pool, test_pool, n_golden
+
+
+def _train(stack: Settings, quick: bool, n_golden: int) -> tuple[Adapter, Adapter, Adapter]:
+    """Train and publish the old, bad and more adapters, in that order."""
     from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
     from tuneloop.training.pipeline import train_and_publish
 
+    def recipe(steps: int) -> RecipeConfig:
+        return RecipeConfig.from_file(DEFAULT_CONFIG, max_steps=steps, batch_size=4,
+                                      learning_rate=1e-3, warmup_ratio=0.05,
+                                      eval_interval=steps, generation_max_new_tokens=12)
+
+    started = time.perf_counter()
+    old = train_and_publish(stack, "bench-old", recipe(24 if quick else 32), "bench-old",
+                            show_progress=False)
+    bad = train_and_publish(stack, "bench-bad", recipe(24 if quick else 32), "bench-bad",
+                            show_progress=False)
+    more = train_and_publish(stack, "bench-more", recipe(40 if quick else 60), "bench-more",
+                             show_progress=False)
+    _say(f"trained 3 adapters in {time.perf_counter() - started:.0f}s; golden set "
+         f"{n_golden} examples")
+    return old, bad, more
+
+
+def _live_overrides(quick: bool) -> dict[str, Any]:
+    """The canary's live-window settings, by name, for a bench-sized run."""
+    return {"canary.window_s": 60 if quick else 120, "canary.max_window_s": 300 if quick else 600,
+            "canary.poll_s": 3, "canary.min_requests": 15 if quick else 30,
+            "canary.min_ratings": 10 if quick else 20}
+
+
+def _unseen(train_pool: list[banking77.Query], intents: list[str]) -> list[banking77.Query]:
+    """Train queries of ``intents`` past the ones the datasets used: never sent to any version."""
+    unseen = [q for q in train_pool if q.intent in set(intents)]
+    return [q for i in intents for q in [u for u in unseen if u.intent == i][40:]]
+
+
+def _stop(parts: list[Any]) -> None:
+    gateway, server, broker, home = parts
+    gateway.stop()
+    server.stop()
+    broker.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def main(settings: Settings, quick: bool = False) -> dict[str, float]:
+    """Train three adapters in a fresh stack, run the canary on each and time the offline
+    gate's evaluation; prints FIGURE lines and returns the figures."""
     _say(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start")
     intents = sorted(banking77.intents())
     old_intents, new_intents = intents[0:60:10], intents[5:65:10]
-    per_intent = 16 if quick else 24
     stack, parts = _stack(quick)
     figures: dict[str, float] = {}
     try:
-        store = Store(stack.db_path)
-        train_pool = banking77.select(banking77.load("train"), seed=0)
-        test_pool = banking77.select(banking77.load("test"), seed=1)
-        n_golden = write_golden(store, test_pool, old_intents, per_intent=6 if quick else 10)
-        for version, chosen, flip in (("bench-old", old_intents, False),
-                                      ("bench-bad", old_intents, True),
-                                      ("bench-more", old_intents + new_intents, False)):
-            write_dataset(store, version, dataset_rows(version, train_pool, chosen,
-                                                       train=per_intent, val=2, test=4,
-                                                       flip=flip))
-
-        def recipe(steps: int) -> RecipeConfig:
-            return RecipeConfig.from_file(DEFAULT_CONFIG, max_steps=steps, batch_size=4,
-                                          learning_rate=1e-3, warmup_ratio=0.05,
-                                          eval_interval=steps, generation_max_new_tokens=12)
-
-        started = time.perf_counter()
-        old = train_and_publish(stack, "bench-old", recipe(24 if quick else 32), "bench-old",
-                                show_progress=False)
-        bad = train_and_publish(stack, "bench-bad", recipe(24 if quick else 32), "bench-bad",
-                                show_progress=False)
-        more = train_and_publish(stack, "bench-more", recipe(40 if quick else 60), "bench-more",
-                                 show_progress=False)
-        _say(f"trained 3 adapters in {time.perf_counter() - started:.0f}s; golden set "
-             f"{n_golden} examples")
+        train_pool, test_pool, n_golden = _write_data(Store(stack.db_path), quick, old_intents,
+                                                      new_intents)
+        old, bad, more = _train(stack, quick, n_golden)
         from tuneloop.serving.control import promote
 
         promote(stack, old.version, "production", "the first adapter, promoted by hand")
         second = republish(stack, more.version)
         # The canary flow loads its settings itself (home, ports and key from the
-        # environment set above) with these overrides by name.
-        overrides: dict[str, Any] = {
-            "canary.window_s": 60 if quick else 120, "canary.max_window_s": 300 if quick else 600,
-            "canary.poll_s": 3, "canary.min_requests": 15 if quick else 30,
-            "canary.min_ratings": 10 if quick else 20}
+        # environment set in _stack) with these overrides by name.
+        overrides = _live_overrides(quick)
         live = load_settings(overrides)
         figures.update(_scenario(live, overrides, old.version, bad.version, more.version, second,
                                  test_pool, old_intents + new_intents))
-        # Train queries past the ones the datasets used: never sent to any version.
-        unseen = [q for q in train_pool if q.intent in set(old_intents)]
-        unseen = [q for i in old_intents for q in [u for u in unseen if u.intent == i][40:]]
-        figures["offline_gate_speedup"] = _gate_speed(live, old.version, unseen, old_intents,
-                                                      rounds=2, per_round=8 if quick else 16)
+        figures["offline_gate_speedup"] = _gate_speed(
+            live, old.version, _unseen(train_pool, old_intents), old_intents,
+            rounds=2, per_round=8 if quick else 16)
     finally:
-        gateway, server, broker, home = parts
-        gateway.stop()
-        server.stop()
-        broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        _stop(parts)
     _say(f"load average {os.getloadavg()[0]:.2f} at end")
     for name, value in figures.items():
         shown = f"{value:.3f}" if name in ("offline_gate_speedup", "bad_adapter_live_s") \
