@@ -14,12 +14,14 @@ Methods, each with its own default decision:
 * tuneloop's ``detect_drift`` (novel share significant and at least
   ``drift.min_novel_share``);
 * Evidently 0.7's ``EmbeddingsDrift`` default (a domain classifier, ROC AUC above 0.55),
-  in ``.venv-bench`` (created here: its pins conflict with the main environment);
+  in a virtualenv of its own in the user's cache (``~/.cache/tuneloop/bench/``, created on
+  first use: its pins conflict with the main environment);
 * the MMD permutation test (p below ``drift.alpha``), as the statistical reference: the
   one tuneloop runs inside each check.
 
 The score's calibration is its mean at each share against the share itself. Time per
-check: the same windows through each side, the order alternated over two rounds.
+check: the same windows through each side, the order alternated over two rounds. The
+plot goes to ``<home>/reports/drift-power.png`` unless ``plot_path`` names another file.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+import tuneloop
+from tuneloop.runtime.cache import user_cache_dir
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.demo import banking77
 from tuneloop.services.drift.embeddings import Embedder, embed_texts
@@ -43,25 +47,31 @@ from tuneloop.services.store.database import Store
 
 log = logging.getLogger(__name__)
 
-# The folder holding the tuneloop package (the checkout), put on the workers' PYTHONPATH.
-REPO = Path(__file__).resolve().parents[2]
-BENCH_VENV = REPO / ".venv-bench"
+# The folder holding the tuneloop package (a checkout or site-packages): the workers'
+# PYTHONPATH and working directory, so they import this very tuneloop.
+PACKAGE_ROOT = Path(tuneloop.__file__).resolve().parents[1]
 EVIDENTLY = ("evidently==0.7.23", "pandas<3")
 N, UNSEEN = 1000, 10
 SHARES = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 NULLS = ("same", "style")
-PLOT = Path(__file__).resolve().parent / "drift-power.png"
+
+
+def bench_venv() -> Path:
+    """Where the Evidently virtualenv lives: the user's cache, one per Python version (the
+    venv runs on the interpreter that created it)."""
+    return user_cache_dir("bench") / f"venv-drift-py{sys.version_info.major}.{sys.version_info.minor}"
 
 
 def ensure_bench_venv() -> Path:
-    """The benchmark-only virtualenv with Evidently (created on first use)."""
-    python = BENCH_VENV / "bin" / "python"
+    """The benchmark-only virtualenv with Evidently (created on first use); its python."""
+    venv = bench_venv()
+    python = venv / "bin" / "python"
     if python.exists() and subprocess.run(
         [str(python), "-c", "import evidently"], capture_output=True
     ).returncode == 0:
         return python
-    log.info("creating %s with %s (first run only)", BENCH_VENV, " ".join(EVIDENTLY))
-    subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    log.info("creating %s with %s (first run only)", venv, " ".join(EVIDENTLY))
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", *EVIDENTLY], check=True)
     return python
 
@@ -92,9 +102,9 @@ def make_windows(rows: list[tuple[str, str]], windows: int, seed: int = 0
 
 
 def _run_side(python: Path, side: str, data: Path, out: Path, phase: str) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_ROOT), HF_HUB_OFFLINE="1")
     subprocess.run([str(python), "-m", "tuneloop.bench._drift_worker", side, phase,
-                    str(data), str(out)], check=True, cwd=REPO, env=env)
+                    str(data), str(out)], check=True, cwd=PACKAGE_ROOT, env=env)
     return dict(json.loads(out.read_text()))
 
 
@@ -128,12 +138,15 @@ def plot(curves: dict[str, list[float]], calibration: list[float], path: Path) -
     fig.suptitle(f"drift on banking77: {N:,} vs {N:,} events, {UNSEEN} unseen intents "
                  "per window")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def main(settings: Settings, quick: bool = False) -> None:
+def main(settings: Settings, quick: bool = False, plot_path: Path | None = None) -> None:
+    """Run every method on the same windows and print the table and FIGURE lines; the plot
+    goes to ``plot_path``, by default ``<home>/reports/drift-power.png``."""
     windows = 8 if quick else 50
     python = ensure_bench_venv()
     store = Store(settings.home / "bench" / "drift.duckdb", settings.store.lock_timeout_s)
@@ -168,7 +181,7 @@ def main(settings: Settings, quick: bool = False) -> None:
     fpr = {kind: (_rate(ours, kind), _rate(theirs, kind), _rate(ours, kind, "mmd_drifted"))
            for kind in NULLS}
     our_s, their_s = float(np.median(seconds["tuneloop"])), float(np.median(seconds["evidently"]))
-    png = plot(curves, calibration, PLOT)
+    png = plot(curves, calibration, plot_path or settings.home / "reports" / "drift-power.png")
 
     print(f"drift on banking77 MiniLM embeddings: {N:,} vs {N:,} events, {UNSEEN} unseen "
           f"intents drawn per window, {windows} windows per point")

@@ -11,7 +11,7 @@ cosine to the same floor), number of steps and banking77 examples:
   step as hold the recipe's examples a step.
 - ``tuneloop recipe``: the recipe the loop trains with.
 
-Each run is a fresh process (``bench._train_worker``); every side times the same scope,
+Each run is a fresh process (``tuneloop.bench._train_worker``); every side times the same scope,
 its optimizer steps, and counts the real tokens it trained on. float32 on a CPU, bf16
 on a GPU, for all. Two rounds, the order reversed in the second; the figure is each
 side's median tokens/s. Validation loss is the token-weighted loss over the answer
@@ -20,8 +20,8 @@ tokens of the same held-out examples, computed by one function for every side.
 Ends with ``FIGURE train_tokens_ratio=...`` (against the faster baseline),
 ``FIGURE train_val_loss=...`` and ``FIGURE baseline_val_loss=...`` (that baseline's).
 The GPU part (the recipe's own tokens/s and MFU on a ~1B random-init Llama) runs only
-where CUDA is present. TRL
-lives in ``.venv-bench-train``, created on first use on top of the main environment.
+where CUDA is present. TRL lives in a virtualenv of its own in the user's cache
+(``~/.cache/tuneloop/bench/``), created on first use on top of the main environment.
 """
 
 from __future__ import annotations
@@ -38,40 +38,55 @@ from typing import Any
 
 import torch
 
+import tuneloop
+from tuneloop.runtime.cache import user_cache_dir
 from tuneloop.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The folder holding the tuneloop package (the checkout), put on the workers' PYTHONPATH.
-REPO = Path(__file__).resolve().parents[2]
-BENCH_VENV = REPO / ".venv-bench-train"
+# The folder holding the tuneloop package (a checkout or site-packages): the workers'
+# PYTHONPATH and working directory, so they import this very tuneloop.
+PACKAGE_ROOT = Path(tuneloop.__file__).resolve().parents[1]
 TRL = ("trl==1.16.0", "datasets==5.2.0")
 NAMES = {"hf": "HF Trainer + peft", "trl": "TRL SFTTrainer (packing, completion-only)",
          "recipe": "tuneloop recipe"}
 
 
-def ensure_bench_venv() -> Path:
-    """A virtualenv that sees the main environment's packages and adds TRL."""
-    python = BENCH_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import trl, datasets"],
-                                          capture_output=True).returncode == 0:
-        return python
-    log.info("creating %s with %s (first run only)", BENCH_VENV, " ".join(TRL))
-    subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+def bench_venv() -> Path:
+    """Where the TRL virtualenv lives: the user's cache, one per Python version (it runs on
+    the interpreter that created it, and sees that version's main environment)."""
+    return user_cache_dir("bench") / f"venv-train-py{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _see_main_environment(python: Path) -> None:
+    """Point the virtualenv at this run's main environment (a ``.pth`` file): the cache is
+    shared by every environment on the machine, so it is written on every run."""
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
                            "['purelib'])"], capture_output=True, text=True, check=True)
     main_site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig."
                                 "get_paths()['purelib'])"], capture_output=True, text=True,
                                check=True)
     (Path(site.stdout.strip()) / "tuneloop-main.pth").write_text(main_site.stdout.strip() + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL], check=True)
+
+
+def ensure_bench_venv() -> Path:
+    """A virtualenv that sees the main environment's packages and adds TRL; its python."""
+    venv = bench_venv()
+    python = venv / "bin" / "python"
+    if not python.exists():
+        log.info("creating %s with %s (first run only)", venv, " ".join(TRL))
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    _see_main_environment(python)
+    if subprocess.run([str(python), "-c", "import trl, datasets"],
+                      capture_output=True).returncode != 0:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL], check=True)
     return python
 
 
 def run_side(python: Path, side: str, spec: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_ROOT))
     done = subprocess.run([str(python), "-m", "tuneloop.bench._train_worker", side, json.dumps(spec)],
-                          capture_output=True, text=True, env=env, cwd=REPO)
+                          capture_output=True, text=True, env=env, cwd=PACKAGE_ROOT)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"bench train: the {side} side failed:\n{done.stderr[-3000:]}")
