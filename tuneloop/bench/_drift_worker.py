@@ -1,4 +1,4 @@
-"""One side of ``bench/drift.py``, in its own process.
+"""One side of ``tuneloop/bench/drift.py``, in its own process.
 
 ``python -m tuneloop.bench._drift_worker SIDE PHASE DATA.npz OUT.json``: SIDE ``tuneloop`` (the main
 environment) or ``evidently`` (the benchmark's own virtualenv, which lacks tuneloop's

@@ -1,6 +1,6 @@
 """One side of ``tuneloop bench train``, in a fresh process: train, then print JSON.
 
-``python -m bench._train_worker SIDE SPEC_JSON``, SIDE one of ``recipe`` (tuneloop's
+``python -m tuneloop.bench._train_worker SIDE SPEC_JSON``, SIDE one of ``recipe`` (tuneloop's
 LoRA recipe), ``hf`` (HF ``Trainer`` + peft) or ``trl`` (TRL ``SFTTrainer`` with BFD
 packing and completion-only loss). Every side times the same scope, the optimizer
 steps (forward, backward, clipping, update; the recipe's own step clock, a
@@ -27,9 +27,9 @@ from tuneloop.runtime.settings import load_settings
 from tuneloop.services.demo import banking77
 from tuneloop.training.base_model import BaseModel, resolve_base_model
 from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
-from tuneloop.training.data import Encoded, collate
+from tuneloop.training.data import Encoded, collate, encode_chat
 from tuneloop.training.dataset import ChatExample
-from tuneloop.training.recipe import LoRARecipe, encode_chat
+from tuneloop.training.recipe import LoRARecipe
 
 
 def examples(n_intents: int, per_intent: int, split: str, seed: int) -> list[ChatExample]:
@@ -216,4 +216,4 @@ def main(side: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     result = main(sys.argv[1], json.loads(sys.argv[2]))
-    print("RESULT " + json.dumps(result))  # noqa: T201 - read by bench.train
+    print("RESULT " + json.dumps(result))  # noqa: T201 - read by tuneloop.bench.train

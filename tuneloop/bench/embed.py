@@ -12,10 +12,11 @@ onnxruntime) and ``onnx-int8`` (its weights quantized to int8).
 
 What the embeddings are for decides whether a faster backend counts. On every banking77
 query each backend's vectors are compared with the library's: cosine agreement; the
-drift decision (``detect_drift``) on the drift benchmark's windows (``bench/drift.py``:
-2% to 100% unseen intents, and the two no-drift kinds); the near-duplicate sets curation
-keeps (``curation.near_duplicate_cosine``) on each current window, and the distinct rows
-drift reduces each window to (``drift.DUPLICATE_COSINE``). ``FIGURE embed_ratio`` is the
+drift decision (``detect_drift``) on the drift benchmark's windows
+(``tuneloop/bench/drift.py``: 2% to 100% unseen intents, and the two no-drift kinds); the
+near-duplicate sets curation keeps (``curation.near_duplicate_cosine``) on each current
+window, and the distinct rows drift reduces each window to
+(``tuneloop.services.drift.core.DUPLICATE_COSINE``). ``FIGURE embed_ratio`` is the
 fastest backend whose decisions and sets all match the library's.
 """
 
