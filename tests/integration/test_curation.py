@@ -17,7 +17,8 @@ from tuneloop.services.curation.run import run_curation
 from tuneloop.services.curation.store import examples_of, fresh_examples, load_candidates
 from tuneloop.services.demo import banking77
 from tuneloop.services.drift.embeddings import Embedder
-from tuneloop.services.ingest.core import RawRecord, insert_events, prepare_batch, write_batch
+from tuneloop.services.ingest.core import RawRecord, prepare_batch
+from tuneloop.services.ingest.store import insert_events, write_batch
 from tuneloop.services.store.database import Store
 from tuneloop.training.tokenizer import token_counter
 

@@ -26,7 +26,7 @@ from tuneloop.services.drift.core import detect_drift
 from tuneloop.services.drift.embeddings import Embedder, embed_texts
 from tuneloop.services.drift.plots import plot_drift_history
 from tuneloop.services.drift.store import load_windows, report_history
-from tuneloop.services.ingest.core import insert_events
+from tuneloop.services.ingest.store import insert_events
 from tuneloop.services.store.database import Store
 
 pytestmark = pytest.mark.integration

@@ -250,7 +250,7 @@ def test_two_processes_share_the_store_without_losing_writes(settings: Settings,
     """Two writer processes and this reader contend for the DuckDB file; nothing fails or is lost."""
     writer = (
         "import sys; from pathlib import Path; from tuneloop.services.demo import banking77;"
-        "from tuneloop.services.ingest.core import insert_events;"
+        "from tuneloop.services.ingest.store import insert_events;"
         "from tuneloop.services.store.database import Store;"
         "s = Store(Path(sys.argv[1])); seed = int(sys.argv[2]);"
         "qs = banking77.load('train');"

@@ -21,7 +21,7 @@ from tuneloop.services.drift.core import (
     novelty_test,
 )
 from tuneloop.services.drift.store import load_windows
-from tuneloop.services.ingest.core import insert_events
+from tuneloop.services.ingest.store import insert_events
 from tuneloop.services.store.database import Store
 
 

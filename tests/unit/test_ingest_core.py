@@ -6,14 +6,8 @@ import duckdb
 import pytest
 
 from tuneloop.services.demo import banking77
-from tuneloop.services.ingest.core import (
-    FEEDBACK_COLUMNS,
-    RawRecord,
-    prepare_batch,
-    redact_event,
-    write_batch,
-    write_isolating,
-)
+from tuneloop.services.ingest.core import FEEDBACK_COLUMNS, RawRecord, prepare_batch, redact_event
+from tuneloop.services.ingest.store import write_batch, write_isolating
 from tuneloop.services.store.database import Store
 
 

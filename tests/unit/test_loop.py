@@ -224,7 +224,7 @@ def test_the_demo_settings_file_overlays_the_users_and_loads() -> None:
 
 def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(tmp_path: Path) -> None:
     from tuneloop.services.demo.banking77 import Query, to_events
-    from tuneloop.services.ingest.core import insert_events
+    from tuneloop.services.ingest.store import insert_events
 
     settings = Settings(home=tmp_path)
     store = Store(settings.db_path)

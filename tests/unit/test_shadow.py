@@ -7,8 +7,9 @@ import json
 import uuid
 from pathlib import Path
 
-from tuneloop.services.ingest.core import RawRecord, write_isolating
+from tuneloop.services.ingest.core import RawRecord
 from tuneloop.services.ingest.shadow import prepare_pairs
+from tuneloop.services.ingest.store import write_isolating
 from tuneloop.services.store.database import Store
 
 TOPIC = "tuneloop.shadow.v1"

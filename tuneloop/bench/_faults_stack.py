@@ -96,7 +96,7 @@ class Bench:
 
     # ------------------------------------------------------------------ counts
     def feedback_ids(self) -> list[str]:
-        from tuneloop.services.ingest.core import landed_event_ids
+        from tuneloop.services.ingest.store import landed_event_ids
 
         with self.store.connect() as con:
             return landed_event_ids(con)

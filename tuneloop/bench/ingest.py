@@ -36,7 +36,8 @@ from tuneloop.runtime.settings import Settings, load_settings
 from tuneloop.services.demo import banking77
 from tuneloop.services.feedback.topics import ensure_topics
 from tuneloop.services.ingest.consumer import IngestConsumer
-from tuneloop.services.ingest.core import RawRecord, prepare_batch, write_isolating
+from tuneloop.services.ingest.core import RawRecord, prepare_batch
+from tuneloop.services.ingest.store import write_isolating
 from tuneloop.services.store.database import Store
 
 

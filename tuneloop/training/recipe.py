@@ -46,9 +46,6 @@ from tuneloop.training.report import Point, TrainResult, plot_curve, progress_ba
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoRARecipe", "TrainResult", "encode_chat"]
-
-
 class LoRARecipe:
     """LoRA fine-tuning of a causal LM on chat examples, on one device.
 

@@ -28,7 +28,8 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from tuneloop.runtime.settings import Settings
-from tuneloop.services.ingest.core import PreparedBatch, RawRecord, prepare_batch, write_isolating
+from tuneloop.services.ingest.core import PreparedBatch, RawRecord, prepare_batch
+from tuneloop.services.ingest.store import write_isolating
 from tuneloop.services.store.database import Store
 
 log = logging.getLogger(__name__)

@@ -1,24 +1,21 @@
-"""Ingest: validated, redacted feedback into DuckDB, exactly once per event_id.
+"""Ingest's pure core: validated, redacted feedback rows and dead letters, ready to land.
 
-The core, :func:`prepare_batch`, is pure: raw Kafka records in, rows and dead
-letters out (a record that cannot be stored, say with a lone UTF-16 surrogate, is a dead
-letter too). :func:`write_batch` lands both in one DuckDB transaction with
-``ON CONFLICT DO NOTHING`` on the table's key (``event_id`` for feedback) and on
-``topic:partition:offset:crc`` (dead letters), so a batch replayed after a crash
-changes nothing; :func:`write_isolating` bisects a batch that one row makes fail and
-dead-letters that row with the store's error. The consumer loop in
-:mod:`tuneloop.services.ingest.consumer` commits Kafka offsets only after the write has returned.
+:func:`prepare_batch` turns raw Kafka records into rows and dead letters (a record that
+cannot be stored, say with a lone UTF-16 surrogate, is a dead letter too); nothing here
+touches the store. :mod:`tuneloop.services.ingest.store` lands a prepared batch, exactly
+once per key, and the consumer loop in :mod:`tuneloop.services.ingest.consumer` commits
+Kafka offsets only after that write has returned.
 
-The keyed write and the dead letters serve every topic ingest lands: a batch names its
-:class:`KeyedTable` (:mod:`tuneloop.services.ingest.shadow` lands the gateway's shadow
-pairs through the same functions).
+A batch names its :class:`KeyedTable`, so the same write and dead letters serve every
+topic ingest lands (:mod:`tuneloop.services.ingest.shadow` lands the gateway's shadow
+pairs through them).
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -35,7 +32,6 @@ from tuneloop.services.feedback.contract import (
 )
 from tuneloop.services.feedback.fastpath import DecodedEvent, fast_decode
 from tuneloop.services.feedback.redaction import Redactor, redact
-from tuneloop.services.store.database import registered
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
@@ -150,7 +146,7 @@ _DEAD_ARROW = pa.schema(
 )
 
 
-_DEAD_LETTERS = KeyedTable("dead_letters", "dead_letter_id", _DEAD_ARROW)
+DEAD_LETTERS_TABLE = KeyedTable("dead_letters", "dead_letter_id", _DEAD_ARROW)
 
 
 @dataclass
@@ -263,115 +259,3 @@ def prepare_batch(
         batch.rows.append(row)
         batch.records.append(record)
     return batch
-
-
-def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
-    """Land a prepared batch in one transaction: its rows into ``batch.table`` and its
-    dead letters, both keyed; returns how many rows were new.
-
-    Raises one of :data:`ROW_ERRORS` when a row cannot be stored, any other DuckDB error
-    when the store is busy or broken; the transaction is rolled back either way.
-    """
-    con.execute("BEGIN TRANSACTION")
-    try:
-        inserted = 0
-        if batch.rows:
-            inserted = _insert_arrow(con, batch.table, _row_columns(batch.rows, batch.table))
-        if batch.dead:
-            _insert_arrow(con, _DEAD_LETTERS, _dead_letter_columns(batch.dead))
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return inserted
-
-
-def _row_columns(rows: list[tuple[object, ...]], table: KeyedTable) -> list[pa.Array]:
-    # executemany binds row by row (~4 ms each); an Arrow scan is one statement.
-    columns = list(zip(*rows, strict=True))
-    return [pa.array(col, type=f.type) for col, f in zip(columns, table.schema, strict=True)]
-
-
-def _dead_letter_columns(dead: list[DeadLetter]) -> list[pa.Array]:
-    now = datetime.now(UTC)
-    return [
-        pa.array([d.dead_letter_id for d in dead], pa.string()),
-        pa.array([now] * len(dead), pa.timestamp("us", tz="UTC")),
-        pa.array([d.record.topic for d in dead], pa.string()),
-        pa.array([d.record.partition for d in dead], pa.int32()),
-        pa.array([d.record.offset for d in dead], pa.int64()),
-        pa.array([d.record.key.decode(errors="replace") if d.record.key else None
-                  for d in dead], pa.string()),
-        pa.array([d.event_id for d in dead], pa.string()),
-        pa.array([d.reason for d in dead], pa.string()),
-        pa.array([d.payload for d in dead], pa.binary()),
-    ]
-
-
-def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch,
-                    keep_raw: bool = False) -> int:
-    """:func:`write_batch`, and when a row makes it fail, find that row by bisection and
-    dead-letter it with the store's error, so the partition moves on.
-
-    The halves are written one by one; each write is keyed, so a crash in between
-    replays to the same result. ``batch.dead`` gains the rejected rows.
-    """
-    try:
-        return write_batch(con, batch)
-    except ROW_ERRORS as exc:
-        if not batch.rows:
-            raise
-        log.warning("a batch of %d rows failed to write (%s); isolating the row", len(batch.rows),
-                    exc)
-    rejected: list[DeadLetter] = []
-    inserted = _write_halves(con, batch.table, batch.rows, batch.records, rejected, keep_raw)
-    dead = batch.dead + rejected
-    write_batch(con, PreparedBatch(dead=dead))
-    batch.dead[:] = dead
-    return inserted
-
-
-def _write_halves(con: duckdb.DuckDBPyConnection, table: KeyedTable,
-                  rows: list[tuple[object, ...]], records: list[RawRecord | None],
-                  rejected: list[DeadLetter], keep_raw: bool) -> int:
-    try:
-        return write_batch(con, PreparedBatch(rows=rows, records=records, table=table))
-    except ROW_ERRORS as exc:
-        if len(rows) == 1:
-            record = records[0] if records else None
-            if record is None:
-                raise
-            rejected.append(DeadLetter(record, f"the store rejected it: {exc}", str(rows[0][0]),
-                                       keep_raw))
-            return 0
-    mid = len(rows) // 2
-    return (_write_halves(con, table, rows[:mid], records[:mid], rejected, keep_raw)
-            + _write_halves(con, table, rows[mid:], records[mid:], rejected, keep_raw))
-
-
-def _insert_arrow(con: duckdb.DuckDBPyConnection, table: KeyedTable, arrays: list[pa.Array]) -> int:
-    """Insert an Arrow batch, skipping keys already present; returns the rows inserted."""
-    names = ", ".join(table.schema.names)
-    incoming = pa.Table.from_arrays(arrays, schema=table.schema)
-    with registered(con, f"incoming_{table.name}", incoming) as view:
-        return int(con.execute(
-            f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {view} "
-            f"ON CONFLICT ({table.key}) DO NOTHING"
-        ).fetchall()[0][0])
-
-
-def insert_events(con: duckdb.DuckDBPyConnection, events: Sequence[FeedbackEvent]) -> int:
-    """Land already-valid events directly (tests, demos, backfills); idempotent."""
-    now = datetime.now(UTC)
-    batch = PreparedBatch()
-    for event in events:
-        row, count = event_row(event, None, now)
-        batch.redactions += count
-        batch.rows.append(row)
-        batch.records.append(None)
-    return write_batch(con, batch)
-
-
-def landed_event_ids(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """The id of every event in ``feedback`` (for checks that nothing was lost or doubled)."""
-    return [str(r) for (r,) in con.execute("SELECT event_id FROM feedback").fetchall()]

@@ -24,13 +24,8 @@ from kafka import KafkaConsumer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuneloop.runtime.settings import Settings
-from tuneloop.services.ingest.core import (
-    DeadLetter,
-    KeyedTable,
-    PreparedBatch,
-    RawRecord,
-    write_isolating,
-)
+from tuneloop.services.ingest.core import DeadLetter, KeyedTable, PreparedBatch, RawRecord
+from tuneloop.services.ingest.store import write_isolating
 from tuneloop.services.store.database import Store
 
 log = logging.getLogger(__name__)
