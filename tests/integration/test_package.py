@@ -41,7 +41,10 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # the checkout among them) are not processed, so `tuneloop` can only come from the wheel.
     Path(purelib.strip(), "borrowed-dependencies.pth").write_text(
         sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+    # The borrowed packages include this checkout's editable install: pip must not take it
+    # for the wheel's distribution (nor touch it), hence --ignore-installed.
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--ignore-installed", str(wheel)],
                    check=True, cwd=root)
     return python
 
