@@ -69,3 +69,32 @@ def test_a_run_stops_when_validation_loss_stops_improving(
     result = _recipe(tiny, tmp_path, patience=1, min_delta=10.0).train()
     assert result.stopped_early and result.steps == 2
     assert result.best_step == 0 and result.best_val_loss == result.initial_val_loss
+
+
+def test_a_run_continues_from_an_adapter_of_its_own_base_model_only(
+        tiny: BaseModel, tmp_path: Path) -> None:
+    """Production's adapter is where a retrain starts, unless it was trained on another
+    base model (the manifest's hash says so): then the run starts from zeros."""
+    import json
+
+    first = _recipe(tiny, tmp_path / "a", max_steps=2)
+    first.train()
+    adapter = tmp_path / "adapter"
+    first.save_adapter(adapter)
+    first.cleanup()
+
+    def continues(base_sha: str) -> bool:
+        (adapter / "manifest.json").write_text(json.dumps(
+            {"base_model": {"id": "tiny-llama", "sha256": base_sha}}))
+        config = RecipeConfig.from_file(DEFAULT_CONFIG, max_steps=2, batch_size=2,
+                                        target_modules=["q_proj", "v_proj"])
+        recipe = LoRARecipe(config, tiny, tmp_path / f"run-{base_sha}", device="cpu",
+                            show_progress=False, init_adapter=adapter)
+        recipe.setup(_examples(0, 8), _examples(100, 4))
+        try:
+            return recipe.continued
+        finally:
+            recipe.cleanup()
+
+    assert continues(tiny.sha256)
+    assert not continues("another-base-model")

@@ -274,13 +274,18 @@ def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, stor
     create_markdown_artifact(key="training-report",
                              markdown=_training_markdown(trained, trained.get("run_dir")),
                              description=f"adapter {trained['name']}")
+    # The recipe starts from zeros when production's adapter does not fit (another base
+    # model, rank or target modules): say where the weights really started.
+    continued = (trained["metrics"].get("training") or {}).get("continued_from")
+    start = (f"production adapter {continued}" if continued else
+             f"zeros (production adapter {init} does not fit this recipe)" if init else
+             "zeros (no production adapter)")
     record(store, settings.home, Decision(
         "retrain", trained["version"], None, "trained",
         [trigger, Check("dataset", INFO, None, None, "", dataset_version),
-         Check("from", INFO, None, None, "", f"production adapter {init}" if init
-               else "zeros (no production adapter)")],
+         Check("from", INFO, None, None, "", start)],
         {"run_key": key, "dataset": dataset_version, "seconds": time.monotonic() - started,
-         "continued_from": init, "metrics": trained["metrics"]}))
+         "continued_from": continued, "metrics": trained["metrics"]}))
     return trained | {"dataset_version": dataset_version}
 
 

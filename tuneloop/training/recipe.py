@@ -119,7 +119,7 @@ class LoRARecipe:
             lora_dropout=self.config.dropout,
             target_modules=list(self.config.target_modules), task_type="CAUSAL_LM",
         )
-        if self.init_adapter is not None and self._same_shape(lora):
+        if self.init_adapter is not None and self._can_continue_from(self.init_adapter, lora):
             from peft import PeftModel
 
             # Continued training: start from an adapter (production's) instead of zeros.
@@ -132,15 +132,25 @@ class LoRARecipe:
         peft_model.train()
         return tokenizer, peft_model
 
-    def _same_shape(self, lora: Any) -> bool:
-        """Whether ``init_adapter`` has this config's rank and target modules."""
-        assert self.init_adapter is not None
-        raw = json.loads((self.init_adapter / "adapter_config.json").read_text())
+    def _can_continue_from(self, adapter: Path, lora: Any) -> bool:
+        """Whether ``adapter`` was trained on this base model (by its manifest's hash, when
+        it has a manifest) with this config's rank and target modules; when not, the run
+        starts from zeros and says why."""
+        manifest = adapter / "manifest.json"
+        if manifest.is_file():
+            base = json.loads(manifest.read_text()).get("base_model") or {}
+            if base.get("sha256") not in (None, self.base.sha256):
+                log.warning("run %s: adapter %s was trained on base model %s (sha256 %.12s), "
+                            "not on %s (sha256 %.12s); training from scratch", self.run_id,
+                            adapter, base.get("id"), base.get("sha256"), self.base.model_id,
+                            self.base.sha256)
+                return False
+        raw = json.loads((adapter / "adapter_config.json").read_text())
         same = raw.get("r") == lora.r and set(raw.get("target_modules") or []) == set(
             lora.target_modules)
         if not same:
             log.warning("run %s: adapter %s has rank %s on %s, not this recipe's; training "
-                        "from scratch", self.run_id, self.init_adapter, raw.get("r"),
+                        "from scratch", self.run_id, adapter, raw.get("r"),
                         raw.get("target_modules"))
         return same
 
