@@ -4,7 +4,7 @@ store (real DuckDB file), and the report it writes."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from tuneloop.services.demo.result import (
     old_delta,
     scores,
 )
-from tuneloop.services.demo.scenario import FULL, SMALL, TINY, plan
+from tuneloop.services.demo.scenario import FULL, SMALL, plan
 from tuneloop.services.demo.store import (
     activity_since,
     promoted_at,
@@ -48,9 +48,6 @@ def test_the_small_scenario_is_the_full_one_with_fewer_intents() -> None:
     # The same path: the same loop settings, scaled windows.
     assert set(SMALL.settings) == set(FULL.settings)
     assert SMALL.settings["loop"] == FULL.settings["loop"]
-    # The tiny one (the end-to-end test's) differs from the small one in intents only.
-    assert (TINY.max_old, TINY.new_intents) == (3, 2)
-    assert replace(TINY, max_old=SMALL.max_old, new_intents=SMALL.new_intents) == SMALL
 
 
 def test_the_plan_is_seeded_and_keeps_old_and_new_apart() -> None:
@@ -183,4 +180,4 @@ def test_the_command_offers_full_and_refuses_two_scenarios(tmp_path: Path) -> No
     assert not (tmp_path / "demo").exists()  # refused before anything was touched
     usage = subprocess.run([*cli, "--help"], env={**env, "COLUMNS": "200"},
                            capture_output=True, text=True, timeout=120)
-    assert "--full" in usage.stdout and "--quick" in usage.stdout and "--tiny" in usage.stdout
+    assert "--full" in usage.stdout and "--quick" in usage.stdout

@@ -15,8 +15,7 @@
    a terminal summary and ``FIGURE`` lines.
 
 The default is the small scenario (6 old intents, 3 new); ``--full`` runs the larger one
-(about half the dataset's intents, 10 new) and ``--tiny`` a smaller one (3 old, 2 new;
-the end-to-end test runs it) on the same path. Nothing in it is specific
+(about half the dataset's intents, 10 new) on the same path. Nothing in it is specific
 to banking77: ``--data`` takes any intent dataset in the same layout (``train.csv`` and
 ``test.csv`` with ``text`` and ``category``, and ``categories.json``); intents are drawn
 at random (seeded), and every size scales with the number of intents.
@@ -43,7 +42,7 @@ from tuneloop.runtime.settings import CONFIG_ENV, Settings, load_settings
 from tuneloop.services.demo import banking77
 from tuneloop.services.demo.banking77 import Query
 from tuneloop.services.demo.result import NEW, OLD, Result, Scores, missed_goals
-from tuneloop.services.demo.scenario import FULL, SMALL, TINY, Plan, Scenario, merge, to_toml
+from tuneloop.services.demo.scenario import FULL, SMALL, Plan, Scenario, merge, to_toml
 
 if TYPE_CHECKING:
     from tuneloop.services.store.database import Store
@@ -64,9 +63,6 @@ def demo(
         "40) before the shift and 10 new ones; about two hours on 2 CPU cores."),
     quick: bool = typer.Option(
         False, "--quick", help="The default, small scenario (6 old intents, 3 new), by name."),
-    tiny: bool = typer.Option(
-        False, "--tiny", help="A smaller scenario on the same path and settings: 3 old "
-        "intents, 2 new (what the end-to-end test runs)."),
     data: Path | None = typer.Option(
         None, "--data", help="Intent dataset folder (train.csv, test.csv, categories.json); "
         "default: the bundled banking77."),
@@ -74,10 +70,9 @@ def demo(
     keep_up: bool = typer.Option(True, "--keep-up/--down", help="Leave the stack running."),
 ) -> None:
     """Run the loop unattended on the embedded stack: bootstrap, steady traffic, a shift."""
-    if full + quick + tiny > 1:
-        raise fail("--full, --quick and --tiny name three scenarios; pass one (the default "
-                   "is --quick)")
-    scenario = FULL if full else TINY if tiny else SMALL
+    if full and quick:
+        raise fail("--full and --quick name two scenarios; pass one (the default is --quick)")
+    scenario = FULL if full else SMALL
     settings = _fresh_home(ctx, scenario)
     try:
         result = run_scenario(ctx, settings, scenario, data, seed)

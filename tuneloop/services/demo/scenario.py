@@ -1,10 +1,9 @@
 """The demo's two scenarios, pure: their sizes, the settings they run under, and which
 intents and queries each phase uses.
 
-:data:`SMALL` (the default of ``tuneloop demo``), :data:`FULL` (``--full``) and :data:`TINY`
-(``--tiny``, the end-to-end test's) take the same path with the same settings; the full
-one serves about half the dataset's intents before the shift and brings in 10 new ones,
-the small one 6 and 3, the tiny one 3 and 2. Every size scales with the number of
+:data:`SMALL` (the default of ``tuneloop demo``) and :data:`FULL` (``--full``) take the
+same path; the full one serves about half the dataset's intents before the shift and
+brings in 10 new ones, the small one 6 and 3. Every size scales with the number of
 intents and nothing is tied to one dataset: intents are drawn at random (seeded).
 """
 
@@ -13,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from tuneloop.services.demo.banking77 import Query
@@ -104,8 +103,6 @@ SMALL = Scenario(old_share=0.5, max_old=6, new_intents=3, history_per_intent=40,
                  golden_per_intent=5, heldout_per_intent=20, new_share=0.5, steady_s=70,
                  users=4, rate=1.0, label_share=0.6, drift_window=180, shift_timeout_s=2400,
                  settings=_settings(180, 45, 25, 12))
-# The small scenario with fewer intents: every per-intent size and setting the same.
-TINY = replace(SMALL, max_old=3, new_intents=2)
 
 
 @dataclass(frozen=True)
