@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -209,8 +210,10 @@ def test_canary_users_are_sticky(serving_stack: ServingStack) -> None:
     admin = GatewayAdmin(stack.settings)
     admin.set_route(canary_share=0.5)
     try:
-        first = {u: ask(stack, user=f"user-{u}")[0] for u in range(16)}
-        again = {u: ask(stack, user=f"user-{u}")[0] for u in range(16)}
+        # Users ask at once, as they do (the routing must not depend on the order).
+        with ThreadPoolExecutor(8) as pool:
+            first = dict(enumerate(pool.map(lambda u: ask(stack, user=f"user-{u}")[0], range(16))))
+            again = dict(enumerate(pool.map(lambda u: ask(stack, user=f"user-{u}")[0], range(16))))
         assert first == again
         assert set(first.values()) == {incumbent, candidate}
     finally:
