@@ -30,9 +30,7 @@ CHAT = [{"role": "user", "content": "How do I top up my card?"}]
 @pytest.fixture(scope="module")
 def two_replicas(serving_stack: ServingStack, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[ServingStack]:
-    home = tmp_path_factory.mktemp("replicas")
-    # The session's converted base model, not a second conversion.
-    (home / "models").symlink_to(Path(serving_stack.settings.models_dir).resolve())
+    home = tmp_path_factory.mktemp("replicas")  # the base model is converted once a machine
     ports = {"TUNELOOP_SERVING__GATEWAY_PORT": str(free_port()),
              "TUNELOOP_SERVING__VLLM_PORT": str(free_port())}
     env = {**serving_stack.env, "TUNELOOP_HOME": str(home), **ports,
