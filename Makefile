@@ -58,8 +58,10 @@ lint: setup
 	$(BIN)/lint-imports
 	$(BIN)/deptry .
 
+# The stack `tuneloop up` started, and the one `make demo` leaves up for a look.
 down:
 	$(BIN)/tuneloop down
+	$(BIN)/tuneloop --home .tuneloop/demo down
 
 clean:
 	rm -rf .tuneloop
