@@ -228,3 +228,33 @@ def test_a_crashed_run_resumes_from_its_checkpoint(training_settings: Settings, 
     assert resumed.keys() == uninterrupted.keys()
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_a_cut_short_result_file_trains_the_run_again(training_settings: Settings,
+                                                      tiny_base: BaseModel) -> None:
+    """A ``result.json`` cut short (a crash while a version wrote it in place) does not
+    break its run key for good: it is set aside and the run trains again, and the new one
+    is written whole (to a temporary file, then renamed)."""
+    from tuneloop.training.dataset import read_dataset
+    from tuneloop.training.pipeline import RESULT, Workspace, run_dir_for, train_candidate
+
+    store = Store(training_settings.db_path)
+    write_banking77_version(store, "b77-cut", train_per_intent=2, val_per_intent=1,
+                            golden_per_intent=0)
+    with store.connect() as con:
+        splits = read_dataset(con, "b77-cut")
+    settings = load_settings({"home": training_settings.home,
+                              "training.base_model": tiny_base.path})
+    workspace = Workspace.of(settings)
+    run_dir = run_dir_for(workspace, "rk-cut-short")
+    run_dir.mkdir(parents=True)
+    (run_dir / RESULT).write_text('{"run_key": "rk-cut-short", "run_dir": "')
+
+    run = train_candidate(workspace, splits, [], short_config(max_steps=2, eval_interval=2),
+                          "rk-cut-short", show_progress=False)
+
+    assert run.run_key == "rk-cut-short" and Path(run.adapter_dir, "adapter_config.json").exists()
+    assert json.loads((run_dir / RESULT).read_text())["run_key"] == "rk-cut-short"
+    assert [p.name.split("-")[0] for p in run_dir.glob(f"{RESULT}.unreadable-*")] == [
+        f"{RESULT}.unreadable"]
+    assert not list(run_dir.glob(f".{RESULT}.*.tmp"))

@@ -202,3 +202,41 @@ def test_the_reference_is_what_the_aliases_production_adapter_was_trained_on(
             ref, _ = load_windows(con, cfg, alias)
             assert ref.desc == "oldest 20 events"
             assert ref.event_ids == [str(e.event_id) for e in events[:20]]
+
+
+def test_the_current_window_follows_ingestion_not_the_clients_clock(tmp_path: Path) -> None:
+    """1,000 events a client stamped in 2030 do not freeze the current window: it holds the
+    newest events tuneloop ingested, and the report counts those stamped far from their
+    ingestion (future and past)."""
+    from tuneloop.services.drift.check import compare_windows
+    from tuneloop.services.drift.store import current_window
+
+    def batch(n: int, seed: int, start: datetime) -> list:
+        return list(to_events([Query(f"question {seed} {i}", "intent") for i in range(n)],
+                              seed=seed, start=start))
+
+    store = Store(tmp_path / "tuneloop.duckdb")
+    cfg = DriftSettings(current_window_events=100)
+    now = datetime.now(UTC)
+    with store.connect() as con:
+        insert_events(con, batch(1000, 1, datetime(2030, 1, 1, tzinfo=UTC)))
+        fresh = batch(100, 2, now - timedelta(minutes=5))
+        insert_events(con, fresh)
+        cur = current_window(con, cfg)
+        assert cur.event_ids == [str(e.event_id) for e in fresh]
+        assert cur.clock == {"future": 0, "past": 0}
+
+        late = batch(3, 3, now - timedelta(days=30))
+        ahead = batch(7, 4, datetime(2031, 1, 1, tzinfo=UTC))
+        insert_events(con, late)
+        insert_events(con, ahead)
+        cur = current_window(con, cfg)
+        assert cur.event_ids[-10:] == [str(e.event_id) for e in late + ahead]
+        assert cur.clock == {"future": 7, "past": 3}
+
+        ref = current_window(con, DriftSettings(current_window_events=100), cur.event_ids)
+    vectors = _unit(np.random.default_rng(0).normal(size=(len(ref) + len(cur), 16)))
+    report = compare_windows(ref, cur, vectors, DriftSettings(permutations=50, clusters=2))
+    assert report.methods()["occurred_at_flags"] == {"future": 7, "past": 3}
+    assert report.summary().endswith(
+        "occurred_at far from ingestion: 7 from the future, 3 from the past")

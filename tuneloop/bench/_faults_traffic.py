@@ -115,7 +115,8 @@ def vllm_kill(b: Bench) -> Outcome:
     restarts = admin.state()["replicas"][0]["restarts"]
 
     def kill() -> str:
-        pid = int((b.home / "run" / "vllm-0.pid").read_text())
+        pid = ManagedProcess("vllm-0", b.home).pid()
+        assert pid is not None, "vLLM replica 0 is not running"
         os.killpg(pid, signal.SIGKILL)
         return f"killed vLLM replica 0 (pid {pid})"
 

@@ -305,7 +305,8 @@ class Bench:
 
     # -------------------------------------------------------------- 4. memory
     def memory(self) -> tuple[float, float]:
-        pid = int((self.home / "run" / "vllm-0.pid").read_text())
+        pid = ManagedProcess("vllm-0", self.home).pid()
+        assert pid is not None, "vLLM replica 0 is not running"
         cycles_small, cycles_large = (5, 40) if self.quick else (10, 200)
         at_small = 0.0
         for cycle in range(1, cycles_large + 1):

@@ -7,6 +7,7 @@ the ``tuneloop up`` that started it, with stdout/stderr in ``<home>/logs``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -16,6 +17,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tuneloop.runtime.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +42,51 @@ class ManagedProcess:
         return self.home / "logs" / f"{self.name}.log"
 
     def pid(self) -> int | None:
-        """The recorded pid if that process is still alive."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
+        """The recorded pid if that very process is still alive: the pid file records the
+        process's start time and executable, and a live process with the same pid but
+        another start time (the pid reused after a reboot, say) is not it. A pid file of
+        the older form (the pid alone) is trusted only for a process that started before
+        the file was written."""
+        record = self._record()
+        if record is None:
             return None
+        pid = int(record["pid"])
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        # A zombie child of this process still answers kill(0); reap it.
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                _reap(pid)
                 return None
-        except ChildProcessError:
-            pass
+            started, exe = proc.create_time(), _exe(proc)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return None
+        except psutil.AccessDenied:
+            return None
+        if "started" not in record:  # the pid alone
+            if started > self.pid_file.stat().st_mtime + 1.0:
+                log.warning("%s: pid %d in %s belongs to a process started after the file "
+                            "was written; not %s", self.name, pid, self.pid_file, self.name)
+                return None
+            return pid
+        if abs(started - float(record["started"])) > 0.05 or exe != record.get("exe", exe):
+            log.warning("%s: pid %d in %s is now another process (%s); the file is stale",
+                        self.name, pid, self.pid_file, " ".join(_cmdline(proc))[:120])
+            return None
         return pid
+
+    def _record(self) -> dict[str, Any] | None:
+        try:
+            text = self.pid_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return None
+        if isinstance(record, int):
+            return {"pid": record}
+        if isinstance(record, dict) and isinstance(record.get("pid"), int):
+            return record
+        return None
 
     def start(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         """Start detached unless already running; returns the pid."""
@@ -72,9 +104,20 @@ class ManagedProcess:
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
             )
-        self.pid_file.write_text(str(proc.pid))
+        self._write_record(proc.pid)
         log.info("started %s pid=%d (log %s)", self.name, proc.pid, self.log_file)
         return proc.pid
+
+    def _write_record(self, pid: int) -> None:
+        """The pid file: the pid, and who that process is (start time, executable, command
+        line), so that a later reader can tell it from another process with the same pid."""
+        record: dict[str, Any] = {"pid": pid}
+        try:
+            proc = psutil.Process(pid)
+            record.update(started=proc.create_time(), exe=_exe(proc), cmdline=_cmdline(proc))
+        except psutil.Error:
+            pass  # already gone: the record holds the pid alone, and pid() finds it dead
+        write_json_atomic(self.pid_file, record)
 
     def stop(self, timeout_s: float = 15.0, sig: int = signal.SIGTERM) -> bool:
         """Stop the process group; SIGKILL after ``timeout_s``. True if one was running."""
@@ -99,6 +142,26 @@ class ManagedProcess:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+
+def _exe(proc: psutil.Process) -> str:
+    try:
+        return str(proc.exe())
+    except psutil.AccessDenied:
+        return ""
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return list(proc.cmdline())
+    except psutil.AccessDenied:
+        return []
+
+
+def _reap(pid: int) -> None:
+    """Collect a zombie child of this process, if it is one."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def _signal_group(pid: int, sig: int) -> None:

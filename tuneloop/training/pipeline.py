@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.runtime.cpu import pin
+from tuneloop.runtime.files import write_json_atomic
 from tuneloop.runtime.settings import Settings, TrainingSettings
 from tuneloop.services.registry.core import Adapter
 from tuneloop.services.registry.store import find_by_run_key, production, publish_adapter
@@ -143,12 +144,29 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _finished_run(path: Path) -> TrainedRun | None:
+    """The run recorded in ``path``; None when there is none, or when the file cannot be
+    read as one (cut short by a crash of a version that wrote it in place): that file is
+    set aside beside it and the run trains again."""
+    try:
+        return TrainedRun.load(path)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+        path.rename(aside)
+        log.warning("run %s: %s is unreadable (%s); set aside as %s, training again",
+                    path.parent.name, path.name, exc, aside.name)
+        return None
+
+
 def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[ChatExample],
                   config: RecipeConfig, run_key: str, run_dir: Path, show_progress: bool,
                   init_adapter: Path | None) -> TrainedRun:
-    if (run_dir / RESULT).exists():
+    finished = _finished_run(run_dir / RESULT)
+    if finished is not None:
         log.info("run %s: already trained, reusing %s", run_key, run_dir / RESULT)
-        return TrainedRun.load(run_dir / RESULT)
+        return finished
     pin(workspace.training.cpu_cores)
     started = time.perf_counter()
     base = resolve_base_model(workspace.training.base_model, workspace.models_dir)
@@ -178,8 +196,8 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
     timings = {**recipe.timings, "eval_s": eval_s, "total_s": time.perf_counter() - started}
     run = TrainedRun(run_key, str(run_dir), str(adapter_dir), splits.version, base,
                      config.to_dict(), metrics, timings)
-    # result.json last: its presence means the run finished.
-    (run_dir / RESULT).write_text(json.dumps(asdict(run), indent=2, default=str))
+    # result.json last, whole or not at all: its presence means the run finished.
+    write_json_atomic(run_dir / RESULT, asdict(run))
     log.info("run %s: trained on %s, val loss %.4f -> %.4f, golden accuracy %s -> %s", run_key,
              splits.version, result.initial_val_loss, result.best_val_loss,
              _headline(metrics.get("base_golden")), _headline(metrics.get("golden")))

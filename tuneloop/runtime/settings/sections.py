@@ -143,6 +143,12 @@ class DriftSettings(Section):
         None, description="Pinned reference window start (used when no adapter is in production)."
     )
     reference_end: datetime | None = Field(None, description="Pinned reference window end.")
+    clock_skew_s: int = Field(
+        300, ge=0, description="An event stamped (occurred_at) more than this after it was "
+        "ingested is counted as from the future in the drift report; windows follow ingestion.")
+    max_event_age_s: int = Field(
+        7 * 86400, ge=60, description="An event stamped more than this before it was ingested "
+        "is counted as from the past (late or backfilled) in the drift report.")
     app: str | None = Field(None, description="Only events of this served alias; None = all.")
     alpha: float = Field(
         0.01, gt=0, lt=1, description="Significance level of the novelty test (and of the "

@@ -44,6 +44,7 @@ def compare_windows(ref: Window, cur: Window, vectors: np.ndarray,
     ref_vec, cur_vec = vectors[: len(ref)], vectors[len(ref) :]
     report = detect_drift(ref_vec, cur_vec, cfg)
     report.reference_desc, report.current_desc = ref.desc, cur.desc
+    report.clock = dict(cur.clock)
     changes = what_drifted(ref_vec, cur_vec, cur.texts, cfg, cur.labels, ref.labels)
     report.clusters = [change.to_dict() for change in changes]
     return report

@@ -107,12 +107,14 @@ class DriftReport:
     clusters: list[dict[str, Any]] = field(default_factory=list)
     reference_desc: str = ""
     current_desc: str = ""
+    # Current-window events stamped far from their ingestion: {"future": n, "past": n}.
+    clock: dict[str, int] = field(default_factory=dict)
 
     def methods(self) -> dict[str, Any]:
         return {"novelty": asdict(self.novelty), "unit": UNIT,
                 "min_novel_share": self.min_novel_share, "changed": self.changed,
                 "mmd": asdict(self.mmd), "classifier": asdict(self.classifier),
-                "alpha": self.alpha}
+                "alpha": self.alpha, "occurred_at_flags": self.clock}
 
     def summary(self) -> str:
         verdict = "DRIFT" if self.drifted else "no drift"
@@ -121,8 +123,13 @@ class DriftReport:
             f">= {self.min_novel_share:.2f}); traffic {'changed' if self.changed else 'unchanged'} "
             f"(MMD²={self.mmd.mmd2:.5f} p={self.mmd.p_value:.4f}; AUC={self.classifier.auc:.3f} "
             f"threshold={self.classifier.threshold:.3f}) reference={self.n_reference} "
-            f"current={self.n_current}"
+            f"current={self.n_current}{self._clock_note()}"
         )
+
+    def _clock_note(self) -> str:
+        flagged = {k: n for k, n in self.clock.items() if n}
+        return ("; occurred_at far from ingestion: " + ", ".join(
+            f"{n} from the {k}" for k, n in flagged.items())) if flagged else ""
 
 
 def _check_windows(ref: np.ndarray, cur: np.ndarray, minimum: int = 10) -> None:

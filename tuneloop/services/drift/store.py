@@ -10,7 +10,11 @@ The reference window is, in order of preference:
 
 The current window is the last ``drift.current_window_minutes`` minutes if set,
 otherwise the last ``drift.current_window_events`` events; the two windows never
-share an event. The check that uses them is :func:`tuneloop.services.drift.check.run_check`.
+share an event. Windows follow the order in which tuneloop ingested the events (``seq``,
+``ingested_at``), never the client's ``occurred_at``: a client whose clock runs years
+ahead cannot freeze the current window. Events whose ``occurred_at`` is far ahead of or
+behind their ingestion are counted in the report (``drift.clock_skew_s``,
+``drift.max_event_age_s``). The check that uses them is :func:`tuneloop.services.drift.check.run_check`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,6 +53,8 @@ class Window:
     event_ids: list[str]
     texts: list[str]
     labels: list[str | None]
+    # Events whose occurred_at is far from their ingestion: {"future": n, "past": n}.
+    clock: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.event_ids)
@@ -84,8 +90,8 @@ def reference_window(
         return trained
     if cfg.reference_start and cfg.reference_end:
         rows = con.execute(
-            "SELECT event_id, user_text, label FROM feedback WHERE occurred_at >= ? "
-            f"AND occurred_at < ?{app_sql} ORDER BY occurred_at, event_id",
+            "SELECT event_id, user_text, label FROM feedback WHERE ingested_at >= ? "
+            f"AND ingested_at < ?{app_sql} ORDER BY seq, event_id",
             [cfg.reference_start, cfg.reference_end, *app_args],
         ).fetchall()
         return _window(
@@ -96,7 +102,7 @@ def reference_window(
     with registered(con, "excluded_events", _ids_table(exclude)):
         rows = con.execute(
             "SELECT event_id, user_text, label FROM feedback WHERE event_id NOT IN "
-            f"(SELECT event_id FROM excluded_events){app_sql} ORDER BY occurred_at, event_id "
+            f"(SELECT event_id FROM excluded_events){app_sql} ORDER BY seq, event_id "
             "LIMIT ?",
             [*app_args, cfg.reference_window_events],
         ).fetchall()
@@ -113,7 +119,7 @@ def _production_window(con: duckdb.DuckDBPyConnection, alias: str, app_sql: str,
     rows = con.execute(
         "SELECT f.event_id, f.user_text, f.label FROM feedback f WHERE f.event_id IN "
         "(SELECT source_event_id FROM dataset_examples WHERE version = ?)"
-        f"{app_sql} ORDER BY f.occurred_at, f.event_id",
+        f"{app_sql} ORDER BY f.seq, f.event_id",
         [dataset, *app_args],
     ).fetchall()
     if len(rows) >= MIN_WINDOW_EVENTS:
@@ -134,20 +140,30 @@ def current_window(
             since = (now or datetime.now(UTC)) - timedelta(minutes=cfg.current_window_minutes)
             desc = f"last {cfg.current_window_minutes} minutes"
             rows = con.execute(
-                "SELECT event_id, user_text, label FROM feedback WHERE occurred_at >= ? "
-                f"AND event_id NOT IN (SELECT event_id FROM excluded_events){app_sql} "
-                "ORDER BY occurred_at, event_id",
+                "SELECT event_id, user_text, label, occurred_at, ingested_at FROM feedback "
+                "WHERE ingested_at >= ? AND event_id NOT IN (SELECT event_id FROM "
+                f"excluded_events){app_sql} ORDER BY seq, event_id",
                 [since, *app_args],
             ).fetchall()
         else:
             desc = f"last {cfg.current_window_events} events"
             rows = con.execute(
-                "SELECT * FROM (SELECT event_id, user_text, label, occurred_at FROM feedback "
-                f"WHERE event_id NOT IN (SELECT event_id FROM excluded_events){app_sql} "
-                "ORDER BY occurred_at DESC, event_id DESC LIMIT ?) ORDER BY occurred_at, event_id",
+                "SELECT * FROM (SELECT event_id, user_text, label, occurred_at, ingested_at, seq "
+                f"FROM feedback WHERE event_id NOT IN (SELECT event_id FROM excluded_events)"
+                f"{app_sql} ORDER BY seq DESC, event_id DESC LIMIT ?) ORDER BY seq, event_id",
                 [*app_args, cfg.current_window_events],
             ).fetchall()
-    return _window(desc, rows)
+    window = _window(desc, rows)
+    return replace(window, clock=clock_flags([(r[3], r[4]) for r in rows], cfg))
+
+
+def clock_flags(stamps: Sequence[tuple[datetime, datetime]], cfg: DriftSettings) -> dict[str, int]:
+    """How many ``(occurred_at, ingested_at)`` pairs claim a time more than
+    ``cfg.clock_skew_s`` after their ingestion (``future``) or more than
+    ``cfg.max_event_age_s`` before it (``past``). Pure."""
+    ahead, age = timedelta(seconds=cfg.clock_skew_s), timedelta(seconds=cfg.max_event_age_s)
+    return {"future": sum(occurred > ingested + ahead for occurred, ingested in stamps),
+            "past": sum(occurred < ingested - age for occurred, ingested in stamps)}
 
 
 def _ids_table(ids: Sequence[str]) -> Any:

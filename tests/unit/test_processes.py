@@ -1,0 +1,70 @@
+"""Pid files name one process: a live process that merely has the recorded pid is not it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tuneloop.runtime.processes import ManagedProcess
+
+SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def _bystander() -> subprocess.Popen[bytes]:
+    """An unrelated process in a session of its own, as the stack's services run."""
+    return subprocess.Popen(SLEEP, start_new_session=True)
+
+
+def test_a_started_process_is_recognised_and_stopped(tmp_path: Path) -> None:
+    proc = ManagedProcess("svc", tmp_path)
+    pid = proc.start(SLEEP)
+    record = json.loads(proc.pid_file.read_text())
+    assert record["pid"] == pid and record["started"] > 0 and record["cmdline"] == SLEEP
+    assert proc.pid() == pid
+    assert proc.start(SLEEP) == pid  # already running: not started twice
+    assert proc.stop(timeout_s=5)
+    assert proc.pid() is None and not proc.pid_file.exists()
+
+
+def test_a_pid_reused_by_another_process_is_neither_trusted_nor_signalled(tmp_path: Path) -> None:
+    """After a reboot the recorded pid can belong to anything: ``up`` must not skip the
+    service and ``down`` must not signal that process's group."""
+    bystander = _bystander()
+    try:
+        proc = ManagedProcess("svc", tmp_path)
+        proc.pid_file.parent.mkdir(parents=True)
+        # The pid file of a process that started an hour before this one, same pid.
+        proc.pid_file.write_text(json.dumps({"pid": bystander.pid, "started": time.time() - 3600,
+                                             "exe": sys.executable, "cmdline": SLEEP}))
+        assert proc.pid() is None
+        assert proc.stop(timeout_s=1) is False
+        assert bystander.poll() is None, "the unrelated process was signalled"
+        new_pid = proc.start(SLEEP)
+        assert new_pid != bystander.pid and proc.pid() == new_pid
+        proc.stop(timeout_s=5)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_bare_pid_file_from_before_the_process_is_stale(tmp_path: Path) -> None:
+    """The older pid file (the pid alone) is trusted only for a process that started
+    before it was written."""
+    bystander = _bystander()
+    try:
+        proc = ManagedProcess("svc", tmp_path)
+        proc.pid_file.parent.mkdir(parents=True)
+        proc.pid_file.write_text(str(bystander.pid))
+        assert proc.pid() == bystander.pid  # written after the process started
+        an_hour_ago = time.time() - 3600
+        os.utime(proc.pid_file, (an_hour_ago, an_hour_ago))  # as if written before a reboot
+        assert proc.pid() is None
+        assert proc.stop(timeout_s=1) is False
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
