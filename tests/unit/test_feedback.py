@@ -1,5 +1,6 @@
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,24 @@ def test_banking77_events_are_valid_and_deterministic() -> None:
         assert event.label == next(q.intent for q in queries if q.text == event.user_text)
         # A wrong answer carries the human correction; a right one does not.
         assert (event.completion == event.label) == (event.correction is None)
+
+
+def test_outbox_files_are_the_owners_alone(tmp_path: Path) -> None:
+    """What users wrote waits in the outbox: its file, WAL and shared memory are 0600
+    whatever the umask, and a file made before with a looser mode is tightened."""
+    import os
+
+    from tuneloop.services.feedback.producer import Outbox
+
+    old = os.umask(0o022)
+    try:
+        outbox = Outbox(tmp_path / "outbox.sqlite")
+        outbox.append([("e1", b"{}")])
+        loose = tmp_path / "old.sqlite"
+        loose.touch(mode=0o644)
+        Outbox(loose)
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.iterdir() if p.name.startswith(("outbox.sqlite", "old.sqlite"))]
+    assert {p.name for p in files} >= {"outbox.sqlite", "outbox.sqlite-wal", "outbox.sqlite-shm"}
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o600 for p in files}

@@ -48,6 +48,24 @@ def test_redaction_covers_every_free_text_field() -> None:
     assert "a@b.io" not in blob and "7946" not in blob and "4111" not in blob
 
 
+def test_labels_and_metadata_keys_are_redacted_where_the_rest_is() -> None:
+    """The same boundary covers the label and metadata keys, on both of ingest's paths."""
+    event = next(banking77.to_events(banking77.load("test")[:1]))
+    event = event.model_copy(update={
+        "label": "refund for jane.doe@example.com",
+        "metadata": {"ticket of +44 20 7946 0958": {"اتصل ٠٥٥٥١٢٣٤٥٦٧": "x"}},
+    })
+    cleaned, count = redact_event(event)
+    assert count == 3
+    blob = json.dumps(cleaned.model_dump(mode="json"), ensure_ascii=False)
+    assert "jane.doe" not in blob and "7946" not in blob and "٠٥٥٥" not in blob
+    batch = prepare_batch(_records([event.to_json_bytes()]))
+    row = dict(zip(FEEDBACK_COLUMNS, batch.rows[0], strict=True))
+    assert row["label"] == "refund for [EMAIL]"
+    assert json.loads(str(row["metadata"])) == {"ticket of [PHONE]": {"اتصل [PHONE]": "x"}}
+    assert batch.redactions >= 3
+
+
 def test_a_record_the_store_cannot_hold_is_a_dead_letter() -> None:
     """Valid JSON with a lone UTF-16 surrogate: no UTF-8 string can hold it."""
     events = list(banking77.to_events(banking77.load("test")[:3]))

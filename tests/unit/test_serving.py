@@ -152,11 +152,44 @@ def test_events_from_an_answer_have_stable_ids_and_no_raw_user() -> None:
                     [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}],
                     "agent-7", {}, completion="card_arrival", latency_s=0.25)
     verdict = FeedbackRequest(response_id="resp-1", rating=-1, label="card_arrival")
-    first = feedback_event(served, "gateway.feedback", verdict)
-    assert first.event_id == feedback_event(served, "gateway.feedback", verdict).event_id
-    assert first.event_id != feedback_event(served, "gateway.served").event_id
+    key = b"k" * 32
+    first = feedback_event(served, "gateway.feedback", verdict, user_key=key)
+    assert first.event_id == feedback_event(served, "gateway.feedback", verdict,
+                                            user_key=key).event_id
+    assert first.event_id != feedback_event(served, "gateway.served", user_key=key).event_id
     assert first.user_id and "agent-7" not in first.user_id
     assert first.rating == -1 and first.metadata["latency_ms"] == 250.0
     pair = ShadowPair.model_validate(shadow_pair(served, "v4", None, 500, 0.1))
     assert pair.production_version == "v3" and pair.candidate_completion is None
     assert str(pair.pair_id) == shadow_pair(served, "v4", "x", 200, 0.2)["pair_id"]
+
+
+def test_user_ids_are_a_keyed_hash_and_server_fields_win_over_the_clients() -> None:
+    """An unsalted hash of an e-mail address is found by hashing guesses; a keyed one is
+    not without the key. A client's metadata cannot claim to be the gateway's answer."""
+    import hashlib
+
+    from tuneloop.serving.gateway.answers import feedback_event
+    from tuneloop.serving.gateway.protocol import FeedbackRequest
+
+    served = Served("resp-1", "support-bot", "v3", True, [{"role": "user", "content": "hi"}],
+                    "jane@example.com", {}, completion="card_arrival", latency_s=0.25)
+    verdict = FeedbackRequest(response_id="resp-1", rating=1, metadata={
+        "source": "gateway.served", "latency_ms": 1, "ticket": "T-1"})
+    one = feedback_event(served, "gateway.feedback", verdict, user_key=b"a" * 32)
+    other = feedback_event(served, "gateway.feedback", verdict, user_key=b"b" * 32)
+    guess = hashlib.sha256(b"jane@example.com").hexdigest()[:32]
+    assert one.user_id != guess and one.user_id != other.user_id
+    assert one.user_id == feedback_event(served, "gateway.served", user_key=b"a" * 32).user_id
+    assert one.metadata == {"source": "gateway.feedback", "latency_ms": 250.0, "ticket": "T-1"}
+
+
+def test_the_user_id_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
+    from tuneloop.runtime.settings import load_settings
+    from tuneloop.serving.control import user_id_key
+
+    settings = load_settings({"home": tmp_path})
+    key = user_id_key(settings)
+    assert len(key) >= 32 and user_id_key(settings) == key
+    assert (tmp_path / "user-id.key").stat().st_mode & 0o777 == 0o600
+    assert user_id_key(load_settings({"home": tmp_path, "serving.user_id_key": "s3cret"})) == b"s3cret"

@@ -65,3 +65,18 @@ def test_a_pair_the_store_cannot_hold_is_isolated(tmp_path: Path) -> None:
         assert write_isolating(con, batch) == 2
     assert [(d.record.offset, d.reason.split(":")[0]) for d in batch.dead] == [
         (1, "the store rejected it")]
+
+
+def test_shadow_pairs_are_redacted_like_feedback(tmp_path: Path) -> None:
+    """Messages and both completions of a pair lose their PII before they land."""
+    batch = prepare_pairs(_records([_pair(
+        messages=[{"role": "user", "content": "my card 4111 1111 1111 1111 and a@b.io"}],
+        production_completion="call +44 20 7946 0958", candidate_completion="write to x@y.de")]))
+    store = Store(tmp_path / "tuneloop.duckdb")
+    with store.connect() as con:
+        write_isolating(con, batch)
+        messages, production, candidate = con.execute(
+            "SELECT messages, production_completion, candidate_completion FROM shadow_pairs"
+        ).fetchone()
+    assert json.loads(messages)[0]["content"] == "my card [CARD] and [EMAIL]"
+    assert (production, candidate) == ("call [PHONE]", "write to [EMAIL]")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,14 +45,33 @@ def admin_key(settings: Settings) -> str:
     """
     if settings.serving.admin_key is not None and settings.serving.admin_key.get_secret_value():
         return settings.serving.admin_key.get_secret_value()
-    path = Path(settings.home) / "gateway.key"
+    return _key_file(Path(settings.home) / "gateway.key")
+
+
+def user_id_key(settings: Settings) -> bytes:
+    """The key of the keyed hash that stands for a user in feedback (``serving.user_id_key``,
+    else the key in ``<home>/user-id.key``, created, mode 0600): without it a user id
+    cannot be traced back to the ``user`` a client sent, an e-mail address say.
+    Raises ``OSError`` when the key file cannot be read or created."""
+    configured = settings.serving.user_id_key
+    if configured is not None and configured.get_secret_value():
+        return configured.get_secret_value().encode()
+    return _key_file(Path(settings.home) / "user-id.key").encode()
+
+
+def _key_file(path: Path) -> str:
+    """The random key kept in ``path``, created (mode 0600) by whichever process is first."""
     try:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it meanwhile
+        time.sleep(0.1)
+        return path.read_text().strip()
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
     return key

@@ -90,6 +90,10 @@ class ServingSettings(Section):
     admin_key: SecretStr | None = Field(
         None, description="API key of the admin routes; default: a random key in <home>/gateway.key."
     )
+    user_id_key: SecretStr | None = Field(
+        None, description="Key of the keyed hash (HMAC-SHA256) that stands for a client's "
+        "'user' in feedback; default: a random key in <home>/user-id.key."
+    )
     canary_share: float = Field(
         0.1, ge=0, le=1, description="Share of users sent to the canary adapter (sticky)."
     )

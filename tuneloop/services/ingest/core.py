@@ -77,15 +77,17 @@ class DeadLetter:
 
 
 def redact_json(value: object) -> tuple[object, int]:
-    """``value`` (decoded JSON) with PII redacted in every string in it, and the count."""
+    """``value`` (decoded JSON) with PII redacted in every string in it, keys included, and
+    the count."""
     if isinstance(value, str):
         r = redact(value)
         return r.text, r.count
     if isinstance(value, dict):
         out, total = {}, 0
         for key, item in value.items():
-            out[key], n = redact_json(item)
-            total += n
+            clean_key = redact(key)
+            out[clean_key.text], n = redact_json(item)
+            total += n + clean_key.count
         return out, total
     if isinstance(value, list):
         items = [redact_json(item) for item in value]
@@ -172,6 +174,7 @@ def redact_event(event: FeedbackEvent) -> tuple[FeedbackEvent, int]:
             "messages": [Message(role=m.role, content=clean(m.content)) for m in event.messages],
             "completion": clean(event.completion),
             "correction": clean(event.correction) if event.correction is not None else None,
+            "label": clean(event.label) if event.label is not None else None,
             "metadata": metadata,
         }
     )
@@ -193,7 +196,9 @@ def event_row(
             user_text = r.text
     completion = redact(event.completion)
     correction = redact(event.correction) if event.correction is not None else None
-    redactions += completion.count + (correction.count if correction else 0)
+    label = redact(event.label) if event.label is not None else None
+    redactions += completion.count + (correction.count if correction else 0) + (
+        label.count if label else 0)
     metadata, count = redact_json(event.metadata) if event.metadata else ({}, 0)
     redactions += count
     row = (
@@ -208,7 +213,7 @@ def event_row(
         completion.text,
         event.rating,
         correction.text if correction else None,
-        event.label,
+        label.text if label else None,
         event.language,
         event.user_id,
         _encode(metadata).decode(),

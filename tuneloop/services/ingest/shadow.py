@@ -24,7 +24,14 @@ from kafka import KafkaConsumer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuneloop.runtime.settings import Settings
-from tuneloop.services.ingest.core import DeadLetter, KeyedTable, PreparedBatch, RawRecord
+from tuneloop.services.feedback.redaction import redact
+from tuneloop.services.ingest.core import (
+    DeadLetter,
+    KeyedTable,
+    PreparedBatch,
+    RawRecord,
+    redact_json,
+)
 from tuneloop.services.ingest.store import write_isolating
 from tuneloop.services.store.database import Store
 
@@ -86,11 +93,14 @@ def prepare_pairs(records: Iterable[RawRecord], now: datetime | None = None,
 
 
 def pair_row(pair: ShadowPair, landed_at: datetime) -> tuple[object, ...]:
-    """The ``shadow_pairs`` row of a pair, in :data:`SHADOW_TABLE`'s column order."""
+    """The ``shadow_pairs`` row of a pair, in :data:`SHADOW_TABLE`'s column order, with PII
+    redacted in its messages and both completions as in feedback."""
+    messages, _ = redact_json(pair.messages)
+    candidate = redact(pair.candidate_completion).text if pair.candidate_completion else None
     return (str(pair.pair_id), pair.occurred_at, landed_at, pair.app, pair.response_id,
-            json.dumps(pair.messages), pair.production_version, pair.production_completion,
-            pair.production_latency_s, pair.candidate_version, pair.candidate_completion,
-            pair.candidate_status, pair.candidate_latency_s)
+            json.dumps(messages), pair.production_version,
+            redact(pair.production_completion).text, pair.production_latency_s,
+            pair.candidate_version, candidate, pair.candidate_status, pair.candidate_latency_s)
 
 
 def _reason(exc: ValidationError) -> str:

@@ -10,6 +10,7 @@ record and ingest keeps one.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import uuid
 from collections import OrderedDict
@@ -60,11 +61,18 @@ class ResponseCache:
         return self._items.get(key)
 
 
-def feedback_event(served: Served, source: str,
-                   verdict: FeedbackRequest | None = None) -> FeedbackEvent:
+def user_id(user: str, key: bytes) -> str:
+    """Who ``user`` is in feedback: a keyed hash (HMAC-SHA256 under ``key``), the same for
+    the same user, and not reversible by hashing guesses (e-mail addresses) without the key."""
+    return hmac.new(key, user.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def feedback_event(served: Served, source: str, verdict: FeedbackRequest | None = None, *,
+                   user_key: bytes) -> FeedbackEvent:
     """The feedback v1 event of an answer (``source`` ``gateway.served``) or of a verdict
-    on it (``gateway.feedback``). The user is hashed, never sent as given. Raises
-    ``pydantic.ValidationError`` when the answer cannot make a valid event."""
+    on it (``gateway.feedback``). The user is hashed under ``user_key``, never sent as
+    given; the gateway's own metadata (``source``, ``latency_ms``) wins over a client's.
+    Raises ``pydantic.ValidationError`` when the answer cannot make a valid event."""
     verdict_fields: dict[str, Any] = {}
     if verdict is not None:
         verdict_fields = verdict.model_dump(exclude={"response_id", "metadata"},
@@ -72,15 +80,14 @@ def feedback_event(served: Served, source: str,
     key = json.dumps([served.response_id, source, verdict_fields], sort_keys=True)
     # The same verdict posted twice is the same event: ingest keeps one.
     event_id = uuid.uuid5(FEEDBACK_NAMESPACE, key)
-    user_id = hashlib.sha256(served.user.encode()).hexdigest()[:32] if served.user else None
-    metadata = {"source": source, "latency_ms": round(1000 * served.latency_s, 1)}
-    if verdict is not None:
-        metadata.update(verdict.metadata)
+    metadata: dict[str, Any] = dict(verdict.metadata) if verdict is not None else {}
+    metadata.update(source=source, latency_ms=round(1000 * served.latency_s, 1))
+    uid = user_id(served.user, user_key) if served.user else None
     return FeedbackEvent(
         schema_version=1, event_id=event_id, occurred_at=served.occurred_at,
         app=served.alias, request_id=served.response_id, adapter_version=served.version,
         messages=[m for m in served.messages if m["role"] in _ROLES],
-        completion=served.completion, user_id=user_id, metadata=metadata, **verdict_fields,
+        completion=served.completion, user_id=uid, metadata=metadata, **verdict_fields,
     )
 
 

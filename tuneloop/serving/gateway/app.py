@@ -23,7 +23,14 @@ from tuneloop.runtime.settings import Settings
 from tuneloop.services.feedback.producer import FeedbackProducer
 from tuneloop.services.loop.metrics import LoopCollector
 from tuneloop.services.registry.core import Adapter
-from tuneloop.serving.control import admin_key, read_adapter, registry_route, routing_file, saved_shares
+from tuneloop.serving.control import (
+    admin_key,
+    read_adapter,
+    registry_route,
+    routing_file,
+    saved_shares,
+    user_id_key,
+)
 from tuneloop.serving.gateway.admin import AdminService
 from tuneloop.serving.gateway.routes import attach_routes
 from tuneloop.serving.gateway.serving import Gateway
@@ -72,7 +79,7 @@ def create_app(settings: Settings, model_path: str, served_name: str,
     specs = {s.index: s for s in replica_specs(settings, model_path, served_name)}
     feedback, shadow = _producers(settings) if kafka else (None, None)
     gateway = Gateway(settings.serving, _pool(settings, served_name, metrics), metrics,
-                      feedback, shadow)
+                      feedback, shadow, user_id_key(settings))
     app = Starlette(lifespan=_lifespan(settings, gateway, specs))
     app.state.gateway = gateway
     app.state.admin = AdminService(gateway, settings.serving.alias,

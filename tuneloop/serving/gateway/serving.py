@@ -53,8 +53,10 @@ class Gateway:
     """Everything a request goes through between the routes and vLLM."""
 
     def __init__(self, cfg: ServingSettings, pool: ReplicaPool, metrics: GatewayMetrics,
-                 feedback: FeedbackProducer | None, shadow: FeedbackProducer | None) -> None:
+                 feedback: FeedbackProducer | None, shadow: FeedbackProducer | None,
+                 user_key: bytes) -> None:
         self.cfg = cfg
+        self.user_key = user_key
         self.pool = pool
         self.metrics = metrics
         self.feedback_producer = feedback
@@ -254,7 +256,8 @@ class Gateway:
         self.cache.put(served, upstream_id)
         if self.feedback_producer is not None and self.cfg.sample_requests > 0 and \
                 random.random() < self.cfg.sample_requests:
-            self._spawn(self._emit(feedback_event(served, "gateway.served"), "served"))
+            event = feedback_event(served, "gateway.served", user_key=self.user_key)
+            self._spawn(self._emit(event, "served"))
         if served.version == route.production and route.shadow(served.response_id):
             self._spawn(self._shadow(route, served))
 
@@ -309,7 +312,7 @@ class Gateway:
                 "SDK instead", param="response_id", status=404, code="response_not_found")
         if self.feedback_producer is None:
             raise BadRequest("this gateway has no Kafka producer configured", status=503)
-        event = feedback_event(served, "gateway.feedback", request)
+        event = feedback_event(served, "gateway.feedback", request, user_key=self.user_key)
         try:
             await asyncio.to_thread(self.feedback_producer.send, event)
         except InvalidEvent as exc:
