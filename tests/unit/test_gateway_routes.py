@@ -46,7 +46,8 @@ def test_public_routes_answer_without_a_replica(client: TestClient) -> None:
 
 
 def test_bad_requests_get_openai_errors(client: TestClient) -> None:
-    garbage = client.post("/v1/chat/completions", content=b"{not json")
+    garbage = client.post("/v1/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
     assert garbage.status_code == 400 and _error(garbage)["type"] == "invalid_request_error"
     unknown = client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
     assert unknown.status_code == 404 and _error(unknown)["code"] == "model_not_found"
@@ -112,3 +113,76 @@ def test_the_internal_route_serves_only_loaded_versions(client: TestClient) -> N
     resp = client.post("/admin/v1/chat/completions", headers=ADMIN,
                        json={"model": "support-bot-v9", "messages": CHAT})
     assert resp.status_code == 409 and _error(resp)["code"] == "not_loaded"
+
+
+def test_cross_site_bodies_are_refused_and_cors_is_off_by_default(client: TestClient) -> None:
+    """A page on another site can post text/plain from a user's browser without asking;
+    the gateway reads JSON bodies only, and answers no CORS request unless configured."""
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/feedback"):
+        plain = client.post(path, content=json.dumps({"model": "support-bot", "prompt": "x"}),
+                            headers={"content-type": "text/plain"})
+        assert plain.status_code == 415, path
+        assert _error(plain)["code"] == "unsupported_media_type"
+    preflight = client.options("/v1/chat/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_cors_answers_the_configured_origins_only(tmp_path: Path) -> None:
+    settings = load_settings({"home": tmp_path, "serving.admin_key": KEY,
+                              "serving.replica_urls": ["http://127.0.0.1:9"],
+                              "serving.cors_origins": ["https://app.example"]})
+    client = TestClient(create_app(settings, "unused", "base-model", kafka=False))
+    asked = {"Access-Control-Request-Method": "POST"}
+    ok = client.options("/v1/feedback", headers={"Origin": "https://app.example", **asked})
+    assert ok.headers["access-control-allow-origin"] == "https://app.example"
+    other = client.options("/v1/feedback", headers={"Origin": "https://evil.example", **asked})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_oversized_deep_and_greedy_requests_get_openai_errors(tmp_path: Path) -> None:
+    settings = load_settings({"home": tmp_path, "serving.admin_key": KEY,
+                              "serving.replica_urls": ["http://127.0.0.1:9"],
+                              "serving.max_body_bytes": 4096, "serving.max_tokens": 256,
+                              "serving.max_n": 2})
+    app = create_app(settings, "unused", "base-model", kafka=False)
+    app.state.gateway.pool.routing = RoutingTable().with_route(Route("support-bot", "v1"))
+    client = TestClient(app)
+    big = client.post("/v1/chat/completions", json={
+        "model": "support-bot", "messages": [{"role": "user", "content": "x" * 5000}]})
+    assert big.status_code == 413 and _error(big)["code"] == "request_too_large"
+    def chunks():  # no Content-Length: the limit holds while reading
+        for _ in range(10):
+            yield b" " * 1000
+    streamed = client.post("/v1/feedback", content=chunks(),
+                           headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+    for path in ("/v1/chat/completions", "/v1/feedback"):
+        deep = client.post(path, content=b"[" * 2000 + b"]" * 2000,
+                           headers={"content-type": "application/json"})
+        assert deep.status_code == 400 and "nested deeper" in str(_error(deep)["message"]), path
+    nested = {"model": "support-bot", "messages": CHAT, "metadata": {}}
+    level = nested["metadata"]
+    for _ in range(40):
+        level["x"] = {}
+        level = level["x"]
+    assert client.post("/v1/chat/completions", json=nested).status_code == 400
+    for field, value in (("max_tokens", 257), ("max_completion_tokens", 10**9), ("n", 3),
+                         ("max_tokens", "12"), ("n", 0)):
+        greedy = client.post("/v1/chat/completions", json={
+            "model": "support-bot", "messages": CHAT, field: value})
+        assert greedy.status_code == 400 and _error(greedy)["param"] == field, (field, value)
+
+
+def test_the_response_cache_is_bounded_in_bytes() -> None:
+    from tuneloop.serving.gateway.answers import ResponseCache, Served
+
+    cache = ResponseCache(capacity=1000, max_bytes=10_000)
+    for i in range(50):
+        served = Served(f"resp-{i}", "support-bot", "v1", True, [], None, {}, nbytes=900,
+                        completion="x" * 100)
+        cache.put(served, f"cmpl-{i}")  # two keys, one answer
+    assert cache.nbytes <= 10_000
+    assert cache.get("resp-49") and cache.get("cmpl-49") and cache.get("resp-0") is None
+    assert cache.nbytes == 1000 * len({id(cache.get(f"resp-{i}")) for i in range(50)
+                                       if cache.get(f"resp-{i}")})

@@ -109,6 +109,19 @@ class ServingSettings(Section):
     response_cache: int = Field(
         100_000, ge=100, description="Recent responses kept for POST /v1/feedback."
     )
+    response_cache_bytes: int = Field(
+        256 * 2**20, ge=2**20, description="...and at most this many bytes of them (request "
+        "and answer), the oldest dropped first.")
+    max_body_bytes: int = Field(
+        2**20, ge=1024, description="Largest request body the public routes read; larger: 413.")
+    max_json_depth: int = Field(
+        32, ge=4, le=500, description="Deepest nesting of a request's JSON; deeper: 400.")
+    max_tokens: int = Field(
+        4096, ge=1, description="Largest max_tokens / max_completion_tokens a request may ask.")
+    max_n: int = Field(4, ge=1, description="Most choices (n, best_of) a request may ask.")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins a browser may call the public routes from "
+        "(CORS); none by default, so other sites' pages cannot read the answers.")
     shadow_topic: str = "tuneloop.shadow.v1"
 
     @model_validator(mode="after")

@@ -40,22 +40,49 @@ class Served:
     completion: str = ""
     latency_s: float = 0.0
     internal: bool = False  # an evaluation request on the admin route, not a user's
+    nbytes: int = 0  # the request's size; with the completion's, what the cache holds
+
+
 
 
 class ResponseCache:
-    """The last ``capacity`` answers by response id (and by vLLM's own id)."""
+    """The last answers by response id (and by vLLM's own id): at most ``capacity``
+    entries and ``max_bytes`` bytes of requests and answers, the oldest dropped first."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._items: OrderedDict[str, Served] = OrderedDict()
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(served): (size, keys held)
 
     def put(self, served: Served, *keys: str | None) -> None:
         for key in (served.response_id, *keys):
-            if key:
-                self._items[key] = served
+            if not key:
+                continue
+            old = self._items.get(key)
+            if old is served:
                 self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+                continue
+            if old is not None:
+                self._release(old)
+            self._items[key] = served
+            size, held = self._sizes.get(id(served), (served.nbytes + len(
+                served.completion.encode()), 0))
+            if held == 0:
+                self.nbytes += size
+            self._sizes[id(served)] = (size, held + 1)
+        while self._items and (len(self._items) > self.capacity or self.nbytes > self.max_bytes):
+            _, oldest = self._items.popitem(last=False)
+            self._release(oldest)
+
+    def _release(self, served: Served) -> None:
+        size, held = self._sizes[id(served)]
+        if held > 1:
+            self._sizes[id(served)] = (size, held - 1)
+        else:
+            del self._sizes[id(served)]
+            self.nbytes -= size
 
     def get(self, key: str) -> Served | None:
         return self._items.get(key)

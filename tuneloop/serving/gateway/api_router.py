@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tuneloop.serving.gateway.protocol import USER_HEADER, FeedbackRequest, parse_model
+from tuneloop.serving.gateway.protocol import USER_HEADER, BadRequest, FeedbackRequest, parse_model
 from tuneloop.serving.gateway.serving import Gateway
 
 
@@ -26,14 +26,14 @@ def gateway(request: Request) -> Gateway:
 
 async def chat_completions(request: Request) -> Response:
     """``POST /v1/chat/completions``: the alias's routed version answers."""
-    return await gateway(request).serve(await request.body(), "chat", _client(request),
+    return await gateway(request).serve(await json_body(request), "chat", _client(request),
                                         request.headers.get(USER_HEADER))
 
 
 async def completions(request: Request) -> Response:
     """``POST /v1/completions``: the alias's routed version answers one prompt."""
-    return await gateway(request).serve(await request.body(), "completions", _client(request),
-                                        request.headers.get(USER_HEADER))
+    return await gateway(request).serve(await json_body(request), "completions",
+                                        _client(request), request.headers.get(USER_HEADER))
 
 
 async def list_models(request: Request) -> Response:
@@ -48,7 +48,8 @@ async def list_models(request: Request) -> Response:
 async def create_feedback(request: Request) -> Response:
     """``POST /v1/feedback``: a verdict on a served answer, sent on as a feedback event
     (202). A bad or unknown request raises :class:`BadRequest` (4xx)."""
-    body = parse_model(FeedbackRequest, await request.body())
+    body = parse_model(FeedbackRequest, await json_body(request),
+                       gateway(request).cfg.max_json_depth)
     return JSONResponse(await gateway(request).feedback(body), status_code=202)
 
 
@@ -65,6 +66,33 @@ async def metrics(request: Request) -> Response:
     for r in service.pool.replicas:
         service.metrics.replica_ready.labels(str(r.index)).set(r.state == "ready")
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def json_body(request: Request) -> bytes:
+    """The body of a public POST, read up to ``serving.max_body_bytes``. Raises
+    :class:`BadRequest`: 415 unless it is declared ``application/json`` (a page on another
+    site can post ``text/plain`` from a user's browser without asking; JSON it cannot),
+    413 when it is larger than the limit, declared or not."""
+    limit = gateway(request).cfg.max_body_bytes
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise BadRequest(f"Content-Type must be application/json, not {media or 'none'}",
+                         status=415, code="unsupported_media_type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest(f"the request body is larger than {limit} bytes (serving.max_body_bytes)",
+                      status=413, code="request_too_large")
 
 
 def _client(request: Request) -> str:

@@ -17,6 +17,7 @@ import aiohttp
 import uvicorn
 from pydantic import SecretStr
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 
 from tuneloop.runtime.files import write_json_atomic
 from tuneloop.runtime.settings import Settings
@@ -32,6 +33,7 @@ from tuneloop.serving.control import (
     user_id_key,
 )
 from tuneloop.serving.gateway.admin import AdminService
+from tuneloop.serving.gateway.protocol import ALIAS_HEADER, RESPONSE_ID_HEADER, USER_HEADER, VERSION_HEADER
 from tuneloop.serving.gateway.routes import attach_routes
 from tuneloop.serving.gateway.serving import Gateway
 from tuneloop.serving.metrics import GatewayMetrics
@@ -85,6 +87,12 @@ def create_app(settings: Settings, model_path: str, served_name: str,
     app.state.admin = AdminService(gateway, settings.serving.alias,
                                    lambda route: save_route(settings, route))
     attach_routes(app, SecretStr(admin_key(settings)))
+    if settings.serving.cors_origins:  # off unless configured: see serving.cors_origins
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.serving.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", USER_HEADER],
+            expose_headers=[VERSION_HEADER, RESPONSE_ID_HEADER, ALIAS_HEADER])
     return app
 
 

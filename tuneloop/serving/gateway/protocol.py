@@ -40,10 +40,46 @@ def error_response(status: int, message: str, *, kind: str | None = None,
                     headers=headers)
 
 
-def parse_model(model: type[M], raw: bytes) -> M:
+def load_json(raw: bytes, max_depth: int) -> Any:
+    """``raw`` decoded as JSON nested at most ``max_depth`` deep; raises
+    :class:`BadRequest` for anything else (never a bare error of the parser)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"the JSON body is nested deeper than {max_depth} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > max_depth:
+                raise BadRequest(f"the JSON body is nested deeper than {max_depth} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return value
+
+
+def check_limits(body: dict[str, Any], max_tokens: int, max_n: int) -> None:
+    """Refuse (:class:`BadRequest`) a token budget or a number of choices beyond the
+    gateway's limits (``serving.max_tokens``, ``serving.max_n``)."""
+    for name, most, setting in (("max_tokens", max_tokens, "max_tokens"),
+                                ("max_completion_tokens", max_tokens, "max_tokens"),
+                                ("n", max_n, "max_n"), ("best_of", max_n, "max_n")):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+            raise BadRequest(f"'{name}' must be a whole number from 1 to {most} "
+                             f"(serving.{setting} on this gateway)", param=name)
+
+
+def parse_model(model: type[M], raw: bytes, max_depth: int = 32) -> M:
     """An admin or feedback body as ``model``; raises :class:`BadRequest` naming the field."""
     try:
-        return model.model_validate(json.loads(raw or b"{}"))
+        return model.model_validate(load_json(raw or b"{}", max_depth))
+    except BadRequest:
+        raise
     except (ValueError, ValidationError) as exc:
         detail = exc.errors()[0] if isinstance(exc, ValidationError) else None
         where = ".".join(str(p) for p in detail["loc"]) if detail else None
@@ -63,12 +99,9 @@ def observation_window(query: Mapping[str, str]) -> tuple[float, float | None]:
     return since, until
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
+def parse_body(raw: bytes, max_depth: int = 32) -> dict[str, Any]:
     """An inference request's JSON object with its ``model``; raises :class:`BadRequest`."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the request body is not valid JSON") from None
+    body = load_json(raw, max_depth)
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     model = body.get("model")

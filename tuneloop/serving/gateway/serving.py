@@ -33,6 +33,7 @@ from tuneloop.serving.gateway.protocol import (
     FeedbackRequest,
     check_chat,
     check_completion,
+    check_limits,
     completion_text,
     error_response,
     parse_body,
@@ -61,7 +62,7 @@ class Gateway:
         self.metrics = metrics
         self.feedback_producer = feedback
         self.shadow_producer = shadow
-        self.cache = ResponseCache(cfg.response_cache)
+        self.cache = ResponseCache(cfg.response_cache, cfg.response_cache_bytes)
         self.session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=cfg.upstream_timeout_s, sock_connect=2)
         self._background: set[asyncio.Task[None]] = set()
@@ -75,7 +76,8 @@ class Gateway:
         OpenAI error, no replica a 503 with ``Retry-After``, vLLM's failure a 502."""
         chat = endpoint == "chat"
         try:
-            body = parse_body(raw)
+            body = parse_body(raw, self.cfg.max_json_depth)
+            check_limits(body, self.cfg.max_tokens, self.cfg.max_n)
             route = self.pool.routing.get(body["model"])
             if route is None:
                 known = ", ".join(sorted(self.pool.routing.routes)) or "none yet"
@@ -89,7 +91,7 @@ class Gateway:
         user = user or user_header
         version = route.choose(user or client_host)
         served = Served(f"resp-{uuid.uuid4().hex}", route.alias, version, chat, messages, user,
-                        body)
+                        body, nbytes=len(raw))
         upstream = dict(body, model=upstream_name(route.alias, version, self.pool.base_name))
         payload = json.dumps(upstream).encode()
         stream = bool(body.get("stream"))
