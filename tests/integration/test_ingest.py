@@ -369,3 +369,52 @@ def test_a_200k_backlog_leaves_drift_curation_and_status_their_turns(
     print(f"turns while ingest was part-way: {turns}; longest wait {max(waits):.2f} s")  # noqa: T201
     assert all(t >= 1 for t in turns.values()), turns
     assert len(set(_feedback_ids(store))) == n
+
+
+def test_a_record_of_any_size_or_encoding_becomes_a_publishable_dead_letter(
+        broker: Settings, settings: Settings, store: Store) -> None:
+    """Binary and Latin-1 records of 0.5, 1 and 5 MB: each invalid byte reads as three,
+    so the dead letter once outgrew the producer's 1 MiB request limit, its publish failed
+    before the offset commit, and ingest replayed the batch forever. A dead letter keeps
+    at most KEPT_BYTES of the record, with its size and checksum."""
+    import hashlib
+
+    from kafka import KafkaConsumer
+
+    from tuneloop.services.ingest.core import KEPT_BYTES
+
+    ensure_topics(settings.kafka)
+    rng = random.Random(3)
+    records = []
+    for mb in (0.5, 1, 5):
+        n = int(mb * 1024 * 1024)
+        records.append(bytes(rng.getrandbits(8) for _ in range(n // 64)) * 64)  # binary
+        records.append(("Grüße aus Köln, café crème: " * (n // 28 + 1)).encode("latin-1")[:n])
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all",
+                             max_request_size=8 * 1024 * 1024)
+    for value in records:
+        producer.send(settings.kafka.topic, value=value)
+    producer.flush()
+    producer.close()
+
+    consumer = IngestConsumer(settings, store)
+    try:
+        stats = consumer.run()
+    finally:
+        consumer.close()
+
+    assert stats.dead_letters == len(records)
+    with store.connect() as con:
+        dead = con.execute("SELECT size, sha256, truncated, octet_length(payload), reason "
+                           "FROM dead_letters ORDER BY source_offset").fetchall()
+    assert [(size, sha) for size, sha, *_ in dead] == [
+        (len(v), hashlib.sha256(v).hexdigest()) for v in records]
+    assert all(truncated and 0 < kept <= KEPT_BYTES for _, _, truncated, kept, _ in dead)
+    assert all("byte cap" in reason for *_, reason in dead)
+    dlq = KafkaConsumer(settings.kafka.dlq_topic, bootstrap_servers=settings.kafka.bootstrap_servers,
+                        auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    published = [dict(m.headers) for m in dlq]
+    dlq.close()
+    assert sorted(int(h["size"]) for h in published) == sorted(len(v) for v in records)
+    assert all(p.lag == 0 for p in topic_offsets(settings.kafka, settings.kafka.topic,
+                                                 settings.kafka.group_id))

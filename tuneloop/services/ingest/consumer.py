@@ -253,8 +253,11 @@ class IngestConsumer:
                 key=dead.dead_letter_id.encode(),
                 value=dead.payload,
                 headers=[
-                    ("reason", dead.reason.encode()),
+                    ("reason", dead.reason.encode()[:4096]),
                     ("source", dead.dead_letter_id.encode()),
+                    ("size", str(dead.size).encode()),
+                    ("sha256", dead.sha256.encode()),
+                    ("truncated", b"1" if dead.truncated else b"0"),
                 ],
             )
             for dead in batch.dead

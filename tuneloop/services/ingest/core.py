@@ -13,11 +13,14 @@ pairs through them).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 
 import duckdb
 import msgspec
@@ -48,6 +51,12 @@ class RawRecord:
     value: bytes
 
 
+# What a dead letter keeps of its record at most: enough to see what went wrong, and far
+# below any broker's request limit (Kafka's default is 1 MiB), whatever arrived.
+KEPT_BYTES = 64 * 1024
+_PARTIAL_TAIL = re.compile(r"[\w.@+()\- ]*\Z")
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """A record ingest keeps aside with its reason; ``event_id`` is the record's own id
@@ -67,13 +76,42 @@ class DeadLetter:
         return f"{self.record.topic}:{self.record.partition}:{self.record.offset}:{crc:08x}"
 
     @property
+    def size(self) -> int:
+        """The record's length in bytes, whatever is kept of it."""
+        return len(self.record.value or b"")
+
+    @property
+    def sha256(self) -> str:
+        """The checksum of the record's bytes, whatever is kept of them."""
+        return hashlib.sha256(self.record.value or b"").hexdigest()
+
+    @property
+    def truncated(self) -> bool:
+        """True when :attr:`payload` holds less than the whole record."""
+        return self._kept[1]
+
+    @property
     def payload(self) -> bytes:
         """What is kept of the record, in DuckDB and on the dead-letter topic: its bytes
         with PII redacted (as text; bytes that are not UTF-8 become U+FFFD), unless the
-        raw payload is kept on purpose."""
+        raw payload is kept on purpose; at most :data:`KEPT_BYTES` of them, so a dead
+        letter is always publishable (``size`` and ``sha256`` describe the whole)."""
+        return self._kept[0]
+
+    @cached_property
+    def _kept(self) -> tuple[bytes, bool]:
+        value = self.record.value or b""
+        head = value[:KEPT_BYTES]
         if self.keep_raw:
-            return self.record.value
-        return redact(self.record.value.decode("utf-8", errors="replace")).text.encode()
+            return head, len(head) < len(value)
+        text = head.decode("utf-8", errors="replace")
+        if len(head) < len(value):
+            # Cut short: a number or address cut at the end could escape redaction in part.
+            text = _PARTIAL_TAIL.sub("", text)
+        kept = redact(text).text.encode()
+        # Invalid bytes read as U+FFFD (three bytes each) and placeholders can lengthen it.
+        cut = kept[:KEPT_BYTES].decode("utf-8", errors="ignore").encode()
+        return cut, len(head) < len(value) or len(cut) < len(kept)
 
 
 def redact_json(value: object) -> tuple[object, int]:
@@ -143,7 +181,8 @@ _DEAD_ARROW = pa.schema(
         ("dead_letter_id", pa.string()), ("received_at", pa.timestamp("us", tz="UTC")),
         ("source_topic", pa.string()), ("source_partition", pa.int32()),
         ("source_offset", pa.int64()), ("event_key", pa.string()), ("event_id", pa.string()),
-        ("reason", pa.string()), ("payload", pa.binary()),
+        ("reason", pa.string()), ("payload", pa.binary()), ("size", pa.int64()),
+        ("sha256", pa.string()), ("truncated", pa.bool_()),
     ]
 )
 

@@ -72,6 +72,9 @@ def _dead_letter_columns(dead: list[DeadLetter]) -> list[pa.Array]:
         pa.array([d.event_id for d in dead], pa.string()),
         pa.array([d.reason for d in dead], pa.string()),
         pa.array([d.payload for d in dead], pa.binary()),
+        pa.array([d.size for d in dead], pa.int64()),
+        pa.array([d.sha256 for d in dead], pa.string()),
+        pa.array([d.truncated for d in dead], pa.bool_()),
     ]
 
 

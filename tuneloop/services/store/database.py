@@ -89,6 +89,10 @@ SCHEMA: tuple[str, ...] = (
         payload BLOB NOT NULL
     )
     """,
+    # What a dead letter keeps is capped (ingest.core.KEPT_BYTES); these describe the whole.
+    "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS size BIGINT",
+    "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS sha256 VARCHAR",
+    "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS truncated BOOLEAN",
     """
     CREATE TABLE IF NOT EXISTS embeddings (
         content_hash VARCHAR NOT NULL,
