@@ -246,6 +246,35 @@ def test_outbox_survives_a_producer_restart(settings: Settings) -> None:
         assert [eid for _, eid, _ in producer.outbox.head(100)] == [str(e.event_id) for e in events]
 
 
+def test_a_record_the_broker_refuses_is_set_aside_and_the_outbox_moves_on(
+        broker: Settings, settings: Settings) -> None:
+    """A record too large for the Kafka client once stayed at the head of its outbox
+    forever (every drain failed on it), and everything behind it waited. Now it is moved to
+    the outbox's ``refused`` table with the reason, and the rest are delivered."""
+    from kafka import KafkaConsumer
+
+    from tuneloop.services.feedback.producer import FeedbackProducer
+
+    ensure_topics(settings.kafka, extra=("shadow-test",))
+    # A limit above the client's 1 MiB request limit lets the outbox take the big record,
+    # as an outbox written before the limit existed holds one.
+    loose = settings.model_copy(update={"producer": settings.producer.model_copy(
+        update={"max_record_bytes": 4 * 1024 * 1024, "delivery_timeout_s": 3.0})})
+    with FeedbackProducer(loose, topic="shadow-test",
+                          outbox_path=settings.home / "shadow.sqlite") as producer:
+        producer.send_record("first", b"{}")
+        producer.send_record("huge", b"x" * (2 * 1024 * 1024))
+        producer.send_record("after", b"{}")
+        report = producer.flush(20)
+        assert report.complete and report.delivered == 2
+        assert [eid for eid, _ in producer.outbox.refused()] == ["huge"]
+        assert "MessageSizeTooLarge" in producer.outbox.refused()[0][1]
+    topic = KafkaConsumer("shadow-test", bootstrap_servers=settings.kafka.bootstrap_servers,
+                          auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    assert [m.key for m in topic] == [b"first", b"after"]
+    topic.close()
+
+
 def test_two_processes_share_the_store_without_losing_writes(settings: Settings, store: Store) -> None:
     """Two writer processes and this reader contend for the DuckDB file; nothing fails or is lost."""
     writer = (

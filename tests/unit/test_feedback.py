@@ -120,3 +120,34 @@ def test_outbox_files_are_the_owners_alone(tmp_path: Path) -> None:
     files = [p for p in tmp_path.iterdir() if p.name.startswith(("outbox.sqlite", "old.sqlite"))]
     assert {p.name for p in files} >= {"outbox.sqlite", "outbox.sqlite-wal", "outbox.sqlite-shm"}
     assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o600 for p in files}
+
+
+def test_an_outbox_is_bounded_in_records_and_bytes(tmp_path: Path) -> None:
+    """While the broker is away an outbox grows to its bounds, then refuses new records
+    (all of an append or none); what it already holds is never dropped."""
+    from tuneloop.runtime.settings import load_settings
+    from tuneloop.services.feedback.producer import FeedbackProducer, Outbox, OutboxFull, RecordTooLarge
+
+    outbox = Outbox(tmp_path / "a.sqlite", max_events=3, max_bytes=100)
+    outbox.append([("e1", b"x" * 10), ("e2", b"x" * 10)])
+    with pytest.raises(OutboxFull):
+        outbox.append([("e3", b"x"), ("e4", b"x")])  # would be 4 records
+    with pytest.raises(OutboxFull):
+        outbox.append([("e3", b"x" * 90)])  # would be 110 bytes
+    assert len(outbox) == 2 and outbox.nbytes == 20 and outbox.rejected == 3
+    outbox.append([("e3", b"x" * 80)])
+    seq = outbox.head(1)[0][0]
+    outbox.remove_through(seq)
+    assert len(outbox) == 2 and outbox.nbytes == 90
+    outbox.close()
+    reopened = Outbox(tmp_path / "a.sqlite", max_events=3, max_bytes=100)
+    assert len(reopened) == 2 and reopened.nbytes == 90  # counted again on open
+    reopened.close()
+
+    settings = load_settings({"home": tmp_path, "producer.max_record_bytes": 1024,
+                              "kafka.bootstrap_servers": "127.0.0.1:9"})
+    producer = FeedbackProducer(settings, outbox_path=tmp_path / "shadow.sqlite")
+    with pytest.raises(RecordTooLarge):
+        producer.send_record("big", b"x" * 2000)
+    assert len(producer.outbox) == 0
+    producer.outbox.close()

@@ -50,3 +50,7 @@ class GatewayMetrics:
         self.feedback = Counter(
             "tuneloop_gateway_feedback_events", "Events sent to Kafka by kind (feedback, served, "
             "shadow).", ["kind"], registry=r)
+        self.dropped = Counter(
+            "tuneloop_gateway_events_dropped", "Events not sent by kind (feedback, served, "
+            "shadow) and reason (outbox_full, too_large, invalid).", ["kind", "reason"],
+            registry=r)

@@ -85,6 +85,14 @@ class ProducerSettings(Section):
     outbox_path: Path | None = Field(None, description="Defaults to <home>/outbox.sqlite.")
     delivery_timeout_s: float = Field(10.0, gt=0)
     linger_ms: int = Field(5, ge=0)
+    outbox_max_events: int = Field(
+        1_000_000, ge=1, description="Records an outbox holds at most while the broker is "
+        "away; past it, new ones are refused (OutboxFull) and the gateway counts them dropped.")
+    outbox_max_bytes: int = Field(
+        1024**3, ge=2**20, description="Bytes an outbox holds at most (the same refusal).")
+    max_record_bytes: int = Field(
+        960 * 1024, ge=1024, description="Largest record an outbox accepts: below the Kafka "
+        "client's 1 MiB request limit, so a record the broker would refuse is refused first.")
 
 
 class IngestSettings(Section):

@@ -8,6 +8,13 @@ background drainer) replays them in the order they were accepted. A crash of the
 app loses nothing that :meth:`send` returned from. A resend after an ambiguous
 failure can deliver an event twice; ingest keeps one copy per ``event_id``.
 
+The outbox is bounded (``producer.outbox_max_events``, ``producer.outbox_max_bytes``):
+while the broker is away and it is full, :meth:`send` refuses new events with
+:class:`OutboxFull` (nothing already accepted is dropped; the caller decides). A record
+larger than ``producer.max_record_bytes`` is refused when offered, and one the broker
+refuses for good (too large for it, say) is moved to the outbox's ``refused`` table with
+the broker's reason, so the records behind it move on.
+
 >>> with FeedbackProducer(settings) as producer:
 ...     producer.send(event)
 ...     report = producer.flush(timeout_s=10)
@@ -46,10 +53,21 @@ class FlushReport:
         return self.pending == 0
 
 
-class Outbox:
-    """An append-only, ordered SQLite queue of encoded events."""
+class OutboxFull(RuntimeError):
+    """The outbox holds its limit of records or bytes; nothing was accepted."""
 
-    def __init__(self, path: Path) -> None:
+
+class RecordTooLarge(ValueError):
+    """A record larger than ``producer.max_record_bytes``; nothing was accepted."""
+
+
+class Outbox:
+    """An append-only, ordered SQLite queue of encoded events, bounded in records and
+    bytes (``None``: unbounded)."""
+
+    def __init__(self, path: Path, max_events: int | None = None,
+                 max_bytes: int | None = None) -> None:
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         # Events carry what users wrote: the file is the owner's alone (SQLite gives its
         # WAL and shared-memory files the database file's mode).
@@ -62,13 +80,35 @@ class Outbox:
             "CREATE TABLE IF NOT EXISTS outbox ("
             " seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, payload BLOB NOT NULL)"
         )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS refused (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL,"
+            " payload BLOB NOT NULL, reason TEXT NOT NULL, refused_at REAL NOT NULL)"
+        )
         self._lock = threading.Lock()
+        self.max_events, self.max_bytes = max_events, max_bytes
+        count, size = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
+        self._count, self._bytes = int(count), int(size)
+        self.rejected = 0  # appends refused because the outbox was full
 
     def append(self, items: Iterable[tuple[str, bytes]]) -> int:
+        """Accept ``items`` in one transaction, all or none; raises :class:`OutboxFull`
+        when they would take the outbox past its bounds."""
+        items = list(items)
+        size = sum(len(payload) for _, payload in items)
         with self._lock:
+            if (self.max_events is not None and self._count + len(items) > self.max_events) or (
+                    self.max_bytes is not None and self._bytes + size > self.max_bytes):
+                self.rejected += len(items)
+                raise OutboxFull(
+                    f"the outbox {self.path} holds {self._count} records ({self._bytes} bytes), "
+                    f"its limit (producer.outbox_max_events={self.max_events}, "
+                    f"producer.outbox_max_bytes={self.max_bytes}) while the broker is away")
             self._db.execute("BEGIN IMMEDIATE")
             cur = self._db.executemany("INSERT INTO outbox (event_id, payload) VALUES (?, ?)", items)
             self._db.execute("COMMIT")
+            self._count += len(items)
+            self._bytes += size
             return cur.rowcount
 
     def head(self, limit: int) -> list[tuple[int, str, bytes]]:
@@ -79,11 +119,41 @@ class Outbox:
 
     def remove_through(self, seq: int) -> None:
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            count, size = self._db.execute(
+                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE seq <= ?",
+                (seq,)).fetchone()
             self._db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+            self._db.execute("COMMIT")
+            self._count -= int(count)
+            self._bytes -= int(size)
+
+    def refuse(self, seq: int, reason: str) -> None:
+        """Move the record ``seq`` to the ``refused`` table with ``reason``, out of the queue."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT event_id, payload FROM outbox WHERE seq = ?",
+                                   (seq,)).fetchone()
+            if row is not None:
+                self._db.execute("INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?)",
+                                 (seq, row[0], row[1], reason, time.time()))
+                self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                self._count -= 1
+                self._bytes -= len(row[1])
+            self._db.execute("COMMIT")
+
+    def refused(self) -> list[tuple[str, str]]:
+        """``(event_id, reason)`` of every record the broker refused for good."""
+        with self._lock:
+            return [(str(e), str(r)) for e, r in self._db.execute(
+                "SELECT event_id, reason FROM refused ORDER BY seq").fetchall()]
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        return self._count
 
     def close(self) -> None:
         with self._lock:
@@ -101,7 +171,8 @@ class FeedbackProducer:
         self._batch = batch
         # Another topic (the gateway's shadow pairs) gets its own outbox file.
         self._topic = topic or settings.kafka.topic
-        self.outbox = Outbox(outbox_path or settings.outbox_path)
+        self.outbox = Outbox(outbox_path or settings.outbox_path,
+                             self._cfg.outbox_max_events, self._cfg.outbox_max_bytes)
         self._producer: KafkaProducer | None = None
         self._drain_lock = threading.Lock()
         self._stop = threading.Event()
@@ -114,7 +185,8 @@ class FeedbackProducer:
     def send(self, event: FeedbackEvent | dict[str, Any] | bytes) -> str:
         """Validate and durably accept one event; returns its event_id.
 
-        Raises :class:`InvalidEvent` (the event is not accepted) with the reason.
+        Raises :class:`InvalidEvent` (the event is not accepted) with the reason, and
+        :class:`OutboxFull` while the broker is away and the outbox is at its bound.
         """
         return self.send_many([event])[0]
 
@@ -125,7 +197,12 @@ class FeedbackProducer:
         return [event_id for event_id, _ in items]
 
     def send_record(self, key: str, payload: bytes) -> None:
-        """Durably accept one record that is not a feedback event (the caller validated it)."""
+        """Durably accept one record that is not a feedback event (the caller validated it).
+        Raises :class:`RecordTooLarge` above ``producer.max_record_bytes`` and
+        :class:`OutboxFull` at the outbox's bound; either way nothing is accepted."""
+        if len(payload) > self._cfg.max_record_bytes:
+            raise RecordTooLarge(f"a record of {len(payload)} bytes is larger than "
+                                 f"producer.max_record_bytes={self._cfg.max_record_bytes}")
         self.outbox.append([(key, payload)])
 
     def _encode(self, event: FeedbackEvent | dict[str, Any] | bytes) -> tuple[str, bytes]:
@@ -146,33 +223,44 @@ class FeedbackProducer:
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self._cfg.delivery_timeout_s)
         delivered = 0
         while time.monotonic() < deadline:
-            sent = self._drain_once()
-            if sent is None:  # broker unreachable: back off, keep the events
+            done = self._drain_once()
+            if done is None:  # broker unreachable: back off, keep the events
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
                 continue
+            sent, refused = done
             delivered += sent
-            if sent == 0:
+            if sent == 0 and refused == 0:
                 break
         return FlushReport(delivered, len(self.outbox))
 
-    def _drain_once(self) -> int | None:
-        """Send one outbox chunk; returns how many were acknowledged, None on failure."""
+    def _drain_once(self) -> tuple[int, int] | None:
+        """Send one outbox chunk; returns how many were acknowledged and how many set aside
+        as refused for good, or None when the broker is unreachable or failed."""
         with self._drain_lock:
             rows = self.outbox.head(self._batch)
             if not rows:
-                return 0
+                return 0, 0
             producer = self._connect()
             if producer is None:
                 return None
             try:
-                futures = [
-                    producer.send(self._topic, key=event_id.encode(), value=payload)
-                    for _, event_id, payload in rows
-                ]
+                futures = []
+                for seq, event_id, payload in rows:
+                    try:
+                        futures.append(producer.send(self._topic, key=event_id.encode(),
+                                                     value=payload))
+                    except KafkaError as exc:  # refused before sending (too large, say)
+                        if futures or not _refused_for_good(exc):
+                            raise
+                        self._set_aside(seq, event_id, exc)
+                        return 0, 1
                 producer.flush(timeout=self._cfg.delivery_timeout_s)
                 acked_through = None
-                for (seq, _, _), future in zip(rows, futures, strict=True):
+                for (seq, event_id, _), future in zip(rows, futures, strict=True):
                     if not future.succeeded():
+                        if acked_through is None and _refused_for_good(future.exception):
+                            self._set_aside(seq, event_id, future.exception)
+                            return 0, 1
                         break
                     acked_through = seq
             except KafkaError as exc:
@@ -185,8 +273,13 @@ class FeedbackProducer:
             if acked < len(rows):
                 log.warning("broker acknowledged %d of %d events; the rest stay queued", acked, len(rows))
                 self._reset()
-                return None if acked == 0 else acked
-            return acked
+                return None if acked == 0 else (acked, 0)
+            return acked, 0
+
+    def _set_aside(self, seq: int, event_id: str, exc: BaseException | None) -> None:
+        log.error("the broker refuses %s for good (%s); kept in %s's refused table, the "
+                  "records behind it move on", event_id, exc, self.outbox.path)
+        self.outbox.refuse(seq, repr(exc))
 
     def _connect(self) -> KafkaProducer | None:
         if self._producer is not None:
@@ -219,7 +312,7 @@ class FeedbackProducer:
 
     def _drain_forever(self) -> None:
         while not self._stop.is_set():
-            if self._drain_once() in (0, None):
+            if self._drain_once() in ((0, 0), None):
                 self._stop.wait(0.5)
 
     # -- lifecycle ---------------------------------------------------------
@@ -242,4 +335,10 @@ class FeedbackProducer:
         self.close()
 
 
-__all__ = ["FeedbackProducer", "FlushReport", "InvalidEvent", "Outbox"]
+def _refused_for_good(exc: BaseException | None) -> bool:
+    """A broker error that a retry cannot fix (a record too large for it, an invalid one)."""
+    return isinstance(exc, KafkaError) and not exc.retriable
+
+
+__all__ = ["FeedbackProducer", "FlushReport", "InvalidEvent", "Outbox", "OutboxFull",
+           "RecordTooLarge"]

@@ -23,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from tuneloop.runtime.settings import ServingSettings
 from tuneloop.services.feedback.contract import FeedbackEvent, InvalidEvent
-from tuneloop.services.feedback.producer import FeedbackProducer
+from tuneloop.services.feedback.producer import FeedbackProducer, OutboxFull, RecordTooLarge
 from tuneloop.serving.gateway.answers import ResponseCache, Served, feedback_event, shadow_pair
 from tuneloop.serving.gateway.protocol import (
     ALIAS_HEADER,
@@ -274,7 +274,11 @@ class Gateway:
             await asyncio.to_thread(self.feedback_producer.send, event)
             self.metrics.feedback.labels(kind).inc()
         except InvalidEvent as exc:
+            self.metrics.dropped.labels(kind, "invalid").inc()
             log.warning("%s event for %s not sent: %s", kind, event.request_id, exc.reason)
+        except OutboxFull as exc:
+            self.metrics.dropped.labels(kind, "outbox_full").inc()
+            log.warning("%s event for %s dropped: %s", kind, event.request_id, exc)
 
     async def _shadow(self, route: Route, served: Served) -> None:
         """The candidate answers the same request unseen; the pair goes to Kafka."""
@@ -297,8 +301,14 @@ class Gateway:
         pair = shadow_pair(served, route.candidate,
                            completion_text(data, served.chat) if status < 400 else None,
                            status, time.perf_counter() - started)
-        await asyncio.to_thread(self.shadow_producer.send_record, pair["pair_id"],
-                                json.dumps(pair).encode())
+        try:
+            await asyncio.to_thread(self.shadow_producer.send_record, pair["pair_id"],
+                                    json.dumps(pair).encode())
+        except (OutboxFull, RecordTooLarge) as exc:
+            reason = "outbox_full" if isinstance(exc, OutboxFull) else "too_large"
+            self.metrics.dropped.labels("shadow", reason).inc()
+            log.warning("shadow pair of %s dropped: %s", served.response_id, exc)
+            return
         self.metrics.feedback.labels("shadow").inc()
 
     # ------------------------------------------------------------ feedback
@@ -319,6 +329,10 @@ class Gateway:
             await asyncio.to_thread(self.feedback_producer.send, event)
         except InvalidEvent as exc:
             raise BadRequest(f"feedback is not a valid event: {exc.reason}") from None
+        except OutboxFull:
+            self.metrics.dropped.labels("feedback", "outbox_full").inc()
+            raise BadRequest("the gateway's outbox is full while Kafka is unreachable; "
+                             "retry later", status=503, code="outbox_full") from None
         self.metrics.feedback.labels("feedback").inc()
         return {"object": "feedback", "event_id": str(event.event_id),
                 "response_id": served.response_id, "adapter_version": served.version,
