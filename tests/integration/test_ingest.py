@@ -447,3 +447,55 @@ def test_a_record_of_any_size_or_encoding_becomes_a_publishable_dead_letter(
     assert sorted(int(h["size"]) for h in published) == sorted(len(v) for v in records)
     assert all(p.lag == 0 for p in topic_offsets(settings.kafka, settings.kafka.topic,
                                                  settings.kafka.group_id))
+
+
+def test_dead_letters_are_listed_and_replayed_after_a_fix(broker: Settings, settings: Settings,
+                                                          store: Store) -> None:
+    """``tuneloop deadletters list | replay``: a dead letter the contract accepts once its
+    cause is fixed (here, an app that keyed records by the wrong id) goes back to the
+    feedback topic and lands once, however often it is replayed; one still refused
+    (schema version 2) or kept only in part stays, with the reason said."""
+    from typer.testing import CliRunner
+
+    from tuneloop.cli.main import app
+
+    ensure_topics(settings.kafka)
+    wrong_key, v2 = _events(2, seed=11)
+    v2_raw = json.loads(v2.to_json_bytes()) | {"schema_version": 2}
+    _send_raw(settings, [(b"not-its-id", wrong_key.to_json_bytes()),
+                         (None, json.dumps(v2_raw).encode()), (None, b"x" * 100_000)])
+
+    def ingest() -> None:
+        consumer = IngestConsumer(settings, store)
+        try:
+            consumer.run()
+        finally:
+            consumer.close()
+
+    ingest()
+    env = {"TUNELOOP_KAFKA__TOPIC": settings.kafka.topic,
+           "TUNELOOP_KAFKA__DLQ_TOPIC": settings.kafka.dlq_topic,
+           "TUNELOOP_KAFKA__GROUP_ID": settings.kafka.group_id, "COLUMNS": "200"}
+
+    def cli(*args: str) -> str:
+        result = CliRunner().invoke(app, ["--home", str(settings.home), "deadletters", *args],
+                                    env=env)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    listing = cli("list")
+    assert "does not match event_id" in listing and "schema_version=2" in listing
+    assert "(cut)" in listing
+    sent = cli("replay", "--reason", "does not match")
+    assert "sent back 1" in sent
+    ingest()
+    assert _feedback_ids(store) == [str(wrong_key.event_id)]
+
+    with store.connect() as con:
+        every = [r for (r,) in con.execute("SELECT dead_letter_id FROM dead_letters").fetchall()]
+    again = cli("replay", *every)
+    assert "replayed at" in again and "still refused: schema_version=2" in again
+    assert "only part of its 100000 bytes" in again and "nothing to send" in again
+    assert "sent back 1" in cli("replay", "--again", "--reason", "does not match")
+    ingest()
+    assert _feedback_ids(store) == [str(wrong_key.event_id)]  # once, however often replayed

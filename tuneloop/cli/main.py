@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "tuneloop.cli.stack",
     "tuneloop.cli.serving",
     "tuneloop.cli.feedback",
+    "tuneloop.cli.deadletters",
     "tuneloop.cli.data",
     "tuneloop.cli.training",
     "tuneloop.cli.canary",

@@ -93,6 +93,7 @@ SCHEMA: tuple[str, ...] = (
     "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS size BIGINT",
     "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS sha256 VARCHAR",
     "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS truncated BOOLEAN",
+    "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS replayed_at TIMESTAMPTZ",
     """
     CREATE TABLE IF NOT EXISTS embeddings (
         content_hash VARCHAR NOT NULL,
