@@ -246,3 +246,22 @@ def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(tmp_path:
     assert why_not(loop(min_examples_per_new_label=0), "k") is None
     # A label that stays rare past the patience no longer holds the loop back.
     assert why_not(loop(new_label_wait_s=0), "k") is None
+
+
+def test_the_snapshot_reads_productions_promotion_and_the_newest_drift_check(
+        tmp_path: Path) -> None:
+    """The stale-alarm guard's inputs come from the registry and the drift reports."""
+    from tuneloop.services.registry.store import promote
+
+    settings = Settings(home=tmp_path)
+    store = Store(settings.db_path)
+    _adapter(store, "v1", "candidate")
+    with store.connect() as con:
+        con.execute("INSERT INTO drift_reports VALUES ('r1', now() - INTERVAL 1 MINUTE, 'ref', "
+                    "'cur', 100, 100, 0.3, 0.001, true, '{}', '[]')")
+        promote(con, "v1", "production", "better on golden")
+    alarm_first = read_snapshot(store, settings.serving.alias, "k", drift_triggered=True)
+    assert alarm_first.production is not None and alarm_first.production.version == "v1"
+    assert alarm_first.last_check is not None and alarm_first.last_check.drifted
+    reason = why_not_retrain(alarm_first, datetime.now(UTC), settings.loop)
+    assert "production changed to v1" in (reason or "")

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from tuneloop.runtime.settings import LoopSettings
 from tuneloop.services.loop.policy import (
+    DriftCheck,
     HeldCandidate,
     LoopSnapshot,
     NewLabel,
@@ -111,3 +112,21 @@ def _without_first(snapshot: LoopSnapshot) -> LoopSnapshot:
         if field.name != "resumed" and value not in (None, ()):
             return replace(snapshot, **{field.name: field.default})
     return snapshot
+
+
+def test_a_drift_alarm_from_before_a_promotion_does_not_retrain() -> None:
+    """An alarm measured against the previous production's reference waits for a check
+    against the new one; a retrain started by labels or by hand is not held by it."""
+    promoted = Published("v2", ago(seconds=55))
+    before = DriftCheck(ago(minutes=2), drifted=True)
+    stale = LoopSnapshot(drift_triggered=True, production=promoted, last_check=before)
+    assert "production changed to v2" in (why_not_retrain(stale, NOW, CFG) or "")
+    quiet = LoopSnapshot(drift_triggered=True, production=promoted,
+                         last_check=DriftCheck(ago(seconds=5), drifted=False))
+    assert "found no drift" in (why_not_retrain(quiet, NOW, CFG) or "")
+    still = LoopSnapshot(drift_triggered=True, production=promoted,
+                         last_check=DriftCheck(ago(seconds=5), drifted=True))
+    assert why_not_retrain(still, NOW, CFG) is None
+    assert why_not_retrain(LoopSnapshot(production=promoted, last_check=before), NOW, CFG) is None
+    base_model = LoopSnapshot(drift_triggered=True, last_check=before)
+    assert why_not_retrain(base_model, NOW, CFG) is None

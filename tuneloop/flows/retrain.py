@@ -38,6 +38,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from tuneloop.flows.common import curation_markdown, flow_settings, image_markdown, rename_run
+from tuneloop.flows.drift import DRIFT_EVENT
 from tuneloop.flows.recovery import RESUMED_TAG
 from tuneloop.runtime.cpu import pin
 from tuneloop.runtime.settings import CurationSettings, EmbeddingSettings, LoopSettings, Settings
@@ -89,9 +90,11 @@ def find_adapter(store: Store, run_key: str) -> Adapter | None:
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
-def why_not(store: Store, alias: str, loop: LoopSettings, run_key: str) -> str | None:
+def why_not(store: Store, alias: str, loop: LoopSettings, run_key: str,
+            drift_triggered: bool) -> str | None:
     """Why an automatic retrain should not start now, or None (the loop's policy)."""
-    return why_not_retrain(read_snapshot(store, alias, run_key), datetime.now(UTC), loop)
+    return why_not_retrain(read_snapshot(store, alias, run_key, drift_triggered),
+                           datetime.now(UTC), loop)
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
@@ -215,7 +218,8 @@ def retrain(
     trigger = Check("trigger", INFO, None, None, "", reason)
     adapter = find_adapter(store, key)
     if adapter is None and automatic:
-        blocked = why_not(store, settings.serving.alias, settings.loop, key)
+        blocked = why_not(store, settings.serving.alias, settings.loop, key,
+                          reason == DRIFT_EVENT)
         if blocked:
             record(store, settings.home, Decision(
                 "retrain", None, None, "skipped",

@@ -12,8 +12,11 @@ and names the first reason to wait, in this order:
    gate for the machine, and may well be unnecessary;
 4. a held candidate waits for more labelled events before its next offline look;
 5. a retrain started in the last two hours has not finished;
-6. the last retrain finished within ``loop.cooldown_s``;
-7. a label production never learned has fewer than ``loop.min_examples_per_new_label``
+6. a retrain a drift alarm started, when production changed since: the alarm was
+   measured against the previous production's reference. It waits for a check against
+   the new one (none yet: wait; one that found no drift: nothing to retrain for);
+7. the last retrain finished within ``loop.cooldown_s``;
+8. a label production never learned has fewer than ``loop.min_examples_per_new_label``
    examples, and came less than ``loop.new_label_wait_s`` ago.
 """
 
@@ -57,6 +60,14 @@ class HeldCandidate:
 
 
 @dataclass(frozen=True)
+class DriftCheck:
+    """When a drift check ran and whether it raised an alarm."""
+
+    at: datetime
+    drifted: bool
+
+
+@dataclass(frozen=True)
 class LoopSnapshot:
     """What the retrain guard looks at, read in one go from the store."""
 
@@ -67,6 +78,9 @@ class LoopSnapshot:
     running_since: datetime | None = None  # the newest retrain start with no end recorded
     last_trained_at: datetime | None = None  # when the last retrain finished training
     new_labels: tuple[NewLabel, ...] = ()  # labels production's dataset lacks
+    drift_triggered: bool = False  # a drift alarm started this retrain
+    production: Published | None = None  # production's version and when it was promoted
+    last_check: DriftCheck | None = None  # the newest drift check
 
 
 Check = Callable[[LoopSnapshot, datetime, LoopSettings], str | None]
@@ -115,6 +129,20 @@ def _retrain_running(snapshot: LoopSnapshot, now: datetime, cfg: LoopSettings) -
     return f"a retrain started at {started:%H:%M:%S} is still running"
 
 
+def _alarm_outdated(snapshot: LoopSnapshot, now: datetime, cfg: LoopSettings) -> str | None:
+    production, check = snapshot.production, snapshot.last_check
+    if not snapshot.drift_triggered or production is None:
+        return None
+    if check is None or check.at < production.created_at:
+        return (f"production changed to {production.version} at "
+                f"{production.created_at:%H:%M:%S}, after the drift alarm that started this "
+                f"retrain; the next check measures against {production.version}'s reference")
+    if not check.drifted:
+        return (f"the newest drift check ({check.at:%H:%M:%S}), against production "
+                f"{production.version}'s reference, found no drift")
+    return None
+
+
 def _cooling_down(snapshot: LoopSnapshot, now: datetime, cfg: LoopSettings) -> str | None:
     if snapshot.last_trained_at is None:
         return None
@@ -147,4 +175,4 @@ def waiting_for_labels(new_labels: tuple[NewLabel, ...] | list[NewLabel], now: d
 
 
 CHECKS: tuple[Check, ...] = (_canary_live, _candidate_unjudged, _candidate_held,
-                             _retrain_running, _cooling_down, _labels_thin)
+                             _retrain_running, _alarm_outdated, _cooling_down, _labels_thin)

@@ -15,22 +15,31 @@ from datetime import UTC, datetime
 import duckdb
 
 from tuneloop.services.curation.store import since_latest
-from tuneloop.services.loop.policy import HeldCandidate, LoopSnapshot, NewLabel, Published
+from tuneloop.services.loop.policy import (
+    DriftCheck,
+    HeldCandidate,
+    LoopSnapshot,
+    NewLabel,
+    Published,
+)
 from tuneloop.services.registry import store as registry
 from tuneloop.services.store.database import Store
 
 
-def read_snapshot(store: Store, alias: str, run_key: str) -> LoopSnapshot:
-    """The state an automatic retrain of ``alias`` under ``run_key`` is decided on.
+def read_snapshot(store: Store, alias: str, run_key: str,
+                  drift_triggered: bool = False) -> LoopSnapshot:
+    """The state an automatic retrain of ``alias`` under ``run_key`` is decided on
+    (``drift_triggered``: a drift alarm started it).
 
     Raises :class:`~tuneloop.services.store.database.StoreBusyError` when the store
     stays busy past its lock timeout.
     """
     with store.connect() as con:
-        return snapshot(con, alias, run_key)
+        return snapshot(con, alias, run_key, drift_triggered)
 
 
-def snapshot(con: duckdb.DuckDBPyConnection, alias: str, run_key: str) -> LoopSnapshot:
+def snapshot(con: duckdb.DuckDBPyConnection, alias: str, run_key: str,
+             drift_triggered: bool = False) -> LoopSnapshot:
     """:func:`read_snapshot` on an open connection."""
     canary = registry.canary(con, alias)
     candidates = [a for a in registry.list_adapters(con, alias) if a.state == "candidate"]
@@ -45,7 +54,18 @@ def snapshot(con: duckdb.DuckDBPyConnection, alias: str, run_key: str) -> LoopSn
         running_since=running_since(con),
         last_trained_at=last_trained_at(con),
         new_labels=tuple(new_labels(con, alias)),
+        drift_triggered=drift_triggered,
+        production=Published(*promoted) if (promoted := registry.production_since(
+            con, alias)) else None,
+        last_check=last_drift_check(con),
     )
+
+
+def last_drift_check(con: duckdb.DuckDBPyConnection) -> DriftCheck | None:
+    """The newest drift check's time and verdict."""
+    rows = con.execute("SELECT created_at, drifted FROM drift_reports ORDER BY created_at DESC "
+                       "LIMIT 1").fetchall()
+    return DriftCheck(rows[0][0], bool(rows[0][1])) if rows else None
 
 
 def started(con: duckdb.DuckDBPyConnection, run_key: str) -> bool:

@@ -169,6 +169,17 @@ def production(con: duckdb.DuckDBPyConnection, alias: str) -> Adapter | None:
     return _newest(con, alias, ("production",))
 
 
+def production_since(con: duckdb.DuckDBPyConnection, alias: str) -> tuple[str, datetime] | None:
+    """``alias``'s production version and when it became production (its latest
+    promotion); None when the base model serves the alias."""
+    adapter = production(con, alias)
+    if adapter is None:
+        return None
+    rows = con.execute("SELECT max(occurred_at) FROM deployments WHERE adapter_version = ? "
+                       "AND to_state = 'production'", [adapter.version]).fetchall()
+    return adapter.version, rows[0][0] or adapter.created_at
+
+
 def canary(con: duckdb.DuckDBPyConnection, alias: str) -> Adapter | None:
     """The adapter of ``alias`` now in its canary, if any."""
     return _newest(con, alias, ("canary",))
