@@ -47,10 +47,9 @@ $(VLLM_STAMP): Makefile vllm-plugin/pyproject.toml vllm-plugin/tuneloop_vllm/*.p
 demo: setup serving-setup
 	$(BIN)/tuneloop demo
 
-# Two lanes (tests/conftest.py): the end-to-end demo in one worker, every other test in
-# order in the other, sharing that worker's one stack and one set of trained adapters.
+# Two lanes at once (tests/lanes.py): the end-to-end demo beside every other test.
 test: setup serving-setup lint
-	$(BIN)/python -m pytest -ra --timeout=1800 --durations=25 -n 2 --dist loadgroup tests
+	$(BIN)/python -m tests.lanes -ra --timeout=1800 --durations=25 tests
 
 # ruff, mypy, the import contracts in .importlinter (the layers, no Prefect below flows) and
 # deptry (what is imported is what pyproject.toml declares).

@@ -57,12 +57,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
-        # Two lanes under `pytest -n 2 --dist loadgroup` (make test): a test marked
-        # own_lane (the end-to-end demo) runs its own stack and spends most of its time
-        # waiting on traffic, so it runs beside the rest, which stay together in one worker
-        # (one session stack, one set of trained adapters) and in their order.
-        lane = "own" if "own_lane" in item.keywords else "suite"
-        item.add_marker(pytest.mark.xdist_group(lane))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
