@@ -61,7 +61,7 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
     with store.connect() as con:
         mine = [a for a in list_adapters(con) if a.run_key == "flow-rerun"]
     assert len(mine) == 1 and mine[0].state == "candidate"
-    manifest = verify_adapter(Path(mine[0].path), mine[0].sha256)
+    manifest = verify_adapter(mine[0].directory(settings.adapters_dir), mine[0].sha256)
     assert manifest["hyperparameters"]["rank"] == 8
     assert manifest["dataset_version"] == "b77-flow"
     with store.connect() as con:

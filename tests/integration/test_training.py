@@ -111,7 +111,7 @@ def test_lora_run_beats_the_base_model_and_publishes_a_verified_adapter(
     # The run left its curve and the manifest records what made the adapter.
     run_dir = settings.runs_dir / "cn-old"
     assert (run_dir / "training_curve.png").stat().st_size > 0
-    path = Path(adapter.path)
+    path = adapter.directory(settings.adapters_dir)
     manifest = verify_adapter(path, adapter.sha256)
     assert manifest["dataset_version"] == "cn-old"
     assert manifest["hyperparameters"]["rank"] == 16

@@ -105,7 +105,8 @@ def test_manifest_verifies_and_tampering_is_refused(tmp_path: Path) -> None:
     source = _peft_dir(tmp_path / "run" / "adapter")
     with store.connect() as con:
         adapter = _publish(con, tmp_path / "adapters", source)
-    path = Path(adapter.path)
+    assert adapter.path == adapter.version  # relative to the registry root: the home can move
+    path = adapter.directory(tmp_path / "adapters")
     manifest = verify_adapter(path, adapter.sha256)
     weights = source / "adapter_model.safetensors"
     assert manifest["files"]["adapter_model.safetensors"] == registry.sha256_file(weights)
@@ -280,3 +281,23 @@ def test_a_file_from_before_the_alias_column_is_migrated(tmp_path: Path) -> None
         adapter = registry.find_by_run_key(con, "run-9")
         assert adapter is not None and adapter.alias == "my-bot-2"
         assert registry.production(con, "my-bot-2") == adapter
+
+
+def test_a_moved_home_keeps_its_registry(tmp_path: Path) -> None:
+    """Paths are kept relative to the registry root, so a home moved (or mounted elsewhere)
+    still finds and verifies every version; absolute paths of older files are migrated."""
+    import shutil
+
+    home = tmp_path / "home"
+    store = Store(home / "t.duckdb")
+    with store.connect() as con:
+        adapter = _publish(con, home / "adapters", _peft_dir(tmp_path / "run" / "adapter"))
+        # A row as older versions wrote it: the absolute path of the version's directory.
+        con.execute("UPDATE adapters SET path = ? WHERE version = ?",
+                    [str(home / "adapters" / adapter.version) + "/", adapter.version])
+    moved = tmp_path / "elsewhere"
+    shutil.move(home, moved)
+    with Store(moved / "t.duckdb").connect() as con:  # a new process: migrations run
+        again = registry.get_adapter(con, adapter.version)
+    assert again.path == adapter.version
+    verify_adapter(again.directory(moved / "adapters"), again.sha256)

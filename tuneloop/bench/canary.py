@@ -256,12 +256,12 @@ def _peft_model(settings: Settings, version: str) -> tuple[Any, Any]:
 
     with Store(settings.db_path).connect() as con:
         adapter = get_adapter(con, version)
-    manifest = json.loads((Path(adapter.path) / "manifest.json").read_text())
+    manifest = json.loads((adapter.directory(settings.adapters_dir) / "manifest.json").read_text())
     base_path = manifest["base_model_path"]
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
-                                      adapter.path)
+                                      str(adapter.directory(settings.adapters_dir)))
     model.eval()
     return model, tokenizer

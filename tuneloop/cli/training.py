@@ -72,7 +72,7 @@ def train(
         f"adapter [bold]{adapter.version}[/] ({adapter.name}) is a {adapter.state}: val loss "
         f"{training.get('initial_val_loss', float('nan')):.4f} -> "
         f"{training.get('best_val_loss', float('nan')):.4f}, golden accuracy "
-        f"{_pct(base)} (base) -> {_pct(golden)}; {adapter.path}"
+        f"{_pct(base)} (base) -> {_pct(golden)}; {adapter.directory(settings.adapters_dir)}"
     )
 
 
@@ -128,17 +128,19 @@ def show_cmd(ctx: typer.Context, version: str = typer.Argument(...)) -> None:
     from tuneloop.services.registry.core import RegistryError
     from tuneloop.services.registry.store import get_adapter, history
 
-    with Store.of(settings_of(ctx)).connect() as con:
+    settings = settings_of(ctx)
+    with Store.of(settings).connect() as con:
         try:
             adapter = get_adapter(con, version)
         except RegistryError as exc:
             raise fail(str(exc)) from None
         moves = history(con, version)
-    manifest_path = Path(adapter.path) / "manifest.json"
+    manifest_path = adapter.directory(settings.adapters_dir) / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     console.print_json(json.dumps({
         "version": adapter.version, "name": adapter.name, "state": adapter.state,
-        "path": adapter.path, "base_model": adapter.base_model, "dataset": adapter.dataset_version,
+        "path": str(manifest_path.parent), "base_model": adapter.base_model,
+        "dataset": adapter.dataset_version,
         "manifest_sha256": adapter.sha256, "hyperparameters": manifest.get("hyperparameters"),
         "metrics": adapter.metrics, "timings": manifest.get("timings"),
         "deployments": moves,
@@ -211,7 +213,8 @@ def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
     from tuneloop.services.registry.core import IntegrityError, RegistryError
     from tuneloop.services.registry.store import get_adapter, list_adapters
 
-    with Store.of(settings_of(ctx)).connect() as con:
+    settings = settings_of(ctx)
+    with Store.of(settings).connect() as con:
         try:
             adapters = [get_adapter(con, version)] if version else list_adapters(con)
         except RegistryError as exc:
@@ -219,7 +222,7 @@ def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
     bad = 0
     for adapter in adapters:
         try:
-            manifest = verify_adapter(Path(adapter.path), adapter.sha256)
+            manifest = verify_adapter(adapter.directory(settings.adapters_dir), adapter.sha256)
             files = len(manifest["files"])
             console.print(f"[green]ok[/] {adapter.version}: {files} files verified")
         except IntegrityError as exc:

@@ -184,7 +184,7 @@ def promote(settings: Settings, version: str, to_state: str, reason: str) -> lis
     store = Store.of(settings)
     with store.connect() as con:
         adapter = registry.get_adapter(con, version)
-        verify_adapter(Path(adapter.path), adapter.sha256)
+        verify_adapter(adapter.directory(settings.adapters_dir), adapter.sha256)
         states = {a.version: a.state for a in registry.list_adapters(con, adapter.alias)}
         plan_promotion(states, version, to_state)  # raises before anything moves
     change: dict[str, Any] = {"production": version} if to_state == "production" else \

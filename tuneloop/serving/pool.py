@@ -238,7 +238,7 @@ class ReplicaPool:
             adapter = await self.lookup(version)
         except LookupError as exc:
             raise SwapError(str(exc), client_error=True) from None
-        path = Path(adapter.path).resolve()
+        path = adapter.directory(self.adapters_dir)
         if not path.is_relative_to(self.adapters_dir):
             raise SwapError(f"adapter {version} lives at {path}, outside the registry's "
                             f"{self.adapters_dir}; refusing to load it", client_error=True)

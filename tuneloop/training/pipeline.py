@@ -102,12 +102,12 @@ def find_published(store: Store, run_key: str) -> Adapter | None:
         return find_by_run_key(con, run_key)
 
 
-def production_adapter_dir(store: Store, alias: str) -> str | None:
+def production_adapter_dir(store: Store, alias: str, adapters_dir: Path) -> str | None:
     """The directory of ``alias``'s production adapter, which a retrain continues from;
     None when the base model serves the alias."""
     with store.connect() as con:
         adapter = production(con, alias)
-    return adapter.path if adapter else None
+    return str(adapter.directory(adapters_dir)) if adapter else None
 
 
 def train_candidate(

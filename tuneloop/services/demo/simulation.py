@@ -221,7 +221,7 @@ def republish(settings: Settings, version: str) -> str:
     try:
         with store.connect() as con:
             adapter = get_adapter(con, version)
-            for f in Path(adapter.path).iterdir():
+            for f in adapter.directory(settings.adapters_dir).iterdir():
                 if f.name != MANIFEST:
                     shutil.copyfile(f, source / f.name)
             again = publish_adapter(

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 STATES = ("candidate", "canary", "production", "retired", "rejected")
@@ -52,11 +53,15 @@ class Adapter:
     base_model: str
     base_hash: str
     dataset_version: str | None
-    path: str
+    path: str  # relative to the registry's root (``adapters_dir``): the home can move
     sha256: str  # of manifest.json, which covers every other file
     metrics: dict[str, Any]
     state: str
     run_key: str | None
+
+    def directory(self, adapters_dir: Path | str) -> Path:
+        """Where the version's files are, under the registry root ``adapters_dir``."""
+        return (Path(adapters_dir) / self.path).resolve()
 
 
 @dataclass(frozen=True)

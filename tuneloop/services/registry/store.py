@@ -93,7 +93,7 @@ def _register(con: duckdb.DuckDBPyConnection, directory: Path, manifest: Mapping
             "dataset_version, path, sha256, metrics, state, run_key) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [manifest["version"], manifest["name"], alias, manifest["created_at"], base.get("id"),
-             base.get("sha256"), manifest.get("dataset_version"), str(directory.resolve()),
+             base.get("sha256"), manifest.get("dataset_version"), directory.name,
              sha256_file(directory / MANIFEST),
              json.dumps(dict(manifest.get("metrics") or {}), default=str), "candidate",
              manifest.get("run_key")],

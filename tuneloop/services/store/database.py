@@ -253,6 +253,10 @@ def _migrate_adapters(con: duckdb.DuckDBPyConnection) -> None:
     # The vLLM name is "<alias>-<version>".
     con.execute("UPDATE adapters SET alias = left(name, length(name) - length(version) - 1) "
                 "WHERE alias IS NULL")
+    # Paths were absolute: a version's directory is <adapters_dir>/<version>, so the last
+    # part is its path relative to the registry root, wherever the home moves.
+    con.execute("UPDATE adapters SET path = regexp_extract(rtrim(path, '/'), '[^/]+$') "
+                "WHERE starts_with(path, '/')")
 
 
 # Run in order after SCHEMA on every first connection of a process; each is idempotent.

@@ -6,7 +6,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.canary import store as canary_store
@@ -29,7 +28,7 @@ def model_key(settings: Settings, adapter: Adapter | None) -> str:
     """
     if adapter is None:
         return f"base:{settings.training.base_model}"
-    manifest = json.loads((Path(adapter.path) / MANIFEST).read_text())
+    manifest = json.loads((adapter.directory(settings.adapters_dir) / MANIFEST).read_text())
     files = manifest["files"]
     return f"lora:{files[WEIGHTS]}:{files.get('adapter_config.json', '')}"
 
