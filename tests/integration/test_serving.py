@@ -26,7 +26,7 @@ from tests.conftest import ServingStack
 from tuneloop.services.ingest.shadow import land_shadow_pairs
 from tuneloop.services.registry.store import get_adapter
 from tuneloop.services.store.database import Store
-from tuneloop.serving.control import GatewayAdmin, GatewayError, promote, reject
+from tuneloop.serving.control import GatewayAdmin, GatewayError, promote, reject, rollback
 
 pytestmark = pytest.mark.integration
 
@@ -307,6 +307,65 @@ def test_metrics_count_requests_per_version(serving_stack: ServingStack) -> None
     assert f"tuneloop_gateway_requests_total{{{labels}}}" in text
     assert "tuneloop_gateway_request_seconds_bucket" in text
     assert 'tuneloop_gateway_replica_ready{replica="0"} 1.0' in text
+
+
+def _restart_gateway_without(stack: ServingStack, *versions: str) -> None:
+    """The gateway restarted after vLLM lost ``versions`` (as a vLLM restart loses them) and
+    their files vanished: the new gateway must load them again, and cannot."""
+    from tuneloop.infra.gateway import EmbeddedGateway
+    from tuneloop.runtime.processes import ManagedProcess
+
+    for version in versions:
+        path = Path(stack.settings.adapters_dir) / version
+        path.rename(path.with_name(f".gone-{version}"))
+        httpx.post(f"{stack.vllm_url}/v1/unload_lora_adapter",
+                   json={"lora_name": f"support-bot-{version}"}, timeout=30)
+    ManagedProcess("gateway", Path(stack.settings.home)).stop()
+    EmbeddedGateway(stack.settings).start(stack.env, timeout_s=300)
+
+
+def test_a_version_that_cannot_load_is_served_around(serving_stack: ServingStack) -> None:
+    """One unloadable version once kept every replica out of rotation. Now a canary that
+    cannot load leaves the route (production serves everyone), a production that cannot
+    load gives way to the previous production, each recorded and shown as an alarm."""
+    from tuneloop.runtime.processes import wait_until
+
+    stack = serving_stack
+    earlier = ensure_production(stack)
+    current = stack.publish()
+    promote(stack.settings, current, "production", "the production that will vanish")
+    canary = stack.publish()
+    promote(stack.settings, canary, "canary", "the canary that will vanish")
+    try:
+        _restart_gateway_without(stack, canary)
+        wait_until(lambda: httpx.get(f"{stack.url}/health").status_code == 200, 120, "health")
+        state = GatewayAdmin(stack.settings).state()
+        assert state["routes"][0]["production"] == current
+        assert state["routes"][0]["candidate"] is None
+        assert [d["role"] for d in state["degraded"]] == ["candidate"]
+        assert {ask(stack, user=f"u{i}")[0] for i in range(8)} == {current}
+
+        _restart_gateway_without(stack, current)
+        wait_until(lambda: httpx.get(f"{stack.url}/health").status_code == 200, 120, "health")
+        state = GatewayAdmin(stack.settings).state()
+        assert state["routes"][0]["production"] == earlier
+        assert [(d["role"], d["serving"]) for d in state["degraded"]] == [("production", earlier)]
+        assert ask(stack)[0] == earlier
+        metrics = httpx.get(f"{stack.url}/metrics").text
+        assert 'tuneloop_gateway_routed_around_total{alias="support-bot",role="production"} 1.0' \
+            in metrics
+        with Store(stack.settings.db_path).connect() as con:
+            recorded = con.execute(
+                "SELECT verdict, figures->>'version' FROM canary_decisions WHERE stage = "
+                "'serving' ORDER BY created_at").fetchall()
+        assert recorded[-2:] == [("off-route", canary), ("fallback", current)]
+    finally:
+        for version in (canary, current):
+            gone = Path(stack.settings.adapters_dir) / f".gone-{version}"
+            if gone.exists():
+                gone.rename(gone.with_name(version))
+        reject(stack.settings, canary, "test over")
+        rollback(stack.settings, "test over: back to the earlier production", earlier)
 
 
 def test_a_restarted_gateway_rebuilds_its_routing_from_the_registry(

@@ -286,6 +286,9 @@ def _serving(serving: dict[str, Any]) -> None:
     console.print(f"vLLM: {states}")
     for err in serving.get("errors", []):
         console.print(f"[red]cannot serve {err['version']}:[/] {err['error']}")
+    for alarm in serving.get("degraded", []):
+        console.print(Panel(alarm["summary"], title="SERVING AROUND A VERSION THAT CANNOT LOAD",
+                            border_style="red"))
 
 
 def _freeze(freeze: dict[str, Any] | None) -> None:

@@ -95,6 +95,30 @@ def registry_route(settings: Settings, alias: str) -> RegistryRoute:
                          canary.version if canary else None)
 
 
+def previous_productions(settings: Settings, alias: str) -> list[str]:
+    """The versions of ``alias`` that were production, most recently promoted first."""
+    with Store.of(settings).connect() as con:
+        rows = con.execute(
+            "SELECT d.adapter_version, max(d.occurred_at) AS at FROM deployments d JOIN adapters "
+            "a ON a.version = d.adapter_version WHERE a.alias = ? AND d.to_state = 'production' "
+            "GROUP BY d.adapter_version ORDER BY at DESC", [alias]).fetchall()
+    return [str(v) for v, _ in rows]
+
+
+def record_routed_around(settings: Settings, alias: str, version: str, role: str,
+                         serving: str | None, why: str) -> None:
+    """Record that the gateway serves ``alias`` around ``version``, which cannot load: a
+    decision of stage ``serving`` in the decision log (and the loop's metrics)."""
+    from tuneloop.services.canary.core import FAIL, Check, Decision
+    from tuneloop.services.canary.records import record
+
+    verdict = "off-route" if role == "candidate" else "fallback"
+    record(Store.of(settings), Path(settings.home), Decision(
+        "serving", version if role == "candidate" else None, serving, verdict,
+        [Check("loads", FAIL, None, None, "", f"{alias} {role} {version} cannot load: {why}")],
+        {"alias": alias, "role": role, "version": version, "serving": serving}))
+
+
 def read_adapter(settings: Settings, version: str) -> Adapter:
     """One registry row; raises ``LookupError`` when there is none."""
     store = Store.of(settings)

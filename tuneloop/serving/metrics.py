@@ -50,6 +50,10 @@ class GatewayMetrics:
         self.feedback = Counter(
             "tuneloop_gateway_feedback_events", "Events sent to Kafka by kind (feedback, served, "
             "shadow).", ["kind"], registry=r)
+        self.routed_around = Counter(
+            "tuneloop_gateway_routed_around", "Versions that could not load and were served "
+            "around, by role: a candidate taken off its route, a production that fell back.",
+            ["alias", "role"], registry=r)
         self.dropped = Counter(
             "tuneloop_gateway_events_dropped", "Events not sent by kind (feedback, served, "
             "shadow) and reason (outbox_full, too_large, invalid).", ["kind", "reason"],

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tuneloop.services.registry.artifacts import verify_adapter
@@ -81,6 +81,23 @@ class Replica:
 AdapterLookup = Callable[[str], Awaitable[Adapter]]
 
 
+@dataclass(frozen=True)
+class RoutedAround:
+    """A version that could not load, and what its alias serves instead."""
+
+    alias: str
+    version: str
+    role: str  # "candidate" or "production"
+    serving: str | None  # the production version now served (None: the base model)
+    why: str
+
+    def summary(self) -> str:
+        if self.role == "candidate":
+            return f"candidate {self.version} taken off {self.alias}'s route; production serves all"
+        return (f"production {self.version} of {self.alias} cannot load; serving "
+                f"{self.serving or 'the base model'} instead")
+
+
 @dataclass
 class SwapTimings:
     verify_s: float = 0.0
@@ -112,6 +129,12 @@ class ReplicaPool:
         self._swap_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self.on_restart: Callable[[Replica], None] | None = None
+        # Earlier production versions of an alias, newest first (the registry's history):
+        # where production falls back to when its version cannot load.
+        self.previous: Callable[[str], Awaitable[list[str]]] | None = None
+        # Told of each route changed around a version that cannot load (to save and record it).
+        self.on_route_around: Callable[[RoutedAround], None] | None = None
+        self.degraded: dict[str, RoutedAround] = {}  # alias -> why it serves what it does
 
     # ------------------------------------------------------------ data plane
     def pick(self, name: str) -> Replica:
@@ -171,6 +194,7 @@ class ReplicaPool:
             started = time.perf_counter()
             self.routing = self.routing.with_route(route)  # the flip: one assignment
             timings.flip_s = time.perf_counter() - started
+            self.degraded.pop(route.alias, None)  # every version of the new route loaded
             now = time.monotonic()
             if previous is not None:
                 for version in previous.versions() - route.versions():
@@ -356,6 +380,10 @@ class ReplicaPool:
                     replica.last_error = str(exc)
                     log.error("replica %d: cannot load routed adapter %s: %s", replica.index,
                               name, exc)
+                    # The version's own fault (files gone or altered, refused by vLLM): serve
+                    # around it. Anything else (the engine busy) is retried as it was.
+                    if exc.client_error and await self._route_around(alias, version, str(exc)):
+                        return await self._sync(replica)
                     if was == "ready":
                         # It lost an adapter it served (an external restart): out of rotation.
                         replica.state = "syncing"
@@ -366,6 +394,34 @@ class ReplicaPool:
             log.info("replica %d (%s) ready", replica.index, replica.url)
         replica.state = "ready"
         replica.last_error = ""
+
+    async def _route_around(self, alias: str, version: str, why: str) -> bool:
+        """Change ``alias``'s route so it no longer needs ``version``, which cannot load: a
+        candidate leaves the route (production serves everyone), a production version
+        gives way to the previous production version that is not known to fail, else to
+        the base model. True when the route changed (or no longer held ``version``)."""
+        async with self._swap_lock:
+            route = self.routing.get(alias)
+            if route is None or version not in route.versions():
+                return True
+            self.errors[(alias, version)] = why
+            if version == route.candidate:
+                new = replace(route, candidate=None, canary_share=0.0, shadow_share=0.0)
+            else:
+                earlier = await self.previous(alias) if self.previous is not None else []
+                fallback = next((v for v in earlier if v != version
+                                 and (alias, v) not in self.errors), None)
+                new = replace(route, production=fallback,
+                              candidate=None if route.candidate == fallback else route.candidate)
+            self.routing = self.routing.with_route(new)
+        event = RoutedAround(alias, version, "candidate" if version == route.candidate
+                             else "production", new.production, why)
+        if event.role == "production" or alias not in self.degraded:
+            self.degraded[alias] = event
+        log.error("%s %s cannot load (%s): %s", alias, version, why, event.summary())
+        if self.on_route_around is not None:
+            self.on_route_around(event)
+        return True
 
     async def _expire_grace(self) -> None:
         now = time.monotonic()

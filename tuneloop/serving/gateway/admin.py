@@ -43,6 +43,9 @@ class AdminService:
                       for (a, v), t in pool.grace.items()],
             "errors": [{"alias": a, "version": v, "error": e}
                        for (a, v), e in pool.errors.items()],
+            "degraded": [{"alias": d.alias, "version": d.version, "role": d.role,
+                          "serving": d.serving, "summary": d.summary()}
+                         for d in pool.degraded.values()],
             "base_model": pool.base_name,
         }
 

@@ -26,7 +26,9 @@ from tuneloop.services.loop.metrics import LoopCollector
 from tuneloop.services.registry.core import Adapter
 from tuneloop.serving.control import (
     admin_key,
+    previous_productions,
     read_adapter,
+    record_routed_around,
     registry_route,
     routing_file,
     saved_shares,
@@ -37,7 +39,7 @@ from tuneloop.serving.gateway.protocol import ALIAS_HEADER, RESPONSE_ID_HEADER, 
 from tuneloop.serving.gateway.routes import attach_routes
 from tuneloop.serving.gateway.serving import Gateway
 from tuneloop.serving.metrics import GatewayMetrics
-from tuneloop.serving.pool import Replica, ReplicaPool
+from tuneloop.serving.pool import Replica, ReplicaPool, RoutedAround
 from tuneloop.serving.routing import Route, RoutingTable
 from tuneloop.serving.upstream import ReplicaClient
 from tuneloop.serving.vllm_process import ReplicaSpec, replica_specs
@@ -108,7 +110,25 @@ def _pool(settings: Settings, served_name: str, metrics: GatewayMetrics) -> Repl
                        health_interval_s=cfg.health_interval_s,
                        rollback_grace_s=cfg.rollback_grace_s)
     pool.on_restart = lambda r: metrics.replica_restarts.labels(str(r.index)).inc()
+
+    async def previous(alias: str) -> list[str]:
+        return await asyncio.to_thread(previous_productions, settings, alias)
+
+    def routed_around(event: RoutedAround) -> None:
+        metrics.routed_around.labels(event.alias, event.role).inc()
+        save_route(settings, pool.routing.get(event.alias) or Route(event.alias, None))
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(
+            record_routed_around, settings, event.alias, event.version, event.role,
+            event.serving, event.why))
+        _KEEP.add(task)
+        task.add_done_callback(_KEEP.discard)
+
+    pool.previous = previous
+    pool.on_route_around = routed_around
     return pool
+
+
+_KEEP: set[asyncio.Task[None]] = set()  # recording tasks, held until done
 
 
 def _producers(settings: Settings) -> tuple[FeedbackProducer, FeedbackProducer]:
