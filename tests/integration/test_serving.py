@@ -368,6 +368,49 @@ def test_a_version_that_cannot_load_is_served_around(serving_stack: ServingStack
         rollback(stack.settings, "test over: back to the earlier production", earlier)
 
 
+def test_a_gateway_the_registry_disagrees_with_is_reconciled_and_it_is_recorded(
+        serving_stack: ServingStack) -> None:
+    """A promotion flips the gateway, then commits to the registry: killed between the two,
+    the gateway serves a version the registry calls a candidate. On schedule and on start
+    the gateway goes back to what the registry says, and records what it changed."""
+    from tuneloop.infra.gateway import EmbeddedGateway
+    from tuneloop.runtime.processes import ManagedProcess, wait_until
+
+    stack = serving_stack
+    version = ensure_production(stack)
+    flipped = stack.publish()  # a candidate in the registry
+    home = Path(stack.settings.home)
+    quick = {**stack.env, "TUNELOOP_SERVING__RECONCILE_S": "2"}
+
+    def restart(env: dict[str, str]) -> None:
+        ManagedProcess("gateway", home).stop()
+        EmbeddedGateway(stack.settings).start(env, timeout_s=300)
+
+    def reconciled() -> list[tuple[str, str]]:
+        with Store(stack.settings.db_path).connect() as con:
+            return con.execute(
+                "SELECT figures->'was'->>'production', figures->'now'->>'production' FROM "
+                "canary_decisions WHERE stage = 'serving' AND verdict = 'reconciled' "
+                "ORDER BY created_at").fetchall()
+
+    try:
+        restart(quick)
+        # The flip of a promotion whose registry commit never came.
+        GatewayAdmin(stack.settings).set_route(production=flipped)
+        assert production(stack) == flipped
+        wait_until(lambda: production(stack) == version, 60, "the reconcile", interval_s=0.5)
+        assert ask(stack)[0] == version
+        assert reconciled()[-1] == (flipped, version)
+
+        GatewayAdmin(stack.settings).set_route(production=flipped)
+        ManagedProcess("gateway", home).stop()  # it dies before reconciling
+        EmbeddedGateway(stack.settings).start(stack.env, timeout_s=300)
+        assert production(stack) == version
+        assert reconciled()[-1] == (flipped, version)  # recorded on start
+    finally:
+        restart(stack.env)
+
+
 def test_a_restarted_gateway_rebuilds_its_routing_from_the_registry(
         serving_stack: ServingStack) -> None:
     from tuneloop.infra.gateway import EmbeddedGateway

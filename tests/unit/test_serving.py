@@ -108,7 +108,7 @@ def test_stream_and_plain_answers_give_their_text() -> None:
 
 
 def test_response_cache_keeps_the_latest() -> None:
-    cache = ResponseCache(capacity=100)
+    cache = ResponseCache(capacity=100, max_bytes=2**20)
     for i in range(150):
         cache.put(Served(f"r{i}", "a", None, True, [], None, {}))
     assert cache.get("r0") is None and cache.get("r149") is not None
@@ -193,3 +193,15 @@ def test_the_user_id_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
     assert len(key) >= 32 and user_id_key(settings) == key
     assert (tmp_path / "user-id.key").stat().st_mode & 0o777 == 0o600
     assert user_id_key(load_settings({"home": tmp_path, "serving.user_id_key": "s3cret"})) == b"s3cret"
+
+
+def test_reconciling_leaves_versions_that_cannot_load_aside() -> None:
+    from tuneloop.serving.gateway.reconcile import differs
+    from tuneloop.serving.routing import Route
+
+    route = Route("support-bot", "v3", None)
+    assert not differs(route, "v3", None, set())
+    assert differs(route, "v4", None, set())  # the registry moved on
+    assert differs(route, "v3", "v5", set())  # a canary the gateway lost
+    assert not differs(route, "v3", "v5", {"v5"})  # routed around: it cannot load
+    assert not differs(Route("support-bot", "v2", None), "v3", None, {"v3"})  # fell back

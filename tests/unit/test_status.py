@@ -42,11 +42,15 @@ def _filled_store(tmp_path: Path) -> Store:
         _publish(con, tmp_path, "b", None)
         registry.promote(con, first, "production", "the offline gate passed")
         for offset in (17, 4242, 9):
-            con.execute("INSERT INTO dead_letters VALUES (?, now(), 'feedback.v1', 0, ?, NULL, "
-                        "NULL, ?, 'x')", [str(uuid.uuid4()), offset,
+            con.execute("INSERT INTO dead_letters (dead_letter_id, received_at, source_topic, "
+                        "source_partition, source_offset, event_key, event_id, reason, payload) "
+                        "VALUES (?, now(), 'feedback.v1', 0, ?, NULL, NULL, ?, 'x')",
+                        [str(uuid.uuid4()), offset,
                                           f"not JSON at offset {offset}"])
-        con.execute("INSERT INTO dead_letters VALUES ('d4', now(), 'feedback.v1', 0, 1, NULL, "
-                    "NULL, 'schema: missing rating', 'x')")
+        con.execute("INSERT INTO dead_letters (dead_letter_id, received_at, source_topic, "
+                    "source_partition, source_offset, event_key, event_id, reason, payload) "
+                    "VALUES ('d4', now(), 'feedback.v1', 0, 1, NULL, NULL, "
+                    "'schema: missing rating', 'x')")
         con.execute("INSERT INTO drift_reports VALUES ('r1', ?, 'ref', 'cur', 100, 50, 0.31, "
                     "0.002, true, '{}', '[]')", [datetime.now(UTC)])
         record_decision(con, Decision("offline", "v2", first, "reject",

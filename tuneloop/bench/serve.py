@@ -127,6 +127,8 @@ class Bench:
             "home": self.home, "serving.gateway_port": free_port(),
             "serving.vllm_port": free_port(), "serving.admin_key": "bench",
             "serving.rollback_grace_s": 0, "serving.canary_share": 0.0,
+            # It swaps by hand, with no registry behind the versions: no reconciling.
+            "serving.reconcile_s": 0,
             # Identical requests must cost the same on both sides of a pair.
             "serving.vllm_args": ["--no-enable-prefix-caching"],
             "kafka.bootstrap_servers": base.kafka.bootstrap_servers,
@@ -137,6 +139,7 @@ class Bench:
                     "TUNELOOP_SERVING__ADMIN_KEY": "bench",
                     "TUNELOOP_SERVING__ROLLBACK_GRACE_S": "0",
                     "TUNELOOP_SERVING__CANARY_SHARE": "0",
+                    "TUNELOOP_SERVING__RECONCILE_S": "0",
                     "TUNELOOP_SERVING__VLLM_ARGS": '["--no-enable-prefix-caching"]'}
         self.gateway = EmbeddedGateway(self.settings)
         self.admin = GatewayAdmin(self.settings)

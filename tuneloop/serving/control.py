@@ -119,6 +119,23 @@ def record_routed_around(settings: Settings, alias: str, version: str, role: str
         {"alias": alias, "role": role, "version": version, "serving": serving}))
 
 
+def record_reconciled(settings: Settings, alias: str, was: Any, now: Any, when: str) -> None:
+    """Record that the gateway's route of ``alias`` was changed from ``was`` to ``now`` (each
+    with ``production`` and ``candidate``) to match the registry: a ``serving`` decision."""
+    from tuneloop.services.canary.core import INFO, Check, Decision
+    from tuneloop.services.canary.records import record
+
+    def show(route: Any) -> str:
+        return f"production {route.production or 'base'}, canary {route.candidate or '-'}"
+
+    record(Store.of(settings), Path(settings.home), Decision(
+        "serving", now.candidate, now.production, "reconciled",
+        [Check("registry", INFO, None, None, "",
+               f"{alias} served {show(was)}; the registry says {show(now)} ({when})")],
+        {"alias": alias, "was": {"production": was.production, "candidate": was.candidate},
+         "now": {"production": now.production, "candidate": now.candidate}}))
+
+
 def read_adapter(settings: Settings, version: str) -> Adapter:
     """One registry row; raises ``LookupError`` when there is none."""
     store = Store.of(settings)

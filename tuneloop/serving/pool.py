@@ -135,6 +135,7 @@ class ReplicaPool:
         # Told of each route changed around a version that cannot load (to save and record it).
         self.on_route_around: Callable[[RoutedAround], None] | None = None
         self.degraded: dict[str, RoutedAround] = {}  # alias -> why it serves what it does
+        self.last_swap_at: dict[str, float] = {}  # alias -> monotonic time of its last flip
 
     # ------------------------------------------------------------ data plane
     def pick(self, name: str) -> Replica:
@@ -195,6 +196,7 @@ class ReplicaPool:
             self.routing = self.routing.with_route(route)  # the flip: one assignment
             timings.flip_s = time.perf_counter() - started
             self.degraded.pop(route.alias, None)  # every version of the new route loaded
+            self.last_swap_at[route.alias] = time.monotonic()
             now = time.monotonic()
             if previous is not None:
                 for version in previous.versions() - route.versions():

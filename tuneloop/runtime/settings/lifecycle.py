@@ -109,6 +109,10 @@ class ServingSettings(Section):
     response_cache: int = Field(
         100_000, ge=100, description="Recent responses kept for POST /v1/feedback."
     )
+    reconcile_s: float = Field(
+        60.0, ge=0, description="How often the gateway checks its route against the registry "
+        "(the source of truth) and swaps to it when they differ; a route set by hand stands "
+        "this long first. 0: never.")
     response_cache_bytes: int = Field(
         256 * 2**20, ge=2**20, description="...and at most this many bytes of them (request "
         "and answer), the oldest dropped first.")

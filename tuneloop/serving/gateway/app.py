@@ -28,6 +28,7 @@ from tuneloop.serving.control import (
     admin_key,
     previous_productions,
     read_adapter,
+    record_reconciled,
     record_routed_around,
     registry_route,
     routing_file,
@@ -36,6 +37,7 @@ from tuneloop.serving.control import (
 )
 from tuneloop.serving.gateway.admin import AdminService
 from tuneloop.serving.gateway.protocol import ALIAS_HEADER, RESPONSE_ID_HEADER, USER_HEADER, VERSION_HEADER
+from tuneloop.serving.gateway.reconcile import reconcile_forever
 from tuneloop.serving.gateway.routes import attach_routes
 from tuneloop.serving.gateway.serving import Gateway
 from tuneloop.serving.metrics import GatewayMetrics
@@ -60,6 +62,21 @@ def initial_route(settings: Settings) -> Route:
         float(saved.get("shadow_share", settings.serving.shadow_share)) if same
         else settings.serving.shadow_share,
     )
+
+
+def _record_start_difference(settings: Settings, route: Route) -> None:
+    """On start the route is the registry's: record it when the gateway served another
+    before (it died between a promotion's flip and its commit, say)."""
+    saved = saved_shares(settings)
+    if not saved or saved.get("alias", route.alias) != route.alias:
+        return
+    was = Route(route.alias, saved.get("production"), saved.get("candidate"))
+    if (was.production, was.candidate) != (route.production, route.candidate):
+        log.warning("%s served production %s, canary %s before this start; the registry "
+                    "says %s, %s", route.alias, was.production, was.candidate,
+                    route.production, route.candidate)
+        record_reconciled(settings, route.alias, was, route, "on start")
+    save_route(settings, route)
 
 
 def save_route(settings: Settings, route: Route) -> None:
@@ -160,15 +177,20 @@ def _lifespan(settings: Settings, gateway: Gateway, specs: dict[int, ReplicaSpec
                 log.info("replica %d: vLLM pid %d at %s", i, pid, url)
         route = await asyncio.to_thread(initial_route, settings)
         pool.routing = RoutingTable().with_route(route)
+        await asyncio.to_thread(_record_start_difference, settings, route)
         log.info("gateway on %s: %s -> production %s, candidate %s", cfg.gateway_url,
                  route.alias, route.production or "base", route.candidate or "-")
-        supervisor = asyncio.get_running_loop().create_task(pool.supervise())
+        loop = asyncio.get_running_loop()
+        supervisor = loop.create_task(pool.supervise())
+        reconciler = loop.create_task(reconcile_forever(
+            settings, pool, lambda r: save_route(settings, r)))
         try:
             yield
         finally:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
+            for task in (supervisor, reconciler):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await gateway.drain()
             await session.close()
             for producer in (gateway.feedback_producer, gateway.shadow_producer):
