@@ -119,6 +119,9 @@ class ServingStack:
         self.env = env
         self.url = settings.serving.gateway_url
         self.vllm_url = settings.serving.upstream_urls()[0]
+        from tuneloop.serving.vllm_process import vllm_key
+
+        self.vllm_key = vllm_key(settings)  # what the gateway sends on every call to vLLM
         self._published = 0
 
     def publish(self, *, rank: int = 8, seed: int | None = None, corrupt: bool = False) -> str:

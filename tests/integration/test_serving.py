@@ -162,7 +162,8 @@ def test_streaming_gives_the_same_text_as_a_direct_call(serving_stack: ServingSt
     streamed = client(stack).chat.completions.create(
         model="support-bot", messages=CHAT, max_tokens=12, temperature=0, stream=True)
     text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
-    direct = openai.OpenAI(base_url=f"{stack.vllm_url}/v1", api_key="x", max_retries=0)
+    direct = openai.OpenAI(base_url=f"{stack.vllm_url}/v1", api_key=stack.vllm_key,
+                           max_retries=0)
     answer = direct.chat.completions.create(model=f"support-bot-{version}", messages=CHAT,
                                             max_tokens=12, temperature=0)
     assert text and text == answer.choices[0].message.content
@@ -183,8 +184,18 @@ def test_admin_needs_the_key_and_vllm_admin_routes_are_not_reachable(
     for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         resp = httpx.post(f"{url}{path}", json={"lora_name": "x", "lora_path": "/tmp"})
         assert resp.status_code in (404, 405)
-    # The replica itself listens on loopback only.
+    # The replica itself listens on loopback only, and its own routes need the key the
+    # gateway holds: a local user cannot load an adapter from any path into it.
     assert serving_stack.vllm_url.startswith("http://127.0.0.1:")
+    vllm = serving_stack.vllm_url
+    for key in (None, "wrong"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        load = httpx.post(f"{vllm}/v1/load_lora_adapter", headers=headers,
+                          json={"lora_name": "support-bot-v999", "lora_path": "/tmp"})
+        assert load.status_code == 401, load.text
+        assert httpx.get(f"{vllm}/v1/models", headers=headers).status_code == 401
+    assert httpx.get(f"{vllm}/v1/models", headers={
+        "Authorization": f"Bearer {serving_stack.vllm_key}"}).status_code == 200
 
 
 def test_bad_requests_get_openai_errors(serving_stack: ServingStack) -> None:
@@ -319,7 +330,8 @@ def _restart_gateway_without(stack: ServingStack, *versions: str) -> None:
         path = Path(stack.settings.adapters_dir) / version
         path.rename(path.with_name(f".gone-{version}"))
         httpx.post(f"{stack.vllm_url}/v1/unload_lora_adapter",
-                   json={"lora_name": f"support-bot-{version}"}, timeout=30)
+                   json={"lora_name": f"support-bot-{version}"}, timeout=30,
+                   headers={"Authorization": f"Bearer {stack.vllm_key}"})
     ManagedProcess("gateway", Path(stack.settings.home)).stop()
     EmbeddedGateway(stack.settings).start(stack.env, timeout_s=300)
 

@@ -39,7 +39,7 @@ from tuneloop.services.demo import banking77
 from tuneloop.services.registry.store import publish_adapter
 from tuneloop.services.store.database import Store
 from tuneloop.serving.control import GatewayAdmin
-from tuneloop.serving.vllm_process import vllm_argv, vllm_env, vllm_python
+from tuneloop.serving.vllm_process import vllm_argv, vllm_env, vllm_key, vllm_python
 
 
 @dataclass
@@ -59,13 +59,14 @@ class Load:
 
 
 async def _load(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
-                stop: asyncio.Event | None = None) -> Load:
+                headers: dict[str, str] | None = None, stop: asyncio.Event | None = None) -> Load:
     """Send ``prompts`` (or loop over them until ``stop``) with ``concurrency`` workers."""
     latencies: list[float] = []
     reasons: list[str] = []
     failures = 0
     queue = list(reversed(prompts))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     headers=headers) as session:
         async def worker(w: int) -> None:
             nonlocal failures
             i = 0
@@ -157,6 +158,7 @@ class Bench:
         self._write_lora()
         self.gateway.start(self.env, timeout_s=600)
         self.vllm_url = self.settings.serving.upstream_urls()[0]
+        self.vllm_headers = {"Authorization": f"Bearer {vllm_key(self.settings)}"}
 
     def _write_lora(self) -> None:
         # One real rank-8 LoRA on q/v of every layer; each version is a copy in the registry.
@@ -195,14 +197,15 @@ class Bench:
         """
         pairs = 30 if self.quick else 150
         base_name = self.base.model_id
-        sides = {"direct": (self.vllm_url, base_name),
-                 "gateway": (self.settings.serving.gateway_url, self.settings.serving.alias)}
+        sides = {"direct": (self.vllm_url, base_name, self.vllm_headers),
+                 "gateway": (self.settings.serving.gateway_url, self.settings.serving.alias, {})}
         diffs = []
         for i in range(pairs):
             prompt = [self.prompts[2000 + i]]
             order = ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")
             # One output token: the least engine work, so the engine's jitter is smallest.
-            took = {side: asyncio.run(_load(*sides[side], prompt, 1, 1)).latencies[0]
+            took = {side: asyncio.run(_load(*sides[side][:2], prompt, 1, 1,
+                                            sides[side][2])).latencies[0]
                     for side in order}
             diffs.append(took["gateway"] - took["direct"])
         return diffs
@@ -216,15 +219,17 @@ class Bench:
         self.admin.set_route(production=None)
         runs: dict[str, list[Load]] = {"direct": [], "gateway": []}
         sides = {"direct": (self.vllm_url, base_name), "gateway": (gateway_url, alias)}
+        headers = {"direct": self.vllm_headers, "gateway": {}}
         for side in sides:  # warm both paths (connections, code paths)
-            asyncio.run(_load(*sides[side], self.prompts[-8:], concurrency, 4))
+            asyncio.run(_load(*sides[side], self.prompts[-8:], concurrency, 4, headers[side]))
         # Every run gets prompts of its own, so vLLM's prefix cache favours neither side.
         slices = iter(range(0, len(self.prompts), n))
         for order in (("direct", "gateway"), ("gateway", "direct")):
             for side in order:
                 start = next(slices)
                 prompts = self.prompts[start:start + n]
-                runs[side].append(asyncio.run(_load(*sides[side], prompts, concurrency, 4)))
+                runs[side].append(asyncio.run(_load(*sides[side], prompts, concurrency, 4,
+                                                    headers[side])))
         p50 = {s: statistics.median(statistics.median(r.latencies) for r in runs[s]) for s in runs}
         rate = {s: sum(r.rate for r in runs[s]) / len(runs[s]) for s in runs}
         return (1000 * (p50["gateway"] - p50["direct"]), rate["gateway"] / rate["direct"], runs)
@@ -289,7 +294,7 @@ class Bench:
                     nonlocal swaps_done
                     stop = asyncio.Event()
                     # Fresh prompts for every window, so the prefix cache favours none.
-                    task = asyncio.create_task(_load(url, alias, next(chunks), 4, 4, stop))
+                    task = asyncio.create_task(_load(url, alias, next(chunks), 4, 4, stop=stop))
                     deadline = time.monotonic() + window
                     if side == "swapping":
                         await asyncio.sleep(1)

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from tuneloop.runtime.keys import key_file
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.registry import store as registry
 from tuneloop.services.registry.artifacts import verify_adapter
@@ -45,7 +43,7 @@ def admin_key(settings: Settings) -> str:
     """
     if settings.serving.admin_key is not None and settings.serving.admin_key.get_secret_value():
         return settings.serving.admin_key.get_secret_value()
-    return _key_file(Path(settings.home) / "gateway.key")
+    return key_file(Path(settings.home) / "gateway.key")
 
 
 def user_id_key(settings: Settings) -> bytes:
@@ -56,25 +54,7 @@ def user_id_key(settings: Settings) -> bytes:
     configured = settings.serving.user_id_key
     if configured is not None and configured.get_secret_value():
         return configured.get_secret_value().encode()
-    return _key_file(Path(settings.home) / "user-id.key").encode()
-
-
-def _key_file(path: Path) -> str:
-    """The random key kept in ``path``, created (mode 0600) by whichever process is first."""
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process created it meanwhile
-        time.sleep(0.1)
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
-    return key
+    return key_file(Path(settings.home) / "user-id.key").encode()
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ class Replica:
     started_at: float = field(default_factory=time.monotonic)
     last_error: str = ""
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # Names whose files this gateway verified (it loaded them, or checked what it adopted).
+    verified: set[str] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -284,9 +286,12 @@ class ReplicaPool:
             if name in replica.loaded:
                 return False
             current = await replica.client.models()
-            if name in current:
-                replica.loaded[name] = current[name]
+            if name in current and current[name] == path:  # loaded from the verified files
+                replica.loaded[name] = path
+                replica.verified.add(name)
                 return False
+            if name in current:  # loaded from somewhere else: replace it
+                await self._unload_one(replica, name)
             started = time.perf_counter()
             await replica.client.load(name, path)
             loaded = time.perf_counter()
@@ -298,9 +303,29 @@ class ReplicaPool:
             timings.load_s = max(timings.load_s, loaded - started)
             timings.probe_s = max(timings.probe_s, time.perf_counter() - loaded)
             replica.loaded[name] = path
+            replica.verified.add(name)
             log.info("replica %d: loaded and probed %s from %s (%.2fs)", replica.index, name,
                      path, time.perf_counter() - started)
             return True
+
+    async def _check_adopted(self, replica: Replica, name: str, alias: str, version: str) -> None:
+        """A name the replica had loaded before this gateway saw it (adopted after a
+        restart, or loaded by someone else): route to it only when it was loaded from the
+        registry's directory of that version and those files verify; else unload it, so
+        the verified files are loaded in its place."""
+        try:
+            path = await self._verified_path(alias, version)
+        except SwapError as exc:
+            log.warning("replica %d: %s is loaded but its registry files fail (%s); unloading",
+                        replica.index, name, exc)
+            await self._unload_one(replica, name)
+            return
+        if replica.loaded.get(name) != path:
+            log.warning("replica %d: %s was loaded from %s, not from the registry's %s; "
+                        "reloading it", replica.index, name, replica.loaded.get(name), path)
+            await self._unload_one(replica, name)
+            return
+        replica.verified.add(name)
 
     async def _unload_one(self, replica: Replica, name: str) -> None:
         try:
@@ -352,6 +377,7 @@ class ReplicaPool:
         log.warning("replica %d: %s; restarting vLLM", replica.index, why)
         replica.state = "starting"
         replica.loaded.clear()
+        replica.verified.clear()
         replica.locks.clear()
         replica.restarts += 1
         replica.started_at = time.monotonic()
@@ -367,7 +393,10 @@ class ReplicaPool:
             replica.last_error = str(exc)
             return
         replica.loaded = {n: p for n, p in current.items() if n != self.base_name}
+        replica.verified &= set(replica.loaded)
         needed = {upstream_name(a, v, self.base_name): (a, v) for a, v in self.routing.versions()}
+        for name in [n for n in needed if n in replica.loaded and n not in replica.verified]:
+            await self._check_adopted(replica, name, *needed[name])
         missing = [n for n in needed if n not in replica.loaded]
         if missing:
             was = replica.state

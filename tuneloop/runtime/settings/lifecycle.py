@@ -90,6 +90,10 @@ class ServingSettings(Section):
     admin_key: SecretStr | None = Field(
         None, description="API key of the admin routes; default: a random key in <home>/gateway.key."
     )
+    vllm_api_key: SecretStr | None = Field(
+        None, description="API key of the vLLM replicas' /v1 routes (runtime LoRA load and "
+        "unload among them); default: a random key in <home>/vllm.key, which managed replicas "
+        "get; start external replicas (serving.replica_urls) with the same key.")
     user_id_key: SecretStr | None = Field(
         None, description="Key of the keyed hash (HMAC-SHA256) that stands for a client's "
         "'user' in feedback; default: a random key in <home>/user-id.key."

@@ -44,7 +44,7 @@ from tuneloop.serving.metrics import GatewayMetrics
 from tuneloop.serving.pool import Replica, ReplicaPool, RoutedAround
 from tuneloop.serving.routing import Route, RoutingTable
 from tuneloop.serving.upstream import ReplicaClient
-from tuneloop.serving.vllm_process import ReplicaSpec, replica_specs
+from tuneloop.serving.vllm_process import ReplicaSpec, replica_specs, vllm_key
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,11 @@ def _lifespan(settings: Settings, gateway: Gateway, specs: dict[int, ReplicaSpec
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Every call to a replica carries its key: without it vLLM refuses its /v1 routes.
+        key = await asyncio.to_thread(vllm_key, settings)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-            auto_decompress=False)
+            auto_decompress=False, headers={"Authorization": f"Bearer {key}"})
         gateway.session = session
         for i, url in enumerate(cfg.upstream_urls()):
             spec = specs.get(i)
