@@ -198,6 +198,33 @@ def test_admin_needs_the_key_and_vllm_admin_routes_are_not_reachable(
         "Authorization": f"Bearer {serving_stack.vllm_key}"}).status_code == 200
 
 
+def test_an_adapter_loaded_behind_the_gateways_back_is_replaced_from_the_registry(
+        serving_stack: ServingStack, tmp_path: Path) -> None:
+    """Someone with the key loads a version's name from other files: the gateway routes to
+    that name only once it is loaded from the registry's verified directory."""
+    import shutil
+
+    stack = serving_stack
+    version = stack.publish()
+    name = f"support-bot-{version}"
+    elsewhere = tmp_path / "not-the-registry"
+    shutil.copytree(Path(stack.settings.adapters_dir) / version, elsewhere)
+    headers = {"Authorization": f"Bearer {stack.vllm_key}"}
+    loaded = httpx.post(f"{stack.vllm_url}/v1/load_lora_adapter", headers=headers, timeout=60,
+                        json={"lora_name": name, "lora_path": str(elsewhere)})
+    assert loaded.status_code == 200, loaded.text
+    earlier = production(stack)
+    promote(stack.settings, version, "production", "loaded elsewhere first")
+    try:
+        models = httpx.get(f"{stack.vllm_url}/v1/models", headers=headers).json()["data"]
+        root = next(m["root"] for m in models if m["id"] == name)
+        assert root == str((Path(stack.settings.adapters_dir) / version).resolve())
+        assert ask(stack)[0] == version
+    finally:
+        if earlier is not None:
+            rollback(stack.settings, "test over", earlier)
+
+
 def test_bad_requests_get_openai_errors(serving_stack: ServingStack) -> None:
     c = client(serving_stack)
     with pytest.raises(openai.NotFoundError, match="not served here"):
