@@ -450,6 +450,43 @@ def test_a_gateway_the_registry_disagrees_with_is_reconciled_and_it_is_recorded(
         restart(stack.env)
 
 
+def test_a_slow_answer_times_out_without_draining_the_replica(serving_stack: ServingStack) -> None:
+    """A generation longer than the first-byte timeout gets a 504; the replica that works
+    on it stays in rotation and the request is not sent to another (one total timeout
+    once marked the replica failed and retried the same generation on every other one)."""
+    from tuneloop.infra.gateway import EmbeddedGateway
+    from tuneloop.runtime.processes import ManagedProcess
+
+    stack = serving_stack
+    home = Path(stack.settings.home)
+
+    def restart(env: dict[str, str]) -> None:
+        ManagedProcess("gateway", home).stop()
+        EmbeddedGateway(stack.settings).start(env, timeout_s=300)
+
+    def sent_to_replica() -> float:
+        for line in httpx.get(f"{stack.url}/metrics").text.splitlines():
+            if line.startswith('tuneloop_gateway_replica_requests_total{replica="0"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    ensure_production(stack)
+    restart({**stack.env, "TUNELOOP_SERVING__UPSTREAM_TIMEOUT_S": "0.3"})
+    try:
+        before = sent_to_replica()
+        with pytest.raises(openai.APIStatusError) as slow:
+            client(stack).chat.completions.create(
+                model="support-bot", messages=CHAT, max_tokens=400, temperature=0,
+                extra_body={"ignore_eos": True})
+        assert slow.value.status_code == 504, slow.value
+        assert "upstream_timeout_s" in str(slow.value)
+        replica = GatewayAdmin(stack.settings).state()["replicas"][0]
+        assert replica["state"] == "ready" and replica["restarts"] == 0, replica
+        assert sent_to_replica() == before + 1
+    finally:
+        restart(stack.env)
+
+
 def test_a_restarted_gateway_rebuilds_its_routing_from_the_registry(
         serving_stack: ServingStack) -> None:
     from tuneloop.infra.gateway import EmbeddedGateway

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # Health checks that fail in a row before a replica whose process lives is taken out
 # (a loaded CPU can make one check slow); a dead process is taken out at once.
 _FAILS_BEFORE_DOWN = 3
+# A replica that ran this long before it died is restarted at once; sooner, with backoff.
+_STABLE_S = 600.0
 
 
 class SwapError(Exception):
@@ -65,6 +67,7 @@ class Replica:
     inflight: int = 0
     using: dict[str, int] = field(default_factory=dict)  # requests in flight per served name
     restarts: int = 0
+    quick_deaths: int = 0  # deaths in a row, each within _STABLE_S of its start
     failures: int = 0
     started_at: float = field(default_factory=time.monotonic)
     last_error: str = ""
@@ -351,10 +354,16 @@ class ReplicaPool:
     async def _check(self, replica: Replica) -> None:
         spec = replica.spec
         if spec is not None and not spec.alive():
-            # Died while serving: restart now. Died while starting: back off, so a
-            # replica that cannot start (bad flags, no memory) is not restarted in a loop.
-            backoff = min(60.0, 2.0 ** min(replica.restarts, 6))
-            if replica.state != "starting" or time.monotonic() - replica.started_at > backoff:
+            # Gone: restart it, backing off while it keeps dying soon after each start (bad
+            # flags, no memory, an engine that crashes once loaded), so it is not restarted
+            # in a loop. One that served for a while is restarted at once.
+            since_start = time.monotonic() - replica.started_at
+            if since_start > _STABLE_S:
+                replica.quick_deaths = 0
+            backoff = min(60.0, 2.0 ** min(replica.quick_deaths, 6)) if replica.quick_deaths else 0.0
+            if since_start > backoff:
+                if since_start <= _STABLE_S:
+                    replica.quick_deaths += 1
                 self._restart(replica, "its process is gone")
             return
         if not await replica.client.healthy():

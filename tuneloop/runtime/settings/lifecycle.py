@@ -84,7 +84,15 @@ class ServingSettings(Section):
     )
     start_timeout_s: float = Field(300.0, gt=0, description="A replica not healthy by then is restarted.")
     health_interval_s: float = Field(1.0, gt=0)
-    upstream_timeout_s: float = Field(300.0, gt=0, description="One request to vLLM, end to end.")
+    upstream_timeout_s: float = Field(
+        300.0, gt=0, description="Longest wait for vLLM's first byte (a whole answer, unless "
+        "streamed); past it the client gets a 504 and the replica stays in rotation.")
+    upstream_connect_timeout_s: float = Field(
+        2.0, gt=0, description="Connecting to a replica; a replica not reached is taken out "
+        "of rotation and the request goes to another (nothing was done yet).")
+    upstream_idle_timeout_s: float = Field(
+        60.0, gt=0, description="Longest silence inside a streamed answer before it ends "
+        "with an error event.")
     # A secret: it prints as '**********' (repr, str, logs, JSON dumps); only
     # serving.control.admin_key reads its value, for the gateway and its clients.
     admin_key: SecretStr | None = Field(

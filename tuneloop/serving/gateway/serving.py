@@ -64,7 +64,11 @@ class Gateway:
         self.shadow_producer = shadow
         self.cache = ResponseCache(cfg.response_cache, cfg.response_cache_bytes)
         self.session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(total=cfg.upstream_timeout_s, sock_connect=2)
+        # Connecting is the only wait that says the replica is gone; waiting for the first
+        # byte (the whole answer, unless streamed) or inside a stream is the generation's.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.upstream_connect_timeout_s)
+        self._shadow_timeout = aiohttp.ClientTimeout(total=cfg.upstream_timeout_s,
+                                                     sock_connect=cfg.upstream_connect_timeout_s)
         self._background: set[asyncio.Task[None]] = set()
         self.observations = Observations()
 
@@ -147,14 +151,21 @@ class Gateway:
             self.metrics.replica_requests.labels(str(replica.index)).inc()
             self.metrics.inflight.inc()
             try:
-                resp = await self.session.post(
+                resp = await asyncio.wait_for(self.session.post(
                     replica.url + path, data=payload, timeout=self._timeout,
-                    headers={"content-type": "application/json"})
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                self.pool.release(replica, name)
-                self.metrics.inflight.dec()
+                    headers={"content-type": "application/json"}), self.cfg.upstream_timeout_s)
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                # Not reached, or gone before answering: nothing was generated, so another
+                # replica may take the request, and this one is checked before its next.
+                self._done(replica, name)
                 self.pool.report_failure(replica, f"{type(exc).__name__}: {exc}")
                 continue
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The replica took the request and is working on it (or was slow to): the
+                # generation's time ran out, not the replica. No retry: it would do the
+                # same work again, elsewhere.
+                self._done(replica, name)
+                return self._timed_out(served, exc)
             break
         self.metrics.first_byte.labels(route.alias, version_label, endpoint).observe(
             time.perf_counter() - started)
@@ -173,6 +184,17 @@ class Gateway:
         return StreamingResponse(self._relay(route, served, replica, name, resp, started),
                                  status_code=resp.status, media_type="text/event-stream",
                                  headers=headers)
+
+    def _timed_out(self, served: Served, exc: BaseException) -> Response:
+        alias, version = served.alias, served.version or "base"
+        self.metrics.errors.labels(alias, version, "timeout").inc()
+        self._observe(served, False, self.cfg.upstream_timeout_s)
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log.warning("504 for %s (%s) after %.0fs: %s", alias, version,
+                    self.cfg.upstream_timeout_s, why)
+        return error_response(504, f"{alias} took longer than {self.cfg.upstream_timeout_s:.0f}s "
+                              "(serving.upstream_timeout_s) to answer; ask for fewer tokens, "
+                              "stream, or retry", kind="timeout", code="upstream_timeout")
 
     def _done(self, replica: Replica, name: str) -> None:
         self.pool.release(replica, name)
@@ -214,10 +236,20 @@ class Gateway:
         chunks: list[bytes] = []
         status = str(resp.status)
         try:
-            async for chunk in resp.content.iter_any():
+            while chunk := await asyncio.wait_for(resp.content.readany(),
+                                                  self.cfg.upstream_idle_timeout_s):
                 chunks.append(chunk)
                 yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TimeoutError:
+            # Silent too long: end this answer; the replica may only be busy.
+            status = "504"
+            self.metrics.errors.labels(route.alias, version_label, "timeout").inc()
+            error = {"error": {"message": f"the answer stalled for more than "
+                                          f"{self.cfg.upstream_idle_timeout_s:.0f}s "
+                                          "(serving.upstream_idle_timeout_s); retry the request",
+                               "type": "timeout", "code": 504}}
+            yield f"data: {json.dumps(error)}\n\n".encode()
+        except aiohttp.ClientError as exc:
             # Headers are gone already: end the stream with an error event the client raises.
             status = "503"
             self.metrics.errors.labels(route.alias, version_label, "unavailable").inc()
@@ -292,7 +324,7 @@ class Gateway:
         try:
             replica = self.pool.pick(name)
             async with self.session.post(replica.url + path, json=body,
-                                         timeout=self._timeout) as resp:
+                                         timeout=self._shadow_timeout) as resp:
                 data = await resp.json(content_type=None)
                 status = resp.status
         except (NoReplicaError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
