@@ -85,7 +85,40 @@ def test_up_replay_unattended_ingest_status_down(tmp_path: Path) -> None:
         assert report["counts"]["feedback"] == 600
         state = json.loads((home / "run" / "ingest-supervisor.json").read_text())
         assert state["restarts"] == 1 and state["child_pid"] not in (None, child)
+
+        # A retrain in flight on the worker when `down` comes: its flow run (in a session
+        # of its own) once outlived the worker's supervisor, training on.
+        _start_retrain_on_the_worker(env)
+        _wait_for_training(home)
     finally:
-        down = _cli(env, "down")
-    assert down.returncode == 0
+        down = _cli(env, "down", timeout=300)
+    assert down.returncode == 0, down.stderr
     assert "broker" in down.stdout and "prefect" in down.stdout
+    from tuneloop.runtime.processes import processes_of_home
+
+    assert processes_of_home(home) == []  # not one tuneloop process of this home is left
+
+
+def _start_retrain_on_the_worker(env: dict[str, str]) -> None:
+    code = ("from prefect.deployments import run_deployment; "
+            "run_deployment('retrain/loop', parameters={'reason': 'in flight at down'}, "
+            "timeout=0)")
+    started = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True,
+                             timeout=120, env={**env, "PREFECT_API_URL": env[
+                                 "TUNELOOP_PREFECT__API_URL"]})
+    assert started.returncode == 0, started.stderr
+
+
+def _wait_for_training(home: Path, timeout_s: float = 300) -> None:
+    """Until a flow-run process of this home has its training recipe imported and running
+    (its run directory exists under <home>/runs)."""
+    from tuneloop.runtime.processes import processes_of_home
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = home / "runs"
+        if runs.is_dir() and any(runs.iterdir()) and len(processes_of_home(home)) > 4:
+            time.sleep(5)  # into its steps
+            return
+        time.sleep(2)
+    raise AssertionError(f"no retrain started training under {home} in {timeout_s:.0f}s")

@@ -11,6 +11,7 @@ from pathlib import Path
 from tuneloop.infra.broker import EmbeddedBroker
 from tuneloop.infra.gateway import EmbeddedGateway
 from tuneloop.infra.prefect_server import EmbeddedPrefect, prefect_env
+from tuneloop.infra.supervisor import STOP_S as SUPERVISOR_STOP_S
 from tuneloop.runtime.processes import ManagedProcess
 from tuneloop.runtime.settings import Settings
 
@@ -72,13 +73,27 @@ class Stack:
                 repair(con, Path(self.settings.adapters_dir))
 
     def down(self) -> list[str]:
-        """Stop every component tuneloop started here; returns the names of those stopped."""
+        """Stop every component tuneloop started here, and every process they started
+        (a flow run training in a session of its own among them); returns the names of
+        those stopped. Ends with no process of this home left."""
+        from tuneloop.runtime.processes import descendants, end_processes, processes_of_home
+
+        home = Path(self.settings.home)
+        # Taken first: once a parent is gone its children are no longer found below it.
+        below = [p for proc in (self.worker, self.ingest, self.gateway.process)
+                 if (pid := proc.pid()) is not None for p in descendants(pid)]
         stopped = self.gateway.stop()
-        for name, proc in (("ingest", self.ingest), ("worker", self.worker),
-                           ("prefect", self.prefect.process),
-                           ("broker", self.broker.process)):
-            if proc.stop():
+        # The worker's supervisor gives a flow run SUPERVISOR_STOP_S to end, then kills it.
+        for name, proc, wait_s in (("ingest", self.ingest, 15.0),
+                                   ("worker", self.worker, SUPERVISOR_STOP_S + 10),
+                                   ("prefect", self.prefect.process, 15.0),
+                                   ("broker", self.broker.process, 15.0)):
+            if proc.stop(timeout_s=wait_s):
                 stopped.append(name)
+        left = end_processes([*below, *processes_of_home(home)])
+        if left:
+            log.warning("down: %d process(es) of %s outlived their component; ended", left, home)
+            stopped.append(f"{left} leftover process(es)")
         return stopped
 
     def health(self) -> list[Health]:

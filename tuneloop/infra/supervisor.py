@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 HEALTHY_AFTER_S = 60.0
 MAX_BACKOFF_S = 60.0
+STOP_S = 20.0  # on SIGTERM the child (and its group) gets this long, then SIGKILL
 
 
 def state_path(home: Path, name: str) -> Path:
@@ -55,7 +56,7 @@ def supervise(name: str, argv: Sequence[str], home: Path, own_group: bool = Fals
     def on_term(signum: int, frame: FrameType | None) -> None:
         stopping.set()
         if child[0] is not None and child[0].poll() is None:
-            child[0].terminate()
+            _terminate(child[0], own_group)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
@@ -67,6 +68,8 @@ def supervise(name: str, argv: Sequence[str], home: Path, own_group: bool = Fals
         started = time.monotonic()
         proc = subprocess.Popen(list(argv), start_new_session=own_group)
         child[0] = proc
+        if stopping.is_set():  # a SIGTERM came between the start and the line above
+            _terminate(proc, own_group)
         state["child_pid"] = proc.pid
         _save(home, name, state)
         code = proc.wait()
@@ -84,7 +87,7 @@ def supervise(name: str, argv: Sequence[str], home: Path, own_group: bool = Fals
         stopping.wait(backoff)
     if child[0] is not None and child[0].poll() is None:
         try:
-            child[0].wait(timeout=20)
+            child[0].wait(timeout=STOP_S)
         except subprocess.TimeoutExpired:
             child[0].kill()
     if own_group and child[0] is not None:
@@ -92,6 +95,15 @@ def supervise(name: str, argv: Sequence[str], home: Path, own_group: bool = Fals
     state["child_pid"] = None
     _save(home, name, state)
     return 0
+
+
+def _terminate(proc: subprocess.Popen[bytes], own_group: bool) -> None:
+    """SIGTERM the child, and its whole group when it has one of its own."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if own_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
 
 
 def _kill_group(pgid: int) -> None:

@@ -194,3 +194,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process below ``pid`` now (children, theirs, ...), whatever their session."""
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def processes_of_home(home: Path) -> list[psutil.Process]:
+    """Processes started for the tuneloop home ``home`` (``TUNELOOP_HOME`` in their
+    environment), other than this process and its ancestors."""
+    want = str(Path(home).resolve())
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid in mine:
+            continue
+        try:
+            if proc.environ().get("TUNELOOP_HOME") == want:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def end_processes(procs: Sequence[psutil.Process], timeout_s: float = 10.0) -> int:
+    """SIGTERM each of ``procs`` still alive, SIGKILL those left after ``timeout_s``;
+    returns how many were alive."""
+    alive = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.terminate()
+                alive.append(proc)
+    _, left = psutil.wait_procs(alive, timeout=timeout_s)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=5)
+    return len(alive)
