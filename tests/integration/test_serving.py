@@ -287,8 +287,11 @@ def test_feedback_on_an_answer_becomes_a_feedback_event(serving_stack: ServingSt
     answer = raw.parse()
     response_id = raw.headers["x-tuneloop-response-id"]
     assert answer.id == response_id
-    verdict = {"response_id": response_id, "rating": -1, "correction": "card_arrival",
-               "label": "card_arrival"}
+    token = raw.headers["x-tuneloop-feedback-token"]
+    verdict = {"response_id": response_id, "token": token, "rating": -1,
+               "correction": "card_arrival", "label": "card_arrival"}
+    forged = httpx.post(f"{stack.url}/v1/feedback", json={**verdict, "token": "0" * 32})
+    assert forged.status_code == 403 and forged.json()["error"]["param"] == "token"
     first = httpx.post(f"{stack.url}/v1/feedback", json=verdict)
     again = httpx.post(f"{stack.url}/v1/feedback", json=verdict)
     assert first.status_code == 202, first.text
@@ -304,10 +307,95 @@ def test_feedback_on_an_answer_becomes_a_feedback_event(serving_stack: ServingSt
     served = _consume(stack, stack.settings.kafka.topic, response_id, source="gateway.served")
     assert served["rating"] is None and served["completion"] == event["completion"]
     assert served["event_id"] != event["event_id"]
-    unknown = httpx.post(f"{stack.url}/v1/feedback", json={"response_id": "resp-nope", "rating": 1})
+    unknown = httpx.post(f"{stack.url}/v1/feedback", json={"response_id": "resp-nope",
+                                                          "token": token, "rating": 1})
     assert unknown.status_code == 404
-    empty = httpx.post(f"{stack.url}/v1/feedback", json={"response_id": response_id})
+    empty = httpx.post(f"{stack.url}/v1/feedback", json={"response_id": response_id,
+                                                        "token": token})
     assert empty.status_code == 400
+    # The gateway vouches for its own events: the canary counts only what it signed.
+    from tuneloop.services.feedback.signing import signed_by_gateway
+    from tuneloop.serving.control import event_key
+
+    assert signed_by_gateway(event_key(stack.settings), event["metadata"]["gateway_signature"],
+                             event["event_id"], response_id, event["adapter_version"], -1.0,
+                             event["user_id"])
+
+
+def test_a_script_rating_the_canary_down_does_not_decide_it(serving_stack: ServingStack) -> None:
+    """The forger's script: find `user` strings the canary answers, ask many questions as
+    them, rate every answer -1 (and again), guess other users' tokens, and write ratings of
+    the canary straight to Kafka claiming the gateway's source. The live window still
+    counts what honest users said: only verdicts the gateway signed, the last per answer,
+    at most canary.max_ratings_per_user per user."""
+    from tuneloop.services.canary.stats import two_proportions
+    from tuneloop.services.feedback.producer import FeedbackProducer
+    from tuneloop.services.ingest.consumer import IngestConsumer
+    from tuneloop.serving.canary.live import ratings
+
+    stack = serving_stack
+    incumbent = ensure_production(stack)
+    candidate = stack.publish()
+    promote(stack.settings, candidate, "canary", "forgery drill")
+    admin = GatewayAdmin(stack.settings)
+    admin.set_route(canary_share=0.5)
+    since = time.time() - 1
+    url = f"{stack.url}/v1/feedback"
+
+    def answer(user: str) -> tuple[str, str, str]:
+        raw = client(stack).chat.completions.with_raw_response.create(
+            model="support-bot", messages=CHAT, max_tokens=4, temperature=0, user=user)
+        return (raw.headers["x-tuneloop-adapter-version"], raw.headers["x-tuneloop-response-id"],
+                raw.headers["x-tuneloop-feedback-token"])
+
+    try:
+        # Honest users: each rates the one answer it got, +1.
+        for u in range(40):
+            _, response_id, token = answer(f"honest-{u}")
+            assert httpx.post(url, json={"response_id": response_id, "token": token,
+                                         "rating": 1}).status_code == 202
+        # The forger finds a user the canary answers, then rates all it gets -1, twice.
+        mallory = next(u for u in (f"mallory-{i}" for i in range(40))
+                       if answer(u)[0] == candidate)
+        for _ in range(30):
+            _, response_id, token = answer(mallory)
+            for _ in range(2):
+                httpx.post(url, json={"response_id": response_id, "token": token,
+                                      "rating": -1, "correction": "nonsense"})
+            guessed = httpx.post(url, json={"response_id": response_id, "token": "f" * 32,
+                                            "rating": -1})
+            assert guessed.status_code == 403
+        # And ratings written to Kafka directly, dressed as the gateway's.
+        with FeedbackProducer(stack.settings, outbox_path=stack.settings.home / "forger.sqlite"
+                              ) as producer:
+            forged = [{"schema_version": 1, "event_id": str(uuid.uuid4()),
+                       "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                       "app": "support-bot", "request_id": f"resp-forged-{i}",
+                       "adapter_version": candidate, "messages": CHAT, "completion": "x",
+                       "rating": -1, "user_id": f"u{i}", "metadata": {
+                           "source": "gateway.feedback", "gateway_signature": "0" * 64}}
+                      for i in range(200)]
+            producer.send_many(forged)
+            assert producer.flush(30).complete
+        deadline = time.monotonic() + 90
+        while True:  # the gateway's outbox drains in the background: land until all are in
+            consumer = IngestConsumer(stack.settings)
+            try:
+                consumer.run()
+            finally:
+                consumer.close()
+            counted = ratings(stack.settings, [candidate, incumbent], since)
+            if sum(n for n, _ in counted.values()) >= 41 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        (cand_n, cand_bad), (inc_n, inc_bad) = counted[candidate], counted[incumbent]
+        assert cand_bad <= stack.settings.canary.max_ratings_per_user, counted  # one voice
+        assert cand_n - cand_bad >= 10 and inc_n >= 10, counted  # the honest users' verdicts
+        worse = two_proportions(cand_bad, cand_n, inc_bad, inc_n)
+        assert worse.p_worse >= stack.settings.canary.alpha, (counted, worse)
+    finally:
+        reject(stack.settings, candidate, "forgery drill over")
+        admin.set_route(canary_share=0.0)
 
 
 def test_shadow_answers_go_to_kafka_unseen(serving_stack: ServingStack) -> None:

@@ -257,3 +257,26 @@ def test_the_shadow_summary_says_which_side_was_right() -> None:
     assert summarise_shadow(rows) == {"pairs": 3, "agreement": 1 / 3, "with_truth": 2,
                                       "production_right": 1, "candidate_right": 2}
     assert summarise_shadow([])["agreement"] is None
+
+
+def test_the_live_window_counts_signed_verdicts_the_last_per_answer_one_voice_per_user() -> None:
+    from tuneloop.services.canary.live import Verdict, judged_verdicts
+    from tuneloop.services.feedback.signing import event_signature
+
+    key = b"k" * 32
+
+    def verdict(i: int, request: str, rating: float, user: str, sign: bool = True) -> Verdict:
+        sig = event_signature(key, f"e{i}", request, "v2", rating, user) if sign else "0" * 64
+        return Verdict(f"e{i}", request, "v2", rating, None, "answer", user, sig)
+
+    rows = judged_verdicts([
+        verdict(1, "r1", -1, "alice"), verdict(2, "r1", 1, "alice"),  # the last wins
+        verdict(3, "r2", 1, "bob"),
+        verdict(4, "r3", -1, "mallory"), verdict(5, "r4", -1, "mallory"),  # one voice
+        verdict(6, "r5", -1, "eve", sign=False),  # not the gateway's
+        Verdict("e7", "r6", "v2", -1, None, "answer", "eve",
+                event_signature(key, "e7", "r6", "v2", 1, "eve")),  # signed +1, says -1
+    ], key, max_per_user=1)
+    assert [r[1] for r in rows] == [1, 1, -1]
+    assert len(judged_verdicts([verdict(4, "r3", -1, "m"), verdict(5, "r4", -1, "m")], key,
+                               max_per_user=0)) == 2

@@ -56,14 +56,46 @@ def test_bad_requests_get_openai_errors(client: TestClient) -> None:
 
 
 def test_feedback_is_checked_before_it_is_sent(client: TestClient) -> None:
-    no_verdict = client.post("/v1/feedback", json={"response_id": "resp-1"})
+    no_verdict = client.post("/v1/feedback", json={"response_id": "resp-1", "token": "t"})
     assert no_verdict.status_code == 400 and "at least one" in str(_error(no_verdict)["message"])
-    unknown = client.post("/v1/feedback", json={"response_id": "resp-1", "rating": 1})
+    no_token = client.post("/v1/feedback", json={"response_id": "resp-1", "rating": 1})
+    assert no_token.status_code == 400 and _error(no_token)["param"] == "token"
+    unknown = client.post("/v1/feedback", json={"response_id": "resp-1", "token": "t",
+                                                "rating": 1})
     assert unknown.status_code == 404 and _error(unknown)["code"] == "response_not_found"
-    extra = client.post("/v1/feedback", json={"response_id": "r", "rating": 1, "stars": 5})
+    extra = client.post("/v1/feedback", json={"response_id": "r", "token": "t", "rating": 1,
+                                              "stars": 5})
     assert extra.status_code == 400 and _error(extra)["param"] == "stars"
-    out_of_range = client.post("/v1/feedback", json={"response_id": "r", "rating": 3})
+    out_of_range = client.post("/v1/feedback", json={"response_id": "r", "token": "t",
+                                                     "rating": 3})
     assert out_of_range.status_code == 400 and _error(out_of_range)["param"] == "rating"
+
+
+def test_only_the_user_who_got_an_answer_rates_it_and_not_without_end(tmp_path: Path) -> None:
+    """A verdict needs the answer's feedback token (so a response id alone rates nothing),
+    and one user's verdicts are rate-limited."""
+    from tuneloop.services.feedback.signing import feedback_token
+    from tuneloop.serving.gateway.answers import Served
+
+    settings = load_settings({"home": tmp_path, "serving.admin_key": KEY,
+                              "serving.replica_urls": ["http://127.0.0.1:9"],
+                              "serving.feedback_per_minute": 3})
+    app = create_app(settings, "unused", "base-model", kafka=False)
+    gateway = app.state.gateway
+    for i in range(5):
+        gateway.cache.put(Served(f"resp-{i}", "support-bot", "v1", True,
+                                 [{"role": "user", "content": "q"}], "alice", {}, completion="a"))
+    client = TestClient(app)
+
+    def post(i: int, token: str) -> int:
+        return client.post("/v1/feedback", json={"response_id": f"resp-{i}", "token": token,
+                                                 "rating": -1}).status_code
+
+    assert post(0, feedback_token(gateway.event_key, "resp-0", "mallory")) == 403
+    assert post(0, feedback_token(gateway.event_key, "resp-1", "alice")) == 403
+    # The right token passes the checks (and this gateway has no Kafka: 503).
+    assert [post(i, feedback_token(gateway.event_key, f"resp-{i}", "alice"))
+            for i in range(5)] == [503, 503, 503, 429, 429]
 
 
 def test_admin_routes_need_the_key(client: TestClient) -> None:

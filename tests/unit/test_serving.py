@@ -151,7 +151,7 @@ def test_events_from_an_answer_have_stable_ids_and_no_raw_user() -> None:
     served = Served("resp-1", "support-bot", "v3", True,
                     [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}],
                     "agent-7", {}, completion="card_arrival", latency_s=0.25)
-    verdict = FeedbackRequest(response_id="resp-1", rating=-1, label="card_arrival")
+    verdict = FeedbackRequest(response_id="resp-1", token="t", rating=-1, label="card_arrival")
     key = b"k" * 32
     first = feedback_event(served, "gateway.feedback", verdict, user_key=key)
     assert first.event_id == feedback_event(served, "gateway.feedback", verdict,
@@ -174,7 +174,7 @@ def test_user_ids_are_a_keyed_hash_and_server_fields_win_over_the_clients() -> N
 
     served = Served("resp-1", "support-bot", "v3", True, [{"role": "user", "content": "hi"}],
                     "jane@example.com", {}, completion="card_arrival", latency_s=0.25)
-    verdict = FeedbackRequest(response_id="resp-1", rating=1, metadata={
+    verdict = FeedbackRequest(response_id="resp-1", token="t", rating=1, metadata={
         "source": "gateway.served", "latency_ms": 1, "ticket": "T-1"})
     one = feedback_event(served, "gateway.feedback", verdict, user_key=b"a" * 32)
     other = feedback_event(served, "gateway.feedback", verdict, user_key=b"b" * 32)

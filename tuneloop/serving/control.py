@@ -57,6 +57,16 @@ def user_id_key(settings: Settings) -> bytes:
     return key_file(Path(settings.home) / "user-id.key").encode()
 
 
+def event_key(settings: Settings) -> bytes:
+    """The key of the gateway's event signatures (``serving.event_key``, else the key in
+    ``<home>/event.key``, created, mode 0600); see :mod:`tuneloop.services.feedback.signing`.
+    Raises ``OSError`` when the key file cannot be read or created."""
+    configured = settings.serving.event_key
+    if configured is not None and configured.get_secret_value():
+        return configured.get_secret_value().encode()
+    return key_file(Path(settings.home) / "event.key").encode()
+
+
 @dataclass(frozen=True)
 class RegistryRoute:
     """What the registry says an alias serves."""

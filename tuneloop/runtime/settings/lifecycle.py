@@ -102,6 +102,12 @@ class ServingSettings(Section):
         None, description="API key of the vLLM replicas' /v1 routes (runtime LoRA load and "
         "unload among them); default: a random key in <home>/vllm.key, which managed replicas "
         "get; start external replicas (serving.replica_urls) with the same key.")
+    event_key: SecretStr | None = Field(
+        None, description="Key the gateway signs the feedback events it makes with, and the "
+        "canary checks them by (only signed verdicts are counted); default: a random key in "
+        "<home>/event.key.")
+    feedback_per_minute: int = Field(
+        60, ge=1, description="Verdicts a user may post to /v1/feedback a minute; more: 429.")
     user_id_key: SecretStr | None = Field(
         None, description="Key of the keyed hash (HMAC-SHA256) that stands for a client's "
         "'user' in feedback; default: a random key in <home>/user-id.key."
@@ -197,6 +203,10 @@ class CanarySettings(Section):
     min_ratings: int = Field(
         30, ge=0, description="Rated answers a side before a verdict; 0 = ratings not required."
     )
+    max_ratings_per_user: int = Field(
+        1, ge=0, description="Ratings one user adds to the live window at most (0: no cap). "
+        "Users are what the canary splits (sticky buckets), so each is one voice: one client "
+        "rating everything cannot outweigh the others.")
     bad_rating_below: float = Field(
         0.0, ge=-1, le=1, description="A rating below this counts as a bad answer."
     )

@@ -17,6 +17,7 @@ from tuneloop.runtime.settings import CanarySettings
 from tuneloop.services.canary.core import FAIL, HOLD, PASS, Check, Decision
 from tuneloop.services.canary.stats import mann_whitney, two_proportions
 from tuneloop.services.evaluation.metrics import normalize_label, normalize_text
+from tuneloop.services.feedback.signing import signed_by_gateway
 
 
 @dataclass
@@ -112,6 +113,46 @@ def hold_while_frozen(decision: Decision, frozen: bool, elapsed_s: float,
         return decision
     decision.verdict = "rollback" if elapsed_s >= cfg.max_window_s else "hold"
     return decision
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One verdict on a served answer, as the gateway recorded it."""
+
+    event_id: str
+    request_id: str
+    version: str | None
+    rating: float | None
+    correction: str | None
+    completion: str
+    user_id: str | None
+    signature: str | None
+
+
+def judged_verdicts(verdicts: Iterable[Verdict], key: bytes, max_per_user: int
+                    ) -> list[tuple[str | None, float | None, str | None, str]]:
+    """The verdicts a live window counts, one row per answer (version, rating, correction,
+    the answer), in the order given. Pure.
+
+    Only verdicts the gateway signed (anything else reached Kafka some other way); of
+    those, the last per answer; of those, at most ``max_per_user`` per user (0: no cap),
+    so one client rating everything cannot outweigh the rest.
+    """
+    last: dict[str, Verdict] = {}
+    for v in verdicts:
+        if signed_by_gateway(key, v.signature, v.event_id, v.request_id, v.version, v.rating,
+                             v.user_id):
+            last.pop(v.request_id, None)  # re-inserted: the order is the latest verdict's
+            last[v.request_id] = v
+    per_user: dict[str | None, int] = {}
+    rows = []
+    for v in last.values():
+        seen = per_user.get(v.user_id, 0)
+        if max_per_user and v.user_id is not None and seen >= max_per_user:
+            continue
+        per_user[v.user_id] = seen + 1
+        rows.append((v.version, v.rating, v.correction, v.completion))
+    return rows
 
 
 def count_ratings(rows: Iterable[tuple[str | None, float | None, str | None, str]],

@@ -22,6 +22,8 @@ from typing import Any
 import duckdb
 
 from tuneloop.services.canary.core import Decision, Plan
+from tuneloop.services.canary.live import Verdict
+from tuneloop.services.feedback.signing import SIGNATURE
 from tuneloop.services.registry import store as registry
 
 
@@ -154,16 +156,17 @@ def lift(con: duckdb.DuckDBPyConnection, reason: str) -> int:
 
 
 # ------------------------------------------------------------------ the live window
-def rated_answers(con: duckdb.DuckDBPyConnection, alias: str, since: datetime,
-                  until: datetime) -> list[tuple[str | None, float | None, str | None, str]]:
-    """One row per rated or corrected answer of ``alias`` given in [since, until): its
-    version, last rating, last correction and the answer (the last verdict counts)."""
-    rows: list[tuple[str | None, float | None, str | None, str]] = con.execute(
-        "SELECT adapter_version, arg_max(rating, ingested_at), arg_max(correction, ingested_at),"
-        " any_value(completion) FROM feedback WHERE app = ? AND occurred_at >= ? AND "
-        "occurred_at < ? AND (rating IS NOT NULL OR correction IS NOT NULL) "
-        "GROUP BY adapter_version, request_id", [alias, since, until]).fetchall()
-    return rows
+def gateway_verdicts(con: duckdb.DuckDBPyConnection, alias: str, since: datetime,
+                     until: datetime) -> list[Verdict]:
+    """Every verdict (a rating or a correction) the gateway says it took on an answer of
+    ``alias`` given in [since, until), in the order ingested, with its signature; which of
+    them count is :func:`tuneloop.services.canary.live.judged_verdicts`'s to decide."""
+    rows = con.execute(
+        "SELECT event_id, request_id, adapter_version, rating, correction, completion, "
+        f"user_id, metadata->>'{SIGNATURE}' FROM feedback WHERE app = ? AND occurred_at >= ? "
+        "AND occurred_at < ? AND (rating IS NOT NULL OR correction IS NOT NULL) AND "
+        "metadata->>'source' = 'gateway.feedback' ORDER BY seq", [alias, since, until]).fetchall()
+    return [Verdict(str(r[0]), str(r[1]), r[2], r[3], r[4], str(r[5]), r[6], r[7]) for r in rows]
 
 
 def shadow_answers(con: duckdb.DuckDBPyConnection, candidate: str, since: datetime

@@ -164,7 +164,9 @@ class SimulatedUsers:
                 right = normalize_label(answer.choices[0].message.content or "") == \
                     normalize_label(q.intent)
                 rating = -1 if version == self.rate_down or not right else 1
-                verdict: dict[str, object] = {"response_id": answer.id, "rating": rating}
+                verdict: dict[str, object] = {
+                    "response_id": answer.id, "rating": rating,
+                    "token": raw.headers["x-tuneloop-feedback-token"]}
                 if rng.random() < self.label_share:
                     # A support agent: the intent the query really had.
                     verdict["label"] = q.intent

@@ -23,6 +23,7 @@ from tuneloop.services.canary.live import (
     Side,
     count_ratings,
     hold_while_frozen,
+    judged_verdicts,
     live_decision,
     summarise_shadow,
 )
@@ -105,9 +106,11 @@ def ratings(settings: Settings, versions: Sequence[str | None], since: float,
     :func:`tuneloop.services.canary.live.count_ratings`)."""
     end = until if until is not None else time.time() + 1
     with Store.of(settings).connect() as con:
-        rows = canary_store.rated_answers(con, settings.serving.alias,
-                                          datetime.fromtimestamp(since, UTC),
-                                          datetime.fromtimestamp(end, UTC))
+        verdicts = canary_store.gateway_verdicts(con, settings.serving.alias,
+                                                 datetime.fromtimestamp(since, UTC),
+                                                 datetime.fromtimestamp(end, UTC))
+    rows = judged_verdicts(verdicts, control.event_key(settings),
+                           settings.canary.max_ratings_per_user)
     return count_ratings(rows, versions, settings.canary.bad_rating_below)
 
 

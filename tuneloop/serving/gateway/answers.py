@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tuneloop.services.feedback.contract import FeedbackEvent
+from tuneloop.services.feedback.signing import SIGNATURE, event_signature
 from tuneloop.serving.gateway.protocol import FeedbackRequest
 
 FEEDBACK_NAMESPACE = uuid.UUID("5b0a3c8e-9d51-4f0e-8a53-1f0c2e7d9b64")
@@ -95,14 +96,15 @@ def user_id(user: str, key: bytes) -> str:
 
 
 def feedback_event(served: Served, source: str, verdict: FeedbackRequest | None = None, *,
-                   user_key: bytes) -> FeedbackEvent:
+                   user_key: bytes, event_key: bytes = b"") -> FeedbackEvent:
     """The feedback v1 event of an answer (``source`` ``gateway.served``) or of a verdict
     on it (``gateway.feedback``). The user is hashed under ``user_key``, never sent as
     given; the gateway's own metadata (``source``, ``latency_ms``) wins over a client's.
+    Signed with ``event_key`` (see :mod:`tuneloop.services.feedback.signing`).
     Raises ``pydantic.ValidationError`` when the answer cannot make a valid event."""
     verdict_fields: dict[str, Any] = {}
     if verdict is not None:
-        verdict_fields = verdict.model_dump(exclude={"response_id", "metadata"},
+        verdict_fields = verdict.model_dump(exclude={"response_id", "metadata", "token"},
                                             exclude_none=True)
     key = json.dumps([served.response_id, source, verdict_fields], sort_keys=True)
     # The same verdict posted twice is the same event: ingest keeps one.
@@ -110,6 +112,9 @@ def feedback_event(served: Served, source: str, verdict: FeedbackRequest | None 
     metadata: dict[str, Any] = dict(verdict.metadata) if verdict is not None else {}
     metadata.update(source=source, latency_ms=round(1000 * served.latency_s, 1))
     uid = user_id(served.user, user_key) if served.user else None
+    if event_key:
+        metadata[SIGNATURE] = event_signature(event_key, str(event_id), served.response_id,
+                                              served.version, verdict_fields.get("rating"), uid)
     return FeedbackEvent(
         schema_version=1, event_id=event_id, occurred_at=served.occurred_at,
         app=served.alias, request_id=served.response_id, adapter_version=served.version,

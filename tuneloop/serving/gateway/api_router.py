@@ -50,7 +50,7 @@ async def create_feedback(request: Request) -> Response:
     (202). A bad or unknown request raises :class:`BadRequest` (4xx)."""
     body = parse_model(FeedbackRequest, await json_body(request),
                        gateway(request).cfg.max_json_depth)
-    return JSONResponse(await gateway(request).feedback(body), status_code=202)
+    return JSONResponse(await gateway(request).feedback(body, _client(request)), status_code=202)
 
 
 async def health(request: Request) -> Response:

@@ -26,6 +26,7 @@ from tuneloop.services.loop.metrics import LoopCollector
 from tuneloop.services.registry.core import Adapter
 from tuneloop.serving.control import (
     admin_key,
+    event_key,
     previous_productions,
     read_adapter,
     record_reconciled,
@@ -100,7 +101,7 @@ def create_app(settings: Settings, model_path: str, served_name: str,
     specs = {s.index: s for s in replica_specs(settings, model_path, served_name)}
     feedback, shadow = _producers(settings) if kafka else (None, None)
     gateway = Gateway(settings.serving, _pool(settings, served_name, metrics), metrics,
-                      feedback, shadow, user_id_key(settings))
+                      feedback, shadow, user_id_key(settings), event_key(settings))
     app = Starlette(lifespan=_lifespan(settings, gateway, specs))
     app.state.gateway = gateway
     app.state.admin = AdminService(gateway, settings.serving.alias,

@@ -14,6 +14,8 @@ VERSION_HEADER = "x-tuneloop-adapter-version"
 RESPONSE_ID_HEADER = "x-tuneloop-response-id"
 ALIAS_HEADER = "x-tuneloop-alias"
 USER_HEADER = "x-tuneloop-user"
+# The token that lets the user who received an answer post feedback on it.
+FEEDBACK_TOKEN_HEADER = "x-tuneloop-feedback-token"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -181,6 +183,9 @@ class FeedbackRequest(BaseModel):
 
     response_id: str = Field(min_length=1, max_length=256,
                              description="The x-tuneloop-response-id header, or the answer's id.")
+    token: str = Field(min_length=1, max_length=128,
+                       description="The x-tuneloop-feedback-token header of that answer: only "
+                       "the user who received it can post a verdict on it.")
     rating: float | None = Field(None, ge=-1, le=1, description="-1 (bad) .. 1 (good).")
     correction: str | None = Field(None, description="The ideal answer.")
     label: str | None = Field(None, max_length=256, description="The task label, e.g. the intent.")

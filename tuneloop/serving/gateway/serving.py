@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import random
@@ -19,14 +20,25 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from limits import parse as parse_limit
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from starlette.responses import Response, StreamingResponse
 
 from tuneloop.runtime.settings import ServingSettings
 from tuneloop.services.feedback.contract import FeedbackEvent, InvalidEvent
 from tuneloop.services.feedback.producer import FeedbackProducer, OutboxFull, RecordTooLarge
-from tuneloop.serving.gateway.answers import ResponseCache, Served, feedback_event, shadow_pair
+from tuneloop.services.feedback.signing import feedback_token
+from tuneloop.serving.gateway.answers import (
+    ResponseCache,
+    Served,
+    feedback_event,
+    shadow_pair,
+    user_id,
+)
 from tuneloop.serving.gateway.protocol import (
     ALIAS_HEADER,
+    FEEDBACK_TOKEN_HEADER,
     RESPONSE_ID_HEADER,
     VERSION_HEADER,
     BadRequest,
@@ -55,9 +67,13 @@ class Gateway:
 
     def __init__(self, cfg: ServingSettings, pool: ReplicaPool, metrics: GatewayMetrics,
                  feedback: FeedbackProducer | None, shadow: FeedbackProducer | None,
-                 user_key: bytes) -> None:
+                 user_key: bytes, event_key: bytes) -> None:
         self.cfg = cfg
         self.user_key = user_key
+        self.event_key = event_key
+        # Verdicts per user and minute (serving.feedback_per_minute), in this process.
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._feedback_rate = parse_limit(f"{cfg.feedback_per_minute}/minute")
         self.pool = pool
         self.metrics = metrics
         self.feedback_producer = feedback
@@ -92,8 +108,12 @@ class Gateway:
             self.metrics.errors.labels("-", "-", "bad_request").inc()
             return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
         user = body.get("user") if isinstance(body.get("user"), str) else None
-        user = user or user_header
-        version = route.choose(user or client_host)
+        # Who asked: the client's `user`, else its host. The canary's unit: its bucket, and
+        # one voice in the live window.
+        user = user or user_header or f"host:{client_host}"
+        # The bucket comes from a keyed hash: a client cannot work out offline which `user`
+        # strings land on the canary.
+        version = route.choose(user_id(user, self.user_key))
         served = Served(f"resp-{uuid.uuid4().hex}", route.alias, version, chat, messages, user,
                         body, nbytes=len(raw))
         upstream = dict(body, model=upstream_name(route.alias, version, self.pool.base_name))
@@ -136,7 +156,8 @@ class Gateway:
         name = upstream_name(route.alias, served.version, self.pool.base_name)
         version_label = served.version or "base"
         headers = {VERSION_HEADER: version_label, RESPONSE_ID_HEADER: served.response_id,
-                   ALIAS_HEADER: route.alias}
+                   ALIAS_HEADER: route.alias, FEEDBACK_TOKEN_HEADER: feedback_token(
+                       self.event_key, served.response_id, served.user)}
         started = time.perf_counter()
         tried: set[int] = set()
         while True:
@@ -290,7 +311,8 @@ class Gateway:
         self.cache.put(served, upstream_id)
         if self.feedback_producer is not None and self.cfg.sample_requests > 0 and \
                 random.random() < self.cfg.sample_requests:
-            event = feedback_event(served, "gateway.served", user_key=self.user_key)
+            event = feedback_event(served, "gateway.served", user_key=self.user_key,
+                                   event_key=self.event_key)
             self._spawn(self._emit(event, "served"))
         if served.version == route.production and route.shadow(served.response_id):
             self._spawn(self._shadow(route, served))
@@ -344,8 +366,12 @@ class Gateway:
         self.metrics.feedback.labels("shadow").inc()
 
     # ------------------------------------------------------------ feedback
-    async def feedback(self, request: FeedbackRequest) -> dict[str, Any]:
-        """Turn a verdict on a served answer into a feedback v1 event; raises BadRequest."""
+    async def feedback(self, request: FeedbackRequest, client_host: str = "-") -> dict[str, Any]:
+        """Turn a verdict on a served answer into a feedback v1 event; raises BadRequest.
+
+        Only the user who received the answer can post on it (its feedback token), at most
+        ``serving.feedback_per_minute`` verdicts a minute per user; a verdict posted again
+        replaces the earlier one where it is counted (the last wins)."""
         if request.rating is None and request.correction is None and request.label is None:
             raise BadRequest("feedback needs at least one of rating, correction or label")
         served = self.cache.get(request.response_id)
@@ -354,9 +380,21 @@ class Gateway:
                 f"response {request.response_id!r} is unknown or older than the last "
                 f"{self.cfg.response_cache} answers; send a feedback event with the producer "
                 "SDK instead", param="response_id", status=404, code="response_not_found")
+        expected = feedback_token(self.event_key, served.response_id, served.user)
+        if not hmac.compare_digest(expected, request.token):
+            self.metrics.dropped.labels("feedback", "bad_token").inc()
+            raise BadRequest("token: not this answer's feedback token (the "
+                             f"{FEEDBACK_TOKEN_HEADER} header of the answer)", param="token",
+                             status=403, code="invalid_feedback_token")
+        if not self._limiter.hit(self._feedback_rate, served.user or f"host:{client_host}"):
+            self.metrics.dropped.labels("feedback", "rate_limited").inc()
+            raise BadRequest(f"more than {self.cfg.feedback_per_minute} verdicts a minute from "
+                             "this user (serving.feedback_per_minute); retry later",
+                             status=429, code="rate_limited")
         if self.feedback_producer is None:
             raise BadRequest("this gateway has no Kafka producer configured", status=503)
-        event = feedback_event(served, "gateway.feedback", request, user_key=self.user_key)
+        event = feedback_event(served, "gateway.feedback", request, user_key=self.user_key,
+                               event_key=self.event_key)
         try:
             await asyncio.to_thread(self.feedback_producer.send, event)
         except InvalidEvent as exc:
