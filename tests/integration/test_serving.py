@@ -625,6 +625,51 @@ def test_a_killed_gateway_is_restarted_by_its_supervisor(serving_stack: ServingS
     assert ManagedProcess("vllm-0", home).pid() == vllm  # adopted, not restarted
 
 
+def test_a_killed_gateway_loses_no_sampled_event_shadow_pair_or_answer(
+        serving_stack: ServingStack) -> None:
+    """Answers, their sampled events and the shadow comparisons they are owed are on disk
+    before the client has the answer: a gateway SIGKILLed right after answering loses
+    none, and feedback on an answer from before the kill is still taken."""
+    from tuneloop.infra.supervisor import read_state
+    from tuneloop.runtime.processes import wait_until
+
+    stack = serving_stack
+    incumbent = ensure_production(stack)
+    candidate = stack.publish()
+    promote(stack.settings, candidate, "canary", "shadow through a gateway kill")
+    admin = GatewayAdmin(stack.settings)
+    admin.set_route(canary_share=0.0, shadow_share=1.0)
+    home = Path(stack.settings.home)
+    try:
+        answered = []
+        for i in range(6):
+            raw = client(stack).chat.completions.with_raw_response.create(
+                model="support-bot", messages=CHAT, max_tokens=4, temperature=0,
+                user=f"kill-{i}")
+            answered.append((raw.headers["x-tuneloop-response-id"],
+                             raw.headers["x-tuneloop-feedback-token"]))
+        os.kill(int((read_state(home, "gateway") or {})["child_pid"]), signal.SIGKILL)
+
+        def serves() -> bool:
+            try:
+                return ask(stack, user="after-the-kill")[0] == incumbent
+            except (openai.APIConnectionError, openai.APIStatusError):
+                return False
+
+        wait_until(serves, 300, "the restarted gateway", interval_s=1.0)
+        for response_id, _ in answered:
+            _consume(stack, stack.settings.kafka.topic, response_id, timeout_s=60,
+                     source="gateway.served")
+            _consume(stack, stack.settings.serving.shadow_topic, response_id, timeout_s=60)
+        response_id, token = answered[-1]
+        late = httpx.post(f"{stack.url}/v1/feedback", json={
+            "response_id": response_id, "token": token, "rating": 1})
+        assert late.status_code == 202, late.text
+    finally:
+        reject(stack.settings, candidate, "shadow through a gateway kill: over")
+        admin.set_route(shadow_share=0.0)
+
+
 def test_zz_vllm_killed_mid_traffic_comes_back_with_production(serving_stack: ServingStack) -> None:
     """Runs last in this file: it restarts the session's vLLM."""
     stack = serving_stack

@@ -39,6 +39,7 @@ from tuneloop.serving.control import (
 from tuneloop.serving.gateway.admin import AdminService
 from tuneloop.serving.gateway.protocol import ALIAS_HEADER, RESPONSE_ID_HEADER, USER_HEADER, VERSION_HEADER
 from tuneloop.serving.gateway.reconcile import reconcile_forever
+from tuneloop.serving.gateway.responses import ResponseStore
 from tuneloop.serving.gateway.routes import attach_routes
 from tuneloop.serving.gateway.serving import Gateway
 from tuneloop.serving.metrics import GatewayMetrics
@@ -102,6 +103,9 @@ def create_app(settings: Settings, model_path: str, served_name: str,
     feedback, shadow = _producers(settings) if kafka else (None, None)
     gateway = Gateway(settings.serving, _pool(settings, served_name, metrics), metrics,
                       feedback, shadow, user_id_key(settings), event_key(settings))
+    gateway.responses = ResponseStore(Path(settings.home) / "gateway-responses.sqlite",
+                                      settings.serving.response_cache,
+                                      settings.serving.response_cache_bytes)
     app = Starlette(lifespan=_lifespan(settings, gateway, specs))
     app.state.gateway = gateway
     app.state.admin = AdminService(gateway, settings.serving.alias,
@@ -187,10 +191,11 @@ def _lifespan(settings: Settings, gateway: Gateway, specs: dict[int, ReplicaSpec
         supervisor = loop.create_task(pool.supervise())
         reconciler = loop.create_task(reconcile_forever(
             settings, pool, lambda r: save_route(settings, r)))
+        resumer = loop.create_task(gateway.resume_shadows(cfg.start_timeout_s))
         try:
             yield
         finally:
-            for task in (supervisor, reconciler):
+            for task in (supervisor, reconciler, resumer):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -199,6 +204,8 @@ def _lifespan(settings: Settings, gateway: Gateway, specs: dict[int, ReplicaSpec
             for producer in (gateway.feedback_producer, gateway.shadow_producer):
                 if producer is not None:
                     await asyncio.to_thread(producer.close, 5.0)
+            if gateway.responses is not None:
+                gateway.responses.close()
 
     return lifespan
 

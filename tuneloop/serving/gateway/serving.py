@@ -51,6 +51,7 @@ from tuneloop.serving.gateway.protocol import (
     parse_body,
     stream_text,
 )
+from tuneloop.serving.gateway.responses import ResponseStore
 from tuneloop.serving.metrics import GatewayMetrics
 from tuneloop.serving.observations import Observations
 from tuneloop.serving.pool import NoReplicaError, Replica, ReplicaPool
@@ -79,6 +80,7 @@ class Gateway:
         self.feedback_producer = feedback
         self.shadow_producer = shadow
         self.cache = ResponseCache(cfg.response_cache, cfg.response_cache_bytes)
+        self.responses: ResponseStore | None = None  # the durable copy (create_app sets it)
         self.session: aiohttp.ClientSession | None = None
         # Connecting is the only wait that says the replica is gone; waiting for the first
         # byte (the whole answer, unless streamed) or inside a stream is the generation's.
@@ -201,7 +203,7 @@ class Gateway:
             finally:
                 resp.release()
             self._done(replica, name)
-            return self._finish_plain(route, served, resp.status, raw, headers, started)
+            return await self._finish_plain(route, served, resp.status, raw, headers, started)
         return StreamingResponse(self._relay(route, served, replica, name, resp, started),
                                  status_code=resp.status, media_type="text/event-stream",
                                  headers=headers)
@@ -221,7 +223,7 @@ class Gateway:
         self.pool.release(replica, name)
         self.metrics.inflight.dec()
 
-    def _finish_plain(self, route: Route, served: Served, status: int, raw: bytes,
+    async def _finish_plain(self, route: Route, served: Served, status: int, raw: bytes,
                       headers: dict[str, str], started: float) -> Response:
         endpoint = _endpoint(served)
         version_label = served.version or "base"
@@ -247,7 +249,7 @@ class Gateway:
         except (ValueError, TypeError):
             pass
         served.latency_s = elapsed
-        self._after(route, served, None)
+        await self._after(route, served, None)
         return Response(raw, status_code=status, media_type="application/json", headers=headers)
 
     async def _relay(self, route: Route, served: Served, replica: Replica, name: str,
@@ -256,11 +258,14 @@ class Gateway:
         version_label = served.version or "base"
         chunks: list[bytes] = []
         status = str(resp.status)
+        held: bytes | None = None  # the last chunk waits until the answer is on disk
         try:
             while chunk := await asyncio.wait_for(resp.content.readany(),
                                                   self.cfg.upstream_idle_timeout_s):
                 chunks.append(chunk)
-                yield chunk
+                if held is not None:
+                    yield held
+                held = chunk
         except TimeoutError:
             # Silent too long: end this answer; the replica may only be busy.
             status = "504"
@@ -269,6 +274,8 @@ class Gateway:
                                           f"{self.cfg.upstream_idle_timeout_s:.0f}s "
                                           "(serving.upstream_idle_timeout_s); retry the request",
                                "type": "timeout", "code": 504}}
+            if held is not None:
+                yield held
             yield f"data: {json.dumps(error)}\n\n".encode()
         except aiohttp.ClientError as exc:
             # Headers are gone already: end the stream with an error event the client raises.
@@ -278,6 +285,8 @@ class Gateway:
             error = {"error": {"message": f"replica {replica.index} failed mid-stream: {exc}; "
                                           "retry the request", "type": "server_error",
                                "code": 503}}
+            if held is not None:
+                yield held
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
             resp.release()
@@ -290,7 +299,9 @@ class Gateway:
             text, upstream_id = stream_text(b"".join(chunks), served.chat)
             served.completion = text
             served.latency_s = time.perf_counter() - started
-            self._after(route, served, upstream_id)
+            await self._after(route, served, upstream_id)
+        if held is not None and status == "200":
+            yield held
 
     def _unavailable(self, served: Served, why: str) -> Response:
         alias, version = served.alias, served.version or "base"
@@ -305,17 +316,25 @@ class Gateway:
             self.observations.record(served.alias, served.version, ok, latency_s)
 
     # ------------------------------------------------------------ after an answer
-    def _after(self, route: Route, served: Served, upstream_id: str | None) -> None:
+    async def _after(self, route: Route, served: Served, upstream_id: str | None) -> None:
+        """What the gateway keeps of an answer, made durable before its client gets the
+        last of it: the answer itself (for feedback, after a restart too), its sampled
+        event (in the outbox), and the shadow comparison it is owed."""
         if served.internal:
             return
         self.cache.put(served, upstream_id)
+        shadow = route.candidate if (served.version == route.production and
+                                     route.shadow(served.response_id)) else None
+        if self.responses is not None:
+            await asyncio.to_thread(self.responses.put, served, upstream_id,
+                                    shadow if self.shadow_producer is not None else None)
         if self.feedback_producer is not None and self.cfg.sample_requests > 0 and \
                 random.random() < self.cfg.sample_requests:
             event = feedback_event(served, "gateway.served", user_key=self.user_key,
                                    event_key=self.event_key)
-            self._spawn(self._emit(event, "served"))
-        if served.version == route.production and route.shadow(served.response_id):
-            self._spawn(self._shadow(route, served))
+            await self._emit(event, "served")
+        if shadow is not None:
+            self._spawn(self._shadow(route.alias, shadow, served))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -334,12 +353,28 @@ class Gateway:
             self.metrics.dropped.labels(kind, "outbox_full").inc()
             log.warning("%s event for %s dropped: %s", kind, event.request_id, exc)
 
-    async def _shadow(self, route: Route, served: Served) -> None:
+    async def resume_shadows(self, wait_s: float) -> None:
+        """Run again the shadow comparisons a previous gateway owed and never finished
+        (their candidate still the canary; the others are dropped), once a replica is
+        ready (waiting at most ``wait_s``)."""
+        if self.responses is None:
+            return
+        deadline = time.monotonic() + wait_s
+        while not self.pool.ready() and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+        for served, candidate in await asyncio.to_thread(self.responses.pending_shadows):
+            route = self.pool.routing.get(served.alias)
+            if route is not None and route.candidate == candidate:
+                await self._shadow(served.alias, candidate, served)
+            else:
+                await asyncio.to_thread(self.responses.shadow_done, served.response_id)
+
+    async def _shadow(self, alias: str, candidate: str, served: Served) -> None:
         """The candidate answers the same request unseen; the pair goes to Kafka."""
         assert self.session is not None
-        if route.candidate is None or self.shadow_producer is None:
+        if self.shadow_producer is None:
             return
-        name = upstream_name(route.alias, route.candidate, self.pool.base_name)
+        name = upstream_name(alias, candidate, self.pool.base_name)
         body = dict(served.body, model=name, stream=False)
         path = "/v1/chat/completions" if served.chat else "/v1/completions"
         started = time.perf_counter()
@@ -352,7 +387,7 @@ class Gateway:
         except (NoReplicaError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.info("shadow request for %s skipped: %s", served.response_id, exc)
             return
-        pair = shadow_pair(served, route.candidate,
+        pair = shadow_pair(served, candidate,
                            completion_text(data, served.chat) if status < 400 else None,
                            status, time.perf_counter() - started)
         try:
@@ -362,8 +397,10 @@ class Gateway:
             reason = "outbox_full" if isinstance(exc, OutboxFull) else "too_large"
             self.metrics.dropped.labels("shadow", reason).inc()
             log.warning("shadow pair of %s dropped: %s", served.response_id, exc)
-            return
-        self.metrics.feedback.labels("shadow").inc()
+        else:
+            self.metrics.feedback.labels("shadow").inc()
+        if self.responses is not None:
+            await asyncio.to_thread(self.responses.shadow_done, served.response_id)
 
     # ------------------------------------------------------------ feedback
     async def feedback(self, request: FeedbackRequest, client_host: str = "-") -> dict[str, Any]:
@@ -375,6 +412,8 @@ class Gateway:
         if request.rating is None and request.correction is None and request.label is None:
             raise BadRequest("feedback needs at least one of rating, correction or label")
         served = self.cache.get(request.response_id)
+        if served is None and self.responses is not None:  # kept on disk: a restart since
+            served = await asyncio.to_thread(self.responses.get, request.response_id)
         if served is None:
             raise BadRequest(
                 f"response {request.response_id!r} is unknown or older than the last "
