@@ -205,3 +205,39 @@ def test_reconciling_leaves_versions_that_cannot_load_aside() -> None:
     assert differs(route, "v3", "v5", set())  # a canary the gateway lost
     assert not differs(route, "v3", "v5", {"v5"})  # routed around: it cannot load
     assert not differs(Route("support-bot", "v2", None), "v3", None, {"v3"})  # fell back
+
+
+def test_the_response_store_keeps_answers_across_a_restart_within_its_bounds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuneloop.serving.gateway import responses
+    from tuneloop.serving.gateway.responses import ResponseStore
+
+    path = tmp_path / "responses.sqlite"
+    store = ResponseStore(path, max_answers=1000, max_bytes=10**9)
+    served = Served("resp-1", "support-bot", "v3", True, [{"role": "user", "content": "hi"}],
+                    "agent-7", {"model": "support-bot"}, completion="card_arrival")
+    store.put(served, "cmpl-9", shadow_candidate="v4")
+    store.close()
+    again = ResponseStore(path, max_answers=1000, max_bytes=10**9)  # a new gateway
+    for key in ("resp-1", "cmpl-9"):
+        kept = again.get(key)
+        assert kept is not None and kept.completion == "card_arrival" and kept.user == "agent-7"
+        assert kept.occurred_at == served.occurred_at
+    assert [(s.response_id, c) for s, c in again.pending_shadows()] == [("resp-1", "v4")]
+    again.shadow_done("resp-1")
+    assert again.pending_shadows() == []
+    assert path.stat().st_mode & 0o777 == 0o600
+    again.close()
+
+    monkeypatch.setattr(responses, "_TRIM_EVERY", 1)  # trim on every answer
+    small = ResponseStore(tmp_path / "small.sqlite", max_answers=3, max_bytes=10**9)
+    for i in range(10):
+        small.put(Served(f"r{i}", "a", None, True, [], None, {}), None, None)
+    assert [small.get(f"r{i}") is not None for i in range(10)] == [False] * 7 + [True] * 3
+    small.close()
+    one_kb = "x" * 1000
+    tight = ResponseStore(tmp_path / "tight.sqlite", max_answers=1000, max_bytes=3500)
+    for i in range(6):
+        tight.put(Served(f"b{i}", "a", None, True, [], None, {}, completion=one_kb), None, None)
+    assert [tight.get(f"b{i}") is not None for i in range(6)] == [False] * 4 + [True] * 2
+    tight.close()
