@@ -47,9 +47,8 @@ $(VLLM_STAMP): Makefile vllm-plugin/pyproject.toml vllm-plugin/tuneloop_vllm/*.p
 demo: setup serving-setup
 	$(BIN)/tuneloop demo
 
-# Two lanes at once (tests/lanes.py): the end-to-end demo beside every other test.
 test: setup serving-setup lint
-	$(BIN)/python -m tests.lanes -ra --timeout=1800 --durations=25 tests
+	$(BIN)/python -m pytest -ra --timeout=1800 --durations=25 tests
 
 # ruff, mypy, the import contracts in .importlinter (the layers, no Prefect below flows) and
 # deptry (what is imported is what pyproject.toml declares).

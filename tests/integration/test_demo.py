@@ -19,7 +19,7 @@ import pytest
 from tests.stack_env import own_stack_env
 from tuneloop.runtime.processes import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.own_lane]
+pytestmark = pytest.mark.integration
 
 # The goals' margin for old intents, in macro-F1 points.
 OLD_MARGIN_POINTS = 2.0

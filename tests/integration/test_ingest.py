@@ -436,8 +436,9 @@ def test_a_record_of_any_size_or_encoding_becomes_a_publishable_dead_letter(
     with store.connect() as con:
         dead = con.execute("SELECT size, sha256, truncated, octet_length(payload), reason "
                            "FROM dead_letters ORDER BY source_offset").fetchall()
-    assert [(size, sha) for size, sha, *_ in dead] == [
-        (len(v), hashlib.sha256(v).hexdigest()) for v in records]
+    # Offsets count per partition: compare the sets, not an order.
+    assert sorted((size, sha) for size, sha, *_ in dead) == sorted(
+        (len(v), hashlib.sha256(v).hexdigest()) for v in records)
     assert all(truncated and 0 < kept <= KEPT_BYTES for _, _, truncated, kept, _ in dead)
     assert all("byte cap" in reason for *_, reason in dead)
     dlq = KafkaConsumer(settings.kafka.dlq_topic, bootstrap_servers=settings.kafka.bootstrap_servers,

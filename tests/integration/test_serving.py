@@ -674,7 +674,10 @@ def test_zz_vllm_killed_mid_traffic_comes_back_with_production(serving_stack: Se
     """Runs last in this file: it restarts the session's vLLM."""
     stack = serving_stack
     version = ensure_production(stack)
-    pid = int((Path(stack.settings.home) / "run" / "vllm-0.pid").read_text())
+    from tuneloop.runtime.processes import ManagedProcess
+
+    pid = ManagedProcess("vllm-0", Path(stack.settings.home)).pid()
+    assert pid is not None
     outcomes: list[str] = []
     stop = threading.Event()
 

@@ -250,8 +250,11 @@ class FeedbackProducer:
                         futures.append(producer.send(self._topic, key=event_id.encode(),
                                                      value=payload))
                     except KafkaError as exc:  # refused before sending (too large, say)
-                        if futures or not _refused_for_good(exc):
+                        if not _refused_for_good(exc):
                             raise
+                        if futures:  # send those before it; it heads the next chunk
+                            rows = rows[:len(futures)]
+                            break
                         self._set_aside(seq, event_id, exc)
                         return 0, 1
                 producer.flush(timeout=self._cfg.delivery_timeout_s)
