@@ -241,3 +241,21 @@ def test_the_response_store_keeps_answers_across_a_restart_within_its_bounds(
         tight.put(Served(f"b{i}", "a", None, True, [], None, {}, completion=one_kb), None, None)
     assert [tight.get(f"b{i}") is not None for i in range(6)] == [False] * 4 + [True] * 2
     tight.close()
+
+
+def test_previous_productions_are_read_newest_first(tmp_path: Path) -> None:
+    from tuneloop.runtime.settings import load_settings
+    from tuneloop.services.store.database import Store
+    from tuneloop.serving.control import previous_productions
+
+    settings = load_settings({"home": tmp_path})
+    with Store.of(settings).connect() as con:
+        for version, at in (("v1", "2026-01-01"), ("v2", "2026-01-02"), ("v1", "2026-01-03")):
+            con.execute("INSERT INTO deployments VALUES (?, ?, ?, 'candidate', 'production', "
+                        "'promote', 'test')", [f"d-{version}-{at}", at, version])
+        for version in ("v1", "v2"):
+            con.execute("INSERT INTO adapters (version, name, alias, created_at, base_model, "
+                        "base_hash, path, sha256, metrics, state) VALUES (?, ?, 'support-bot', "
+                        "now(), 'b', 'h', ?, 's', '{}', 'retired')",
+                        [version, f"support-bot-{version}", version])
+    assert previous_productions(settings, "support-bot") == ["v1", "v2"]

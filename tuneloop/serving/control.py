@@ -89,9 +89,10 @@ def previous_productions(settings: Settings, alias: str) -> list[str]:
     """The versions of ``alias`` that were production, most recently promoted first."""
     with Store.of(settings).connect() as con:
         rows = con.execute(
-            "SELECT d.adapter_version, max(d.occurred_at) AS at FROM deployments d JOIN adapters "
-            "a ON a.version = d.adapter_version WHERE a.alias = ? AND d.to_state = 'production' "
-            "GROUP BY d.adapter_version ORDER BY at DESC", [alias]).fetchall()
+            "SELECT d.adapter_version, max(d.occurred_at) AS promoted_at FROM deployments d "
+            "JOIN adapters a ON a.version = d.adapter_version WHERE a.alias = ? AND "
+            "d.to_state = 'production' GROUP BY d.adapter_version ORDER BY promoted_at DESC",
+            [alias]).fetchall()
     return [str(v) for v, _ in rows]
 
 

@@ -286,7 +286,7 @@ class ReplicaPool:
                              timings: SwapTimings) -> bool:
         """Load and probe ``name`` on ``replica``; True if this call loaded it."""
         async with replica.lock(name):
-            if name in replica.loaded:
+            if replica.loaded.get(name) == path and name in replica.verified:
                 return False
             current = await replica.client.models()
             if name in current and current[name] == path:  # loaded from the verified files
@@ -448,7 +448,11 @@ class ReplicaPool:
             if version == route.candidate:
                 new = replace(route, candidate=None, canary_share=0.0, shadow_share=0.0)
             else:
-                earlier = await self.previous(alias) if self.previous is not None else []
+                try:
+                    earlier = await self.previous(alias) if self.previous is not None else []
+                except Exception:  # the registry unreadable now: the base model serves
+                    log.exception("%s: the earlier production versions cannot be read", alias)
+                    earlier = []
                 fallback = next((v for v in earlier if v != version
                                  and (alias, v) not in self.errors), None)
                 new = replace(route, production=fallback,
