@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable
@@ -37,6 +35,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from tuneloop.runtime.files import private_sqlite
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.feedback.contract import FeedbackEvent, InvalidEvent, parse_event
 
@@ -68,14 +67,8 @@ class Outbox:
     def __init__(self, path: Path, max_events: int | None = None,
                  max_bytes: int | None = None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Events carry what users wrote: the file is the owner's alone (SQLite gives its
-        # WAL and shared-memory files the database file's mode).
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        os.chmod(path, 0o600)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # Events carry what users wrote: the file is the owner's alone.
+        self._db = private_sqlite(path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS outbox ("
             " seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, payload BLOB NOT NULL)"

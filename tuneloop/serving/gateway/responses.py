@@ -11,13 +11,12 @@ bytes (``serving.response_cache``, ``serving.response_cache_bytes``), oldest fir
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import threading
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
+from tuneloop.runtime.files import private_sqlite
 from tuneloop.serving.gateway.answers import Served
 
 _TRIM_EVERY = 500  # answers between two trims to the bounds
@@ -27,12 +26,7 @@ class ResponseStore:
     """Served answers by response id (and vLLM's own id), with pending shadow work."""
 
     def __init__(self, path: Path, max_answers: int, max_bytes: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # users' words: owner only
-        os.chmod(path, 0o600)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = private_sqlite(path)  # users' words: the owner's alone
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS responses (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
             "response_id TEXT UNIQUE NOT NULL, upstream_id TEXT, served TEXT NOT NULL, "
