@@ -67,6 +67,9 @@ class ManagedProcess:
                             "was written; not %s", self.name, pid, self.pid_file, self.name)
                 return None
             return pid
+        if not _alive(proc):  # ended (a zombie) since the first look
+            _reap(pid)
+            return None
         if abs(started - float(record["started"])) > 0.05 or exe != record.get("exe", exe):
             log.warning("%s: pid %d in %s is now another process (%s); the file is stale",
                         self.name, pid, self.pid_file, " ".join(_cmdline(proc))[:120])
@@ -154,8 +157,15 @@ def _exe(proc: psutil.Process) -> str:
 def _cmdline(proc: psutil.Process) -> list[str]:
     try:
         return list(proc.cmdline())
-    except psutil.AccessDenied:
+    except psutil.Error:  # not ours to read, or it just ended
         return []
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _reap(pid: int) -> None:
