@@ -8,6 +8,8 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from tuneloop.cli.common import console
 from tuneloop.cli.status import StatusReport, TopicLine, render_status
 from tuneloop.infra.prefect_server import FlowRunLine
@@ -21,6 +23,12 @@ from tuneloop.services.store.database import Store
 JSON_KEYS = {"health", "topics", "replication", "counts", "dead_letters", "adapters",
              "latest_drift", "db", "serving", "freeze", "canary", "last_change", "store_busy",
              "ingest", "outbox_backlog", "flow_runs"}
+
+
+@pytest.fixture(autouse=True)
+def _terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rendering is checked at a terminal's common width, whatever runs the tests."""
+    monkeypatch.setattr(console, "width", 100)
 
 
 def _publish(con, tmp_path: Path, name: str, golden: dict[str, float] | None) -> str:

@@ -231,9 +231,10 @@ def _store_counts(store: StoreFigures) -> None:
             table.add_row(name, f"{n:,}")
         console.print(table)
     else:
-        console.print(f"store: {store.path} does not exist yet")
+        console.print(f"store: {store.path} does not exist yet", soft_wrap=True)
     if store.busy:
-        console.print(f"[yellow]store busy, figures from the store left out:[/] {store.busy}")
+        console.print(f"[yellow]store busy, figures from the store left out:[/] {store.busy}",
+                      soft_wrap=True)
 
 
 def _ingest(ingest: dict[str, Any]) -> None:
