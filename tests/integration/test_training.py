@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -258,3 +259,39 @@ def test_a_cut_short_result_file_trains_the_run_again(training_settings: Setting
     assert [p.name.split("-")[0] for p in run_dir.glob(f"{RESULT}.unreadable-*")] == [
         f"{RESULT}.unreadable"]
     assert not list(run_dir.glob(f".{RESULT}.*.tmp"))
+
+
+def test_the_base_model_is_judged_once_per_golden_set(training_settings: Settings,
+                                                      tiny_base: BaseModel,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base model does not change between runs: its golden-set figures are computed by
+    the first run and read back by the next one with the same golden set and generation
+    settings; another golden set is judged afresh."""
+    from tuneloop.training.dataset import read_dataset, read_golden
+    from tuneloop.training.pipeline import Workspace, train_candidate
+    from tuneloop.training.recipe import LoRARecipe
+
+    store = Store(training_settings.db_path)
+    write_banking77_version(store, "b77-base-once", train_per_intent=2, val_per_intent=1,
+                            golden_per_intent=1)
+    with store.connect() as con:
+        splits = read_dataset(con, "b77-base-once")
+        golden = read_golden(con)
+    settings = load_settings({"home": training_settings.home,
+                              "training.base_model": tiny_base.path})
+    judged: list[int] = []
+    real = LoRARecipe.evaluate_base
+
+    def counting(self: LoRARecipe, examples: Any) -> Any:
+        judged.append(len(examples))
+        return real(self, examples)
+
+    monkeypatch.setattr(LoRARecipe, "evaluate_base", counting)
+    config = short_config(max_steps=2, eval_interval=2)
+    runs = [train_candidate(Workspace.of(settings), splits, examples, config, key,
+                            show_progress=False)
+            for key, examples in (("rk-base-1", golden), ("rk-base-2", golden),
+                                  ("rk-base-3", golden[:-1]))]
+    assert judged == [len(golden), len(golden) - 1]
+    assert runs[0].metrics["base_golden"] == runs[1].metrics["base_golden"]
+    assert runs[2].metrics["base_golden"]["n"] == len(golden) - 1

@@ -158,3 +158,79 @@ def broker_outage(b: Bench, n: int, outage_s: float) -> Outcome:
                   f"outbox {'empty' if report.complete else f'{report.pending} still pending'} "
                   "afterwards")
     return out
+
+
+def oversized_records(b: Bench) -> Outcome:
+    """Binary and Latin-1 records of 0.5, 1 and 5 MB sent raw, then valid events behind
+    them: each big record must become a dead letter (cut to what a dead letter carries,
+    with its size and checksum), the events behind it must land, and ingest must not
+    crash on any of them."""
+    import random
+
+    from kafka import KafkaProducer
+
+    out = Outcome("oversized binary and Latin-1 records")
+    rng = random.Random(3)
+    records = []
+    for mb in (0.5, 1, 5):
+        n = int(mb * 1024 * 1024)
+        records.append(rng.randbytes(n))
+        records.append(("Grüße aus Köln, café crème: " * (n // 28 + 1)).encode("latin-1")[:n])
+    events = fault_events(20, seed=19)
+    ids = {str(e.event_id) for e in events}
+    dead_before = b.dead_letters()
+    restarts = b.ingest_restarts()
+    producer = KafkaProducer(bootstrap_servers=b.settings.kafka.bootstrap_servers, acks="all",
+                             max_request_size=8 * 1024 * 1024)
+    for value in [*records, *(e.to_json_bytes() for e in events)]:
+        producer.send(b.settings.kafka.topic, value=value)
+    producer.flush()
+    producer.close()
+    out.sent = len(records) + len(events)
+    out.recovered = b.caught_up(300) and b.ingest_restarts() == restarts
+    b.count(out, ids, dead_before)
+    out.detail = (f"{len(records)} records of 0.5 to 5 MB and {len(events)} valid events "
+                  f"behind them: {out.dead_lettered} dead letters, {out.stored} events stored; "
+                  f"ingest restarted {b.ingest_restarts() - restarts} times")
+    return out
+
+
+def stale_pid_file(b: Bench, n: int) -> Outcome:
+    """Ingest's pid file left naming a pid that another, unrelated process now has (a pid
+    reused after a reboot): stopping ingest must not signal that process, `up` must start
+    ingest again, and events sent afterwards must land."""
+    import subprocess
+    import sys
+
+    from tuneloop.runtime.processes import ManagedProcess
+
+    out = Outcome("stale pid file naming an unrelated process")
+    ingest = ManagedProcess("ingest", b.home)
+    record = json.loads(ingest.pid_file.read_text())
+    ingest.stop()
+    # The unrelated process: same executable as ingest, another start time.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             start_new_session=True)
+    try:
+        ingest.pid_file.write_text(json.dumps({**record, "pid": other.pid}))
+        stopped = ingest.stop(timeout_s=2)
+        b.stack.up(worker=False, serving=False)
+        started = ingest.pid()
+        events = fault_events(n, seed=23)
+        ids = {str(e.event_id) for e in events}
+        dead_before = b.dead_letters()
+        b.send_raw([e.to_json_bytes() for e in events])
+        out.sent = n
+        caught_up = b.caught_up(300)
+        b.count(out, ids, dead_before)
+        unharmed = other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+    out.recovered = bool(caught_up and unharmed and not stopped and started
+                         and started != other.pid)
+    out.detail = (f"ingest's pid file named pid {other.pid} (another process, alive); stop "
+                  f"{'signalled it' if stopped else 'left it alone'}; up started ingest as pid "
+                  f"{started}; the other process {'alive' if unharmed else 'KILLED'}; "
+                  f"{out.stored} of {n} events sent afterwards stored")
+    return out

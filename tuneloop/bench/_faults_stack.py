@@ -73,6 +73,12 @@ class Bench:
             "TUNELOOP_LOOP__RETRAIN_ON_DRIFT": "false",
             "TUNELOOP_LOOP__CANARY_NEW_CANDIDATES": "false",
             "TUNELOOP_DRIFT__INTERVAL_S": "86400",
+            # Every answer becomes a served event: the gateway-kill fault counts them.
+            "TUNELOOP_SERVING__SAMPLE_REQUESTS": "1.0",
+            # A live window the forged-feedback fault reaches a verdict in.
+            "TUNELOOP_CANARY__WINDOW_S": "5",
+            "TUNELOOP_CANARY__MIN_REQUESTS": "10",
+            "TUNELOOP_CANARY__MIN_RATINGS": "10",
         }
         cores = os.cpu_count() or 1
         if cores > 1:

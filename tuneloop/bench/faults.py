@@ -24,6 +24,19 @@ producers, user requests through the official ``openai`` client. The faults:
 6. **broker outage while producers send**: the broker is stopped and started again
    while an app keeps sending through the producer SDK; the outbox delivers what the
    broker could not take.
+7. **oversized records**: binary and Latin-1 records of 0.5, 1 and 5 MB sent raw, valid
+   events behind them; each becomes a publishable dead letter and the events land.
+8. **gateway SIGKILL with sampled and shadow events in flight**: every answer is sampled
+   as an event and shadowed by a candidate; each answer a user got must land once as a
+   served event and once as a shadow pair, and feedback on an answer from before the
+   kill is still taken.
+9. **a canary whose files vanish**: the gateway restarts and cannot load it; production
+   serves everyone, the canary leaves the route and the detour is recorded.
+10. **a flood of forged feedback**: a script rates a live canary down (pinned user,
+   repeated verdicts, guessed tokens, forged events on Kafka); the live verdict must be
+   the one honest users' ratings alone give.
+11. **a stale pid file**: ingest's pid file names a pid an unrelated process now has;
+   stopping ingest leaves that process alone and `up` starts ingest again.
 
 Per fault: events sent, stored, dead-lettered, lost and duplicated; user requests,
 retried attempts and failed requests (a non-retriable error, or no answer within 60 s).
@@ -31,7 +44,7 @@ A fault is survived when nothing is lost or duplicated, no request failed, and s
 came back by itself (for the retrain: the interrupted run Crashed, the resumed one
 Completed from a checkpoint past step 0, exactly one adapter under the run key).
 Ends with ``FIGURE faults_lost_events``, ``faults_duplicated_events``,
-``faults_survived`` and ``faults_total``.
+``faults_survived``, ``faults_total`` and ``forged_feedback_decided_by_honest``.
 """
 
 from __future__ import annotations
@@ -40,29 +53,48 @@ import os
 import time
 from collections.abc import Callable
 
-from tuneloop.bench._faults_feedback import broker_outage, hostile_events, ingest_kill
+from tuneloop.bench._faults_clients import forged_feedback, gateway_kill_in_flight, vanishing_canary
+from tuneloop.bench._faults_feedback import (
+    broker_outage,
+    hostile_events,
+    ingest_kill,
+    oversized_records,
+    stale_pid_file,
+)
 from tuneloop.bench._faults_stack import Bench, Outcome, say
 from tuneloop.bench._faults_traffic import gateway_kill, vllm_kill, worker_kill
 from tuneloop.bench.ingest import machine
 from tuneloop.runtime.settings import Settings
 
 
-def _faults(b: Bench, quick: bool) -> list[Callable[[], Outcome]]:
-    """The faults in the order they run, sized for ``quick`` or a full run."""
+def _faults(b: Bench, quick: bool, verdicts: list[bool]) -> list[Callable[[], Outcome]]:
+    """The faults in the order they run, sized for ``quick`` or a full run; the forged
+    feedback's "decided by honest users" goes into ``verdicts``."""
+    def forged() -> Outcome:
+        outcome, decided_by_honest = forged_feedback(b)
+        verdicts.append(decided_by_honest)
+        return outcome
+
     return [
-        # First: its retrain curates every event stored so far.
+        # First: its retrain curates every event stored so far, and publishes the adapter
+        # the canary faults copy.
         lambda: worker_kill(b, 400 if quick else 1_000),
         lambda: ingest_kill(b, 5_000 if quick else 50_000),
         lambda: hostile_events(b, 200 if quick else 1_000),
+        lambda: oversized_records(b),
         lambda: vllm_kill(b),
         lambda: gateway_kill(b),
+        lambda: gateway_kill_in_flight(b),
+        lambda: vanishing_canary(b),
+        forged,
+        lambda: stale_pid_file(b, 200 if quick else 1_000),
         # Last: the embedded broker keeps records in memory, so a restart starts its
         # topics empty again.
         lambda: broker_outage(b, 600 if quick else 3_000, outage_s=10 if quick else 20),
     ]
 
 
-def _run_faults(quick: bool) -> list[Outcome]:
+def _run_faults(quick: bool, verdicts: list[bool]) -> list[Outcome]:
     """Bring the stack up in a temporary home, inject each fault, take the stack down."""
     b = Bench()
     outcomes: list[Outcome] = []
@@ -71,7 +103,7 @@ def _run_faults(quick: bool) -> list[Outcome]:
         b.up()
         say(f"stack up in {time.monotonic() - started:.0f} s (broker, Prefect, worker, "
             "ingest, gateway + vLLM)")
-        for step in _faults(b, quick):
+        for step in _faults(b, quick, verdicts):
             outcome = step()
             outcomes.append(outcome)
             say(f"- {outcome.fault}: {'survived' if outcome.survived else 'NOT SURVIVED'}; "
@@ -100,13 +132,15 @@ def main(settings: Settings, quick: bool = False) -> dict[str, float]:
     ``settings`` is unused: the stack runs in a temporary home of its own.
     """
     say(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start")
-    outcomes = _run_faults(quick)
+    verdicts: list[bool] = []
+    outcomes = _run_faults(quick, verdicts)
     _print_table(outcomes)
     say(f"load average {os.getloadavg()[0]:.2f} at end")
     figures = {"faults_lost_events": float(sum(o.lost for o in outcomes)),
                "faults_duplicated_events": float(sum(o.duplicated for o in outcomes)),
                "faults_survived": float(sum(o.survived for o in outcomes)),
-               "faults_total": float(len(outcomes))}
+               "faults_total": float(len(outcomes)),
+               "forged_feedback_decided_by_honest": float(bool(verdicts) and all(verdicts))}
     for name, value in figures.items():
         say(f"FIGURE {name}={int(value)}")
     return figures

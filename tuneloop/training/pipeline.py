@@ -12,6 +12,7 @@ The store is held only for the reads and the publish, never while training.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import re
@@ -177,8 +178,8 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
         metrics: dict[str, Any] = {}
         t0 = time.perf_counter()
         if golden:
-            base_golden, _ = recipe.evaluate_base(golden)
-            metrics["base_golden"] = base_golden.to_dict()
+            metrics["base_golden"] = _base_golden(workspace.runs_dir, recipe, base, config,
+                                                  golden)
         result = recipe.train()
         metrics["training"] = result.metrics() | {
         "continued_from": str(init_adapter) if recipe.continued else None}
@@ -202,6 +203,28 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
              splits.version, result.initial_val_loss, result.best_val_loss,
              _headline(metrics.get("base_golden")), _headline(metrics.get("golden")))
     return run
+
+
+def _base_golden(runs_dir: Path, recipe: LoRARecipe, base: BaseModel, config: RecipeConfig,
+                 golden: list[ChatExample]) -> dict[str, Any]:
+    """The base model's metrics on the golden set. The base model does not change between
+    runs: they are computed once per base model, golden set, device and generation settings,
+    and kept under ``<runs>/base-evaluations``."""
+    key = hashlib.sha256(json.dumps({
+        "base": [base.model_id, base.path, base.sha256],
+        "device": [recipe.device.type, str(recipe.autocast_dtype)],
+        "generation": [config.generation_max_new_tokens, config.generation_batch_size,
+                       config.task_eval_max_examples],
+        "golden": [asdict(e) for e in golden],
+    }, sort_keys=True, default=str).encode()).hexdigest()
+    path = runs_dir / "base-evaluations" / f"{key}.json"
+    try:
+        return dict(json.loads(path.read_text()))
+    except (FileNotFoundError, ValueError):
+        pass
+    report, _ = recipe.evaluate_base(golden)
+    write_json_atomic(path, report.to_dict())
+    return report.to_dict()
 
 
 def publish_run(store: Store, workspace: Workspace, run: TrainedRun) -> Adapter:

@@ -145,3 +145,31 @@ def insert_events(con: duckdb.DuckDBPyConnection, events: Sequence[FeedbackEvent
 def landed_event_ids(con: duckdb.DuckDBPyConnection) -> list[str]:
     """The id of every event in ``feedback`` (for checks that nothing was lost or doubled)."""
     return [str(r) for (r,) in con.execute("SELECT event_id FROM feedback").fetchall()]
+
+
+def events_per_request(con: duckdb.DuckDBPyConnection, request_ids: Sequence[str],
+                       source: str) -> dict[str, int]:
+    """How many stored events whose ``metadata.source`` is ``source`` each of
+    ``request_ids`` has (0 for none): one each when nothing was lost or doubled."""
+    counts = dict.fromkeys(request_ids, 0)
+    if not counts:
+        return counts
+    rows = con.execute(
+        "SELECT request_id, count(*) FROM feedback WHERE metadata->>'source' = ? "
+        "AND request_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY request_id",
+        [source, list(counts)]).fetchall()
+    counts.update({str(r): int(n) for r, n in rows})
+    return counts
+
+
+def pairs_per_response(con: duckdb.DuckDBPyConnection,
+                       response_ids: Sequence[str]) -> dict[str, int]:
+    """How many landed shadow pairs each of ``response_ids`` has (0 for none)."""
+    counts = dict.fromkeys(response_ids, 0)
+    if not counts:
+        return counts
+    rows = con.execute(
+        "SELECT response_id, count(*) FROM shadow_pairs WHERE response_id IN "
+        "(SELECT unnest(?::VARCHAR[])) GROUP BY response_id", [list(counts)]).fetchall()
+    counts.update({str(r): int(n) for r, n in rows})
+    return counts
