@@ -68,3 +68,34 @@ def test_a_bare_pid_file_from_before_the_process_is_stale(tmp_path: Path) -> Non
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_process_bound_to_cores_keeps_them_and_its_children_inherit_them(tmp_path: Path) -> None:
+    """A CPU vLLM's engine-core process spins between steps: started with ``cpus``, the
+    process and whatever it starts stay on those cores."""
+    one = {min(os.sched_getaffinity(0))}
+    script = ("import os, subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print(sorted(os.sched_getaffinity(c.pid)), flush=True); time.sleep(60)")
+    proc = ManagedProcess("bound", tmp_path)
+    pid = proc.start([sys.executable, "-c", script], cpus=one)
+    try:
+        assert os.sched_getaffinity(pid) == one
+        deadline = time.monotonic() + 30
+        while not proc.tail().strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.tail().strip() == str(sorted(one))  # the child it started
+    finally:
+        proc.stop(timeout_s=5)
+
+
+def test_work_pinned_to_cores_gives_them_back_afterwards() -> None:
+    """Training in a long-lived process (a test session, an in-process flow) is bound to
+    training.cpu_cores while it runs, and the process has all its cores back after."""
+    from tuneloop.runtime.cpu import pinned
+
+    before = os.sched_getaffinity(0)
+    one = min(before)
+    with pinned(str(one)) as n:
+        assert n == 1 and os.sched_getaffinity(0) == {one}
+    assert os.sched_getaffinity(0) == before

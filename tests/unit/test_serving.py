@@ -4,6 +4,8 @@ the vLLM command line, and the settings that feed it."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from tuneloop.serving.gateway.protocol import (
 )
 from tuneloop.serving.routing import Route, RoutingTable, bucket, upstream_name
 from tuneloop.serving.upstream import UpstreamError, error_message
-from tuneloop.serving.vllm_process import cpu_share, vllm_argv, vllm_env
+from tuneloop.serving.vllm_process import cpu_share, replica_specs, vllm_argv, vllm_env
 
 
 def test_production_answers_everyone_without_a_candidate() -> None:
@@ -141,6 +143,25 @@ def test_replicas_get_their_own_cores() -> None:
     assert [cpu_share(i, 2, 2) for i in range(2)] == ["0", "1"]
     assert [cpu_share(i, 2, 16) for i in range(2)] == ["0-7", "8-15"]
     assert [cpu_share(i, 3, 2) for i in range(3)] == ["0", "1", "0"]
+
+
+def test_a_replica_and_every_process_of_it_are_bound_to_its_cores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's threads (VLLM_CPU_OMP_THREADS_BIND) and the replica's own processes
+    (its spinning engine core among them) share the replica's cores."""
+    one = load_settings({"home": tmp_path, "serving.engine_cores": "0",
+                         "serving.vllm_python": sys.executable})
+    (spec,) = replica_specs(one, "model", "base")
+    assert spec.cores == "0" and dict(spec.env)["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    two = load_settings({"home": tmp_path, "serving.replicas": 2,
+                         "serving.vllm_python": sys.executable})
+    cores = os.cpu_count() or 1
+    assert [s.cores for s in replica_specs(two, "model", "base")] == [
+        cpu_share(i, 2, cores) for i in range(2)]
+    monkeypatch.delenv("TUNELOOP_SERVING__ENGINE_CORES", raising=False)
+    free = load_settings({"home": tmp_path, "serving.vllm_python": sys.executable})
+    (unbound,) = replica_specs(free, "model", "base")
+    assert unbound.cores is None and "VLLM_CPU_OMP_THREADS_BIND" not in dict(unbound.env)
 
 
 def test_events_from_an_answer_have_stable_ids_and_no_raw_user() -> None:

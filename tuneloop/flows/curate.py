@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from tuneloop.flows.common import curation_markdown, flow_settings, rename_run
-from tuneloop.runtime.cpu import pin
+from tuneloop.runtime.cpu import pinned
 from tuneloop.runtime.settings import CurationSettings, EmbeddingSettings
 from tuneloop.services.curation.datasets import export_jsonl, validate_jsonl
 from tuneloop.services.curation.run import run_curation
@@ -27,8 +27,8 @@ from tuneloop.training.tokenizer import token_counter
 @task(retries=1, retry_delay_seconds=5, cache_policy=NONE)
 def curate_task(store: Store, embeddings: EmbeddingSettings, curation: CurationSettings,
                 cpu_cores: str | None, include_used: bool) -> CurationRun:
-    pin(cpu_cores)
-    return run_curation(store, Embedder(embeddings), curation, include_used=include_used)
+    with pinned(cpu_cores):
+        return run_curation(store, Embedder(embeddings), curation, include_used=include_used)
 
 
 @task(cache_policy=NONE)

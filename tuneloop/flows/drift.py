@@ -20,7 +20,7 @@ from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
 from tuneloop.flows.common import flow_settings, image_markdown, rename_run
-from tuneloop.runtime.cpu import pin
+from tuneloop.runtime.cpu import pinned
 from tuneloop.runtime.settings import DriftSettings, EmbeddingSettings
 from tuneloop.services.curation.store import new_labelled_events
 from tuneloop.services.drift.check import run_check
@@ -38,11 +38,11 @@ LABELS_EVENT = "tuneloop.labels.accumulated"
 def check_task(store: Store, embeddings: EmbeddingSettings, drift: DriftSettings,
                alias: str, cpu_cores: str | None) -> tuple[str, DriftReport] | str:
     """The drift stage's check (report id and report), or why there is nothing to compare yet."""
-    pin(cpu_cores)
-    try:
-        return run_check(store, Embedder(embeddings), drift, alias)
-    except NotEnoughEvents as exc:
-        return str(exc)
+    with pinned(cpu_cores):
+        try:
+            return run_check(store, Embedder(embeddings), drift, alias)
+        except NotEnoughEvents as exc:
+            return str(exc)
 
 
 @task

@@ -40,7 +40,7 @@ from prefect.runtime import flow_run
 from tuneloop.flows.common import curation_markdown, flow_settings, image_markdown, rename_run
 from tuneloop.flows.drift import DRIFT_EVENT
 from tuneloop.flows.recovery import RESUMED_TAG
-from tuneloop.runtime.cpu import pin
+from tuneloop.runtime.cpu import pinned
 from tuneloop.runtime.settings import CurationSettings, EmbeddingSettings, LoopSettings, Settings
 from tuneloop.services.canary import records
 from tuneloop.services.canary.core import INFO, Check, Decision
@@ -101,12 +101,12 @@ def why_not(store: Store, alias: str, loop: LoopSettings, run_key: str,
       cache_policy=NONE)
 def curate(store: Store, embeddings: EmbeddingSettings, curation: CurationSettings,
            cpu_cores: str | None, run_key: str) -> CurationRun:
-    pin(cpu_cores)
     found = find_curated(store, run_key)
     if found is not None:
         log.info("retrain %s: dataset %s already curated", run_key, found.version)
         return found
-    return run_curation(store, Embedder(embeddings), curation, run_key=run_key)
+    with pinned(cpu_cores):
+        return run_curation(store, Embedder(embeddings), curation, run_key=run_key)
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,

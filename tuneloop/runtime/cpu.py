@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +54,28 @@ def pin(spec: str | None) -> int:
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(len(wanted))
     return len(wanted)
+
+
+@contextmanager
+def pinned(spec: str | None) -> Iterator[int]:
+    """:func:`pin` for the duration of the block; yields how many cores the process has.
+    Afterwards the process has its cores (and torch its thread count) back: work that runs
+    in a long-lived process (a test session, an in-process flow) is bound only while it
+    runs."""
+    if spec is None or not hasattr(os, "sched_getaffinity"):
+        yield pin(spec)
+        return
+    before = os.sched_getaffinity(0)
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield pin(spec)
+    finally:
+        for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+            try:
+                os.sched_setaffinity(int(task), before)
+            except OSError:
+                continue
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(threads or len(before))

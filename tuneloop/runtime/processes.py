@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +91,10 @@ class ManagedProcess:
             return record
         return None
 
-    def start(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-        """Start detached unless already running; returns the pid."""
+    def start(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
+              cpus: Collection[int] | None = None) -> int:
+        """Start detached unless already running; returns the pid. ``cpus``: the cores the
+        process, and every thread and process it starts, may run on (None: any)."""
         running = self.pid()
         if running is not None:
             return running
@@ -107,6 +109,8 @@ class ManagedProcess:
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
             )
+        if cpus:
+            bind(proc.pid, cpus)
         self._write_record(proc.pid)
         log.info("started %s pid=%d (log %s)", self.name, proc.pid, self.log_file)
         return proc.pid
@@ -145,6 +149,23 @@ class ManagedProcess:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+
+def bind(pid: int, cpus: Collection[int]) -> None:
+    """Bind every thread of process ``pid`` to ``cpus``; the threads and processes it starts
+    later inherit that. Done right after the start, before the new interpreter has started
+    anything of its own. Logs, and leaves it, where the system refuses."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tasks = [pid]
+    for task in tasks:
+        try:
+            os.sched_setaffinity(task, set(cpus))
+        except OSError as exc:
+            log.warning("could not bind pid %d to cores %s: %s", task, sorted(cpus), exc)
 
 
 def _exe(proc: psutil.Process) -> str:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneloop.runtime.cpu import pin
+from tuneloop.runtime.cpu import pinned
 from tuneloop.runtime.files import write_json_atomic
 from tuneloop.runtime.settings import Settings, TrainingSettings
 from tuneloop.services.registry.core import Adapter
@@ -130,7 +130,7 @@ def train_candidate(
     run_dir.mkdir(parents=True, exist_ok=True)
     # One trainer a run directory: a second process with the same run key (a resubmitted
     # run while the first still lives) waits, then finds the finished result.
-    with _run_lock(run_dir):
+    with _run_lock(run_dir), pinned(workspace.training.cpu_cores):
         return _train_locked(workspace, splits, golden, config, run_key, run_dir,
                              show_progress, init_adapter)
 
@@ -168,7 +168,6 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
     if finished is not None:
         log.info("run %s: already trained, reusing %s", run_key, run_dir / RESULT)
         return finished
-    pin(workspace.training.cpu_cores)
     started = time.perf_counter()
     base = resolve_base_model(workspace.training.base_model, workspace.models_dir)
     recipe = LoRARecipe(config, base, run_dir, device=workspace.training.device, run_id=run_key,

@@ -74,9 +74,9 @@ class ServingSettings(Section):
     )
     vllm_args: list[str] = Field(default_factory=list, description="Extra vLLM flags.")
     engine_cores: str | None = Field(
-        None, description="CPU only, one replica: the cores its engine binds "
-        "(VLLM_CPU_OMP_THREADS_BIND, e.g. '0-1'); default: vLLM's choice, which leaves one "
-        "core to its API server and the gateway."
+        None, description="CPU only, one replica: the cores its model threads bind "
+        "(VLLM_CPU_OMP_THREADS_BIND, e.g. '0-1'), and its own processes with them; "
+        "default: vLLM's choice, which leaves one core to its API server and the gateway."
     )
     grouped_lora: bool = Field(
         True, description="CPU only: tuneloop's vLLM plugin multiplies each adapter's tokens "
