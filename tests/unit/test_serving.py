@@ -280,3 +280,20 @@ def test_previous_productions_are_read_newest_first(tmp_path: Path) -> None:
                         "now(), 'b', 'h', ?, 's', '{}', 'retired')",
                         [version, f"support-bot-{version}", version])
     assert previous_productions(settings, "support-bot") == ["v1", "v2"]
+
+
+def test_a_replica_that_keeps_dying_soon_after_starting_is_restarted_with_backoff() -> None:
+    from tuneloop.serving.pool import restart_due
+
+    # Died 5 s after its start: restarted at once, the first quick death.
+    assert restart_due(0, 5.0) == (True, 1)
+    # Dead again 1 s after that restart: it waits until 2 s have passed since the start.
+    assert restart_due(1, 1.0) == (False, 1)
+    assert restart_due(1, 2.5) == (True, 2)
+    # The wait doubles with each quick death and stops growing at 60 s.
+    waits = []
+    for deaths in range(1, 10):
+        waits.append(next(t for t in range(0, 100) if restart_due(deaths, float(t))[0]))
+    assert waits == [3, 5, 9, 17, 33, 61, 61, 61, 61]
+    # One that served for longer than ten minutes is restarted at once, the count reset.
+    assert restart_due(7, 700.0) == (True, 0)

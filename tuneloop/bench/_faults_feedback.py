@@ -212,9 +212,11 @@ def stale_pid_file(b: Bench, n: int) -> Outcome:
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
                              start_new_session=True)
     try:
-        ingest.pid_file.write_text(json.dumps({**record, "pid": other.pid}))
-        stopped = ingest.stop(timeout_s=2)
-        b.stack.up(worker=False, serving=False)
+        stale = json.dumps({**record, "pid": other.pid})
+        ingest.pid_file.write_text(stale)
+        stopped = ingest.stop(timeout_s=2)  # `down` with the stale file
+        ingest.pid_file.write_text(stale)
+        b.stack.up(worker=False, serving=False)  # `up` with it
         started = ingest.pid()
         events = fault_events(n, seed=23)
         ids = {str(e.event_id) for e in events}

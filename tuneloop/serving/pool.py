@@ -37,6 +37,22 @@ log = logging.getLogger(__name__)
 _FAILS_BEFORE_DOWN = 3
 # A replica that ran this long before it died is restarted at once; sooner, with backoff.
 _STABLE_S = 600.0
+_MAX_BACKOFF_S = 60.0
+
+
+def restart_due(quick_deaths: int, since_start: float) -> tuple[bool, int]:
+    """For a replica found dead ``since_start`` seconds after its last start, having died
+    ``quick_deaths`` times in a row soon after starting: whether to restart it now, and
+    its count of quick deaths from then on. One that ran for ``_STABLE_S`` is restarted
+    at once; one that keeps dying soon after each start waits 2, 4, 8 ... up to 60 s from
+    its last start, so bad flags or an engine that crashes once loaded are not restarted
+    in a loop. Pure."""
+    if since_start > _STABLE_S:
+        quick_deaths = 0
+    backoff = min(_MAX_BACKOFF_S, 2.0 ** min(quick_deaths, 6)) if quick_deaths else 0.0
+    if since_start <= backoff:
+        return False, quick_deaths
+    return True, quick_deaths + 1 if since_start <= _STABLE_S else quick_deaths
 
 
 class SwapError(Exception):
@@ -357,13 +373,9 @@ class ReplicaPool:
             # Gone: restart it, backing off while it keeps dying soon after each start (bad
             # flags, no memory, an engine that crashes once loaded), so it is not restarted
             # in a loop. One that served for a while is restarted at once.
-            since_start = time.monotonic() - replica.started_at
-            if since_start > _STABLE_S:
-                replica.quick_deaths = 0
-            backoff = min(60.0, 2.0 ** min(replica.quick_deaths, 6)) if replica.quick_deaths else 0.0
-            if since_start > backoff:
-                if since_start <= _STABLE_S:
-                    replica.quick_deaths += 1
+            now, replica.quick_deaths = restart_due(replica.quick_deaths,
+                                                    time.monotonic() - replica.started_at)
+            if now:
                 self._restart(replica, "its process is gone")
             return
         if not await replica.client.healthy():
