@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tuneloop.runtime.cpu import split_cores
 from tuneloop.runtime.processes import free_port
 
 if TYPE_CHECKING:  # the models' modules import torch: only the fixtures that train load them
@@ -41,12 +42,10 @@ os.environ.update(
 )
 # As `tuneloop demo` splits a CPU machine: vLLM (its model threads and its spinning engine
 # processes) on the first half of the cores, training and embeddings on the rest.
-_CORES = os.cpu_count() or 1
-if _CORES > 1:
-    _HALF = _CORES // 2
-    os.environ["TUNELOOP_SERVING__ENGINE_CORES"] = "0" if _HALF == 1 else f"0-{_HALF - 1}"
-    os.environ["TUNELOOP_TRAINING__CPU_CORES"] = (
-        str(_HALF) if _CORES - _HALF == 1 else f"{_HALF}-{_CORES - 1}")
+_SPLIT = split_cores(os.cpu_count() or 1)
+if _SPLIT is not None:
+    os.environ["TUNELOOP_SERVING__ENGINE_CORES"] = _SPLIT[0]
+    os.environ["TUNELOOP_TRAINING__CPU_CORES"] = _SPLIT[1]
 # A developer's own config file must not leak into the tests.
 os.environ["TUNELOOP_CONFIG"] = str(_SESSION_HOME / "no-such-config.toml")
 

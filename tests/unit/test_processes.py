@@ -99,3 +99,12 @@ def test_work_pinned_to_cores_gives_them_back_afterwards() -> None:
     with pinned(str(one)) as n:
         assert n == 1 and os.sched_getaffinity(0) == {one}
     assert os.sched_getaffinity(0) == before
+
+
+def test_a_cpu_machine_is_split_between_vllm_and_the_loop() -> None:
+    from tuneloop.runtime.cpu import split_cores
+
+    assert split_cores(1) is None
+    assert split_cores(2) == ("0", "1")
+    assert split_cores(3) == ("0", "1-2")
+    assert split_cores(16) == ("0-7", "8-15")

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from tuneloop.bench._faults_stack import Bench, Outcome
+from tuneloop.bench._faults_stack import Bench, Outcome, in_threads
 from tuneloop.infra.supervisor import read_state
 from tuneloop.runtime.processes import wait_until
 from tuneloop.services.demo import banking77
@@ -96,9 +96,7 @@ def ask(b: Bench, user: str, out: Outcome | None = None) -> tuple[str, str, str]
 @contextmanager
 def asking(b: Bench, out: Outcome, got: Answered, workers: int = 2) -> Iterator[None]:
     """Users asking until the block ends; each answer is kept in ``got``."""
-    stop = threading.Event()
-
-    def user(worker: int) -> None:
+    def user(stop: threading.Event, worker: int) -> None:
         i = 0
         while not stop.is_set():
             i += 1
@@ -111,15 +109,8 @@ def asking(b: Bench, out: Outcome, got: Answered, workers: int = 2) -> Iterator[
             with got.lock:
                 got.answers.append(answer)
 
-    threads = [threading.Thread(target=user, args=(w,), daemon=True) for w in range(workers)]
-    for t in threads:
-        t.start()
-    try:
+    with in_threads(user, workers, REQUEST_LIMIT_S + 10):
         yield
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(REQUEST_LIMIT_S + 10)
 
 
 def _answers_again(b: Bench) -> bool:

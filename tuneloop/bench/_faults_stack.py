@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneloop.infra.supervisor import read_state
+from tuneloop.runtime.cpu import split_cores
 from tuneloop.runtime.processes import free_port, wait_until
 from tuneloop.runtime.settings import Settings, load_settings
 from tuneloop.services.demo import banking77
@@ -24,6 +28,24 @@ from tuneloop.services.store.database import Store
 
 def say(text: str) -> None:
     print(text, flush=True)  # noqa: T201 - the bench's report
+
+
+@contextmanager
+def in_threads(work: Callable[[threading.Event, int], None], workers: int,
+               join_s: float) -> Iterator[None]:
+    """``workers`` threads running ``work(stop, index)`` while the block runs; ``stop`` is
+    set when it ends, and each thread gets ``join_s`` to finish."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=work, args=(stop, i), daemon=True)
+               for i in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(join_s)
 
 
 @dataclass
@@ -80,14 +102,12 @@ class Bench:
             "TUNELOOP_CANARY__MIN_REQUESTS": "10",
             "TUNELOOP_CANARY__MIN_RATINGS": "10",
         }
-        cores = os.cpu_count() or 1
-        if cores > 1:
+        split = split_cores(os.cpu_count() or 1)
+        if split is not None:
             # As in the demo: vLLM and training each on their own cores; spinning OpenMP
             # threads of a CPU vLLM otherwise starve the worker (tuneloop/runtime/cpu.py).
-            half = cores // 2
-            self.env["TUNELOOP_SERVING__ENGINE_CORES"] = "0" if half == 1 else f"0-{half - 1}"
-            self.env["TUNELOOP_TRAINING__CPU_CORES"] = (
-                str(half) if cores - half == 1 else f"{half}-{cores - 1}")
+            self.env["TUNELOOP_SERVING__ENGINE_CORES"] = split[0]
+            self.env["TUNELOOP_TRAINING__CPU_CORES"] = split[1]
         os.environ.update(self.env)
         self.settings: Settings = load_settings()
         self.stack = Stack(self.settings)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tuneloop.bench._faults_stack import Bench, Outcome, fault_events
+from tuneloop.bench._faults_stack import Bench, Outcome, fault_events, in_threads
 from tuneloop.infra.supervisor import read_state
 from tuneloop.runtime.processes import ManagedProcess, wait_until
 from tuneloop.services.demo import banking77
@@ -32,10 +32,9 @@ def _users(b: Bench, out: Outcome, workers: int = 3) -> Iterator[None]:
     """Users asking the alias, retrying what the gateway says is retriable."""
     import openai
 
-    stop = threading.Event()
     chat: Any = [m.model_dump() for m in banking77.chat("I still have not received my card")]
 
-    def user() -> None:
+    def user(stop: threading.Event, _: int) -> None:
         client = openai.OpenAI(base_url=f"{b.settings.serving.gateway_url}/v1",
                                api_key="unused", max_retries=0, timeout=REQUEST_LIMIT_S)
         while not stop.is_set():
@@ -65,15 +64,8 @@ def _users(b: Bench, out: Outcome, workers: int = 3) -> Iterator[None]:
                     out.failures.append("no answer after 600 s of retries")
                     break
 
-    threads = [threading.Thread(target=user, daemon=True) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    try:
+    with in_threads(user, workers, REQUEST_LIMIT_S + 10):
         yield
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(REQUEST_LIMIT_S + 10)
 
 
 def _answers(b: Bench) -> bool:

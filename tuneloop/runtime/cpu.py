@@ -37,6 +37,20 @@ def parse_cores(spec: str) -> set[int]:
     return cores
 
 
+def split_cores(cores: int) -> tuple[str, str] | None:
+    """How a CPU machine of ``cores`` cores is shared when vLLM runs on it beside the loop:
+    (``serving.engine_cores``, ``training.cpu_cores``), the first half and the rest; None
+    for a single core."""
+    if cores < 2:
+        return None
+    half = cores // 2
+
+    def span(first: int, end: int) -> str:
+        return str(first) if end - first == 1 else f"{first}-{end - 1}"
+
+    return span(0, half), span(half, cores)
+
+
 def pin(spec: str | None) -> int:
     """Bind this process to the cores in ``spec`` (None: leave it); returns how many it has."""
     if spec is None or not hasattr(os, "sched_setaffinity"):

@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuneloop.runtime.cpu import split_cores
 from tuneloop.services.demo.banking77 import Query
 
 
@@ -64,17 +65,13 @@ def to_toml(data: dict[str, Any]) -> str:
     return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
 
 
-def _cores(first: int, end: int) -> str:
-    return str(first) if end - first == 1 else f"{first}-{end - 1}"
-
-
 def _settings(window: int, canary_window_s: int, min_requests: int,
               min_ratings: int) -> dict[str, dict[str, Any]]:
     # On a CPU, vLLM and training each get their own cores: threads of the two spinning on
     # the same core slow both several times over (see tuneloop/runtime/cpu.py).
-    cores = os.cpu_count() or 1
-    split = {"serving": {"engine_cores": _cores(0, max(1, cores // 2))},
-             "training": {"cpu_cores": _cores(max(1, cores // 2), cores)}} if cores > 1 else {}
+    cores = split_cores(os.cpu_count() or 1)
+    split = {"serving": {"engine_cores": cores[0]},
+             "training": {"cpu_cores": cores[1]}} if cores else {}
     return merge(split, {
         # Checks often enough to see a shift within a minute of enough traffic.
         "drift": {"interval_s": 60, "current_window_events": window},
