@@ -8,9 +8,7 @@ newest adapter in the registry (the worker-kill fault's retrain) as a fresh vers
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -33,24 +31,12 @@ SERVED = "gateway.served"
 
 def new_version(b: Bench) -> str:
     """A copy of the registry's newest adapter, published as a new version (a candidate)."""
-    from tuneloop.services.registry.store import list_adapters, publish_adapter
+    from tuneloop.services.demo.simulation import republish
+    from tuneloop.services.registry.store import list_adapters
 
-    adapters_dir = Path(b.settings.adapters_dir)
     with b.store.connect() as con:
         newest = max(list_adapters(con, b.settings.serving.alias), key=lambda a: a.created_at)
-        source = Path(tempfile.mkdtemp(prefix="bench-copy-", dir=b.home))
-        try:
-            for path in newest.directory(adapters_dir).iterdir():
-                if path.name.startswith("adapter_"):
-                    shutil.copy2(path, source / path.name)
-            adapter = publish_adapter(
-                con, adapters_dir, source, alias=b.settings.serving.alias,
-                base_model=newest.base_model, base_hash=newest.base_hash,
-                dataset_version=newest.dataset_version, run_key=None,
-                details={"metrics": newest.metrics, "copied_from": newest.version})
-        finally:
-            shutil.rmtree(source, ignore_errors=True)
-    return adapter.version
+    return republish(b.settings, newest.version)
 
 
 @dataclass
@@ -115,10 +101,10 @@ def asking(b: Bench, out: Outcome, got: Answered, workers: int = 2) -> Iterator[
 
 def _answers_again(b: Bench) -> bool:
     try:
-        ask_once = httpx.get(f"{b.settings.serving.gateway_url}/health", timeout=5)
+        health = httpx.get(f"{b.settings.serving.gateway_url}/health", timeout=5)
     except httpx.HTTPError:
         return False
-    return ask_once.status_code == 200
+    return health.status_code == 200
 
 
 def gateway_kill_in_flight(b: Bench) -> Outcome:

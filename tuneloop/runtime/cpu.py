@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,25 @@ def split_cores(cores: int) -> tuple[str, str] | None:
     return span(0, half), span(half, cores)
 
 
+def bind(cpus: Collection[int], pid: int | None = None) -> None:
+    """Bind every thread of process ``pid`` (None: this one) to ``cpus``; the threads and
+    processes it starts later inherit that. A thread that ends meanwhile is passed over;
+    any other refusal is logged and left."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        tasks = [int(t) for t in os.listdir(f"/proc/{'self' if pid is None else pid}/task")]
+    except OSError:
+        tasks = [0 if pid is None else pid]
+    for task in tasks:
+        try:
+            os.sched_setaffinity(task, set(cpus))
+        except ProcessLookupError:
+            continue
+        except OSError as exc:
+            log.warning("could not bind thread %d to cores %s: %s", task, sorted(cpus), exc)
+
+
 def pin(spec: str | None) -> int:
     """Bind this process to the cores in ``spec`` (None: leave it); returns how many it has."""
     if spec is None or not hasattr(os, "sched_setaffinity"):
@@ -60,11 +79,7 @@ def pin(spec: str | None) -> int:
     if not wanted:
         log.warning("training.cpu_cores=%r names no core of this machine; not pinning", spec)
         return len(os.sched_getaffinity(0))
-    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
-        try:
-            os.sched_setaffinity(int(task), wanted)
-        except OSError:
-            continue  # a thread that ended meanwhile
+    bind(wanted)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(len(wanted))
     return len(wanted)
@@ -85,11 +100,7 @@ def pinned(spec: str | None) -> Iterator[int]:
     try:
         yield pin(spec)
     finally:
-        for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
-            try:
-                os.sched_setaffinity(int(task), before)
-            except OSError:
-                continue
+        bind(before)
         torch = sys.modules.get("torch")
         if torch is not None:
             torch.set_num_threads(threads or len(before))

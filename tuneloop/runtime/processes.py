@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from tuneloop.runtime.cpu import bind
 from tuneloop.runtime.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ class ManagedProcess:
                 start_new_session=True,
             )
         if cpus:
-            bind(proc.pid, cpus)
+            # Right after the start, before the new interpreter has started anything.
+            bind(cpus, proc.pid)
         self._write_record(proc.pid)
         log.info("started %s pid=%d (log %s)", self.name, proc.pid, self.log_file)
         return proc.pid
@@ -149,23 +151,6 @@ class ManagedProcess:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
-
-
-def bind(pid: int, cpus: Collection[int]) -> None:
-    """Bind every thread of process ``pid`` to ``cpus``; the threads and processes it starts
-    later inherit that. Done right after the start, before the new interpreter has started
-    anything of its own. Logs, and leaves it, where the system refuses."""
-    if not hasattr(os, "sched_setaffinity"):
-        return
-    try:
-        tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        tasks = [pid]
-    for task in tasks:
-        try:
-            os.sched_setaffinity(task, set(cpus))
-        except OSError as exc:
-            log.warning("could not bind pid %d to cores %s: %s", task, sorted(cpus), exc)
 
 
 def _exe(proc: psutil.Process) -> str:
