@@ -14,6 +14,7 @@ from tuneloop.cli.common import console
 from tuneloop.cli.status import StatusReport, TopicLine, render_status
 from tuneloop.infra.prefect_server import FlowRunLine
 from tuneloop.infra.stack import Health
+from tuneloop.runtime.settings import TaskSpec
 from tuneloop.services.canary.core import Check, Decision
 from tuneloop.services.canary.store import record_decision
 from tuneloop.services.loop.status import StoreFigures, read_store_figures
@@ -22,7 +23,7 @@ from tuneloop.services.store.database import Store
 
 JSON_KEYS = {"health", "topics", "replication", "counts", "dead_letters", "adapters",
              "latest_drift", "db", "serving", "freeze", "canary", "last_change", "store_busy",
-             "ingest", "outbox_backlog", "flow_runs"}
+             "ingest", "outbox_backlog", "flow_runs", "task"}
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +100,9 @@ def _report(store: StoreFigures) -> StatusReport:
                 "duplicates": 0, "updated_at": "2026-01-01T10:11:12"},
         outbox_backlog={"outbox": 3}, serving={},
         flow_runs=[FlowRunLine("drift-check", "Completed", datetime.now(UTC), 4.2),
-                   FlowRunLine(error="ConnectError: refused")])
+                   FlowRunLine(error="ConnectError: refused")],
+        task={"alias": "support-bot"} | TaskSpec(kind="text", system_prompt="Reply kindly.")
+        .describe())
 
 
 def test_the_json_document_keeps_its_keys_and_shapes(tmp_path: Path) -> None:
@@ -119,6 +122,7 @@ def test_the_json_document_keeps_its_keys_and_shapes(tmp_path: Path) -> None:
     assert set(doc["canary"][0]) == {"created_at", "stage", "candidate", "incumbent", "verdict",
                                      "reason"}
     assert doc["flow_runs"][1] == {"error": "ConnectError: refused"}
+    assert doc["task"]["kind"] == "text" and doc["task"]["answer_tokens"] == 96
 
 
 def test_every_section_renders(tmp_path: Path) -> None:
@@ -129,7 +133,9 @@ def test_every_section_renders(tmp_path: Path) -> None:
     for fragment in ("components", "kafka", "feedback.v1", "unreachable", "dead_letters",
                      "events/min", "outbox 3", "not JSON at offset N", "novel share 0.31",
                      "DRIFT", "offline", "last change", "v1", "0.800 / 0.750",
-                     "recent flow runs", "drift-check", "ConnectError"):
+                     "recent flow runs", "drift-check", "ConnectError",
+                     "support-bot is a text task", "answers up to 96 tokens",
+                     "system prompt: 'Reply kindly.'"):
         assert fragment in text, fragment
 
 

@@ -233,12 +233,12 @@ def _gate_speed(settings: Settings, version: str, queries: list[banking77.Query]
             chosen = parts[side]
             started = time.perf_counter()
             if side == "vllm":
-                prompts = {example_key(ex.prompt_messages, settings.canary.max_tokens):
+                prompts = {example_key(ex.prompt_messages, settings.task.max_answer_tokens):
                            ex.prompt_messages for ex in chosen}
                 ask(settings, name, prompts)
                 vllm_s.append((time.perf_counter() - started) / len(chosen))
             else:
-                generate_answers(model, tokenizer, chosen, max_new_tokens=settings.canary.max_tokens,
+                generate_answers(model, tokenizer, chosen, max_new_tokens=settings.task.max_answer_tokens,
                                  batch_size=32)
                 hf_s.append((time.perf_counter() - started) / len(chosen))
     _say(f"evaluation of {version}, {len(examples)} fresh examples over {rounds} rounds, "

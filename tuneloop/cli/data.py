@@ -122,7 +122,8 @@ def golden_add(
             except (ValueError, OSError) as exc:
                 raise fail(str(exc)) from None
         else:
-            examples = golden.pick(load_candidates(con), count, settings.curation.seed)
+            examples = golden.pick(load_candidates(con), count, settings.curation.seed,
+                                   settings.task)
         try:
             added = golden.add(con, examples, settings.curation.golden_max)
         except golden.GoldenSetFull as exc:

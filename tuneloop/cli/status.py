@@ -9,7 +9,7 @@ function a section. Exit code 1 when a component is down.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,7 @@ class StatusReport:
     outbox_backlog: dict[str, int]
     flow_runs: list[FlowRunLine]
     serving: dict[str, Any]  # the gateway's /admin/state, or {"error": ...}
+    task: dict[str, Any] = field(default_factory=dict)  # the served alias's task spec
 
     @property
     def down(self) -> list[str]:
@@ -87,6 +88,7 @@ class StatusReport:
             if change else None,
             "store_busy": s.busy, "ingest": self.ingest, "outbox_backlog": self.outbox_backlog,
             "flow_runs": [r.to_json() for r in self.flow_runs],
+            "task": self.task,
         }
 
 
@@ -126,6 +128,7 @@ def collect_status(settings: Settings) -> StatusReport:
         outbox_backlog=outbox_backlog(settings.home),
         flow_runs=recent_flow_runs() if _is_up(health, "prefect") else [],
         serving=gateway_state(settings) if _is_up(health, "gateway") else {},
+        task={"alias": settings.serving.alias} | settings.task.describe(),
     )
 
 
@@ -187,6 +190,7 @@ def render_status(report: StatusReport) -> None:
     _outboxes(report.outbox_backlog)
     _dead_letters(report.store)
     _drift(report.store)
+    _task(report.task)
     _serving(report.serving)
     _freeze(report.store.freeze)
     _decisions(report.store)
@@ -266,6 +270,22 @@ def _drift(store: StoreFigures) -> None:
         console.print(f"latest drift check {d.created_at:%Y-%m-%d %H:%M}: novel share "
                       f"{d.score:.2f}, p={d.p_value:.3g}, "
                       + ("[red]DRIFT[/]" if d.drifted else "[green]no drift[/]"))
+
+
+def _task(task: dict[str, Any]) -> None:
+    if not task:
+        return
+    parts = [f"answers up to {task['answer_tokens']} tokens"]
+    if task.get("json_schema"):
+        required = (task.get("schema") or {}).get("required") or []
+        parts.insert(0, f"schema {task['json_schema']}" +
+                     (f" (requires {', '.join(map(str, required))})" if required else ""))
+    if task.get("kind") != "label":
+        parts.append(f"targets: corrections and answers rated >= {task['target_min_rating']}")
+    prompt = task.get("system_prompt")
+    parts.append(f"system prompt: {prompt!r}" if prompt else "system prompt: the apps' own")
+    console.print(f"task: {task['alias']} is a [bold]{task['kind']}[/] task; " + "; ".join(parts),
+                  soft_wrap=True)
 
 
 def _serving(serving: dict[str, Any]) -> None:

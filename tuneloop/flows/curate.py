@@ -15,7 +15,7 @@ from prefect.cache_policies import NONE
 
 from tuneloop.flows.common import curation_markdown, flow_settings, rename_run
 from tuneloop.runtime.cpu import pinned
-from tuneloop.runtime.settings import CurationSettings, EmbeddingSettings
+from tuneloop.runtime.settings import CurationSettings, EmbeddingSettings, TaskSpec
 from tuneloop.services.curation.datasets import export_jsonl, validate_jsonl
 from tuneloop.services.curation.run import run_curation
 from tuneloop.services.curation.store import CurationRun, examples_of
@@ -26,9 +26,10 @@ from tuneloop.training.tokenizer import token_counter
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NONE)
 def curate_task(store: Store, embeddings: EmbeddingSettings, curation: CurationSettings,
-                cpu_cores: str | None, include_used: bool) -> CurationRun:
+                cpu_cores: str | None, include_used: bool, task: TaskSpec) -> CurationRun:
     with pinned(cpu_cores):
-        return run_curation(store, Embedder(embeddings), curation, include_used=include_used)
+        return run_curation(store, Embedder(embeddings), curation, include_used=include_used,
+                            task=task)
 
 
 @task(cache_policy=NONE)
@@ -58,7 +59,7 @@ def curate_flow(include_used: bool = False, export_dir: str | None = None,
     settings = flow_settings(overrides)
     store = Store.of(settings)
     run = curate_task(store, settings.embeddings, settings.curation,
-                      settings.training.cpu_cores, include_used)
+                      settings.training.cpu_cores, include_used, settings.task)
     exports = export_task(store, run.version, Path(export_dir or settings.home / "datasets"),
                           settings.training.base_model, settings.models_dir,
                           settings.curation.max_tokens)

@@ -41,7 +41,13 @@ from tuneloop.flows.common import curation_markdown, flow_settings, image_markdo
 from tuneloop.flows.drift import DRIFT_EVENT
 from tuneloop.flows.recovery import RESUMED_TAG
 from tuneloop.runtime.cpu import pinned
-from tuneloop.runtime.settings import CurationSettings, EmbeddingSettings, LoopSettings, Settings
+from tuneloop.runtime.settings import (
+    CurationSettings,
+    EmbeddingSettings,
+    LoopSettings,
+    Settings,
+    TaskSpec,
+)
 from tuneloop.services.canary import records
 from tuneloop.services.canary.core import INFO, Check, Decision
 from tuneloop.services.curation.run import run_curation
@@ -100,13 +106,13 @@ def why_not(store: Store, alias: str, loop: LoopSettings, run_key: str,
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
 def curate(store: Store, embeddings: EmbeddingSettings, curation: CurationSettings,
-           cpu_cores: str | None, run_key: str) -> CurationRun:
+           cpu_cores: str | None, run_key: str, task: TaskSpec) -> CurationRun:
     found = find_curated(store, run_key)
     if found is not None:
         log.info("retrain %s: dataset %s already curated", run_key, found.version)
         return found
     with pinned(cpu_cores):
-        return run_curation(store, Embedder(embeddings), curation, run_key=run_key)
+        return run_curation(store, Embedder(embeddings), curation, run_key=run_key, task=task)
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
@@ -264,7 +270,7 @@ def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, stor
     try:
         if dataset_version is None:
             curation = curate(store, settings.embeddings, settings.curation,
-                              settings.training.cpu_cores, key)
+                              settings.training.cpu_cores, key, settings.task)
             dataset_version = curation.version
             create_markdown_artifact(key="curation-report", markdown=curation_markdown(curation),
                                      description=f"dataset {curation.version}")

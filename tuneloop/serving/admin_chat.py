@@ -33,8 +33,8 @@ def ask(settings: Settings, model: str,
         prompts: Mapping[str, Sequence[Mapping[str, str]]]) -> dict[str, str]:
     """``model``'s greedy answer to each prompt (key -> chat messages), by key.
 
-    At most ``canary.eval_concurrency`` requests are in flight, each up to
-    ``canary.max_tokens`` tokens. Raises :class:`tuneloop.serving.control.GatewayError`
+    At most ``canary.eval_concurrency`` requests are in flight, each up to the task's
+    answer budget (``tasks.<alias>.answer_tokens``). Raises :class:`tuneloop.serving.control.GatewayError`
     with the gateway's status (0: unreachable) when a request fails after the client's
     retries.
     """
@@ -48,12 +48,13 @@ async def _ask_all(settings: Settings, model: str,
                                 api_key=control.admin_key(settings), max_retries=2,
                                 timeout=settings.serving.upstream_timeout_s)
     gate = asyncio.Semaphore(cfg.eval_concurrency)
+    budget = settings.task.max_answer_tokens
 
     async def one(key: str, messages: Sequence[Mapping[str, str]]) -> tuple[str, str]:
         async with gate:
             reply = await client.chat.completions.create(
                 model=model, messages=list(messages),  # type: ignore[arg-type]
-                max_tokens=cfg.max_tokens, temperature=0)
+                max_tokens=budget, temperature=0)
             return key, (reply.choices[0].message.content or "").strip()
 
     try:

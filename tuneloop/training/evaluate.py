@@ -1,8 +1,8 @@
 """Task evaluation through generation: answers from the model, scored by the evaluation stage.
 
 The canary scores vLLM's answers with the same
-:func:`tuneloop.services.evaluation.metrics.evaluate_predictions`,
-so an adapter's training-time and canary metrics are comparable.
+:func:`tuneloop.services.evaluation.tasks.evaluate`, for the same task kind and answer
+budget, so an adapter's training-time and canary metrics are comparable.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from tuneloop.services.evaluation.metrics import EvalReport, evaluate_predictions
+from tuneloop.runtime.settings import TaskSpec
+from tuneloop.services.evaluation.metrics import EvalReport
+from tuneloop.services.evaluation.tasks import evaluate
 from tuneloop.training.dataset import ChatExample
 
 log = logging.getLogger(__name__)
@@ -71,15 +73,18 @@ def evaluate_examples(
     tokenizer: Any,
     examples: Sequence[ChatExample],
     *,
+    task: TaskSpec | None = None,
     max_new_tokens: int = 16,
     batch_size: int = 32,
 ) -> tuple[EvalReport, list[str]]:
-    """Generate for ``examples`` and score the answers; returns the report and the answers."""
-    answers = generate_answers(model, tokenizer, examples, max_new_tokens=max_new_tokens,
+    """Generate for ``examples`` and score the answers as ``task`` asks (its kind and
+    answer budget; without one, a label task of ``max_new_tokens``); returns the report
+    and the answers."""
+    task = task or TaskSpec(answer_tokens=max_new_tokens)
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens=task.max_answer_tokens,
                                batch_size=batch_size)
     labels = [e.label for e in examples]
-    report = evaluate_predictions(
-        answers, [e.completion for e in examples],
-        labels if all(label is not None for label in labels) else None,
-    )
+    report = evaluate(task.kind, answers, [e.completion for e in examples],
+                      labels if all(label is not None for label in labels) else None,
+                      schema=task.schema_document)
     return report, answers

@@ -20,13 +20,14 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneloop.runtime.cpu import pinned
 from tuneloop.runtime.files import write_json_atomic
-from tuneloop.runtime.settings import Settings, TrainingSettings
+from tuneloop.runtime.settings import Settings, TaskSpec, TrainingSettings
+from tuneloop.services.evaluation.tasks import SCORE_NAMES
 from tuneloop.services.registry.core import Adapter
 from tuneloop.services.registry.store import find_by_run_key, production, publish_adapter
 from tuneloop.services.store.database import Store
@@ -69,11 +70,12 @@ class Workspace:
     models_dir: Path
     adapters_dir: Path
     alias: str
+    task: TaskSpec = field(default_factory=TaskSpec)
 
     @classmethod
     def of(cls, settings: Settings) -> Workspace:
         return cls(settings.training, settings.runs_dir, settings.models_dir,
-                   settings.adapters_dir, settings.serving.alias)
+                   settings.adapters_dir, settings.serving.alias, settings.task)
 
 
 def recipe_config(training: TrainingSettings, config_file: Path | None = None,
@@ -177,15 +179,14 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
         metrics: dict[str, Any] = {}
         t0 = time.perf_counter()
         if golden:
-            metrics["base_golden"] = _base_golden(workspace.runs_dir, recipe, base, config,
-                                                  golden)
+            metrics["base_golden"] = _base_golden(workspace, recipe, base, config, golden)
         result = recipe.train()
         metrics["training"] = result.metrics() | {
         "continued_from": str(init_adapter) if recipe.continued else None}
-        validation, _ = recipe.evaluate(splits.validation)
+        validation, _ = recipe.evaluate(splits.validation, workspace.task)
         metrics["validation"] = validation.to_dict()
         if golden:
-            adapter_golden, _ = recipe.evaluate(golden)
+            adapter_golden, _ = recipe.evaluate(golden, workspace.task)
             metrics["golden"] = adapter_golden.to_dict()
         eval_s = time.perf_counter() - t0 - result.train_s
         adapter_dir = run_dir / "adapter"
@@ -204,24 +205,24 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
     return run
 
 
-def _base_golden(runs_dir: Path, recipe: LoRARecipe, base: BaseModel, config: RecipeConfig,
-                 golden: list[ChatExample]) -> dict[str, Any]:
+def _base_golden(workspace: Workspace, recipe: LoRARecipe, base: BaseModel,
+                 config: RecipeConfig, golden: list[ChatExample]) -> dict[str, Any]:
     """The base model's metrics on the golden set. The base model does not change between
     runs: they are computed once per base model, golden set, device and generation settings,
     and kept under ``<runs>/base-evaluations``."""
     key = hashlib.sha256(json.dumps({
         "base": [base.model_id, base.path, base.sha256],
         "device": [recipe.device.type, str(recipe.autocast_dtype)],
-        "generation": [config.generation_max_new_tokens, config.generation_batch_size,
-                       config.task_eval_max_examples],
+        "generation": [config.generation_batch_size, config.task_eval_max_examples],
+        "task": workspace.task.describe(),
         "golden": [asdict(e) for e in golden],
     }, sort_keys=True, default=str).encode()).hexdigest()
-    path = runs_dir / "base-evaluations" / f"{key}.json"
+    path = workspace.runs_dir / "base-evaluations" / f"{key}.json"
     try:
         return dict(json.loads(path.read_text()))
     except (FileNotFoundError, ValueError):
         pass
-    report, _ = recipe.evaluate_base(golden)
+    report, _ = recipe.evaluate_base(golden, workspace.task)
     write_json_atomic(path, report.to_dict())
     return report.to_dict()
 
@@ -238,7 +239,8 @@ def publish_run(store: Store, workspace: Workspace, run: TrainedRun) -> Adapter:
             base_model=run.base.model_id, base_hash=run.base.sha256,
             dataset_version=run.dataset_version, run_key=run.run_key,
             details={"base_model_path": run.base.path, "hyperparameters": run.config,
-                     "metrics": run.metrics, "timings": run.timings},
+                     "metrics": run.metrics, "timings": run.timings,
+                     "task": workspace.task.describe()},
         )
 
 
@@ -270,5 +272,7 @@ def _slug(text: str) -> str:
 def _headline(report: dict[str, Any] | None) -> str:
     if not report:
         return "n/a"
+    if report.get("kind") in ("json", "text") and report.get("score") is not None:
+        return f"{SCORE_NAMES[report['kind']]} {report['score']:.3f}"
     value = report.get("accuracy")
     return f"{value:.3f}" if value is not None else f"em {report.get('exact_match', 0):.3f}"

@@ -37,6 +37,7 @@ from tuneloop.runtime.settings.sections import (
     Section,
     StoreSettings,
 )
+from tuneloop.runtime.settings.tasks import KINDS, TaskSpec, load_schema
 
 __all__ = [
     "CONFIG_ENV",
@@ -46,6 +47,7 @@ __all__ = [
     "DriftSettings",
     "EmbeddingSettings",
     "IngestSettings",
+    "KINDS",
     "KafkaSettings",
     "LoopSettings",
     "PrefectSettings",
@@ -55,6 +57,8 @@ __all__ = [
     "Settings",
     "SettingsError",
     "StoreSettings",
+    "TaskSpec",
     "TrainingSettings",
+    "load_schema",
     "load_settings",
 ]

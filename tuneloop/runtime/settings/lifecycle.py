@@ -172,7 +172,8 @@ class CanarySettings(Section):
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of every gate test.")
     golden_margin: float = Field(
         0.05, ge=0, le=1,
-        description="Largest golden macro-F1 (or exact-match) drop that is not a regression.",
+        description="Largest drop of the task's golden score (macro-F1, field F1 or chrF, "
+        "all on 0-1) that is not a regression.",
     )
     label_margin: float = Field(
         0.2, ge=0, le=1, description="A label whose golden F1 drops more is tested on its own."
@@ -180,7 +181,6 @@ class CanarySettings(Section):
     bootstrap_resamples: int = Field(2000, ge=100)
     seed: int = 0
     eval_concurrency: int = Field(16, ge=1, description="Offline-gate requests in flight.")
-    max_tokens: int = Field(16, ge=1, description="Answer length of the offline evaluation.")
     fresh_max_examples: int = Field(
         200, ge=0, description="The offline gate's improvement test also uses up to this many "
         "of the newest labelled events written after the candidate's dataset was curated "
@@ -224,11 +224,11 @@ class CanarySettings(Section):
     )
     freeze_max_drop: float = Field(
         0.1, ge=0, le=1,
-        description="Freeze promotions when production's golden macro-F1 falls this far below "
-        "its value at promotion.",
+        description="Freeze promotions when production's golden score (the task's) falls "
+        "this far below its value at promotion.",
     )
     freeze_min_score: float | None = Field(
-        None, ge=0, le=1, description="Also freeze below this golden macro-F1 (or exact match)."
+        None, ge=0, le=1, description="Also freeze below this golden score (the task's)."
     )
 
     @model_validator(mode="after")

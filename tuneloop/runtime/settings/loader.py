@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -35,6 +35,7 @@ from tuneloop.runtime.settings.sections import (
     ProducerSettings,
     StoreSettings,
 )
+from tuneloop.runtime.settings.tasks import TaskSpec
 
 CONFIG_ENV = "TUNELOOP_CONFIG"
 DEFAULT_CONFIG_FILE = "tuneloop.toml"
@@ -68,6 +69,9 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     canary: CanarySettings = CanarySettings()
     loop: LoopSettings = LoopSettings()
+    tasks: dict[str, TaskSpec] = Field(
+        default_factory=dict, description="The task of each served alias ([tasks.<alias>]); "
+        "an alias without one is a label task.")
 
     @field_validator("log_level")
     @classmethod
@@ -76,6 +80,20 @@ class Settings(BaseSettings):
         if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(f"log_level={value!r}: use DEBUG, INFO, WARNING or ERROR")
         return upper
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> Settings:
+        unserved = sorted(set(self.tasks) - {self.serving.alias})
+        if unserved:
+            raise ValueError(
+                f"tasks.{unserved[0]}: no alias of that name is served (serving.alias is "
+                f"{self.serving.alias!r}); name the task after the served alias")
+        return self
+
+    @property
+    def task(self) -> TaskSpec:
+        """The served alias's task spec (a label task when none is given)."""
+        return self.tasks.get(self.serving.alias) or TaskSpec()
 
     @classmethod
     def settings_customise_sources(
@@ -159,10 +177,20 @@ def _environment_paths() -> list[tuple[str, tuple[str, ...]]]:
             if name.startswith(ENV_PREFIX) and name not in NOT_SETTINGS]
 
 
+# Sections keyed by a name of the user's (``tasks.<alias>``): the part after them is a key.
+_KEYED: dict[tuple[str, ...], type[BaseModel]] = {("tasks",): TaskSpec}
+
+
 def _section(path: tuple[str, ...]) -> type[BaseModel] | None:
     """The settings model at ``path`` (``()`` is the root), or None if there is none."""
     model: type[BaseModel] = Settings
-    for part in path:
+    for depth, part in enumerate(path):
+        keyed = _KEYED.get(path[:depth])
+        if keyed is not None:  # ``part`` is the user's key
+            model = keyed
+            continue
+        if path[: depth + 1] in _KEYED:  # the next part is a key
+            continue
         field = model.model_fields.get(part)
         annotation = field.annotation if field is not None else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

@@ -8,9 +8,12 @@ Two gates stand between a candidate adapter and production traffic:
 1. **Offline.** The candidate and the incumbent (the production version, or the base
    model) answer the same golden set, the candidate's test split and the labelled
    events written after its dataset. Promotion needs no regression on the golden set
-   beyond ``golden_margin`` (macro-F1, paired bootstrap; each label, exact McNemar with
-   Holm's correction) and a significant improvement on the test examples (exact
-   McNemar). A significant regression rejects; anything inconclusive holds, and an
+   beyond ``golden_margin`` (the task's score, paired bootstrap: macro-F1 for labels,
+   with each label by exact McNemar with Holm's correction; the mean field F1 for
+   ``json``, whose schema-valid rate must not fall either; the mean chrF for ``text``)
+   and a significant improvement on the test examples (exact McNemar on right answers or
+   whole objects; a paired bootstrap of chrF for text). A significant regression
+   rejects; anything inconclusive holds, and an
    inconclusive improvement is looked at again on the labelled events that arrive
    meanwhile (at most ``offline_looks`` looks, each at ``alpha / offline_looks``).
    Noise therefore neither promotes nor blocks for good.
@@ -39,6 +42,12 @@ from tuneloop.services.evaluation.metrics import (
     macro_f1,
     normalize_label,
     normalize_text,
+)
+from tuneloop.services.evaluation.tasks import (
+    SCORE_NAMES,
+    evaluate,
+    reference_object,
+    score_object,
 )
 
 PASS, FAIL, HOLD, INFO = "pass", "fail", "hold", "info"
@@ -136,12 +145,15 @@ class Plan:
 # ------------------------------------------------------------------ offline gate
 @dataclass(frozen=True)
 class Paired:
-    """Both versions' answers to the same examples, with the reference for each."""
+    """Both versions' answers to the same examples, with the reference for each, and the
+    task they are judged by (its ``kind``, and for ``json`` the schema)."""
 
     references: list[str]
     labels: list[str | None]
     incumbent: list[str]
     candidate: list[str]
+    kind: str = "label"
+    schema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         sizes = {len(self.references), len(self.labels), len(self.incumbent), len(self.candidate)}
@@ -150,19 +162,44 @@ class Paired:
 
     @property
     def labelled(self) -> bool:
-        return bool(self.labels) and all(label is not None for label in self.labels)
+        return self.kind == "label" and bool(self.labels) and all(
+            label is not None for label in self.labels)
+
+    @property
+    def metric(self) -> str:
+        """The name of the score the examples are judged by."""
+        if self.kind == "label":
+            return "macro-F1" if self.labelled else "exact match"
+        return SCORE_NAMES[self.kind]
 
     def right(self, answers: Sequence[str]) -> list[bool]:
-        """Whether each answer is correct: the label it names, else the exact text."""
+        """Whether each answer is correct: the label it names, the whole object (``json``),
+        else the exact text."""
         if self.labelled:
             return [normalize_label(a) == normalize_label(str(g))
                     for a, g in zip(answers, self.labels, strict=True)]
+        if self.kind == "json":
+            return [score_object(a, reference_object(r), self.schema).exact
+                    for a, r in zip(answers, self.references, strict=True)]
         return [normalize_text(a) == normalize_text(r)
                 for a, r in zip(answers, self.references, strict=True)]
 
+    def valid(self, answers: Sequence[str]) -> list[bool]:
+        """``json``: whether each answer is an object its schema accepts."""
+        return [score_object(a, reference_object(r), self.schema).valid
+                for a, r in zip(answers, self.references, strict=True)]
+
+    def scores(self, answers: Sequence[str]) -> np.ndarray:
+        """Each answer's score on the task (:func:`~tuneloop.services.evaluation.tasks.evaluate`)."""
+        report = evaluate(self.kind, answers, self.references,
+                          self.labels if self.labelled else None, schema=self.schema)
+        return np.asarray(report.per_example, dtype=float)
+
 
 def golden_checks(golden: Paired, cfg: CanarySettings) -> tuple[list[Check], dict[str, Any]]:
-    """No regression beyond the margin on the golden set, overall and per label."""
+    """No regression beyond the margin on the golden set: the task's score (macro-F1 and
+    each label's F1 for labels; the mean per-example score otherwise) and, for ``json``,
+    the schema-valid rate."""
     if not golden.references:
         return [Check("golden set", HOLD, None, None, "at least 1 example",
                       "the golden set is empty: add one with `tuneloop golden add`")], {}
@@ -172,26 +209,47 @@ def golden_checks(golden: Paired, cfg: CanarySettings) -> tuple[list[Check], dic
         "golden_accuracy": {"incumbent": _mean(inc_right), "candidate": _mean(cand_right)},
     }
     label_checks: list[Check] = []
+    metric = golden.metric
     if golden.labelled:
-        metric = "macro-F1"
         boot, figures["golden_macro_f1"] = _macro_f1_delta(golden, cfg)
         figures["golden_per_label"], label_checks = _label_checks(golden, inc_right,
                                                                   cand_right, cfg)
+        figures["golden_score"] = {"metric": metric, **figures["golden_macro_f1"]}
     else:
-        metric = "exact match"
-        right_i = np.array(inc_right, dtype=float)
-        right_c = np.array(cand_right, dtype=float)
-        boot = paired_bootstrap(lambda idx: float(right_i[idx].mean()),
-                                lambda idx: float(right_c[idx].mean()),
-                                len(right_i), cfg.golden_margin, cfg.alpha,
+        score_i, score_c = golden.scores(golden.incumbent), golden.scores(golden.candidate)
+        boot = paired_bootstrap(lambda idx: float(score_i[idx].mean()),
+                                lambda idx: float(score_c[idx].mean()),
+                                len(score_i), cfg.golden_margin, cfg.alpha,
                                 cfg.bootstrap_resamples, cfg.seed)
+        figures["golden_score"] = {"metric": metric, "incumbent": float(score_i.mean()),
+                                   "candidate": float(score_c.mean()),
+                                   "delta_ci": [boot.low, boot.high]}
+    if golden.kind == "json":
+        label_checks.append(_valid_check("golden", golden, cfg, figures))
     paired = mcnemar(inc_right, cand_right)
-    accuracy = Check("golden accuracy (McNemar)", INFO,
+    what = "whole-object exact match" if golden.kind == "json" else "accuracy"
+    accuracy = Check(f"golden {what} (McNemar)", INFO,
                      float(paired.only_candidate - paired.only_incumbent), paired.p_worse,
                      "reported, not gating",
                      f"candidate alone right {paired.only_candidate}, incumbent alone right "
                      f"{paired.only_incumbent}")
     return [_margin_check(metric, boot, cfg), accuracy, *label_checks], figures
+
+
+def _valid_check(where: str, paired_answers: Paired, cfg: CanarySettings,
+                 figures: dict[str, Any]) -> Check:
+    """``json``: fail when the candidate's answers break the schema significantly more
+    often than the incumbent's (exact McNemar)."""
+    inc_ok = paired_answers.valid(paired_answers.incumbent)
+    cand_ok = paired_answers.valid(paired_answers.candidate)
+    figures[f"{where}_schema_valid"] = {"incumbent": _mean(inc_ok), "candidate": _mean(cand_ok)}
+    test = mcnemar(inc_ok, cand_ok)
+    worse = test.p_worse < cfg.alpha
+    return Check(f"{where} schema-valid (McNemar)", FAIL if worse else PASS,
+                 float(test.only_candidate - test.only_incumbent), test.p_worse,
+                 f"fail if less often valid with p < {cfg.alpha}",
+                 f"valid {_mean(inc_ok):.3f} -> {_mean(cand_ok):.3f}; only the candidate valid "
+                 f"{test.only_candidate}, only the incumbent {test.only_incumbent}")
 
 
 def _macro_f1_delta(golden: Paired, cfg: CanarySettings) -> tuple[Bootstrap, dict[str, Any]]:
@@ -223,7 +281,9 @@ def _margin_check(metric: str, boot: Bootstrap, cfg: CanarySettings) -> Check:
 def improvement_checks(test: Paired, cfg: CanarySettings, fresh_n: int = 0,
                        look: int = 1) -> tuple[list[Check], dict[str, Any]]:
     """A significant improvement on the candidate's test split and the labelled events that
-    arrived after its dataset (exact McNemar, one-sided).
+    arrived after its dataset: exact McNemar (one-sided) on right answers for labels and
+    on whole-object exact match for ``json`` (whose schema-valid rate must not fall
+    either), a paired bootstrap of the mean chrF for ``text``.
 
     ``look`` of ``cfg.offline_looks``: each look tests the improvement at
     ``alpha / offline_looks`` (Bonferroni over the looks), so a candidate looked at again
@@ -236,25 +296,44 @@ def improvement_checks(test: Paired, cfg: CanarySettings, fresh_n: int = 0,
                       "after it; nothing shows an improvement")], {}
     alpha = cfg.alpha / cfg.offline_looks
     inc_right, cand_right = test.right(test.incumbent), test.right(test.candidate)
-    paired = mcnemar(inc_right, cand_right)
+    score_i, score_c = test.scores(test.incumbent), test.scores(test.candidate)
     n_test = len(test.references) - fresh_n
-    figures = {"test_n": n_test, "fresh_n": fresh_n, "look": look, "looks": cfg.offline_looks,
-               "test_accuracy": {"incumbent": _mean(inc_right), "candidate": _mean(cand_right)}}
-    detail = (f"{n_test} test-split + {fresh_n} newer labelled examples, look {look}/"
-              f"{cfg.offline_looks}: accuracy {_mean(inc_right):.3f} -> {_mean(cand_right):.3f}; "
-              f"candidate alone right {paired.only_candidate}, incumbent alone right "
-              f"{paired.only_incumbent}")
-    name = "test split improvement (McNemar)"
-    net = float(paired.only_candidate - paired.only_incumbent)
+    figures: dict[str, Any] = {
+        "test_n": n_test, "fresh_n": fresh_n, "look": look, "looks": cfg.offline_looks,
+        "test_accuracy": {"incumbent": _mean(inc_right), "candidate": _mean(cand_right)},
+        "test_score": {"metric": test.metric, "incumbent": float(score_i.mean()),
+                       "candidate": float(score_c.mean())}}
     threshold = f"pass if p < {alpha:.3g} (alpha / {cfg.offline_looks} looks)"
-    if paired.p_better < alpha:
-        check = Check(name, PASS, net, paired.p_better, threshold, detail)
-    elif paired.p_worse < cfg.alpha:
-        check = Check(name, FAIL, net, paired.p_worse, f"fail if worse with p < {cfg.alpha}",
+    where = (f"{n_test} test-split + {fresh_n} newer labelled examples, look {look}/"
+             f"{cfg.offline_looks}")
+    if test.kind == "text":
+        boot = paired_bootstrap(lambda idx: float(score_i[idx].mean()),
+                                lambda idx: float(score_c[idx].mean()), len(score_i), 0.0,
+                                cfg.alpha, cfg.bootstrap_resamples, cfg.seed)
+        name = f"test split improvement ({test.metric}, paired bootstrap)"
+        detail = (f"{where}: {test.metric} {score_i.mean():.3f} -> {score_c.mean():.3f}, delta "
+                  f"[{boot.low:+.3f}, {boot.high:+.3f}]")
+        better, worse, net = boot.p_not_better, boot.p_beyond_margin, boot.delta
+    else:
+        paired = mcnemar(inc_right, cand_right)
+        what = "whole-object exact match" if test.kind == "json" else "accuracy"
+        name = "test split improvement (McNemar)"
+        detail = (f"{where}: {what} {_mean(inc_right):.3f} -> {_mean(cand_right):.3f}; "
+                  f"candidate alone right {paired.only_candidate}, incumbent alone right "
+                  f"{paired.only_incumbent}")
+        better, worse = paired.p_better, paired.p_worse
+        net = float(paired.only_candidate - paired.only_incumbent)
+    if better < alpha:
+        check = Check(name, PASS, net, better, threshold, detail)
+    elif worse < cfg.alpha:
+        check = Check(name, FAIL, net, worse, f"fail if worse with p < {cfg.alpha}",
                       detail + ": significantly worse")
     else:
-        check = Check(name, HOLD, net, paired.p_better, threshold, detail + ": inconclusive")
-    return [check], figures
+        check = Check(name, HOLD, net, better, threshold, detail + ": inconclusive")
+    checks = [check]
+    if test.kind == "json":
+        checks.append(_valid_check("test split", test, cfg, figures))
+    return checks, figures
 
 
 def only_improvement_holds(decision: Decision) -> bool:

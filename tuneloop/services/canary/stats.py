@@ -2,8 +2,8 @@
 
 - :func:`mcnemar`: exact McNemar test on paired right/wrong outcomes (the same
   examples answered by two versions), one-sided in either direction.
-- :func:`paired_bootstrap`: a paired bootstrap of a metric's difference (macro-F1)
-  against a non-inferiority margin.
+- :func:`paired_bootstrap`: a paired bootstrap of a metric's difference (macro-F1, a
+  mean per-example score) against a non-inferiority margin, and for an improvement.
 - :func:`two_proportions`: one-sided two-proportion z-test (error rate, bad-rating rate).
 - :func:`mann_whitney`: one-sided Mann-Whitney U on latencies, plus the p95 ratio.
 - :func:`holm`: Holm-Bonferroni adjustment for many per-label tests at once.
@@ -52,6 +52,7 @@ class Bootstrap:
     low: float  # lower bound of the two-sided (1 - alpha) interval
     high: float
     p_beyond_margin: float  # share of resamples with delta >= -margin: small = worse by > margin
+    p_not_better: float = 1.0  # share of resamples with delta <= 0: small = better
 
 
 def paired_bootstrap(
@@ -66,7 +67,8 @@ def paired_bootstrap(
     """Resample example indices with replacement; ``metric(idx)`` scores the incumbent on them.
 
     The p-value is for "the candidate is worse than the incumbent by more than
-    ``margin``": the share of resamples in which it is not.
+    ``margin``": the share of resamples in which it is not; ``p_not_better`` is for "the
+    candidate is better": the share in which it is not.
     """
     if n == 0:
         raise ValueError("nothing to resample: no examples")
@@ -80,7 +82,8 @@ def paired_bootstrap(
     low, high = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
     # +1 smoothing: a p-value from resampling is never exactly 0.
     p = (1 + int(np.sum(deltas >= -margin))) / (resamples + 1)
-    return Bootstrap(float(delta), float(low), float(high), p)
+    p_not_better = (1 + int(np.sum(deltas <= 0))) / (resamples + 1)
+    return Bootstrap(float(delta), float(low), float(high), p, p_not_better)
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,8 @@ def promoted_score(con: duckdb.DuckDBPyConnection, version: str) -> float | None
     if not rows:
         return None
     figures = _json(rows[0][0])
-    score = figures.get("golden_macro_f1") or figures.get("golden_accuracy") or {}
+    score = figures.get("golden_score") or figures.get("golden_macro_f1") or \
+        figures.get("golden_accuracy") or {}
     return score.get("candidate")
 
 

@@ -4,8 +4,12 @@ Pure functions only; :mod:`tuneloop.services.curation.store` reads the events an
 the dataset version. Each candidate passes these gates in order and is dropped
 at the first it fails, under the reason named by the constant:
 
-1. selection: a correction, else the label (when ``label_is_answer``), else an
-   answer the user rated up. An answer rated down is never trained on as is.
+1. selection, by the task's kind (:func:`select`): a correction, else the label (when
+   ``label_is_answer``; never for ``text``), else an answer the user rated up (for
+   ``json`` and ``text``: at least ``target_min_rating``). An answer rated down is never
+   trained on as is. A ``json`` target must parse and satisfy the task's schema, and is
+   kept in one canonical form; one that does not is left out with the reason.
+   The task's system prompt goes first in a chat that has none.
 2. PII scrub of every turn (defence in depth: ingest already redacted).
 3. empty content, then length (``min_chars`` .. ``max_chars`` of the prompt).
 4. golden leak: the prompt is a golden prompt, or a near-duplicate of one.
@@ -27,12 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from tuneloop.runtime.settings import CurationSettings
+from tuneloop.runtime.settings import CurationSettings, TaskSpec
 from tuneloop.services.drift.embeddings import content_hash
+from tuneloop.services.evaluation.tasks import parse_object, schema_errors
 from tuneloop.services.feedback.redaction import Redactor
 
 NOT_SELECTED = "no correction, label or positive rating"
 RATED_DOWN = "rated down, no correction"
+RATED_LOW = "rated below the task's target_min_rating, no correction"
+INVALID_TARGET = "target not a JSON object its schema accepts"
 EMPTY = "empty content"
 TOO_SHORT = "too short"
 TOO_LONG = "too long"
@@ -43,10 +50,11 @@ NEAR_DUPLICATE = "near duplicate"
 USER_CAP = "per-user cap"
 LABEL_CAP = "per-label cap"
 DROP_REASONS = (
-    NOT_SELECTED, RATED_DOWN, EMPTY, TOO_SHORT, TOO_LONG, GOLDEN_EXACT, GOLDEN_NEAR, DUPLICATE,
-    NEAR_DUPLICATE, USER_CAP, LABEL_CAP,
+    NOT_SELECTED, RATED_DOWN, RATED_LOW, INVALID_TARGET, EMPTY, TOO_SHORT, TOO_LONG,
+    GOLDEN_EXACT, GOLDEN_NEAR, DUPLICATE, NEAR_DUPLICATE, USER_CAP, LABEL_CAP,
 )
 SPLITS = ("train", "validation", "test")
+INVALID_SHOWN = 20  # invalid json targets a curation report names, with their reasons
 NO_LABEL = "<none>"
 
 
@@ -97,16 +105,25 @@ def prompt_key(text: str) -> str:
     return content_hash(text.casefold())
 
 
-def select(candidate: Candidate, label_is_answer: bool = True) -> Example | str:
-    """The example an event teaches, or the drop reason."""
+def select(candidate: Candidate, label_is_answer: bool = True,
+           task: TaskSpec | None = None) -> Example | str:
+    """The example an event teaches for ``task`` (default: a label task), or the drop
+    reason (:data:`INVALID_TARGET` comes with :func:`target_problem`'s detail in the log)."""
+    task = task or TaskSpec()
+    if task.kind == "text":
+        label_is_answer = False  # a label names the reply's topic, it is not a reply
+    rated_up = candidate.rating is not None and (
+        candidate.rating > 0 if task.kind == "label" else candidate.rating >= task.target_min_rating)
     if candidate.correction and candidate.correction.strip():
         answer = candidate.correction
     elif label_is_answer and candidate.label:
         answer = candidate.label
-    elif candidate.rating is not None and candidate.rating > 0:
+    elif rated_up:
         answer = candidate.completion
     elif candidate.rating is not None and candidate.rating < 0:
         return RATED_DOWN
+    elif candidate.rating is not None and task.kind != "label":
+        return RATED_LOW
     else:
         return NOT_SELECTED
     if candidate.rating is not None and candidate.rating < 0 and not candidate.correction and (
@@ -114,15 +131,40 @@ def select(candidate: Candidate, label_is_answer: bool = True) -> Example | str:
     ):
         # The label agrees with an answer the user rejected: trust the user.
         return RATED_DOWN
+    if task.kind == "json":
+        target = canonical_target(answer, task)
+        if target is None:
+            return INVALID_TARGET
+        answer = target
     turns = [dict(m) for m in candidate.messages]
     while turns and turns[-1].get("role") == "assistant":
         turns.pop()
+    if task.system_prompt and not any(m.get("role") == "system" for m in turns):
+        turns.insert(0, {"role": "system", "content": task.system_prompt})
     messages = [*turns, {"role": "assistant", "content": answer}]
     return Example(
         example_id=example_id(messages), source_event_id=candidate.event_id,
         label=candidate.label, messages=messages, prompt=candidate.prompt, completion=answer,
         user_id=candidate.user_id,
     )
+
+
+def target_problem(answer: str, task: TaskSpec) -> str | None:
+    """Why ``answer`` cannot be a ``json`` task's target (not an object, or what the schema
+    says of it), or None when it can."""
+    obj = parse_object(answer)
+    if obj is None:
+        return "not a JSON object"
+    errors = schema_errors(obj, task.schema_document or {})
+    return "; ".join(errors[:3]) if errors else None
+
+
+def canonical_target(answer: str, task: TaskSpec) -> str | None:
+    """A ``json`` target in one form (compact separators, keys in the order given), or None
+    when it is not an object the task's schema accepts."""
+    if target_problem(answer, task) is not None:
+        return None
+    return json.dumps(parse_object(answer), ensure_ascii=False, separators=(", ", ": "))
 
 
 def scrub(example: Example) -> tuple[Example, int]:
@@ -151,12 +193,14 @@ class CurationResult:
     considered: int
     dropped: Counter[str]
     redactions: int
+    invalid_targets: list[dict[str, Any]] = field(default_factory=list)  # the first few
 
     def report(self) -> dict[str, Any]:
         return {
             "considered": self.considered,
             "kept": len(self.examples),
             "dropped": {reason: self.dropped.get(reason, 0) for reason in DROP_REASONS},
+            "invalid_targets": self.invalid_targets,
             "redactions": self.redactions,
             "labels": dict(sorted(Counter(e.label or NO_LABEL for e in self.examples).items())),
         }
@@ -188,23 +232,29 @@ def curate(
     vectors: np.ndarray,
     golden: GoldenIndex,
     cfg: CurationSettings,
+    task: TaskSpec | None = None,
 ) -> CurationResult:
-    """Select and clean ``candidates``; ``vectors`` holds their prompts' unit embeddings.
+    """Select and clean ``candidates`` for ``task`` (default: a label task); ``vectors``
+    holds their prompts' unit embeddings.
 
     Raises ``ValueError`` if ``vectors`` does not have one row per candidate.
     """
     if len(vectors) != len(candidates):
         raise ValueError(f"{len(vectors)} vectors for {len(candidates)} candidates: one per row")
     dropped: Counter[str] = Counter()
+    invalid: list[dict[str, Any]] = []
     redactions = 0
     # Newest first: when two events say the same thing, the latest feedback wins.
     order = sorted(range(len(candidates)), key=lambda i: candidates[i].occurred_at, reverse=True)
     kept: list[tuple[int, Example]] = []
     seen_keys: set[str] = set()
     for i in order:
-        chosen = select(candidates[i], cfg.label_is_answer)
+        chosen = select(candidates[i], cfg.label_is_answer, task)
         if isinstance(chosen, str):
             dropped[chosen] += 1
+            if chosen == INVALID_TARGET and len(invalid) < INVALID_SHOWN and task is not None:
+                problem = target_problem(_target_of(candidates[i]), task)
+                invalid.append({"event_id": candidates[i].event_id, "reason": problem})
             continue
         example, count = scrub(chosen)
         redactions += count
@@ -229,7 +279,14 @@ def curate(
     survivors = [ex for (_, ex), dup in zip(kept, near, strict=True) if not dup]
     survivors = _cap(survivors, lambda e: e.user_id, cfg.per_user_cap, USER_CAP, dropped)
     survivors = _cap(survivors, lambda e: e.label, cfg.per_label_cap, LABEL_CAP, dropped)
-    return CurationResult(survivors, len(candidates), dropped, redactions)
+    return CurationResult(survivors, len(candidates), dropped, redactions, invalid)
+
+
+def _target_of(candidate: Candidate) -> str:
+    """What :func:`select` took as a json target: the correction, the label or the answer."""
+    if candidate.correction and candidate.correction.strip():
+        return candidate.correction
+    return candidate.label or candidate.completion
 
 
 def _content_reason(example: Example, cfg: CurationSettings) -> str | None:

@@ -13,6 +13,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from tuneloop.runtime.settings import TaskSpec
 from tuneloop.services.curation.core import (
     Candidate,
     Example,
@@ -37,14 +39,16 @@ class GoldenSetFull(ValueError):
     """Adding would take the golden set past ``curation.golden_max``."""
 
 
-def pick(candidates: Sequence[Candidate], n: int, seed: int = 0) -> list[Example]:
-    """Up to ``n`` examples with a verified answer (correction or label), round-robin by label."""
+def pick(candidates: Sequence[Candidate], n: int, seed: int = 0,
+         task: TaskSpec | None = None) -> list[Example]:
+    """Up to ``n`` examples with a verified answer (correction or label; for a ``text``
+    task, a correction), judged as ``task`` asks, round-robin by label."""
     by_label: dict[str, list[Example]] = defaultdict(list)
     seen: set[str] = set()
     for cand in sorted(candidates, key=lambda c: c.event_id):
         if not (cand.correction or cand.label):
             continue
-        chosen = select(cand)
+        chosen = select(replace(cand, rating=None), task=task)
         if isinstance(chosen, str):
             continue
         example, _ = scrub(chosen)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tuneloop.runtime.settings import CurationSettings
+from tuneloop.runtime.settings import CurationSettings, TaskSpec
 from tuneloop.services.curation import golden
 from tuneloop.services.curation.core import (
     CurationResult,
@@ -53,9 +53,10 @@ class Curated:
 
 def run_curation(
     store: Store, embedder: Embedder, cfg: CurationSettings, progress: Progress | None = None,
-    include_used: bool = False, run_key: str | None = None,
+    include_used: bool = False, run_key: str | None = None, task: TaskSpec | None = None,
 ) -> CurationRun:
-    """Curate one new dataset version.
+    """Curate one new dataset version for ``task`` (the served alias's; default a label
+    task).
 
     ``run_key`` (the loop's retrain key) is kept with the version, so a rerun of the same
     retrain finds it (:func:`~tuneloop.services.curation.store.find_curated`) instead of
@@ -67,12 +68,12 @@ def run_curation(
     texts = [c.prompt for c in inputs.candidates] + [g.prompt for g in inputs.golden] + \
         [p.prompt for p in inputs.previous]
     vectors, stats = embed_texts(store, embedder, texts, progress)
-    curated = curate_version(inputs, vectors, cfg)
+    curated = curate_version(inputs, vectors, cfg, task)
     report = _report(curated, len(inputs.golden), stats)
     parents = [inputs.parent] if inputs.parent and curated.replayed else []
     with store.connect() as con:
         version, digest = write_version(con, curated.examples + curated.replayed, parents,
-                                        _filters(inputs, cfg, include_used, run_key), report)
+                                        _filters(inputs, cfg, include_used, run_key, task), report)
     log.info("dataset %s: %d considered, %d kept, %d replayed from %s, hash %s", version,
              curated.result.considered, len(curated.result.examples), len(curated.replayed),
              inputs.parent, digest[:12])
@@ -80,12 +81,12 @@ def run_curation(
 
 
 def curate_version(inputs: CurationInputs, vectors: np.ndarray,
-                   cfg: CurationSettings) -> Curated:
+                   cfg: CurationSettings, task: TaskSpec | None = None) -> Curated:
     """The pure part of a run: ``vectors`` hold the candidates', the golden set's and the
     parent's train prompts, in that order."""
     n_c, n_g = len(inputs.candidates), len(inputs.golden)
     guard = golden.index(inputs.golden, vectors[n_c : n_c + n_g])
-    result = curate(inputs.candidates, vectors[:n_c], guard, cfg)
+    result = curate(inputs.candidates, vectors[:n_c], guard, cfg, task)
     examples = split(result.examples, cfg)
     capped = 0
     previous = inputs.previous
@@ -121,11 +122,12 @@ def _report(curated: Curated, n_golden: int, stats: EmbedStats) -> dict[str, Any
 
 
 def _filters(inputs: CurationInputs, cfg: CurationSettings, include_used: bool,
-             run_key: str | None) -> dict[str, Any]:
+             run_key: str | None, task: TaskSpec | None) -> dict[str, Any]:
     """What made the version: the settings, and the watermark the next run starts after."""
     return cfg.model_dump(mode="json") | {
         "include_used": include_used,
         "considered_through": inputs.through.isoformat() if inputs.through else None,
         "considered_through_seq": inputs.through_seq,
         "run_key": run_key,
+        "task": (task or TaskSpec()).describe(),
     }

@@ -17,7 +17,7 @@ from typing import Any
 
 import duckdb
 
-from tuneloop.runtime.settings import CurationSettings
+from tuneloop.runtime.settings import CurationSettings, TaskSpec
 from tuneloop.services.curation import golden
 from tuneloop.services.curation.core import Candidate, Example, prompt_key, scrub, select
 from tuneloop.services.curation.datasets import (
@@ -147,7 +147,7 @@ def new_labelled_events(store: Store) -> int:
 
 
 def fresh_examples(con: Any, dataset_version: str, cfg: CurationSettings,
-                   limit: int) -> list[Example]:
+                   limit: int, task: TaskSpec | None = None) -> list[Example]:
     """Labelled feedback written after ``dataset_version`` was curated, as examples.
 
     Held out from that version by time, this is the closest test an adapter trained on
@@ -169,7 +169,7 @@ def fresh_examples(con: Any, dataset_version: str, cfg: CurationSettings,
     while len(out) < limit and (chunk := cursor.fetchmany(limit)):
         for r in chunk:
             # The rating is not the reference: a label or a correction is.
-            chosen = select(replace(_candidate(r), rating=None), cfg.label_is_answer)
+            chosen = select(replace(_candidate(r), rating=None), cfg.label_is_answer, task)
             if isinstance(chosen, str) or prompt_key(chosen.prompt) in seen:
                 continue
             seen.add(prompt_key(chosen.prompt))

@@ -71,7 +71,12 @@ class LabelStats:
 
 @dataclass(frozen=True)
 class EvalReport:
-    """Metrics of one evaluation; ``accuracy``/``macro_f1`` are None for free text."""
+    """Metrics of one evaluation; ``accuracy``/``macro_f1`` are None for free text.
+
+    ``kind``, ``score``, ``figures`` and ``per_example`` are set by
+    :func:`tuneloop.services.evaluation.tasks.evaluate`: the task kind, its headline
+    (macro-F1, field micro-F1 or chrF), its other figures, and each example's score.
+    """
 
     n: int
     exact_match: float
@@ -79,6 +84,10 @@ class EvalReport:
     accuracy: float | None = None
     macro_f1: float | None = None
     per_label: dict[str, LabelStats] = field(default_factory=dict)
+    kind: str | None = None
+    score: float | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+    per_example: list[float] = field(default_factory=list)
 
     @property
     def headline(self) -> float:
@@ -86,7 +95,9 @@ class EvalReport:
         return self.accuracy if self.accuracy is not None else self.exact_match
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("per_example")  # the paired tests' input, not a figure
+        return out
 
 
 def evaluate_predictions(

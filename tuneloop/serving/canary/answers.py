@@ -42,7 +42,7 @@ def answers(settings: Settings, version: str | None, examples: Sequence[Example]
     :class:`tuneloop.serving.control.GatewayError` when the gateway fails.
     """
     store = Store.of(settings)
-    max_tokens = settings.canary.max_tokens
+    max_tokens = settings.task.max_answer_tokens
     prompts = [ex.messages[:-1] for ex in examples]
     keys = [canary_store.example_key(p, max_tokens) for p in prompts]
     with store.connect() as con:
@@ -62,10 +62,13 @@ def answers(settings: Settings, version: str | None, examples: Sequence[Example]
 
 def paired(settings: Settings, candidate: str, incumbent: str | None,
            examples: Sequence[Example]) -> Paired:
-    """Both versions' answers to ``examples``; nothing is asked when there are none."""
+    """Both versions' answers to ``examples``, to be judged as the served alias's task
+    asks; nothing is asked when there are none."""
+    task = settings.task
     if not examples:
-        return Paired([], [], [], [])
+        return Paired([], [], [], [], task.kind, task.schema_document)
     return Paired(references=[ex.completion for ex in examples],
                   labels=[ex.label for ex in examples],
                   incumbent=answers(settings, incumbent, examples),
-                  candidate=answers(settings, candidate, examples))
+                  candidate=answers(settings, candidate, examples),
+                  kind=task.kind, schema=task.schema_document)

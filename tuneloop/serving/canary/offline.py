@@ -43,7 +43,7 @@ def gate_examples(settings: Settings, candidate: str
             return gold, [], []
         test = [ex for ex in load_examples(con, adapter.dataset_version) if ex.split == "test"]
         fresh = fresh_examples(con, adapter.dataset_version, settings.curation,
-                               settings.canary.fresh_max_examples)
+                               settings.canary.fresh_max_examples, settings.task)
     return gold, test, fresh
 
 

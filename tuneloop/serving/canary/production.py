@@ -8,7 +8,7 @@ from tuneloop.runtime.settings import CanarySettings, Settings
 from tuneloop.services.canary import store as canary_store
 from tuneloop.services.canary.core import FAIL, PASS, Check, Decision, combine
 from tuneloop.services.curation import golden
-from tuneloop.services.evaluation.metrics import evaluate_predictions
+from tuneloop.services.evaluation.tasks import evaluate
 from tuneloop.services.registry import store as registry
 from tuneloop.services.store.database import Store
 from tuneloop.serving.canary.answers import answers
@@ -33,13 +33,15 @@ def check_production(settings: Settings) -> Decision:
         return Decision("freeze", None, version, "ok", figures={
             "golden_n": 0, "note": "the golden set is empty: nothing to check"})
     got = answers(settings, version, gold)
-    report = evaluate_predictions(got, [ex.completion for ex in gold],
-                                  [ex.label for ex in gold] if all(ex.label for ex in gold)
-                                  else None)
-    score = report.macro_f1 if report.macro_f1 is not None else report.exact_match
+    task = settings.task
+    report = evaluate(task.kind, got, [ex.completion for ex in gold],
+                      [ex.label for ex in gold] if all(ex.label for ex in gold) else None,
+                      schema=task.schema_document)
+    score = float(report.score if report.score is not None else report.exact_match)
     checks = score_checks(score, baseline, settings.canary)
-    figures = {"golden_n": report.n, "score": score, "accuracy": report.accuracy,
-               "macro_f1": report.macro_f1, "baseline": baseline}
+    figures = {"golden_n": report.n, "kind": task.kind, "score": score,
+               "accuracy": report.accuracy, "macro_f1": report.macro_f1,
+               "task_figures": report.figures, "baseline": baseline}
     decision = Decision("freeze", None, version, combine(checks, "ok", "frozen"), checks, figures)
     if decision.verdict == "frozen":
         with store.connect() as con:

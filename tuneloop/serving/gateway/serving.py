@@ -68,8 +68,12 @@ class Gateway:
 
     def __init__(self, cfg: ServingSettings, pool: ReplicaPool, metrics: GatewayMetrics,
                  feedback: FeedbackProducer | None, shadow: FeedbackProducer | None,
-                 user_key: bytes, event_key: bytes) -> None:
+                 user_key: bytes, event_key: bytes,
+                 system_prompts: dict[str, str] | None = None) -> None:
         self.cfg = cfg
+        # Each alias's task system prompt (tasks.<alias>.system_prompt): a chat without a
+        # system turn gets it first, as curation gives it to every example.
+        self.system_prompts = dict(system_prompts or {})
         self.user_key = user_key
         self.event_key = event_key
         # Verdicts per user and minute (serving.feedback_per_minute), in this process.
@@ -106,6 +110,11 @@ class Gateway:
                 raise BadRequest(f"model {body['model']!r} is not served here; aliases: {known}",
                                  param="model", status=404, code="model_not_found")
             messages = check_chat(body) if chat else check_completion(body)
+            if chat and route.alias in self.system_prompts and not any(
+                    m["role"] == "system" for m in messages):
+                system = {"role": "system", "content": self.system_prompts[route.alias]}
+                messages = [system, *messages]
+                body = dict(body, messages=[system, *body["messages"]])
         except BadRequest as exc:
             self.metrics.errors.labels("-", "-", "bad_request").inc()
             return error_response(exc.status, exc.message, param=exc.param, code=exc.code)

@@ -1,0 +1,226 @@
+"""Task kinds: the spec, evaluation per kind, the offline gate per kind, curation per kind."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sacrebleu
+from pydantic import ValidationError
+
+from tuneloop.runtime.settings import CanarySettings, CurationSettings, TaskSpec, load_settings
+from tuneloop.services.canary.core import (
+    FAIL,
+    HOLD,
+    PASS,
+    Paired,
+    combine,
+    golden_checks,
+    improvement_checks,
+)
+from tuneloop.services.curation import core as cur
+from tuneloop.services.curation.core import Candidate, GoldenIndex, curate, select
+from tuneloop.services.evaluation.tasks import evaluate, parse_object
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
+                                           "guests": {"type": "integer", "minimum": 1}},
+          "required": ["city"], "additionalProperties": False}
+
+
+@pytest.fixture
+def schema_file(tmp_path: Path) -> Path:
+    path = tmp_path / "booking.schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    return path
+
+
+def json_task(schema_file: Path, **kw: object) -> TaskSpec:
+    return TaskSpec(kind="json", json_schema=schema_file, **kw)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ the spec
+def test_a_json_task_needs_a_readable_valid_schema(tmp_path: Path, schema_file: Path) -> None:
+    with pytest.raises(ValidationError, match="a json task needs json_schema"):
+        TaskSpec(kind="json")
+    with pytest.raises(ValidationError, match="cannot read it"):
+        TaskSpec(kind="json", json_schema=tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValidationError, match="is not JSON"):
+        TaskSpec(kind="json", json_schema=tmp_path / "broken.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "objekt"}))
+    with pytest.raises(ValidationError, match="not a valid JSON Schema at type"):
+        TaskSpec(kind="json", json_schema=tmp_path / "bad.json")
+    with pytest.raises(ValidationError, match="only a json task has a schema"):
+        TaskSpec(kind="text", json_schema=schema_file)
+    with pytest.raises(ValidationError, match="'label', 'json' or 'text'"):
+        TaskSpec(kind="regression")  # type: ignore[arg-type]
+    spec = json_task(schema_file)
+    assert spec.schema_document == SCHEMA and spec.describe()["schema"] == SCHEMA
+
+
+def test_each_kind_has_its_answer_budget_unless_the_spec_names_one() -> None:
+    assert [TaskSpec(kind=k).max_answer_tokens for k in ("label", "text")] == [16, 96]
+    assert TaskSpec(kind="text", answer_tokens=200).max_answer_tokens == 200
+
+
+def test_settings_give_the_served_alias_its_task_and_refuse_a_task_of_no_alias(
+        schema_file: Path) -> None:
+    assert load_settings().task.kind == "label"
+    settings = load_settings({"tasks.support-bot.kind": "json",
+                              "tasks.support-bot.json_schema": str(schema_file)})
+    assert settings.task.kind == "json" and settings.task.max_answer_tokens == 128
+    with pytest.raises(ValidationError, match="tasks.other: no alias of that name is served"):
+        load_settings({"tasks.other.kind": "text"})
+    with pytest.raises(ValueError, match="did you mean 'tasks.support-bot.kind'"):
+        load_settings({"tasks.support-bot.kinds": "text"})
+
+
+# ------------------------------------------------------------------ evaluation
+def test_json_answers_are_judged_by_parse_schema_fields_and_whole_objects() -> None:
+    refs = ['{"city": "Paris", "guests": 2}', '{"city": "Rome", "guests": 1}',
+            '{"city": "Oslo"}', '{"city": "Lima", "guests": 3}']
+    answers = ['{"city": "paris", "guests": 2}',  # right (strings compare case-folded)
+               '```json\n{"city": "Rome"}\n```',  # fenced, one field of two
+               'Oslo, I think',  # not JSON
+               '{"city": "Lima", "guests": 0}']  # parses, breaks the schema's minimum
+    report = evaluate("json", answers, refs, schema=SCHEMA)
+    f = report.figures
+    assert f["parse_rate"] == 0.75 and f["schema_valid_rate"] == 0.5
+    assert f["object_exact_match"] == 0.25
+    assert f["field_exact_match"]["city"] == {"support": 4, "exact_match": 0.75}
+    assert f["field_exact_match"]["guests"] == {"support": 3, "exact_match": 1 / 3}
+    # matched 2 + 1 + 0 + 1 fields; predicted 2 + 1 + 0 + 2, expected 2 + 2 + 1 + 2
+    assert f["field_micro_f1"] == pytest.approx(2 * 4 / (5 + 7))
+    assert report.per_example == pytest.approx([1.0, 2 / 3, 0.0, 0.5])
+    assert report.score == pytest.approx(np.mean([1.0, 2 / 3, 0.0, 0.5]))
+    assert parse_object("[1, 2]") is None and parse_object(' {"a": {"b": 1}} ') == {"a": {"b": 1}}
+
+
+def test_text_answers_are_judged_by_chrf_and_rouge_l_in_any_script() -> None:
+    refs = ["Your card will arrive within five working days.", "Το τραπέζι είναι έτοιμο."]
+    answers = ["The card arrives in five working days.", "Το τραπέζι είναι έτοιμο."]
+    report = evaluate("text", answers, refs)
+    expected = sacrebleu.corpus_chrf(answers, [refs]).score / 100
+    assert report.figures["chrf"] == pytest.approx(expected)
+    assert report.per_example[1] == pytest.approx(1.0) and 0 < report.per_example[0] < 1
+    # ROUGE-L of the identical Greek reply is 1: words of every script count.
+    assert 0.5 < report.figures["rouge_l"] < 1
+    letters = "abcdefghijklmnopqrstuvwxyzαβγδεζηθικλμνξοπρστυφχψω"
+
+    def embed(texts: list[str]) -> np.ndarray:  # letter counts: a transparent stand-in vector
+        return np.array([[t.casefold().count(c) for c in letters] for t in texts], dtype=float)
+
+    assert evaluate("text", answers[1:], refs[1:], embed=embed).figures["cosine"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ the gate
+CFG = CanarySettings(bootstrap_resamples=500)
+REPLIES = [f"Your order number {i} ships on day {i % 7} to the address on file." for i in range(60)]
+
+
+def text_pairs(candidate_good: bool, n: int = 60) -> Paired:
+    rng = random.Random(0)
+    refs = REPLIES[:n]
+    vague = [f"Thanks for reaching out about item {rng.randint(0, 99)}." for _ in refs]
+    near = [r.replace("ships", "will ship") for r in refs]
+    incumbent = [v if i % 3 else near[i] for i, v in enumerate(vague)]
+    candidate = near if candidate_good else vague
+    return Paired(refs, [None] * n, incumbent, candidate, kind="text")
+
+
+def test_text_candidates_are_gated_on_chrf_not_on_exact_words() -> None:
+    good = text_pairs(candidate_good=True)
+    assert not any(good.right(good.candidate))  # no answer is word for word the reference
+    golden, figures = golden_checks(good, CFG)
+    assert combine(golden) == "pass" and figures["golden_score"]["metric"] == "chrF"
+    checks, test_figures = improvement_checks(good, CFG)
+    assert checks[0].outcome == PASS and "chrF" in checks[0].name
+    assert test_figures["test_score"]["candidate"] > test_figures["test_score"]["incumbent"]
+    bad = text_pairs(candidate_good=False)
+    assert combine(golden_checks(bad, CFG)[0]) == "reject"
+    assert improvement_checks(bad, CFG)[0][0].outcome == FAIL
+
+
+def json_pairs(candidate: str, n: int = 40) -> Paired:
+    refs = [json.dumps({"city": f"City{i}", "guests": i % 4 + 1}) for i in range(n)]
+    incumbent = [json.dumps({"city": f"City{i}"}) for i in range(n)]  # half the fields
+    answers = {
+        "better": refs,
+        "invalid": [json.dumps({"city": f"City{i}", "guests": 0}) if i % 2 else r
+                    for i, r in enumerate(refs)],
+    }[candidate]
+    return Paired(refs, [None] * n, incumbent, answers, kind="json", schema=SCHEMA)
+
+
+def test_json_candidates_must_keep_the_schema_and_improve_whole_objects() -> None:
+    better = json_pairs("better")
+    golden, figures = golden_checks(better, CFG)
+    assert combine(golden) == "pass" and figures["golden_schema_valid"]["candidate"] == 1.0
+    checks, _ = improvement_checks(better, CFG)
+    assert [c.outcome for c in checks] == [PASS, PASS]
+    assert "whole-object exact match 0.000 -> 1.000" in checks[0].detail
+    # Half the answers break the schema (guests 0): its check fails, whatever the fields say.
+    invalid = json_pairs("invalid")
+    golden, _ = golden_checks(invalid, CFG)
+    failed = [c.name for c in golden if c.outcome == FAIL]
+    assert failed == ["golden schema-valid (McNemar)"]
+
+
+def test_a_text_candidate_better_on_some_answers_and_worse_on_others_holds() -> None:
+    refs = REPLIES[:8]
+    changed = [r.replace("file", "record") if i % 2 else r.replace("ships", "is shipping")
+               for i, r in enumerate(refs)]
+    incumbent = [c if i % 2 else r for i, (r, c) in enumerate(zip(refs, changed, strict=True))]
+    candidate = [r if i % 2 else c for i, (r, c) in enumerate(zip(refs, changed, strict=True))]
+    checks, _ = improvement_checks(Paired(refs, [None] * 8, incumbent, candidate, kind="text"), CFG)
+    assert checks[0].outcome == HOLD and checks[0].detail.endswith("inconclusive")
+
+
+# ------------------------------------------------------------------ curation
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def cand(i: int, **kw: object) -> Candidate:
+    fields: dict[str, object] = {
+        "event_id": f"e{i}", "occurred_at": T0 + timedelta(seconds=i),
+        "messages": [{"role": "user", "content": f"book a table number {i}"}],
+        "prompt": f"book a table number {i}", "completion": "", "rating": None,
+        "correction": None, "label": None, "user_id": f"u{i}"}
+    fields.update(kw)
+    return Candidate(**fields)  # type: ignore[arg-type]
+
+
+def test_json_targets_must_satisfy_the_schema_and_are_kept_in_one_form(schema_file: Path) -> None:
+    task = json_task(schema_file, system_prompt="Extract the booking as JSON.")
+    kept = select(cand(1, correction='{"city":"Paris",  "guests":2}'), task=task)
+    assert not isinstance(kept, str)
+    assert kept.completion == '{"city": "Paris", "guests": 2}'
+    assert kept.messages[0] == {"role": "system", "content": "Extract the booking as JSON."}
+    labelled = select(cand(2, label='{"city": "Rome"}'), task=task)
+    assert not isinstance(labelled, str) and json.loads(labelled.completion) == {"city": "Rome"}
+    candidates = [cand(3, correction='{"guests": 2}'), cand(4, correction="Paris, 2 people"),
+                  cand(5, correction='{"city": "Oslo"}')]
+    result = curate(candidates, np.eye(3, 8, dtype=np.float32), GoldenIndex(),
+                    CurationSettings(), task)
+    report = result.report()
+    assert report["kept"] == 1 and report["dropped"][cur.INVALID_TARGET] == 2
+    reasons = {r["event_id"]: r["reason"] for r in report["invalid_targets"]}
+    assert reasons == {"e3": "(root): 'city' is a required property", "e4": "not a JSON object"}
+
+
+def test_text_targets_are_corrections_and_well_rated_answers_never_labels() -> None:
+    task = TaskSpec(kind="text", target_min_rating=0.5)
+    corrected = select(cand(1, completion="meh", rating=-1.0, correction="A table for two."),
+                       task=task)
+    assert not isinstance(corrected, str) and corrected.completion == "A table for two."
+    liked = select(cand(2, completion="Booked for 8pm.", rating=1.0), task=task)
+    assert not isinstance(liked, str) and liked.completion == "Booked for 8pm."
+    assert select(cand(3, completion="Booked.", rating=0.2), task=task) == cur.RATED_LOW
+    assert select(cand(4, completion="Booked.", rating=-1.0), task=task) == cur.RATED_DOWN
+    # A label names the reply's topic; it is never the reply to learn.
+    assert select(cand(5, completion="Booked.", label="Restaurants_1"), task=task) == \
+        cur.NOT_SELECTED
