@@ -63,6 +63,9 @@ def test_the_wheel_holds_one_top_level_package_with_its_data(wheel: Path) -> Non
     assert top == {"tuneloop"}
     for needed in ("tuneloop/data/banking77/train.csv", "tuneloop/data/banking77/test.csv",
                    "tuneloop/data/banking77/categories.json", "tuneloop/data/banking77/LICENSE",
+                   "tuneloop/data/snips/train.csv", "tuneloop/data/snips/schema.json",
+                   "tuneloop/data/snips/LICENSE", "tuneloop/data/sgd/test.csv",
+                   "tuneloop/data/sgd/LICENSE", "tuneloop/data/sgd/SOURCE.md",
                    "tuneloop/training/configs/smollm2_lora.yaml",
                    "tuneloop/training/configs/demo.yaml",
                    "tuneloop/services/feedback/schemas/feedback.v1.json"):
@@ -76,6 +79,7 @@ import importlib.metadata as md, importlib.util, json
 from packaging.requirements import Requirement
 import tuneloop
 from tuneloop.services.demo import banking77
+from tuneloop.services.demo.task_data import bundled, load_rows
 from tuneloop.training.config import CONFIGS_DIR, RecipeConfig
 from tuneloop.services.feedback.contract import SCHEMA_FILE
 
@@ -97,6 +101,8 @@ print(json.dumps({
     "train": len(banking77.load("train")), "test": len(banking77.load("test")),
     "intents": len(banking77.intents()),
     "data": str(banking77.data_dir()),
+    "tasks": {name: [len(load_rows(bundled(name), s)) for s in ("train", "test")]
+              for name in ("snips", "sgd")},
     "configs": {p.name: RecipeConfig.from_file(p).fingerprint() for p in sorted(CONFIGS_DIR.glob("*.yaml"))},
     "schema": json.loads(SCHEMA_FILE.read_text())["title"] if SCHEMA_FILE.exists() else None,
     "missing": missing,
@@ -109,6 +115,7 @@ print(json.dumps({
     assert str(REPO) not in found["data"]
     assert found["services"] is False and found["bench"] is False  # nothing else is top level
     assert (found["train"], found["test"], found["intents"]) == (10003, 3080, 77)
+    assert found["tasks"] == {"snips": [13784, 700], "sgd": [10000, 2000]}
     assert set(found["configs"]) == {"demo.yaml", "gpu_bf16.yaml", "smollm2_lora.yaml"}
     assert found["schema"]
     assert found["missing"] == []

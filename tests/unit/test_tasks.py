@@ -224,3 +224,27 @@ def test_text_targets_are_corrections_and_well_rated_answers_never_labels() -> N
     # A label names the reply's topic; it is never the reply to learn.
     assert select(cand(5, completion="Booked.", label="Restaurants_1"), task=task) == \
         cur.NOT_SELECTED
+
+
+# ------------------------------------------------------------------ task data
+def test_task_data_reads_any_folder_of_the_layout_and_derives_a_schema(tmp_path: Path) -> None:
+    from jsonschema import Draft202012Validator
+
+    from tuneloop.services.demo.task_data import bundled, derive_schema, group_sizes, load_rows
+
+    (tmp_path / "train.csv").write_text(
+        'text,target,services\nhi,"{""a"": ""x"", ""b"": [""y"", ""z""]}","S_1,S_2"\n'
+        'yo,"{""a"": ""w""}",S_1\n')
+    rows = load_rows(tmp_path, "train")
+    assert rows[0].groups == ("S_1", "S_2") and group_sizes(rows) == {"S_1": 2, "S_2": 1}
+    schema = derive_schema([r.target for r in rows])
+    assert schema["properties"] == {"a": {"type": "string"},
+                                    "b": {"type": "array", "items": {"type": "string"}}}
+    validator = Draft202012Validator(schema)
+    assert validator.is_valid({"a": "q"}) and not validator.is_valid({"c": "q"})
+    (tmp_path / "test.csv").write_text("text,answer\nhi,there\n")
+    with pytest.raises(ValueError, match="the layout is text, target and one column"):
+        load_rows(tmp_path, "test")
+    snips = json.loads((bundled("snips") / "schema.json").read_text())
+    every = [r.target for r in load_rows(bundled("snips"), "test")]
+    assert all(Draft202012Validator(snips).is_valid(json.loads(t)) for t in every)

@@ -1,6 +1,8 @@
 """Public datasets shipped with tuneloop, each in a folder with its licence and source.
 
 - ``banking77``: customer-support queries labelled with one of 77 intents (CC BY 4.0).
+- ``snips``: utterances to a JSON object of their slots, by intent, with a schema (CC0).
+- ``sgd``: dialogue turns to the assistant's reply, by service, a subset (CC BY-SA 4.0).
 """
 
 from __future__ import annotations
