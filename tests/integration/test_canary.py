@@ -201,3 +201,31 @@ def test_a_crash_mid_window_is_safe_and_the_rerun_promotes_the_good_candidate(
     with Store(serving_stack.settings.db_path).connect() as con:
         starts = [d for d in canary_store.list_decisions(con, 20, good) if d["verdict"] == "start"]
     assert len(starts) == 1, "the rerun resumed the window instead of opening a new one"
+
+
+def test_the_judge_is_asked_each_pair_in_both_orders_over_an_openai_api(
+        serving_stack: ServingStack) -> None:
+    """The judge is any OpenAI-compatible endpoint: here the gateway's internal route with
+    the base model, SmolLM2-135M, a weak judge whose mechanics are what is checked."""
+    from tuneloop.runtime.settings import JudgeSettings
+    from tuneloop.services.canary.judge import pair_outcome
+    from tuneloop.services.curation.core import Example
+    from tuneloop.serving import control
+    from tuneloop.serving.admin_chat import model_name
+    from tuneloop.serving.canary.judge import JudgeError, judge_pairs
+
+    settings = serving_stack.settings
+    examples = [Example(f"x{i}", None, None,
+                        [{"role": "user", "content": q.text}, {"role": "assistant", "content": q.intent}],
+                        q.text, q.intent) for i, q in enumerate(TRAFFIC[:3])]
+    cfg = JudgeSettings(url=f"{settings.serving.gateway_url}/admin/v1",
+                        model=model_name(settings, None), api_key=control.admin_key(settings),
+                        max_pairs=2)
+    judged = judge_pairs(cfg, examples, ["I do not know."] * 3, [q.intent for q in TRAFFIC[:3]])
+    assert [v["index"] for v in judged.verdicts] == [0, 1]  # max_pairs
+    for v in judged.verdicts:
+        assert v["candidate_first"] in ("A", "B", "tie", None)
+        assert v["outcome"] == pair_outcome(v["candidate_first"], v["candidate_second"])
+    assert judged.figures()["wins"] + judged.figures()["losses"] + judged.figures()["ties"] == 2
+    with pytest.raises(JudgeError, match="judge nope"):
+        judge_pairs(cfg.model_copy(update={"model": "nope"}), examples, ["a"] * 3, ["b"] * 3)

@@ -248,3 +248,38 @@ def test_task_data_reads_any_folder_of_the_layout_and_derives_a_schema(tmp_path:
     snips = json.loads((bundled("snips") / "schema.json").read_text())
     every = [r.target for r in load_rows(bundled("snips"), "test")]
     assert all(Draft202012Validator(snips).is_valid(json.loads(t)) for t in every)
+
+
+# ------------------------------------------------------------------ the judge
+def test_a_pair_is_won_only_when_both_orders_agree() -> None:
+    from tuneloop.services.canary.judge import LOSS, TIE, WIN, pair_outcome, parse_verdict
+
+    assert [parse_verdict(r) for r in ("A", " b.", "Tie", "It is a tie.", "Reply B is better",
+                                       "neither", "")] == ["A", "B", "tie", "tie", "B", None, None]
+    assert pair_outcome("A", "B") == WIN and pair_outcome("B", "A") == LOSS
+    # Position bias (A both times), a tie or an unreadable verdict: no evidence either way.
+    assert {pair_outcome("A", "A"), pair_outcome("tie", "B"), pair_outcome(None, "B")} == {TIE}
+
+
+def test_the_judge_decides_a_text_improvement_by_a_sign_test() -> None:
+    from tuneloop.services.canary.judge import Judged, decide_with_judge, judge_messages
+
+    def judged(wins: int, losses: int, ties: int) -> Judged:
+        outcomes = ["win"] * wins + ["loss"] * losses + ["tie"] * ties
+        return Judged("judge-7b", [{"index": i, "candidate_first": None,
+                                    "candidate_second": None, "outcome": o}
+                                   for i, o in enumerate(outcomes)])
+
+    reference_checks, _ = improvement_checks(text_pairs(candidate_good=False), CFG)
+    assert reference_checks[0].outcome == FAIL  # chrF alone would reject...
+    checks = decide_with_judge(reference_checks, judged(14, 1, 5), CFG)
+    # ...but the judge prefers the candidate's replies: it decides, chrF is reported.
+    assert [c.outcome for c in checks] == [PASS, "info"] and combine(checks) == "pass"
+    assert "14 wins, 1 losses, 5 ties" in checks[0].detail and "judge-7b" in checks[0].name
+    assert decide_with_judge(reference_checks, judged(1, 14, 5), CFG)[0].outcome == FAIL
+    assert decide_with_judge(reference_checks, judged(5, 4, 11), CFG)[0].outcome == HOLD
+    figures = judged(2, 1, 0).figures()
+    assert figures["wins"] == 2 and "{reference}" in figures["template"]
+    chat = judge_messages([{"role": "system", "content": "hidden"},
+                           {"role": "user", "content": "Table for two?"}], "Sure.", "Yes.", "No.")
+    assert "hidden" not in chat[1]["content"] and "Reply A:\nYes." in chat[1]["content"]

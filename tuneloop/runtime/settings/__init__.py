@@ -15,6 +15,7 @@ canary, the loop); the root object and its loading in :mod:`.loader`.
 
 from tuneloop.runtime.settings.lifecycle import (
     CanarySettings,
+    JudgeSettings,
     LoopSettings,
     ServingSettings,
     TrainingSettings,
@@ -47,6 +48,7 @@ __all__ = [
     "DriftSettings",
     "EmbeddingSettings",
     "IngestSettings",
+    "JudgeSettings",
     "KINDS",
     "KafkaSettings",
     "LoopSettings",

@@ -166,6 +166,19 @@ class ServingSettings(Section):
         return [f"http://127.0.0.1:{self.vllm_port + i}" for i in range(self.replicas)]
 
 
+class JudgeSettings(Section):
+    """A model that compares two answers side by side (``[canary.judge]``)."""
+
+    url: str = Field(..., min_length=1, description="Base URL of an OpenAI-compatible API "
+                     "(e.g. http://judge:8000/v1).")
+    model: str = Field(..., min_length=1, description="The judge model's name there.")
+    api_key: SecretStr | None = Field(None, description="Its API key, if it wants one.")
+    max_pairs: int = Field(200, ge=1, description="Pairs judged per look at most (each asked "
+                           "twice, the order swapped).")
+    concurrency: int = Field(8, ge=1, description="Judge requests in flight.")
+    timeout_s: float = Field(120.0, gt=0)
+
+
 class CanarySettings(Section):
     """How a candidate adapter earns production traffic (``tuneloop canary``)."""
 
@@ -180,6 +193,10 @@ class CanarySettings(Section):
     )
     bootstrap_resamples: int = Field(2000, ge=100)
     seed: int = 0
+    judge: JudgeSettings | None = Field(
+        None, description="text tasks: a judge model that compares the candidate's and the "
+        "incumbent's answers side by side; its wins decide the improvement (sign test). "
+        "None: the reference scores decide.")
     eval_concurrency: int = Field(16, ge=1, description="Offline-gate requests in flight.")
     fresh_max_examples: int = Field(
         200, ge=0, description="The offline gate's improvement test also uses up to this many "

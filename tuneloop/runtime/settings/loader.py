@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -192,11 +192,19 @@ def _section(path: tuple[str, ...]) -> type[BaseModel] | None:
         if path[: depth + 1] in _KEYED:  # the next part is a key
             continue
         field = model.model_fields.get(part)
-        annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        annotation = _model_of(field.annotation if field is not None else None)
+        if annotation is None:
             return None
         model = annotation
     return model
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The settings model a field holds (``Section`` or ``Section | None``), or None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _known(path: tuple[str, ...]) -> bool:

@@ -19,6 +19,7 @@ from tuneloop.services.canary.core import (
     golden_checks,
     improvement_checks,
 )
+from tuneloop.services.canary.judge import decide_with_judge
 from tuneloop.services.curation import golden
 from tuneloop.services.curation.core import Example
 from tuneloop.services.curation.datasets import load_examples
@@ -27,6 +28,7 @@ from tuneloop.services.registry.store import get_adapter
 from tuneloop.services.store.database import Store
 from tuneloop.serving import control
 from tuneloop.serving.canary.answers import paired
+from tuneloop.serving.canary.judge import judge_pairs
 from tuneloop.serving.canary.live import start
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,9 @@ def offline_gate(settings: Settings, plan: Plan, look: int = 1) -> Decision:
     ``look`` counts the looks at the same candidate (see ``canary.offline_looks``);
     answers are cached by weights, so a later look only asks the new events. A hold
     that another look may settle carries ``figures["next_look_at"]`` (epoch seconds).
-    Raises :class:`tuneloop.serving.control.GatewayError` when the gateway fails.
+    Raises :class:`tuneloop.serving.control.GatewayError` when the gateway fails, and
+    :class:`tuneloop.serving.canary.judge.JudgeError` when the judge (``canary.judge``,
+    text tasks) does.
     """
     cfg = settings.canary
     candidate, incumbent = plan.candidate, plan.incumbent
@@ -65,8 +69,13 @@ def offline_gate(settings: Settings, plan: Plan, look: int = 1) -> Decision:
     started = time.perf_counter()
     checks, figures = golden_checks(paired(settings, candidate, incumbent, gold), cfg)
     if combine(checks) != "reject":
-        more, test_figures = improvement_checks(
-            paired(settings, candidate, incumbent, test + fresh), cfg, len(fresh), look)
+        examples = test + fresh
+        pairs = paired(settings, candidate, incumbent, examples)
+        more, test_figures = improvement_checks(pairs, cfg, len(fresh), look)
+        if cfg.judge is not None and settings.task.kind == "text" and examples:
+            judged = judge_pairs(cfg.judge, examples, pairs.incumbent, pairs.candidate)
+            more = decide_with_judge(more, judged, cfg, look)
+            test_figures["judge"] = judged.figures()
         checks += more
         figures.update(test_figures)
     figures["evaluation_s"] = round(time.perf_counter() - started, 2)
