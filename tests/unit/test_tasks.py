@@ -283,3 +283,36 @@ def test_the_judge_decides_a_text_improvement_by_a_sign_test() -> None:
     chat = judge_messages([{"role": "system", "content": "hidden"},
                            {"role": "user", "content": "Table for two?"}], "Sure.", "Yes.", "No.")
     assert "hidden" not in chat[1]["content"] and "Reply A:\nYes." in chat[1]["content"]
+
+
+# ------------------------------------------------------------------ preference pairs
+def test_each_correction_of_a_served_answer_is_a_preference_pair(schema_file: Path) -> None:
+    from tuneloop.services.curation import preferences as prefs
+    from tuneloop.services.curation.core import prompt_key
+
+    cfg = CurationSettings()
+    candidates = [
+        cand(1, completion="We are closed.", correction="We open at 9am."),  # a pair
+        cand(2, completion="Booked.", correction=" booked. "),  # the same answer
+        cand(3, completion="", correction="Booked for two."),  # nothing was served
+        cand(4, completion="Hi", rating=1.0),  # no correction: not a pair
+        cand(5, completion="No.", correction="Yes, call me at bob@example.com."),  # scrubbed
+        cand(6, prompt="book a table number 1", completion="Sorry.", correction="Sure."),
+    ]
+    golden = GoldenIndex(keys=frozenset({prompt_key("book a table number 5")}))
+    result = prefs.correction_pairs(candidates, GoldenIndex(), cfg, TaskSpec(kind="text"))
+    assert {(p.source_event_id, p.chosen, p.rejected) for p in result.pairs} == {
+        ("e6", "Sure.", "Sorry."), ("e5", "Yes, call me at [EMAIL].", "No.")}
+    # e6 is newer and asks the same as e1: e1's pair is the older one.
+    assert result.dropped == {prefs.SAME_ANSWER: 1, prefs.NOTHING_SERVED: 1, prefs.OLDER: 1}
+    guarded = prefs.correction_pairs(candidates, golden, cfg, TaskSpec(kind="text"))
+    assert guarded.dropped[prefs.GOLDEN] == 1
+    again = prefs.correction_pairs(candidates, GoldenIndex(), cfg, TaskSpec(kind="text"))
+    assert [(p.pair_id, p.split) for p in again.pairs] == [(p.pair_id, p.split) for p in result.pairs]
+    task = json_task(schema_file, system_prompt="Extract.")
+    extraction = prefs.correction_pairs(
+        [cand(7, completion='{"city": "Pari"}', correction='{"city":"Paris"}'),
+         cand(8, completion='{"city": "Oslo"}', correction='{"town": "Oslo"}')], GoldenIndex(), cfg, task)
+    (pair,) = extraction.pairs
+    assert pair.chosen == '{"city": "Paris"}' and pair.messages[0]["content"] == "Extract."
+    assert extraction.dropped[prefs.BAD_CORRECTION] == 1

@@ -29,6 +29,7 @@ import duckdb
 import pyarrow as pa
 
 from tuneloop.services.curation.core import SPLITS, Example
+from tuneloop.services.curation.preferences import PreferencePair
 from tuneloop.services.store.database import registered
 
 FORMATS = ("chat", "completion")
@@ -40,10 +41,14 @@ class DatasetExists(ValueError):
     """A dataset version id is taken; versions are immutable."""
 
 
-def content_hash(examples: Sequence[Example]) -> str:
-    """SHA-256 over (split, messages) of every example, order-independent."""
+def content_hash(examples: Sequence[Example],
+                 preferences: Sequence[PreferencePair] = ()) -> str:
+    """SHA-256 over (split, messages) of every example and (split, id) of every preference
+    pair, order-independent."""
     digest = hashlib.sha256()
-    for line in sorted(f"{e.split}\t{json.dumps(e.messages, sort_keys=True)}" for e in examples):
+    lines = [f"{e.split}\t{json.dumps(e.messages, sort_keys=True)}" for e in examples]
+    lines += [f"pair\t{p.split}\t{p.pair_id}" for p in preferences]
+    for line in sorted(lines):
         digest.update(line.encode())
         digest.update(b"\n")
     return digest.hexdigest()
@@ -62,8 +67,10 @@ def save_version(
     parents: Sequence[str],
     filters: dict[str, Any],
     report: dict[str, Any],
+    preferences: Sequence[PreferencePair] = (),
 ) -> str:
-    """Write a new version in one transaction; returns its content hash.
+    """Write a new version (its examples and preference pairs) in one transaction; returns
+    its content hash.
 
     Raises :class:`DatasetExists` if ``version`` exists, and ``ValueError`` for an
     empty dataset or an example with an unknown split.
@@ -77,7 +84,7 @@ def save_version(
         raise DatasetExists(
             f"dataset {version} exists and versions are immutable: curate a new version instead"
         )
-    digest = content_hash(examples)
+    digest = content_hash(examples, preferences)
     counts = Counter(e.split for e in examples)
     rows = pa.Table.from_pylist([{"version": version, **e.to_row()} for e in examples])
     con.execute("BEGIN TRANSACTION")
@@ -95,6 +102,12 @@ def save_version(
                 "INSERT INTO dataset_examples SELECT version, example_id, split, source_event_id, "
                 "label, messages, prompt, completion FROM incoming_examples"
             )
+        if preferences:
+            pairs = pa.Table.from_pylist([{"version": version, **p.to_row()} for p in preferences])
+            with registered(con, "incoming_pairs", pairs):
+                con.execute(
+                    "INSERT INTO dataset_preferences SELECT version, pair_id, split, "
+                    "source_event_id, source, messages, chosen, rejected FROM incoming_pairs")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -141,6 +154,15 @@ def load_examples(con: duckdb.DuckDBPyConnection, version: str) -> list[Example]
         )
         for r in rows
     ]
+
+
+def load_preferences(con: duckdb.DuckDBPyConnection, version: str) -> list[PreferencePair]:
+    """The preference pairs of ``version`` (none for a version without corrections)."""
+    rows = con.execute(
+        "SELECT pair_id, source_event_id, messages, chosen, rejected, source, split "
+        "FROM dataset_preferences WHERE version = ? ORDER BY split, pair_id", [version]).fetchall()
+    return [PreferencePair(r[0], r[1], json.loads(r[2]) if isinstance(r[2], str) else r[2],
+                           r[3], r[4], r[5], r[6]) for r in rows]
 
 
 def latest_version(con: duckdb.DuckDBPyConnection) -> str | None:

@@ -29,6 +29,7 @@ from tuneloop.services.curation.core import (
     replay,
     split,
 )
+from tuneloop.services.curation.preferences import PreferenceResult, correction_pairs
 from tuneloop.services.curation.store import (
     CurationInputs,
     CurationRun,
@@ -49,6 +50,7 @@ class Curated:
     examples: list[Example]  # fresh examples, split
     replayed: list[Example]  # from the parent version's train split
     capped: int  # fresh train examples left out by ``known_label_train_cap``
+    preferences: PreferenceResult  # the corrections' preference pairs
 
 
 def run_curation(
@@ -73,7 +75,8 @@ def run_curation(
     parents = [inputs.parent] if inputs.parent and curated.replayed else []
     with store.connect() as con:
         version, digest = write_version(con, curated.examples + curated.replayed, parents,
-                                        _filters(inputs, cfg, include_used, run_key, task), report)
+                                        _filters(inputs, cfg, include_used, run_key, task), report,
+                                        curated.preferences.pairs)
     log.info("dataset %s: %d considered, %d kept, %d replayed from %s, hash %s", version,
              curated.result.considered, len(curated.result.examples), len(curated.replayed),
              inputs.parent, digest[:12])
@@ -94,7 +97,8 @@ def curate_version(inputs: CurationInputs, vectors: np.ndarray,
         examples, capped = cap_known_labels(examples, {p.label for p in previous if p.label},
                                             cfg.known_label_train_cap)
     replayed = _replay(previous, vectors[n_c + n_g :], examples, guard, cfg)
-    return Curated(result, examples, replayed, capped)
+    pairs = correction_pairs(inputs.candidates, guard, cfg, task)
+    return Curated(result, examples, replayed, capped, pairs)
 
 
 def _replay(previous: list[Example], previous_vectors: np.ndarray, examples: list[Example],
@@ -113,6 +117,7 @@ def _report(curated: Curated, n_golden: int, stats: EmbedStats) -> dict[str, Any
     return curated.result.report() | {
         "replayed": len(curated.replayed),
         "known_label_train_capped": curated.capped,
+        "preference_pairs": curated.preferences.report(),
         "golden_guarded": n_golden,
         "embedded": stats.encoded,
         "embedding_cache_hits": stats.hits,

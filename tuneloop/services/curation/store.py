@@ -11,6 +11,7 @@ events written after a version (:func:`fresh_examples`, for the canary).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,7 @@ from tuneloop.services.curation.datasets import (
     next_version,
     save_version,
 )
+from tuneloop.services.curation.preferences import PreferencePair
 from tuneloop.services.store.database import Store
 
 
@@ -113,13 +115,15 @@ def read_inputs(con: duckdb.DuckDBPyConnection, include_used: bool = False) -> C
 
 
 def write_version(con: duckdb.DuckDBPyConnection, examples: list[Example], parents: list[str],
-                  filters: dict[str, Any], report: dict[str, Any]) -> tuple[str, str]:
-    """Save ``examples`` as the next version; returns it and its content hash.
+                  filters: dict[str, Any], report: dict[str, Any],
+                  preferences: Sequence[PreferencePair] = ()) -> tuple[str, str]:
+    """Save ``examples`` and ``preferences`` as the next version; returns it and its
+    content hash.
 
     Raises ``ValueError`` (from :func:`save_version`) when ``examples`` is empty.
     """
     version = next_version(con)
-    return version, save_version(con, version, examples, parents, filters, report)
+    return version, save_version(con, version, examples, parents, filters, report, preferences)
 
 
 def find_curated(store: Store, run_key: str) -> CurationRun | None:

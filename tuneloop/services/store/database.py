@@ -145,6 +145,20 @@ SCHEMA: tuple[str, ...] = (
         PRIMARY KEY (version, example_id)
     )
     """,
+    # A version's preference pairs (services.curation.preferences), for DPO.
+    """
+    CREATE TABLE IF NOT EXISTS dataset_preferences (
+        version VARCHAR NOT NULL,
+        pair_id VARCHAR NOT NULL,
+        split VARCHAR NOT NULL,
+        source_event_id VARCHAR,
+        source VARCHAR NOT NULL,
+        messages JSON NOT NULL,
+        chosen VARCHAR NOT NULL,
+        rejected VARCHAR NOT NULL,
+        PRIMARY KEY (version, pair_id)
+    )
+    """,
     """
     CREATE TABLE IF NOT EXISTS golden_set (
         example_id VARCHAR PRIMARY KEY,
@@ -270,6 +284,7 @@ TABLES = (
     "drift_reports",
     "datasets",
     "dataset_examples",
+    "dataset_preferences",
     "golden_set",
     "adapters",
     "deployments",

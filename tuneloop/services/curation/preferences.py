@@ -1,0 +1,136 @@
+"""Corrections as preferences: a dataset's preference pairs. Pure functions.
+
+Every correction of a served answer says two things: what the answer should have been
+(an SFT target, :mod:`~tuneloop.services.curation.core`) and that it is better than what
+was served. The second is a preference pair (chosen: the correction; rejected: the
+served answer), kept with each dataset version for DPO (``training.objective``).
+
+A pair is left out, under the reason named by the constant, when the correction is the
+served answer itself, the served answer is empty, the correction is not a target the
+task accepts (a ``json`` correction its schema refuses), its prompt is golden, or a newer
+pair has the same prompt. Pairs are scrubbed of PII like examples, and split train /
+validation / test by a hash of their content, so a pair keeps its split across versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneloop.runtime.settings import CurationSettings, TaskSpec
+from tuneloop.services.curation.core import (
+    Candidate,
+    GoldenIndex,
+    canonical_target,
+    prompt_key,
+)
+from tuneloop.services.evaluation.metrics import normalize_text
+from tuneloop.services.feedback.redaction import Redactor
+
+SAME_ANSWER = "correction equals the served answer"
+NOTHING_SERVED = "no served answer"
+BAD_CORRECTION = "correction not a target the task accepts"
+GOLDEN = "golden prompt"
+OLDER = "a newer pair has the prompt"
+REASONS = (SAME_ANSWER, NOTHING_SERVED, BAD_CORRECTION, GOLDEN, OLDER)
+SOURCES = ("correction", "side-by-side")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference: for the chat ``messages`` (without an answer), ``chosen`` is better
+    than ``rejected``."""
+
+    pair_id: str
+    source_event_id: str | None
+    messages: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    source: str = "correction"
+    split: str = "train"
+
+    def to_row(self) -> dict[str, Any]:
+        return {"pair_id": self.pair_id, "split": self.split,
+                "source_event_id": self.source_event_id, "source": self.source,
+                "messages": json.dumps(self.messages, ensure_ascii=False),
+                "chosen": self.chosen, "rejected": self.rejected}
+
+
+def pair_id(messages: Sequence[dict[str, str]], chosen: str, rejected: str) -> str:
+    blob = json.dumps([list(messages), chosen, rejected], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PreferenceResult:
+    pairs: list[PreferencePair]
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def report(self) -> dict[str, Any]:
+        return {"kept": len(self.pairs),
+                "dropped": {reason: self.dropped.get(reason, 0) for reason in REASONS},
+                "splits": {s: sum(1 for p in self.pairs if p.split == s)
+                           for s in ("train", "validation", "test")}}
+
+
+def correction_pairs(candidates: Sequence[Candidate], golden: GoldenIndex,
+                     cfg: CurationSettings, task: TaskSpec | None = None) -> PreferenceResult:
+    """The preference pair of each corrected answer in ``candidates`` (see the module)."""
+    task = task or TaskSpec()
+    result = PreferenceResult([])
+    seen: set[str] = set()
+    for cand in sorted(candidates, key=lambda c: c.occurred_at, reverse=True):
+        correction = (cand.correction or "").strip()
+        if not correction:
+            continue
+        served = cand.completion.strip()
+        reason = _problem(correction, served, task)
+        if reason is None:
+            key = prompt_key(cand.prompt)
+            if key in golden.keys or cand.event_id in golden.event_ids:
+                reason = GOLDEN
+            elif key in seen:
+                reason = OLDER
+            else:
+                seen.add(key)
+        if reason is not None:
+            result.dropped[reason] += 1
+            continue
+        chosen = canonical_target(correction, task) if task.kind == "json" else correction
+        result.pairs.append(_pair(cand, str(chosen), served, task, cfg))
+    return result
+
+
+def _problem(correction: str, served: str, task: TaskSpec) -> str | None:
+    if not served:
+        return NOTHING_SERVED
+    if normalize_text(correction) == normalize_text(served):
+        return SAME_ANSWER
+    if task.kind == "json" and canonical_target(correction, task) is None:
+        return BAD_CORRECTION
+    return None
+
+
+def _pair(cand: Candidate, chosen: str, rejected: str, task: TaskSpec,
+          cfg: CurationSettings) -> PreferencePair:
+    clean = Redactor()
+    turns = [{"role": m["role"], "content": clean(m["content"])} for m in cand.messages]
+    while turns and turns[-1]["role"] == "assistant":
+        turns.pop()
+    if task.system_prompt and not any(m["role"] == "system" for m in turns):
+        turns.insert(0, {"role": "system", "content": task.system_prompt})
+    chosen, rejected = clean(chosen), clean(rejected)
+    pid = pair_id(turns, chosen, rejected)
+    return PreferencePair(pid, cand.event_id, turns, chosen, rejected, "correction",
+                          split_of(pid, cfg))
+
+
+def split_of(pid: str, cfg: CurationSettings) -> str:
+    """A pair's split from its id: the same pair lands in the same split in every version."""
+    _, validation, test = cfg.split
+    u = int(pid[:8], 16) / 2**32
+    return "test" if u < test else "validation" if u < test + validation else "train"
