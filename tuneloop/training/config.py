@@ -26,6 +26,7 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
 # Projections vLLM can apply a LoRA to in Llama-family models.
 LLAMA_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "fp32", "bf16")
+OBJECTIVES = ("sft", "dpo", "sft+dpo")
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,16 @@ class RecipeConfig:
         default=None, metadata={"help": "CPU threads for torch; default: all available cores."}
     )
     seed: int = field(default=0, metadata={"help": "Seeds data order and LoRA init."})
+    objective: str = field(
+        default="sft", metadata={"help": f"{OBJECTIVES}: supervised fine-tuning on the "
+                                 "examples, DPO on the dataset's preference pairs, or SFT then "
+                                 "DPO on the same adapter (training.objective sets it)."})
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the "
+                               "reference (the adapter as DPO starts)."})
+    dpo_learning_rate: float = field(default=5e-5, metadata={"help": "Peak DPO learning rate."})
+    dpo_epochs: int = field(default=1, metadata={"help": "DPO passes over the train pairs."})
+    dpo_batch_size: int = field(default=8, metadata={"help": "Preference pairs per DPO step."})
 
     def __post_init__(self) -> None:
         # YAML/TOML give lists; a frozen dataclass wants a hashable tuple.
@@ -144,6 +155,13 @@ class RecipeConfig:
                f"use one of {PRECISIONS}")
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads",
                self.num_threads, "use 1 or more, or leave unset for all cores")
+        _check(self.objective in OBJECTIVES, "objective", self.objective,
+               f"use one of {OBJECTIVES}")
+        _check(self.dpo_beta > 0, "dpo_beta", self.dpo_beta, "use a positive value, e.g. 0.1")
+        _check(0 < self.dpo_learning_rate <= 1e-2, "dpo_learning_rate", self.dpo_learning_rate,
+               "use a value in (0, 1e-2]")
+        _check(self.dpo_epochs >= 1, "dpo_epochs", self.dpo_epochs, "use 1 or more")
+        _check(self.dpo_batch_size >= 1, "dpo_batch_size", self.dpo_batch_size, "use 1 or more")
 
     @classmethod
     def from_file(cls, path: Path, **overrides: Any) -> RecipeConfig:

@@ -7,12 +7,13 @@ one process at a time).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 
 from tuneloop.services.curation import datasets, golden
 from tuneloop.services.curation.core import Example
+from tuneloop.services.curation.preferences import PreferencePair
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class DatasetSplits:
     train: list[ChatExample]
     validation: list[ChatExample]
     test: list[ChatExample]
+    preferences: list[PreferencePair] = field(default_factory=list)
 
 
 class DatasetNotFoundError(LookupError):
@@ -65,7 +67,8 @@ def read_dataset(con: duckdb.DuckDBPyConnection, version: str) -> DatasetSplits:
                 f"dataset version {version!r} has no {needed!r} examples; curate it with a "
                 "non-zero share for that split"
             )
-    return DatasetSplits(version, digest, splits["train"], splits["validation"], splits["test"])
+    return DatasetSplits(version, digest, splits["train"], splits["validation"], splits["test"],
+                         datasets.load_preferences(con, version))
 
 
 def read_golden(con: duckdb.DuckDBPyConnection) -> list[ChatExample]:

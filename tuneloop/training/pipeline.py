@@ -34,6 +34,7 @@ from tuneloop.services.store.database import Store
 from tuneloop.training.base_model import BaseModel, resolve_base_model
 from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
 from tuneloop.training.dataset import ChatExample, DatasetSplits, read_dataset, read_golden
+from tuneloop.training.preference import ranking_accuracy, train_dpo
 from tuneloop.training.recipe import LoRARecipe
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def recipe_config(training: TrainingSettings, config_file: Path | None = None,
     Raises :class:`~tuneloop.training.config.ConfigError` for a bad file or override.
     """
     path = config_file or training.config or DEFAULT_CONFIG
+    if training.objective is not None:
+        overrides = {"objective": training.objective, **overrides}
     return RecipeConfig.from_file(Path(path), **overrides)
 
 
@@ -176,13 +179,19 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
                         show_progress=show_progress, init_adapter=init_adapter)
     try:
         recipe.setup(splits.train, splits.validation)
+        if config.objective == "dpo":
+            recipe.total_steps = 0  # no SFT: DPO alone, from where the weights start
         metrics: dict[str, Any] = {}
         t0 = time.perf_counter()
         if golden:
             metrics["base_golden"] = _base_golden(workspace, recipe, base, config, golden)
         result = recipe.train()
         metrics["training"] = result.metrics() | {
-        "continued_from": str(init_adapter) if recipe.continued else None}
+            "continued_from": str(init_adapter) if recipe.continued else None,
+            "objective": config.objective}
+        if config.objective != "sft":
+            metrics["preference"] = _preference_step(recipe, splits, config, run_dir,
+                                                     show_progress)
         validation, _ = recipe.evaluate(splits.validation, workspace.task)
         metrics["validation"] = validation.to_dict()
         if golden:
@@ -203,6 +212,22 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
              splits.version, result.initial_val_loss, result.best_val_loss,
              _headline(metrics.get("base_golden")), _headline(metrics.get("golden")))
     return run
+
+
+def _preference_step(recipe: LoRARecipe, splits: DatasetSplits, config: RecipeConfig,
+                     run_dir: Path, show_progress: bool) -> dict[str, Any]:
+    """DPO on the dataset's train pairs, with the held-out pairs' ranking accuracy before
+    and after (:mod:`tuneloop.training.preference`)."""
+    train = [p for p in splits.preferences if p.split == "train"]
+    held_out = [p for p in splits.preferences if p.split != "train"]
+    before = ranking_accuracy(recipe.model, recipe.tokenizer, held_out, recipe.device)
+    figures = train_dpo(recipe.model, recipe.tokenizer, train, config, run_dir / "dpo",
+                        device=recipe.device, show_progress=show_progress)
+    after = ranking_accuracy(recipe.model, recipe.tokenizer, held_out, recipe.device)
+    log.info("run %s: DPO on %d pairs; held-out ranking accuracy %s -> %s", recipe.run_id,
+             len(train), before, after)
+    return figures | {"objective": config.objective, "held_out_pairs": len(held_out),
+                      "ranking_accuracy_before": before, "ranking_accuracy_after": after}
 
 
 def _base_golden(workspace: Workspace, recipe: LoRARecipe, base: BaseModel,

@@ -5,6 +5,7 @@ its vLLM replicas), the canary and the unattended loop.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -30,6 +31,10 @@ class TrainingSettings(Section):
         "machine (named by the hash of their source); default: ~/.cache/tuneloop/models.",
     )
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
+    objective: Literal["sft", "dpo", "sft+dpo"] | None = Field(
+        None, description="sft (the examples), dpo (the dataset's preference pairs: each "
+        "correction over the answer it corrected) or sft+dpo (SFT, then DPO on the same "
+        "adapter); None: the recipe config's (sft unless it says otherwise).")
     cpu_cores: str | None = Field(
         None, description="CPU cores for tuneloop's training and embeddings (e.g. '1' or "
         "'4-7'), apart from the cores a CPU vLLM replica spins on (serving.engine_cores); "
