@@ -15,9 +15,9 @@ from typing import Any
 
 from tuneloop.runtime.settings import CanarySettings
 from tuneloop.services.canary.core import FAIL, HOLD, PASS, Check, Decision
-from tuneloop.services.canary.stats import mann_whitney, two_proportions
+from tuneloop.services.canary.stats import mann_whitney, mcnemar, two_proportions
 from tuneloop.services.evaluation.metrics import normalize_label, normalize_text
-from tuneloop.services.feedback.signing import signed_by_gateway
+from tuneloop.services.feedback.signing import preference_extra, signed_by_gateway
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Side:
     latencies_s: list[float] = field(default_factory=list)
     ratings: int = 0
     bad_ratings: int = 0
+    preferred: int = 0  # side-by-side verdicts this version won against the other
 
 
 def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
@@ -58,8 +59,25 @@ def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
             f"{bad.candidate_rate:.2%} vs {bad.incumbent_rate:.2%} of rated answers"))
         figures["bad_rating_rate"] = {"candidate": bad.candidate_rate,
                                       "incumbent": bad.incumbent_rate}
+    if cand.preferred + inc.preferred > 0:
+        checks.append(_preference_check(cand, inc, cfg, figures))
     verdict, more = _verdict(checks, enough, elapsed_s, cfg)
     return Decision("live", candidate, incumbent, verdict, checks + more, figures)
+
+
+def _preference_check(cand: Side, inc: Side, cfg: CanarySettings,
+                      figures: dict[str, Any]) -> Check:
+    """Side by side: raters who saw both versions' answers to the same request preferred
+    the candidate's how often (a sign test; rolls back when significantly less than half)."""
+    test = mcnemar([False] * cand.preferred + [True] * inc.preferred,
+                   [True] * cand.preferred + [False] * inc.preferred)
+    total = cand.preferred + inc.preferred
+    figures["preference"] = {"candidate": cand.preferred, "incumbent": inc.preferred,
+                             "candidate_rate": cand.preferred / total}
+    return Check("side-by-side preference (sign test)", FAIL if test.p_worse < cfg.alpha else PASS,
+                 float(cand.preferred - inc.preferred), test.p_worse,
+                 f"fail if preferred less often with p < {cfg.alpha}",
+                 f"candidate preferred in {cand.preferred} of {total} side-by-side verdicts")
 
 
 def _request_checks(cand: Side, inc: Side, against_base: bool, cfg: CanarySettings,
@@ -153,6 +171,43 @@ def judged_verdicts(verdicts: Iterable[Verdict], key: bytes, max_per_user: int
         per_user[v.user_id] = seen + 1
         rows.append((v.version, v.rating, v.correction, v.completion))
     return rows
+
+
+@dataclass(frozen=True)
+class Preference:
+    """One side-by-side verdict, as the gateway recorded it."""
+
+    event_id: str
+    request_id: str
+    version: str | None  # the version that answered the user
+    chosen_version: str | None
+    rejected_version: str | None
+    user_id: str | None
+    signature: str | None
+
+
+def count_preferences(verdicts: Iterable[Preference], key: bytes, candidate: str,
+                      incumbent: str | None, max_per_user: int) -> tuple[int, int]:
+    """(verdicts the candidate won, verdicts the incumbent won) between exactly these two
+    versions. Pure; counted as ratings are (:func:`judged_verdicts`): signed by the gateway
+    (the chosen side included), the last per answer, at most ``max_per_user`` per user."""
+    last: dict[str, Preference] = {}
+    for v in verdicts:
+        if {v.chosen_version, v.rejected_version} != {candidate, incumbent}:
+            continue
+        if signed_by_gateway(key, v.signature, v.event_id, v.request_id, v.version, None,
+                             v.user_id, preference_extra(v.chosen_version, v.rejected_version)):
+            last.pop(v.request_id, None)
+            last[v.request_id] = v
+    per_user: dict[str | None, int] = {}
+    won = {candidate: 0, incumbent: 0}
+    for v in last.values():
+        seen = per_user.get(v.user_id, 0)
+        if max_per_user and v.user_id is not None and seen >= max_per_user:
+            continue
+        per_user[v.user_id] = seen + 1
+        won[v.chosen_version] += 1
+    return won[candidate], won[incumbent]
 
 
 def count_ratings(rows: Iterable[tuple[str | None, float | None, str | None, str]],

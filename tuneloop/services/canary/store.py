@@ -22,7 +22,7 @@ from typing import Any
 import duckdb
 
 from tuneloop.services.canary.core import Decision, Plan
-from tuneloop.services.canary.live import Verdict
+from tuneloop.services.canary.live import Preference, Verdict
 from tuneloop.services.feedback.signing import SIGNATURE
 from tuneloop.services.registry import store as registry
 
@@ -168,6 +168,20 @@ def gateway_verdicts(con: duckdb.DuckDBPyConnection, alias: str, since: datetime
         "AND occurred_at < ? AND (rating IS NOT NULL OR correction IS NOT NULL) AND "
         "metadata->>'source' = 'gateway.feedback' ORDER BY seq", [alias, since, until]).fetchall()
     return [Verdict(str(r[0]), str(r[1]), r[2], r[3], r[4], str(r[5]), r[6], r[7]) for r in rows]
+
+
+def gateway_preferences(con: duckdb.DuckDBPyConnection, alias: str, since: datetime,
+                        until: datetime) -> list[Preference]:
+    """Every side-by-side verdict the gateway says it took on an answer of ``alias`` given
+    in [since, until), in the order ingested; which count is
+    :func:`tuneloop.services.canary.live.count_preferences`'s to decide."""
+    rows = con.execute(
+        "SELECT event_id, request_id, adapter_version, metadata->'preference'->>'chosen_version',"
+        " metadata->'preference'->>'rejected_version', user_id, "
+        f"metadata->>'{SIGNATURE}' FROM feedback WHERE app = ? AND occurred_at >= ? AND "
+        "occurred_at < ? AND metadata->>'source' = 'gateway.preference' ORDER BY seq",
+        [alias, since, until]).fetchall()
+    return [Preference(str(r[0]), str(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
 
 def shadow_answers(con: duckdb.DuckDBPyConnection, candidate: str, since: datetime

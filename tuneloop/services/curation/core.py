@@ -71,6 +71,8 @@ class Candidate:
     correction: str | None = None
     label: str | None = None
     user_id: str | None = None
+    # A side-by-side verdict (the gateway's ``metadata.preference``): chosen and rejected.
+    preference: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Corrections as preferences: a dataset's preference pairs. Pure functions.
+"""Corrections and side-by-side verdicts as preferences: a dataset's preference pairs. Pure.
 
 Every correction of a served answer says two things: what the answer should have been
 (an SFT target, :mod:`~tuneloop.services.curation.core`) and that it is better than what
 was served. The second is a preference pair (chosen: the correction; rejected: the
-served answer), kept with each dataset version for DPO (``training.objective``).
+served answer), kept with each dataset version for DPO (``training.objective``). So is
+every side-by-side verdict a rater gave on an answer and the candidate's unseen answer to
+the same request (chosen: the answer preferred).
 
 A pair is left out, under the reason named by the constant, when the correction is the
 served answer itself, the served answer is empty, the correction is not a target the
@@ -31,9 +33,9 @@ from tuneloop.services.curation.core import (
 from tuneloop.services.evaluation.metrics import normalize_text
 from tuneloop.services.feedback.redaction import Redactor
 
-SAME_ANSWER = "correction equals the served answer"
-NOTHING_SERVED = "no served answer"
-BAD_CORRECTION = "correction not a target the task accepts"
+SAME_ANSWER = "chosen answer equals the rejected one"
+NOTHING_SERVED = "no rejected answer"
+BAD_CORRECTION = "chosen answer not a target the task accepts"
 GOLDEN = "golden prompt"
 OLDER = "a newer pair has the prompt"
 REASONS = (SAME_ANSWER, NOTHING_SERVED, BAD_CORRECTION, GOLDEN, OLDER)
@@ -84,10 +86,14 @@ def correction_pairs(candidates: Sequence[Candidate], golden: GoldenIndex,
     result = PreferenceResult([])
     seen: set[str] = set()
     for cand in sorted(candidates, key=lambda c: c.occurred_at, reverse=True):
-        correction = (cand.correction or "").strip()
+        source = "side-by-side" if cand.preference else "correction"
+        if cand.preference:
+            correction = str(cand.preference.get("chosen") or "").strip()
+            served = str(cand.preference.get("rejected") or "").strip()
+        else:
+            correction, served = (cand.correction or "").strip(), cand.completion.strip()
         if not correction:
             continue
-        served = cand.completion.strip()
         reason = _problem(correction, served, task)
         if reason is None:
             key = prompt_key(cand.prompt)
@@ -101,7 +107,7 @@ def correction_pairs(candidates: Sequence[Candidate], golden: GoldenIndex,
             result.dropped[reason] += 1
             continue
         chosen = canonical_target(correction, task) if task.kind == "json" else correction
-        result.pairs.append(_pair(cand, str(chosen), served, task, cfg))
+        result.pairs.append(_pair(cand, str(chosen), served, task, cfg, source))
     return result
 
 
@@ -116,7 +122,7 @@ def _problem(correction: str, served: str, task: TaskSpec) -> str | None:
 
 
 def _pair(cand: Candidate, chosen: str, rejected: str, task: TaskSpec,
-          cfg: CurationSettings) -> PreferencePair:
+          cfg: CurationSettings, source: str) -> PreferencePair:
     clean = Redactor()
     turns = [{"role": m["role"], "content": clean(m["content"])} for m in cand.messages]
     while turns and turns[-1]["role"] == "assistant":
@@ -125,7 +131,7 @@ def _pair(cand: Candidate, chosen: str, rejected: str, task: TaskSpec,
         turns.insert(0, {"role": "system", "content": task.system_prompt})
     chosen, rejected = clean(chosen), clean(rejected)
     pid = pair_id(turns, chosen, rejected)
-    return PreferencePair(pid, cand.event_id, turns, chosen, rejected, "correction",
+    return PreferencePair(pid, cand.event_id, turns, chosen, rejected, source,
                           split_of(pid, cfg))
 
 

@@ -64,7 +64,7 @@ def since_latest(con: Any, table_prefix: str = "") -> tuple[str, list[Any]]:
 
 
 CANDIDATE_COLUMNS = ("event_id, occurred_at, messages, user_text, completion, rating, "
-                     "correction, label, user_id")
+                     "correction, label, user_id, metadata->'preference'")
 
 
 def _candidate(r: tuple[Any, ...]) -> Candidate:
@@ -73,6 +73,7 @@ def _candidate(r: tuple[Any, ...]) -> Candidate:
         event_id=r[0], occurred_at=r[1],
         messages=json.loads(r[2]) if isinstance(r[2], str) else r[2], prompt=r[3],
         completion=r[4], rating=r[5], correction=r[6], label=r[7], user_id=r[8],
+        preference=(json.loads(r[9]) if isinstance(r[9], str) else r[9]) or None,
     )
 
 

@@ -21,6 +21,7 @@ from tuneloop.services.canary import store as canary_store
 from tuneloop.services.canary.core import Decision, Plan
 from tuneloop.services.canary.live import (
     Side,
+    count_preferences,
     count_ratings,
     hold_while_frozen,
     judged_verdicts,
@@ -96,7 +97,22 @@ def window(settings: Settings, candidate: str, incumbent: str | None, started_at
     for version, (rated, bad) in ratings(settings, [candidate, incumbent], started_at,
                                          until).items():
         sides[version].ratings, sides[version].bad_ratings = rated, bad
+    sides[candidate].preferred, sides[incumbent].preferred = preferences(
+        settings, candidate, incumbent, started_at, until)
     return sides[candidate], sides[incumbent]
+
+
+def preferences(settings: Settings, candidate: str, incumbent: str | None, since: float,
+                until: float) -> tuple[int, int]:
+    """Side-by-side verdicts on answers given between ``since`` and ``until``: how many
+    the candidate won and how many production won (see
+    :func:`tuneloop.services.canary.live.count_preferences`)."""
+    with Store.of(settings).connect() as con:
+        verdicts = canary_store.gateway_preferences(con, settings.serving.alias,
+                                                    datetime.fromtimestamp(since, UTC),
+                                                    datetime.fromtimestamp(until, UTC))
+    return count_preferences(verdicts, control.event_key(settings), candidate, incumbent,
+                             settings.canary.max_ratings_per_user)
 
 
 def ratings(settings: Settings, versions: Sequence[str | None], since: float,

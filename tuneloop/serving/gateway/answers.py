@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tuneloop.services.feedback.contract import FeedbackEvent
-from tuneloop.services.feedback.signing import SIGNATURE, event_signature
+from tuneloop.services.feedback.signing import SIGNATURE, event_signature, preference_extra
 from tuneloop.serving.gateway.protocol import FeedbackRequest
 
 FEEDBACK_NAMESPACE = uuid.UUID("5b0a3c8e-9d51-4f0e-8a53-1f0c2e7d9b64")
@@ -42,6 +42,7 @@ class Served:
     latency_s: float = 0.0
     internal: bool = False  # an evaluation request on the admin route, not a user's
     nbytes: int = 0  # the request's size; with the completion's, what the cache holds
+    pair_of: str | None = None  # a shadow answer: the response id of the answer it shadows
 
 
 
@@ -106,6 +107,7 @@ def feedback_event(served: Served, source: str, verdict: FeedbackRequest | None 
     if verdict is not None:
         verdict_fields = verdict.model_dump(exclude={"response_id", "metadata", "token"},
                                             exclude_none=True)
+        verdict_fields.pop("preferred_response_id", None)  # a preference: preference_event
     key = json.dumps([served.response_id, source, verdict_fields], sort_keys=True)
     # The same verdict posted twice is the same event: ingest keeps one.
     event_id = uuid.uuid5(FEEDBACK_NAMESPACE, key)
@@ -129,7 +131,7 @@ def shadow_pair(served: Served, candidate: str, candidate_completion: str | None
     production's answer beside the candidate's, keyed by a ``pair_id`` derived from the
     response id."""
     return {
-        "pair_id": str(uuid.uuid5(FEEDBACK_NAMESPACE, f"shadow:{served.response_id}")),
+        "pair_id": str(pair_uuid(served.response_id)),
         "occurred_at": served.occurred_at.isoformat(), "app": served.alias,
         "response_id": served.response_id, "messages": served.messages,
         "production_version": served.version, "production_completion": served.completion,
@@ -137,3 +139,67 @@ def shadow_pair(served: Served, candidate: str, candidate_completion: str | None
         "candidate_completion": candidate_completion, "candidate_status": candidate_status,
         "candidate_latency_s": candidate_latency_s,
     }
+
+
+def pair_uuid(response_id: str) -> uuid.UUID:
+    """The id of the shadow pair of the answer ``response_id``."""
+    return uuid.uuid5(FEEDBACK_NAMESPACE, f"shadow:{response_id}")
+
+
+def shadow_response_id(response_id: str) -> str:
+    """The response id of the candidate's unseen answer to the same request."""
+    return f"resp-shadow-{pair_uuid(response_id).hex}"
+
+
+def shadow_answer(served: Served, candidate: str, completion: str, latency_s: float) -> Served:
+    """The candidate's unseen answer to ``served``'s request, kept so a rater can compare
+    the two (:func:`pair_view`) and prefer one."""
+    return Served(shadow_response_id(served.response_id), served.alias, candidate, served.chat,
+                  served.messages, served.user, served.body, served.occurred_at, completion,
+                  latency_s, nbytes=served.nbytes, pair_of=served.response_id)
+
+
+def pair_view(served: Served, shadow: Served) -> dict[str, Any]:
+    """Both answers to one request for a rater, in an order that says nothing of which
+    version gave which (fixed per pair, so every look at it agrees)."""
+    answers = [{"response_id": a.response_id, "content": a.completion}
+               for a in (served, shadow)]
+    if pair_uuid(served.response_id).int % 2:
+        answers.reverse()
+    return {"object": "feedback.pair", "pair_id": str(pair_uuid(served.response_id)),
+            "messages": served.messages, "answers": answers}
+
+
+PREFERENCE = "preference"  # the metadata key of a side-by-side verdict
+
+
+def preference_event(served: Served, shadow: Served, preferred: str, verdict: FeedbackRequest,
+                     *, user_key: bytes, event_key: bytes) -> FeedbackEvent:
+    """The feedback v1 event of a side-by-side verdict: on the answer the user got
+    (``served``), with ``metadata.preference`` naming the chosen and the rejected answer of
+    its pair, their versions and texts. Signed over the versions' order too, so the side a
+    verdict chose cannot be changed on the way. Raises ``ValueError`` when ``preferred`` is
+    neither answer."""
+    if preferred not in (served.response_id, shadow.response_id):
+        raise ValueError(f"{preferred!r} is neither {served.response_id} nor its shadow "
+                         f"{shadow.response_id}")
+    chosen, rejected = (served, shadow) if preferred == served.response_id else (shadow, served)
+    source = "gateway.preference"
+    event_id = uuid.uuid5(FEEDBACK_NAMESPACE,
+                          json.dumps([served.response_id, source, preferred]))
+    uid = user_id(served.user, user_key) if served.user else None
+    metadata: dict[str, Any] = dict(verdict.metadata)
+    metadata.update(source=source, latency_ms=round(1000 * served.latency_s, 1))
+    metadata[PREFERENCE] = {
+        "pair_id": str(pair_uuid(served.response_id)),
+        "chosen_response_id": chosen.response_id, "rejected_response_id": rejected.response_id,
+        "chosen_version": chosen.version, "rejected_version": rejected.version,
+        "chosen": chosen.completion, "rejected": rejected.completion}
+    metadata[SIGNATURE] = event_signature(
+        event_key, str(event_id), served.response_id, served.version, None, uid,
+        preference_extra(chosen.version, rejected.version))
+    return FeedbackEvent(
+        schema_version=1, event_id=event_id, occurred_at=served.occurred_at,
+        app=served.alias, request_id=served.response_id, adapter_version=served.version,
+        messages=[m for m in served.messages if m["role"] in _ROLES],
+        completion=served.completion, user_id=uid, metadata=metadata)

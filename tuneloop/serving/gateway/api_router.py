@@ -14,7 +14,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tuneloop.serving.gateway.protocol import USER_HEADER, BadRequest, FeedbackRequest, parse_model
+from tuneloop.serving.gateway.protocol import (
+    FEEDBACK_TOKEN_HEADER,
+    USER_HEADER,
+    BadRequest,
+    FeedbackRequest,
+    parse_model,
+)
 from tuneloop.serving.gateway.serving import Gateway
 
 
@@ -51,6 +57,17 @@ async def create_feedback(request: Request) -> Response:
     body = parse_model(FeedbackRequest, await json_body(request),
                        gateway(request).cfg.max_json_depth)
     return JSONResponse(await gateway(request).feedback(body, _client(request)), status_code=202)
+
+
+async def feedback_pair(request: Request) -> Response:
+    """``GET /v1/feedback/pair?response_id=...``: the answer its user got beside the
+    candidate's unseen answer to the same request, for a side-by-side verdict. The
+    answer's feedback token goes in the ``x-tuneloop-feedback-token`` header."""
+    response_id = request.query_params.get("response_id", "")
+    if not response_id:
+        raise BadRequest("response_id is required", param="response_id")
+    token = request.headers.get(FEEDBACK_TOKEN_HEADER, "")
+    return JSONResponse(await gateway(request).pair(response_id, token))
 
 
 async def health(request: Request) -> Response:
@@ -104,6 +121,7 @@ ROUTES = [
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/feedback", create_feedback, methods=["POST"]),
+    Route("/v1/feedback/pair", feedback_pair, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
 ]

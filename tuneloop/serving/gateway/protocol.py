@@ -189,6 +189,10 @@ class FeedbackRequest(BaseModel):
     rating: float | None = Field(None, ge=-1, le=1, description="-1 (bad) .. 1 (good).")
     correction: str | None = Field(None, description="The ideal answer.")
     label: str | None = Field(None, max_length=256, description="The task label, e.g. the intent.")
+    preferred_response_id: str | None = Field(
+        None, min_length=1, max_length=256, description="Side by side: of this answer and "
+        "the candidate's unseen answer to the same request (GET /v1/feedback/pair), the "
+        "response id of the better one.")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -33,7 +33,11 @@ from tuneloop.serving.gateway.answers import (
     ResponseCache,
     Served,
     feedback_event,
+    pair_view,
+    preference_event,
+    shadow_answer,
     shadow_pair,
+    shadow_response_id,
     user_id,
 )
 from tuneloop.serving.gateway.protocol import (
@@ -396,9 +400,14 @@ class Gateway:
         except (NoReplicaError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.info("shadow request for %s skipped: %s", served.response_id, exc)
             return
-        pair = shadow_pair(served, candidate,
-                           completion_text(data, served.chat) if status < 400 else None,
-                           status, time.perf_counter() - started)
+        latency_s = time.perf_counter() - started
+        text = completion_text(data, served.chat) if status < 400 else None
+        pair = shadow_pair(served, candidate, text, status, latency_s)
+        if text is not None:  # kept, so a rater can compare both answers and prefer one
+            unseen = shadow_answer(served, candidate, text, latency_s)
+            self.cache.put(unseen)
+            if self.responses is not None:
+                await asyncio.to_thread(self.responses.put, unseen, None, None)
         try:
             await asyncio.to_thread(self.shadow_producer.send_record, pair["pair_id"],
                                     json.dumps(pair).encode())
@@ -418,22 +427,25 @@ class Gateway:
         Only the user who received the answer can post on it (its feedback token), at most
         ``serving.feedback_per_minute`` verdicts a minute per user; a verdict posted again
         replaces the earlier one where it is counted (the last wins)."""
-        if request.rating is None and request.correction is None and request.label is None:
-            raise BadRequest("feedback needs at least one of rating, correction or label")
-        served = self.cache.get(request.response_id)
-        if served is None and self.responses is not None:  # kept on disk: a restart since
-            served = await asyncio.to_thread(self.responses.get, request.response_id)
-        if served is None:
-            raise BadRequest(
-                f"response {request.response_id!r} is unknown or older than the last "
-                f"{self.cfg.response_cache} answers; send a feedback event with the producer "
-                "SDK instead", param="response_id", status=404, code="response_not_found")
-        expected = feedback_token(self.event_key, served.response_id, served.user)
-        if not hmac.compare_digest(expected, request.token):
-            self.metrics.dropped.labels("feedback", "bad_token").inc()
-            raise BadRequest("token: not this answer's feedback token (the "
-                             f"{FEEDBACK_TOKEN_HEADER} header of the answer)", param="token",
-                             status=403, code="invalid_feedback_token")
+        if request.rating is None and request.correction is None and request.label is None \
+                and request.preferred_response_id is None:
+            raise BadRequest("feedback needs at least one of rating, correction, label or "
+                             "preferred_response_id")
+        served = await self._rated_answer(request.response_id, request.token)
+        event: FeedbackEvent
+        if request.preferred_response_id is not None:
+            shadow = await self._shadow_of(served)
+            try:
+                event = preference_event(served, shadow, request.preferred_response_id, request,
+                                         user_key=self.user_key, event_key=self.event_key)
+            except ValueError:
+                raise BadRequest(
+                    f"preferred_response_id must be {served.response_id} or "
+                    f"{shadow.response_id}, the two answers of the pair",
+                    param="preferred_response_id") from None
+        else:
+            event = feedback_event(served, "gateway.feedback", request, user_key=self.user_key,
+                                   event_key=self.event_key)
         if not self._limiter.hit(self._feedback_rate, served.user or f"host:{client_host}"):
             self.metrics.dropped.labels("feedback", "rate_limited").inc()
             raise BadRequest(f"more than {self.cfg.feedback_per_minute} verdicts a minute from "
@@ -441,8 +453,6 @@ class Gateway:
                              status=429, code="rate_limited")
         if self.feedback_producer is None:
             raise BadRequest("this gateway has no Kafka producer configured", status=503)
-        event = feedback_event(served, "gateway.feedback", request, user_key=self.user_key,
-                               event_key=self.event_key)
         try:
             await asyncio.to_thread(self.feedback_producer.send, event)
         except InvalidEvent as exc:
@@ -455,6 +465,44 @@ class Gateway:
         return {"object": "feedback", "event_id": str(event.event_id),
                 "response_id": served.response_id, "adapter_version": served.version,
                 "status": "accepted"}
+
+    async def pair(self, response_id: str, token: str) -> dict[str, Any]:
+        """Both answers to the request of ``response_id``: the one its user got and the
+        candidate's unseen one, for the user to say which is better (``POST /v1/feedback``
+        with ``preferred_response_id``). Raises BadRequest: 403 for another's token, 404
+        when the answer or its shadow is not kept."""
+        served = await self._rated_answer(response_id, token)
+        return pair_view(served, await self._shadow_of(served))
+
+    async def _answer(self, key: str) -> Served | None:
+        served = self.cache.get(key)
+        if served is None and self.responses is not None:  # kept on disk: a restart since
+            served = await asyncio.to_thread(self.responses.get, key)
+        return served
+
+    async def _rated_answer(self, response_id: str, token: str) -> Served:
+        """The answer ``response_id``, when ``token`` is its user's; raises BadRequest."""
+        served = await self._answer(response_id)
+        if served is None or served.pair_of is not None:  # a shadow is rated through its pair
+            raise BadRequest(
+                f"response {response_id!r} is unknown or older than the last "
+                f"{self.cfg.response_cache} answers; send a feedback event with the producer "
+                "SDK instead", param="response_id", status=404, code="response_not_found")
+        expected = feedback_token(self.event_key, served.response_id, served.user)
+        if not hmac.compare_digest(expected, token):
+            self.metrics.dropped.labels("feedback", "bad_token").inc()
+            raise BadRequest("token: not this answer's feedback token (the "
+                             f"{FEEDBACK_TOKEN_HEADER} header of the answer)", param="token",
+                             status=403, code="invalid_feedback_token")
+        return served
+
+    async def _shadow_of(self, served: Served) -> Served:
+        shadow = await self._answer(shadow_response_id(served.response_id))
+        if shadow is None:
+            raise BadRequest(f"response {served.response_id!r} has no unseen candidate answer "
+                             "to compare with (it was not shadowed, or not yet)",
+                             param="response_id", status=404, code="pair_not_found")
+        return shadow
 
     async def drain(self) -> None:
         """Wait for background emits (shutdown)."""

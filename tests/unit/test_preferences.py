@@ -1,0 +1,141 @@
+"""Side-by-side verdicts: the gateway's pair view and preference events, the live gate's
+count of them, and curation's preference pairs from them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from tuneloop.runtime.settings import CanarySettings, CurationSettings, TaskSpec, load_settings
+from tuneloop.services.canary.core import FAIL, PASS
+from tuneloop.services.canary.live import Preference, Side, count_preferences, live_decision
+from tuneloop.services.curation.core import Candidate, GoldenIndex
+from tuneloop.services.curation.preferences import correction_pairs
+from tuneloop.services.feedback.signing import SIGNATURE, feedback_token, signed_by_gateway
+from tuneloop.serving.gateway.answers import (
+    PREFERENCE,
+    Served,
+    pair_view,
+    preference_event,
+    shadow_answer,
+    shadow_response_id,
+)
+from tuneloop.serving.gateway.app import create_app
+from tuneloop.serving.gateway.protocol import FeedbackRequest
+
+KEY = b"event-key"
+CHAT = [{"role": "user", "content": "Is the pool open on Sundays?"}]
+
+
+def answer(i: int = 0) -> Served:
+    return Served(f"resp-{i}", "support-bot", "v1", True, CHAT, "alice", {}, completion="No.")
+
+
+def test_a_pair_shows_both_answers_in_an_order_that_hides_the_versions() -> None:
+    served = answer()
+    shadow = shadow_answer(served, "v2", "Yes, from 9 to 5.", 0.4)
+    assert shadow.response_id == shadow_response_id("resp-0") and shadow.pair_of == "resp-0"
+    view = pair_view(served, shadow)
+    assert {a["response_id"] for a in view["answers"]} == {"resp-0", shadow.response_id}
+    assert "v1" not in str(view) and "v2" not in str(view)
+    assert pair_view(served, shadow) == view  # every look agrees
+    orders = {tuple(a["content"] for a in pair_view(answer(i), shadow_answer(
+        answer(i), "v2", "Yes.", 0.1))["answers"])[0] for i in range(20)}
+    assert orders == {"No.", "Yes."}  # production is not always first
+
+
+def test_a_preference_event_is_signed_over_the_side_it_chose() -> None:
+    served = answer()
+    shadow = shadow_answer(served, "v2", "Yes, from 9 to 5.", 0.4)
+    request = FeedbackRequest(response_id="resp-0", token="t",
+                              preferred_response_id=shadow.response_id)
+    event = preference_event(served, shadow, shadow.response_id, request, user_key=b"u",
+                             event_key=KEY)
+    pref = event.metadata[PREFERENCE]
+    assert (pref["chosen_version"], pref["rejected_version"]) == ("v2", "v1")
+    assert (pref["chosen"], pref["rejected"]) == ("Yes, from 9 to 5.", "No.")
+    assert event.rating is None and event.metadata["source"] == "gateway.preference"
+    verdict = Preference(str(event.event_id), event.request_id, "v1", "v2", "v1",
+                         event.user_id, event.metadata[SIGNATURE])
+    assert count_preferences([verdict], KEY, "v2", "v1", 1) == (1, 0)
+    # The same signature does not hold for the other side: a forger cannot flip it.
+    flipped = Preference(verdict.event_id, verdict.request_id, "v1", "v1", "v2",
+                         verdict.user_id, verdict.signature)
+    assert count_preferences([flipped], KEY, "v2", "v1", 1) == (0, 0)
+    assert not signed_by_gateway(KEY, verdict.signature, verdict.event_id, "resp-0", "v1",
+                                 None, verdict.user_id)  # not a rating either
+    with pytest.raises(ValueError, match="neither"):
+        preference_event(served, shadow, "resp-9", request, user_key=b"u", event_key=KEY)
+
+
+def _preference(i: int, chosen: str, user: str) -> Preference:
+    from tuneloop.services.feedback.signing import event_signature, preference_extra
+
+    rejected = "v1" if chosen == "v2" else "v2"
+    sig = event_signature(KEY, f"e{i}", f"resp-{i}", "v1", None, user,
+                          preference_extra(chosen, rejected))
+    return Preference(f"e{i}", f"resp-{i}", "v1", chosen, rejected, user, sig)
+
+
+def test_the_live_gate_rolls_back_a_candidate_raters_prefer_less() -> None:
+    cfg = CanarySettings(min_requests=10, min_ratings=0, window_s=10, max_window_s=20)
+    liked = [_preference(i, "v2" if i % 5 else "v1", f"u{i}") for i in range(30)]
+    disliked = [_preference(i, "v1" if i % 5 else "v2", f"u{i}") for i in range(30)]
+    # One voice per user: a user's many verdicts count once.
+    stuffed = [_preference(100 + i, "v1", "mallory") for i in range(30)]
+    assert count_preferences(liked + stuffed, KEY, "v2", "v1", 1) == (24, 7)
+    for verdicts, outcome, verdict in ((liked, PASS, "promote"), (disliked, FAIL, "rollback")):
+        won = count_preferences(verdicts, KEY, "v2", "v1", 1)
+        cand, inc = Side(requests=40, preferred=won[0]), Side(requests=40, preferred=won[1])
+        decision = live_decision("v2", "v1", cand, inc, 15, cfg)
+        check = next(c for c in decision.checks if c.name.startswith("side-by-side"))
+        assert (check.outcome, decision.verdict) == (outcome, verdict)
+    # Verdicts between other versions are not this canary's.
+    assert count_preferences([_preference(1, "v2", "u")], KEY, "v3", "v1", 1) == (0, 0)
+
+
+def test_side_by_side_verdicts_become_preference_pairs() -> None:
+    cand = Candidate("e1", datetime(2026, 1, 1, tzinfo=UTC), CHAT, CHAT[0]["content"], "No.",
+                     preference={"chosen": "Yes, from 9 to 5.", "rejected": "No.",
+                                 "chosen_version": "v2", "rejected_version": "v1"})
+    result = correction_pairs([cand], GoldenIndex(), CurationSettings(), TaskSpec(kind="text"))
+    (pair,) = result.pairs
+    assert (pair.chosen, pair.rejected, pair.source) == ("Yes, from 9 to 5.", "No.",
+                                                        "side-by-side")
+
+
+def test_the_pair_route_needs_the_answers_token_and_a_shadow(tmp_path: Path) -> None:
+    settings = load_settings({"home": tmp_path, "serving.admin_key": "k",
+                              "serving.replica_urls": ["http://127.0.0.1:9"]})
+    app = create_app(settings, "unused", "base-model", kafka=False)
+    gateway = app.state.gateway
+    served, lonely = answer(0), answer(1)
+    shadow = shadow_answer(served, "v2", "Yes.", 0.1)
+    for item in (served, lonely, shadow):
+        gateway.cache.put(item)
+    client = TestClient(app)
+
+    def token(s: Served) -> dict[str, str]:
+        return {"x-tuneloop-feedback-token": feedback_token(gateway.event_key, s.response_id,
+                                                            s.user)}
+
+    got = client.get("/v1/feedback/pair", params={"response_id": "resp-0"}, headers=token(served))
+    assert got.status_code == 200 and len(got.json()["answers"]) == 2
+    assert client.get("/v1/feedback/pair", params={"response_id": "resp-0"},
+                      headers=token(lonely)).status_code == 403
+    assert client.get("/v1/feedback/pair", params={"response_id": "resp-1"},
+                      headers=token(lonely)).json()["error"]["code"] == "pair_not_found"
+    # A shadow answer is rated through its pair, never on its own.
+    assert client.get("/v1/feedback/pair", params={"response_id": shadow.response_id},
+                      headers=token(shadow)).status_code == 404
+
+    def prefer(chosen: str) -> int:
+        return client.post("/v1/feedback", json={
+            "response_id": "resp-0", "token": token(served)["x-tuneloop-feedback-token"],
+            "preferred_response_id": chosen}).status_code
+
+    assert prefer("resp-7") == 400
+    assert prefer(shadow.response_id) == 503  # valid; this gateway has no Kafka
