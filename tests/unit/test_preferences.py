@@ -139,3 +139,4 @@ def test_the_pair_route_needs_the_answers_token_and_a_shadow(tmp_path: Path) -> 
 
     assert prefer("resp-7") == 400
     assert prefer(shadow.response_id) == 503  # valid; this gateway has no Kafka
+

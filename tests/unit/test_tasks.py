@@ -316,3 +316,15 @@ def test_each_correction_of_a_served_answer_is_a_preference_pair(schema_file: Pa
     (pair,) = extraction.pairs
     assert pair.chosen == '{"city": "Paris"}' and pair.messages[0]["content"] == "Extract."
     assert extraction.dropped[prefs.BAD_CORRECTION] == 1
+
+
+def test_a_chat_without_a_system_turn_gets_the_tasks_system_prompt() -> None:
+    from tuneloop.serving.gateway.protocol import check_chat, with_system_prompt
+
+    body = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}]}
+    new_body, turns = with_system_prompt(body, check_chat(body), "Reply kindly.")
+    assert new_body["messages"][0] == turns[0] == {"role": "system", "content": "Reply kindly."}
+    assert body["messages"] == [{"role": "user", "content": "hi"}]  # the client's is untouched
+    own = {"model": "support-bot", "messages": [{"role": "developer", "content": "Be brief."},
+                                                {"role": "user", "content": "hi"}]}
+    assert with_system_prompt(own, check_chat(own), "Reply kindly.") == (own, check_chat(own))

@@ -127,6 +127,16 @@ def check_chat(body: dict[str, Any]) -> list[dict[str, str]]:
     return turns
 
 
+def with_system_prompt(body: dict[str, Any], turns: list[dict[str, str]], prompt: str
+                       ) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """A chat request and its turns with the task's system prompt first, unless the client
+    sent a system turn of its own (kept as it is)."""
+    if any(t["role"] == "system" for t in turns):
+        return body, turns
+    system = {"role": "system", "content": prompt}
+    return dict(body, messages=[system, *body["messages"]]), [system, *turns]
+
+
 def check_completion(body: dict[str, Any]) -> list[dict[str, str]]:
     """The prompt as one user turn; raises :class:`BadRequest`."""
     prompt = body.get("prompt")

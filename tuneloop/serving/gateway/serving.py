@@ -54,6 +54,7 @@ from tuneloop.serving.gateway.protocol import (
     error_response,
     parse_body,
     stream_text,
+    with_system_prompt,
 )
 from tuneloop.serving.gateway.responses import ResponseStore
 from tuneloop.serving.metrics import GatewayMetrics
@@ -114,11 +115,9 @@ class Gateway:
                 raise BadRequest(f"model {body['model']!r} is not served here; aliases: {known}",
                                  param="model", status=404, code="model_not_found")
             messages = check_chat(body) if chat else check_completion(body)
-            if chat and route.alias in self.system_prompts and not any(
-                    m["role"] == "system" for m in messages):
-                system = {"role": "system", "content": self.system_prompts[route.alias]}
-                messages = [system, *messages]
-                body = dict(body, messages=[system, *body["messages"]])
+            if chat and route.alias in self.system_prompts:
+                body, messages = with_system_prompt(body, messages,
+                                                    self.system_prompts[route.alias])
         except BadRequest as exc:
             self.metrics.errors.labels("-", "-", "bad_request").inc()
             return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
