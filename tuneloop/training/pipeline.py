@@ -190,8 +190,7 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
             "continued_from": str(init_adapter) if recipe.continued else None,
             "objective": config.objective}
         if config.objective != "sft":
-            metrics["preference"] = _preference_step(recipe, splits, config, run_dir,
-                                                     show_progress)
+            metrics["preference"] = _preference_step(recipe, splits, config, show_progress)
         validation, _ = recipe.evaluate(splits.validation, workspace.task)
         metrics["validation"] = validation.to_dict()
         if golden:
@@ -215,14 +214,14 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
 
 
 def _preference_step(recipe: LoRARecipe, splits: DatasetSplits, config: RecipeConfig,
-                     run_dir: Path, show_progress: bool) -> dict[str, Any]:
+                     show_progress: bool) -> dict[str, Any]:
     """DPO on the dataset's train pairs, with the held-out pairs' ranking accuracy before
     and after (:mod:`tuneloop.training.preference`)."""
     train = [p for p in splits.preferences if p.split == "train"]
     held_out = [p for p in splits.preferences if p.split != "train"]
     before = ranking_accuracy(recipe.model, recipe.tokenizer, held_out, recipe.device)
-    figures = train_dpo(recipe.model, recipe.tokenizer, train, config, run_dir / "dpo",
-                        device=recipe.device, show_progress=show_progress)
+    figures = train_dpo(recipe.model, recipe.tokenizer, train, config, device=recipe.device,
+                        show_progress=show_progress)
     after = ranking_accuracy(recipe.model, recipe.tokenizer, held_out, recipe.device)
     log.info("run %s: DPO on %d pairs; held-out ranking accuracy %s -> %s", recipe.run_id,
              len(train), before, after)
