@@ -140,3 +140,40 @@ def test_the_pair_route_needs_the_answers_token_and_a_shadow(tmp_path: Path) -> 
     assert prefer("resp-7") == 400
     assert prefer(shadow.response_id) == 503  # valid; this gateway has no Kafka
 
+
+
+def test_a_client_cannot_plant_a_preference_and_a_verdict_comes_alone(tmp_path: Path) -> None:
+    from tuneloop.serving.gateway.answers import feedback_event
+
+    forged = FeedbackRequest(response_id="resp-0", token="t", rating=1.0,
+                             metadata={PREFERENCE: {"chosen": "mine", "rejected": "yours"}})
+    event = feedback_event(answer(), "gateway.feedback", forged, user_key=b"u", event_key=KEY)
+    assert PREFERENCE not in event.metadata
+    settings = load_settings({"home": tmp_path, "serving.admin_key": "k",
+                              "serving.replica_urls": ["http://127.0.0.1:9"]})
+    app = create_app(settings, "unused", "base-model", kafka=False)
+    served = answer()
+    app.state.gateway.cache.put(served)
+    app.state.gateway.cache.put(shadow_answer(served, "v2", "Yes.", 0.1))
+    both = TestClient(app).post("/v1/feedback", json={
+        "response_id": "resp-0", "token": feedback_token(app.state.gateway.event_key, "resp-0",
+                                                         "alice"),
+        "preferred_response_id": "resp-0", "rating": 1})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "preferred_response_id"
+
+
+def test_a_pair_keeps_its_events_held_out_split_and_the_golden_guard() -> None:
+    cands = [Candidate(f"e{i}", datetime(2026, 1, 1, i, tzinfo=UTC), CHAT, f"q{i}", "No.",
+                       correction=f"Yes {i}.") for i in range(6)]
+    result = correction_pairs(cands, GoldenIndex(), CurationSettings(), TaskSpec(kind="text"),
+                              near_golden={"e0"}, held_out={"e1": "test", "e2": "validation"})
+    splits = {p.source_event_id: p.split for p in result.pairs}
+    assert "e0" not in splits and splits["e1"] == "test" and splits["e2"] == "validation"
+
+
+def test_the_preference_check_waits_for_the_minimum_sample() -> None:
+    cfg = CanarySettings(min_requests=10, min_ratings=8, window_s=10, max_window_s=20)
+    few = live_decision("v2", "v1", Side(requests=40, preferred=0), Side(requests=40, preferred=5),
+                        15, cfg)
+    assert not any(c.name.startswith("side-by-side") for c in few.checks)
+    assert few.figures["preference"] == {"candidate": 0, "incumbent": 5}

@@ -328,3 +328,10 @@ def test_a_chat_without_a_system_turn_gets_the_tasks_system_prompt() -> None:
     own = {"model": "support-bot", "messages": [{"role": "developer", "content": "Be brief."},
                                                 {"role": "user", "content": "hi"}]}
     assert with_system_prompt(own, check_chat(own), "Reply kindly.") == (own, check_chat(own))
+
+
+def test_a_json_golden_set_that_is_not_json_holds_the_gate_naming_the_fix() -> None:
+    refs = ['{"city": "Paris"}', "card_arrival"]
+    checks, _ = golden_checks(Paired(refs, [None, None], refs, refs, kind="json", schema=SCHEMA),
+                              CFG)
+    assert [c.outcome for c in checks] == [HOLD] and "1 of 2 golden references" in checks[0].detail

@@ -78,10 +78,14 @@ def evaluate_examples(
     batch_size: int = 32,
 ) -> tuple[EvalReport, list[str]]:
     """Generate for ``examples`` and score the answers as ``task`` asks (its kind and
-    answer budget; without one, a label task of ``max_new_tokens``); returns the report
-    and the answers."""
-    task = task or TaskSpec(answer_tokens=max_new_tokens)
-    answers = generate_answers(model, tokenizer, examples, max_new_tokens=task.max_answer_tokens,
+    answer budget; a label task without one: ``max_new_tokens``); returns the report and
+    the answers."""
+    task = task or TaskSpec()
+    # A label task without its own budget keeps the recipe config's
+    # (generation_max_new_tokens); json and text tasks need their kind's longer default.
+    budget = task.answer_tokens or (max_new_tokens if task.kind == "label"
+                                    else task.max_answer_tokens)
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens=budget,
                                batch_size=batch_size)
     labels = [e.label for e in examples]
     report = evaluate(task.kind, answers, [e.completion for e in examples],

@@ -174,6 +174,9 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
         log.info("run %s: already trained, reusing %s", run_key, run_dir / RESULT)
         return finished
     started = time.perf_counter()
+    if config.objective == "dpo" and not any(p.split == "train" for p in splits.preferences):
+        raise ValueError(f"objective dpo: dataset {splits.version} has no train preference "
+                         "pairs (no corrections or side-by-side verdicts); use sft or sft+dpo")
     base = resolve_base_model(workspace.training.base_model, workspace.models_dir)
     recipe = LoRARecipe(config, base, run_dir, device=workspace.training.device, run_id=run_key,
                         show_progress=show_progress, init_adapter=init_adapter)
@@ -219,6 +222,11 @@ def _preference_step(recipe: LoRARecipe, splits: DatasetSplits, config: RecipeCo
     and after (:mod:`tuneloop.training.preference`)."""
     train = [p for p in splits.preferences if p.split == "train"]
     held_out = [p for p in splits.preferences if p.split != "train"]
+    if not train:
+        log.info("run %s: no train preference pairs in %s; DPO skipped", recipe.run_id,
+                 splits.version)
+        return {"objective": config.objective, "skipped": "no train preference pairs",
+                "held_out_pairs": len(held_out)}
     before = ranking_accuracy(recipe.model, recipe.tokenizer, held_out, recipe.device)
     figures = train_dpo(recipe.model, recipe.tokenizer, train, config, device=recipe.device,
                         show_progress=show_progress)
@@ -237,7 +245,8 @@ def _base_golden(workspace: Workspace, recipe: LoRARecipe, base: BaseModel,
     key = hashlib.sha256(json.dumps({
         "base": [base.model_id, base.path, base.sha256],
         "device": [recipe.device.type, str(recipe.autocast_dtype)],
-        "generation": [config.generation_batch_size, config.task_eval_max_examples],
+        "generation": [config.generation_max_new_tokens, config.generation_batch_size,
+                       config.task_eval_max_examples],
         "task": workspace.task.describe(),
         "golden": [asdict(e) for e in golden],
     }, sort_keys=True, default=str).encode()).hexdigest()

@@ -78,6 +78,9 @@ def train_dpo(model: Any, tokenizer: Any, pairs: Sequence[PreferencePair], confi
                                                                    p.rejected)) for p in pairs]
     kept = [i for i, (c, r) in enumerate(encoded)
             if max(len(c), len(r)) <= config.max_seq_len * 2]
+    if not kept:
+        raise ValueError(f"every preference pair is longer than {config.max_seq_len * 2} "
+                         "tokens (twice max_seq_len); raise max_seq_len")
     pad = int(tokenizer.pad_token_id)
     reference = _reference_logps(model, [encoded[i] for i in kept], pad, config, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -87,7 +90,8 @@ def train_dpo(model: Any, tokenizer: Any, pairs: Sequence[PreferencePair], confi
     rng = random.Random(config.seed)
     losses: list[float] = []
     accuracies: list[float] = []
-    model.train()
+    was_training = model.training
+    model.eval()  # no dropout: the policy is compared with a reference taken without it
     with progress_bar(disable=not show_progress) as bar:
         task = bar.add_task("dpo", total=total, loss=float("nan"), val="-", tps=0.0)
         step = 0
@@ -116,6 +120,7 @@ def train_dpo(model: Any, tokenizer: Any, pairs: Sequence[PreferencePair], confi
                 accuracies.append(float((margin.detach() > 0).float().mean()))
                 step += 1
                 bar.update(task, completed=step, loss=losses[-1])
+    model.train(was_training)
     figures = {"pairs": len(kept), "skipped_too_long": len(pairs) - len(kept), "steps": step,
                "loss_first": losses[0], "loss": losses[-1],
                "train_reward_accuracy": accuracies[-1],

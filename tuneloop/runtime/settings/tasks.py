@@ -47,7 +47,7 @@ class TaskSpec(Section):
         None, description="json only: the JSON Schema file (draft 2020-12 unless it names "
         "its own $schema) a target and an answer must satisfy.")
     target_min_rating: float = Field(
-        0.5, ge=-1, le=1, description="text and json: an answer rated at least this (with no "
+        0.5, gt=0, le=1, description="text and json: an answer rated at least this (with no "
         "correction) is a training target; an answer rated lower never is.")
 
     @model_validator(mode="after")

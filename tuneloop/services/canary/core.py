@@ -46,6 +46,7 @@ from tuneloop.services.evaluation.metrics import (
 from tuneloop.services.evaluation.tasks import (
     SCORE_NAMES,
     evaluate,
+    parse_object,
     reference_object,
     score_object,
 )
@@ -203,6 +204,13 @@ def golden_checks(golden: Paired, cfg: CanarySettings) -> tuple[list[Check], dic
     if not golden.references:
         return [Check("golden set", HOLD, None, None, "at least 1 example",
                       "the golden set is empty: add one with `tuneloop golden add`")], {}
+    if golden.kind == "json":
+        bad = sum(parse_object(r) is None for r in golden.references)
+        if bad:
+            return [Check("golden set", HOLD, float(bad), None, "every reference a JSON object",
+                          f"{bad} of {len(golden.references)} golden references are not JSON "
+                          "objects (a golden set from before the task was json?): replace them "
+                          "with `tuneloop golden add`")], {}
     inc_right, cand_right = golden.right(golden.incumbent), golden.right(golden.candidate)
     figures: dict[str, Any] = {
         "golden_n": len(golden.references),
@@ -301,8 +309,8 @@ def improvement_checks(test: Paired, cfg: CanarySettings, fresh_n: int = 0,
     figures: dict[str, Any] = {
         "test_n": n_test, "fresh_n": fresh_n, "look": look, "looks": cfg.offline_looks,
         "test_accuracy": {"incumbent": _mean(inc_right), "candidate": _mean(cand_right)},
-        "test_score": {"metric": test.metric, "incumbent": float(score_i.mean()),
-                       "candidate": float(score_c.mean())}}
+        "test_score": {"metric": "accuracy" if test.kind == "label" else test.metric,
+                       "incumbent": float(score_i.mean()), "candidate": float(score_c.mean())}}
     threshold = f"pass if p < {alpha:.3g} (alpha / {cfg.offline_looks} looks)"
     where = (f"{n_test} test-split + {fresh_n} newer labelled examples, look {look}/"
              f"{cfg.offline_looks}")

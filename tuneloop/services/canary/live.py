@@ -59,8 +59,10 @@ def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
             f"{bad.candidate_rate:.2%} vs {bad.incumbent_rate:.2%} of rated answers"))
         figures["bad_rating_rate"] = {"candidate": bad.candidate_rate,
                                       "incumbent": bad.incumbent_rate}
-    if cand.preferred + inc.preferred > 0:
+    if cand.preferred + inc.preferred >= max(cfg.min_ratings, 1):
         checks.append(_preference_check(cand, inc, cfg, figures))
+    elif cand.preferred + inc.preferred:
+        figures["preference"] = {"candidate": cand.preferred, "incumbent": inc.preferred}
     verdict, more = _verdict(checks, enough, elapsed_s, cfg)
     return Decision("live", candidate, incumbent, verdict, checks + more, figures)
 
@@ -68,7 +70,8 @@ def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
 def _preference_check(cand: Side, inc: Side, cfg: CanarySettings,
                       figures: dict[str, Any]) -> Check:
     """Side by side: raters who saw both versions' answers to the same request preferred
-    the candidate's how often (a sign test; rolls back when significantly less than half)."""
+    the candidate's how often (a sign test; rolls back when significantly less than half).
+    Tested once there are ``min_ratings`` verdicts, as ratings are."""
     test = mcnemar([False] * cand.preferred + [True] * inc.preferred,
                    [True] * cand.preferred + [False] * inc.preferred)
     total = cand.preferred + inc.preferred

@@ -114,6 +114,8 @@ def select(candidate: Candidate, label_is_answer: bool = True,
     task = task or TaskSpec()
     if task.kind == "text":
         label_is_answer = False  # a label names the reply's topic, it is not a reply
+    if task.kind == "json" and candidate.label and canonical_target(candidate.label, task) is None:
+        label_is_answer = False  # a label such as the intent is not the object to extract
     rated_up = candidate.rating is not None and (
         candidate.rating > 0 if task.kind == "label" else candidate.rating >= task.target_min_rating)
     if candidate.correction and candidate.correction.strip():
@@ -285,10 +287,11 @@ def curate(
 
 
 def _target_of(candidate: Candidate) -> str:
-    """What :func:`select` took as a json target: the correction, the label or the answer."""
+    """What :func:`select` took as a json target: the correction, else the answer (a label
+    is taken only when it is a valid target, so it is never the invalid one)."""
     if candidate.correction and candidate.correction.strip():
         return candidate.correction
-    return candidate.label or candidate.completion
+    return candidate.completion
 
 
 def _content_reason(example: Example, cfg: CurationSettings) -> str | None:

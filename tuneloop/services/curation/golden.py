@@ -48,7 +48,11 @@ def pick(candidates: Sequence[Candidate], n: int, seed: int = 0,
     for cand in sorted(candidates, key=lambda c: c.event_id):
         if not (cand.correction or cand.label):
             continue
-        chosen = select(replace(cand, rating=None), task=task)
+        # A rating approves whichever answer was given; for json and text the reference is
+        # the correction alone. A label task keeps the rating: a label that agrees with an
+        # answer the user rated down is not trusted.
+        kind = (task or TaskSpec()).kind
+        chosen = select(cand if kind == "label" else replace(cand, rating=None), task=task)
         if isinstance(chosen, str):
             continue
         example, _ = scrub(chosen)

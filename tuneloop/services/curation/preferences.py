@@ -20,7 +20,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tuneloop.runtime.settings import CurationSettings, TaskSpec
@@ -36,7 +36,7 @@ from tuneloop.services.feedback.redaction import Redactor
 SAME_ANSWER = "chosen answer equals the rejected one"
 NOTHING_SERVED = "no rejected answer"
 BAD_CORRECTION = "chosen answer not a target the task accepts"
-GOLDEN = "golden prompt"
+GOLDEN = "golden prompt (exact or near)"
 OLDER = "a newer pair has the prompt"
 REASONS = (SAME_ANSWER, NOTHING_SERVED, BAD_CORRECTION, GOLDEN, OLDER)
 SOURCES = ("correction", "side-by-side")
@@ -80,8 +80,15 @@ class PreferenceResult:
 
 
 def correction_pairs(candidates: Sequence[Candidate], golden: GoldenIndex,
-                     cfg: CurationSettings, task: TaskSpec | None = None) -> PreferenceResult:
-    """The preference pair of each corrected answer in ``candidates`` (see the module)."""
+                     cfg: CurationSettings, task: TaskSpec | None = None, *,
+                     near_golden: frozenset[str] | set[str] = frozenset(),
+                     held_out: dict[str, str] | None = None) -> PreferenceResult:
+    """The preference pair of each corrected answer in ``candidates`` (see the module).
+
+    ``near_golden``: event ids whose prompt is a near-duplicate of a golden one (left out).
+    ``held_out``: the split of the event's own example where it is validation or test; its
+    pair takes that split too, so DPO never trains on what the offline gate tests with.
+    """
     task = task or TaskSpec()
     result = PreferenceResult([])
     seen: set[str] = set()
@@ -97,7 +104,8 @@ def correction_pairs(candidates: Sequence[Candidate], golden: GoldenIndex,
         reason = _problem(correction, served, task)
         if reason is None:
             key = prompt_key(cand.prompt)
-            if key in golden.keys or cand.event_id in golden.event_ids:
+            if key in golden.keys or cand.event_id in golden.event_ids or \
+                    cand.event_id in near_golden:
                 reason = GOLDEN
             elif key in seen:
                 reason = OLDER
@@ -107,7 +115,10 @@ def correction_pairs(candidates: Sequence[Candidate], golden: GoldenIndex,
             result.dropped[reason] += 1
             continue
         chosen = canonical_target(correction, task) if task.kind == "json" else correction
-        result.pairs.append(_pair(cand, str(chosen), served, task, cfg, source))
+        pair = _pair(cand, str(chosen), served, task, cfg, source)
+        if held_out and cand.event_id in held_out:
+            pair = replace(pair, split=held_out[cand.event_id])
+        result.pairs.append(pair)
     return result
 
 

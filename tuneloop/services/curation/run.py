@@ -97,7 +97,12 @@ def curate_version(inputs: CurationInputs, vectors: np.ndarray,
         examples, capped = cap_known_labels(examples, {p.label for p in previous if p.label},
                                             cfg.known_label_train_cap)
     replayed = _replay(previous, vectors[n_c + n_g :], examples, guard, cfg)
-    pairs = correction_pairs(inputs.candidates, guard, cfg, task)
+    near = leaks_golden(vectors[:n_c], guard, cfg.near_duplicate_cosine)
+    pairs = correction_pairs(
+        inputs.candidates, guard, cfg, task,
+        near_golden={c.event_id for c, hit in zip(inputs.candidates, near, strict=True) if hit},
+        held_out={e.source_event_id: e.split for e in examples
+                  if e.source_event_id and e.split != "train"})
     return Curated(result, examples, replayed, capped, pairs)
 
 

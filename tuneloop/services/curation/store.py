@@ -64,7 +64,8 @@ def since_latest(con: Any, table_prefix: str = "") -> tuple[str, list[Any]]:
 
 
 CANDIDATE_COLUMNS = ("event_id, occurred_at, messages, user_text, completion, rating, "
-                     "correction, label, user_id, metadata->'preference'")
+                     "correction, label, user_id, CASE WHEN metadata->>'source' = "
+                     "'gateway.preference' THEN metadata->'preference' END")
 
 
 def _candidate(r: tuple[Any, ...]) -> Candidate:
@@ -73,8 +74,18 @@ def _candidate(r: tuple[Any, ...]) -> Candidate:
         event_id=r[0], occurred_at=r[1],
         messages=json.loads(r[2]) if isinstance(r[2], str) else r[2], prompt=r[3],
         completion=r[4], rating=r[5], correction=r[6], label=r[7], user_id=r[8],
-        preference=(json.loads(r[9]) if isinstance(r[9], str) else r[9]) or None,
+        preference=_preference(r[9]),
     )
+
+
+def _preference(raw: Any) -> dict[str, Any] | None:
+    """A side-by-side verdict's chosen and rejected answers, when the gateway recorded one
+    (anything else in the column is ignored)."""
+    value = json.loads(raw) if isinstance(raw, str) else raw
+    if isinstance(value, dict) and isinstance(value.get("chosen"), str) and isinstance(
+            value.get("rejected"), str):
+        return value
+    return None
 
 
 def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:

@@ -109,6 +109,8 @@ class ObjectScore:
 
     @property
     def f1(self) -> float:
+        if not self.parsed:
+            return 0.0
         if self.predicted == 0 and self.expected == 0:
             return 1.0
         return 2 * self.matched / (self.predicted + self.expected)

@@ -26,12 +26,13 @@ class JudgeError(RuntimeError):
 
 def judge_pairs(cfg: JudgeSettings, examples: Sequence[Example], incumbent: Sequence[str],
                 candidate: Sequence[str]) -> Judged:
-    """The judge's verdicts on the first ``cfg.max_pairs`` examples' answer pairs.
+    """The judge's verdicts on the last ``cfg.max_pairs`` examples' answer pairs (the
+    newest: a later look of the gate judges the events that arrived since).
 
     Raises :class:`JudgeError` naming the endpoint when a request fails.
     """
-    n = min(len(examples), cfg.max_pairs)
-    return asyncio.run(_judge_all(cfg, examples[:n], incumbent[:n], candidate[:n]))
+    start = max(0, len(examples) - cfg.max_pairs)
+    return asyncio.run(_judge_all(cfg, examples[start:], incumbent[start:], candidate[start:]))
 
 
 async def _judge_all(cfg: JudgeSettings, examples: Sequence[Example],

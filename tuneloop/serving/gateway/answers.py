@@ -24,6 +24,7 @@ from tuneloop.serving.gateway.protocol import FeedbackRequest
 
 FEEDBACK_NAMESPACE = uuid.UUID("5b0a3c8e-9d51-4f0e-8a53-1f0c2e7d9b64")
 _ROLES = ("system", "user", "assistant", "tool")
+PREFERENCE = "preference"  # the metadata key of a side-by-side verdict
 
 
 @dataclass
@@ -112,6 +113,7 @@ def feedback_event(served: Served, source: str, verdict: FeedbackRequest | None 
     # The same verdict posted twice is the same event: ingest keeps one.
     event_id = uuid.uuid5(FEEDBACK_NAMESPACE, key)
     metadata: dict[str, Any] = dict(verdict.metadata) if verdict is not None else {}
+    metadata.pop(PREFERENCE, None)  # only the gateway says what a rater preferred
     metadata.update(source=source, latency_ms=round(1000 * served.latency_s, 1))
     uid = user_id(served.user, user_key) if served.user else None
     if event_key:
@@ -148,7 +150,7 @@ def pair_uuid(response_id: str) -> uuid.UUID:
 
 def shadow_response_id(response_id: str) -> str:
     """The response id of the candidate's unseen answer to the same request."""
-    return f"resp-shadow-{pair_uuid(response_id).hex}"
+    return f"resp-{pair_uuid(response_id).hex}"
 
 
 def shadow_answer(served: Served, candidate: str, completion: str, latency_s: float) -> Served:
@@ -168,9 +170,6 @@ def pair_view(served: Served, shadow: Served) -> dict[str, Any]:
         answers.reverse()
     return {"object": "feedback.pair", "pair_id": str(pair_uuid(served.response_id)),
             "messages": served.messages, "answers": answers}
-
-
-PREFERENCE = "preference"  # the metadata key of a side-by-side verdict
 
 
 def preference_event(served: Served, shadow: Served, preferred: str, verdict: FeedbackRequest,

@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import random
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -402,11 +403,6 @@ class Gateway:
         latency_s = time.perf_counter() - started
         text = completion_text(data, served.chat) if status < 400 else None
         pair = shadow_pair(served, candidate, text, status, latency_s)
-        if text is not None:  # kept, so a rater can compare both answers and prefer one
-            unseen = shadow_answer(served, candidate, text, latency_s)
-            self.cache.put(unseen)
-            if self.responses is not None:
-                await asyncio.to_thread(self.responses.put, unseen, None, None)
         try:
             await asyncio.to_thread(self.shadow_producer.send_record, pair["pair_id"],
                                     json.dumps(pair).encode())
@@ -418,6 +414,15 @@ class Gateway:
             self.metrics.feedback.labels("shadow").inc()
         if self.responses is not None:
             await asyncio.to_thread(self.responses.shadow_done, served.response_id)
+        if text is not None:  # kept, so its user can compare both answers and prefer one
+            unseen = shadow_answer(served, candidate, text, latency_s)
+            self.cache.put(unseen)
+            if self.responses is not None:
+                try:
+                    await asyncio.to_thread(self.responses.put, unseen, None, None)
+                except sqlite3.Error as exc:
+                    log.warning("the unseen answer to %s is not kept on disk: %s",
+                                served.response_id, exc)
 
     # ------------------------------------------------------------ feedback
     async def feedback(self, request: FeedbackRequest, client_host: str = "-") -> dict[str, Any]:
@@ -430,6 +435,12 @@ class Gateway:
                 and request.preferred_response_id is None:
             raise BadRequest("feedback needs at least one of rating, correction, label or "
                              "preferred_response_id")
+        if request.preferred_response_id is not None and (
+                request.rating is not None or request.correction is not None
+                or request.label is not None):
+            raise BadRequest("a side-by-side verdict (preferred_response_id) is posted on its "
+                             "own; send a rating, correction or label in another request",
+                             param="preferred_response_id")
         served = await self._rated_answer(request.response_id, request.token)
         event: FeedbackEvent
         if request.preferred_response_id is not None:
