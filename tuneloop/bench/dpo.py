@@ -9,13 +9,19 @@ over two rounds, and its result is measured the same way: the share of held-out 
 whose chosen reply gets the higher implicit reward (log-probability under the adapter
 minus under the base model). Ends with ``FIGURE dpo_step_s=`` (tuneloop),
 ``FIGURE dpo_step_s_trl=``, ``FIGURE dpo_speedup=`` and both ranking accuracies.
+
+TRL and ``datasets`` (the ``bench-dpo`` extra) are installed into the running
+environment on the first run, as the benchmark's own dependencies.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -107,7 +113,19 @@ def _trl(base_path: str, config: RecipeConfig, train: list[PreferencePair],
     return step_s, ranking_accuracy(model, tokenizer, held_out, torch.device("cpu"))
 
 
+BASELINE = ("trl>=1.13", "datasets>=3")  # pyproject's bench-dpo extra
+
+
+def ensure_baseline() -> None:
+    """TRL and datasets in this environment, installed on the first run."""
+    if all(importlib.util.find_spec(m) is not None for m in ("trl", "datasets")):
+        return
+    _say(f"installing the baseline ({', '.join(BASELINE)}), first run only")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *BASELINE], check=True)
+
+
 def main(settings: Settings, quick: bool = False) -> None:
+    ensure_baseline()
     steps = 2 if quick else 6
     config = RecipeConfig.from_file(DEFAULT_CONFIG, dpo_batch_size=8, dpo_epochs=1,
                                     max_seq_len=256)
