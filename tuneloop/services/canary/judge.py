@@ -19,7 +19,7 @@ from typing import Any
 
 from tuneloop.runtime.settings import CanarySettings
 from tuneloop.services.canary.core import FAIL, HOLD, PASS, Check
-from tuneloop.services.canary.stats import mcnemar
+from tuneloop.services.canary.stats import sign_test
 
 SYSTEM = ("You are a careful judge of assistant replies. You compare two replies to the same "
           "conversation and say which one serves the user better: correct, helpful, on topic, "
@@ -101,9 +101,7 @@ def judge_check(judged: Judged, cfg: CanarySettings, look: int = 1) -> Check:
     """
     counts = judged.outcomes
     wins, losses, ties = counts[WIN], counts[LOSS], counts[TIE]
-    # A sign test is McNemar's binomial test on the discordant pairs: a win is a pair only
-    # the candidate got, a loss one only the incumbent got.
-    test = mcnemar([False] * wins + [True] * losses, [True] * wins + [False] * losses)
+    test = sign_test(wins, losses)
     alpha = cfg.alpha / cfg.offline_looks
     name = f"test split improvement (judge {judged.model}, sign test)"
     detail = (f"{wins} wins, {losses} losses, {ties} ties over {len(judged.verdicts)} pairs, "

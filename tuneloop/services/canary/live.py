@@ -15,7 +15,7 @@ from typing import Any
 
 from tuneloop.runtime.settings import CanarySettings
 from tuneloop.services.canary.core import FAIL, HOLD, PASS, Check, Decision
-from tuneloop.services.canary.stats import mann_whitney, mcnemar, two_proportions
+from tuneloop.services.canary.stats import mann_whitney, sign_test, two_proportions
 from tuneloop.services.evaluation.metrics import normalize_label, normalize_text
 from tuneloop.services.feedback.signing import preference_extra, signed_by_gateway
 
@@ -72,8 +72,7 @@ def _preference_check(cand: Side, inc: Side, cfg: CanarySettings,
     """Side by side: raters who saw both versions' answers to the same request preferred
     the candidate's how often (a sign test; rolls back when significantly less than half).
     Tested once there are ``min_ratings`` verdicts, as ratings are."""
-    test = mcnemar([False] * cand.preferred + [True] * inc.preferred,
-                   [True] * cand.preferred + [False] * inc.preferred)
+    test = sign_test(cand.preferred, inc.preferred)
     total = cand.preferred + inc.preferred
     figures["preference"] = {"candidate": cand.preferred, "incumbent": inc.preferred,
                              "candidate_rate": cand.preferred / total}

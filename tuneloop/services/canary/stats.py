@@ -44,6 +44,12 @@ def mcnemar(incumbent_right: Sequence[bool], candidate_right: Sequence[bool]) ->
     return Paired(len(candidate_right), b, c_, p_better, p_worse)
 
 
+def sign_test(wins: int, losses: int) -> Paired:
+    """A sign test of the candidate's wins against its losses (ties left out): McNemar's
+    binomial test, a win being a pair only the candidate got right."""
+    return mcnemar([False] * wins + [True] * losses, [True] * wins + [False] * losses)
+
+
 @dataclass(frozen=True)
 class Bootstrap:
     """Difference ``candidate - incumbent`` of a metric, resampled over examples."""
