@@ -425,6 +425,55 @@ def test_shadow_answers_go_to_kafka_unseen(serving_stack: ServingStack) -> None:
     assert row == [(incumbent, candidate, pair["candidate_completion"])]
 
 
+def test_a_rater_sees_both_answers_of_a_shadow_pair_and_prefers_one(
+        serving_stack: ServingStack) -> None:
+    """Side by side on the real stack: the user's answer and the candidate's unseen one
+    to the same request, shown to the user who asked (their feedback token), and the
+    verdict a signed ``gateway.preference`` event on Kafka naming both versions."""
+    from tuneloop.runtime.processes import wait_until
+    from tuneloop.services.feedback.signing import preference_extra, signed_by_gateway
+    from tuneloop.serving.control import event_key
+
+    stack = serving_stack
+    incumbent = ensure_production(stack)
+    candidate = stack.publish()
+    admin = GatewayAdmin(stack.settings)
+    admin.set_route(candidate=candidate, canary_share=0.0, shadow_share=1.0)
+    try:
+        raw = client(stack).chat.completions.with_raw_response.create(
+            model="support-bot", messages=CHAT, max_tokens=6, temperature=0, user="rater-1")
+        response_id = raw.headers["x-tuneloop-response-id"]
+        token = raw.headers["x-tuneloop-feedback-token"]
+        _consume(stack, stack.settings.serving.shadow_topic, response_id)
+    finally:
+        admin.set_route(candidate=None, shadow_share=0.0)
+
+    def pair_of(token_: str) -> httpx.Response:
+        return httpx.get(f"{stack.url}/v1/feedback/pair", params={"response_id": response_id},
+                         headers={"x-tuneloop-feedback-token": token_}, timeout=10)
+
+    wait_until(lambda: pair_of(token).status_code == 200, 10, "the unseen answer is kept")
+    assert pair_of("0" * 32).status_code == 403  # another user's eyes only
+    pair = pair_of(token).json()
+    answers = {a["response_id"]: a["content"] for a in pair["answers"]}
+    assert answers[response_id] == raw.parse().choices[0].message.content
+    (unseen,) = set(answers) - {response_id}
+    verdict = {"response_id": response_id, "token": token, "preferred_response_id": unseen}
+    posted = httpx.post(f"{stack.url}/v1/feedback", json=verdict)
+    assert posted.status_code == 202, posted.text
+    event = _consume(stack, stack.settings.kafka.topic, response_id, source="gateway.preference")
+    chose = event["metadata"]["preference"]
+    assert (chose["chosen_version"], chose["rejected_version"]) == (candidate, incumbent)
+    assert chose["chosen"] == answers[unseen] and chose["rejected"] == answers[response_id]
+    assert signed_by_gateway(event_key(stack.settings), event["metadata"]["gateway_signature"],
+                             event["event_id"], response_id, incumbent, None, event["user_id"],
+                             preference_extra(candidate, incumbent))
+    # A verdict naming neither answer of the pair is refused.
+    wrong = httpx.post(f"{stack.url}/v1/feedback", json={**verdict,
+                                                         "preferred_response_id": "resp-x"})
+    assert wrong.status_code == 400
+
+
 def test_metrics_count_requests_per_version(serving_stack: ServingStack) -> None:
     stack = serving_stack
     version, _ = ask(stack)
