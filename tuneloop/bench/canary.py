@@ -17,6 +17,9 @@ evaluation with transformers ``generate`` (peft adapter on the base model, batch
 uses). Alternated over two rounds, same examples, same answer length.
 
 Ends with the FIGURE lines named in the canary issue.
+
+``--task json`` or ``--task text`` runs the canary on an extraction or a reply alias
+instead (:mod:`tuneloop.bench._canary_task`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +56,16 @@ def _say(text: str) -> None:
     print(text, flush=True)  # noqa: T201 - the bench's report
 
 
-def _stack(quick: bool) -> tuple[Settings, list[Any]]:
-    """Broker, Prefect server and gateway in a fresh home; returns the settings and the parts."""
+def _stack(quick: bool, configure: Callable[[Path], object] | None = None
+           ) -> tuple[Settings, list[Any]]:
+    """Broker, Prefect server and gateway in a fresh home; returns the settings and the parts.
+    ``configure`` is called with the home before anything starts (a task's config file)."""
     from tuneloop.infra.broker import EmbeddedBroker
     from tuneloop.infra.prefect_server import EmbeddedPrefect, prefect_env
 
     home = Path(tempfile.mkdtemp(prefix="tuneloop-bench-canary-"))
+    if configure is not None:
+        configure(home)
     kafka, prefect, gw, vllm = free_port(), free_port(), free_port(), free_port()
     env = {"TUNELOOP_HOME": str(home), "TUNELOOP_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}",
            "TUNELOOP_PREFECT__PORT": str(prefect),
@@ -136,10 +144,19 @@ def _stop(parts: list[Any]) -> None:
     shutil.rmtree(home, ignore_errors=True)
 
 
-def main(settings: Settings, quick: bool = False) -> dict[str, float]:
+def main(settings: Settings, quick: bool = False, task: str | None = None) -> dict[str, float]:
     """Train three adapters in a fresh stack, run the canary on each and time the offline
-    gate's evaluation; prints FIGURE lines and returns the figures."""
+    gate's evaluation; prints FIGURE lines and returns the figures. ``task`` (json, text):
+    the canary on an alias of that kind (:mod:`tuneloop.bench._canary_task`)."""
     _say(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start")
+    if task not in (None, "label"):
+        from tuneloop.bench import _canary_task
+
+        per_task = _canary_task.main(task, quick, _stack, _live_overrides, _stop)
+        _say(f"load average {os.getloadavg()[0]:.2f} at end")
+        for name, value in per_task.items():
+            _say(f"FIGURE {name}={int(value)}")
+        return per_task
     intents = sorted(banking77.intents())
     old_intents, new_intents = intents[0:60:10], intents[5:65:10]
     stack, parts = _stack(quick)

