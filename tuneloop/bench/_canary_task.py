@@ -182,10 +182,6 @@ def main(task: str, quick: bool, stack: Any, live_overrides: Any, stop: Any,
     """Train the three adapters in a fresh stack and run the canary on ``bad`` and ``good``;
     returns the figures. ``stack``, ``live_overrides`` and ``stop`` are
     :mod:`tuneloop.bench.canary`'s (one way to start and stop the bench's stack)."""
-    from tuneloop.flows.canary import canary
-    from tuneloop.services.demo.simulation import SimulatedUsers
-    from tuneloop.serving.control import promote
-
     if task not in SYSTEM_PROMPTS:
         raise ValueError(f"--task {task!r}: use json or text (label: no --task)")
     folder = data or bundled(DATA[task])
@@ -194,6 +190,11 @@ def main(task: str, quick: bool, stack: Any, live_overrides: Any, stop: Any,
     old, new = pick_groups(train, test, 3, 3, per_group + 6 + 40, 8, seed)
     settings, parts = stack(quick, lambda home: configure(task, home, folder))
     spec = settings.task
+    # Imported once the stack's environment is set: Prefect reads its API's address then.
+    from tuneloop.flows.canary import canary
+    from tuneloop.services.demo.simulation import SimulatedUsers
+    from tuneloop.serving.control import promote
+
     _say(f"task {spec.kind} on {folder}: old groups {old}, new {new}")
     figures: dict[str, float] = {}
     try:
