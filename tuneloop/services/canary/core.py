@@ -11,8 +11,9 @@ Two gates stand between a candidate adapter and production traffic:
    beyond ``golden_margin`` (the task's score, paired bootstrap: macro-F1 for labels,
    with each label by exact McNemar with Holm's correction; the mean field F1 for
    ``json``, whose schema-valid rate must not fall either; the mean chrF for ``text``)
-   and a significant improvement on the test examples (exact McNemar on right answers or
-   whole objects; a paired bootstrap of chrF for text). A significant regression
+   and a significant improvement on the test examples (exact McNemar on right answers for
+   labels; a paired bootstrap of the mean field F1 for json, whole objects reported by
+   McNemar, and of chrF for text). A significant regression
    rejects; anything inconclusive holds, and an
    inconclusive improvement is looked at again on the labelled events that arrive
    meanwhile (at most ``offline_looks`` looks, each at ``alpha / offline_looks``).
@@ -289,9 +290,10 @@ def _margin_check(metric: str, boot: Bootstrap, cfg: CanarySettings) -> Check:
 def improvement_checks(test: Paired, cfg: CanarySettings, fresh_n: int = 0,
                        look: int = 1) -> tuple[list[Check], dict[str, Any]]:
     """A significant improvement on the candidate's test split and the labelled events that
-    arrived after its dataset: exact McNemar (one-sided) on right answers for labels and
-    on whole-object exact match for ``json`` (whose schema-valid rate must not fall
-    either), a paired bootstrap of the mean chrF for ``text``.
+    arrived after its dataset: exact McNemar (one-sided) on right answers for labels, a
+    paired bootstrap of the mean per-example score for ``json`` (field F1; whole-object
+    exact match by McNemar is reported, and the schema-valid rate must not fall) and
+    ``text`` (chrF).
 
     ``look`` of ``cfg.offline_looks``: each look tests the improvement at
     ``alpha / offline_looks`` (Bonferroni over the looks), so a candidate looked at again
@@ -314,7 +316,7 @@ def improvement_checks(test: Paired, cfg: CanarySettings, fresh_n: int = 0,
     threshold = f"pass if p < {alpha:.3g} (alpha / {cfg.offline_looks} looks)"
     where = (f"{n_test} test-split + {fresh_n} newer labelled examples, look {look}/"
              f"{cfg.offline_looks}")
-    if test.kind == "text":
+    if test.kind in ("text", "json"):
         boot = paired_bootstrap(lambda idx: float(score_i[idx].mean()),
                                 lambda idx: float(score_c[idx].mean()), len(score_i), 0.0,
                                 cfg.alpha, cfg.bootstrap_resamples, cfg.seed)
@@ -340,6 +342,16 @@ def improvement_checks(test: Paired, cfg: CanarySettings, fresh_n: int = 0,
         check = Check(name, HOLD, net, better, threshold, detail + ": inconclusive")
     checks = [check]
     if test.kind == "json":
+        # Whole objects are reported beside the field F1 that decides: a candidate that gets
+        # more fields right without yet getting whole objects right is still better.
+        exact = mcnemar(inc_right, cand_right)
+        checks.append(Check(
+            "test split whole-object exact match (McNemar)", INFO,
+            float(exact.only_candidate - exact.only_incumbent), exact.p_better,
+            "reported, not gating",
+            f"whole-object exact match {_mean(inc_right):.3f} -> {_mean(cand_right):.3f}; "
+            f"candidate alone right {exact.only_candidate}, incumbent alone right "
+            f"{exact.only_incumbent}"))
         checks.append(_valid_check("test split", test, cfg, figures))
     return checks, figures
 
