@@ -16,6 +16,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -398,20 +399,29 @@ def test_a_script_rating_the_canary_down_does_not_decide_it(serving_stack: Servi
         admin.set_route(canary_share=0.0)
 
 
-def test_shadow_answers_go_to_kafka_unseen(serving_stack: ServingStack) -> None:
-    stack = serving_stack
+def _shadowed(stack: ServingStack, user: str | None = None
+              ) -> tuple[Any, dict[str, Any], str, str]:
+    """One request answered by production while a new candidate shadows it: the raw
+    response, the shadow pair from Kafka, the production and the candidate version."""
     incumbent = ensure_production(stack)
     candidate = stack.publish()
     admin = GatewayAdmin(stack.settings)
     admin.set_route(candidate=candidate, canary_share=0.0, shadow_share=1.0)
     try:
         raw = client(stack).chat.completions.with_raw_response.create(
-            model="support-bot", messages=CHAT, max_tokens=6, temperature=0)
-        assert raw.headers["x-tuneloop-adapter-version"] == incumbent
+            model="support-bot", messages=CHAT, max_tokens=6, temperature=0,
+            **({"user": user} if user else {}))
         pair = _consume(stack, stack.settings.serving.shadow_topic,
                         raw.headers["x-tuneloop-response-id"])
     finally:
         admin.set_route(candidate=None, shadow_share=0.0)
+    return raw, pair, incumbent, candidate
+
+
+def test_shadow_answers_go_to_kafka_unseen(serving_stack: ServingStack) -> None:
+    stack = serving_stack
+    raw, pair, incumbent, candidate = _shadowed(stack)
+    assert raw.headers["x-tuneloop-adapter-version"] == incumbent
     assert pair["production_version"] == incumbent and pair["candidate_version"] == candidate
     assert pair["production_completion"] == raw.parse().choices[0].message.content
     assert pair["candidate_status"] == 200 and isinstance(pair["candidate_completion"], str)
@@ -435,18 +445,9 @@ def test_a_rater_sees_both_answers_of_a_shadow_pair_and_prefers_one(
     from tuneloop.serving.control import event_key
 
     stack = serving_stack
-    incumbent = ensure_production(stack)
-    candidate = stack.publish()
-    admin = GatewayAdmin(stack.settings)
-    admin.set_route(candidate=candidate, canary_share=0.0, shadow_share=1.0)
-    try:
-        raw = client(stack).chat.completions.with_raw_response.create(
-            model="support-bot", messages=CHAT, max_tokens=6, temperature=0, user="rater-1")
-        response_id = raw.headers["x-tuneloop-response-id"]
-        token = raw.headers["x-tuneloop-feedback-token"]
-        _consume(stack, stack.settings.serving.shadow_topic, response_id)
-    finally:
-        admin.set_route(candidate=None, shadow_share=0.0)
+    raw, _, incumbent, candidate = _shadowed(stack, user="rater-1")
+    response_id = raw.headers["x-tuneloop-response-id"]
+    token = raw.headers["x-tuneloop-feedback-token"]
 
     def pair_of(token_: str) -> httpx.Response:
         return httpx.get(f"{stack.url}/v1/feedback/pair", params={"response_id": response_id},

@@ -30,8 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from tuneloop.runtime.settings import Settings, TaskSpec, load_settings
 from tuneloop.services.demo.banking77 import Query
 from tuneloop.services.demo.task_data import Row, bundled, derive_schema, group_sizes, load_rows
@@ -114,38 +112,25 @@ def write_datasets(store: Store, spec: TaskSpec, train: list[Row], test: list[Ro
                    old: list[str], new: list[str], per_group: int, seed: int) -> int:
     """The golden set (test rows of the old groups) and the three datasets; returns the
     golden set's size."""
-    golden = [_example(spec, f"golden-{i}", r, r.target, "golden")
-              for i, r in enumerate(_of(test, old, 8))]
-    sets = {}
-    for version, groups in (("bench-old", old), ("bench-good", old + new)):
-        sets[version] = _of(train, groups, per_group + 6)
-    shuffled = [r.target for r in sets["bench-old"]]
+    from tuneloop.services.demo.simulation import insert_golden, write_dataset
+
+    n_golden = insert_golden(store, [_example(spec, f"golden-{i}", r, r.target, "golden")
+                                     for i, r in enumerate(_of(test, old, 8))])
+    size = per_group + 6  # rows a group gives a dataset: train, then 2 validation, 4 test
+    rows = {"bench-old": _of(train, old, size), "bench-good": _of(train, old + new, size)}
+    shuffled = [r.target for r in rows["bench-old"]]
     random.Random(seed).shuffle(shuffled)
-    with store.connect() as con:
-        con.register("new_golden", pa.Table.from_pylist(golden))
-        con.execute("INSERT INTO golden_set SELECT example_id, now(), source_event_id, label, "
-                    "messages, prompt, completion FROM new_golden ON CONFLICT DO NOTHING")
-        con.unregister("new_golden")
-        for version, rows, targets in (
-                ("bench-old", sets["bench-old"], [r.target for r in sets["bench-old"]]),
-                ("bench-bad", sets["bench-old"], shuffled),
-                ("bench-good", sets["bench-good"], [r.target for r in sets["bench-good"]])):
-            examples = []
-            for i, (row, target) in enumerate(zip(rows, targets, strict=True)):
-                split = "train" if i % (per_group + 6) < per_group else \
-                    ("validation" if i % (per_group + 6) < per_group + 2 else "test")
-                examples.append({"version": version,
-                                 **_example(spec, f"{version}-{i}", row, target, split)})
-            counts = {s: sum(e["split"] == s for e in examples)
-                      for s in ("train", "validation", "test")}
-            con.execute("INSERT INTO datasets VALUES (?, now(), ?, '[]', '{}', '{}', ?, ?, ?)",
-                        [version, f"bench-{version}", counts["train"], counts["validation"],
-                         counts["test"]])
-            con.register("new_examples", pa.Table.from_pylist(examples))
-            con.execute("INSERT INTO dataset_examples SELECT version, example_id, split, "
-                        "source_event_id, label, messages, prompt, completion FROM new_examples")
-            con.unregister("new_examples")
-    return len(golden)
+    for version, chosen, targets in (
+            ("bench-old", rows["bench-old"], [r.target for r in rows["bench-old"]]),
+            ("bench-bad", rows["bench-old"], shuffled),
+            ("bench-good", rows["bench-good"], [r.target for r in rows["bench-good"]])):
+        splits = ["train" if i % size < per_group else
+                  "validation" if i % size < per_group + 2 else "test"
+                  for i in range(len(chosen))]
+        write_dataset(store, version, [
+            {"version": version, **_example(spec, f"{version}-{i}", row, target, split)}
+            for i, (row, target, split) in enumerate(zip(chosen, targets, splits, strict=True))])
+    return n_golden
 
 
 def judge(spec: TaskSpec) -> Callable[[str, Query], bool]:

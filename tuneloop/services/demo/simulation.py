@@ -90,6 +90,12 @@ def write_golden(store: Store, queries: Sequence[Query], intents: Sequence[str],
         mine = [q for q in queries if q.intent == intent][:per_intent]
         rows += [_example(f"golden-{intent}-{i}", q.text, intent, "golden")
                  for i, q in enumerate(mine)]
+    return insert_golden(store, rows)
+
+
+def insert_golden(store: Store, rows: list[dict[str, object]]) -> int:
+    """Add ``rows`` (example_id, source_event_id, label, messages, prompt, completion) to
+    the golden set, leaving ids it holds; returns how many were given."""
     with store.connect() as con:
         con.register("new_golden", pa.Table.from_pylist(rows))
         con.execute("INSERT INTO golden_set SELECT example_id, now(), source_event_id, label, "
