@@ -193,8 +193,9 @@ def main(task: str, quick: bool, stack: Any, live_overrides: Any, stop: Any,
         bad_result = canary(bad.version, overrides=overrides)
         _say(f"bad candidate {bad.version}: {bad_result['verdict']}: "
              f"{bad_result['reason'][:300]}")
+        used = set(_of(train, old + new, per_group + 6))  # rows the datasets hold
         unseen = [Query(r.text, r.target) for r in _of(train, old + new, 10_000)
-                  if r not in set(_of(train, old + new, per_group + 6))]
+                  if r not in used]
         users = SimulatedUsers(live, unseen, label_share=0.0, max_tokens=ANSWER_TOKENS,
                                chat_of=lambda q: [{"role": "user", "content": q.text}],
                                right_of=judge(spec))
