@@ -13,8 +13,8 @@ default the bundled SNIPS for ``json``, SGD for ``text``). Groups are drawn at r
 - ``good``: more groups and more rows: must pass the offline gate and the live window,
   where simulated users ask with the official ``openai`` client and rate each answer
   (+1 when it is right: the whole object for ``json``, a sentence chrF of at least
-  :data:`TEXT_RIGHT_CHRF` against the reference for ``text``); every failed request is
-  counted.
+  :data:`tuneloop.services.demo.task.TEXT_RIGHT_CHRF` against the reference for
+  ``text``); every failed request is counted.
 
 Ends with ``FIGURE canary_good_promoted``, ``canary_bad_rejected`` and
 ``canary_failed_requests``.
@@ -32,20 +32,12 @@ from typing import Any
 
 from tuneloop.runtime.settings import Settings, TaskSpec, load_settings
 from tuneloop.services.demo.banking77 import Query
-from tuneloop.services.demo.task_data import Row, bundled, derive_schema, group_sizes, load_rows
-from tuneloop.services.evaluation.tasks import evaluate, reference_object, score_object
+from tuneloop.services.demo.task import ANSWER_TOKENS, DemoTask, spec_table
+from tuneloop.services.demo.task_data import Row, bundled, group_sizes, load_rows
 from tuneloop.services.registry.core import Adapter
 from tuneloop.services.store.database import Store
 
-SYSTEM_PROMPTS = {
-    "json": "Extract the details of the user's message as one JSON object, with only the "
-            "fields the message gives. Answer with the object alone.",
-    "text": "You are a helpful assistant. Reply to the user's last message in one or two "
-            "sentences.",
-}
 DATA = {"json": "snips", "text": "sgd"}
-ANSWER_TOKENS = 64  # the bench's answer budget for both kinds
-TEXT_RIGHT_CHRF = 0.5  # a simulated user's taste: a reply this close to the reference is right
 
 
 def _say(text: str) -> None:
@@ -55,15 +47,7 @@ def _say(text: str) -> None:
 def configure(task: str, home: Path, data: Path) -> TaskSpec:
     """Write the task's spec into ``home/tuneloop.toml`` and point ``TUNELOOP_CONFIG`` at it
     (every process the stack starts reads it); returns the spec."""
-    spec: dict[str, Any] = {"kind": task, "system_prompt": SYSTEM_PROMPTS[task],
-                            "answer_tokens": ANSWER_TOKENS}
-    if task == "json":
-        schema = data / "schema.json"
-        if not schema.exists():  # a folder without one: the schema its targets satisfy
-            schema = home / "schema.json"
-            schema.write_text(json.dumps(derive_schema(
-                [r.target for r in load_rows(data, "train")]), indent=2))
-        spec["json_schema"] = str(schema)
+    spec = spec_table(task, data, home)
     lines = ['[tasks."support-bot"]'] + [f"{k} = {json.dumps(v)}" for k, v in spec.items()]
     config = home / "tuneloop.toml"
     config.write_text("\n".join(lines) + "\n")
@@ -134,12 +118,8 @@ def write_datasets(store: Store, spec: TaskSpec, train: list[Row], test: list[Ro
 
 
 def judge(spec: TaskSpec) -> Callable[[str, Query], bool]:
-    """A simulated user's verdict on an answer to a query whose ``intent`` holds the target."""
-    if spec.kind == "json":
-        return lambda answer, q: score_object(answer, reference_object(q.intent),
-                                              spec.schema_document).exact
-    return lambda answer, q: bool(
-        evaluate("text", [answer], [q.intent]).per_example[0] >= TEXT_RIGHT_CHRF)
+    """A simulated user's verdict on an answer to a query (:meth:`DemoTask.right`)."""
+    return DemoTask(spec).right
 
 
 def _train(settings: Settings, quick: bool) -> tuple[Adapter, Adapter, Adapter]:
@@ -167,7 +147,7 @@ def main(task: str, quick: bool, stack: Any, live_overrides: Any, stop: Any,
     """Train the three adapters in a fresh stack and run the canary on ``bad`` and ``good``;
     returns the figures. ``stack``, ``live_overrides`` and ``stop`` are
     :mod:`tuneloop.bench.canary`'s (one way to start and stop the bench's stack)."""
-    if task not in SYSTEM_PROMPTS:
+    if task not in DATA:
         raise ValueError(f"--task {task!r}: use json or text (label: no --task)")
     folder = data or bundled(DATA[task])
     train, test = load_rows(folder, "train"), load_rows(folder, "test")
@@ -194,7 +174,7 @@ def main(task: str, quick: bool, stack: Any, live_overrides: Any, stop: Any,
         _say(f"bad candidate {bad.version}: {bad_result['verdict']}: "
              f"{bad_result['reason'][:300]}")
         used = set(_of(train, old + new, per_group + 6))  # rows the datasets hold
-        unseen = [Query(r.text, r.target) for r in _of(train, old + new, 10_000)
+        unseen = [Query(r.text, r.groups[0], r.target) for r in _of(train, old + new, 10_000)
                   if r not in used]
         users = SimulatedUsers(live, unseen, label_share=0.0, max_tokens=ANSWER_TOKENS,
                                chat_of=lambda q: [{"role": "user", "content": q.text}],

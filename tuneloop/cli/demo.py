@@ -19,6 +19,13 @@ The default is the small scenario (6 old intents, 3 new); ``--full`` runs the la
 to banking77: ``--data`` takes any intent dataset in the same layout (``train.csv`` and
 ``test.csv`` with ``text`` and ``category``, and ``categories.json``); intents are drawn
 at random (seeded), and every size scales with the number of intents.
+
+``--task json`` and ``--task text`` run the same scenario on an extraction or a reply
+alias (``[tasks.<alias>]`` in the demo's settings): the data is a folder in the task-data
+layout (``train.csv`` and ``test.csv`` with ``text``, ``target`` and one group column;
+default the bundled SNIPS and SGD), the groups (intents, services) play the intents'
+part, users judge answers by the kind, and the figures are the kind's (field exact
+match and the schema-valid rate; chrF).
 """
 
 from __future__ import annotations
@@ -43,8 +50,10 @@ from tuneloop.services.demo import banking77
 from tuneloop.services.demo.banking77 import Query
 from tuneloop.services.demo.result import NEW, OLD, Result, Scores, missed_goals
 from tuneloop.services.demo.scenario import FULL, SMALL, Plan, Scenario, merge, to_toml
+from tuneloop.services.demo.task import DemoTask
 
 if TYPE_CHECKING:
+    from tuneloop.services.demo.simulation import SimulatedUsers
     from tuneloop.services.store.database import Store
 
 # Each look at the store waits this long for a writer (a retrain's publish, a curation).
@@ -63,17 +72,27 @@ def demo(
         "40) before the shift and 10 new ones; about two hours on 2 CPU cores."),
     quick: bool = typer.Option(
         False, "--quick", help="The default, small scenario (6 old intents, 3 new), by name."),
+    task: str = typer.Option(
+        "label", "--task", help="What the alias answers: label (an intent name), json (an "
+        "object of slots) or text (a reply)."),
     data: Path | None = typer.Option(
-        None, "--data", help="Intent dataset folder (train.csv, test.csv, categories.json); "
-        "default: the bundled banking77."),
+        None, "--data", help="Dataset folder. label: train.csv, test.csv (text, category) "
+        "and categories.json, default the bundled banking77; json and text: train.csv and "
+        "test.csv (text, target, a group column), default the bundled SNIPS and SGD."),
     seed: int = typer.Option(0, "--seed", help="Which intents are old and new."),
     keep_up: bool = typer.Option(True, "--keep-up/--down", help="Leave the stack running."),
 ) -> None:
     """Run the loop unattended on the embedded stack: bootstrap, steady traffic, a shift."""
     if full and quick:
         raise fail("--full and --quick name two scenarios; pass one (the default is --quick)")
+    if task not in ("label", "json", "text"):
+        raise fail(f"--task {task}: use label, json or text")
+    if task != "label" and data is None:
+        from tuneloop.services.demo.task_data import bundled
+
+        data = bundled({"json": "snips", "text": "sgd"}[task])
     scenario = FULL if full else SMALL
-    settings = _fresh_home(ctx, scenario)
+    settings = _fresh_home(ctx, scenario, task, data)
     try:
         result = run_scenario(ctx, settings, scenario, data, seed)
     finally:
@@ -82,9 +101,12 @@ def demo(
     print_summary(settings, result)
 
 
-def _fresh_home(ctx: typer.Context, scenario: Scenario) -> Settings:
+def _fresh_home(ctx: typer.Context, scenario: Scenario, task: str = "label",
+                data: Path | None = None) -> Settings:
     """Stop a stack left in ``<home>/demo``, wipe it, and write the demo's settings there:
-    the user's settings file with the scenario's sizes over it."""
+    the user's settings file with the scenario's sizes over it, and for ``json`` and
+    ``text`` the alias's task spec and a recipe whose sequences hold an object or a reply."""
+    from tuneloop.services.demo.task import spec_table
     from tuneloop.training.config import CONFIGS_DIR
 
     home = Path(settings_of(ctx).home) / "demo"
@@ -95,8 +117,19 @@ def _fresh_home(ctx: typer.Context, scenario: Scenario) -> Settings:
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     config = home / "demo.toml"
-    recipe = {"training": {"config": str(CONFIGS_DIR / "demo.yaml")}}
-    config.write_text(to_toml(merge(merge(base, scenario.settings), recipe)))
+    over: dict[str, Any] = {"training": {"config": str(CONFIGS_DIR / "demo.yaml")}}
+    if task != "label":
+        alias = load_settings({"home": home}).serving.alias
+        try:
+            over["tasks"] = {alias: spec_table(task, data or Path(), home)}
+        except (OSError, ValueError) as exc:
+            raise fail(f"--data {data}: {exc}") from None
+        recipe = home / "recipe.yaml"
+        recipe.write_text((CONFIGS_DIR / "demo.yaml").read_text()
+                          + f"\n# {task}: an object or a reply makes longer examples\n"
+                          "max_seq_len: 256\n")
+        over["training"]["config"] = str(recipe)
+    config.write_text(to_toml(merge(merge(base, scenario.settings), over)))
     os.environ[CONFIG_ENV] = str(config)
     os.environ["TUNELOOP_HOME"] = str(home)
     return load_settings({"home": home})
@@ -132,35 +165,56 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
     """The four phases on the running demo home; returns what they measured, also written
     to ``reports/demo.json`` beside the HTML report. Raises ``typer.Exit`` when a step
     fails (the stack does not come up, the ingest does not land the history)."""
-    plan = _plan(sc, data, seed)
-    result = Result(str(data or banking77.data_dir()), plan.old, plan.new)
+    task = DemoTask(settings.task)
+    plan = _plan(sc, data, seed, task)
+    result = Result(str(data or banking77.data_dir()), plan.old, plan.new, kind=task.kind,
+                    headline=task.headline)
     started = time.monotonic()
-    first = _bootstrap(ctx, settings, sc, plan, result)
-    before = _measure_before(settings, plan, result, first)
-    shift_at = _shift(settings, sc, plan, result, first)
-    _measure_after(settings, plan, result, before, shift_at)
+    first = _bootstrap(ctx, settings, sc, plan, result, task)
+    before = _measure_before(settings, plan, result, first, task)
+    shift_at = _shift(settings, sc, plan, result, first, task)
+    _measure_after(settings, plan, result, before, shift_at, task)
     result.timings["total_s"] = time.monotonic() - started
     result.missed += missed_goals(result)
     _write_outputs(settings, result)
     return result
 
 
-def _plan(sc: Scenario, data: Path | None, seed: int) -> Plan:
+def _plan(sc: Scenario, data: Path | None, seed: int, task: DemoTask) -> Plan:
     from tuneloop.services.demo.scenario import plan
+    from tuneloop.services.demo.task import load_queries
 
     try:
-        return plan(sc, banking77.intents(data), banking77.load("train", data),
-                    banking77.load("test", data), seed)
+        if task.kind == "label":
+            return plan(sc, banking77.intents(data), banking77.load("train", data),
+                        banking77.load("test", data), seed)
+        # A group needs its history, its held-out queries and some traffic beyond both.
+        groups, train, test = load_queries(
+            data or Path(), sc.heldout_per_intent,
+            min_rows=sc.history_per_intent + sc.heldout_per_intent + 20, seed=seed)
+        return plan(sc, groups, train, test, seed)
     except (OSError, ValueError, KeyError) as exc:
         raise fail(f"--data {data or banking77.data_dir()}: {exc}") from None
 
 
-def _bootstrap(ctx: typer.Context, settings: Settings, sc: Scenario, plan: Plan,
-               result: Result) -> str | None:
-    """Phases 1 and 2: the stack, the app's history, the first adapter, steady traffic.
-    Returns the first adapter's version (None when none was promoted in time)."""
+def _users(settings: Settings, sc: Scenario, queries: list[Query], task: DemoTask
+           ) -> SimulatedUsers:
+    """The demo's users asking ``queries``; for json and text they ask the query alone
+    (the gateway adds the task's system prompt) and judge by the kind."""
     from tuneloop.services.demo.simulation import SimulatedUsers
 
+    if task.kind == "label":
+        return SimulatedUsers(settings, queries, workers=sc.users, rate=sc.rate,
+                              label_share=sc.label_share)
+    return SimulatedUsers(settings, queries, workers=sc.users, rate=sc.rate,
+                          label_share=sc.label_share, max_tokens=task.answer_tokens,
+                          chat_of=task.chat, right_of=task.right)
+
+
+def _bootstrap(ctx: typer.Context, settings: Settings, sc: Scenario, plan: Plan,
+               result: Result, task: DemoTask) -> str | None:
+    """Phases 1 and 2: the stack, the app's history, the first adapter, steady traffic.
+    Returns the first adapter's version (None when none was promoted in time)."""
     home = Path(settings.home)
     t0 = time.monotonic()
     console.print(Rule("1. bootstrap: the embedded stack (tansu, Prefect, worker, ingest, "
@@ -169,12 +223,11 @@ def _bootstrap(ctx: typer.Context, settings: Settings, sc: Scenario, plan: Plan,
     result.timings["up_s"] = time.monotonic() - t0
     console.print(f"the production app's history: {len(plan.history):,} labelled queries over "
                   f"{len(plan.old)} intents, through the producer SDK")
-    _send_history(settings, plan.history, plan.seed)
+    _send_history(settings, plan.history, plan.seed, task, result.dataset)
     _wait_for_rows(settings, len(plan.history))
     _tuneloop(ctx, home, "golden", "add", "--count", str(sc.golden_per_intent * len(plan.old)))
 
-    users = SimulatedUsers(settings, plan.steady, workers=sc.users, rate=sc.rate,
-                           label_share=sc.label_share)
+    users = _users(settings, sc, plan.steady, task)
     t0 = time.monotonic()
     with users.running(ingest=False):
         console.print(f"{sc.users} users ask the alias meanwhile, {sc.rate} questions/s in all "
@@ -189,13 +242,14 @@ def _bootstrap(ctx: typer.Context, settings: Settings, sc: Scenario, plan: Plan,
     return first
 
 
-def _measure_before(settings: Settings, plan: Plan, result: Result, first: str | None) -> Answers:
+def _measure_before(settings: Settings, plan: Plan, result: Result, first: str | None,
+                    task: DemoTask) -> Answers:
     """The held-out queries before the shift, and what steady traffic set off."""
     from tuneloop.services.demo.store import activity_since
 
     console.print(f"held-out queries through the alias, before: {len(plan.heldout_old)} "
                   f"old-intent, {len(plan.heldout_new)} new-intent")
-    result.before, answers = _measure(settings, plan)
+    result.before, answers = _measure(settings, plan, task)
     print_scores("before", result.before)
     # Everything from the first promotion to the shift is steady traffic.
     since = _promoted_at(settings, first) if first else datetime.now(UTC)
@@ -208,15 +262,12 @@ def _measure_before(settings: Settings, plan: Plan, result: Result, first: str |
 
 
 def _shift(settings: Settings, sc: Scenario, plan: Plan, result: Result,
-           first: str | None) -> datetime:
+           first: str | None, task: DemoTask) -> datetime:
     """Phase 3: the shifted traffic until the loop promotes a new version; returns when
     the shift began."""
-    from tuneloop.services.demo.simulation import SimulatedUsers
-
     console.print(Rule(f"3. shift: {sc.new_share:.0%} of traffic from {len(plan.new)} intents "
                        "the adapter never saw; nobody acts"))
-    users = SimulatedUsers(settings, plan.shifted, workers=sc.users, rate=sc.rate,
-                           label_share=sc.label_share)
+    users = _users(settings, sc, plan.shifted, task)
     shift_at = datetime.now(UTC)
     result.shift_at = shift_at.isoformat()
     t0 = time.monotonic()
@@ -234,10 +285,10 @@ def _shift(settings: Settings, sc: Scenario, plan: Plan, result: Result,
 
 
 def _measure_after(settings: Settings, plan: Plan, result: Result, before: Answers,
-                   shift_at: datetime) -> None:
+                   shift_at: datetime, task: DemoTask) -> None:
     """Phase 4's figures: what the first alarm after the shift named, and the same
     held-out queries again."""
-    from tuneloop.services.demo.result import named_intents, old_delta
+    from tuneloop.services.demo.result import mean_delta, named_intents, old_delta
     from tuneloop.services.drift.store import first_alarm_clusters
 
     with _store(settings).connect() as con:
@@ -245,9 +296,15 @@ def _measure_after(settings: Settings, plan: Plan, result: Result, before: Answe
     result.drift_clusters = clusters or []
     result.named_new_intents = named_intents(result.drift_clusters, plan.new)
     console.print(Rule("4. after: the same held-out queries through the alias"))
-    result.after, after = _measure(settings, plan)
+    result.after, after = _measure(settings, plan, task)
     print_scores("after", result.after)
-    result.old_intents_delta = old_delta(plan.heldout_old, before.old, after.old)
+    if task.kind == "label":
+        result.old_intents_delta = old_delta(plan.heldout_old, before.old, after.old)
+        return
+    result.old_intents_delta = mean_delta(task.per_example(before.old, plan.heldout_old),
+                                          task.per_example(after.old, plan.heldout_old))
+    result.new_intents_delta = mean_delta(task.per_example(before.new, plan.heldout_new),
+                                          task.per_example(after.new, plan.heldout_new))
 
 
 def _write_outputs(settings: Settings, result: Result) -> None:
@@ -265,11 +322,14 @@ def _store(settings: Settings) -> Store:
     return Store(settings.db_path, STORE_WAIT_S)
 
 
-def _send_history(settings: Settings, queries: list[Query], seed: int) -> None:
+def _send_history(settings: Settings, queries: list[Query], seed: int, task: DemoTask,
+                  dataset: str) -> None:
     from tuneloop.services.feedback.producer import FeedbackProducer
 
+    extra: dict[str, Any] = {} if task.kind == "label" else {
+        "system_prompt": task.spec.system_prompt, "source": Path(dataset).name}
     events = list(banking77.to_events(queries, app=settings.serving.alias, seed=seed,
-                                      accuracy=0.0, spacing_s=0.01))
+                                      accuracy=0.0, spacing_s=0.01, **extra))
     with FeedbackProducer(settings) as producer:
         producer.send_many(events)
         report = producer.flush(120)
@@ -343,15 +403,16 @@ def _promoted_at(settings: Settings, version: str) -> datetime:
     return at if at is not None else datetime.now(UTC)
 
 
-def _measure(settings: Settings, plan: Plan) -> tuple[Scores, Answers]:
-    """Accuracy and macro-F1 of the alias's answers to the held-out queries, per group,
-    as end users get them; and the answers."""
-    from tuneloop.services.demo.result import scores
+def _measure(settings: Settings, plan: Plan, task: DemoTask) -> tuple[Scores, Answers]:
+    """The kind's figures of the alias's answers to the held-out queries, per group (for
+    intents accuracy and macro-F1), as end users get them; and the answers."""
     from tuneloop.services.demo.simulation import ask_alias
 
+    ask: dict[str, Any] = {} if task.kind == "label" else {
+        "max_tokens": task.answer_tokens, "chat_of": task.chat}
     with console.status("asking the alias..."):
-        answers = Answers(ask_alias(settings, plan.heldout_old),
-                          ask_alias(settings, plan.heldout_new))
-    return {OLD: scores(answers.old, plan.heldout_old),
-            NEW: scores(answers.new, plan.heldout_new)}, answers
+        answers = Answers(ask_alias(settings, plan.heldout_old, **ask),
+                          ask_alias(settings, plan.heldout_new, **ask))
+    return {OLD: task.scores(answers.old, plan.heldout_old),
+            NEW: task.scores(answers.new, plan.heldout_new)}, answers
 

@@ -153,12 +153,20 @@ def _summary_section(result: Result) -> list[str]:
 
 
 def _scores_section(result: Result, plots: Plots) -> list[str]:
-    rows = [[g, when, f"{s['accuracy']:.3f}", f"{s['macro_f1']:.3f}"]
+    names = sorted({m for scores in (result.before, result.after) for s in scores.values()
+                    for m in s})
+    rows = [[g, when, *(f"{s.get(m, 0.0):.3f}" for m in names)]
             for when, scores in (("before", result.before), ("after", result.after))
             for g, s in scores.items()]
-    return ["<h2>accuracy and macro-F1 on held-out queries, through the gateway alias</h2>",
-            _img(plots.scores, "before and after"),
-            _table(["group", "when", "accuracy", "macro-F1"], rows)]
+    deltas = [f"{what}: {d.points:+.1f} points, 95% interval {d.ci95[0]:+.1f} to "
+              f"{d.ci95[1]:+.1f} ({d.queries} queries)"
+              for what, d in ((f"old groups' {result.headline}", result.old_intents_delta),
+                              (f"new groups' {result.headline}", result.new_intents_delta))
+              if d is not None]
+    return [f"<h2>{html.escape(', '.join(names))} on held-out queries, through the gateway "
+            "alias</h2>", _img(plots.scores, "before and after"),
+            _table(["group", "when", *names], rows),
+            *(f"<p>{html.escape(line)}</p>" for line in deltas)]
 
 
 def _drift_section(result: Result, plots: Plots) -> list[str]:
@@ -193,16 +201,18 @@ def _decisions_section(result: Result, records: Records) -> list[str]:
 
 # ------------------------------------------------------------------ the terminal
 def print_scores(when: str, scores: Scores) -> None:
-    """One line: accuracy and macro-F1 of each group ``when`` ("before", "after")."""
-    console.print("  " + "; ".join(f"{group} {when}: accuracy {s['accuracy']:.3f}, macro-F1 "
-                                   f"{s['macro_f1']:.3f}" for group, s in scores.items()))
+    """One line: the figures of each group ``when`` ("before", "after")."""
+    console.print("  " + "; ".join(
+        f"{group} {when}: " + ", ".join(f"{name} {value:.3f}" for name, value in s.items())
+        for group, s in scores.items()))
 
 
 def print_summary(settings: Settings, r: Result) -> None:
     """The run in a few lines, its goals met or missed, then the ``FIGURE`` lines."""
     console.print(Rule("summary"))
-    console.print(f"old intents ({len(r.old_intents)}): {', '.join(r.old_intents)}")
-    console.print(f"new intents ({len(r.new_intents)}): {', '.join(r.new_intents)}")
+    noun = "intents" if r.kind == "label" else "groups"
+    console.print(f"old {noun} ({len(r.old_intents)}): {', '.join(r.old_intents)}")
+    console.print(f"new {noun} ({len(r.new_intents)}): {', '.join(r.new_intents)}")
     console.print(f"first adapter {r.bootstrap_version}; after the shift "
                   f"{r.promoted_version or 'nothing promoted'}"
                   + (f", {r.shift_to_promotion_s:.0f} s from shift to promotion"
@@ -211,10 +221,11 @@ def print_summary(settings: Settings, r: Result) -> None:
                   f"new intents: {', '.join(r.named_new_intents) or '-'}")
     print_scores("before", r.before)
     print_scores("after", r.after)
-    if r.old_intents_delta:
-        d = r.old_intents_delta
-        console.print(f"  old intents' macro-F1 change: {d.points:+.1f} points, 95% interval "
-                      f"{d.ci95[0]:+.1f} to {d.ci95[1]:+.1f} ({d.queries} queries)")
+    for which, d in (("old", r.old_intents_delta), ("new", r.new_intents_delta)):
+        if d:
+            console.print(f"  {which} {'intents' if r.kind == 'label' else 'groups'}' "
+                          f"{r.headline} change: {d.points:+.1f} points, 95% interval "
+                          f"{d.ci95[0]:+.1f} to {d.ci95[1]:+.1f} ({d.queries} queries)")
     console.print(f"failed user requests: {r.served_failures}")
     if r.missed:
         console.print("[bold red]missed:[/] " + "; ".join(r.missed))
@@ -227,11 +238,30 @@ def print_summary(settings: Settings, r: Result) -> None:
     print_figures(r)
 
 
+def figures(r: Result) -> list[tuple[str, str]]:
+    """The run's ``FIGURE`` names and values: for intents macro-F1; for json the new
+    groups' field exact match (with the p-value of its gain), their schema-valid rate and
+    the old groups' change in points (with its interval); for text the same in chrF."""
+    shift = ("shift_to_promotion_s", "nan" if r.shift_to_promotion_s is None
+             else f"{r.shift_to_promotion_s:.0f}")
+    if r.kind == "label":
+        return [("new_intents_macro_f1_before", f"{r.f1('before', NEW):.3f}"),
+                ("new_intents_macro_f1_after", f"{r.f1('after', NEW):.3f}"),
+                ("old_intents_macro_f1_delta", f"{r.old_change_points:.1f}"), shift]
+    metric, gain, old = r.headline, r.new_intents_delta, r.old_intents_delta
+    out = [(f"new_{metric}_before", f"{r.f1('before', NEW):.3f}"),
+           (f"new_{metric}_after", f"{r.f1('after', NEW):.3f}"),
+           (f"new_{metric}_p", "nan" if gain is None or gain.p_not_better is None
+            else f"{gain.p_not_better:.4f}")]
+    if r.kind == "json":
+        out.append(("schema_valid_after", f"{r.metric('after', NEW, 'schema_valid'):.3f}"))
+    out += [(f"old_{metric}_delta", f"{r.old_change_points:.1f}"),
+            (f"old_{metric}_delta_low", "nan" if old is None else f"{old.ci95[0]:.1f}"),
+            (f"old_{metric}_delta_high", "nan" if old is None else f"{old.ci95[1]:.1f}"), shift]
+    return out
+
+
 def print_figures(r: Result) -> None:
     """The ``FIGURE name=value`` lines scripts read, on stdout as plain text."""
-    shift = r.shift_to_promotion_s
-    for name, value in (("new_intents_macro_f1_before", f"{r.f1('before', NEW):.3f}"),
-                        ("new_intents_macro_f1_after", f"{r.f1('after', NEW):.3f}"),
-                        ("old_intents_macro_f1_delta", f"{r.old_change_points:.1f}"),
-                        ("shift_to_promotion_s", "nan" if shift is None else f"{shift:.0f}")):
+    for name, value in figures(r):
         print(f"FIGURE {name}={value}")  # noqa: T201

@@ -38,8 +38,18 @@ _CONTACTS = (
 
 @dataclass(frozen=True)
 class Query:
+    """One user query. ``intent`` is the group the query belongs to (its intent, the
+    service it asks); ``target`` is the answer to learn when it is not the group's name
+    (an object to extract, a reply), empty for intent routing."""
+
     text: str
     intent: str
+    target: str = ""
+
+    @property
+    def answer(self) -> str:
+        """What a right answer to the query is: the target, else the intent."""
+        return self.target or self.intent
 
 
 def data_dir() -> Path:
@@ -61,9 +71,11 @@ def intents(root: Path | None = None) -> list[str]:
     return list(json.loads(((root or data_dir()) / "categories.json").read_text()))
 
 
-def chat(query: str) -> list[Message]:
-    """The chat the support bot answers for one customer query."""
-    return [Message(role="system", content=SYSTEM_PROMPT), Message(role="user", content=query)]
+def chat(query: str, system_prompt: str | None = SYSTEM_PROMPT) -> list[Message]:
+    """The chat the support bot answers for one customer query (no system turn when
+    ``system_prompt`` is None)."""
+    system = [Message(role="system", content=system_prompt)] if system_prompt else []
+    return [*system, Message(role="user", content=query)]
 
 
 def to_events(
@@ -76,8 +88,13 @@ def to_events(
     spacing_s: float = 1.0,
     adapter_version: str | None = None,
     pii_share: float = 0.0,
+    system_prompt: str | None = SYSTEM_PROMPT,
+    source: str = "banking77",
 ) -> Iterator[FeedbackEvent]:
     """Feedback events for ``queries``, deterministic for a seed.
+
+    A wrong answer is another query's answer; a wrong answer's correction is the query's
+    own (:attr:`Query.answer`), and every event's label is the query's intent (its group).
 
     ``pii_share`` of the queries get a customer's contact detail appended, as real
     support traffic does, for ingest to redact.
@@ -86,12 +103,12 @@ def to_events(
     produces the same ids (and ingest keeps one copy).
     """
     rng = random.Random(seed)
-    labels = sorted({q.intent for q in queries}) or ["unknown"]
+    answers = sorted({q.answer for q in queries}) or ["unknown"]
     t0 = start or datetime.now(UTC)
     for i, q in enumerate(queries):
         right = rng.random() < accuracy
-        answer = q.intent if right or len(labels) == 1 else rng.choice(
-            [label for label in labels if label != q.intent]
+        answer = q.answer if right or len(answers) == 1 else rng.choice(
+            [a for a in answers if a != q.answer]
         )
         digest = hashlib.sha256(f"{seed}:{i}:{q.text}".encode()).digest()[:16]
         user = f"u{rng.randrange(500):04d}"
@@ -105,14 +122,14 @@ def to_events(
             app=app,
             request_id=f"req-{digest.hex()[:12]}",
             adapter_version=adapter_version,
-            messages=chat(text),
+            messages=chat(text, system_prompt),
             completion=answer,
             rating=1.0 if right else -1.0,
-            correction=None if right else q.intent,
+            correction=None if right else q.answer,
             label=q.intent,
             language="en",
             user_id=hashlib.sha256(user.encode()).hexdigest()[:16],
-            metadata={"source": "banking77"},
+            metadata={"source": source},
         )
 
 

@@ -16,8 +16,12 @@ from tuneloop.services.evaluation.metrics import evaluate_predictions
 
 OLD, NEW = "old intents", "new intents"
 NEW_F1_GOAL, NEW_F1_STRETCH, OLD_DROP_POINTS, SHIFT_GOAL_S = 0.70, 0.85, 2.0, 1200.0
+# json and text: the new groups' headline after must beat before with p below this
+# (paired bootstrap over the held-out queries); a json alias's answers to them must
+# satisfy the schema this often.
+NEW_GAIN_ALPHA, SCHEMA_VALID_GOAL = 0.05, 0.95
 
-Scores = dict[str, dict[str, float]]  # group ("old intents") -> accuracy and macro_f1
+Scores = dict[str, dict[str, float]]  # group ("old intents") -> metric -> value
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class OldDelta:
     margin_points: float
     p_fell_beyond_margin: float
     queries: int
+    p_not_better: float | None = None  # that it did not rise at all (small: a real gain)
 
 
 @dataclass
@@ -52,19 +57,28 @@ class Result:
     before: Scores = field(default_factory=dict)
     after: Scores = field(default_factory=dict)
     old_intents_delta: OldDelta | None = None
+    # The task's kind and the before/after metric its goals read (label: macro-F1).
+    kind: str = "label"
+    headline: str = "macro_f1"
+    new_intents_delta: OldDelta | None = None  # json and text: the new groups' gain
     served_failures: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     report: str | None = None
     missed: list[str] = field(default_factory=list)
 
     def f1(self, when: str, group: str) -> float:
-        """Macro-F1 of ``group`` ``before`` or ``after`` the shift (0 when not measured)."""
+        """The headline (macro-F1 for intents) of ``group`` ``before`` or ``after`` the
+        shift (0 when not measured)."""
+        return self.metric(when, group, self.headline)
+
+    def metric(self, when: str, group: str, name: str) -> float:
+        """``name`` of ``group`` ``before`` or ``after`` the shift (0 when not measured)."""
         scores: Scores = self.before if when == "before" else self.after
-        return scores.get(group, {}).get("macro_f1", 0.0)
+        return scores.get(group, {}).get(name, 0.0)
 
     @property
     def old_change_points(self) -> float:
-        """The old intents' macro-F1 change in points, after minus before."""
+        """The old groups' headline change in points, after minus before."""
         return 100 * (self.f1("after", OLD) - self.f1("before", OLD))
 
 
@@ -91,6 +105,26 @@ def old_delta(queries: Sequence[Query], before: Sequence[str], after: Sequence[s
                     queries=len(queries))
 
 
+def mean_delta(before: Sequence[float], after: Sequence[float]) -> OldDelta:
+    """The change of a mean per-query score (json field exact match, text chrF) from
+    ``before`` to ``after`` on the same queries, in points, with its 95% paired-bootstrap
+    interval, the p-value that it fell by more than the margin and the p-value that it did
+    not rise. Raises ``ValueError`` when the lengths differ or are 0."""
+    import numpy as np
+
+    from tuneloop.services.canary.stats import paired_bootstrap
+
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} scores before and {len(after)} after: pair them")
+    b, a = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    boot = paired_bootstrap(lambda idx: float(b[idx].mean()), lambda idx: float(a[idx].mean()),
+                            len(b), OLD_DROP_POINTS / 100, alpha=0.05)
+    return OldDelta(points=round(100 * boot.delta, 2),
+                    ci95=[round(100 * boot.low, 2), round(100 * boot.high, 2)],
+                    margin_points=OLD_DROP_POINTS, p_fell_beyond_margin=boot.p_beyond_margin,
+                    queries=len(b), p_not_better=boot.p_not_better)
+
+
 @dataclass(frozen=True)
 class Goal:
     """One goal as the report shows it; ``missed`` is its line in ``Result.missed``."""
@@ -103,8 +137,12 @@ class Goal:
 
 
 def goals(r: Result) -> list[Goal]:
-    """The demo's four goals, measured on ``r``."""
-    return [_new_intents(r), _old_intents(r), _shift(r), _steady(r)]
+    """The demo's goals, measured on ``r``: four for intents; for json and text the new
+    groups' gain in place of a fixed macro-F1, and for json the schema-valid rate."""
+    if r.kind == "label":
+        return [_new_intents(r), _old_intents(r), _shift(r), _steady(r)]
+    valid = [_schema_valid(r)] if r.kind == "json" else []
+    return [_new_gain(r), *valid, _old_intents(r), _shift(r), _steady(r)]
 
 
 def missed_goals(r: Result) -> list[str]:
@@ -120,14 +158,32 @@ def _new_intents(r: Result) -> Goal:
                 f"new-intent macro-F1 {f1:.3f} < {NEW_F1_GOAL}")
 
 
+def _new_gain(r: Result) -> Goal:
+    before, after, d = r.f1("before", NEW), r.f1("after", NEW), r.new_intents_delta
+    p = d.p_not_better if d and d.p_not_better is not None else 1.0
+    met = after > before and p < NEW_GAIN_ALPHA
+    return Goal(f"new-group {r.headline} before -> after", f"{before:.3f} -> {after:.3f} "
+                f"(p {p:.3f}, paired bootstrap)", f"higher, p < {NEW_GAIN_ALPHA}", met,
+                f"new-group {r.headline} {before:.3f} -> {after:.3f}, p {p:.3f} "
+                f"(not a significant gain)")
+
+
+def _schema_valid(r: Result) -> Goal:
+    valid = r.metric("after", NEW, "schema_valid")
+    return Goal("new-group answers valid under the schema, after", f"{valid:.3f}",
+                f">= {SCHEMA_VALID_GOAL:.2f}", valid >= SCHEMA_VALID_GOAL,
+                f"schema-valid rate {valid:.3f} < {SCHEMA_VALID_GOAL}")
+
+
 def _old_intents(r: Result) -> Goal:
     delta, d = r.old_change_points, r.old_intents_delta
     ci = d.ci95 if d else [float("nan")] * 2
     measured = f"{delta:+.1f}" + (f" (95% interval {ci[0]:+.1f} to {ci[1]:+.1f}, "
                                   f"{d.queries} queries)" if d else "")
-    return Goal("old-intent macro-F1 change (points)", measured, f">= {-OLD_DROP_POINTS:.1f}",
+    what = "old-intent macro-F1" if r.kind == "label" else f"old-group {r.headline}"
+    return Goal(f"{what} change (points)", measured, f">= {-OLD_DROP_POINTS:.1f}",
                 delta >= -OLD_DROP_POINTS,
-                f"old-intent macro-F1 fell {-delta:.1f} points (> {OLD_DROP_POINTS}; "
+                f"{what} fell {-delta:.1f} points (> {OLD_DROP_POINTS}; "
                 f"95% interval {ci[0]:+.1f} to {ci[1]:+.1f})")
 
 

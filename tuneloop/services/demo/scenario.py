@@ -49,7 +49,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_toml(data: dict[str, Any]) -> str:
-    """The few TOML shapes settings use: top-level scalars, tables of scalars and lists."""
+    """The TOML shapes settings use: scalars and lists, in tables nested to any depth
+    (``[tasks."support-bot"]``)."""
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -59,10 +60,18 @@ def to_toml(data: dict[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return json.dumps(str(v))
 
-    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
-              for k, v in data.items() if isinstance(v, dict)]
-    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+    def key(k: str) -> str:
+        return k if k.replace("_", "").isalnum() else json.dumps(k)
+
+    def table(path: list[str], d: dict[str, Any]) -> list[str]:
+        scalars = [f"{key(k)} = {value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+        out = ([f"\n[{'.'.join(key(p) for p in path)}]"] if path and scalars else []) + scalars
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out += table([*path, k], v)
+        return out
+
+    return "\n".join(table([], data)) + "\n"
 
 
 def _settings(window: int, canary_window_s: int, min_requests: int,

@@ -106,10 +106,12 @@ def insert_golden(store: Store, rows: list[dict[str, object]]) -> int:
 
 @dataclass
 class SimulatedUsers:
-    """Users asking the alias and rating each answer (+1 when it names the right intent).
+    """Users asking the alias and rating each answer (+1 when it names the right intent, or
+    when ``right_of`` says it is right).
 
     On ``label_share`` of the answers a support agent also sends the true intent as the
-    label, and as the correction when the answer was wrong. Every answer of ``rate_down``
+    label, and the right answer (:attr:`Query.answer`) as the correction when the served
+    one was wrong. Every answer of ``rate_down``
     is rated -1 whatever it says (users who dislike a version). ``served`` counts answers
     per adapter version; ``failures`` lists every request that failed (the client does
     not retry).
@@ -175,16 +177,17 @@ class SimulatedUsers:
                 version = raw.headers["x-tuneloop-adapter-version"]
                 content = answer.choices[0].message.content or ""
                 right = self.right_of(content, q) if self.right_of else \
-                    normalize_label(content) == normalize_label(q.intent)
+                    normalize_label(content) == normalize_label(q.answer)
                 rating = -1 if version == self.rate_down or not right else 1
                 verdict: dict[str, object] = {
                     "response_id": answer.id, "rating": rating,
                     "token": raw.headers["x-tuneloop-feedback-token"]}
                 if rng.random() < self.label_share:
-                    # A support agent: the intent the query really had.
+                    # A support agent: the query's intent (its group), and the right
+                    # answer when the served one was wrong.
                     verdict["label"] = q.intent
                     if not right:
-                        verdict["correction"] = q.intent
+                        verdict["correction"] = q.answer
                 httpx.post(f"{url}/v1/feedback", json=verdict, timeout=30).raise_for_status()
             except (openai.APIError, httpx.HTTPError) as exc:
                 with self._lock:
@@ -203,17 +206,20 @@ class SimulatedUsers:
             consumer.close()
 
 
-def ask_alias(settings: Settings, queries: Sequence[Query], threads: int = 8) -> list[str]:
+def ask_alias(settings: Settings, queries: Sequence[Query], threads: int = 8, *,
+              max_tokens: int = 16,
+              chat_of: Callable[[Query], list[dict[str, str]]] | None = None) -> list[str]:
     """The gateway alias's greedy answer to each of ``queries``, in order, asked with the
-    official ``openai`` client as end users ask it. Raises ``openai.APIError`` when a
-    request still fails after the client's retries."""
+    official ``openai`` client as end users ask it (``chat_of``: the chat a query is asked
+    as; default banking77's). Raises ``openai.APIError`` when a request still fails after
+    the client's retries."""
     client = openai.OpenAI(base_url=f"{settings.serving.gateway_url}/v1", api_key="unused",
                            max_retries=3, timeout=settings.serving.upstream_timeout_s)
 
     def ask(q: Query) -> str:
-        messages: Any = [m.model_dump() for m in chat(q.text)]
+        messages: Any = chat_of(q) if chat_of else [m.model_dump() for m in chat(q.text)]
         answer = client.chat.completions.create(
-            model=settings.serving.alias, messages=messages, max_tokens=16, temperature=0,
+            model=settings.serving.alias, messages=messages, max_tokens=max_tokens, temperature=0,
             user="demo-evaluation")
         return answer.choices[0].message.content or ""
 
