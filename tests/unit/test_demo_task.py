@@ -185,3 +185,17 @@ def test_the_task_demo_plans_on_both_bundled_folders() -> None:
         assert len(p.heldout_new) == SMALL.heldout_per_intent * len(p.new)
         assert not {q.text for q in p.heldout_old + p.heldout_new} & \
             {q.text for q in p.history + p.steady + p.shifted}
+
+
+def test_the_dpo_phase_adds_its_figures_after_the_kinds(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tuneloop.cli.demo_report import print_figures
+
+    r = _result("text", 0.2, 0.4, 0.0)
+    r.dpo = {"pairs_train": 80.0, "pairs_held_out": 30.0, "pair_accuracy_sft": 0.6,
+             "pair_accuracy_dpo": 0.8}
+    print_figures(r)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == ["FIGURE dpo_pair_accuracy_sft=0.600",
+                          "FIGURE dpo_pair_accuracy_dpo=0.800", "FIGURE dpo_held_out_pairs=30"]
+    assert lines[0] == "FIGURE new_chrf_before=0.200"

@@ -338,3 +338,22 @@ def test_a_json_golden_set_that_is_not_json_holds_the_gate_naming_the_fix() -> N
     checks, _ = golden_checks(Paired(refs, [None, None], refs, refs, kind="json", schema=SCHEMA),
                               CFG)
     assert [c.outcome for c in checks] == [HOLD] and "1 of 2 golden references" in checks[0].detail
+
+
+def test_a_json_alias_decodes_under_its_schema_unless_the_client_names_a_format(
+        schema_file: Path) -> None:
+    from tuneloop.serving.gateway.protocol import with_response_format
+
+    task = json_task(schema_file)
+    fmt = task.response_format()
+    assert fmt == {"type": "json_schema",
+                   "json_schema": {"name": "answer", "schema": task.schema_document}}
+    assert task.describe()["decode_with_schema"] is True
+    assert json_task(schema_file, decode_with_schema=False).response_format() is None
+    assert TaskSpec(kind="text").response_format() is None
+    body = {"model": "support-bot", "messages": [{"role": "user", "content": "hi"}]}
+    assert with_response_format(body, fmt) == dict(body, response_format=fmt)
+    assert "response_format" not in body  # the client's body is untouched
+    own = dict(body, response_format={"type": "text"})
+    assert with_response_format(own, fmt) is own
+    assert with_response_format(body, None) is body

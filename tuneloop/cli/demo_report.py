@@ -149,6 +149,13 @@ def _summary_section(result: Result) -> list[str]:
         f"<b>{result.bootstrap_version}</b>; promoted after the shift "
         f"<b>{result.promoted_version or 'nothing'}</b>.</p>",
         "<h2>goals</h2>", _table(["goal", "measured", "target", ""], goal_rows),
+        *([] if result.dpo is None else [
+            "<h2>preferences (--dpo)</h2>",
+            f"<p>held-out preference pairs ranked right by implicit reward: "
+            f"{result.dpo['pair_accuracy_sft']:.3f} after SFT (the promoted adapter), "
+            f"{result.dpo['pair_accuracy_dpo']:.3f} after DPO on it "
+            f"({result.dpo['pairs_held_out']:.0f} pairs held out, DPO on "
+            f"{result.dpo['pairs_train']:.0f})</p>"]),
     ]
 
 
@@ -232,9 +239,11 @@ def print_summary(settings: Settings, r: Result) -> None:
     else:
         console.print("[bold green]every goal met[/]")
     console.print(f"report: {r.report}")
+    # The demo's settings file: without it a command would read the user's settings.
+    config = Path(settings.home) / "demo.toml"
+    cmd = f"TUNELOOP_CONFIG={config} tuneloop --home {settings.home}"
     console.print(f"Prefect UI: {settings.prefect.api_url.removesuffix('/api')}; "
-                  f"`tuneloop --home {settings.home} status`; "
-                  f"`tuneloop --home {settings.home} down` stops the stack.")
+                  f"`{cmd} status`; `{cmd} down` stops the stack.")
     print_figures(r)
 
 
@@ -262,6 +271,11 @@ def figures(r: Result) -> list[tuple[str, str]]:
 
 
 def print_figures(r: Result) -> None:
-    """The ``FIGURE name=value`` lines scripts read, on stdout as plain text."""
-    for name, value in figures(r):
+    """The ``FIGURE name=value`` lines scripts read, on stdout as plain text; with
+    ``--dpo``, the held-out pairs' ranking accuracy after SFT and after DPO as well."""
+    dpo = [] if r.dpo is None else [
+        ("dpo_pair_accuracy_sft", f"{r.dpo['pair_accuracy_sft']:.3f}"),
+        ("dpo_pair_accuracy_dpo", f"{r.dpo['pair_accuracy_dpo']:.3f}"),
+        ("dpo_held_out_pairs", f"{r.dpo['pairs_held_out']:.0f}")]
+    for name, value in figures(r) + dpo:
         print(f"FIGURE {name}={value}")  # noqa: T201

@@ -46,6 +46,10 @@ class TaskSpec(Section):
     json_schema: Path | None = Field(
         None, description="json only: the JSON Schema file (draft 2020-12 unless it names "
         "its own $schema) a target and an answer must satisfy.")
+    decode_with_schema: bool = Field(
+        True, description="json only: the gateway has vLLM decode every answer under the "
+        "schema (structured outputs, response_format json_schema), so an answer that ends "
+        "within the budget is valid; a request that names its own response_format keeps it.")
     target_min_rating: float = Field(
         0.5, gt=0, le=1, description="text and json: an answer rated at least this (with no "
         "correction) is a training target; an answer rated lower never is.")
@@ -79,12 +83,21 @@ class TaskSpec(Section):
             return None
         return load_schema(self.json_schema)
 
+    def response_format(self) -> dict[str, Any] | None:
+        """The OpenAI ``response_format`` the gateway adds to a json alias's chat requests
+        (:attr:`decode_with_schema`); None for other kinds or when it is off."""
+        if self.kind != "json" or not self.decode_with_schema:
+            return None
+        return {"type": "json_schema",
+                "json_schema": {"name": "answer", "schema": self.schema_document}}
+
     def describe(self) -> dict[str, Any]:
         """The spec as written into manifests and shown by ``tuneloop status``."""
         return {"kind": self.kind, "system_prompt": self.system_prompt,
                 "answer_tokens": self.max_answer_tokens,
                 "json_schema": str(self.json_schema) if self.json_schema else None,
                 "schema": self.schema_document,
+                "decode_with_schema": self.response_format() is not None,
                 "target_min_rating": self.target_min_rating}
 
 

@@ -61,6 +61,8 @@ class Result:
     kind: str = "label"
     headline: str = "macro_f1"
     new_intents_delta: OldDelta | None = None  # json and text: the new groups' gain
+    # --dpo: pair counts and the held-out pairs' ranking accuracy after SFT and after DPO.
+    dpo: dict[str, float] | None = None
     served_failures: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     report: str | None = None

@@ -64,7 +64,8 @@ def load_queries(folder: Path, heldout: int, min_rows: int, seed: int = 0
     Held-out queries come from the test split where a group has ``heldout`` test rows;
     a group with fewer (a dataset whose test split holds other groups) has its last
     ``heldout`` train rows, in a seeded order, held out instead and never sent as
-    traffic; a train query whose text is held out is left out. Raises ``FileNotFoundError`` or ``ValueError`` as :func:`load_rows` does.
+    traffic; a train query whose text is held out is left out. Raises
+    ``FileNotFoundError`` or ``ValueError`` as :func:`load_rows` does.
     """
     train = [r for r in load_rows(folder, "train") if len(r.groups) == 1]
     test = [r for r in load_rows(folder, "test") if len(r.groups) == 1]

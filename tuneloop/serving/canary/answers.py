@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -47,6 +48,10 @@ def answers(settings: Settings, version: str | None, examples: Sequence[Example]
     keys = [canary_store.example_key(p, max_tokens) for p in prompts]
     with store.connect() as con:
         key = model_key(settings, get_adapter(con, version) if version is not None else None)
+        if (fmt := settings.task.response_format()) is not None:
+            # Answers decoded under a schema are another model's: a new schema asks again.
+            key += ":schema:" + hashlib.sha256(json.dumps(fmt, sort_keys=True).encode()
+                                               ).hexdigest()[:16]
         known = canary_store.cached_answers(con, key, keys)
     missing = {k: p for k, p in zip(keys, prompts, strict=True) if k not in known}
     if missing:

@@ -101,10 +101,11 @@ def create_app(settings: Settings, model_path: str, served_name: str,
     metrics.registry.register(LoopCollector(Path(settings.home)))
     specs = {s.index: s for s in replica_specs(settings, model_path, served_name)}
     feedback, shadow = _producers(settings) if kafka else (None, None)
-    prompt = settings.task.system_prompt
+    prompt, response_format = settings.task.system_prompt, settings.task.response_format()
     gateway = Gateway(settings.serving, _pool(settings, served_name, metrics), metrics,
                       feedback, shadow, user_id_key(settings), event_key(settings),
-                      {settings.serving.alias: prompt} if prompt else None)
+                      {settings.serving.alias: prompt} if prompt else None,
+                      {settings.serving.alias: response_format} if response_format else None)
     gateway.responses = ResponseStore(Path(settings.home) / "gateway-responses.sqlite",
                                       settings.serving.response_cache,
                                       settings.serving.response_cache_bytes)

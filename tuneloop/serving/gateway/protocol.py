@@ -137,6 +137,15 @@ def with_system_prompt(body: dict[str, Any], turns: list[dict[str, str]], prompt
     return dict(body, messages=[system, *body["messages"]]), [system, *turns]
 
 
+def with_response_format(body: dict[str, Any], response_format: dict[str, Any] | None
+                         ) -> dict[str, Any]:
+    """A chat request with the task's ``response_format`` (a json alias's schema), unless it
+    names none or the client asked a format of its own (kept as it is)."""
+    if response_format is None or body.get("response_format") is not None:
+        return body
+    return dict(body, response_format=response_format)
+
+
 def check_completion(body: dict[str, Any]) -> list[dict[str, str]]:
     """The prompt as one user turn; raises :class:`BadRequest`."""
     prompt = body.get("prompt")

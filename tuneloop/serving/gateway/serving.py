@@ -55,6 +55,7 @@ from tuneloop.serving.gateway.protocol import (
     error_response,
     parse_body,
     stream_text,
+    with_response_format,
     with_system_prompt,
 )
 from tuneloop.serving.gateway.responses import ResponseStore
@@ -75,11 +76,15 @@ class Gateway:
     def __init__(self, cfg: ServingSettings, pool: ReplicaPool, metrics: GatewayMetrics,
                  feedback: FeedbackProducer | None, shadow: FeedbackProducer | None,
                  user_key: bytes, event_key: bytes,
-                 system_prompts: dict[str, str] | None = None) -> None:
+                 system_prompts: dict[str, str] | None = None,
+                 response_formats: dict[str, dict[str, Any]] | None = None) -> None:
         self.cfg = cfg
         # Each alias's task system prompt (tasks.<alias>.system_prompt): a chat without a
         # system turn gets it first, as curation gives it to every example.
         self.system_prompts = dict(system_prompts or {})
+        # A json alias's schema as a response_format (tasks.<alias>.decode_with_schema):
+        # users and the offline gate alike get answers decoded under it.
+        self.response_formats = dict(response_formats or {})
         self.user_key = user_key
         self.event_key = event_key
         # Verdicts per user and minute (serving.feedback_per_minute), in this process.
@@ -119,6 +124,8 @@ class Gateway:
             if chat and route.alias in self.system_prompts:
                 body, messages = with_system_prompt(body, messages,
                                                     self.system_prompts[route.alias])
+            if chat:
+                body = with_response_format(body, self.response_formats.get(route.alias))
         except BadRequest as exc:
             self.metrics.errors.labels("-", "-", "bad_request").inc()
             return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
@@ -145,6 +152,8 @@ class Gateway:
             body = parse_body(raw)
             alias, version = self._resolve_name(body["model"])
             messages = check_chat(body) if chat else check_completion(body)
+            if chat:
+                body = with_response_format(body, self.response_formats.get(alias))
         except BadRequest as exc:
             return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
         served = Served(f"eval-{uuid.uuid4().hex}", alias, version, chat, messages, None, body,
