@@ -14,7 +14,7 @@ from tuneloop.services.curation import golden
 from tuneloop.services.curation.core import prompt_key
 from tuneloop.services.curation.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
 from tuneloop.services.curation.run import run_curation
-from tuneloop.services.curation.store import examples_of, fresh_examples, load_candidates
+from tuneloop.services.curation.store import Learned, examples_of, fresh_examples, load_candidates
 from tuneloop.services.demo import banking77
 from tuneloop.services.drift.embeddings import Embedder
 from tuneloop.services.ingest.core import RawRecord, prepare_batch
@@ -168,3 +168,34 @@ def test_fresh_examples_are_the_labelled_events_written_after_a_version(
     assert len(fresh) == len(later_keys) and all(e.split == "fresh" for e in fresh)
     assert all(e.completion == e.label for e in fresh)
     assert [e.prompt for e in newest] == [e.prompt for e in fresh[-10:]]
+
+
+def test_a_retrain_version_carries_what_production_never_learned(
+        settings: Settings, store: Store) -> None:
+    """A held candidate took its version's feedback with it: the next retrain's version,
+    curated against what production learned, carries those examples (splits kept) and
+    caps only the labels production knows; once production learned a version, nothing
+    before it is carried."""
+    embedder = Embedder(settings.embeddings)
+    cfg = settings.curation.model_copy(update={"known_label_train_cap": 1})
+    t0 = datetime.now(UTC) - timedelta(hours=3)
+    _seed(store, 150, seed=41, start=t0)
+    first = run_curation(store, embedder, cfg, learned=Learned(None))  # nothing in production
+    _, first_examples = examples_of(store, first.version)
+    _seed(store, 150, seed=42, start=t0 + timedelta(hours=1))
+    second = run_curation(store, embedder, cfg, learned=Learned(None))  # first was held
+    assert second.report["considered"] == 150 and second.parents == [first.version]
+    assert second.report["carried"] > 0 and second.report["known_label_train_capped"] == 0
+    _, second_examples = examples_of(store, second.version)
+    split_of = {e.source_event_id: e.split for e in second_examples}
+    carried = [e for e in first_examples if e.source_event_id in split_of]
+    assert len(carried) == second.report["carried"]
+    assert all(split_of[e.source_event_id] == e.split for e in carried)
+    assert len({prompt_key(e.prompt) for e in second_examples}) == len(second_examples)
+
+    # Production learned the second version: the third carries nothing, replays the
+    # second's train split and caps the labels it taught.
+    _seed(store, 150, seed=43, start=t0 + timedelta(hours=2))
+    third = run_curation(store, embedder, cfg, learned=Learned(second.version))
+    assert third.report["carried"] == 0 and third.parents == [second.version]
+    assert third.report["replayed"] > 0 and third.report["known_label_train_capped"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -154,6 +155,27 @@ def test_known_labels_keep_a_capped_share_of_train_and_all_held_out_examples() -
     # The new label keeps all of its train examples, and nothing held out is dropped.
     assert [e for e in capped if e.label == "intent2"] == [e for e in out if e.label == "intent2"]
     assert [e for e in capped if e.split != "train"] == [e for e in out if e.split != "train"]
+
+
+def test_carry_over_keeps_unlearned_examples_once_with_their_splits() -> None:
+    """What a held candidate learned from comes back in the next version: its split kept,
+    a prompt the fresh data already has (or an earlier carried one) once, nothing near a
+    golden prompt, and no label past its cap."""
+    def example(i: int, split_: str, label: str = "new", prompt: str = "") -> cur.Example:
+        ex = select(cand(i, prompt, label=label, completion=label))
+        assert not isinstance(ex, str)
+        return replace(ex, split=split_)
+
+    fresh = [example(0, "train", prompt="asked again")]
+    unlearned = [example(1, "test"), example(2, "train", prompt="asked again"),
+                 example(3, "train"), example(4, "train", prompt="question number 3"),
+                 example(5, "train"), example(6, "validation", label="other")]
+    near = [False, False, False, False, True, False]
+    kept = cur.carry_over(unlearned, near, fresh, CurationSettings(per_label_cap=3))
+    assert [(e.source_event_id, e.split) for e in kept] == [("e1", "test"), ("e3", "train"),
+                                                            ("e6", "validation")]
+    unlimited = cur.carry_over(unlearned, [False] * 6, fresh, CurationSettings())
+    assert [e.source_event_id for e in unlimited] == ["e1", "e3", "e5", "e6"]
 
 
 def _record(path: Path, *records: object) -> Path:

@@ -181,3 +181,33 @@ def test_the_command_offers_full_and_refuses_two_scenarios(tmp_path: Path) -> No
     usage = subprocess.run([*cli, "--help"], env={**env, "COLUMNS": "200"},
                            capture_output=True, text=True, timeout=120)
     assert "--full" in usage.stdout and "--quick" in usage.stdout
+
+
+def test_the_demo_settings_serve_the_task_it_names_whatever_the_users_say(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's settings name a json task for the alias: ``--task label`` serves labels,
+    ``--task text`` a reply task with its own recipe (one YAML document, no repeated key)."""
+    import tomllib
+
+    import yaml
+
+    from tuneloop.cli.demo import demo_settings
+    from tuneloop.runtime.settings import load_settings
+    from tuneloop.services.demo.scenario import to_toml
+
+    user = {"serving": {"alias": "helpdesk"}, "drift": {"interval_s": 5},
+            "tasks": {"helpdesk": {"kind": "json", "json_schema": "/nowhere.json"}}}
+    label, recipe = demo_settings(user, SMALL, "label", Path(), tmp_path)
+    assert recipe is None and "tasks" not in label
+    assert label["drift"]["interval_s"] == SMALL.settings["drift"]["interval_s"]
+    text, recipe = demo_settings(user, SMALL, "text", Path(), tmp_path)
+    assert text["tasks"]["helpdesk"]["kind"] == "text"
+    assert "json_schema" not in text["tasks"]["helpdesk"]
+    assert recipe is not None and recipe.count("epochs:") == 1
+    assert yaml.safe_load(recipe)["epochs"] == 3
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    (tmp_path / "demo.toml").write_text(to_toml(text))
+    assert tomllib.loads((tmp_path / "demo.toml").read_text()) == text
+    monkeypatch.setenv("TUNELOOP_CONFIG", str(tmp_path / "demo.toml"))
+    settings = load_settings({"home": tmp_path})
+    assert settings.task.kind == "text" and settings.serving.alias == "helpdesk"

@@ -35,12 +35,13 @@ import os
 import shutil
 import time
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+import yaml
 from rich.rule import Rule
 
 from tuneloop.cli.common import console, fail, settings_of
@@ -109,9 +110,6 @@ def _fresh_home(ctx: typer.Context, scenario: Scenario, task: str = "label",
     """Stop a stack left in ``<home>/demo``, wipe it, and write the demo's settings there:
     the user's settings file with the scenario's sizes over it, and for ``json`` and
     ``text`` the alias's task spec and a recipe whose sequences hold an object or a reply."""
-    from tuneloop.services.demo.task import spec_table
-    from tuneloop.training.config import CONFIGS_DIR
-
     home = Path(settings_of(ctx).home) / "demo"
     base: dict[str, Any] = {}
     if os.environ.get(CONFIG_ENV) and Path(os.environ[CONFIG_ENV]).exists():
@@ -119,24 +117,49 @@ def _fresh_home(ctx: typer.Context, scenario: Scenario, task: str = "label",
     _tuneloop(ctx, home, "down")
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
+    try:
+        merged, recipe = demo_settings(base, scenario, task, data or Path(), home)
+    except (OSError, ValueError) as exc:
+        raise fail(f"--data {data}: {exc}") from None
+    if recipe is not None:
+        (home / "recipe.yaml").write_text(recipe)
     config = home / "demo.toml"
-    over: dict[str, Any] = {"training": {"config": str(CONFIGS_DIR / "demo.yaml")}}
-    if task != "label":
-        alias = load_settings({"home": home}).serving.alias
-        try:
-            over["tasks"] = {alias: spec_table(task, data or Path(), home)}
-        except (OSError, ValueError) as exc:
-            raise fail(f"--data {data}: {exc}") from None
-        # An object or a reply is a longer example than an intent name, and a mapping
-        # that one pass over a few hundred examples does not teach: three passes.
-        recipe = home / "recipe.yaml"
-        recipe.write_text((CONFIGS_DIR / "demo.yaml").read_text()
-                          + f"\n# tuneloop demo --task {task}\nmax_seq_len: 256\nepochs: 3\n")
-        over["training"]["config"] = str(recipe)
-    config.write_text(to_toml(merge(merge(base, scenario.settings), over)))
+    config.write_text(to_toml(merged))
     os.environ[CONFIG_ENV] = str(config)
     os.environ["TUNELOOP_HOME"] = str(home)
     return load_settings({"home": home})
+
+
+def demo_settings(base: dict[str, Any], scenario: Scenario, task: str, data: Path,
+                  home: Path) -> tuple[dict[str, Any], str | None]:
+    """The demo's settings (``base``, the user's, with the scenario's sizes over them) and,
+    for ``json`` and ``text``, its recipe's YAML (``<home>/recipe.yaml``). The alias's
+    task is the one ``task`` names, whatever ``base`` says of it. Raises ``OSError`` or
+    ``ValueError`` when ``data`` holds no usable task folder."""
+    from tuneloop.services.demo.task import spec_table
+    from tuneloop.training.config import CONFIGS_DIR
+
+    merged = merge(merge(base, scenario.settings),
+                   {"training": {"config": str(CONFIGS_DIR / "demo.yaml")}})
+    alias = (merged.get("serving") or {}).get("alias") or \
+        load_settings({"home": home}).serving.alias
+    tasks = dict(merged.get("tasks") or {})
+    tasks.pop(alias, None)
+    recipe = None
+    if task != "label":
+        tasks[alias] = spec_table(task, data, home)
+        # An object or a reply is a longer example than an intent name, and a mapping
+        # that one pass over a few hundred examples does not teach: three passes.
+        fields = yaml.safe_load((CONFIGS_DIR / "demo.yaml").read_text())
+        recipe = (f"# tuneloop demo --task {task}: the demo recipe, with sequences that "
+                  "hold an object or a reply, and three passes\n"
+                  + yaml.safe_dump(fields | {"max_seq_len": 256, "epochs": 3},
+                                   sort_keys=False))
+        merged["training"]["config"] = str(home / "recipe.yaml")
+    merged.pop("tasks", None)
+    if tasks:
+        merged["tasks"] = tasks
+    return merged, recipe
 
 
 def _tuneloop(ctx: typer.Context, home: Path, *args: str) -> None:
@@ -178,9 +201,15 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
     before = _measure_before(settings, plan, result, first, task)
     shift_at = _shift(settings, sc, plan, result, first, task)
     _measure_after(settings, plan, result, before, shift_at, task)
-    if dpo:
-        _preferences(settings, result)
     result.timings["total_s"] = time.monotonic() - started
+    if dpo:
+        # The loop's figures are on disk before the extra phase, which may fail.
+        _write_outputs(settings, replace(result, missed=result.missed + missed_goals(result)))
+        try:
+            _preferences(settings, result)
+        except Exception as exc:  # noqa: BLE001 - the demo's other figures still stand
+            console.print_exception()
+            result.missed.append(f"--dpo: failed: {type(exc).__name__}: {exc}")
     result.missed += missed_goals(result)
     _write_outputs(settings, result)
     return result
@@ -349,13 +378,18 @@ def _preferences(settings: Settings, result: Result) -> None:
     pref = run.metrics["preference"]
     result.dpo = {"pairs_train": float(sum(p.split == "train" for p in splits.preferences)),
                   "pairs_held_out": float(pref["held_out_pairs"]),
-                  "pair_accuracy_sft": float(pref["ranking_accuracy_before"]),
-                  "pair_accuracy_dpo": float(pref["ranking_accuracy_after"])}
+                  "pair_accuracy_sft": _figure(pref["ranking_accuracy_before"]),
+                  "pair_accuracy_dpo": _figure(pref["ranking_accuracy_after"])}
     result.timings["dpo_s"] = time.monotonic() - t0
     console.print(f"held-out pairs ranked right by implicit reward: "
                   f"{result.dpo['pair_accuracy_sft']:.3f} after SFT ({adapter.version}), "
                   f"{result.dpo['pair_accuracy_dpo']:.3f} after DPO on it "
                   f"({pref['held_out_pairs']} pairs; DPO on {result.dpo['pairs_train']:.0f})")
+
+
+def _figure(value: float | None) -> float:
+    """A measured figure, NaN where there was nothing to measure (no held-out pairs)."""
+    return float("nan") if value is None else float(value)
 
 
 def _write_outputs(settings: Settings, result: Result) -> None:
@@ -364,7 +398,6 @@ def _write_outputs(settings: Settings, result: Result) -> None:
     result.report = str(write_report(settings, result))
     (Path(settings.home) / "reports" / "demo.json").write_text(
         json.dumps(asdict(result), indent=2))
-
 
 
 def _store(settings: Settings) -> Store:

@@ -89,7 +89,8 @@ def curation_markdown(run: CurationRun) -> str:
     lines = [f"## dataset {run.version}", "", f"content hash `{run.content_hash[:16]}`, "
              f"parents {', '.join(run.parents) or 'none'}", "",
              "| figure | value |", "|---|---|"]
-    for key in ("considered", "kept", "known_label_train_capped", "replayed", "golden_guarded"):
+    for key in ("considered", "kept", "carried", "known_label_train_capped", "replayed",
+                "golden_guarded"):
         if key in report:
             lines.append(f"| {key} | {report[key]:,} |")
     for split, n in (report.get("splits") or {}).items():

@@ -51,12 +51,13 @@ from tuneloop.runtime.settings import (
 from tuneloop.services.canary import records
 from tuneloop.services.canary.core import INFO, Check, Decision
 from tuneloop.services.curation.run import run_curation
-from tuneloop.services.curation.store import CurationRun, find_curated
+from tuneloop.services.curation.store import CurationRun, Learned, find_curated
 from tuneloop.services.drift.embeddings import Embedder
 from tuneloop.services.loop import metrics as loop_metrics
 from tuneloop.services.loop.policy import why_not_retrain
 from tuneloop.services.loop.store import read_snapshot
 from tuneloop.services.registry.core import Adapter
+from tuneloop.services.registry.store import production
 from tuneloop.services.store.database import Store
 from tuneloop.training.dataset import ChatExample, DatasetSplits
 from tuneloop.training.pipeline import (
@@ -106,13 +107,23 @@ def why_not(store: Store, alias: str, loop: LoopSettings, run_key: str,
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
 def curate(store: Store, embeddings: EmbeddingSettings, curation: CurationSettings,
-           cpu_cores: str | None, run_key: str, task: TaskSpec) -> CurationRun:
+           cpu_cores: str | None, run_key: str, task: TaskSpec,
+           continue_from: str | None) -> CurationRun:
+    """The retrain's dataset version. When it continues from the production adapter of
+    the alias ``continue_from``, the version is curated against what that adapter
+    learned (:class:`~tuneloop.services.curation.store.Learned`)."""
     found = find_curated(store, run_key)
     if found is not None:
         log.info("retrain %s: dataset %s already curated", run_key, found.version)
         return found
+    learned = None
+    if continue_from is not None:
+        with store.connect() as con:
+            adapter = production(con, continue_from)
+        learned = Learned(adapter.dataset_version if adapter else None)
     with pinned(cpu_cores):
-        return run_curation(store, Embedder(embeddings), curation, run_key=run_key, task=task)
+        return run_curation(store, Embedder(embeddings), curation, run_key=run_key, task=task,
+                            learned=learned)
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
@@ -268,14 +279,14 @@ def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, stor
     record(store, settings.home, Decision("retrain", None, None, "start", [trigger],
                                           {"run_key": key}))
     try:
+        continue_from = settings.serving.alias if settings.loop.continue_from_production \
+            else None
         if dataset_version is None:
             curation = curate(store, settings.embeddings, settings.curation,
-                              settings.training.cpu_cores, key, settings.task)
+                              settings.training.cpu_cores, key, settings.task, continue_from)
             dataset_version = curation.version
             create_markdown_artifact(key="curation-report", markdown=curation_markdown(curation),
                                      description=f"dataset {curation.version}")
-        continue_from = settings.serving.alias if settings.loop.continue_from_production \
-            else None
         _, _, init = read_inputs(store, dataset_version, continue_from, settings.adapters_dir)
         trained = _train(settings, overrides, dataset_version, key, init, config_file,
                          max_steps)

@@ -408,6 +408,31 @@ def replay(
     return [replace(ex, split="train") for ex in picked]
 
 
+def carry_over(unlearned: Sequence[Example], near_golden: Sequence[bool],
+               fresh: Sequence[Example], cfg: CurationSettings) -> list[Example]:
+    """The examples of versions production never learned to keep in the next version.
+
+    A candidate that was held or rejected took its dataset's feedback with it: each event
+    is curated once, so without this the next candidate, which again continues from
+    production, would see only what came after. ``unlearned`` are those versions'
+    examples, newest version first; each keeps its split (a test example stays held
+    out). A prompt already among ``fresh`` (its newer answer wins) or in an earlier
+    carried example, one near a golden prompt (``near_golden``), and what would take a
+    label past ``per_label_cap`` are left out.
+    """
+    seen = {prompt_key(e.prompt) for e in fresh}
+    per_label: Counter[str] = Counter(e.label or NO_LABEL for e in fresh)
+    out: list[Example] = []
+    for ex, near in zip(unlearned, near_golden, strict=True):
+        key, label = prompt_key(ex.prompt), ex.label or NO_LABEL
+        if near or key in seen or per_label[label] >= cfg.per_label_cap:
+            continue
+        seen.add(key)
+        per_label[label] += 1
+        out.append(ex)
+    return out
+
+
 def leaks_golden(vectors: np.ndarray, golden: GoldenIndex, threshold: float) -> np.ndarray:
     """True for each row within ``threshold`` cosine of a golden prompt."""
     if not golden.vectors.size or not len(vectors):

@@ -23,6 +23,7 @@ from tuneloop.services.curation.core import (
     Example,
     GoldenIndex,
     cap_known_labels,
+    carry_over,
     curate,
     leaks_golden,
     prompt_key,
@@ -33,6 +34,7 @@ from tuneloop.services.curation.preferences import PreferenceResult, correction_
 from tuneloop.services.curation.store import (
     CurationInputs,
     CurationRun,
+    Learned,
     read_inputs,
     write_version,
 )
@@ -49,6 +51,7 @@ class Curated:
     result: CurationResult
     examples: list[Example]  # fresh examples, split
     replayed: list[Example]  # from the parent version's train split
+    carried: list[Example]  # from versions production never learned (in ``examples``)
     capped: int  # fresh train examples left out by ``known_label_train_cap``
     preferences: PreferenceResult  # the corrections' preference pairs
 
@@ -56,9 +59,15 @@ class Curated:
 def run_curation(
     store: Store, embedder: Embedder, cfg: CurationSettings, progress: Progress | None = None,
     include_used: bool = False, run_key: str | None = None, task: TaskSpec | None = None,
+    learned: Learned | None = None,
 ) -> CurationRun:
     """Curate one new dataset version for ``task`` (the served alias's; default a label
     task).
+
+    ``learned`` names the version the production adapter was trained on, when the new
+    version is for a retrain that continues from it: replay then draws from that version,
+    its labels are the known ones ``known_label_train_cap`` caps, and the examples of the
+    versions curated after it (candidates that never reached production) carry over.
 
     ``run_key`` (the loop's retrain key) is kept with the version, so a rerun of the same
     retrain finds it (:func:`~tuneloop.services.curation.store.find_curated`) instead of
@@ -66,44 +75,57 @@ def run_curation(
     :class:`~tuneloop.services.store.database.StoreBusyError` if the store stays busy.
     """
     with store.connect() as con:
-        inputs = read_inputs(con, include_used)
+        inputs = read_inputs(con, include_used, learned)
     texts = [c.prompt for c in inputs.candidates] + [g.prompt for g in inputs.golden] + \
-        [p.prompt for p in inputs.previous]
+        [p.prompt for p in inputs.previous] + [u.prompt for u in inputs.unlearned]
     vectors, stats = embed_texts(store, embedder, texts, progress)
     curated = curate_version(inputs, vectors, cfg, task)
     report = _report(curated, len(inputs.golden), stats)
     parents = [inputs.parent] if inputs.parent and curated.replayed else []
+    parents += [v for v in inputs.unlearned_from
+                if v not in parents and v in _carried_from(curated, inputs)]
     with store.connect() as con:
         version, digest = write_version(con, curated.examples + curated.replayed, parents,
                                         _filters(inputs, cfg, include_used, run_key, task), report,
                                         curated.preferences.pairs)
-    log.info("dataset %s: %d considered, %d kept, %d replayed from %s, hash %s", version,
-             curated.result.considered, len(curated.result.examples), len(curated.replayed),
-             inputs.parent, digest[:12])
+    log.info("dataset %s: %d considered, %d kept, %d carried from %s, %d replayed from %s, "
+             "hash %s", version, curated.result.considered, len(curated.result.examples),
+             len(curated.carried), ", ".join(inputs.unlearned_from) or "-",
+             len(curated.replayed), inputs.parent, digest[:12])
     return CurationRun(version, digest, parents, report)
 
 
 def curate_version(inputs: CurationInputs, vectors: np.ndarray,
                    cfg: CurationSettings, task: TaskSpec | None = None) -> Curated:
-    """The pure part of a run: ``vectors`` hold the candidates', the golden set's and the
-    parent's train prompts, in that order."""
-    n_c, n_g = len(inputs.candidates), len(inputs.golden)
+    """The pure part of a run: ``vectors`` hold the candidates', the golden set's, the
+    parent's train prompts and the unlearned versions' prompts, in that order."""
+    n_c, n_g, n_p = len(inputs.candidates), len(inputs.golden), len(inputs.previous)
     guard = golden.index(inputs.golden, vectors[n_c : n_c + n_g])
     result = curate(inputs.candidates, vectors[:n_c], guard, cfg, task)
     examples = split(result.examples, cfg)
+    unlearned_near = leaks_golden(vectors[n_c + n_g + n_p :], guard, cfg.near_duplicate_cosine)
+    carried = carry_over(inputs.unlearned, unlearned_near.tolist(), examples, cfg)
+    examples = examples + carried
     capped = 0
     previous = inputs.previous
     if cfg.known_label_train_cap is not None and previous:
         examples, capped = cap_known_labels(examples, {p.label for p in previous if p.label},
                                             cfg.known_label_train_cap)
-    replayed = _replay(previous, vectors[n_c + n_g :], examples, guard, cfg)
+    replayed = _replay(previous, vectors[n_c + n_g : n_c + n_g + n_p], examples, guard, cfg)
     near = leaks_golden(vectors[:n_c], guard, cfg.near_duplicate_cosine)
     pairs = correction_pairs(
         inputs.candidates, guard, cfg, task,
         near_golden={c.event_id for c, hit in zip(inputs.candidates, near, strict=True) if hit},
         held_out={e.source_event_id: e.split for e in examples
                   if e.source_event_id and e.split != "train"})
-    return Curated(result, examples, replayed, capped, pairs)
+    return Curated(result, examples, replayed, carried, capped, pairs)
+
+
+def _carried_from(curated: Curated, inputs: CurationInputs) -> set[str]:
+    """The unlearned versions at least one carried example came from."""
+    carried = {id(e) for e in curated.carried}
+    return {inputs.unlearned_from[i] for i, e in zip(inputs.unlearned_index, inputs.unlearned,
+                                                      strict=True) if id(e) in carried}
 
 
 def _replay(previous: list[Example], previous_vectors: np.ndarray, examples: list[Example],
@@ -121,6 +143,7 @@ def _report(curated: Curated, n_golden: int, stats: EmbedStats) -> dict[str, Any
     kept = curated.examples + curated.replayed
     return curated.result.report() | {
         "replayed": len(curated.replayed),
+        "carried": len(curated.carried),
         "known_label_train_capped": curated.capped,
         "preference_pairs": curated.preferences.report(),
         "golden_guarded": n_golden,

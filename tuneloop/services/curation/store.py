@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -104,26 +104,61 @@ def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
 
 @dataclass(frozen=True)
 class CurationInputs:
-    """What one curation run reads: the candidates, the golden set, the parent version's
-    train split, and the watermark the next run starts after."""
+    """What one curation run reads: the candidates, the golden set, the version replay
+    draws from and its train split, the examples of versions production never learned,
+    and the watermark the next run starts after."""
 
     candidates: list[Candidate]
     golden: list[Example]
-    parent: str | None  # the latest version, whose train split replay draws from
+    parent: str | None  # the version whose train split replay draws from
     previous: list[Example]  # its train examples
     through: datetime | None  # the newest ingest time considered
     through_seq: int | None  # the highest write sequence considered
+    unlearned: list[Example] = field(default_factory=list)  # newest version first
+    unlearned_from: list[str] = field(default_factory=list)  # those versions
+    unlearned_index: list[int] = field(default_factory=list)  # each example's, in the list
 
 
-def read_inputs(con: duckdb.DuckDBPyConnection, include_used: bool = False) -> CurationInputs:
-    """Everything a curation run reads, in one connection (see :class:`CurationInputs`)."""
+def read_inputs(con: duckdb.DuckDBPyConnection, include_used: bool = False,
+                learned: Learned | None = None) -> CurationInputs:
+    """Everything a curation run reads, in one connection (see :class:`CurationInputs`).
+
+    Without ``learned``, replay draws from the latest version (``tuneloop curate``). With
+    it (the loop's retrain, which continues from production), replay draws from the
+    version production learned, and the versions curated after it, whose candidates
+    never reached production, are read to carry over.
+    """
     through, through_seq = con.execute(
         "SELECT max(ingested_at), max(seq) FROM feedback").fetchall()[0]
     candidates = load_candidates(con, include_used)
     gold = golden.load(con)
-    parent = latest_version(con)
+    parent = latest_version(con) if learned is None else learned.version
     previous = [e for e in load_examples(con, parent) if e.split == "train"] if parent else []
-    return CurationInputs(candidates, gold, parent, previous, through, through_seq)
+    unlearned_from = versions_after(con, learned.version) if (
+        learned is not None and not include_used) else []
+    by_version = [load_examples(con, v) for v in unlearned_from]
+    return CurationInputs(candidates, gold, parent, previous, through, through_seq,
+                          [e for examples in by_version for e in examples], unlearned_from,
+                          [i for i, examples in enumerate(by_version) for _ in examples])
+
+
+@dataclass(frozen=True)
+class Learned:
+    """The dataset version the production adapter was trained on (None: no production
+    adapter, or one trained outside the loop's datasets)."""
+
+    version: str | None
+
+
+def versions_after(con: Any, version: str | None) -> list[str]:
+    """Dataset versions curated after ``version`` (all of them for None), newest first."""
+    if version is None:
+        rows = con.execute("SELECT version FROM datasets ORDER BY created_at DESC").fetchall()
+    else:
+        rows = con.execute(
+            "SELECT version FROM datasets WHERE created_at > (SELECT created_at FROM datasets "
+            "WHERE version = ?) ORDER BY created_at DESC", [version]).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 def write_version(con: duckdb.DuckDBPyConnection, examples: list[Example], parents: list[str],
