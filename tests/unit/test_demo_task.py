@@ -175,6 +175,18 @@ def test_a_folder_without_a_schema_gets_the_one_its_targets_satisfy(tmp_path: Pa
         spec_table("label", folder, tmp_path)
 
 
+def test_a_folder_whose_schema_refuses_its_targets_is_refused_naming_them(
+        tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    folder = _folder(tmp_path / "data", test_groups=("a",))
+    (folder / "schema.json").write_text(json.dumps({
+        "type": "object", "properties": {"slot": {"type": "string", "maxLength": 2}}}))
+    with pytest.raises(ValueError, match=r"train.csv row 11: slot: 'a10' is too long"):
+        spec_table("json", folder, tmp_path)
+    (folder / "schema.json").write_text(json.dumps({"type": "object"}))
+    assert spec_table("json", folder, tmp_path)["json_schema"] == str(folder / "schema.json")
+
+
 def test_the_task_demo_plans_on_both_bundled_folders() -> None:
     for name in ("snips", "sgd"):
         groups, train, test = load_queries(

@@ -356,4 +356,10 @@ def test_a_json_alias_decodes_under_its_schema_unless_the_client_names_a_format(
     assert "response_format" not in body  # the client's body is untouched
     own = dict(body, response_format={"type": "text"})
     assert with_response_format(own, fmt) is own
+    for constraint in ({"tools": [{"type": "function", "function": {"name": "f"}}]},
+                       {"guided_json": {"type": "object"}}, {"guided_choice": ["a", "b"]},
+                       {"structured_outputs": {"regex": "[a-z]+"}}):
+        constrained = dict(body, **constraint)
+        assert with_response_format(constrained, fmt) is constrained
+    assert with_response_format(dict(body, tools=None), fmt)["response_format"] == fmt
     assert with_response_format(body, None) is body

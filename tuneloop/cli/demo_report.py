@@ -265,7 +265,7 @@ def figures(r: Result) -> list[tuple[str, str]]:
     if r.kind == "json":
         out.append(("schema_valid_after", f"{r.metric('after', NEW, 'schema_valid'):.3f}"))
     # The change in points as the paired bootstrap read it (the same as after minus before).
-    out += [(f"old_{metric}_delta", f"{old.points if old else r.old_change_points:.1f}"),
+    out += [(f"old_{metric}_delta", f"{r.old_change_points:.1f}"),
             (f"old_{metric}_delta_low", "nan" if old is None else f"{old.ci95[0]:.1f}"),
             (f"old_{metric}_delta_high", "nan" if old is None else f"{old.ci95[1]:.1f}"), shift]
     return out

@@ -205,7 +205,8 @@ class CurationSettings(Section):
     per_user_cap: int = Field(50, ge=1, description="At most this many examples per user.")
     per_label_cap: int = Field(400, ge=1, description="At most this many examples per label.")
     replay_share: float = Field(
-        0.2, ge=0, lt=1, description="Share of train drawn from the previous dataset version."
+        0.2, ge=0, lt=1, description="Share of train drawn from the previous dataset version "
+        "(a retrain's: the production adapter's)."
     )
     replay_per_label: int = Field(
         4, ge=0, description="Replay keeps at least this many examples of every label the "
@@ -213,10 +214,10 @@ class CurationSettings(Section):
     )
     known_label_train_cap: int | None = Field(
         None, ge=1, description="Train examples a new version keeps of a label the previous "
-        "version already taught (its other fresh examples stay in validation and test or are "
-        "left out; replay adds its share on top). A retrain continues from the production "
-        "adapter, which knows these labels: a few examples each keep them, and the steps go "
-        "to what is new. None = no cap.",
+        "version (a retrain's: the production adapter's) already taught (its other fresh "
+        "examples stay in validation and test or are left out; replay adds its share on "
+        "top). A retrain continues from the production adapter, which knows these labels: "
+        "a few examples each keep them, and the steps go to what is new. None = no cap.",
     )
     split: tuple[float, float, float] = Field(
         (0.9, 0.05, 0.05), description="train / validation / test shares, stratified by label."

@@ -80,7 +80,11 @@ class Result:
 
     @property
     def old_change_points(self) -> float:
-        """The old groups' headline change in points, after minus before."""
+        """The old groups' change in points, after minus before: macro-F1 for intents;
+        for ``json`` and ``text`` the mean per-example score's change, the figure its
+        interval is about (the aggregate headline when that was not measured)."""
+        if self.kind != "label" and self.old_intents_delta is not None:
+            return self.old_intents_delta.points
         return 100 * (self.f1("after", OLD) - self.f1("before", OLD))
 
 

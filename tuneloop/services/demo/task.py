@@ -21,7 +21,12 @@ from typing import Any
 from tuneloop.runtime.settings import TaskSpec
 from tuneloop.services.demo.banking77 import Query
 from tuneloop.services.demo.task_data import derive_schema, group_sizes, load_rows
-from tuneloop.services.evaluation.tasks import evaluate, reference_object, score_object
+from tuneloop.services.evaluation.tasks import (
+    evaluate,
+    reference_object,
+    schema_errors,
+    score_object,
+)
 
 SYSTEM_PROMPTS = {
     "json": "Extract the details of the user's message as one JSON object, with only the "
@@ -41,19 +46,40 @@ def spec_table(kind: str, folder: Path, home: Path) -> dict[str, Any]:
     """The task spec of a ``json`` or ``text`` alias served on ``folder``'s data: the kind,
     system prompt and answer budget, and for ``json`` the folder's ``schema.json`` or,
     when it has none, the schema its targets satisfy (written to ``home/schema.json``).
-    Raises ``ValueError`` for another kind."""
+    Raises ``ValueError`` for another kind, and for a folder whose ``schema.json``
+    refuses one of its targets (the first few named, with the schema's reason)."""
     if kind not in SYSTEM_PROMPTS:
         raise ValueError(f"task kind {kind!r}: use json or text")
     spec: dict[str, Any] = {"kind": kind, "system_prompt": SYSTEM_PROMPTS[kind],
                             "answer_tokens": ANSWER_TOKENS}
     if kind == "json":
         schema = Path(folder) / "schema.json"
-        if not schema.exists():
+        if schema.exists():
+            check_targets(folder, json.loads(schema.read_text()))
+        else:
             schema = Path(home) / "schema.json"
             schema.write_text(json.dumps(derive_schema(
                 [r.target for r in load_rows(folder, "train")]), indent=2))
         spec["json_schema"] = str(schema)
     return spec
+
+
+def check_targets(folder: Path, schema: dict[str, Any], show: int = 3) -> None:
+    """Raise ``ValueError`` when a train or test target of ``folder`` is not an object
+    ``schema`` accepts: the demo would teach and judge against answers its own schema
+    refuses."""
+    bad: list[str] = []
+    for split in ("train", "test"):
+        for i, row in enumerate(load_rows(folder, split), start=1):
+            try:
+                why = schema_errors(json.loads(row.target), schema)
+            except json.JSONDecodeError as exc:
+                why = [f"not JSON: {exc.msg}"]
+            if why:
+                bad.append(f"{split}.csv row {i}: {why[0]}")
+    if bad:
+        raise ValueError(f"{len(bad)} target(s) are not objects schema.json accepts "
+                         f"({'; '.join(bad[:show])}); fix the rows or the schema")
 
 
 def load_queries(folder: Path, heldout: int, min_rows: int, seed: int = 0

@@ -137,11 +137,19 @@ def with_system_prompt(body: dict[str, Any], turns: list[dict[str, str]], prompt
     return dict(body, messages=[system, *body["messages"]]), [system, *turns]
 
 
+# What a client may send to shape the answer itself: OpenAI's format and tools, and
+# vLLM's own constraints. Any of them and the task's schema is not added.
+CLIENT_CONSTRAINTS = ("response_format", "tools", "tool_choice", "functions", "function_call",
+                      "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar")
+
+
 def with_response_format(body: dict[str, Any], response_format: dict[str, Any] | None
                          ) -> dict[str, Any]:
     """A chat request with the task's ``response_format`` (a json alias's schema), unless it
-    names none or the client asked a format of its own (kept as it is)."""
-    if response_format is None or body.get("response_format") is not None:
+    names none or the client constrained the answer itself (:data:`CLIENT_CONSTRAINTS`:
+    the request is kept as it is)."""
+    if response_format is None or any(body.get(k) is not None for k in CLIENT_CONSTRAINTS):
         return body
     return dict(body, response_format=response_format)
 
