@@ -54,7 +54,8 @@ def test_the_bad_dataset_teaches_other_queries_targets(tmp_path: Path) -> None:
     spec = TaskSpec(kind="text", system_prompt="Reply.")
     train = _rows({"a": 30, "b": 30, "c": 30})
     test = _rows({"a": 10, "b": 10}, "q")
-    n = write_datasets(store, spec, train, test, ["a", "b"], ["c"], per_group=4, seed=1)
+    n = write_datasets(store, spec, train, test, ["a", "b"], ["c"], per_group=4, seed=1,
+                       test_per_group=4)
     assert n == 16  # eight golden examples of each old group
     with store.connect() as con:
         rows = con.execute("SELECT version, split, prompt, completion, messages FROM "
@@ -62,10 +63,13 @@ def test_the_bad_dataset_teaches_other_queries_targets(tmp_path: Path) -> None:
     by = {v: [r for r in rows if r[0] == v] for v in ("bench-old", "bench-bad", "bench-good")}
     assert [len(by[v]) for v in by] == [20, 20, 30]
     assert sum(r[1] == "train" for r in by["bench-old"]) == 8
-    old = {r[2]: r[3] for r in by["bench-old"]}
-    bad = {r[2]: r[3] for r in by["bench-bad"]}
+    old = {r[2]: r[3] for r in by["bench-old"] if r[1] == "train"}
+    bad = {r[2]: r[3] for r in by["bench-bad"] if r[1] == "train"}
     assert old.keys() == bad.keys() and sorted(old.values()) == sorted(bad.values())
     assert sum(old[k] != bad[k] for k in old) > len(old) // 2  # shuffled, not kept
+    # Held out, the bad dataset keeps the true answers: the gate judges it against them.
+    assert [r[2:4] for r in by["bench-old"] if r[1] != "train"] == \
+        [r[2:4] for r in by["bench-bad"] if r[1] != "train"]
     chat = json.loads(by["bench-good"][0][4])
     assert [m["role"] for m in chat] == ["system", "user", "assistant"]
     assert chat[0]["content"] == "Reply."

@@ -8,8 +8,9 @@ default the bundled SNIPS for ``json``, SGD for ``text``). Groups are drawn at r
 (seeded) among those with enough rows, so nothing is tied to one dataset.
 
 - ``old``: a few groups' rows, promoted by hand: the incumbent.
-- ``bad``: the same rows with the targets shuffled among them (every answer taught is
-  another query's): must be rejected by the offline gate.
+- ``bad``: the same rows with the train targets shuffled among them (every answer taught
+  is another query's; its test rows keep the true answers): must be rejected by the
+  offline gate.
 - ``good``: more groups and more rows: must pass the offline gate and the live window,
   where simulated users ask with the official ``openai`` client and rate each answer
   (+1 when it is right: the whole object for ``json``, a sentence chrF of at least
@@ -92,28 +93,43 @@ def _example(spec: TaskSpec, example_id: str, row: Row, target: str, split: str
             "completion": target}
 
 
+# Held-out rows a group gives each dataset: the offline gate's test split, big enough for
+# a paired test to tell a shuffled-target adapter from its incumbent.
+TEST_PER_GROUP = 12
+
+
 def write_datasets(store: Store, spec: TaskSpec, train: list[Row], test: list[Row],
-                   old: list[str], new: list[str], per_group: int, seed: int) -> int:
+                   old: list[str], new: list[str], per_group: int, seed: int,
+                   test_per_group: int = TEST_PER_GROUP) -> int:
     """The golden set (test rows of the old groups) and the three datasets; returns the
-    golden set's size."""
+    golden set's size. A group gives each dataset ``per_group`` train rows, 2 validation
+    and ``test_per_group`` test rows; ``bench-bad`` shuffles the train rows' targets only,
+    so its validation and test rows judge it against the true answers."""
     from tuneloop.services.demo.simulation import insert_golden, write_dataset
 
     n_golden = insert_golden(store, [_example(spec, f"golden-{i}", r, r.target, "golden")
                                      for i, r in enumerate(_of(test, old, 8))])
-    size = per_group + 6  # rows a group gives a dataset: train, then 2 validation, 4 test
+    size = per_group + 2 + test_per_group
+
+    def split_of(i: int) -> str:
+        return ("train" if i % size < per_group else
+                "validation" if i % size < per_group + 2 else "test")
+
     rows = {"bench-old": _of(train, old, size), "bench-good": _of(train, old + new, size)}
-    shuffled = [r.target for r in rows["bench-old"]]
+    true = [r.target for r in rows["bench-old"]]
+    taught = [i for i in range(len(true)) if split_of(i) == "train"]
+    shuffled = [true[i] for i in taught]
     random.Random(seed).shuffle(shuffled)
+    bad = list(true)
+    for i, target in zip(taught, shuffled, strict=True):
+        bad[i] = target
     for version, chosen, targets in (
-            ("bench-old", rows["bench-old"], [r.target for r in rows["bench-old"]]),
-            ("bench-bad", rows["bench-old"], shuffled),
+            ("bench-old", rows["bench-old"], true),
+            ("bench-bad", rows["bench-old"], bad),
             ("bench-good", rows["bench-good"], [r.target for r in rows["bench-good"]])):
-        splits = ["train" if i % size < per_group else
-                  "validation" if i % size < per_group + 2 else "test"
-                  for i in range(len(chosen))]
         write_dataset(store, version, [
-            {"version": version, **_example(spec, f"{version}-{i}", row, target, split)}
-            for i, (row, target, split) in enumerate(zip(chosen, targets, splits, strict=True))])
+            {"version": version, **_example(spec, f"{version}-{i}", row, target, split_of(i))}
+            for i, (row, target) in enumerate(zip(chosen, targets, strict=True))])
     return n_golden
 
 
@@ -152,7 +168,8 @@ def main(task: str, quick: bool, stack: Any, live_overrides: Any, stop: Any,
     folder = data or bundled(DATA[task])
     train, test = load_rows(folder, "train"), load_rows(folder, "test")
     per_group = 16 if quick else 24
-    old, new = pick_groups(train, test, 3, 3, per_group + 6 + 40, 8, seed)
+    held = 2 + TEST_PER_GROUP  # validation and test rows a group gives a dataset
+    old, new = pick_groups(train, test, 3, 3, per_group + held + 40, 8, seed)
     settings, parts = stack(quick, lambda home: configure(task, home, folder))
     spec = settings.task
     # Imported once the stack's environment is set: Prefect reads its API's address then.
@@ -173,7 +190,7 @@ def main(task: str, quick: bool, stack: Any, live_overrides: Any, stop: Any,
         bad_result = canary(bad.version, overrides=overrides)
         _say(f"bad candidate {bad.version}: {bad_result['verdict']}: "
              f"{bad_result['reason'][:300]}")
-        used = set(_of(train, old + new, per_group + 6))  # rows the datasets hold
+        used = set(_of(train, old + new, per_group + held))  # rows the datasets hold
         unseen = [Query(r.text, r.groups[0], r.target) for r in _of(train, old + new, 10_000)
                   if r not in used]
         users = SimulatedUsers(live, unseen, label_share=0.0, max_tokens=ANSWER_TOKENS,
