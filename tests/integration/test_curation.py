@@ -175,7 +175,7 @@ def test_a_retrain_version_carries_what_production_never_learned(
     """A held candidate took its version's feedback with it: the next retrain's version,
     curated against what production learned, carries those examples (splits kept) and
     caps only the labels production knows; once production learned a version, nothing
-    before it is carried."""
+    before it is carried, nor is a rejected adapter's version."""
     embedder = Embedder(settings.embeddings)
     cfg = settings.curation.model_copy(update={"known_label_train_cap": 1})
     t0 = datetime.now(UTC) - timedelta(hours=3)
@@ -199,3 +199,13 @@ def test_a_retrain_version_carries_what_production_never_learned(
     third = run_curation(store, embedder, cfg, learned=Learned(second.version))
     assert third.report["carried"] == 0 and third.parents == [second.version]
     assert third.report["replayed"] > 0 and third.report["known_label_train_capped"] > 0
+
+    # The third's candidate was rejected (worse, or rolled back): its examples stay out.
+    _seed(store, 150, seed=44, start=t0 + timedelta(hours=3))
+    fourth = run_curation(store, embedder, cfg,
+                          learned=Learned(second.version, frozenset({third.version})))
+    assert fourth.report["carried"] == 0 and third.version not in fourth.parents
+    # Production's dataset missing from the store: curated as by hand, nothing lost.
+    _seed(store, 150, seed=45, start=t0 + timedelta(hours=4))
+    fifth = run_curation(store, embedder, cfg, learned=Learned("ds-9999"))
+    assert fifth.report["considered"] == 150 and fifth.report["carried"] == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tuneloop.runtime.settings import CurationSettings
+from tuneloop.runtime.settings import CurationSettings, TaskSpec
 from tuneloop.services.curation import core as cur
 from tuneloop.services.curation.core import Candidate, GoldenIndex, curate, prompt_key, select, split
 from tuneloop.services.curation.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
@@ -159,23 +159,34 @@ def test_known_labels_keep_a_capped_share_of_train_and_all_held_out_examples() -
 
 def test_carry_over_keeps_unlearned_examples_once_with_their_splits() -> None:
     """What a held candidate learned from comes back in the next version: its split kept,
-    a prompt the fresh data already has (or an earlier carried one) once, nothing near a
-    golden prompt, and no label past its cap."""
-    def example(i: int, split_: str, label: str = "new", prompt: str = "") -> cur.Example:
-        ex = select(cand(i, prompt, label=label, completion=label))
+    a prompt the fresh data already has (or an earlier carried one) once, exactly or
+    nearly, nothing near a golden prompt, and no label past its cap (unlabelled examples,
+    a json or text task's, are never capped)."""
+    def example(i: int, split_: str, label: str | None = "new", prompt: str = "") -> cur.Example:
+        ex = select(cand(i, prompt, label=label, completion=label or "a reply",
+                         correction=None if label else "a reply"),
+                    task=None if label else TaskSpec(kind="text"))
         assert not isinstance(ex, str)
         return replace(ex, split=split_)
 
     fresh = [example(0, "train", prompt="asked again")]
     unlearned = [example(1, "test"), example(2, "train", prompt="asked again"),
                  example(3, "train"), example(4, "train", prompt="question number 3"),
-                 example(5, "train"), example(6, "validation", label="other")]
-    near = [False, False, False, False, True, False]
-    kept = cur.carry_over(unlearned, near, fresh, CurationSettings(per_label_cap=3))
+                 example(5, "train"), example(6, "validation", label="other"),
+                 example(7, "train")]
+    vectors = orthogonal(8)
+    vectors[7] = vectors[3]  # e7 says what e3 says in other words
+    near = [False, False, False, False, True, False, False]
+    kept = cur.carry_over(unlearned, vectors[1:], near, fresh, vectors[:1],
+                          CurationSettings(per_label_cap=3))
     assert [(e.source_event_id, e.split) for e in kept] == [("e1", "test"), ("e3", "train"),
                                                             ("e6", "validation")]
-    unlimited = cur.carry_over(unlearned, [False] * 6, fresh, CurationSettings())
+    unlimited = cur.carry_over(unlearned, vectors[1:], [False] * 7, fresh, vectors[:1],
+                               CurationSettings())
     assert [e.source_event_id for e in unlimited] == ["e1", "e3", "e5", "e6"]
+    replies = [example(10 + i, "train", label=None) for i in range(5)]
+    assert len(cur.carry_over(replies, orthogonal(5), [False] * 5, [], orthogonal(0),
+                              CurationSettings(per_label_cap=1))) == 5
 
 
 def _record(path: Path, *records: object) -> Path:

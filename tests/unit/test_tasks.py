@@ -361,5 +361,6 @@ def test_a_json_alias_decodes_under_its_schema_unless_the_client_names_a_format(
                        {"structured_outputs": {"regex": "[a-z]+"}}):
         constrained = dict(body, **constraint)
         assert with_response_format(constrained, fmt) is constrained
-    assert with_response_format(dict(body, tools=None), fmt)["response_format"] == fmt
+    for no_constraint in ({"tools": None}, {"tools": []}, {"tool_choice": "none"}):
+        assert with_response_format(dict(body, **no_constraint), fmt)["response_format"] == fmt
     assert with_response_format(body, None) is body

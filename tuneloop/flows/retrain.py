@@ -57,7 +57,7 @@ from tuneloop.services.loop import metrics as loop_metrics
 from tuneloop.services.loop.policy import why_not_retrain
 from tuneloop.services.loop.store import read_snapshot
 from tuneloop.services.registry.core import Adapter
-from tuneloop.services.registry.store import production
+from tuneloop.services.registry.store import list_adapters, production
 from tuneloop.services.store.database import Store
 from tuneloop.training.dataset import ChatExample, DatasetSplits
 from tuneloop.training.pipeline import (
@@ -111,7 +111,8 @@ def curate(store: Store, embeddings: EmbeddingSettings, curation: CurationSettin
            continue_from: str | None) -> CurationRun:
     """The retrain's dataset version. When it continues from the production adapter of
     the alias ``continue_from``, the version is curated against what that adapter
-    learned (:class:`~tuneloop.services.curation.store.Learned`)."""
+    learned and what the alias's rejected adapters learned
+    (:class:`~tuneloop.services.curation.store.Learned`)."""
     found = find_curated(store, run_key)
     if found is not None:
         log.info("retrain %s: dataset %s already curated", run_key, found.version)
@@ -120,7 +121,9 @@ def curate(store: Store, embeddings: EmbeddingSettings, curation: CurationSettin
     if continue_from is not None:
         with store.connect() as con:
             adapter = production(con, continue_from)
-        learned = Learned(adapter.dataset_version if adapter else None)
+            rejected = frozenset(a.dataset_version for a in list_adapters(con, continue_from)
+                                 if a.state == "rejected" and a.dataset_version)
+        learned = Learned(adapter.dataset_version if adapter else None, rejected)
     with pinned(cpu_cores):
         return run_curation(store, Embedder(embeddings), curation, run_key=run_key, task=task,
                             learned=learned)

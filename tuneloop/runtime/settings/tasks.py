@@ -50,7 +50,8 @@ class TaskSpec(Section):
         True, description="json only: the gateway has vLLM decode every chat answer under "
         "the schema (structured outputs, response_format json_schema), so an answer that "
         "ends within the budget is valid; a request that constrains the answer itself "
-        "(response_format, tools, vLLM's structured_outputs or guided_*) keeps its own.")
+        "(response_format, tools to call, vLLM's structured_outputs or guided_*) keeps its "
+        "own.")
     target_min_rating: float = Field(
         0.5, gt=0, le=1, description="text and json: an answer rated at least this (with no "
         "correction) is a training target; an answer rated lower never is.")

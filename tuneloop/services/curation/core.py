@@ -408,27 +408,37 @@ def replay(
     return [replace(ex, split="train") for ex in picked]
 
 
-def carry_over(unlearned: Sequence[Example], near_golden: Sequence[bool],
-               fresh: Sequence[Example], cfg: CurationSettings) -> list[Example]:
+def carry_over(unlearned: Sequence[Example], vectors: np.ndarray, near_golden: Sequence[bool],
+               fresh: Sequence[Example], fresh_vectors: np.ndarray, cfg: CurationSettings
+               ) -> list[Example]:
     """The examples of versions production never learned to keep in the next version.
 
-    A candidate that was held or rejected took its dataset's feedback with it: each event
-    is curated once, so without this the next candidate, which again continues from
-    production, would see only what came after. ``unlearned`` are those versions'
-    examples, newest version first; each keeps its split (a test example stays held
-    out). A prompt already among ``fresh`` (its newer answer wins) or in an earlier
-    carried example, one near a golden prompt (``near_golden``), and what would take a
-    label past ``per_label_cap`` are left out.
+    A candidate that was held took its dataset's feedback with it: each event is curated
+    once, so without this the next candidate, which again continues from production,
+    would see only what came after. ``unlearned`` are those versions' examples, newest
+    version first, with their prompts' ``vectors``; each keeps its split (a test example
+    stays held out). Left out: a prompt near one already kept, among ``fresh`` (its newer
+    answer wins) or carried before it (cosine at least ``near_duplicate_cosine``, as
+    curation dedups); one near a golden prompt (``near_golden``); and what would take a
+    label past ``per_label_cap``.
     """
     seen = {prompt_key(e.prompt) for e in fresh}
-    per_label: Counter[str] = Counter(e.label or NO_LABEL for e in fresh)
+    per_label: Counter[str] = Counter(e.label for e in fresh if e.label is not None)
+    dim = int(np.shape(vectors)[1]) if len(vectors) else 0
+    kept_vectors = np.asarray(fresh_vectors, dtype=np.float32).reshape(len(fresh), dim)
     out: list[Example] = []
-    for ex, near in zip(unlearned, near_golden, strict=True):
-        key, label = prompt_key(ex.prompt), ex.label or NO_LABEL
-        if near or key in seen or per_label[label] >= cfg.per_label_cap:
+    for ex, vector, near in zip(unlearned, vectors, near_golden, strict=True):
+        key = prompt_key(ex.prompt)
+        if near or key in seen or (
+                ex.label is not None and per_label[ex.label] >= cfg.per_label_cap):
+            continue
+        if len(kept_vectors) and float((kept_vectors @ vector).max()) >= \
+                cfg.near_duplicate_cosine:
             continue
         seen.add(key)
-        per_label[label] += 1
+        if ex.label is not None:
+            per_label[ex.label] += 1
+        kept_vectors = np.vstack([kept_vectors, np.asarray(vector, dtype=np.float32)[None, :]])
         out.append(ex)
     return out
 

@@ -26,6 +26,7 @@ from typing import Any
 from tuneloop.runtime.settings import CurationSettings, TaskSpec
 from tuneloop.services.curation.core import (
     Candidate,
+    Example,
     GoldenIndex,
     canonical_target,
     prompt_key,
@@ -151,3 +152,24 @@ def split_of(pid: str, cfg: CurationSettings) -> str:
     _, validation, test = cfg.split
     u = int(pid[:8], 16) / 2**32
     return "test" if u < test else "validation" if u < test + validation else "train"
+
+
+def carried_pairs(unlearned: Sequence[PreferencePair], carried: Sequence[Example],
+                  fresh: Sequence[PreferencePair]) -> list[PreferencePair]:
+    """The preference pairs of ``carried`` examples (see ``carry_over``), each in its
+    example's split; a prompt the fresh pairs or an earlier carried pair has is left out."""
+    split_of = {e.source_event_id: e.split for e in carried if e.source_event_id}
+    seen = {prompt_key(_prompt(p)) for p in fresh}
+    out: list[PreferencePair] = []
+    for pair in unlearned:
+        key = prompt_key(_prompt(pair))
+        if pair.source_event_id not in split_of or key in seen:
+            continue
+        seen.add(key)
+        out.append(replace(pair, split=split_of[pair.source_event_id]))
+    return out
+
+
+def _prompt(pair: PreferencePair) -> str:
+    """The last user turn of a pair's chat."""
+    return next((m["content"] for m in reversed(pair.messages) if m.get("role") == "user"), "")

@@ -3,8 +3,9 @@
 :func:`run_curation` is what the ``curate`` and ``retrain`` flows, the CLI and the tests
 call. A run considers feedback ingested since the latest version was curated (so each
 version adds new data), embeds the prompts (cached), curates against the golden set
-(:mod:`~tuneloop.services.curation.core`), splits, mixes in ``replay_share`` of the
-latest version's train split, and writes the version. The store is held for the reads
+(:mod:`~tuneloop.services.curation.core`), splits, carries over for a retrain what
+production never learned, mixes in ``replay_share`` of the parent version's train split
+(production's for a retrain, else the latest), and writes the version. The store is held for the reads
 and the final write only, never while embedding.
 """
 
@@ -30,7 +31,11 @@ from tuneloop.services.curation.core import (
     replay,
     split,
 )
-from tuneloop.services.curation.preferences import PreferenceResult, correction_pairs
+from tuneloop.services.curation.preferences import (
+    PreferenceResult,
+    carried_pairs,
+    correction_pairs,
+)
 from tuneloop.services.curation.store import (
     CurationInputs,
     CurationRun,
@@ -52,8 +57,8 @@ class Curated:
     examples: list[Example]  # fresh examples, split
     replayed: list[Example]  # from the parent version's train split
     carried: list[Example]  # from versions production never learned (in ``examples``)
-    capped: int  # fresh train examples left out by ``known_label_train_cap``
-    preferences: PreferenceResult  # the corrections' preference pairs
+    capped: int  # train examples (fresh or carried) left out by ``known_label_train_cap``
+    preferences: PreferenceResult  # the corrections' preference pairs, carried ones too
 
 
 def run_curation(
@@ -77,20 +82,19 @@ def run_curation(
     with store.connect() as con:
         inputs = read_inputs(con, include_used, learned)
     texts = [c.prompt for c in inputs.candidates] + [g.prompt for g in inputs.golden] + \
-        [p.prompt for p in inputs.previous] + [u.prompt for u in inputs.unlearned]
+        [p.prompt for p in inputs.previous] + [u.prompt for u in inputs.unlearned.examples]
     vectors, stats = embed_texts(store, embedder, texts, progress)
     curated = curate_version(inputs, vectors, cfg, task)
     report = _report(curated, len(inputs.golden), stats)
     parents = [inputs.parent] if inputs.parent and curated.replayed else []
-    parents += [v for v in inputs.unlearned_from
-                if v not in parents and v in _carried_from(curated, inputs)]
+    parents += [v for v in _carried_from(curated, inputs) if v not in parents]
     with store.connect() as con:
         version, digest = write_version(con, curated.examples + curated.replayed, parents,
                                         _filters(inputs, cfg, include_used, run_key, task), report,
                                         curated.preferences.pairs)
     log.info("dataset %s: %d considered, %d kept, %d carried from %s, %d replayed from %s, "
              "hash %s", version, curated.result.considered, len(curated.result.examples),
-             len(curated.carried), ", ".join(inputs.unlearned_from) or "-",
+             len(curated.carried), ", ".join(_carried_from(curated, inputs)) or "-",
              len(curated.replayed), inputs.parent, digest[:12])
     return CurationRun(version, digest, parents, report)
 
@@ -103,14 +107,23 @@ def curate_version(inputs: CurationInputs, vectors: np.ndarray,
     guard = golden.index(inputs.golden, vectors[n_c : n_c + n_g])
     result = curate(inputs.candidates, vectors[:n_c], guard, cfg, task)
     examples = split(result.examples, cfg)
-    unlearned_near = leaks_golden(vectors[n_c + n_g + n_p :], guard, cfg.near_duplicate_cosine)
-    carried = carry_over(inputs.unlearned, unlearned_near.tolist(), examples, cfg)
+    carried: list[Example] = []
+    if examples and inputs.unlearned.examples:  # nothing new: no retrain on the old alone
+        at = {c.event_id: i for i, c in enumerate(inputs.candidates)}
+        fresh = [e for e in examples if e.source_event_id is not None and e.source_event_id in at]
+        unlearned_vectors = vectors[n_c + n_g + n_p :]
+        carried = carry_over(
+            inputs.unlearned.examples, unlearned_vectors,
+            leaks_golden(unlearned_vectors, guard, cfg.near_duplicate_cosine).tolist(),
+            fresh, vectors[[at[str(e.source_event_id)] for e in fresh]], cfg)
     examples = examples + carried
     capped = 0
     previous = inputs.previous
     if cfg.known_label_train_cap is not None and previous:
         examples, capped = cap_known_labels(examples, {p.label for p in previous if p.label},
                                             cfg.known_label_train_cap)
+    kept = {id(e) for e in examples}
+    carried = [e for e in carried if id(e) in kept]
     replayed = _replay(previous, vectors[n_c + n_g : n_c + n_g + n_p], examples, guard, cfg)
     near = leaks_golden(vectors[:n_c], guard, cfg.near_duplicate_cosine)
     pairs = correction_pairs(
@@ -118,14 +131,17 @@ def curate_version(inputs: CurationInputs, vectors: np.ndarray,
         near_golden={c.event_id for c, hit in zip(inputs.candidates, near, strict=True) if hit},
         held_out={e.source_event_id: e.split for e in examples
                   if e.source_event_id and e.split != "train"})
+    pairs.pairs.extend(carried_pairs(inputs.unlearned.pairs, carried, pairs.pairs))
     return Curated(result, examples, replayed, carried, capped, pairs)
 
 
-def _carried_from(curated: Curated, inputs: CurationInputs) -> set[str]:
-    """The unlearned versions at least one carried example came from."""
+def _carried_from(curated: Curated, inputs: CurationInputs) -> list[str]:
+    """The unlearned versions at least one carried example came from, newest first."""
     carried = {id(e) for e in curated.carried}
-    return {inputs.unlearned_from[i] for i, e in zip(inputs.unlearned_index, inputs.unlearned,
-                                                      strict=True) if id(e) in carried}
+    unlearned = inputs.unlearned
+    found = {unlearned.versions[i] for i, e in zip(unlearned.index, unlearned.examples,
+                                                   strict=True) if id(e) in carried}
+    return [v for v in unlearned.versions if v in found]
 
 
 def _replay(previous: list[Example], previous_vectors: np.ndarray, examples: list[Example],
@@ -161,6 +177,7 @@ def _filters(inputs: CurationInputs, cfg: CurationSettings, include_used: bool,
         "include_used": include_used,
         "considered_through": inputs.through.isoformat() if inputs.through else None,
         "considered_through_seq": inputs.through_seq,
+        "replay_from": inputs.parent,
         "run_key": run_key,
         "task": (task or TaskSpec()).describe(),
     }

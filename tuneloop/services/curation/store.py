@@ -11,6 +11,7 @@ events written after a version (:func:`fresh_examples`, for the canary).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -24,11 +25,14 @@ from tuneloop.services.curation.core import Candidate, Example, prompt_key, scru
 from tuneloop.services.curation.datasets import (
     latest_version,
     load_examples,
+    load_preferences,
     next_version,
     save_version,
 )
 from tuneloop.services.curation.preferences import PreferencePair
 from tuneloop.services.store.database import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,8 @@ def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
 @dataclass(frozen=True)
 class CurationInputs:
     """What one curation run reads: the candidates, the golden set, the version replay
-    draws from and its train split, the examples of versions production never learned,
-    and the watermark the next run starts after."""
+    draws from and its train split, what production never learned (to carry over), and
+    the watermark the next run starts after."""
 
     candidates: list[Candidate]
     golden: list[Example]
@@ -114,9 +118,30 @@ class CurationInputs:
     previous: list[Example]  # its train examples
     through: datetime | None  # the newest ingest time considered
     through_seq: int | None  # the highest write sequence considered
-    unlearned: list[Example] = field(default_factory=list)  # newest version first
-    unlearned_from: list[str] = field(default_factory=list)  # those versions
-    unlearned_index: list[int] = field(default_factory=list)  # each example's, in the list
+    unlearned: Unlearned = field(default_factory=lambda: Unlearned([], [], [], []))
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What the production adapter a retrain continues from was trained on: its dataset
+    ``version`` (None: no production adapter yet), and the dataset versions of the alias's
+    rejected adapters (``rejected``: worse than their incumbent, or rolled back), whose
+    examples are never carried."""
+
+    version: str | None
+    rejected: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Unlearned:
+    """The examples and preference pairs of the versions curated after production's that
+    no rejected adapter learned, newest version first; ``index[i]`` is the position in
+    ``versions`` of ``examples[i]``."""
+
+    versions: list[str]
+    examples: list[Example]
+    index: list[int]
+    pairs: list[PreferencePair]
 
 
 def read_inputs(con: duckdb.DuckDBPyConnection, include_used: bool = False,
@@ -125,39 +150,52 @@ def read_inputs(con: duckdb.DuckDBPyConnection, include_used: bool = False,
 
     Without ``learned``, replay draws from the latest version (``tuneloop curate``). With
     it (the loop's retrain, which continues from production), replay draws from the
-    version production learned, and the versions curated after it, whose candidates
-    never reached production, are read to carry over.
+    version production learned, and the versions curated after it (see
+    :class:`Unlearned`) are read to carry over. A ``learned`` version the store does not
+    hold (a registry restored without its datasets) is logged and read as no ``learned``.
     """
     through, through_seq = con.execute(
         "SELECT max(ingested_at), max(seq) FROM feedback").fetchall()[0]
     candidates = load_candidates(con, include_used)
     gold = golden.load(con)
+    if learned is not None and learned.version is not None and not con.execute(
+            "SELECT 1 FROM datasets WHERE version = ?", [learned.version]).fetchall():
+        log.warning("production's dataset %s is not in the store: curating as `tuneloop "
+                    "curate` does (replay from the latest version, nothing carried)",
+                    learned.version)
+        learned = None
     parent = latest_version(con) if learned is None else learned.version
-    previous = [e for e in load_examples(con, parent) if e.split == "train"] if parent else []
-    unlearned_from = versions_after(con, learned.version) if (
-        learned is not None and not include_used) else []
-    by_version = [load_examples(con, v) for v in unlearned_from]
-    return CurationInputs(candidates, gold, parent, previous, through, through_seq,
-                          [e for examples in by_version for e in examples], unlearned_from,
-                          [i for i, examples in enumerate(by_version) for _ in examples])
+    taught = load_examples(con, parent) if parent else []
+    previous = [e for e in taught if e.split == "train"]
+    unlearned = Unlearned([], [], [], [])
+    if learned is not None and not include_used:
+        unlearned = _unlearned(con, learned, {prompt_key(e.prompt) for e in taught})
+    return CurationInputs(candidates, gold, parent, previous, through, through_seq, unlearned)
 
 
-@dataclass(frozen=True)
-class Learned:
-    """The dataset version the production adapter was trained on (None: no production
-    adapter, or one trained outside the loop's datasets)."""
-
-    version: str | None
+def _unlearned(con: Any, learned: Learned, taught: set[str]) -> Unlearned:
+    """:class:`Unlearned` after ``learned``: a prompt production's version holds (the
+    replay a held version took from it) is not unlearned."""
+    versions = [v for v in versions_after(con, learned.version) if v not in learned.rejected]
+    by_version = [[e for e in load_examples(con, v) if prompt_key(e.prompt) not in taught]
+                  for v in versions]
+    return Unlearned(versions, [e for examples in by_version for e in examples],
+                     [i for i, examples in enumerate(by_version) for _ in examples],
+                     [p for v in versions for p in load_preferences(con, v)])
 
 
 def versions_after(con: Any, version: str | None) -> list[str]:
-    """Dataset versions curated after ``version`` (all of them for None), newest first."""
+    """Dataset versions the loop curated after ``version`` (all of them for None), newest
+    first; a version curated from every event (``tuneloop curate --include-used``) is
+    not one of them."""
+    mine = "coalesce(filters->>'include_used', 'false') <> 'true'"
     if version is None:
-        rows = con.execute("SELECT version FROM datasets ORDER BY created_at DESC").fetchall()
+        rows = con.execute(f"SELECT version FROM datasets WHERE {mine} "
+                           "ORDER BY created_at DESC").fetchall()
     else:
         rows = con.execute(
-            "SELECT version FROM datasets WHERE created_at > (SELECT created_at FROM datasets "
-            "WHERE version = ?) ORDER BY created_at DESC", [version]).fetchall()
+            f"SELECT version FROM datasets WHERE {mine} AND created_at > (SELECT created_at "
+            "FROM datasets WHERE version = ?) ORDER BY created_at DESC", [version]).fetchall()
     return [str(r[0]) for r in rows]
 
 

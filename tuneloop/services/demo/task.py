@@ -24,7 +24,6 @@ from tuneloop.services.demo.task_data import derive_schema, group_sizes, load_ro
 from tuneloop.services.evaluation.tasks import (
     evaluate,
     reference_object,
-    schema_errors,
     score_object,
 )
 
@@ -55,7 +54,7 @@ def spec_table(kind: str, folder: Path, home: Path) -> dict[str, Any]:
     if kind == "json":
         schema = Path(folder) / "schema.json"
         if schema.exists():
-            check_targets(folder, json.loads(schema.read_text()))
+            check_targets(folder, schema)
         else:
             schema = Path(home) / "schema.json"
             schema.write_text(json.dumps(derive_schema(
@@ -64,19 +63,16 @@ def spec_table(kind: str, folder: Path, home: Path) -> dict[str, Any]:
     return spec
 
 
-def check_targets(folder: Path, schema: dict[str, Any], show: int = 3) -> None:
-    """Raise ``ValueError`` when a train or test target of ``folder`` is not an object
-    ``schema`` accepts: the demo would teach and judge against answers its own schema
-    refuses."""
-    bad: list[str] = []
-    for split in ("train", "test"):
-        for i, row in enumerate(load_rows(folder, split), start=1):
-            try:
-                why = schema_errors(json.loads(row.target), schema)
-            except json.JSONDecodeError as exc:
-                why = [f"not JSON: {exc.msg}"]
-            if why:
-                bad.append(f"{split}.csv row {i}: {why[0]}")
+def check_targets(folder: Path, schema: Path, show: int = 3) -> None:
+    """Raise ``ValueError`` when ``schema`` is not a JSON Schema (settings' own check) or
+    a train or test target of ``folder`` is not an object it accepts, as curation judges
+    a target: the demo would teach and judge against answers its own schema refuses."""
+    from tuneloop.services.curation.core import target_problem
+
+    task = TaskSpec(kind="json", json_schema=schema)
+    bad = [f"{split}.csv row {i}: {why}" for split in ("train", "test")
+           for i, row in enumerate(load_rows(folder, split), start=1)
+           if (why := target_problem(row.target, task)) is not None]
     if bad:
         raise ValueError(f"{len(bad)} target(s) are not objects schema.json accepts "
                          f"({'; '.join(bad[:show])}); fix the rows or the schema")

@@ -137,19 +137,24 @@ def with_system_prompt(body: dict[str, Any], turns: list[dict[str, str]], prompt
     return dict(body, messages=[system, *body["messages"]]), [system, *turns]
 
 
-# What a client may send to shape the answer itself: OpenAI's format and tools, and
-# vLLM's own constraints. Any of them and the task's schema is not added.
-CLIENT_CONSTRAINTS = ("response_format", "tools", "tool_choice", "functions", "function_call",
-                      "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                      "guided_grammar")
+# vLLM's own answer constraints: any of them and the task's schema is not added.
+VLLM_CONSTRAINTS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                    "guided_grammar")
+
+
+def client_constrains(body: dict[str, Any]) -> bool:
+    """True when the request shapes the answer itself: a ``response_format``, tools to
+    call (a non-empty ``tools`` or ``functions``), or one of :data:`VLLM_CONSTRAINTS`."""
+    return body.get("response_format") is not None or bool(body.get("tools")) or bool(
+        body.get("functions")) or any(body.get(k) is not None for k in VLLM_CONSTRAINTS)
 
 
 def with_response_format(body: dict[str, Any], response_format: dict[str, Any] | None
                          ) -> dict[str, Any]:
     """A chat request with the task's ``response_format`` (a json alias's schema), unless it
-    names none or the client constrained the answer itself (:data:`CLIENT_CONSTRAINTS`:
+    names none or the client constrains the answer itself (:func:`client_constrains`:
     the request is kept as it is)."""
-    if response_format is None or any(body.get(k) is not None for k in CLIENT_CONSTRAINTS):
+    if response_format is None or client_constrains(body):
         return body
     return dict(body, response_format=response_format)
 
