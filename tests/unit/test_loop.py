@@ -246,6 +246,15 @@ def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(tmp_path:
     assert why_not(loop(min_examples_per_new_label=0), "k") is None
     # A label that stays rare past the patience no longer holds the loop back.
     assert why_not(loop(new_label_wait_s=0), "k") is None
+    # A held candidate's version took those 3; the next version carries them, so they
+    # still count with the 2 that came after.
+    with store.connect() as con:
+        seq = con.execute("SELECT max(seq) FROM feedback").fetchall()[0][0]
+        con.execute("INSERT INTO datasets VALUES ('ds-0002', now(), 'h', '[]', ?, '{}', 1, 0, "
+                    "0)", [json.dumps({"considered_through_seq": seq})])
+        insert_events(con, list(to_events([Query(f"later question {i}", "unheard")
+                                           for i in range(2)], seed=2)))
+    assert "unheard (5/20)" in (why_not(settings, "k") or "")
 
 
 def test_the_snapshot_reads_productions_promotion_and_the_newest_drift_check(

@@ -57,6 +57,19 @@ def since_latest(con: Any, table_prefix: str = "") -> tuple[str, list[Any]]:
     rows = con.execute(
         "SELECT filters->>'considered_through_seq', filters->>'considered_through' "
         "FROM datasets ORDER BY created_at DESC LIMIT 1").fetchall()
+    return _after(rows, table_prefix)
+
+
+def since_version(con: Any, version: str | None, table_prefix: str = "") -> tuple[str, list[Any]]:
+    """As :func:`since_latest`, after ``version``'s watermark (nothing for None or a
+    version the store does not hold: all feedback)."""
+    rows = [] if version is None else con.execute(
+        "SELECT filters->>'considered_through_seq', filters->>'considered_through' "
+        "FROM datasets WHERE version = ?", [version]).fetchall()
+    return _after(rows, table_prefix)
+
+
+def _after(rows: list[tuple[Any, ...]], table_prefix: str) -> tuple[str, list[Any]]:
     if not rows:
         return "", []
     seq, through = rows[0]

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import duckdb
 
-from tuneloop.services.curation.store import since_latest
+from tuneloop.services.curation.store import since_version
 from tuneloop.services.loop.policy import (
     DriftCheck,
     HeldCandidate,
@@ -110,11 +110,13 @@ def last_trained_at(con: duckdb.DuckDBPyConnection) -> datetime | None:
 
 
 def new_labels(con: duckdb.DuckDBPyConnection, alias: str) -> list[NewLabel]:
-    """Labels in feedback ingested since the latest dataset version that the dataset of
-    ``alias``'s production adapter lacks (every label, when there is no such dataset),
-    with how many examples each has and when it first came; fewest examples first."""
+    """Labels in feedback ingested since the dataset of ``alias``'s production adapter
+    was curated that this dataset lacks (every label in all feedback, when there is no
+    such dataset), with how many examples each has and when it first came; fewest
+    examples first. Feedback a held candidate's version took counts: the next retrain's
+    version carries it."""
     production = registry.production(con, alias)
-    where, args = since_latest(con, "f.")
+    where, args = since_version(con, production.dataset_version if production else None, "f.")
     known, known_args = "", []
     if production is not None and production.dataset_version is not None:
         known = (" AND f.label NOT IN (SELECT e.label FROM dataset_examples e "
