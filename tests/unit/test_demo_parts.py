@@ -4,6 +4,7 @@ store (real DuckDB file), and the report it writes."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,8 +60,13 @@ def test_the_plan_is_seeded_and_keeps_old_and_new_apart() -> None:
     assert len(first.old) == 6 and len(first.new) == 3 and not set(first.old) & set(first.new)
     assert {q.intent for q in first.history} == set(first.old)
     assert len(first.history) == SMALL.history_per_intent * 6
-    # Steady traffic repeats no query of the history.
+    # Steady traffic repeats no query of the history, and asks each old intent as
+    # often as the history does, however many rows the data has of each.
     assert not {q.text for q in first.history} & {q.text for q in first.steady}
+    assert len(set(Counter(q.intent for q in first.steady).values())) == 1
+    uneven = train + [Query(f"{first.old[0]} extra {j}", first.old[0]) for j in range(500)]
+    steady = plan(SMALL, intents, uneven, test, seed=3).steady
+    assert len(set(Counter(q.intent for q in steady).values())) == 1
     new_share = sum(q.intent in first.new for q in first.shifted) / len(first.shifted)
     assert new_share == pytest.approx(SMALL.new_share, abs=0.01)
     assert len(first.heldout_new) == SMALL.heldout_per_intent * 3

@@ -142,7 +142,10 @@ def plan(sc: Scenario, intents: list[str], train: list[Query], test: list[Query]
     random.Random(seed + 2).shuffle(train)
     history = pick(train, old, sc.history_per_intent)
     random.Random(seed + 3).shuffle(history)  # the app's history interleaves its intents
-    steady = pick(train, old, 10_000, skip=sc.history_per_intent)
+    # Steady traffic asks each old intent as often as the history does: a group with more
+    # rows in the data file must not make steady traffic look like a shift (a service of
+    # a dialogue set may have four times another's turns).
+    steady = balanced(train, old, skip=sc.history_per_intent)
     new_traffic = pick(train, new, 10_000)
     if not new_traffic or not steady:
         raise ValueError(
@@ -151,6 +154,14 @@ def plan(sc: Scenario, intents: list[str], train: list[Query], test: list[Query]
             f"{sc.history_per_intent} each; use a dataset with more queries per intent")
     return Plan(seed, old, new, history, steady, mix(new_traffic, steady, sc.new_share, seed),
                 pick(test, old, sc.heldout_per_intent), pick(test, new, sc.heldout_per_intent))
+
+
+def balanced(pool: list[Query], intents: list[str], skip: int = 0) -> list[Query]:
+    """As many queries of each intent in ``pool`` (from ``skip``) as the rarest of them
+    has, interleaved; none when one has none."""
+    per = [[q for q in pool if q.intent == name][skip:] for name in intents]
+    n = min((len(qs) for qs in per), default=0)
+    return [qs[i] for i in range(n) for qs in per]
 
 
 def pick(pool: list[Query], intents: list[str], per_intent: int, skip: int = 0) -> list[Query]:
