@@ -218,3 +218,73 @@ def test_the_response_cache_is_bounded_in_bytes() -> None:
     assert cache.get("resp-49") and cache.get("cmpl-49") and cache.get("resp-0") is None
     assert cache.nbytes == 1000 * len({id(cache.get(f"resp-{i}")) for i in range(50)
                                        if cache.get(f"resp-{i}")})
+
+
+def test_a_json_alias_is_decoded_under_its_schema_through_the_gateway(tmp_path: Path) -> None:
+    """What reaches vLLM: a user's chat on a json alias carries the schema as its
+    response_format, so does the offline gate's (the internal route); a client's own
+    format is forwarded as sent; a completion is not constrained. The upstream here is a
+    stand-in that records each body and answers one object."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from tuneloop.serving.pool import Replica
+    from tuneloop.serving.upstream import ReplicaClient
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}},
+              "required": ["city"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    settings = load_settings({"home": tmp_path, "serving.admin_key": KEY,
+                              "serving.replica_urls": ["http://127.0.0.1:9"],
+                              "tasks": {"support-bot": {
+                                  "kind": "json", "json_schema": tmp_path / "schema.json",
+                                  "system_prompt": "Answer with the booking object."}}})
+    seen: list[dict[str, object]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        message = {"role": "assistant", "content": '{"city": "Paris"}'}
+        return web.json_response({"id": "u1", "object": "chat.completion", "model": "m",
+                                  "choices": [{"index": 0, "message": message, "text": "x",
+                                               "finish_reason": "stop"}]})
+
+    async def scenario() -> list[int]:
+        upstream = web.Application()
+        upstream.router.add_post("/v1/chat/completions", answer)
+        upstream.router.add_post("/v1/completions", answer)
+        runner = web.AppRunner(upstream)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        app = create_app(settings, "unused-model-path", "base-model", kafka=False)
+        gateway = app.state.gateway
+        statuses = []
+        async with aiohttp.ClientSession() as session:
+            gateway.session = session
+            gateway.pool.replicas.append(Replica(0, ReplicaClient(f"http://127.0.0.1:{port}",
+                                                                  session), state="ready"))
+            gateway.pool.routing = RoutingTable().with_route(Route("support-bot", None))
+            own = {"type": "json_object"}
+            for body, endpoint, internal in (
+                    ({"model": "support-bot", "messages": CHAT}, "chat", False),
+                    ({"model": "support-bot", "messages": CHAT, "response_format": own},
+                     "chat", False),
+                    ({"model": "support-bot", "prompt": "where is my card?"}, "completions",
+                     False),
+                    ({"model": "base-model", "messages": CHAT}, "chat", True)):
+                raw = json.dumps(body).encode()
+                resp = await (gateway.serve_internal(raw, endpoint) if internal else
+                              gateway.serve(raw, endpoint, "127.0.0.1", None))
+                statuses.append(resp.status_code)
+        await runner.cleanup()
+        return statuses
+
+    assert asyncio.run(scenario()) == [200, 200, 200, 200]
+    expected = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    assert [b.get("response_format") for b in seen] == [
+        expected, {"type": "json_object"}, None, expected]
+    assert seen[0]["messages"][0] == {  # type: ignore[index]
+        "role": "system", "content": "Answer with the booking object."}
