@@ -27,7 +27,14 @@ from tests.conftest import ServingStack
 from tuneloop.services.ingest.shadow import land_shadow_pairs
 from tuneloop.services.registry.store import get_adapter
 from tuneloop.services.store.database import Store
-from tuneloop.serving.control import GatewayAdmin, GatewayError, promote, reject, rollback
+from tuneloop.serving.control import (
+    GatewayAdmin,
+    GatewayError,
+    promote,
+    registry_route,
+    reject,
+    rollback,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +63,15 @@ def state_of(stack: ServingStack, version: str) -> str:
 def production(stack: ServingStack) -> str | None:
     route = GatewayAdmin(stack.settings).state()["routes"][0]
     return route["production"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_canary_left(serving_stack: ServingStack) -> None:
+    """The module starts with no canary: a module before it that failed mid-window (the
+    stack is the session's) would otherwise fail every test here that opens one."""
+    left = registry_route(serving_stack.settings, serving_stack.settings.serving.alias).canary
+    if left is not None:
+        reject(serving_stack.settings, left, "left by an earlier test module")
 
 
 def ensure_production(stack: ServingStack) -> str:
