@@ -109,14 +109,15 @@ def train_dpo(model: Any, tokenizer: Any, pairs: Sequence[PreferencePair], confi
                 ref = reference[chunk]
                 margin = (policy[0::2] - ref[:, 0]) - (policy[1::2] - ref[:, 1])
                 loss = -F.logsigmoid(config.dpo_beta * margin).mean()
+                value = float(loss.detach())
+                if not math.isfinite(value):  # before the step, which it would spoil
+                    raise FloatingPointError(f"DPO loss is {value} at step {step}; lower "
+                                             f"dpo_learning_rate={config.dpo_learning_rate}")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if not math.isfinite(float(loss)):
-                    raise FloatingPointError(f"DPO loss is {float(loss)} at step {step}; lower "
-                                             f"dpo_learning_rate={config.dpo_learning_rate}")
-                losses.append(float(loss.detach()))
+                losses.append(value)
                 accuracies.append(float((margin.detach() > 0).float().mean()))
                 step += 1
                 bar.update(task, completed=step, loss=losses[-1])
