@@ -24,6 +24,9 @@ def prefect_env(settings: Settings) -> dict[str, str]:
         "PREFECT_UI_ENABLED": "true",
         # tuneloop's own log lines (training steps, curation counts) in each run's logs.
         "PREFECT_LOGGING_EXTRA_LOGGERS": "tuneloop",
+        # The same code also logs outside a flow run (the CLI, the demo, the gateway): those
+        # lines go to the console and the process's log only, without a warning each.
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
 
 
