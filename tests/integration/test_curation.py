@@ -11,7 +11,7 @@ import pytest
 
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.curation import golden
-from tuneloop.services.curation.core import prompt_key
+from tuneloop.services.curation.core import NothingNew, prompt_key
 from tuneloop.services.curation.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
 from tuneloop.services.curation.run import run_curation
 from tuneloop.services.curation.store import Learned, examples_of, fresh_examples, load_candidates
@@ -209,3 +209,10 @@ def test_a_retrain_version_carries_what_production_never_learned(
     _seed(store, 150, seed=45, start=t0 + timedelta(hours=4))
     fifth = run_curation(store, embedder, cfg, learned=Learned("ds-9999"))
     assert fifth.report["considered"] == 150 and fifth.report["carried"] == 0
+
+    # Nothing arrived since: no version of replayed and carried examples alone (a drift
+    # alarm at a quiet hour must not train on old data, nor fail for want of new).
+    with pytest.raises(NothingNew, match="nothing new to learn: 0 feedback event"):
+        run_curation(store, embedder, cfg, learned=Learned(second.version))
+    with store.connect() as con:
+        assert con.execute("SELECT max(version) FROM datasets").fetchall()[0][0] == fifth.version

@@ -15,7 +15,7 @@ from tests.integration.test_training import training_settings, write_banking77_v
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.canary.store import list_decisions
 from tuneloop.services.registry.artifacts import verify_adapter
-from tuneloop.services.registry.store import list_adapters, promote
+from tuneloop.services.registry.store import list_adapters, promote, reject
 from tuneloop.services.store.database import Store
 from tuneloop.training.base_model import BaseModel
 
@@ -75,6 +75,21 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
     third = retrain(dataset_version="b77-flow", config_file=str(config), run_key="continued",
                     overrides=_home(settings, tiny_base))
     assert third["metrics"]["training"]["continued_from"] == first["path"]
+
+    # An automatic retrain at a quiet hour, no feedback since the last version: curation
+    # finds nothing new, and the run ends skipped with that reason, with no version made.
+    with store.connect() as con:
+        reject(con, third["version"], "test: no candidate waiting for the canary")
+        versions = con.execute("SELECT count(*) FROM datasets").fetchall()[0][0]
+    quiet = retrain(reason="schedule", automatic=True, run_key="quiet",
+                    overrides={**_home(settings, tiny_base), "loop.cooldown_s": 0})
+    assert quiet["verdict"] == "skipped", quiet
+    assert quiet["reason"].startswith("nothing new to learn: 0 feedback event"), quiet
+    with store.connect() as con:
+        verdicts = [d["verdict"] for d in list_decisions(con, 50)
+                    if d["stage"] == "retrain" and d["figures"].get("run_key") == "quiet"]
+        assert con.execute("SELECT count(*) FROM datasets").fetchall()[0][0] == versions
+    assert sorted(verdicts) == ["skipped", "start"]
 
 
 def test_a_retrain_the_worker_dies_in_resumes_from_its_checkpoint_and_publishes_once(

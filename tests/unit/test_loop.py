@@ -92,6 +92,10 @@ def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldow
     decide("start", "b")
     decide("failed", "b")
     assert why_not(cooled, "c") is None
+    # A retrain whose curation found nothing new ends skipped: nothing is left running.
+    decide("start", "n")
+    decide("skipped", "n")
+    assert why_not(cooled, "c") is None
     _adapter(store, "v8", "candidate")
     # A new candidate waits for the canary's first verdict before another retrain starts.
     assert "v8 is waiting for the canary" in (why_not(cooled, "c") or "")

@@ -50,6 +50,7 @@ from tuneloop.runtime.settings import (
 )
 from tuneloop.services.canary import records
 from tuneloop.services.canary.core import INFO, Check, Decision
+from tuneloop.services.curation.core import NothingNew
 from tuneloop.services.curation.run import run_curation
 from tuneloop.services.curation.store import CurationRun, Learned, find_curated
 from tuneloop.services.drift.embeddings import Embedder
@@ -250,8 +251,14 @@ def retrain(
             rename_run(f"retrain skipped: {blocked}"[:100])
             return {"verdict": "skipped", "reason": blocked, "run_key": key}
     if adapter is None:
-        trained = _curate_and_train(settings, overrides, store, trigger, key,
-                                    dataset_version, config_file, max_steps)
+        try:
+            trained = _curate_and_train(settings, overrides, store, trigger, key,
+                                        dataset_version, config_file, max_steps)
+        except NothingNew as exc:
+            if not automatic:
+                raise  # a person asked: the CLI says why
+            rename_run(f"retrain skipped: {exc}"[:100])
+            return {"verdict": "skipped", "reason": str(exc), "run_key": key}
     else:
         log.info("retrain %s: adapter %s already published, not training again", key,
                  adapter.version)
@@ -293,6 +300,12 @@ def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, stor
         _, _, init = read_inputs(store, dataset_version, continue_from, settings.adapters_dir)
         trained = _train(settings, overrides, dataset_version, key, init, config_file,
                          max_steps)
+    except NothingNew as exc:
+        # Feedback since the last version all left out (or none came): no version, no run.
+        record(store, settings.home, Decision(
+            "retrain", None, None, "skipped",
+            [trigger, Check("skipped", INFO, None, None, "", str(exc))], {"run_key": key}))
+        raise
     except Exception as exc:
         record(store, settings.home, Decision(
             "retrain", None, None, "failed",

@@ -191,6 +191,11 @@ class GoldenIndex:
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
 
 
+class NothingNew(ValueError):
+    """No fresh example survived curation: a version of replayed or carried data alone
+    would teach a retrain nothing production has not learned."""
+
+
 @dataclass
 class CurationResult:
     examples: list[Example]

@@ -23,6 +23,7 @@ from tuneloop.services.curation.core import (
     CurationResult,
     Example,
     GoldenIndex,
+    NothingNew,
     cap_known_labels,
     carry_over,
     curate,
@@ -76,7 +77,9 @@ def run_curation(
 
     ``run_key`` (the loop's retrain key) is kept with the version, so a rerun of the same
     retrain finds it (:func:`~tuneloop.services.curation.store.find_curated`) instead of
-    curating again. Raises ``ValueError`` if nothing survives curation, and
+    curating again. Raises :class:`~tuneloop.services.curation.core.NothingNew` (a
+    ``ValueError``) when no fresh example survives curation (carried and replayed examples
+    alone make no version), and
     :class:`~tuneloop.services.store.database.StoreBusyError` if the store stays busy.
     """
     with store.connect() as con:
@@ -85,6 +88,8 @@ def run_curation(
         [p.prompt for p in inputs.previous] + [u.prompt for u in inputs.unlearned.examples]
     vectors, stats = embed_texts(store, embedder, texts, progress)
     curated = curate_version(inputs, vectors, cfg, task)
+    if not curated.examples:
+        raise NothingNew(_nothing_new(curated.result))
     report = _report(curated, len(inputs.golden), stats)
     parents = [inputs.parent] if inputs.parent and curated.replayed else []
     parents += [v for v in _carried_from(curated, inputs) if v not in parents]
@@ -124,7 +129,9 @@ def curate_version(inputs: CurationInputs, vectors: np.ndarray,
                                             cfg.known_label_train_cap)
     kept = {id(e) for e in examples}
     carried = [e for e in carried if id(e) in kept]
-    replayed = _replay(previous, vectors[n_c + n_g : n_c + n_g + n_p], examples, guard, cfg)
+    # Replay guards what is new against forgetting; with nothing new there is no version.
+    replayed = _replay(previous, vectors[n_c + n_g : n_c + n_g + n_p], examples, guard,
+                       cfg) if examples else []
     near = leaks_golden(vectors[:n_c], guard, cfg.near_duplicate_cosine)
     pairs = correction_pairs(
         inputs.candidates, guard, cfg, task,
@@ -133,6 +140,13 @@ def curate_version(inputs: CurationInputs, vectors: np.ndarray,
                   if e.source_event_id and e.split != "train"})
     pairs.pairs.extend(carried_pairs(inputs.unlearned.pairs, carried, pairs.pairs))
     return Curated(result, examples, replayed, carried, capped, pairs)
+
+
+def _nothing_new(result: CurationResult) -> str:
+    """Why a run has no version to write: what it considered and what it dropped."""
+    dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(result.dropped.items()) if n)
+    return (f"nothing new to learn: {result.considered} feedback event(s) since the last "
+            "dataset version, none kept" + (f" (dropped: {dropped})" if dropped else ""))
 
 
 def _carried_from(curated: Curated, inputs: CurationInputs) -> list[str]:

@@ -90,12 +90,12 @@ def offline_looks(con: duckdb.DuckDBPyConnection,
 
 
 def running_since(con: duckdb.DuckDBPyConnection) -> datetime | None:
-    """When the newest retrain that recorded a start, and neither 'trained' nor 'failed'
-    after it under the same run key, started."""
+    """When the newest retrain that recorded a start, and no end after it under the same
+    run key ('trained', 'failed', or 'skipped': curation found nothing new), started."""
     rows = con.execute(
         "SELECT s.created_at FROM canary_decisions s WHERE s.stage = 'retrain' "
         "AND s.verdict = 'start' AND NOT EXISTS (SELECT 1 FROM canary_decisions t "
-        "WHERE t.stage = 'retrain' AND t.verdict IN ('trained', 'failed') "
+        "WHERE t.stage = 'retrain' AND t.verdict IN ('trained', 'failed', 'skipped') "
         "AND t.created_at >= s.created_at AND t.figures->>'run_key' = s.figures->>'run_key') "
         "ORDER BY s.created_at DESC LIMIT 1").fetchall()
     return rows[0][0] if rows else None
