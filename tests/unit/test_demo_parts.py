@@ -69,6 +69,14 @@ def test_the_plan_is_seeded_and_keeps_old_and_new_apart() -> None:
     assert len(set(Counter(q.intent for q in steady).values())) == 1
     new_share = sum(q.intent in first.new for q in first.shifted) / len(first.shifted)
     assert new_share == pytest.approx(SMALL.new_share, abs=0.01)
+    # The shift asks each new intent alike, however many rows each has (the first
+    # intent with ten times the others' rows must not crowd out the last).
+    crowded = train + [Query(f"{first.new[0]} extra {j}", first.new[0]) for j in range(600)]
+    shifted = Counter(q.intent for q in plan(SMALL, intents, crowded, test, seed=3).shifted
+                      if q.intent in first.new)
+    rows = Counter(q.intent for q in crowded if q.intent in first.new)
+    even = sum(shifted.values()) // len(first.new)
+    assert all(shifted[i] >= min(rows[i], even) for i in first.new), (shifted, rows)
     assert len(first.heldout_new) == SMALL.heldout_per_intent * 3
     assert {q.text for q in first.heldout_old} <= {q.text for q in test}
 
