@@ -12,6 +12,7 @@ and the final write only, never while embedding.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,8 @@ def run_curation(
     """
     with store.connect() as con:
         inputs = read_inputs(con, include_used, learned)
+    if not inputs.candidates:  # a quiet hour: nothing to embed or curate
+        raise NothingNew(_nothing_new(CurationResult([], 0, Counter(), 0)))
     texts = [c.prompt for c in inputs.candidates] + [g.prompt for g in inputs.golden] + \
         [p.prompt for p in inputs.previous] + [u.prompt for u in inputs.unlearned.examples]
     vectors, stats = embed_texts(store, embedder, texts, progress)

@@ -161,7 +161,7 @@ def plan(sc: Scenario, intents: list[str], train: list[Query], test: list[Query]
 def balanced(pool: list[Query], intents: list[str], skip: int = 0) -> list[Query]:
     """As many queries of each intent in ``pool`` (from ``skip``) as the rarest of them
     has, interleaved; none when one has none."""
-    per = [[q for q in pool if q.intent == name][skip:] for name in intents]
+    per = _by_intent(pool, intents, skip)
     n = min((len(qs) for qs in per), default=0)
     return [qs[i] for i in range(n) for qs in per]
 
@@ -169,9 +169,14 @@ def balanced(pool: list[Query], intents: list[str], skip: int = 0) -> list[Query
 def interleaved(pool: list[Query], intents: list[str]) -> list[Query]:
     """Every query of ``intents`` in ``pool``, one intent after another in turn, so that
     any first part of the list holds them evenly (until the rarer ones run out)."""
-    per = [[q for q in pool if q.intent == name] for name in intents]
+    per = _by_intent(pool, intents)
     n = max((len(qs) for qs in per), default=0)
     return [qs[i] for i in range(n) for qs in per if i < len(qs)]
+
+
+def _by_intent(pool: list[Query], intents: list[str], skip: int = 0) -> list[list[Query]]:
+    """Each intent's queries in ``pool``, in order, from ``skip``."""
+    return [[q for q in pool if q.intent == name][skip:] for name in intents]
 
 
 def pick(pool: list[Query], intents: list[str], per_intent: int, skip: int = 0) -> list[Query]:
