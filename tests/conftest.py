@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tuneloop.runtime.cpu import split_cores
+from tuneloop.runtime.cpu import parse_cores, split_cores
 from tuneloop.runtime.processes import free_port
 
 if TYPE_CHECKING:  # the models' modules import torch: only the fixtures that train load them
     from tests.session_models import SessionAdapters
+    from tests.stack_env import DemoRun
     from tuneloop.training.base_model import BaseModel
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="tuneloop-test-"))
@@ -52,6 +53,17 @@ os.environ["TUNELOOP_CONFIG"] = str(_SESSION_HOME / "no-such-config.toml")
 from tuneloop.runtime.settings import Settings, load_settings  # noqa: E402
 from tuneloop.services.store.database import Store  # noqa: E402
 
+# The end-to-end demo test runs `tuneloop demo` on a stack of its own for about 25 minutes,
+# its vLLM on the serving cores, the rest of it mostly waiting on that vLLM. The modules
+# that neither serve with vLLM nor train SmolLM2 run meanwhile, on the training cores; the
+# ones that do (the session's serving stack and its adapters) run after it, on a quiet
+# machine. Without the demo test the order is pytest's.
+DEMO_TEST = "tests/integration/test_demo.py"
+BESIDE_DEMO = ("tests/unit/", "tests/integration/test_curation.py",
+               "tests/integration/test_drift.py", "tests/integration/test_ingest.py",
+               "tests/integration/test_package.py", "tests/integration/test_registry.py",
+               "tests/integration/test_retrain.py")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
@@ -64,6 +76,74 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+    demo = [i for i in items if i.nodeid.startswith(DEMO_TEST)]
+    if demo:
+        beside = [i for i in items if i.nodeid.startswith(BESIDE_DEMO)]
+        after = [i for i in items if i not in beside and i not in demo]
+        items[:] = beside + demo + after
+
+
+_DEMO: DemoRun | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_in_background(request: pytest.FixtureRequest,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Start the demo test's run with the session when the demo test is in it, and bind
+    this process (so every test beside the demo, and what it starts) to the training
+    cores until the demo test takes its turn."""
+    global _DEMO
+    from tests.stack_env import start_demo
+
+    if not any(i.nodeid.startswith(DEMO_TEST) for i in request.session.items):
+        yield
+        return
+    _DEMO = start_demo(tmp_path_factory.mktemp("demo"))
+    if _SPLIT is not None:
+        _bind(parse_cores(_SPLIT[1]))
+    try:
+        yield
+    finally:
+        _DEMO.stop()
+
+
+@pytest.fixture
+def demo_run() -> DemoRun:
+    """The demo test's run, started with the session; this process and what the tests
+    beside it started get every core back."""
+    assert _DEMO is not None, "the demo starts with the session (demo_in_background)"
+    if _SPLIT is not None:
+        _unbind_all_but(_DEMO.process.pid)
+    return _DEMO
+
+
+def _bind(cores: set[int]) -> None:
+    """This process on ``cores``, torch's threads (if loaded) one a core: more threads than
+    cores spin against each other."""
+    import sys
+
+    os.sched_setaffinity(0, cores)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(len(cores))
+
+
+def _unbind_all_but(pid: int) -> None:
+    """Every core back for this process and its descendants, but ``pid`` and its own."""
+    import psutil
+
+    everything = set(range(os.cpu_count() or 1))
+    _bind(everything)
+    me = psutil.Process()
+    try:
+        keep = {pid} | {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        keep = set()
+    for proc in me.children(recursive=True):
+        if proc.pid not in keep:
+            try:
+                proc.cpu_affinity(sorted(everything))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -193,7 +273,8 @@ def session_adapters(serving_stack: ServingStack) -> SessionAdapters:
     the serving stack's registry (see tests/session_models.py)."""
     from tests.session_models import train_session_adapters
 
-    return train_session_adapters(serving_stack.settings)
+    return train_session_adapters(serving_stack.settings,
+                                  spare_cores=_SPLIT[0] if _SPLIT is not None else None)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from tuneloop.training.pipeline import train_and_publish
 INTENTS = sorted(banking77.intents())
 OLD = INTENTS[0:60:10]  # six intents spread over the alphabet
 NEW = INTENTS[5:65:10]  # six others
+STEPS = {"cn-old": 24, "cn-flipped": 24, "cn-more": 64}  # each adapter's training steps
 
 
 def tiny_base_model(directory: Path, models_dir: Path) -> BaseModel:
@@ -60,20 +64,44 @@ class SessionAdapters:
     recipe: dict[str, RecipeConfig]
 
 
-def train_session_adapters(settings: Settings) -> SessionAdapters:
+def train_session_adapters(settings: Settings, spare_cores: str | None = None) -> SessionAdapters:
     """Write the datasets and golden set into ``settings``' store and train the three
-    adapters (a rerun finds them published under the same run keys)."""
+    adapters (a rerun finds them published under the same run keys).
+
+    With ``spare_cores`` (the idle serving stack's cores), ``cn-more``, the longest run,
+    trains there in a process of its own while this one trains the other two on
+    ``training.cpu_cores``: the cores take turns only when the session starts serving.
+    """
     store = Store(settings.db_path)
     pool = banking77.select(banking77.load("train"), seed=0)
     write_golden(store, banking77.select(banking77.load("test"), seed=1), OLD, per_intent=5)
-    recipes = {"cn-old": short_recipe(24), "cn-flipped": short_recipe(24),
-               "cn-more": short_recipe(64)}
-    adapters = {}
+    recipes = {version: short_recipe(steps) for version, steps in STEPS.items()}
     for version, intents, flip in (("cn-old", OLD, False), ("cn-flipped", OLD, True),
                                    ("cn-more", OLD + NEW, False)):
         write_dataset(store, version, dataset_rows(version, pool, intents, train=16, val=2,
                                                    test=3, flip=flip))
-        adapters[version] = train_and_publish(settings, version, recipes[version], version,
-                                              show_progress=False)
+    beside = None
+    log = Path(settings.home) / "cn-more.log"
+    if spare_cores is not None:
+        env = {**os.environ, "TUNELOOP_HOME": str(settings.home),
+               "TUNELOOP_TRAINING__CPU_CORES": spare_cores}
+        with log.open("w") as out:
+            beside = subprocess.Popen([sys.executable, "-m", "tests.session_models", "cn-more"],
+                                      env=env, cwd=Path(__file__).parent.parent, stdout=out,
+                                      stderr=subprocess.STDOUT)
+    adapters = {version: train_and_publish(settings, version, recipes[version], version,
+                                           show_progress=False)
+                for version in ("cn-old", "cn-flipped")}
+    if beside is not None:
+        assert beside.wait(timeout=1800) == 0, log.read_text()[-4000:]
+    adapters["cn-more"] = train_and_publish(settings, "cn-more", recipes["cn-more"], "cn-more",
+                                            show_progress=False)  # found published above
     return SessionAdapters(adapters["cn-old"], adapters["cn-flipped"], adapters["cn-more"],
                            recipes)
+
+
+if __name__ == "__main__":  # one session adapter, in a process of its own (see above)
+    from tuneloop.runtime.settings import load_settings
+
+    train_and_publish(load_settings(), sys.argv[1], short_recipe(STEPS[sys.argv[1]]),
+                      sys.argv[1], show_progress=False)

@@ -1,5 +1,5 @@
 """End to end: ``tuneloop demo`` (the default, small scenario), the loop running itself on
-the real embedded stack.
+the real embedded stack. The run starts with the test session (tests/conftest.py).
 
 Its own tansu broker, Prefect server, worker, long-running ingest, gateway and vLLM, in a
 temporary home with free ports; the official ``openai`` client as the users. No person
@@ -10,14 +10,11 @@ are triggered by Prefect events. The default scenario is ``--full``'s with fewer
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.stack_env import own_stack_env
-from tuneloop.runtime.processes import free_port
+from tests.stack_env import DemoRun
 
 pytestmark = pytest.mark.integration
 
@@ -26,19 +23,14 @@ OLD_MARGIN_POINTS = 2.0
 
 
 @pytest.mark.timeout(3400)  # the whole loop, end to end; the command's own limit is 3300 s
-def test_demo_learns_the_new_intents_unattended(tmp_path: Path) -> None:
-    env = own_stack_env(tmp_path / "home", TUNELOOP_SERVING__GATEWAY_PORT=str(free_port()),
-                        TUNELOOP_SERVING__VLLM_PORT=str(free_port()), COLUMNS="140")
-    env.pop("TUNELOOP_CONFIG", None)
-    for key in [k for k in env if k.startswith("TUNELOOP_SERVING__") and k not in (
-            "TUNELOOP_SERVING__GATEWAY_PORT", "TUNELOOP_SERVING__VLLM_PORT")]:
-        env.pop(key)  # the session's shared gateway settings are not this stack's
-    run = subprocess.run([sys.executable, "-m", "tuneloop.cli.main", "demo", "--down"],
-                         env=env, text=True, capture_output=True, timeout=3300)
-    out = run.stdout + run.stderr
-    assert run.returncode == 0, out[-6000:]
-    result = json.loads((tmp_path / "home" / "demo" / "reports" / "demo.json").read_text())
-    figures = dict(line.removeprefix("FIGURE ").split("=") for line in run.stdout.splitlines()
+def test_demo_learns_the_new_intents_unattended(demo_run: DemoRun) -> None:
+    # Started with the session (tests/conftest.py): the tests that need no vLLM of their
+    # own ran beside it.
+    code, stdout, stderr = demo_run.wait(timeout_s=3300)
+    out = stdout + stderr
+    assert code == 0, out[-6000:]
+    result = json.loads((demo_run.home / "demo" / "reports" / "demo.json").read_text())
+    figures = dict(line.removeprefix("FIGURE ").split("=") for line in stdout.splitlines()
                    if line.startswith("FIGURE "))
     assert set(figures) == {"new_intents_macro_f1_before", "new_intents_macro_f1_after",
                             "old_intents_macro_f1_delta", "shift_to_promotion_s"}
