@@ -20,7 +20,7 @@ from tuneloop.runtime.cpu import parse_cores, split_cores
 from tuneloop.runtime.processes import free_port
 
 if TYPE_CHECKING:  # the models' modules import torch: only the fixtures that train load them
-    from tests.session_models import SessionAdapters
+    from tests.session_models import SessionAdapters, Trainers
     from tests.stack_env import DemoRun
     from tuneloop.training.base_model import BaseModel
 
@@ -54,15 +54,16 @@ from tuneloop.runtime.settings import Settings, load_settings  # noqa: E402
 from tuneloop.services.store.database import Store  # noqa: E402
 
 # The end-to-end demo test runs `tuneloop demo` on a stack of its own for about 25 minutes,
-# its vLLM on the serving cores, the rest of it mostly waiting on that vLLM. The modules
-# that neither serve with vLLM nor train SmolLM2 run meanwhile, on the training cores; the
-# ones that do (the session's serving stack and its adapters) run after it, on a quiet
-# machine. Without the demo test the order is pytest's.
+# its vLLM on the serving cores, the rest of it mostly waiting on that vLLM. The tests
+# that do not use the session's serving stack run meanwhile, on the training cores; those
+# that do (and the adapters they judge) run after it, on a quiet machine. Without the
+# demo test the order is pytest's.
 DEMO_TEST = "tests/integration/test_demo.py"
-BESIDE_DEMO = ("tests/unit/", "tests/integration/test_curation.py",
-               "tests/integration/test_drift.py", "tests/integration/test_ingest.py",
-               "tests/integration/test_package.py", "tests/integration/test_registry.py",
-               "tests/integration/test_retrain.py")
+BESIDE_NICENESS = 5
+
+
+def _beside_demo(item: pytest.Item) -> bool:
+    return "serving_stack" not in getattr(item, "fixturenames", ())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -78,12 +79,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
     demo = [i for i in items if i.nodeid.startswith(DEMO_TEST)]
     if demo:
-        beside = [i for i in items if i.nodeid.startswith(BESIDE_DEMO)]
+        beside = [i for i in items if i not in demo and _beside_demo(i)]
         after = [i for i in items if i not in beside and i not in demo]
         items[:] = beside + demo + after
 
 
 _DEMO: DemoRun | None = None
+_TRAINERS: Trainers | None = None
+_SERVING_HOME = _SESSION_HOME / "serving"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -91,20 +94,38 @@ def demo_in_background(request: pytest.FixtureRequest,
                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Start the demo test's run with the session when the demo test is in it, and bind
     this process (so every test beside the demo, and what it starts) to the training
-    cores until the demo test takes its turn."""
-    global _DEMO
+    cores until the demo test takes its turn. The session's SmolLM2 adapters, when a test
+    needs them, train meanwhile at the lowest priority: on the time the demo and the
+    tests beside it leave."""
+    global _DEMO, _TRAINERS
     from tests.stack_env import start_demo
 
-    if not any(i.nodeid.startswith(DEMO_TEST) for i in request.session.items):
+    ids = [i.nodeid for i in request.session.items]
+    if not any(i.startswith(DEMO_TEST) for i in ids):
         yield
         return
+    settings = load_settings({"home": _SERVING_HOME})
+    if _SPLIT is not None and any("session_adapters" in getattr(i, "fixturenames", ())
+                                  for i in request.session.items):
+        from tests.session_models import start_trainers, write_session_data
+        from tuneloop.training.base_model import resolve_base_model
+
+        # Converted once, before the demo and the trainers would each convert it.
+        resolve_base_model(settings.training.base_model, settings.models_dir)
+        write_session_data(settings)
+        _TRAINERS = start_trainers(settings, [(["cn-old", "cn-flipped"], _SPLIT[1]),
+                                              (["cn-more"], _SPLIT[0])], niceness=19)
     _DEMO = start_demo(tmp_path_factory.mktemp("demo"))
     if _SPLIT is not None:
         _bind(parse_cores(_SPLIT[1]))
+        # The demo is the longest test: when the two want the same core, it goes first.
+        os.setpriority(os.PRIO_PROCESS, 0, BESIDE_NICENESS)
     try:
         yield
     finally:
         _DEMO.stop()
+        if _TRAINERS is not None:
+            _TRAINERS.stop()
 
 
 @pytest.fixture
@@ -113,7 +134,10 @@ def demo_run() -> DemoRun:
     beside it started get every core back."""
     assert _DEMO is not None, "the demo starts with the session (demo_in_background)"
     if _SPLIT is not None:
-        _unbind_all_but(_DEMO.process.pid)
+        _unbind_all_but(_DEMO.process.pid, *(
+            [p.pid for p, _ in _TRAINERS.processes] if _TRAINERS is not None else []))
+        if _TRAINERS is not None:  # the training cores are free now, but for the demo's own
+            _TRAINERS.move(_SPLIT[1])
     return _DEMO
 
 
@@ -127,23 +151,29 @@ def _bind(cores: set[int]) -> None:
         sys.modules["torch"].set_num_threads(len(cores))
 
 
-def _unbind_all_but(pid: int) -> None:
-    """Every core back for this process and its descendants, but ``pid`` and its own."""
+def _unbind_all_but(*pids: int) -> None:
+    """Every core and normal priority back for this process and its descendants, but
+    ``pids`` and theirs."""
     import psutil
 
     everything = set(range(os.cpu_count() or 1))
     _bind(everything)
     me = psutil.Process()
-    try:
-        keep = {pid} | {p.pid for p in psutil.Process(pid).children(recursive=True)}
-    except psutil.NoSuchProcess:
-        keep = set()
-    for proc in me.children(recursive=True):
-        if proc.pid not in keep:
-            try:
-                proc.cpu_affinity(sorted(everything))
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
+    keep = set(pids)
+    for pid in pids:
+        try:
+            keep |= {p.pid for p in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
+    for proc in [me, *me.children(recursive=True)]:
+        if proc.pid in keep:
+            continue
+        try:
+            proc.cpu_affinity(sorted(everything))
+            for thread in proc.threads():
+                os.setpriority(os.PRIO_PROCESS, thread.id, 0)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            continue
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -237,7 +267,7 @@ def serving_stack(broker: Settings) -> Iterator[ServingStack]:
     from tuneloop.infra.gateway import EmbeddedGateway
     from tuneloop.training.base_model import resolve_base_model
 
-    home = _SESSION_HOME / "serving"
+    home = _SERVING_HOME
     settings = load_settings({
         "home": home,
         "serving.gateway_port": free_port(),
@@ -271,8 +301,11 @@ def serving_stack(broker: Settings) -> Iterator[ServingStack]:
 def session_adapters(serving_stack: ServingStack) -> SessionAdapters:
     """The SmolLM2 adapters the training and canary tests judge, trained once a session in
     the serving stack's registry (see tests/session_models.py)."""
-    from tests.session_models import train_session_adapters
+    from tests.session_models import published_adapters, train_session_adapters
 
+    if _TRAINERS is not None:  # started with the session, beside the demo
+        _TRAINERS.wait(cores=_SPLIT[1] if _SPLIT is not None else None)
+        return published_adapters(serving_stack.settings)
     return train_session_adapters(serving_stack.settings,
                                   spare_cores=_SPLIT[0] if _SPLIT is not None else None)
 
