@@ -24,8 +24,8 @@ OLD_MARGIN_POINTS = 2.0
 
 @pytest.mark.timeout(3400)  # the whole loop, end to end; the command's own limit is 3300 s
 def test_demo_learns_the_new_intents_unattended(demo_run: DemoRun) -> None:
-    # Started with the session (tests/conftest.py): the tests that do not use the session's
-    # vLLM ran beside it.
+    # Started with the session (tests/conftest.py): the tests that need no vLLM of their
+    # own ran beside it.
     code, stdout, stderr = demo_run.wait(timeout_s=3300)
     out = stdout + stderr
     assert code == 0, out[-6000:]
