@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tuneloop.runtime.cpu import parse_cores, split_cores
+from tuneloop.runtime.cpu import pin, split_cores
 from tuneloop.runtime.processes import free_port
 
 if TYPE_CHECKING:  # the models' modules import torch: only the fixtures that train load them
@@ -123,7 +123,7 @@ def demo_in_background(request: pytest.FixtureRequest,
                                               (["cn-more"], _SPLIT[0])], niceness=19)
     _DEMO = start_demo(tmp_path_factory.mktemp("demo"))
     if _SPLIT is not None:
-        _bind(parse_cores(_SPLIT[1]))
+        pin(_SPLIT[1])
         # The demo is the longest test: when the two want the same core, it goes first.
         os.setpriority(os.PRIO_PROCESS, 0, BESIDE_NICENESS)
     try:
@@ -147,23 +147,13 @@ def demo_run() -> DemoRun:
     return _DEMO
 
 
-def _bind(cores: set[int]) -> None:
-    """This process on ``cores``, torch's threads (if loaded) one a core: more threads than
-    cores spin against each other."""
-    import sys
-
-    os.sched_setaffinity(0, cores)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(len(cores))
-
-
 def _unbind_all_but(*pids: int) -> None:
     """Every core and normal priority back for this process and its descendants, but
     ``pids`` and theirs."""
     import psutil
 
     everything = set(range(os.cpu_count() or 1))
-    _bind(everything)
+    pin(",".join(map(str, sorted(everything))))
     me = psutil.Process()
     keep = set(pids)
     for pid in pids:
@@ -310,7 +300,7 @@ def session_adapters(serving_stack: ServingStack) -> SessionAdapters:
     from tests.session_models import published_adapters, train_session_adapters
 
     if _TRAINERS is not None:  # started with the session, beside the demo
-        _TRAINERS.wait(cores=_SPLIT[1] if _SPLIT is not None else None)
+        _TRAINERS.wait()
         return published_adapters(serving_stack.settings)
     return train_session_adapters(serving_stack.settings,
                                   spare_cores=_SPLIT[0] if _SPLIT is not None else None)

@@ -92,11 +92,8 @@ class Trainers:
             if process.poll() is None:
                 bind(parse_cores(cores), process.pid)
 
-    def wait(self, cores: str | None = None) -> None:
-        """Back to normal priority (and onto ``cores``, the ones serving leaves), then
-        until every one has published."""
-        if cores is not None:
-            self.move(cores)
+    def wait(self) -> None:
+        """Back to normal priority, then until every one has published."""
         for process, log in self.processes:
             for task in Path(f"/proc/{process.pid}/task").glob("*"):
                 try:
