@@ -47,7 +47,9 @@ $(VLLM_STAMP): Makefile vllm-plugin/pyproject.toml vllm-plugin/tuneloop_vllm/*.p
 demo: setup serving-setup
 	$(BIN)/tuneloop demo
 
-test: setup serving-setup lint
+# The two virtualenvs install side by side, and lint runs as soon as the first is ready.
+test:
+	$(MAKE) --jobs=2 --output-sync=target setup serving-setup lint
 	$(BIN)/python -m pytest -ra --timeout=1800 --durations=25 tests
 
 # ruff, mypy, the import contracts in .importlinter (the layers, no Prefect below flows) and

@@ -54,22 +54,25 @@ from tuneloop.runtime.settings import Settings, load_settings  # noqa: E402
 from tuneloop.services.store.database import Store  # noqa: E402
 
 # The end-to-end demo test runs `tuneloop demo` on a stack of its own for about 25 minutes,
-# its vLLM on the serving cores, the rest of it mostly waiting on that vLLM. The modules
+# its vLLM on the serving cores, the rest of it mostly waiting on that vLLM. The tests
 # that neither serve with vLLM nor train SmolLM2 run meanwhile, on the training cores;
-# the others (the session's serving stack and the adapters it judges; `tuneloop up` with
-# a retrain in flight) run after it, on a quiet machine: beside the demo they slowed it by
-# more than they took (tuneloop/bench/RESULTS.md, the test suite). Without the demo test
-# the order is pytest's.
+# the others (the session's serving stack and the adapters it judges) run after it, on a
+# quiet machine: beside the demo they slowed it by more than they took
+# (tuneloop/bench/RESULTS.md, the test suite). Without the demo test the order is pytest's.
 DEMO_TEST = "tests/integration/test_demo.py"
 BESIDE_NICENESS = 5
 BESIDE_DEMO = ("tests/unit/", "tests/integration/test_curation.py",
                "tests/integration/test_drift.py", "tests/integration/test_ingest.py",
                "tests/integration/test_package.py", "tests/integration/test_registry.py",
-               "tests/integration/test_retrain.py")
+               "tests/integration/test_retrain.py", "tests/integration/test_stack_cli.py",
+               "tests/integration/test_training.py")
+# Of those modules, tests with these fixtures run after the demo.
+AFTER_DEMO_FIXTURES = {"serving_stack", "session_adapters"}
 
 
 def _beside_demo(item: pytest.Item) -> bool:
-    return item.nodeid.startswith(BESIDE_DEMO)
+    return item.nodeid.startswith(BESIDE_DEMO) and not AFTER_DEMO_FIXTURES & set(
+        getattr(item, "fixturenames", ()))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.stack_env import own_stack_env
+from tuneloop.training.base_model import BaseModel
+from tuneloop.training.config import DEFAULT_CONFIG
 
 pytestmark = pytest.mark.integration
 
@@ -40,11 +42,26 @@ def _wait_for_feedback(env: dict[str, str], n: int, timeout_s: float = 240) -> d
     return report
 
 
-def test_up_replay_unattended_ingest_status_down(tmp_path: Path) -> None:
+def _endless_recipe(directory: Path) -> Path:
+    """The shipped recipe with more steps than the test lasts: the retrain is still
+    training when `down` comes."""
+    import yaml
+
+    recipe = {**yaml.safe_load(DEFAULT_CONFIG.read_text()), "max_steps": 1_000_000}
+    path = directory / "endless.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_up_replay_unattended_ingest_status_down(tmp_path: Path, tiny_base: BaseModel) -> None:
     env = own_stack_env(
         tmp_path / "home", TUNELOOP_INGEST__INTERVAL_S="5",
         # The session's one gateway + vLLM (tests/conftest.py) covers serving.
-        TUNELOOP_SERVING__EMBEDDED="false", COLUMNS="120")
+        TUNELOOP_SERVING__EMBEDDED="false", COLUMNS="120",
+        # The retrain in flight at `down` trains a tiny random model: what is tested is
+        # that `down` ends it, not what it learns.
+        TUNELOOP_TRAINING__BASE_MODEL=tiny_base.path,
+        TUNELOOP_TRAINING__CONFIG=str(_endless_recipe(tmp_path)))
     up = _cli(env, "up")
     try:
         assert up.returncode == 0, up.stderr

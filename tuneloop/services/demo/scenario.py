@@ -74,8 +74,8 @@ def to_toml(data: dict[str, Any]) -> str:
     return "\n".join(table([], data)) + "\n"
 
 
-def _settings(window: int, canary_window_s: int, min_requests: int,
-              min_ratings: int) -> dict[str, dict[str, Any]]:
+def _settings(window: int, canary_window_s: int, min_requests: int, min_ratings: int,
+              fresh_max_examples: int) -> dict[str, dict[str, Any]]:
     # On a CPU, vLLM and training each get their own cores: threads of the two spinning on
     # the same core slow both several times over (see tuneloop/runtime/cpu.py).
     cores = split_cores(os.cpu_count() or 1)
@@ -88,7 +88,7 @@ def _settings(window: int, canary_window_s: int, min_requests: int,
         # An inconclusive offline improvement is looked at again within minutes, on the
         # labelled answers that arrived meanwhile.
         "canary": {"window_s": canary_window_s, "max_window_s": 900, "poll_s": 10,
-                   "offline_recheck_s": 90, "fresh_max_examples": 80,
+                   "offline_recheck_s": 90, "fresh_max_examples": fresh_max_examples,
                    "min_requests": min_requests, "min_ratings": min_ratings},
         "serving": {"canary_share": 0.5},
         # The demo shows the drift path; a retrain on label count alone is off.
@@ -104,11 +104,15 @@ def _settings(window: int, canary_window_s: int, min_requests: int,
 FULL = Scenario(old_share=0.5, max_old=40, new_intents=10, history_per_intent=24,
                 golden_per_intent=5, heldout_per_intent=10, new_share=0.5, steady_s=120,
                 users=4, rate=1.5, label_share=0.6, drift_window=200, shift_timeout_s=4200,
-                settings=_settings(200, 90, 40, 20))
+                settings=_settings(200, 90, 40, 20, 80))
+# The small scenario is sized to end within 25 minutes on two CPU cores, where vLLM answers
+# about two requests a second: its agent labels nine answers in ten, so the new intents
+# have the examples a retrain waits for (loop.min_examples_per_new_label) about when the
+# drift alarm comes, and the offline gate asks 40 of the newest labelled events.
 SMALL = Scenario(old_share=0.5, max_old=6, new_intents=3, history_per_intent=40,
                  golden_per_intent=5, heldout_per_intent=20, new_share=0.5, steady_s=70,
-                 users=4, rate=1.0, label_share=0.6, drift_window=180, shift_timeout_s=2400,
-                 settings=_settings(180, 45, 25, 12))
+                 users=4, rate=1.0, label_share=0.9, drift_window=180, shift_timeout_s=2400,
+                 settings=_settings(180, 45, 25, 12, 40))
 
 
 @dataclass(frozen=True)
