@@ -23,6 +23,9 @@ predecessor left unfinished Crashed and runs the retrain and canary ones again, 
 on from where they stopped (``tuneloop.flows.recovery``).
 
 Ingest is not a deployment: ``tuneloop up`` runs one long-running consumer.
+
+Beyond one machine, ``prefect.yaml`` at the repository root declares these same
+deployments on work pools (docs/production.md).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
 from tuneloop.flows.canary import canary, check_production
@@ -100,16 +104,25 @@ def deployments(settings: Settings) -> list[Any]:
     ]
 
 
+def training_deployment(settings: Settings) -> RunnerDeployment | None:
+    """``train-adapter/<pool>`` for ``loop.train_work_pool``; None when training runs in
+    the worker."""
+    pool = settings.loop.train_work_pool
+    if not pool:
+        return None
+    deployment = train_adapter.to_deployment(
+        name=pool, tags=["tuneloop", "training"],
+        description="Train and publish one adapter (run by the retrain flow).",
+    )
+    assert not asyncio.iscoroutine(deployment)
+    return deployment
+
+
 def register_training_pool(settings: Settings) -> None:
     """``train-adapter/<pool>`` on ``loop.train_work_pool``, for a worker on another machine."""
-    pool = settings.loop.train_work_pool
-    if pool:
-        deployment = train_adapter.to_deployment(
-            name=pool, tags=["tuneloop", "training"],
-            description="Train and publish one adapter (run by the retrain flow).",
-        )
-        assert not asyncio.iscoroutine(deployment)
-        deployment.apply(work_pool_name=pool)
+    deployment = training_deployment(settings)
+    if deployment is not None:
+        deployment.apply(work_pool_name=settings.loop.train_work_pool)
 
 
 def serve_all(settings: Settings) -> None:
