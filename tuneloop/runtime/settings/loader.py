@@ -25,6 +25,7 @@ from tuneloop.runtime.settings.lifecycle import (
     ServingSettings,
     TrainingSettings,
 )
+from tuneloop.runtime.settings.object_store import ObjectStoreSettings
 from tuneloop.runtime.settings.sections import (
     CurationSettings,
     DriftSettings,
@@ -58,6 +59,7 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".tuneloop"), description="State directory: DuckDB, logs, adapters.")
     log_level: str = "INFO"
     kafka: KafkaSettings = KafkaSettings()
+    object_store: ObjectStoreSettings = ObjectStoreSettings()
     prefect: PrefectSettings = PrefectSettings()
     store: StoreSettings = StoreSettings()
     producer: ProducerSettings = ProducerSettings()
@@ -121,6 +123,11 @@ class Settings(BaseSettings):
         return self.producer.outbox_path or self.home / "outbox.sqlite"
 
     @property
+    def object_store_dir(self) -> Path:
+        """Where the embedded object store keeps its files."""
+        return self.object_store.data_dir or self.home / "object-store"
+
+    @property
     def adapters_dir(self) -> Path:
         return self.home / "adapters"
 
@@ -165,9 +172,24 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         extra = [tuple(str(p) for p in e["loc"]) for e in exc.errors()
                  if e["type"] == "extra_forbidden"]
         if not extra:
-            raise
+            raise _without_secrets(exc) from None
         where = f"{os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE)} or the overrides"
         raise SettingsError("\n".join(_describe_unknown(path, where) for path in extra)) from None
+
+
+# Sections whose input holds secrets: an error in them is shown without pydantic's copy
+# of the input (the messages name the key and the fix).
+_SECRET_SECTIONS = frozenset({"object_store"})
+
+
+def _without_secrets(exc: ValidationError) -> ValidationError:
+    """``exc`` as it is, or without the inputs when an error is in a section with secrets."""
+    errors = exc.errors()
+    if not any(e["loc"] and e["loc"][0] in _SECRET_SECTIONS for e in errors):
+        return exc
+    details: list[Any] = [{"type": e["type"], "loc": e["loc"], "input": e["input"],
+                           **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in errors]
+    return ValidationError.from_exception_data(exc.title, details, hide_input=True)
 
 
 def _environment_paths() -> list[tuple[str, tuple[str, ...]]]:

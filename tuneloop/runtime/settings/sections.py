@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tuneloop.runtime.settings.urls import storage_bucket as bucket_of_engine
+
 
 class Section(BaseModel):
     """A settings section: a key it does not know is an error, never silently ignored."""
@@ -28,16 +30,27 @@ class KafkaSettings(Section):
         "set embedded=false to use production brokers.",
     )
     embedded: bool = Field(True, description="Start the bundled tansu broker with `tuneloop up`.")
+    storage_engine: str = Field(
+        "memory", description="Where the embedded tansu broker keeps its log: 'memory' "
+        "(what it holds is lost when it stops) or 's3://BUCKET/' (tansu's S3 engine on the "
+        "store in [object_store]: a broker restart or kill loses nothing it acknowledged; "
+        "the embedded store keeps it on disk across `tuneloop down`). The embedded broker "
+        "only: an external cluster keeps its own log.",
+    )
     topic: str = "feedback.v1"
     dlq_topic: str = "feedback.v1.dlq"
     partitions: int = Field(3, ge=1)
     replication_factor: int = Field(
-        1, ge=1, description="Replicas of each topic tuneloop creates; with an external "
-        "cluster, `tuneloop up` and `status` report topics with fewer.",
+        1, ge=1, description="Replicas of each topic tuneloop creates. 1 for the embedded "
+        "broker (one node); production: 3, so a topic outlives two lost brokers. With an "
+        "external cluster, `tuneloop up` and `status` report topics with fewer.",
     )
     min_insync_replicas: int = Field(
-        1, ge=1, description="min.insync.replicas of the topics tuneloop creates (producers "
-        "send with acks=all); existing topics below it are reported.",
+        1, ge=1, description="min.insync.replicas of the topics tuneloop creates, set as a "
+        "topic config when above 1: producers send with acks=all, so a write is "
+        "acknowledged only once this many replicas hold it. 1 for the embedded broker; "
+        "production: 2 (with replication_factor=3, one broker may be down and writes go "
+        "on). Existing topics below it are reported.",
     )
     group_id: str = "tuneloop-ingest"
     # tansu joins a group in ~3 s with 6 s sessions; the Kafka default (45 s) makes it ~23 s.
@@ -50,6 +63,12 @@ class KafkaSettings(Section):
     max_poll_interval_ms: int = Field(60_000, ge=10_000)
     request_timeout_ms: int = Field(15_000, ge=1000)
 
+    @field_validator("storage_engine")
+    @classmethod
+    def _check_storage(cls, value: str) -> str:
+        bucket_of_engine(value)  # raises naming the fix
+        return value
+
     @model_validator(mode="after")
     def _check_replicas(self) -> KafkaSettings:
         if self.min_insync_replicas > self.replication_factor:
@@ -57,7 +76,17 @@ class KafkaSettings(Section):
                 f"kafka.min_insync_replicas={self.min_insync_replicas} is above "
                 f"kafka.replication_factor={self.replication_factor}: no write could succeed"
             )
+        if not self.embedded and self.storage_engine != "memory":
+            raise ValueError(
+                f"kafka.storage_engine={self.storage_engine!r} is the embedded broker's, and "
+                "kafka.embedded=false: an external cluster keeps its own log; remove "
+                "kafka.storage_engine")
         return self
+
+    @property
+    def storage_bucket(self) -> str | None:
+        """The bucket the embedded broker keeps its log in; None with memory storage."""
+        return bucket_of_engine(self.storage_engine)
 
 
 class PrefectSettings(Section):

@@ -27,8 +27,19 @@ class PartitionOffsets:
         return self.end - (self.committed or 0)
 
 
+def new_topics(cfg: KafkaSettings, names: list[str]) -> list[NewTopic]:
+    """How each of ``names`` is created: ``kafka.partitions``, ``kafka.replication_factor``
+    replicas, and ``min.insync.replicas`` as a topic config when above 1 (the brokers'
+    default, 1, is left alone: the embedded broker is one node)."""
+    configs = ({"min.insync.replicas": str(cfg.min_insync_replicas)}
+               if cfg.min_insync_replicas > 1 else {})
+    return [NewTopic(name, cfg.partitions, cfg.replication_factor, topic_configs=dict(configs))
+            for name in names]
+
+
 def ensure_topics(cfg: KafkaSettings, extra: tuple[str, ...] = ()) -> list[str]:
-    """Create the feedback and dead-letter topics (and ``extra``) if missing; returns those created."""
+    """Create the feedback and dead-letter topics (and ``extra``) if missing, as
+    :func:`new_topics` describes them; returns those created."""
     admin = KafkaAdminClient(
         bootstrap_servers=cfg.bootstrap_servers, request_timeout_ms=cfg.request_timeout_ms
     )
@@ -36,13 +47,10 @@ def ensure_topics(cfg: KafkaSettings, extra: tuple[str, ...] = ()) -> list[str]:
         existing = set(admin.list_topics())
         wanted = [t for t in (cfg.topic, cfg.dlq_topic, *extra) if t not in existing]
         created = []
-        configs = ({"min.insync.replicas": str(cfg.min_insync_replicas)}
-                   if cfg.min_insync_replicas > 1 else {})
-        for name in wanted:
+        for topic in new_topics(cfg, wanted):
             try:
-                admin.create_topics([NewTopic(name, cfg.partitions, cfg.replication_factor,
-                                              topic_configs=configs)])
-                created.append(name)
+                admin.create_topics([topic])
+                created.append(topic.name)
             except TopicAlreadyExistsError:
                 pass
         if created:
