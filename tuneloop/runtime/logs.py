@@ -1,4 +1,5 @@
-"""Logging set-up: rich on the terminal, plain lines with timestamps in a file.
+"""Logging set-up: rich on the terminal (standard error: standard output is each command's
+own output, such as ``tuneloop status --json``), plain lines with timestamps in a file.
 
 Modules log with ``logging.getLogger(__name__)`` and put the ids they act on
 (event, run, adapter version) into each message.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s [pid %(process)d] %(message)s"
@@ -28,7 +30,8 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
     root.setLevel(level)
     if getattr(root, "_tuneloop_configured", False):
         return
-    console = RichHandler(show_path=False, rich_tracebacks=True, markup=False)
+    console = RichHandler(console=Console(stderr=True), show_path=False,
+                          rich_tracebacks=True, markup=False)
     console.setLevel(level)
     if logging.getLevelName(level) > logging.DEBUG:
         console.addFilter(_QuietLibraries())
