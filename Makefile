@@ -44,7 +44,8 @@ $(VLLM_STAMP): Makefile vllm-plugin/pyproject.toml vllm-plugin/tuneloop_vllm/*.p
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
 
-demo: setup serving-setup
+demo:
+	$(MAKE) --jobs=2 --output-sync=target setup serving-setup
 	$(BIN)/tuneloop demo
 
 # The two virtualenvs install side by side, and lint runs as soon as the first is ready.

@@ -43,7 +43,8 @@ def up(
 
 
 def down(ctx: typer.Context) -> None:
-    """Stop the embedded stack. The embedded broker keeps messages in memory: they go with it."""
+    """Stop the embedded stack. On memory storage (the default) the broker's messages go
+    with it; with kafka.storage_engine = s3://... they stay in the object store."""
     from tuneloop.infra.stack import Stack
 
     stopped = Stack(settings_of(ctx)).down()
