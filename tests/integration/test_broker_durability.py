@@ -77,7 +77,7 @@ def _produce(settings: Settings, n: int) -> dict[bytes, tuple[int, int]]:
         producer.close()
 
 
-def _consume_all(settings: Settings, expect: int, timeout_s: float = 30.0) -> list[tuple[bytes, int, int]]:
+def _consume_all(settings: Settings, expect: int, timeout_s: float = 120.0) -> list[tuple[bytes, int, int]]:
     """Every record of the topic from the beginning, (value, partition, offset); reads
     on for a second after ``expect`` arrived, so a duplicate would be counted too."""
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers,
@@ -107,7 +107,7 @@ def _kill(broker: EmbeddedBroker) -> None:
     """SIGKILL: tansu gets no chance to flush anything. Returns once its port is free
     (its threads close its sockets a moment after its pid is gone)."""
     assert broker.process.stop(sig=signal.SIGKILL)
-    wait_until(lambda: not port_open(broker.host, broker.port), 5.0, "the killed broker's port")
+    wait_until(lambda: not port_open(broker.host, broker.port), 30.0, "the killed broker's port")
 
 
 @pytest.mark.parametrize(("s3_settings", "also_restart_store"), [
@@ -173,7 +173,8 @@ def test_memory_storage_loses_them(tmp_path: Path) -> None:
         assert len(_produce(settings, 100)) == 100
         _kill(broker)
         broker.start()
-        ensure_topics(settings.kafka)  # the topics went with the broker
+        # The topics went with the broker, and every record with them.
+        assert settings.kafka.topic in ensure_topics(settings.kafka)
         assert _consume_all(settings, 1, timeout_s=2.0) == []
     finally:
         broker.stop()

@@ -99,6 +99,15 @@ def test_bad_bucket_and_region_are_named(key: str, value: str, fix: str) -> None
     assert fix in str(caught.value)
 
 
+def test_any_bad_value_beside_credentials_is_an_error_that_names_it() -> None:
+    """A type pydantic raises itself (a path that is not one) is reported like the others,
+    without the section's credentials."""
+    with pytest.raises(ValidationError, match=r"object_store\.data_dir") as caught:
+        load_settings({"object_store.access_key_id": "tuneloop",
+                       "object_store.secret_access_key": SECRET, "object_store.data_dir": 5})
+    assert "path" in str(caught.value) and SECRET not in str(caught.value)
+
+
 def test_credentials_go_together_and_are_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     for half in ({"object_store.access_key_id": SECRET},
                  {"object_store.secret_access_key": SECRET},

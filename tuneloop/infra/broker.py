@@ -16,7 +16,7 @@ import socket
 import struct
 from pathlib import Path
 
-from tuneloop.infra.object_store import s3_env, speaks_s3
+from tuneloop.infra.object_store import s3_answers, s3_env
 from tuneloop.runtime.processes import ManagedProcess, port_open, wait_until
 from tuneloop.runtime.settings import Settings
 
@@ -120,11 +120,12 @@ class EmbeddedBroker:
         kafka, store = self.settings.kafka, self.settings.object_store
         if kafka.storage_bucket is None:
             return "memory://tansu/", {}
-        if not speaks_s3(store.endpoint):
+        if not s3_answers(store.endpoint):
             raise OSError(
                 f"kafka.storage_engine={kafka.storage_engine!r}: no S3 store answers at "
                 f"object_store.endpoint={store.endpoint!r}; `tuneloop up` starts the embedded "
-                "one (object_store.embedded=true), or start the store that endpoint names")
+                "one (object_store.embedded=true), or start the store that endpoint "
+                "names")
         return kafka.storage_engine, s3_env(store)
 
     def stop(self) -> bool:

@@ -131,6 +131,21 @@ def ensure_buckets(cfg: ObjectStoreSettings, names: list[str], client: Any = Non
     return created
 
 
+def s3_answers(endpoint: str, wait_s: float = 30.0) -> bool:
+    """Whether an S3 API answers at ``endpoint``. A server that holds the port but does not
+    answer yet (one just started, on a busy machine) gets ``wait_s``; a closed port fails
+    at once."""
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    deadline = time.monotonic() + wait_s
+    while True:
+        if speaks_s3(endpoint, timeout_s=5.0):
+            return True
+        if not port_open(url.hostname or "127.0.0.1", port) or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
 def speaks_s3(endpoint: str, timeout_s: float = 2.0) -> bool:
     """Whether what answers at ``endpoint`` is an S3 API: a GET of ``/`` gets an S3 XML
     document (the bucket list, or an S3 error such as AccessDenied)."""
@@ -188,7 +203,7 @@ class EmbeddedObjectStore:
                 f"({', '.join(buckets_in_use(self.settings))}) within {timeout_s:.0f}s; "
                 f"its log ({self.process.log_file}) says:\n{self.process.tail()}") from None
 
-    def _port_holder(self, settle_s: float = 3.0) -> bool | None:
+    def _port_holder(self, settle_s: float = 20.0) -> bool | None:
         """None when the port is free, True when an S3 store holds it, False when another
         program does. A store just killed holds the port for a moment after its pid is
         gone (its threads are still closing its sockets), and one starting opens it a
@@ -197,7 +212,7 @@ class EmbeddedObjectStore:
         while True:
             if not port_open(self.host, self.port):
                 return None
-            if speaks_s3(self.cfg.endpoint, timeout_s=1.0):
+            if speaks_s3(self.cfg.endpoint, timeout_s=5.0):
                 return True
             if time.monotonic() >= deadline:
                 return False

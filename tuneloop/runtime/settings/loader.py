@@ -183,12 +183,16 @@ _SECRET_SECTIONS = frozenset({"object_store"})
 
 
 def _without_secrets(exc: ValidationError) -> ValidationError:
-    """``exc`` as it is, or without the inputs when an error is in a section with secrets."""
+    """``exc`` as it is, or with every error's message but no input when an error is in a
+    section with secrets or is the whole model's (its input is every section). Each
+    message is kept as pydantic wrote it, whatever its type."""
+    from pydantic_core import PydanticCustomError
+
     errors = exc.errors()
-    if not any(e["loc"] and e["loc"][0] in _SECRET_SECTIONS for e in errors):
+    if not any(not e["loc"] or e["loc"][0] in _SECRET_SECTIONS for e in errors):
         return exc
-    details: list[Any] = [{"type": e["type"], "loc": e["loc"], "input": e["input"],
-                           **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in errors]
+    details: list[Any] = [{"type": PydanticCustomError(e["type"], e["msg"]), "loc": e["loc"],
+                           "input": None} for e in errors]
     return ValidationError.from_exception_data(exc.title, details, hide_input=True)
 
 
