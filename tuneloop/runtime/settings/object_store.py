@@ -124,7 +124,3 @@ class ObjectStoreSettings(Section):
                     "this machine over plain http; give http://127.0.0.1:PORT, or set "
                     "object_store.embedded=false to use the store at that endpoint")
         return self
-
-    @property
-    def has_credentials(self) -> bool:
-        return self.access_key_id is not None
