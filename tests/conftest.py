@@ -22,6 +22,7 @@ from tuneloop.runtime.processes import free_port
 if TYPE_CHECKING:  # the models' modules import torch: only the fixtures that train load them
     from tests.session_models import SessionAdapters, Trainers
     from tests.stack_env import DemoRun
+    from tuneloop.infra.postgres import LocalPostgres
     from tuneloop.training.base_model import BaseModel
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="tuneloop-test-"))
@@ -51,7 +52,7 @@ if _SPLIT is not None:
 os.environ["TUNELOOP_CONFIG"] = str(_SESSION_HOME / "no-such-config.toml")
 
 from tuneloop.runtime.settings import Settings, load_settings  # noqa: E402
-from tuneloop.services.store.database import Store  # noqa: E402
+from tuneloop.services.store.database import AnyStore, Store  # noqa: E402
 
 # The end-to-end demo test runs `tuneloop demo` on a stack of its own for about 25 minutes,
 # its vLLM on the serving cores, the rest of it mostly waiting on that vLLM. The tests
@@ -227,6 +228,31 @@ def settings(tmp_path: Path, session_settings: Settings) -> Settings:
 @pytest.fixture
 def store(settings: Settings) -> Store:
     return Store.of(settings)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres]:
+    """A real Postgres server on loopback for the session (the machine's PostgreSQL)."""
+    from tuneloop.infra.postgres import LocalPostgres
+
+    base = Path(tempfile.mkdtemp(prefix="tuneloop-pg-"))
+    base.chmod(0o755)  # the postgres user owns the cluster when the suite runs as root
+    server = LocalPostgres(base / "data").start()
+    yield server
+    server.stop("immediate")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AnyStore:
+    """Each store a stage's SQL must run on unchanged: the DuckDB file, then a new
+    database on the session's Postgres."""
+    if request.param == "duckdb":
+        return Store(tmp_path / "t.duckdb")
+    from tuneloop.services.store.postgres import PostgresStore
+
+    server = request.getfixturevalue("postgres_server")
+    return PostgresStore(server.new_database(f"t_{uuid.uuid4().hex[:12]}"))
 
 
 class ServingStack:

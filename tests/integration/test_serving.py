@@ -549,7 +549,7 @@ def test_a_version_that_cannot_load_is_served_around(serving_stack: ServingStack
             in metrics
         with Store(stack.settings.db_path).connect() as con:
             recorded = con.execute(
-                "SELECT verdict, figures->>'version' FROM canary_decisions WHERE stage = "
+                "SELECT verdict, (figures->>'version') FROM canary_decisions WHERE stage = "
                 "'serving' ORDER BY created_at").fetchall()
         # The second restart meets the missing canary again: the two land in either order.
         assert {("off-route", canary), ("fallback", current)} <= set(recorded), recorded
@@ -583,7 +583,7 @@ def test_a_gateway_the_registry_disagrees_with_is_reconciled_and_it_is_recorded(
     def reconciled() -> list[tuple[str, str]]:
         with Store(stack.settings.db_path).connect() as con:
             return con.execute(
-                "SELECT figures->'was'->>'production', figures->'now'->>'production' FROM "
+                "SELECT (figures->'was'->>'production'), (figures->'now'->>'production') FROM "
                 "canary_decisions WHERE stage = 'serving' AND verdict = 'reconciled' "
                 "ORDER BY created_at").fetchall()
 

@@ -13,7 +13,7 @@ from tuneloop.bench._canary_task import configure, judge, pick_groups, write_dat
 from tuneloop.runtime.settings import TaskSpec, load_settings
 from tuneloop.services.demo.banking77 import Query
 from tuneloop.services.demo.task_data import Row
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore
 
 
 def _rows(groups: dict[str, int], prefix: str = "t") -> list[Row]:
@@ -49,8 +49,8 @@ def test_the_task_config_reaches_every_process_through_its_file(
         "json", spec.system_prompt, spec.max_answer_tokens)
 
 
-def test_the_bad_dataset_teaches_other_queries_targets(tmp_path: Path) -> None:
-    store = Store(tmp_path / "db.duckdb")
+def test_the_bad_dataset_teaches_other_queries_targets(tmp_path: Path, any_store: AnyStore) -> None:
+    store = any_store
     spec = TaskSpec(kind="text", system_prompt="Reply.")
     train = _rows({"a": 30, "b": 30, "c": 30})
     test = _rows({"a": 10, "b": 10}, "q")

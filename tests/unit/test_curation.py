@@ -15,7 +15,7 @@ from tuneloop.runtime.settings import CurationSettings, TaskSpec
 from tuneloop.services.curation import core as cur
 from tuneloop.services.curation.core import Candidate, GoldenIndex, curate, prompt_key, select, split
 from tuneloop.services.curation.datasets import DatasetExists, export_jsonl, save_version, validate_jsonl
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -229,9 +229,9 @@ def test_export_round_trips_through_the_validator(tmp_path: Path) -> None:
         assert validate_jsonl(path, fmt).ok
 
 
-def test_dataset_versions_are_immutable(tmp_path: Path) -> None:
+def test_dataset_versions_are_immutable(tmp_path: Path, any_store: AnyStore) -> None:
     examples = [e for i in range(5) if not isinstance(e := select(cand(i)), str)]
-    store = Store(tmp_path / "t.duckdb")
+    store = any_store
     with store.connect() as con:
         digest = save_version(con, "ds-0001", examples, [], {}, {})
         with pytest.raises(DatasetExists, match="immutable"):

@@ -34,7 +34,7 @@ from tuneloop.services.demo.store import (
 )
 from tuneloop.services.drift.store import first_alarm_clusters
 from tuneloop.services.registry import store as registry
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore
 
 
 def _dataset(n_intents: int = 12, per_intent: int = 60) -> tuple[list[str], list[Query]]:
@@ -128,8 +128,8 @@ def test_named_intents_are_the_new_ones_the_clusters_show() -> None:
     assert named_intents(clusters, ["c", "d", "e"]) == ["c", "e"]
 
 
-def test_what_the_demo_reads_from_the_store(tmp_path: Path) -> None:
-    store = Store(tmp_path / "t.duckdb")
+def test_what_the_demo_reads_from_the_store(tmp_path: Path, any_store: AnyStore) -> None:
+    store = any_store
     start = datetime.now(UTC)
     clusters = [{"name": "c1", "status": "new", "labels": []}]
     with store.connect() as con:

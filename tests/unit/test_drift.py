@@ -22,7 +22,7 @@ from tuneloop.services.drift.core import (
 )
 from tuneloop.services.drift.store import load_windows
 from tuneloop.services.ingest.store import insert_events
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -177,12 +177,12 @@ def test_cluster_report_quiet_window_reports_nothing() -> None:
 
 
 def test_the_reference_is_what_the_aliases_production_adapter_was_trained_on(
-        tmp_path: Path) -> None:
+        tmp_path: Path, any_store: AnyStore) -> None:
     """The registry answers which adapter is production of the alias; its dataset's source
     events are the reference, and another alias (or none) falls back to the oldest events."""
     events = list(to_events([Query(f"question {i}", f"intent{i % 3}") for i in range(90)],
                             seed=1, start=datetime.now(UTC) - timedelta(hours=1)))
-    store = Store(tmp_path / "tuneloop.duckdb")
+    store = any_store
     trained_on = [str(e.event_id) for e in events[30:60]]
     with store.connect() as con:
         insert_events(con, events)
@@ -204,7 +204,8 @@ def test_the_reference_is_what_the_aliases_production_adapter_was_trained_on(
             assert ref.event_ids == [str(e.event_id) for e in events[:20]]
 
 
-def test_the_current_window_follows_ingestion_not_the_clients_clock(tmp_path: Path) -> None:
+def test_the_current_window_follows_ingestion_not_the_clients_clock(
+        tmp_path: Path, any_store: AnyStore) -> None:
     """1,000 events a client stamped in 2030 do not freeze the current window: it holds the
     newest events tuneloop ingested, and the report counts those stamped far from their
     ingestion (future and past)."""
@@ -215,7 +216,7 @@ def test_the_current_window_follows_ingestion_not_the_clients_clock(tmp_path: Pa
         return list(to_events([Query(f"question {seed} {i}", "intent") for i in range(n)],
                               seed=seed, start=start))
 
-    store = Store(tmp_path / "tuneloop.duckdb")
+    store = any_store
     cfg = DriftSettings(current_window_events=100)
     now = datetime.now(UTC)
     with store.connect() as con:

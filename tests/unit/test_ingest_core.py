@@ -2,13 +2,18 @@ import json
 import uuid
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from tuneloop.services.demo import banking77
-from tuneloop.services.ingest.core import FEEDBACK_COLUMNS, RawRecord, prepare_batch, redact_event
+from tuneloop.services.ingest.core import (
+    FEEDBACK_COLUMNS,
+    ROW_ERRORS,
+    RawRecord,
+    prepare_batch,
+    redact_event,
+)
 from tuneloop.services.ingest.store import write_batch, write_isolating
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore
 
 
 def _records(payloads: list[bytes], keys: list[bytes | None] | None = None) -> list[RawRecord]:
@@ -78,15 +83,16 @@ def test_a_record_the_store_cannot_hold_is_a_dead_letter() -> None:
     assert "cannot be stored" in batch.dead[0].reason and "surrogate" in batch.dead[0].reason
 
 
-def test_a_row_that_fails_the_write_is_isolated_and_dead_lettered(tmp_path: Path) -> None:
+def test_a_row_that_fails_the_write_is_isolated_and_dead_lettered(
+        tmp_path: Path, any_store: AnyStore) -> None:
     events = list(banking77.to_events(banking77.load("test")[:8]))
     batch = prepare_batch(_records([e.to_json_bytes() for e in events]))
     bad = list(batch.rows[5])
     bad[FEEDBACK_COLUMNS.index("app")] = None  # NOT NULL in the table: the write fails
     batch.rows[5] = tuple(bad)
-    store = Store(tmp_path / "t.duckdb")
+    store = any_store
     with store.connect() as con:
-        with pytest.raises(duckdb.ConstraintException):
+        with pytest.raises(ROW_ERRORS):  # DuckDB: ConstraintException; Postgres: RejectedRow
             write_batch(con, batch)
         assert write_isolating(con, batch) == 7
         again = prepare_batch(_records([e.to_json_bytes() for e in events]))
@@ -111,7 +117,8 @@ def test_only_a_rebalance_excuses_a_failed_offset_commit() -> None:
     assert not _lost_partitions(KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE)))
 
 
-def test_metadata_and_dead_letters_are_redacted_unless_raw_is_kept(tmp_path: Path) -> None:
+def test_metadata_and_dead_letters_are_redacted_unless_raw_is_kept(
+        tmp_path: Path, any_store: AnyStore) -> None:
     event = next(banking77.to_events(banking77.load("test")[:1]))
     event = event.model_copy(update={"metadata": {"agent": "jo@example.com",
                                                   "notes": ["call +44 20 7946 0958", 3]}})
@@ -125,21 +132,21 @@ def test_metadata_and_dead_letters_are_redacted_unless_raw_is_kept(tmp_path: Pat
     assert cleaned.metadata == metadata and count == 2
     raw = prepare_batch(_records([bad]), keep_raw=True)
     assert raw.dead[0].payload == bad
-    with Store(tmp_path / "t.duckdb").connect() as con:
+    with any_store.connect() as con:
         write_batch(con, batch)
         stored = con.execute("SELECT payload FROM dead_letters").fetchall()[0][0]
     assert b"jo@example.com" not in bytes(stored)
 
 
 def test_a_dead_letter_keeps_its_id_when_redelivered_and_not_when_the_offset_is_reused(
-        tmp_path: Path) -> None:
+        tmp_path: Path, any_store: AnyStore) -> None:
     """A broker that restarts with empty topics (the embedded one keeps them in memory)
     hands out offsets again: a new bad record at an old offset is a new dead letter."""
     first = prepare_batch(_records([b"garbage"])).dead[0]
     again = prepare_batch(_records([b"garbage"])).dead[0]
     reused = prepare_batch(_records([b"other garbage"])).dead[0]
     assert first.dead_letter_id == again.dead_letter_id != reused.dead_letter_id
-    store = Store(tmp_path / "t.duckdb")
+    store = any_store
     with store.connect() as con:
         for record in (first, again, reused):
             write_batch(con, prepare_batch([record.record]))

@@ -22,7 +22,7 @@ from tuneloop.services.registry.core import (
     plan_promotion,
     plan_rollback,
 )
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 
 
 def _peft_dir(root: Path, weights: bytes = b"weights") -> Path:
@@ -100,8 +100,8 @@ def test_versions_are_never_reused() -> None:
     assert next_version(["v1", "v10", "v3", ".publish-v11-x", "junk"]) == "v11"
 
 
-def test_manifest_verifies_and_tampering_is_refused(tmp_path: Path) -> None:
-    store = Store(tmp_path / "t.duckdb")
+def test_manifest_verifies_and_tampering_is_refused(tmp_path: Path, any_store: AnyStore) -> None:
+    store = any_store
     source = _peft_dir(tmp_path / "run" / "adapter")
     with store.connect() as con:
         adapter = _publish(con, tmp_path / "adapters", source)
@@ -139,8 +139,8 @@ def test_manifest_verifies_and_tampering_is_refused(tmp_path: Path) -> None:
 
 def test_crash_mid_publish_leaves_nothing_visible(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = Store(tmp_path / "t.duckdb")
+, any_store: AnyStore) -> None:
+    store = any_store
     adapters = tmp_path / "adapters"
     source = _peft_dir(tmp_path / "src")
 
@@ -160,11 +160,11 @@ def test_crash_mid_publish_leaves_nothing_visible(
 
 def test_a_crash_after_the_rename_is_finished_at_the_next_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+, any_store: AnyStore) -> None:
     """Directory in place, rows not written (the process died between): the next start
     registers it from its manifest; leftovers of a copy are removed, a damaged directory
     is moved aside; and a crash between the two rows leaves neither."""
-    store = Store(tmp_path / "t.duckdb")
+    store = any_store
     adapters = tmp_path / "adapters"
     source = _peft_dir(tmp_path / "src")
 
@@ -202,8 +202,8 @@ def test_a_crash_after_the_rename_is_finished_at_the_next_start(
         assert _publish(con, adapters, source).version == "v3"  # v2's number stays used
 
 
-def test_lifecycle_records_every_move(tmp_path: Path) -> None:
-    store = Store(tmp_path / "t.duckdb")
+def test_lifecycle_records_every_move(tmp_path: Path, any_store: AnyStore) -> None:
+    store = any_store
     adapters = tmp_path / "adapters"
     with store.connect() as con:
         v1 = _publish(con, adapters, _peft_dir(tmp_path / "a"), key="run-a")
@@ -235,10 +235,10 @@ def test_lifecycle_records_every_move(tmp_path: Path) -> None:
     assert sorted(os.listdir(adapters)) == ["v1", "v2"]
 
 
-def test_each_alias_has_its_own_production_and_candidates(tmp_path: Path) -> None:
+def test_each_alias_has_its_own_production_and_candidates(tmp_path: Path, any_store: AnyStore) -> None:
     """Versions are numbered across aliases, but promoting one alias's adapter never
     retires another's, and each alias answers for its own production and candidates."""
-    store = Store(tmp_path / "t.duckdb")
+    store = any_store
     adapters = tmp_path / "adapters"
     with store.connect() as con:
         a1 = _publish(con, adapters, _peft_dir(tmp_path / "a"), alias="support-bot")

@@ -36,7 +36,7 @@ from tuneloop.services.demo.banking77 import Query
 from tuneloop.services.demo.task import ANSWER_TOKENS, DemoTask, spec_table
 from tuneloop.services.demo.task_data import Row, bundled, group_sizes, load_rows
 from tuneloop.services.registry.core import Adapter
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 
 DATA = {"json": "snips", "text": "sgd"}
 
@@ -98,7 +98,7 @@ def _example(spec: TaskSpec, example_id: str, row: Row, target: str, split: str
 TEST_PER_GROUP = 12
 
 
-def write_datasets(store: Store, spec: TaskSpec, train: list[Row], test: list[Row],
+def write_datasets(store: AnyStore, spec: TaskSpec, train: list[Row], test: list[Row],
                    old: list[str], new: list[str], per_group: int, seed: int,
                    test_per_group: int = TEST_PER_GROUP) -> int:
     """The golden set (test rows of the old groups) and the three datasets; returns the

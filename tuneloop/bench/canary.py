@@ -48,7 +48,7 @@ from tuneloop.services.demo.simulation import (
 )
 from tuneloop.services.feedback.topics import ensure_topics
 from tuneloop.services.registry.core import Adapter
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 from tuneloop.training.evaluate import generate_answers
 
 
@@ -85,7 +85,7 @@ def _stack(quick: bool, configure: Callable[[Path], object] | None = None
     return settings, [gateway, server, broker, home]
 
 
-def _write_data(store: Store, quick: bool, old_intents: list[str], new_intents: list[str]
+def _write_data(store: AnyStore, quick: bool, old_intents: list[str], new_intents: list[str]
                 ) -> tuple[list[banking77.Query], list[banking77.Query], int]:
     """The golden set and the three adapters' datasets; returns the train and test pools
     and the golden set's size."""

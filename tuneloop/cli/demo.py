@@ -55,7 +55,7 @@ from tuneloop.services.demo.task import DemoTask
 
 if TYPE_CHECKING:
     from tuneloop.services.demo.simulation import SimulatedUsers
-    from tuneloop.services.store.database import Store
+    from tuneloop.services.store.database import AnyStore
 
 # Each look at the store waits this long for a writer (a retrain's publish, a curation).
 STORE_WAIT_S = 60
@@ -402,10 +402,10 @@ def _write_outputs(settings: Settings, result: Result) -> None:
         json.dumps(asdict(result), indent=2))
 
 
-def _store(settings: Settings) -> Store:
+def _store(settings: Settings) -> AnyStore:
     from tuneloop.services.store.database import Store
 
-    return Store(settings.db_path, STORE_WAIT_S)
+    return Store.of(settings, STORE_WAIT_S)
 
 
 def _send_history(settings: Settings, queries: list[Query], seed: int, task: DemoTask,
@@ -430,7 +430,7 @@ def _wait_for_rows(settings: Settings, n: int, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     with console.status(f"the ingest lands {n:,} events..."):
         while time.monotonic() < deadline:
-            if Store(settings.db_path, 30).counts().get("feedback", 0) >= n:
+            if Store.of(settings, 30).counts().get("feedback", 0) >= n:
                 return
             time.sleep(1)
     raise fail(f"the ingest landed fewer than {n} events in {timeout_s:.0f} s; "

@@ -83,7 +83,7 @@ def _read_records(settings: Settings, promoted: str | None) -> Records:
     from tuneloop.services.store.database import Store
 
     records = Records(promoted)
-    with Store(settings.db_path, 120).connect() as con:
+    with Store.of(settings, 120).connect() as con:
         records.drift_history = report_history(con)
         records.decisions = list_decisions(con, 200)
         try:

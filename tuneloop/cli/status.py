@@ -118,7 +118,7 @@ def collect_status(settings: Settings) -> StatusReport:
 
     health = Stack(settings).health()
     kafka_up = _is_up(health, "kafka")
-    store = Store(settings.db_path, min(settings.store.lock_timeout_s, STORE_WAIT_S))
+    store = Store.of(settings, min(settings.store.lock_timeout_s, STORE_WAIT_S))
     return StatusReport(
         health=health,
         topics=topic_lines(settings) if kafka_up else [],

@@ -44,7 +44,7 @@ from tuneloop.services.canary import records
 from tuneloop.services.canary import store as canary_store
 from tuneloop.services.canary.core import Decision, Plan, another_look
 from tuneloop.services.canary.live import Side
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 from tuneloop.serving.canary import live, offline, production
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _run_id() -> str | None:
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def resolve(store: Store, alias: str, candidate: str | None) -> Plan:
+def resolve(store: AnyStore, alias: str, candidate: str | None) -> Plan:
     """The candidate (default: the newest candidate or canary), its state, the incumbent."""
     with store.connect() as con:
         return canary_store.gate_plan(con, alias, candidate)
@@ -85,7 +85,7 @@ def offline_gate(settings: Settings, plan: Plan, look: int = 1) -> Decision:
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def record(store: Store, home: Path, decision: Decision,
+def record(store: AnyStore, home: Path, decision: Decision,
            sides: tuple[Side, Side] | None = None) -> str:
     """Store the decision and show it in Prefect with its comparison plot."""
     got = records.record(store, home, decision, _run_id(), sides)
@@ -164,7 +164,7 @@ def canary(candidate: str | None = None,
     return _result(decision)
 
 
-def _offline(settings: Settings, store: Store, plan: Plan, who: str) -> Decision:
+def _offline(settings: Settings, store: AnyStore, plan: Plan, who: str) -> Decision:
     """The offline gate's verdict after as many looks as it takes (recorded)."""
     decision = offline_gate(settings, plan)
     while (next_look := another_look(decision, settings.canary)) is not None:

@@ -20,12 +20,12 @@ from tuneloop.services.curation.datasets import export_jsonl, validate_jsonl
 from tuneloop.services.curation.run import run_curation
 from tuneloop.services.curation.store import CurationRun, examples_of
 from tuneloop.services.drift.embeddings import Embedder
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 from tuneloop.training.tokenizer import token_counter
 
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NONE)
-def curate_task(store: Store, embeddings: EmbeddingSettings, curation: CurationSettings,
+def curate_task(store: AnyStore, embeddings: EmbeddingSettings, curation: CurationSettings,
                 cpu_cores: str | None, include_used: bool, task: TaskSpec) -> CurationRun:
     with pinned(cpu_cores):
         return run_curation(store, Embedder(embeddings), curation, include_used=include_used,
@@ -33,7 +33,7 @@ def curate_task(store: Store, embeddings: EmbeddingSettings, curation: CurationS
 
 
 @task(cache_policy=NONE)
-def export_task(store: Store, version: str, folder: Path, base_model: str, models_dir: Path,
+def export_task(store: AnyStore, version: str, folder: Path, base_model: str, models_dir: Path,
                 max_tokens: int) -> dict[str, Any]:
     """Both JSONL formats of ``version``, each checked; raises ``ValueError`` for a bad one."""
     _, examples = examples_of(store, version)

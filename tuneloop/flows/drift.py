@@ -28,14 +28,14 @@ from tuneloop.services.drift.core import UNIT, DriftReport
 from tuneloop.services.drift.embeddings import Embedder
 from tuneloop.services.drift.store import NotEnoughEvents, report_history
 from tuneloop.services.loop import metrics as loop_metrics
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 
 DRIFT_EVENT = "tuneloop.drift.detected"
 LABELS_EVENT = "tuneloop.labels.accumulated"
 
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NONE)
-def check_task(store: Store, embeddings: EmbeddingSettings, drift: DriftSettings,
+def check_task(store: AnyStore, embeddings: EmbeddingSettings, drift: DriftSettings,
                alias: str, cpu_cores: str | None) -> tuple[str, DriftReport] | str:
     """The drift stage's check (report id and report), or why there is nothing to compare yet."""
     with pinned(cpu_cores):
@@ -71,7 +71,7 @@ def emit_task(report_id: str, report: DriftReport) -> str | None:
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def count_new_labels(store: Store) -> int:
+def count_new_labels(store: AnyStore) -> int:
     return new_labelled_events(store)
 
 
@@ -83,7 +83,7 @@ def emit_labels(count: int, threshold: int) -> str | None:
 
 
 @task(cache_policy=NONE)
-def report_artifact(store: Store, reports_dir: Path, report_id: str, report: DriftReport) -> None:
+def report_artifact(store: AnyStore, reports_dir: Path, report_id: str, report: DriftReport) -> None:
     from tuneloop.services.drift.plots import plot_drift_history
 
     with store.connect() as con:

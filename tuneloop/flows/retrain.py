@@ -59,7 +59,7 @@ from tuneloop.services.loop.policy import why_not_retrain
 from tuneloop.services.loop.store import read_snapshot
 from tuneloop.services.registry.core import Adapter
 from tuneloop.services.registry.store import list_adapters, production
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 from tuneloop.training.dataset import ChatExample, DatasetSplits
 from tuneloop.training.pipeline import (
     TrainedRun,
@@ -92,13 +92,13 @@ def _retry_if_retriable(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
-def find_adapter(store: Store, run_key: str) -> Adapter | None:
+def find_adapter(store: AnyStore, run_key: str) -> Adapter | None:
     return find_published(store, run_key)
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
-def why_not(store: Store, alias: str, loop: LoopSettings, run_key: str,
+def why_not(store: AnyStore, alias: str, loop: LoopSettings, run_key: str,
             drift_triggered: bool) -> str | None:
     """Why an automatic retrain should not start now, or None (the loop's policy)."""
     return why_not_retrain(read_snapshot(store, alias, run_key, drift_triggered),
@@ -107,7 +107,7 @@ def why_not(store: Store, alias: str, loop: LoopSettings, run_key: str,
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
-def curate(store: Store, embeddings: EmbeddingSettings, curation: CurationSettings,
+def curate(store: AnyStore, embeddings: EmbeddingSettings, curation: CurationSettings,
            cpu_cores: str | None, run_key: str, task: TaskSpec,
            continue_from: str | None) -> CurationRun:
     """The retrain's dataset version. When it continues from the production adapter of
@@ -132,7 +132,7 @@ def curate(store: Store, embeddings: EmbeddingSettings, curation: CurationSettin
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
-def read_inputs(store: Store, dataset_version: str, continue_from: str | None,
+def read_inputs(store: AnyStore, dataset_version: str, continue_from: str | None,
                 adapters_dir: Path | None = None,
                 ) -> tuple[DatasetSplits, list[ChatExample], str | None]:
     """The dataset, the golden set, and the production adapter of the alias
@@ -158,7 +158,7 @@ def train(workspace: Workspace, splits: DatasetSplits, golden: list[ChatExample]
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
-def publish(store: Store, workspace: Workspace, run: TrainedRun) -> Adapter:
+def publish(store: AnyStore, workspace: Workspace, run: TrainedRun) -> Adapter:
     return publish_run(store, workspace, run)
 
 
@@ -187,7 +187,7 @@ def train_adapter(dataset_version: str, run_key: str, init_adapter: str | None =
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def record(store: Store, home: Path, decision: Decision) -> str:
+def record(store: AnyStore, home: Path, decision: Decision) -> str:
     decision_id = records.record(store, home, decision, str(flow_run.get_id() or "") or None
                                  ).decision_id
     if "seconds" in decision.figures:
@@ -279,7 +279,7 @@ def retrain(
             "verdict": "trained"}
 
 
-def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, store: Store,
+def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, store: AnyStore,
                       trigger: Check, key: str, dataset_version: str | None,
                       config_file: str | None, max_steps: int | None) -> dict[str, Any]:
     """Record the start, curate (unless given a version), train and publish; record how it

@@ -30,7 +30,7 @@ from tuneloop.runtime.settings import Settings, TaskSpec, TrainingSettings
 from tuneloop.services.evaluation.tasks import SCORE_NAMES
 from tuneloop.services.registry.core import Adapter
 from tuneloop.services.registry.store import find_by_run_key, production, publish_adapter
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 from tuneloop.training.base_model import BaseModel, resolve_base_model
 from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
 from tuneloop.training.dataset import ChatExample, DatasetSplits, read_dataset, read_golden
@@ -96,19 +96,19 @@ def run_dir_for(where: Settings | Workspace, run_key: str) -> Path:
     return where.runs_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", run_key)
 
 
-def load_inputs(store: Store, dataset_version: str) -> tuple[DatasetSplits, list[ChatExample]]:
+def load_inputs(store: AnyStore, dataset_version: str) -> tuple[DatasetSplits, list[ChatExample]]:
     """Read the dataset version and the golden set, then let go of the store."""
     with store.connect() as con:
         return read_dataset(con, dataset_version), read_golden(con)
 
 
-def find_published(store: Store, run_key: str) -> Adapter | None:
+def find_published(store: AnyStore, run_key: str) -> Adapter | None:
     """The adapter published under ``run_key``, if one was."""
     with store.connect() as con:
         return find_by_run_key(con, run_key)
 
 
-def production_adapter_dir(store: Store, alias: str, adapters_dir: Path) -> str | None:
+def production_adapter_dir(store: AnyStore, alias: str, adapters_dir: Path) -> str | None:
     """The directory of ``alias``'s production adapter, which a retrain continues from;
     None when the base model serves the alias."""
     with store.connect() as con:
@@ -260,7 +260,7 @@ def _base_golden(workspace: Workspace, recipe: LoRARecipe, base: BaseModel,
     return report.to_dict()
 
 
-def publish_run(store: Store, workspace: Workspace, run: TrainedRun) -> Adapter:
+def publish_run(store: AnyStore, workspace: Workspace, run: TrainedRun) -> Adapter:
     """Publish ``run``'s adapter, or return the one already published for its run key."""
     with store.connect() as con:
         existing = find_by_run_key(con, run.run_key)

@@ -179,7 +179,7 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
 
 # Sections whose input holds secrets: an error in them is shown without pydantic's copy
 # of the input (the messages name the key and the fix).
-_SECRET_SECTIONS = frozenset({"object_store"})
+_SECRET_SECTIONS = frozenset({"object_store", "store"})
 
 
 def _without_secrets(exc: ValidationError) -> ValidationError:

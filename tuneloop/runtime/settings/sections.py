@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from tuneloop.runtime.settings.urls import storage_bucket as bucket_of_engine
 
@@ -98,9 +98,37 @@ class PrefectSettings(Section):
 
 
 class StoreSettings(Section):
-    """The DuckDB file and how long a process waits for its turn to use it."""
+    """The operational store: the DuckDB file (the default) or a Postgres database."""
 
-    path: Path | None = Field(None, description="Defaults to <home>/tuneloop.duckdb.")
+    path: Path | None = Field(None, description="The DuckDB file; defaults to "
+                              "<home>/tuneloop.duckdb. Unused when `url` is set.")
+    url: SecretStr | None = Field(
+        None, description="A Postgres database, as a libpq URI "
+        "(postgresql://USER:PASSWORD@HOST:PORT/DB) or key=value string; a secret, never "
+        "printed. Set: feedback, dead letters, the registry, decisions and every other "
+        "table live there, DuckDB runs each stage's SQL on them through its postgres "
+        "extension, and any number of processes (ingest workers among them) write at once. "
+        "Unset: the DuckDB file, one process at a time.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_url(cls, data: Any) -> Any:
+        """Wrap the URL (it may hold a password) before anything can quote it."""
+        if isinstance(data, dict) and isinstance(data.get("url"), str):
+            return {**data, "url": SecretStr(data["url"])}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+        text = value.get_secret_value().strip() if value is not None else ""
+        if value is not None and not (text.startswith(("postgresql://", "postgres://"))
+                                      or "=" in text):
+            raise ValueError("store.url: give a Postgres connection URI such as "
+                             "postgresql://tuneloop@127.0.0.1:5432/tuneloop, or a key=value "
+                             "string such as 'host=127.0.0.1 dbname=tuneloop'")
+        return value
     lock_timeout_s: float = Field(120.0, gt=0)
     max_hold_s: float = Field(
         2.0, gt=0, description="A busy writer keeps the file this long across batches, then "

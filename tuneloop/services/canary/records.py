@@ -18,7 +18,7 @@ from tuneloop.services.canary.core import Decision
 from tuneloop.services.canary.live import Side
 from tuneloop.services.canary.plots import plot_canary
 from tuneloop.services.loop import metrics as loop_metrics
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Recorded:
     image: Path | None
 
 
-def record(store: Store, home: Path, decision: Decision, run_id: str | None = None,
+def record(store: AnyStore, home: Path, decision: Decision, run_id: str | None = None,
            sides: tuple[Side, Side] | None = None) -> Recorded:
     """Store ``decision`` (made by flow run ``run_id``, None: by hand), count it in the
     loop's metrics, and draw the golden per-label F1 of its offline gate and the live

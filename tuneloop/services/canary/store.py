@@ -164,9 +164,9 @@ def gateway_verdicts(con: duckdb.DuckDBPyConnection, alias: str, since: datetime
     them count is :func:`tuneloop.services.canary.live.judged_verdicts`'s to decide."""
     rows = con.execute(
         "SELECT event_id, request_id, adapter_version, rating, correction, completion, "
-        f"user_id, metadata->>'{SIGNATURE}' FROM feedback WHERE app = ? AND occurred_at >= ? "
+        f"user_id, (metadata->>'{SIGNATURE}') FROM feedback WHERE app = ? AND occurred_at >= ? "
         "AND occurred_at < ? AND (rating IS NOT NULL OR correction IS NOT NULL) AND "
-        "metadata->>'source' = 'gateway.feedback' ORDER BY seq", [alias, since, until]).fetchall()
+        "(metadata->>'source') = 'gateway.feedback' ORDER BY seq", [alias, since, until]).fetchall()
     return [Verdict(str(r[0]), str(r[1]), r[2], r[3], r[4], str(r[5]), r[6], r[7]) for r in rows]
 
 
@@ -176,10 +176,10 @@ def gateway_preferences(con: duckdb.DuckDBPyConnection, alias: str, since: datet
     in [since, until), in the order ingested; which count is
     :func:`tuneloop.services.canary.live.count_preferences`'s to decide."""
     rows = con.execute(
-        "SELECT event_id, request_id, adapter_version, metadata->'preference'->>'chosen_version',"
-        " metadata->'preference'->>'rejected_version', user_id, "
-        f"metadata->>'{SIGNATURE}' FROM feedback WHERE app = ? AND occurred_at >= ? AND "
-        "occurred_at < ? AND metadata->>'source' = 'gateway.preference' ORDER BY seq",
+        "SELECT event_id, request_id, adapter_version, (metadata->'preference'->>'chosen_version'),"
+        " (metadata->'preference'->>'rejected_version'), user_id, "
+        f"(metadata->>'{SIGNATURE}') FROM feedback WHERE app = ? AND occurred_at >= ? AND "
+        "occurred_at < ? AND (metadata->>'source') = 'gateway.preference' ORDER BY seq",
         [alias, since, until]).fetchall()
     return [Preference(str(r[0]), str(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
 

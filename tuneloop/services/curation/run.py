@@ -46,7 +46,7 @@ from tuneloop.services.curation.store import (
     write_version,
 )
 from tuneloop.services.drift.embeddings import Embedder, EmbedStats, Progress, embed_texts
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Curated:
 
 
 def run_curation(
-    store: Store, embedder: Embedder, cfg: CurationSettings, progress: Progress | None = None,
+    store: AnyStore, embedder: Embedder, cfg: CurationSettings, progress: Progress | None = None,
     include_used: bool = False, run_key: str | None = None, task: TaskSpec | None = None,
     learned: Learned | None = None,
 ) -> CurationRun:

@@ -30,7 +30,7 @@ from tuneloop.services.curation.datasets import (
     save_version,
 )
 from tuneloop.services.curation.preferences import PreferencePair
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def since_latest(con: Any, table_prefix: str = "") -> tuple[str, list[Any]]:
     the sequence existed fall back to their ingest time.
     """
     rows = con.execute(
-        "SELECT filters->>'considered_through_seq', filters->>'considered_through' "
+        "SELECT (filters->>'considered_through_seq'), (filters->>'considered_through') "
         "FROM datasets ORDER BY created_at DESC LIMIT 1").fetchall()
     return _after(rows, table_prefix)
 
@@ -64,7 +64,7 @@ def since_version(con: Any, version: str | None, table_prefix: str = "") -> tupl
     """As :func:`since_latest`, after ``version``'s watermark (nothing for None or a
     version the store does not hold: all feedback)."""
     rows = [] if version is None else con.execute(
-        "SELECT filters->>'considered_through_seq', filters->>'considered_through' "
+        "SELECT (filters->>'considered_through_seq'), (filters->>'considered_through') "
         "FROM datasets WHERE version = ?", [version]).fetchall()
     return _after(rows, table_prefix)
 
@@ -81,8 +81,8 @@ def _after(rows: list[tuple[Any, ...]], table_prefix: str) -> tuple[str, list[An
 
 
 CANDIDATE_COLUMNS = ("event_id, occurred_at, messages, user_text, completion, rating, "
-                     "correction, label, user_id, CASE WHEN metadata->>'source' = "
-                     "'gateway.preference' THEN metadata->'preference' END")
+                     "correction, label, user_id, CASE WHEN (metadata->>'source') = "
+                     "'gateway.preference' THEN (metadata->'preference') END")
 
 
 def _candidate(r: tuple[Any, ...]) -> Candidate:
@@ -224,12 +224,12 @@ def write_version(con: duckdb.DuckDBPyConnection, examples: list[Example], paren
     return version, save_version(con, version, examples, parents, filters, report, preferences)
 
 
-def find_curated(store: Store, run_key: str) -> CurationRun | None:
+def find_curated(store: AnyStore, run_key: str) -> CurationRun | None:
     """The dataset version curated under ``run_key``, if there is one."""
     with store.connect() as con:
         rows = con.execute(
             "SELECT version, content_hash, parent_versions, report FROM datasets "
-            "WHERE filters->>'run_key' = ? ORDER BY created_at DESC LIMIT 1", [run_key]
+            "WHERE (filters->>'run_key') = ? ORDER BY created_at DESC LIMIT 1", [run_key]
         ).fetchall()
     if not rows:
         return None
@@ -239,7 +239,7 @@ def find_curated(store: Store, run_key: str) -> CurationRun | None:
                        json.loads(report) if isinstance(report, str) else dict(report or {}))
 
 
-def new_labelled_events(store: Store) -> int:
+def new_labelled_events(store: AnyStore) -> int:
     """Labelled or corrected feedback ingested since the latest version was curated."""
     with store.connect() as con:
         where, args = since_latest(con)
@@ -258,7 +258,7 @@ def fresh_examples(con: Any, dataset_version: str, cfg: CurationSettings,
     gave it). Redacted like curation; a prompt already in the version or in the golden
     set is left out, and a prompt asked again counts once. The newest ``limit``.
     """
-    rows = con.execute("SELECT filters->>'considered_through_seq' FROM datasets "
+    rows = con.execute("SELECT (filters->>'considered_through_seq') FROM datasets "
                        "WHERE version = ?", [dataset_version]).fetchall()
     if not rows or rows[0][0] is None or limit <= 0:
         return []
@@ -281,7 +281,7 @@ def fresh_examples(con: Any, dataset_version: str, cfg: CurationSettings,
     return out[::-1]
 
 
-def examples_of(store: Store, version: str | None) -> tuple[str, list[Example]]:
+def examples_of(store: AnyStore, version: str | None) -> tuple[str, list[Example]]:
     """A version's examples (the latest if ``version`` is None)."""
     with store.connect() as con:
         chosen = version or latest_version(con)

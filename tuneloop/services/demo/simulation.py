@@ -34,7 +34,7 @@ import pyarrow as pa
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.demo.banking77 import Query, chat
 from tuneloop.services.evaluation.metrics import normalize_label
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def dataset_rows(version: str, queries: Sequence[Query], intents: Sequence[str],
     return rows
 
 
-def write_dataset(store: Store, version: str, rows: list[dict[str, object]]) -> None:
+def write_dataset(store: AnyStore, version: str, rows: list[dict[str, object]]) -> None:
     """Write ``rows`` (from :func:`dataset_rows`) as dataset ``version``. Raises
     ``duckdb.ConstraintException`` when the version exists."""
     counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")}
@@ -82,7 +82,7 @@ def write_dataset(store: Store, version: str, rows: list[dict[str, object]]) -> 
         con.unregister("new_examples")
 
 
-def write_golden(store: Store, queries: Sequence[Query], intents: Sequence[str],
+def write_golden(store: AnyStore, queries: Sequence[Query], intents: Sequence[str],
                  per_intent: int) -> int:
     """Up to ``per_intent`` golden examples of each intent; returns how many were written."""
     rows = []
@@ -93,7 +93,7 @@ def write_golden(store: Store, queries: Sequence[Query], intents: Sequence[str],
     return insert_golden(store, rows)
 
 
-def insert_golden(store: Store, rows: list[dict[str, object]]) -> int:
+def insert_golden(store: AnyStore, rows: list[dict[str, object]]) -> int:
     """Add ``rows`` (example_id, source_event_id, label, messages, prompt, completion) to
     the golden set, leaving ids it holds; returns how many were given."""
     with store.connect() as con:

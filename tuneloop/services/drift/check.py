@@ -13,11 +13,11 @@ from tuneloop.services.drift.clusters import what_drifted
 from tuneloop.services.drift.core import DriftReport, detect_drift
 from tuneloop.services.drift.embeddings import Embedder, Progress, embed_texts
 from tuneloop.services.drift.store import Window, load_windows, save_report
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore
 
 
 def run_check(
-    store: Store, embedder: Embedder, cfg: DriftSettings, alias: str,
+    store: AnyStore, embedder: Embedder, cfg: DriftSettings, alias: str,
     progress: Progress | None = None,
 ) -> tuple[str, DriftReport]:
     """Load both windows, embed them (cached), test, explain and persist one report;

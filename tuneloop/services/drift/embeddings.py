@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from tuneloop.runtime.cache import user_cache_dir
 from tuneloop.runtime.settings import EmbeddingSettings
-from tuneloop.services.store.database import Store, registered
+from tuneloop.services.store.database import AnyStore, registered
 
 if TYPE_CHECKING:
     import duckdb
@@ -338,7 +338,7 @@ def write_cache(
 
 
 def embed_texts(
-    store: Store, embedder: Embedder, texts: Sequence[str], progress: Progress | None = None
+    store: AnyStore, embedder: Embedder, texts: Sequence[str], progress: Progress | None = None
 ) -> tuple[np.ndarray, EmbedStats]:
     """Vectors for ``texts`` in order, encoding only what the cache lacks.
 

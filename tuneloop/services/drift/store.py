@@ -226,7 +226,7 @@ def report_history(con: duckdb.DuckDBPyConnection, limit: int = 500) -> list[Rep
     """The latest ``limit`` reports, oldest first."""
     rows = con.execute(
         "SELECT * FROM (SELECT report_id, created_at, score, p_value, drifted, n_reference, "
-        "n_current, clusters, methods->>'min_novel_share' FROM drift_reports "
+        "n_current, clusters, (methods->>'min_novel_share') FROM drift_reports "
         "ORDER BY created_at DESC LIMIT ?) "
         "ORDER BY created_at",
         [limit],

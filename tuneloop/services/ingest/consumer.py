@@ -1,9 +1,16 @@
-"""The ingest consumer: poll, prepare, write to DuckDB, dead-letter, then commit.
+"""The ingest consumer: poll, prepare, dead-letter, then write rows and offsets at once.
 
-Offsets are committed only after the batch is durable in DuckDB and its dead
-letters are acknowledged on ``feedback.v1.dlq``. A crash anywhere before the
-commit replays the batch, and the writes are keyed (event_id, and
-topic:partition:offset for dead letters), so nothing is lost and nothing doubled.
+Offsets are stored outside Kafka: each batch's rows, its dead letters and the
+offsets the group goes on from land in one store transaction
+(:func:`~tuneloop.services.ingest.store.write_batch`), and a member given partitions
+seeks to the stored offsets before it reads. A batch is thus landed exactly once,
+whichever member reads it and wherever one dies. Dead letters are acknowledged on
+``feedback.v1.dlq`` before that transaction (a crash in between sends them again,
+under the same key). The offsets are then committed to Kafka as well, for the lag
+that ``tuneloop status`` and Kafka's own tools show. The writes are also keyed
+(event_id, and topic:partition:offset for dead letters): a replay changes nothing.
+A member that loses its partitions first lets its batch in flight land, so the new
+owner starts after it.
 
 A slow batch does not cost the consumer its partitions: librdkafka heartbeats
 from a background thread, and ``max_poll_interval_ms`` is set far above any
@@ -17,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -28,9 +35,9 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from tuneloop.runtime.settings import Settings
-from tuneloop.services.ingest.core import PreparedBatch, RawRecord, prepare_batch
-from tuneloop.services.ingest.store import write_isolating
-from tuneloop.services.store.database import Store
+from tuneloop.services.ingest.core import DeadLetter, PreparedBatch, RawRecord, prepare_batch
+from tuneloop.services.ingest.store import ConsumedOffsets, stored_offsets, write_isolating
+from tuneloop.services.store.database import AnyStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,15 @@ _REBALANCE_CODES = frozenset({
 })
 
 
+def next_offsets(raw: list[RawRecord]) -> dict[tuple[str, int], int]:
+    """The offset after the last of ``raw``'s records, per (topic, partition)."""
+    offsets: dict[tuple[str, int], int] = {}
+    for r in raw:
+        tp = (r.topic, r.partition)
+        offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
+    return offsets
+
+
 def _lost_partitions(exc: KafkaException) -> bool:
     error = exc.args[0] if exc.args else None
     return getattr(error, "code", lambda: None)() in _REBALANCE_CODES
@@ -77,7 +93,7 @@ def _lost_partitions(exc: KafkaException) -> bool:
 class IngestConsumer:
     """One member of the ingest consumer group."""
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(self, settings: Settings, store: AnyStore | None = None) -> None:
         self.settings = settings
         self.cfg = settings.kafka
         self.store = store or Store.of(settings)
@@ -99,7 +115,8 @@ class IngestConsumer:
             },
             logger=logging.getLogger("librdkafka"),
         )
-        self.consumer.subscribe([self.cfg.topic])
+        self.consumer.subscribe([self.cfg.topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke)
         self._dlq: KafkaProducer | None = None
         self._max_hold_s = settings.store.max_hold_s
         self._held: AbstractContextManager[duckdb.DuckDBPyConnection] | None = None
@@ -107,6 +124,30 @@ class IngestConsumer:
         self._held_since = 0.0
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-writer")
         self._pending: tuple[Future[int], list[RawRecord], PreparedBatch] | None = None
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Go on from the offsets stored with the rows (read on the writer thread, which
+        holds the store between batches); partitions without one start from Kafka's
+        committed offset, else the earliest."""
+        wanted = [(tp.topic, tp.partition) for tp in partitions]
+        stored = self._writer.submit(self._stored_offsets, wanted).result()
+        for tp in partitions:
+            if (tp.topic, tp.partition) in stored:
+                tp.offset = stored[(tp.topic, tp.partition)]
+        if stored:
+            log.info("resuming from stored offsets %s",
+                     {f"{t}[{p}]": o for (t, p), o in sorted(stored.items())})
+        consumer.assign(partitions)
+
+    def _stored_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        return stored_offsets(self._connection(), self.cfg.group_id, partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Let the batch in flight land before the partitions go, so their next owner
+        reads its stored offsets after it (a failed write is raised by ``_settle``)."""
+        if self._pending is not None:
+            wait([self._pending[0]])
+        consumer.unassign()
 
     def run(
         self,
@@ -195,14 +236,15 @@ class IngestConsumer:
         if on_batch is not None:
             on_batch(batch)
         self._settle(stats)
-        self._pending = (self._writer.submit(self._write, batch), raw, batch)
+        self._pending = (self._writer.submit(self._write, batch, raw), raw, batch)
 
-    def _write(self, batch: PreparedBatch) -> int:
-        inserted = write_isolating(self._connection(), batch,
-                                   self.settings.ingest.keep_raw_dead_letters)
+    def _write(self, batch: PreparedBatch, raw: list[RawRecord]) -> int:
         if batch.dead:
-            self._publish_dead_letters(batch)
-        return inserted
+            self._publish_dead_letters(batch.dead)
+        return write_isolating(self._connection(), batch,
+                               self.settings.ingest.keep_raw_dead_letters,
+                               ConsumedOffsets(self.cfg.group_id, next_offsets(raw)),
+                               on_rejected=self._publish_dead_letters)
 
     def _settle(self, stats: IngestStats) -> None:
         """Wait for the batch in flight, then commit its offsets (a failed write raises)."""
@@ -211,10 +253,7 @@ class IngestConsumer:
         future, raw, batch = self._pending
         self._pending = None
         inserted = future.result()
-        offsets: dict[tuple[str, int], int] = {}
-        for r in raw:
-            tp = (r.topic, r.partition)
-            offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
+        offsets = next_offsets(raw)
         try:
             self.consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
@@ -239,9 +278,9 @@ class IngestConsumer:
             {f"{t}[{p}]": o for (t, p), o in offsets.items()},
         )
 
-    def _publish_dead_letters(self, batch: PreparedBatch) -> None:
-        """Send the batch's dead letters and wait for every acknowledgement: a failed
-        delivery raises, so the batch's offsets are not committed and it is replayed."""
+    def _publish_dead_letters(self, dead_letters: list[DeadLetter]) -> None:
+        """Send dead letters and wait for every acknowledgement: a failed delivery raises
+        before the batch is written, so its offsets are not stored and it is replayed."""
         if self._dlq is None:
             self._dlq = KafkaProducer(
                 bootstrap_servers=self.cfg.bootstrap_servers, acks="all", enable_idempotence=True
@@ -260,7 +299,7 @@ class IngestConsumer:
                     ("truncated", b"1" if dead.truncated else b"0"),
                 ],
             )
-            for dead in batch.dead
+            for dead in dead_letters
         ]
         self._dlq.flush(timeout=timeout)
         for future in sent:

@@ -35,6 +35,7 @@ from tuneloop.services.feedback.contract import (
 )
 from tuneloop.services.feedback.fastpath import DecodedEvent, fast_decode
 from tuneloop.services.feedback.redaction import Redactor, redact
+from tuneloop.services.store.postgres import RejectedRow
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
@@ -138,7 +139,7 @@ def redact_json(value: object) -> tuple[object, int]:
 ROW_ERRORS: tuple[type[BaseException], ...] = (
     duckdb.ConstraintException, duckdb.ConversionException, duckdb.InvalidInputException,
     duckdb.OutOfRangeException, duckdb.TypeMismatchException, pa.ArrowException, UnicodeError,
-    OverflowError,
+    OverflowError, RejectedRow,
 )
 
 

@@ -1,4 +1,5 @@
-"""Ingest's writes: prepared batches into DuckDB, keyed, with their dead letters.
+"""Ingest's writes: prepared batches into the store, keyed, with their dead letters and
+the consumer's offsets.
 
 :func:`write_batch` lands a batch in one DuckDB transaction with ``ON CONFLICT DO
 NOTHING`` on the table's key (``event_id`` for feedback) and on
@@ -11,7 +12,8 @@ gateway's shadow pairs) goes through these functions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import duckdb
@@ -27,14 +29,27 @@ from tuneloop.services.ingest.core import (
     RawRecord,
     event_row,
 )
-from tuneloop.services.store.database import registered
+from tuneloop.services.store.database import insert_keyed
+from tuneloop.services.store.postgres import rejected_row
 
 log = logging.getLogger(__name__)
 
 
-def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
-    """Land a prepared batch in one transaction: its rows into ``batch.table`` and its
-    dead letters, both keyed; returns how many rows were new.
+@dataclass(frozen=True)
+class ConsumedOffsets:
+    """Where a consumer group goes on in each partition once a batch is landed: the
+    offset after the batch's last record, per (topic, partition)."""
+
+    group: str
+    next_offsets: dict[tuple[str, int], int]
+
+
+def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch,
+                offsets: ConsumedOffsets | None = None) -> int:
+    """Land a prepared batch in one transaction: its rows into ``batch.table``, its
+    dead letters, both keyed, and ``offsets`` (the "offsets stored outside Kafka"
+    pattern: a consumer seeks to them when it is given the partitions, so the rows and
+    where to go on commit together or not at all); returns how many rows were new.
 
     Raises one of :data:`ROW_ERRORS` when a row cannot be stored, any other DuckDB error
     when the store is busy or broken; the transaction is rolled back either way.
@@ -46,11 +61,41 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> int:
             inserted = _insert_arrow(con, batch.table, _row_columns(batch.rows, batch.table))
         if batch.dead:
             _insert_arrow(con, DEAD_LETTERS_TABLE, _dead_letter_columns(batch.dead))
+        if offsets is not None and offsets.next_offsets:
+            _store_offsets(con, offsets)
         con.execute("COMMIT")
-    except BaseException:
+    except BaseException as exc:
         con.execute("ROLLBACK")
+        refused = rejected_row(exc)
+        if refused is not None:
+            raise refused from exc
         raise
     return inserted
+
+
+def _store_offsets(con: duckdb.DuckDBPyConnection, offsets: ConsumedOffsets) -> None:
+    now = datetime.now(UTC)
+    rows = [(offsets.group, topic, partition, offset, now)
+            for (topic, partition), offset in sorted(offsets.next_offsets.items())]
+    # An offset only moves forward: a batch replayed by a member that lost the partition
+    # cannot take the group back.
+    con.executemany(
+        "INSERT INTO ingest_offsets (consumer_group, topic, partition_id, next_offset, "
+        "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer_group, topic, partition_id) "
+        "DO UPDATE SET next_offset = greatest(ingest_offsets.next_offset, "
+        "excluded.next_offset), updated_at = excluded.updated_at", rows)
+
+
+def stored_offsets(con: duckdb.DuckDBPyConnection, group: str,
+                   partitions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """The offset ``group`` goes on from in each of ``partitions`` that has one stored."""
+    if not partitions:
+        return {}
+    rows = con.execute(
+        "SELECT topic, partition_id, next_offset FROM ingest_offsets WHERE consumer_group = ?",
+        [group]).fetchall()
+    wanted = set(partitions)
+    return {(str(t), int(p)): int(o) for t, p, o in rows if (str(t), int(p)) in wanted}
 
 
 def _row_columns(rows: list[tuple[object, ...]], table: KeyedTable) -> list[pa.Array]:
@@ -79,15 +124,18 @@ def _dead_letter_columns(dead: list[DeadLetter]) -> list[pa.Array]:
 
 
 def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch,
-                    keep_raw: bool = False) -> int:
+                    keep_raw: bool = False, offsets: ConsumedOffsets | None = None,
+                    on_rejected: Callable[[list[DeadLetter]], None] | None = None) -> int:
     """:func:`write_batch`, and when a row makes it fail, find that row by bisection and
     dead-letter it with the store's error, so the partition moves on.
 
     The halves are written one by one; each write is keyed, so a crash in between
-    replays to the same result. ``batch.dead`` gains the rejected rows.
+    replays to the same result. ``offsets`` go with the last write only. The rows the
+    store rejected are handed to ``on_rejected`` before that write, then ``batch.dead``
+    gains them.
     """
     try:
-        return write_batch(con, batch)
+        return write_batch(con, batch, offsets)
     except ROW_ERRORS as exc:
         if not batch.rows:
             raise
@@ -95,8 +143,10 @@ def write_isolating(con: duckdb.DuckDBPyConnection, batch: PreparedBatch,
                     exc)
     rejected: list[DeadLetter] = []
     inserted = _write_halves(con, batch.table, batch.rows, batch.records, rejected, keep_raw)
+    if on_rejected is not None and rejected:
+        on_rejected(rejected)
     dead = batch.dead + rejected
-    write_batch(con, PreparedBatch(dead=dead))
+    write_batch(con, PreparedBatch(dead=dead), offsets)
     batch.dead[:] = dead
     return inserted
 
@@ -121,13 +171,7 @@ def _write_halves(con: duckdb.DuckDBPyConnection, table: KeyedTable,
 
 def _insert_arrow(con: duckdb.DuckDBPyConnection, table: KeyedTable, arrays: list[pa.Array]) -> int:
     """Insert an Arrow batch, skipping keys already present; returns the rows inserted."""
-    names = ", ".join(table.schema.names)
-    incoming = pa.Table.from_arrays(arrays, schema=table.schema)
-    with registered(con, f"incoming_{table.name}", incoming) as view:
-        return int(con.execute(
-            f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {view} "
-            f"ON CONFLICT ({table.key}) DO NOTHING"
-        ).fetchall()[0][0])
+    return insert_keyed(con, table.name, table.key, pa.Table.from_arrays(arrays, schema=table.schema))
 
 
 def insert_events(con: duckdb.DuckDBPyConnection, events: Sequence[FeedbackEvent]) -> int:
@@ -155,7 +199,7 @@ def events_per_request(con: duckdb.DuckDBPyConnection, request_ids: Sequence[str
     if not counts:
         return counts
     rows = con.execute(
-        "SELECT request_id, count(*) FROM feedback WHERE metadata->>'source' = ? "
+        "SELECT request_id, count(*) FROM feedback WHERE (metadata->>'source') = ? "
         "AND request_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY request_id",
         [source, list(counts)]).fetchall()
     counts.update({str(r): int(n) for r, n in rows})

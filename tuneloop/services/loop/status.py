@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -17,7 +16,7 @@ from tuneloop.services.canary.store import active_freeze, list_decisions
 from tuneloop.services.drift.store import report_history
 from tuneloop.services.ingest.dead_letters import DeadLetterGroup, dead_letter_reasons
 from tuneloop.services.registry.store import history, list_adapters
-from tuneloop.services.store.database import Store, StoreBusyError
+from tuneloop.services.store.database import AnyStore, StoreBusyError
 
 # The changes that decide what serves an alias; a publish or a canary start does not.
 SERVING_CHANGES = ("production", "retired", "rejected")
@@ -74,7 +73,7 @@ class DecisionLine:
 class StoreFigures:
     """Everything status shows from the store; ``busy`` says why it is empty when it is."""
 
-    path: Path
+    path: str  # the DuckDB file, or the Postgres database without its password
     exists: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     dead_letters: list[DeadLetterGroup] = field(default_factory=list)
@@ -86,12 +85,12 @@ class StoreFigures:
     busy: str | None = None
 
 
-def read_store_figures(store: Store) -> StoreFigures:
+def read_store_figures(store: AnyStore) -> StoreFigures:
     """The store's figures for status; a store another process holds past the store's
     lock timeout gives empty figures with ``busy`` set (status still answers). A store
     that does not exist yet gives empty figures. Raises ``duckdb.Error`` on a damaged file.
     """
-    figures = StoreFigures(store.path, exists=store.path.exists())
+    figures = StoreFigures(store.where, exists=store.exists())
     if not figures.exists:
         return figures
     try:

@@ -23,10 +23,10 @@ from tuneloop.services.loop.policy import (
     Published,
 )
 from tuneloop.services.registry import store as registry
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore
 
 
-def read_snapshot(store: Store, alias: str, run_key: str,
+def read_snapshot(store: AnyStore, alias: str, run_key: str,
                   drift_triggered: bool = False) -> LoopSnapshot:
     """The state an automatic retrain of ``alias`` under ``run_key`` is decided on
     (``drift_triggered``: a drift alarm started it).
@@ -72,7 +72,7 @@ def started(con: duckdb.DuckDBPyConnection, run_key: str) -> bool:
     """Whether a retrain under ``run_key`` already recorded its start."""
     return bool(con.execute(
         "SELECT 1 FROM canary_decisions WHERE stage = 'retrain' AND verdict = 'start' "
-        "AND figures->>'run_key' = ? LIMIT 1", [run_key]).fetchall())
+        "AND (figures->>'run_key') = ? LIMIT 1", [run_key]).fetchall())
 
 
 def offline_looks(con: duckdb.DuckDBPyConnection,
@@ -96,7 +96,7 @@ def running_since(con: duckdb.DuckDBPyConnection) -> datetime | None:
         "SELECT s.created_at FROM canary_decisions s WHERE s.stage = 'retrain' "
         "AND s.verdict = 'start' AND NOT EXISTS (SELECT 1 FROM canary_decisions t "
         "WHERE t.stage = 'retrain' AND t.verdict IN ('trained', 'failed', 'skipped') "
-        "AND t.created_at >= s.created_at AND t.figures->>'run_key' = s.figures->>'run_key') "
+        "AND t.created_at >= s.created_at AND (t.figures->>'run_key') = (s.figures->>'run_key')) "
         "ORDER BY s.created_at DESC LIMIT 1").fetchall()
     return rows[0][0] if rows else None
 

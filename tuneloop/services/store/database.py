@@ -23,11 +23,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import duckdb
 
 from tuneloop.runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from tuneloop.services.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +241,18 @@ SCHEMA: tuple[str, ...] = (
         lift_reason VARCHAR
     )
     """,
+    # Where the ingest consumer group goes on in each partition, written in the same
+    # transaction as the rows (services.ingest.store.write_batch).
+    """
+    CREATE TABLE IF NOT EXISTS ingest_offsets (
+        consumer_group VARCHAR NOT NULL,
+        topic VARCHAR NOT NULL,
+        partition_id INTEGER NOT NULL,
+        next_offset BIGINT NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (consumer_group, topic, partition_id)
+    )
+    """,
     """
     CREATE TABLE IF NOT EXISTS eval_answers (
         model_key VARCHAR NOT NULL,
@@ -291,6 +306,7 @@ TABLES = (
     "canary_decisions",
     "freezes",
     "eval_answers",
+    "ingest_offsets",
 )
 
 
@@ -307,6 +323,21 @@ def registered(con: duckdb.DuckDBPyConnection, name: str, table: Any) -> Iterato
             con.unregister(name)
 
 
+def insert_keyed(con: duckdb.DuckDBPyConnection, table: str, key: str, rows: Any) -> int:
+    """Insert ``rows`` (an Arrow table in ``table``'s column names) in their order, but
+    none whose ``key`` is already in ``table``; returns how many were new. Rows of one
+    call keep their order in ``feedback.seq``."""
+    from tuneloop.services.store.postgres import insert_new, is_postgres
+
+    if is_postgres(con):
+        return insert_new(con, table, key, rows)
+    names = ", ".join(rows.schema.names)
+    with registered(con, f"incoming_{table}", rows) as view:
+        return int(con.execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM {view} "
+            f"ON CONFLICT ({key}) DO NOTHING").fetchall()[0][0])
+
+
 class Store:
     """The shared DuckDB file, opened one process at a time.
 
@@ -316,13 +347,20 @@ class Store:
     """
 
     @classmethod
-    def of(cls, settings: Settings) -> Store:
-        """The store ``settings`` name (``store.path``, else the home's file), waiting up to
-        ``store.lock_timeout_s`` for another process."""
-        return cls(settings.db_path, settings.store.lock_timeout_s)
+    def of(cls, settings: Settings, lock_timeout_s: float | None = None) -> AnyStore:
+        """The store ``settings`` name: the Postgres database of ``store.url``, else the
+        DuckDB file (``store.path``, else the home's), waiting up to ``lock_timeout_s``
+        (default ``store.lock_timeout_s``) for another process."""
+        wait = settings.store.lock_timeout_s if lock_timeout_s is None else lock_timeout_s
+        if settings.store.url is not None:
+            from tuneloop.services.store.postgres import PostgresStore
+
+            return PostgresStore.shared(settings.store.url.get_secret_value(), wait)
+        return cls(settings.db_path, wait)
 
     def __init__(self, path: Path, lock_timeout_s: float = 120.0) -> None:
         self.path = Path(path)
+        self.where = str(self.path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.queue_path = self.path.with_name(self.path.name + ".queue")
         self.lock_timeout_s = lock_timeout_s
@@ -396,6 +434,10 @@ class Store:
                 time.sleep(delay)
                 delay = min(delay * 2, max_delay)
 
+    def exists(self) -> bool:
+        """Whether the file was made (its first connection makes it)."""
+        return self.path.exists()
+
     def counts(self) -> dict[str, int]:
         """Row count of every table."""
         with self.connect() as con:
@@ -403,3 +445,7 @@ class Store:
                 table: int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
                 for table in TABLES
             }
+
+
+# Either store: both hand out DuckDB connections through connect().
+AnyStore: TypeAlias = "Store | PostgresStore"

@@ -1,0 +1,274 @@
+"""The operational store in Postgres (``store.url``): the same tables, the same SQL.
+
+Every stage talks to the store through a DuckDB connection and DuckDB's SQL. With
+``store.url`` set, that connection is an in-memory DuckDB with the Postgres database
+attached through DuckDB's postgres extension and made the default catalog (``USE``):
+each stage's statements then read and write the Postgres tables unchanged. There is no
+second copy of any query per backend; DuckDB remains the engine that runs curation's,
+drift's and the reports' analytical SQL, over rows it scans from Postgres in binary.
+
+The extension is loaded from the ``duckdb-ext-postgres`` wheel (its files sit in the
+layout of a DuckDB extension directory), so nothing is downloaded at run time. It loads
+only into the DuckDB version it was built for, hence DuckDB's exact pin.
+
+What Postgres changes:
+
+* No file lock. Postgres serialises conflicting writes itself, so any number of
+  processes (ingest workers among them) hold connections at once. A DuckDB cursor is
+  one transaction scope; each :meth:`PostgresStore.connect` hands out its own.
+* The schema is made with Postgres's own DDL (:func:`postgres_ddl`): sequences and
+  column defaults are not expressible through the extension.
+* ``feedback.seq`` orders feedback for curation's watermark, which must never see a
+  lower number commit after a higher one. With several writers a sequence alone does
+  not promise that, so writers of a table take a transaction-scoped advisory lock
+  (:func:`insert_new`) before they draw numbers: their commits, and their numbers,
+  come in one order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+log = logging.getLogger(__name__)
+
+# The attached database's name inside DuckDB.
+CATALOG = "pg"
+# pg_advisory_xact_lock keys: the schema's creation; with a table's name hashed, the
+# writers of that table (see insert_new).
+SCHEMA_LOCK = 0x74756E65_0001
+TABLE_LOCKS = 0x7475_6E65
+
+_EXTENSION_PACKAGE = "duckdb-ext-postgres"
+_SHARED: dict[str, PostgresStore] = {}
+_SHARED_GUARD = threading.Lock()
+
+
+def extension_directory() -> Path:
+    """The DuckDB extension directory the ``duckdb-ext-postgres`` wheel installed."""
+    try:
+        return Path(str(distribution(_EXTENSION_PACKAGE).locate_file("duckdb_ext/extensions")))
+    except PackageNotFoundError:
+        raise RuntimeError(
+            f"store.url names a Postgres database, but {_EXTENSION_PACKAGE} (DuckDB's postgres "
+            "extension) is not installed: run `make setup`, or pip install "
+            f"'{_EXTENSION_PACKAGE}=={duckdb.__version__}.*'") from None
+
+
+def postgres_ddl(statement: str) -> str:
+    """A DDL statement of :data:`~tuneloop.services.store.database.SCHEMA` in Postgres's
+    types: DuckDB's ``DOUBLE``, ``BLOB`` and ``FLOAT[]`` are Postgres's ``DOUBLE
+    PRECISION``, ``BYTEA`` and ``REAL[]``; the rest is common to both."""
+    text = re.sub(r"\bDOUBLE\b(?! PRECISION)", "DOUBLE PRECISION", statement)
+    text = re.sub(r"\bBLOB\b", "BYTEA", text)
+    return re.sub(r"\bFLOAT\[\]", "REAL[]", text)
+
+
+# What Postgres adds to the shared schema: the extension writes every column of a row,
+# so a column it is not given arrives as NULL, not as its default; feedback's sequence
+# number is therefore drawn by a trigger.
+POSTGRES_SCHEMA: tuple[str, ...] = (
+    """
+    CREATE OR REPLACE FUNCTION tuneloop_feedback_seq() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.seq IS NULL THEN
+            NEW.seq := nextval('feedback_seq');
+        END IF;
+        RETURN NEW;
+    END $$
+    """,
+    "CREATE OR REPLACE TRIGGER feedback_seq BEFORE INSERT ON feedback FOR EACH ROW "
+    "EXECUTE FUNCTION tuneloop_feedback_seq()",
+)
+
+# Postgres cannot hold a NUL character in text; it is kept as U+FFFD instead.
+NUL_REPLACEMENT = "\ufffd"
+
+# Postgres's own messages for a row it refuses (SQLSTATE classes 22, data exception, and
+# 23, integrity constraint violation), as the extension passes them on in a plain
+# duckdb.Error. Anything else (a lost connection, a full disk) stays the batch's error.
+_REFUSED_ROW = re.compile(
+    r"ERROR:\s+(null value in column|.*violates (not-null|check|foreign key|unique|exclusion) "
+    r"constraint|invalid byte sequence|invalid input syntax|invalid input value|.*out of "
+    r"range|value too long|unsupported Unicode escape|character with byte sequence|"
+    r"date/time field value out of range|numeric field overflow)", re.S)
+
+
+class RejectedRow(ValueError):
+    """Postgres refused a row's values: a data exception or a violated constraint."""
+
+
+def rejected_row(exc: BaseException) -> RejectedRow | None:
+    """``exc`` as a :class:`RejectedRow` when it is Postgres refusing a row, else None."""
+    if isinstance(exc, duckdb.Error) and _REFUSED_ROW.search(str(exc)):
+        return RejectedRow(str(exc))
+    return None
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def execute_native(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Run ``sql`` in Postgres itself, in ``con``'s transaction when one is open."""
+    con.execute(f"CALL postgres_execute({_literal(CATALOG)}, {_literal(sql)})")
+
+
+def is_postgres(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether ``con`` is a :class:`PostgresStore` connection."""
+    row = con.execute("SELECT current_database()").fetchone()
+    return bool(row and row[0] == CATALOG)
+
+
+def insert_new(con: duckdb.DuckDBPyConnection, table: str, key: str, rows: pa.Table) -> int:
+    """:func:`~tuneloop.services.store.database.insert_keyed` in Postgres.
+
+    The extension's ``ON CONFLICT`` joins the batch with a scan of the whole table and
+    hands the rows on out of order; instead, the keys already present are looked up in
+    Postgres (its index), and the new rows go in by ``COPY`` in their order. Writers of
+    one table queue on a transaction-scoped advisory lock, so no other writer slips the
+    same key in between, and ``feedback.seq`` numbers commit in the order they were
+    drawn (see the module's note).
+    """
+    from tuneloop.services.store.database import registered
+
+    execute_native(con, f"SELECT pg_advisory_xact_lock({TABLE_LOCKS}, hashtext({_literal(table)}))")
+    keys = [str(k) for k in rows.column(key).to_pylist()]
+    present: set[str] = set()
+    for start in range(0, len(keys), 2000):
+        chunk = ", ".join(_literal(k) for k in keys[start:start + 2000])
+        native = f"SELECT {key}::text FROM {table} WHERE {key} = ANY(ARRAY[{chunk}]::text[])"
+        present.update(str(r[0]) for r in con.execute(
+            f"SELECT * FROM postgres_query({_literal(CATALOG)}, {_literal(native)})").fetchall())
+    if present:
+        rows = rows.filter(pc.invert(pc.is_in(rows.column(key).cast(pa.string()),
+                                               value_set=pa.array(sorted(present), pa.string()))))
+    if rows.num_rows:
+        names = ", ".join(rows.schema.names)
+        with registered(con, f"incoming_{table}", rows) as view:
+            con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {view}")
+    return int(rows.num_rows)
+
+
+def where(url: str) -> str:
+    """``url`` without its password, for status lines and errors."""
+    if "://" in url:
+        parts = urlsplit(url)
+        host = parts.hostname or "localhost"
+        port = f":{parts.port}" if parts.port else ""
+        user = f"{parts.username}@" if parts.username else ""
+        return f"postgresql://{user}{host}{port}{parts.path}"
+    fields = dict(re.findall(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url))
+    shown = {k: v for k, v in fields.items() if k != "password"}
+    return "postgres " + " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+class PostgresStore:
+    """The operational store in a Postgres database (see the module's note).
+
+    >>> store = PostgresStore("postgresql://tuneloop@127.0.0.1:5432/tuneloop")
+    >>> with store.connect() as con:
+    ...     con.execute("SELECT count(*) FROM feedback").fetchone()
+    """
+
+    def __init__(self, url: str, lock_timeout_s: float = 120.0) -> None:
+        self.url = url
+        self.lock_timeout_s = lock_timeout_s
+        self.where = where(url)
+        self._database: duckdb.DuckDBPyConnection | None = None
+        self._pid = 0
+        self._guard = threading.Lock()
+
+    @classmethod
+    def shared(cls, url: str, lock_timeout_s: float = 120.0) -> PostgresStore:
+        """The process's one store for ``url``: its attached DuckDB is made once."""
+        with _SHARED_GUARD:
+            store = _SHARED.get(url)
+            if store is None:
+                store = _SHARED[url] = cls(url, lock_timeout_s)
+            return store
+
+    def exists(self) -> bool:
+        """Whether the database answers (a store is made on its first connection)."""
+        try:
+            self._attached()
+        except duckdb.Error:
+            return False
+        return True
+
+    def _attached(self) -> duckdb.DuckDBPyConnection:
+        """The process's DuckDB with the database attached and the schema made, once per
+        process (a forked child attaches anew: connections do not survive a fork)."""
+        with self._guard:
+            if self._database is None or self._pid != os.getpid():
+                self._database = self._attach()
+                self._pid = os.getpid()
+            return self._database
+
+    def _attach(self) -> duckdb.DuckDBPyConnection:
+        from tuneloop.services.store.database import MIGRATIONS, SCHEMA
+
+        db = duckdb.connect(config={"extension_directory": str(extension_directory()),
+                                    "autoinstall_known_extensions": False,
+                                    "autoload_known_extensions": False})
+        try:
+            db.execute("LOAD postgres")
+            db.execute(f"SET GLOBAL pg_null_byte_replacement = {_literal(NUL_REPLACEMENT)}")
+            db.execute(f"ATTACH {_literal(self.url)} AS {CATALOG} (TYPE postgres)")
+            db.execute(f"USE {CATALOG}")
+            db.execute("BEGIN TRANSACTION")
+            execute_native(db, f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+            for ddl in SCHEMA:
+                execute_native(db, postgres_ddl(ddl))
+            for ddl in POSTGRES_SCHEMA:
+                execute_native(db, ddl)
+            db.execute("COMMIT")
+            db.execute("CALL pg_clear_cache()")
+            for migrate in MIGRATIONS:
+                migrate(db)
+        except duckdb.Error as exc:
+            db.close()
+            raise _without_url(exc, self.url, self.where) from None
+        return db
+
+    @contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection of its own for one unit of work; others run at the same time."""
+        con = self._attached().cursor()
+        try:
+            con.execute(f"USE {CATALOG}")
+            yield con
+        finally:
+            con.close()
+
+    def counts(self) -> dict[str, int]:
+        """Row count of every table."""
+        from tuneloop.services.store.database import TABLES
+
+        with self.connect() as con:
+            return {table: int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+                    for table in TABLES}
+
+    def close(self) -> None:
+        """Drop the process's connections to the database."""
+        with self._guard:
+            if self._database is not None:
+                self._database.close()
+                self._database = None
+
+
+def _without_url(exc: duckdb.Error, url: str, shown: str) -> duckdb.Error:
+    """``exc`` with the URL (and so its password) replaced by its printable form."""
+    message = str(exc).replace(url, shown)
+    return type(exc)(message) if message != str(exc) else exc
