@@ -20,7 +20,7 @@ from tuneloop.services.canary.records import record
 from tuneloop.services.canary.store import list_decisions
 from tuneloop.services.loop import metrics as loop_metrics
 from tuneloop.services.registry import store as registry
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 
 
 def _publish(settings: Settings, n: int) -> str:
@@ -28,25 +28,29 @@ def _publish(settings: Settings, n: int) -> str:
     source.mkdir(parents=True)
     (source / "adapter_config.json").write_text(json.dumps({"r": 8}))
     (source / "adapter_model.safetensors").write_bytes(f"weights {n}".encode())
-    with Store(settings.db_path).connect() as con:
+    with Store.of(settings).connect() as con:
         return registry.publish_adapter(
             con, settings.adapters_dir, source, alias=settings.serving.alias,
             base_model="base", base_hash="h", dataset_version=None, run_key=None,
             details={"metrics": {}}).version
 
 
-def _rollback_by_cli(home: Path, reason: str) -> subprocess.CompletedProcess[str]:
+def _rollback_by_cli(home: Path, reason: str,
+                     store_url: str | None) -> subprocess.CompletedProcess[str]:
     # A port nobody listens on: no gateway runs, so only the registry changes.
     env = {**os.environ, "TUNELOOP_SERVING__GATEWAY_PORT": str(free_port())}
+    if store_url is not None:
+        env["TUNELOOP_STORE__URL"] = store_url
     return subprocess.run([sys.executable, "-m", "tuneloop.cli.main", "--home", str(home),
                            "canary", "rollback", "--reason", reason], env=env,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_a_manual_rollback_is_recorded_and_counted_like_the_flows_verdicts(
-        tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path / "home")
-    store = Store(settings.db_path)
+        tmp_path: Path, any_store: AnyStore) -> None:
+    url = getattr(any_store, "url", None)  # the CLI below reaches the same store
+    settings = Settings(home=tmp_path / "home", store={"url": url} if url else {})
+    store = Store.of(settings)
     v1, v2, v3 = (_publish(settings, n) for n in range(3))
     with store.connect() as con:
         registry.promote(con, v1, "production", "first")
@@ -55,9 +59,9 @@ def test_a_manual_rollback_is_recorded_and_counted_like_the_flows_verdicts(
     # The flow's own verdicts go through the same entry point.
     record(store, settings.home, Decision("offline", v3, v2, "pass"), "flow-run-1")
 
-    took_canary_off = _rollback_by_cli(settings.home, "users complain")
+    took_canary_off = _rollback_by_cli(settings.home, "users complain", url)
     assert took_canary_off.returncode == 0, took_canary_off.stdout + took_canary_off.stderr
-    rolled_production = _rollback_by_cli(settings.home, "still bad")
+    rolled_production = _rollback_by_cli(settings.home, "still bad", url)
     assert rolled_production.returncode == 0, rolled_production.stderr
 
     with store.connect() as con:

@@ -25,7 +25,7 @@ from tuneloop.services.curation.core import Example, GoldenIndex
 from tuneloop.services.loop.metrics import LoopCollector, count_decision, record
 from tuneloop.services.loop.policy import why_not_retrain
 from tuneloop.services.loop.store import read_snapshot
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 
 
 def _example(i: int, label: str) -> Example:
@@ -62,17 +62,17 @@ def _adapter(store: Store, version: str, state: str, dataset: str | None = None,
                     [version, alias, version, alias, state, dataset])
 
 
-def why_not(settings: Settings, run_key: str) -> str | None:
+def why_not(store: AnyStore, settings: Settings, run_key: str) -> str | None:
     """The retrain flow's guard: the snapshot of the store, then the policy."""
-    snapshot = read_snapshot(Store(settings.db_path), settings.serving.alias, run_key)
+    snapshot = read_snapshot(store, settings.serving.alias, run_key)
     return why_not_retrain(snapshot, datetime.now(UTC), settings.loop)
 
 
 def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldown(
-        tmp_path: Path) -> None:
+        tmp_path: Path, any_store: AnyStore) -> None:
     settings = Settings(home=tmp_path)
-    store = Store(settings.db_path)
-    assert why_not(settings, "a") is None
+    store = any_store
+    assert why_not(store, settings, "a") is None
 
     def decide(verdict: str, key: str) -> None:
         with store.connect() as con:
@@ -81,28 +81,28 @@ def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldow
                                           {"run_key": key}), None)
 
     decide("start", "a")
-    assert "still running" in (why_not(settings, "c") or "")
+    assert "still running" in (why_not(store, settings, "c") or "")
     # The same retrain run again after a worker crash goes on.
-    assert why_not(settings, "a") is None
+    assert why_not(store, settings, "a") is None
     decide("trained", "a")
-    assert "cool-down" in (why_not(settings, "c") or "")
+    assert "cool-down" in (why_not(store, settings, "c") or "")
     cooled = settings.model_copy(update={"loop": settings.loop.model_copy(
         update={"cooldown_s": 0})})
-    assert why_not(cooled, "c") is None
+    assert why_not(store, cooled, "c") is None
     decide("start", "b")
     decide("failed", "b")
-    assert why_not(cooled, "c") is None
+    assert why_not(store, cooled, "c") is None
     # A retrain whose curation found nothing new ends skipped: nothing is left running.
     decide("start", "n")
     decide("skipped", "n")
-    assert why_not(cooled, "c") is None
+    assert why_not(store, cooled, "c") is None
     _adapter(store, "v8", "candidate")
     # A new candidate waits for the canary's first verdict before another retrain starts.
-    assert "v8 is waiting for the canary" in (why_not(cooled, "c") or "")
+    assert "v8 is waiting for the canary" in (why_not(store, cooled, "c") or "")
     with store.connect() as con:
         record_decision(con, Decision("offline", "v8", None, "reject",
                                       [Check("golden", INFO, None, None, "", "worse")], {}), None)
-    assert why_not(cooled, "c") is None
+    assert why_not(store, cooled, "c") is None
 
     def look(figures: dict[str, float]) -> None:
         with store.connect() as con:
@@ -111,14 +111,14 @@ def test_an_automatic_retrain_waits_for_a_running_one_the_canary_and_the_cooldow
 
     # Its latest offline look asks to look again later: the loop waits for that look.
     look({"next_look_at": time.time() + 600})
-    assert "v8 is waiting for more labelled events" in (why_not(cooled, "c") or "")
+    assert "v8 is waiting for more labelled events" in (why_not(store, cooled, "c") or "")
     look({})
-    assert why_not(cooled, "c") is None
+    assert why_not(store, cooled, "c") is None
     # Another alias's canary is not this alias's business.
     _adapter(store, "v9", "canary", alias="other-bot")
-    assert why_not(cooled, "c") is None
+    assert why_not(store, cooled, "c") is None
     _adapter(store, "v10", "canary")
-    assert "v10 is still in its live window" in (why_not(cooled, "c") or "")
+    assert "v10 is still in its live window" in (why_not(store, cooled, "c") or "")
 
 
 def test_the_supervisor_restarts_a_dying_component_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -226,12 +226,13 @@ def test_the_demo_settings_file_overlays_the_users_and_loads() -> None:
     assert loaded.loop.retrain_min_new_labels == 0 and loaded.curation.split == (0.7, 0.1, 0.2)
 
 
-def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(tmp_path: Path) -> None:
+def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(
+        tmp_path: Path, any_store: AnyStore) -> None:
     from tuneloop.services.demo.banking77 import Query, to_events
     from tuneloop.services.ingest.store import insert_events
 
     settings = Settings(home=tmp_path)
-    store = Store(settings.db_path)
+    store = any_store
     queries = [Query(f"old question {i}", "known") for i in range(5)] + \
         [Query(f"new question {i}", "unheard") for i in range(3)]
     with store.connect() as con:
@@ -240,16 +241,16 @@ def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(tmp_path:
                     "'known', '[]', 'p', 'known')")
     _adapter(store, "v1", "production", dataset="ds-0001")
     # 'unheard' has 3 labelled examples of the 20 a new label needs; 'known' is not new.
-    reason = why_not(settings, "k") or ""
+    reason = why_not(store, settings, "k") or ""
     assert "unheard (3/20)" in reason and "known" not in reason
 
     def loop(**update: int) -> Settings:
         return settings.model_copy(update={"loop": settings.loop.model_copy(update=update)})
 
-    assert why_not(loop(min_examples_per_new_label=3), "k") is None
-    assert why_not(loop(min_examples_per_new_label=0), "k") is None
+    assert why_not(store, loop(min_examples_per_new_label=3), "k") is None
+    assert why_not(store, loop(min_examples_per_new_label=0), "k") is None
     # A label that stays rare past the patience no longer holds the loop back.
-    assert why_not(loop(new_label_wait_s=0), "k") is None
+    assert why_not(store, loop(new_label_wait_s=0), "k") is None
     # A held candidate's version took those 3; the next version carries them, so they
     # still count with the 2 that came after.
     with store.connect() as con:
@@ -258,7 +259,7 @@ def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(tmp_path:
                     "0)", [json.dumps({"considered_through_seq": seq})])
         insert_events(con, list(to_events([Query(f"later question {i}", "unheard")
                                            for i in range(2)], seed=2)))
-    assert "unheard (5/20)" in (why_not(settings, "k") or "")
+    assert "unheard (5/20)" in (why_not(store, settings, "k") or "")
 
 
 def test_the_snapshot_reads_productions_promotion_and_the_newest_drift_check(

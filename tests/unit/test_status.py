@@ -19,7 +19,7 @@ from tuneloop.services.canary.core import Check, Decision
 from tuneloop.services.canary.store import record_decision
 from tuneloop.services.loop.status import StoreFigures, read_store_figures
 from tuneloop.services.registry import store as registry
-from tuneloop.services.store.database import Store
+from tuneloop.services.store.database import AnyStore, Store
 
 JSON_KEYS = {"health", "topics", "replication", "counts", "dead_letters", "adapters",
              "latest_drift", "db", "serving", "freeze", "canary", "last_change", "store_busy",
@@ -44,8 +44,7 @@ def _publish(con, tmp_path: Path, name: str, golden: dict[str, float] | None) ->
         details={"metrics": metrics}).version
 
 
-def _filled_store(tmp_path: Path) -> Store:
-    store = Store(tmp_path / "tuneloop.duckdb")
+def _filled_store(tmp_path: Path, store: AnyStore) -> AnyStore:
     with store.connect() as con:
         first = _publish(con, tmp_path, "a", {"accuracy": 0.8, "macro_f1": 0.75})
         _publish(con, tmp_path, "b", None)
@@ -67,8 +66,9 @@ def _filled_store(tmp_path: Path) -> Store:
     return store
 
 
-def test_the_store_figures_come_from_the_stage_shells(tmp_path: Path) -> None:
-    figures = read_store_figures(_filled_store(tmp_path))
+def test_the_store_figures_come_from_the_stage_shells(tmp_path: Path,
+                                                     any_store: AnyStore) -> None:
+    figures = read_store_figures(_filled_store(tmp_path, any_store))
     assert figures.exists and figures.busy is None
     assert figures.counts["adapters"] == 2 and figures.counts["dead_letters"] == 4
     # Reasons that differ only in numbers are one group, the commonest first.
@@ -106,7 +106,7 @@ def _report(store: StoreFigures) -> StatusReport:
 
 
 def test_the_json_document_keeps_its_keys_and_shapes(tmp_path: Path) -> None:
-    report = _report(read_store_figures(_filled_store(tmp_path)))
+    report = _report(read_store_figures(_filled_store(tmp_path, Store(tmp_path / "tuneloop.duckdb"))))
     doc = json.loads(json.dumps(report.to_json(), default=str))
     assert set(doc) == JSON_KEYS
     assert report.down == ["gateway"]
@@ -126,7 +126,7 @@ def test_the_json_document_keeps_its_keys_and_shapes(tmp_path: Path) -> None:
 
 
 def test_every_section_renders(tmp_path: Path) -> None:
-    report = _report(read_store_figures(_filled_store(tmp_path)))
+    report = _report(read_store_figures(_filled_store(tmp_path, Store(tmp_path / "tuneloop.duckdb"))))
     with console.capture() as captured:
         render_status(report)
     text = captured.get()

@@ -12,6 +12,9 @@ join is outside all of them. Three rounds, the order rotated; the figure is the 
 round of each side (their medians are shown too). ``FIGURE ingest_ratio`` is the full
 path against the librdkafka loop. A breakdown times each stage of the full path on
 the same records, one at a time, in microseconds per event.
+
+``--store postgres`` runs the same comparison into Postgres, one and two workers
+(:mod:`tuneloop.bench._ingest_pg`).
 """
 
 from __future__ import annotations
@@ -191,7 +194,12 @@ def breakdown(settings: Settings, n: int, home: Path) -> dict[str, float]:
             "DuckDB upsert (one thread)": write * per}
 
 
-def main(settings: Settings | None = None, quick: bool = False) -> dict[str, float]:
+def main(settings: Settings | None = None, quick: bool = False,
+         store: str = "duckdb") -> dict[str, float]:
+    if store == "postgres":
+        from tuneloop.bench._ingest_pg import main as on_postgres
+
+        return on_postgres(settings, quick)
     n = 10_000 if quick else 50_000
     home = Path(tempfile.mkdtemp(prefix="tuneloop-bench-ingest-"))
     port = free_port()

@@ -25,6 +25,9 @@ def register(app: typer.Typer) -> None:
         task: str | None = typer.Option(
             None, "--task", help="The kind of task (label, json, text), for benchmarks that "
             "run per kind (canary)."),
+        store: str | None = typer.Option(
+            None, "--store", help="The operational store (duckdb, postgres), for benchmarks "
+            "that run on either (ingest)."),
     ) -> None:
         """Run a benchmark against its baseline, in one run; ends with FIGURE lines."""
         if name not in available():
@@ -37,4 +40,10 @@ def register(app: typer.Typer) -> None:
             if task not in ("label", "json", "text"):
                 raise fail(f"--task {task!r}: use label, json or text")
             extra["task"] = task
+        if store is not None:
+            if "store" not in inspect.signature(module.main).parameters:
+                raise fail(f"bench {name} has one store; leave out --store")
+            if store not in ("duckdb", "postgres"):
+                raise fail(f"--store {store!r}: use duckdb or postgres")
+            extra["store"] = store
         module.main(settings_of(ctx), quick=quick, **extra)
