@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tuneloop.runtime.settings import Settings
-from tuneloop.services.store.database import Store, holder
+from tuneloop.services.store.database import AnyStore, Store, holder
 
 
 def test_a_busy_store_names_its_holder_and_the_cli_exits_cleanly(tmp_path: Path) -> None:
@@ -96,3 +96,47 @@ def test_the_broker_check_tells_kafka_from_another_program_on_the_port() -> None
             broker.start()
     finally:
         server.close()
+
+
+def test_the_postgres_url_never_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from tuneloop.runtime.settings import load_settings
+    from tuneloop.services.store.postgres import where
+
+    secret = "pa55-w0rd-4711"
+    url = f"postgresql://tuneloop:{secret}@db.example:5432/tuneloop"
+    monkeypatch.setenv("TUNELOOP_STORE__URL", url)
+    settings = load_settings()
+    shown = [str(settings), repr(settings), settings.model_dump_json(),
+             json.dumps(settings.model_dump(mode="json")), str(settings.store)]
+    assert not [text for text in shown if secret in text]
+    assert where(url) == "postgresql://tuneloop@db.example:5432/tuneloop"
+    assert where(f"host=db.example password={secret} dbname=t") == "postgres host=db.example dbname=t"
+    monkeypatch.setenv("TUNELOOP_STORE__URL", f"mysql://root:{secret}@db")
+    with pytest.raises(Exception, match="postgresql://") as refused:
+        load_settings()
+    assert secret not in str(refused.value)
+
+
+def test_a_postgres_store_that_does_not_answer_names_it_without_the_password() -> None:
+    import duckdb
+
+    from tuneloop.runtime.processes import free_port
+    from tuneloop.services.store.postgres import PostgresStore
+
+    secret = "pa55-w0rd-4711"
+    store = PostgresStore(f"postgresql://tuneloop:{secret}@127.0.0.1:{free_port()}/tuneloop")
+    assert not store.exists()
+    with pytest.raises(duckdb.Error) as failed:
+        store.counts()
+    assert secret not in str(failed.value) and store.where in str(failed.value)
+
+
+def test_status_reads_either_store(any_store: AnyStore) -> None:
+    from tuneloop.services.loop.status import read_store_figures
+
+    any_store.counts()  # made on first use
+    figures = read_store_figures(any_store)
+    assert figures.exists and figures.counts["feedback"] == 0 and figures.busy is None
+    assert figures.path == any_store.where
