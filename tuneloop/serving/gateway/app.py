@@ -51,6 +51,11 @@ from tuneloop.serving.vllm_process import ReplicaSpec, replica_specs, vllm_key
 log = logging.getLogger(__name__)
 
 
+# How long an idle connection to a replica is kept for reuse: below vLLM's own
+# keep-alive (uvicorn's, VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default), so the gateway
+# lets go of a connection before vLLM closes it under a request being sent.
+UPSTREAM_KEEPALIVE_S = 4.0
+
 def initial_route(settings: Settings) -> Route:
     """The alias's route as the registry has it, with the shares last applied."""
     alias = settings.serving.alias
@@ -176,7 +181,7 @@ def _lifespan(settings: Settings, gateway: Gateway, specs: dict[int, ReplicaSpec
         # Every call to a replica carries its key: without it vLLM refuses its /v1 routes.
         key = await asyncio.to_thread(vllm_key, settings)
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
             auto_decompress=False, headers={"Authorization": f"Bearer {key}"})
         gateway.session = session
         for i, url in enumerate(cfg.upstream_urls()):

@@ -184,6 +184,7 @@ class Gateway:
                        self.event_key, served.response_id, served.user)}
         started = time.perf_counter()
         tried: set[int] = set()
+        stale_retried: set[int] = set()
         while True:
             try:
                 replica = self.pool.pick(name)
@@ -199,9 +200,21 @@ class Gateway:
                 resp = await asyncio.wait_for(self.session.post(
                     replica.url + path, data=payload, timeout=self._timeout,
                     headers={"content-type": "application/json"}), self.cfg.upstream_timeout_s)
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-                # Not reached, or gone before answering: nothing was generated, so another
-                # replica may take the request, and this one is checked before its next.
+            except aiohttp.ServerDisconnectedError as exc:
+                self._done(replica, name)
+                if replica.index not in stale_retried:
+                    # Most often a pooled connection the replica closed as it was reused:
+                    # the request never reached it. Once more, on a new connection.
+                    stale_retried.add(replica.index)
+                    tried.discard(replica.index)
+                    continue
+                # Gone before answering, twice: nothing was generated, so another replica
+                # may take the request, and this one is checked before its next.
+                self.pool.report_failure(replica, f"{type(exc).__name__}: {exc}")
+                continue
+            except aiohttp.ClientConnectorError as exc:
+                # Not reached: nothing was generated, so another replica may take the
+                # request, and this one is checked before its next.
                 self._done(replica, name)
                 self.pool.report_failure(replica, f"{type(exc).__name__}: {exc}")
                 continue
