@@ -500,3 +500,30 @@ def test_dead_letters_are_listed_and_replayed_after_a_fix(broker: Settings, sett
     assert "sent back 1" in cli("replay", "--again", "--reason", "does not match")
     ingest()
     assert _feedback_ids(store) == [str(wrong_key.event_id)]  # once, however often replayed
+
+
+def test_stored_offsets_a_restarted_broker_no_longer_holds_are_forgotten(
+        broker: Settings, settings: Settings, store: Store) -> None:
+    """The store remembers offsets of a log the broker lost (the embedded broker keeps it
+    in memory): seeking there would skip the new log's first records. Kafka has no
+    commit for the group, so the stored offsets are dropped and every record lands."""
+    from tuneloop.services.ingest.store import ConsumedOffsets, stored_offsets, write_batch
+
+    ensure_topics(settings.kafka)
+    events = _events(300)
+    _send_raw(settings, [(str(e.event_id).encode(), e.to_json_bytes()) for e in events])
+    ends = {p.partition: p.end for p in topic_offsets(settings.kafka, settings.kafka.topic, None)}
+    stale = {(settings.kafka.topic, p): end // 2 for p, end in ends.items()}
+    with store.connect() as con:
+        write_batch(con, PreparedBatch(), ConsumedOffsets(settings.kafka.group_id, stale))
+
+    consumer = IngestConsumer(settings, store)
+    try:
+        stats = consumer.run()
+    finally:
+        consumer.close()
+    assert stats.inserted == len(events)
+    assert sorted(_feedback_ids(store)) == sorted(str(e.event_id) for e in events)
+    with store.connect() as con:
+        kept = stored_offsets(con, settings.kafka.group_id, list(stale))
+    assert kept == {(settings.kafka.topic, p): end for p, end in ends.items()}

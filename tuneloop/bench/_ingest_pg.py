@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from tuneloop.bench.ingest import _Clocked, _fill_topic, _librdkafka_loop, machine
 from tuneloop.infra.broker import EmbeddedBroker
 from tuneloop.infra.postgres import LocalPostgres
@@ -66,7 +68,7 @@ def clocked_run(settings: Settings, idle_polls: int) -> tuple[float, float, int]
 def _settings(cfg: Settings, group: str, url: str) -> Settings:
     return cfg.model_copy(update={
         "kafka": cfg.kafka.model_copy(update={"group_id": group}),
-        "store": cfg.store.model_copy(update={"url": url}),
+        "store": cfg.store.model_copy(update={"url": SecretStr(url)}),
     })
 
 

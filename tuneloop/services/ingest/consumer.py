@@ -36,7 +36,12 @@ from kafka.errors import KafkaError
 
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.ingest.core import DeadLetter, PreparedBatch, RawRecord, prepare_batch
-from tuneloop.services.ingest.store import ConsumedOffsets, stored_offsets, write_isolating
+from tuneloop.services.ingest.store import (
+    ConsumedOffsets,
+    forget_offsets,
+    stored_offsets,
+    write_isolating,
+)
 from tuneloop.services.store.database import AnyStore, Store
 
 log = logging.getLogger(__name__)
@@ -128,19 +133,45 @@ class IngestConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Go on from the offsets stored with the rows (read on the writer thread, which
         holds the store between batches); partitions without one start from Kafka's
-        committed offset, else the earliest."""
+        committed offset, else the earliest.
+
+        A stored offset is trusted only while the broker still holds the log it points
+        into, which Kafka's committed offset for the group there shows: a broker that
+        lost its log (the embedded one keeping it in memory, a topic deleted and made
+        again) lost those commits too. Otherwise it is forgotten and the partition is
+        read again from Kafka's position: the keyed writes make the replay a no-op,
+        where seeking into a new log would skip what lies before the old offset.
+        """
         wanted = [(tp.topic, tp.partition) for tp in partitions]
         stored = self._writer.submit(self._stored_offsets, wanted).result()
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in consumer.committed(partitions, timeout=30)} if stored else {}
+        resumed: dict[str, int] = {}
+        stale: list[tuple[str, int]] = []
         for tp in partitions:
-            if (tp.topic, tp.partition) in stored:
-                tp.offset = stored[(tp.topic, tp.partition)]
-        if stored:
-            log.info("resuming from stored offsets %s",
-                     {f"{t}[{p}]": o for (t, p), o in sorted(stored.items())})
+            key = (tp.topic, tp.partition)
+            if key not in stored:
+                continue
+            if committed.get(key, -1) < 0:
+                stale.append(key)
+                continue
+            tp.offset = stored[key]
+            resumed[f"{tp.topic}[{tp.partition}]"] = stored[key]
+        if stale:
+            self._writer.submit(self._forget_offsets, stale).result()
+            log.warning("forgot stored offsets the broker's log no longer holds (a broker "
+                        "that restarted empty?): %s; those partitions are read again from "
+                        "Kafka's position, and the keyed writes skip what is already stored",
+                        {f"{t}[{p}]": stored[(t, p)] for t, p in stale})
+        if resumed:
+            log.info("resuming from stored offsets %s", resumed)
         consumer.assign(partitions)
 
     def _stored_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         return stored_offsets(self._connection(), self.cfg.group_id, partitions)
+
+    def _forget_offsets(self, partitions: list[tuple[str, int]]) -> None:
+        forget_offsets(self._connection(), self.cfg.group_id, partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Let the batch in flight land before the partitions go, so their next owner
@@ -254,10 +285,14 @@ class IngestConsumer:
         self._pending = None
         inserted = future.result()
         offsets = next_offsets(raw)
+        # Partitions revoked meanwhile are their new owner's to commit.
+        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        offsets = {tp: o for tp, o in offsets.items() if tp in owned}
         try:
-            self.consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
-            )
+            if offsets:
+                self.consumer.commit(offsets=[TopicPartition(t, p, o)
+                                              for (t, p), o in offsets.items()],
+                                     asynchronous=False)
         except KafkaException as exc:
             if not _lost_partitions(exc):
                 raise

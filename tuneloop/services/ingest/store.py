@@ -11,6 +11,7 @@ gateway's shadow pairs) goes through these functions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from tuneloop.services.ingest.core import (
     event_row,
 )
 from tuneloop.services.store.database import insert_keyed
-from tuneloop.services.store.postgres import rejected_row
+from tuneloop.services.store.postgres import execute_in_store, rejected_row, sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch,
             _store_offsets(con, offsets)
         con.execute("COMMIT")
     except BaseException as exc:
-        con.execute("ROLLBACK")
+        with contextlib.suppress(duckdb.Error):  # a failed COMMIT has ended it already
+            con.execute("ROLLBACK")
         refused = rejected_row(exc)
         if refused is not None:
             raise refused from exc
@@ -74,16 +76,27 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: PreparedBatch,
 
 
 def _store_offsets(con: duckdb.DuckDBPyConnection, offsets: ConsumedOffsets) -> None:
-    now = datetime.now(UTC)
-    rows = [(offsets.group, topic, partition, offset, now)
-            for (topic, partition), offset in sorted(offsets.next_offsets.items())]
-    # An offset only moves forward: a batch replayed by a member that lost the partition
-    # cannot take the group back.
-    con.executemany(
-        "INSERT INTO ingest_offsets (consumer_group, topic, partition_id, next_offset, "
-        "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer_group, topic, partition_id) "
-        "DO UPDATE SET next_offset = greatest(ingest_offsets.next_offset, "
-        "excluded.next_offset), updated_at = excluded.updated_at", rows)
+    now = datetime.now(UTC).isoformat()
+    values = ", ".join(
+        f"({sql_literal(offsets.group)}, {sql_literal(topic)}, {int(partition)}, {int(offset)}, "
+        f"TIMESTAMPTZ {sql_literal(now)})"
+        for (topic, partition), offset in sorted(offsets.next_offsets.items()))
+    # The batch's offsets replace the stored ones. A late write by a member that lost the
+    # partition can only take the group back (a replay, which the keyed writes absorb),
+    # never ahead. One statement, the same in both stores' SQL, run by the store itself
+    # (in Postgres, its own upsert on the key rather than a join in DuckDB).
+    execute_in_store(
+        con, "INSERT INTO ingest_offsets (consumer_group, topic, partition_id, next_offset, "
+        f"updated_at) VALUES {values} ON CONFLICT (consumer_group, topic, partition_id) "
+        "DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at")
+
+
+def forget_offsets(con: duckdb.DuckDBPyConnection, group: str,
+                   partitions: Sequence[tuple[str, int]]) -> None:
+    """Drop ``group``'s stored offsets of ``partitions``."""
+    for topic, partition in partitions:
+        con.execute("DELETE FROM ingest_offsets WHERE consumer_group = ? AND topic = ? AND "
+                    "partition_id = ?", [group, topic, partition])
 
 
 def stored_offsets(con: duckdb.DuckDBPyConnection, group: str,

@@ -116,13 +116,23 @@ def rejected_row(exc: BaseException) -> RejectedRow | None:
     return None
 
 
-def _literal(text: str) -> str:
+def sql_literal(text: str) -> str:
+    """``text`` as an SQL string literal (standard quoting, the same in both stores)."""
     return "'" + text.replace("'", "''") + "'"
 
 
 def execute_native(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     """Run ``sql`` in Postgres itself, in ``con``'s transaction when one is open."""
-    con.execute(f"CALL postgres_execute({_literal(CATALOG)}, {_literal(sql)})")
+    con.execute(f"CALL postgres_execute({sql_literal(CATALOG)}, {sql_literal(sql)})")
+
+
+def execute_in_store(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Run a statement written in the SQL both stores speak (no parameters) in the store
+    itself: Postgres runs it natively, the DuckDB file through ``con``."""
+    if is_postgres(con):
+        execute_native(con, sql)
+    else:
+        con.execute(sql)
 
 
 def is_postgres(con: duckdb.DuckDBPyConnection) -> bool:
@@ -143,14 +153,14 @@ def insert_new(con: duckdb.DuckDBPyConnection, table: str, key: str, rows: pa.Ta
     """
     from tuneloop.services.store.database import registered
 
-    execute_native(con, f"SELECT pg_advisory_xact_lock({TABLE_LOCKS}, hashtext({_literal(table)}))")
+    execute_native(con, f"SELECT pg_advisory_xact_lock({TABLE_LOCKS}, hashtext({sql_literal(table)}))")
     keys = [str(k) for k in rows.column(key).to_pylist()]
     present: set[str] = set()
     for start in range(0, len(keys), 2000):
-        chunk = ", ".join(_literal(k) for k in keys[start:start + 2000])
+        chunk = ", ".join(sql_literal(k) for k in keys[start:start + 2000])
         native = f"SELECT {key}::text FROM {table} WHERE {key} = ANY(ARRAY[{chunk}]::text[])"
         present.update(str(r[0]) for r in con.execute(
-            f"SELECT * FROM postgres_query({_literal(CATALOG)}, {_literal(native)})").fetchall())
+            f"SELECT * FROM postgres_query({sql_literal(CATALOG)}, {sql_literal(native)})").fetchall())
     if present:
         rows = rows.filter(pc.invert(pc.is_in(rows.column(key).cast(pa.string()),
                                                value_set=pa.array(sorted(present), pa.string()))))
@@ -224,8 +234,8 @@ class PostgresStore:
                                     "autoload_known_extensions": False})
         try:
             db.execute("LOAD postgres")
-            db.execute(f"SET GLOBAL pg_null_byte_replacement = {_literal(NUL_REPLACEMENT)}")
-            db.execute(f"ATTACH {_literal(self.url)} AS {CATALOG} (TYPE postgres)")
+            db.execute(f"SET GLOBAL pg_null_byte_replacement = {sql_literal(NUL_REPLACEMENT)}")
+            db.execute(f"ATTACH {sql_literal(self.url)} AS {CATALOG} (TYPE postgres)")
             db.execute(f"USE {CATALOG}")
             db.execute("BEGIN TRANSACTION")
             execute_native(db, f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import duckdb
 from kafka.errors import KafkaError
 
 from tuneloop.runtime.settings import Settings
@@ -135,8 +136,8 @@ def shadow_summary(settings: Settings, candidate: str, since: float) -> dict[str
     label or correction came later, which side was right."""
     try:
         land_shadow_pairs(settings, idle_polls=1)
-    except (KafkaError, StoreBusyError) as exc:  # a report, not a gate: never fail the canary
-        log.warning("shadow pairs not landed, summarising those already in DuckDB: %s", exc)
+    except (KafkaError, StoreBusyError, duckdb.Error) as exc:  # a report, not a gate
+        log.warning("shadow pairs not landed, summarising those already stored: %s", exc)
     with Store.of(settings).connect() as con:
         rows = canary_store.shadow_answers(con, candidate, datetime.fromtimestamp(since, UTC))
     return summarise_shadow(rows)
