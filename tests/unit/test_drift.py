@@ -241,3 +241,20 @@ def test_the_current_window_follows_ingestion_not_the_clients_clock(
     assert report.methods()["occurred_at_flags"] == {"future": 7, "past": 3}
     assert report.summary().endswith(
         "occurred_at far from ingestion: 7 from the future, 3 from the past")
+
+
+def test_the_embedding_cache_gives_back_what_it_stored(any_store: AnyStore) -> None:
+    import numpy as np
+
+    from tuneloop.services.drift.embeddings import read_cache, write_cache
+
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    with any_store.connect() as con:
+        write_cache(con, ["a", "b", "c"], vectors, "m1")
+        write_cache(con, ["a"], vectors[:1] + 1, "m1")  # cached already: left as it is
+        write_cache(con, ["a"], vectors[:1] + 2, "m2")
+        got = read_cache(con, ["c", "a", "zz"], "m1")
+        other = read_cache(con, ["a", "b"], "m2")
+    assert sorted(got) == ["a", "c"] and sorted(other) == ["a"]
+    assert np.allclose(got["a"], vectors[0]) and np.allclose(got["c"], vectors[2])
+    assert np.allclose(other["a"], vectors[0] + 2)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tuneloop.infra.postgres import LocalPostgres
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.store.database import AnyStore, Store, holder
 
@@ -140,3 +141,25 @@ def test_status_reads_either_store(any_store: AnyStore) -> None:
     figures = read_store_figures(any_store)
     assert figures.exists and figures.counts["feedback"] == 0 and figures.busy is None
     assert figures.path == any_store.where
+
+
+def test_a_postgres_unit_of_work_holds_the_store_and_ingest_writes_beside_it(
+        postgres_server: LocalPostgres) -> None:
+    """As on the DuckDB file, one unit of work at a time (a waiter is told who holds it);
+    ingest's keyed writes (``exclusive=False``) go on meanwhile, from other processes too."""
+    from tuneloop.services.demo import banking77
+    from tuneloop.services.ingest.store import insert_events
+    from tuneloop.services.store.database import StoreBusyError
+    from tuneloop.services.store.postgres import PostgresStore
+
+    url = postgres_server.new_database(f"t_{os.getpid()}_hold")
+    holder_store = PostgresStore(url)
+    waiter = PostgresStore(url, lock_timeout_s=0.5)
+    events = list(banking77.to_events(banking77.load("test")[:3]))
+    with holder_store.connect():
+        with pytest.raises(StoreBusyError, match=f"tuneloop pid {os.getpid()}"), waiter.connect():
+            pass
+        with waiter.connect(exclusive=False) as con:
+            assert insert_events(con, events) == 3
+    with waiter.connect() as con:  # free again
+        assert con.execute("SELECT count(*) FROM feedback").fetchone() == (3,)

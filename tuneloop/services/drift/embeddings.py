@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from tuneloop.runtime.cache import user_cache_dir
 from tuneloop.runtime.settings import EmbeddingSettings
-from tuneloop.services.store.database import AnyStore, registered
+from tuneloop.services.store.database import AnyStore, registered, select_keyed
 
 if TYPE_CHECKING:
     import duckdb
@@ -298,13 +298,8 @@ def read_cache(
     """Cached vectors for ``hashes`` (those that exist)."""
     if not hashes:
         return {}
-    wanted = pa.table({"content_hash": pa.array(list(hashes), pa.string())})
-    with registered(con, "wanted_hashes", wanted):
-        table: pa.Table = con.sql(
-            "SELECT e.content_hash, e.dim, e.vector FROM embeddings e "
-            "JOIN wanted_hashes w USING (content_hash) WHERE e.model = $model",
-            params={"model": model},
-        ).to_arrow_table()
+    table: pa.Table = select_keyed(con, "embeddings", ("content_hash", "dim", "vector"),
+                                   "content_hash", hashes, {"model": model})
     if table.num_rows == 0:
         return {}
     dim = int(table.column("dim")[0].as_py())

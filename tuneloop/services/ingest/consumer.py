@@ -242,7 +242,7 @@ class IngestConsumer:
         if self._held is not None and time.monotonic() - self._held_since > self._max_hold_s:
             self._release()
         if self._held is None:
-            self._held = self.store.connect()
+            self._held = self.store.connect(exclusive=False)
             self._con = self._held.__enter__()
             self._held_since = time.monotonic()
         assert self._con is not None

@@ -138,7 +138,7 @@ def land_shadow_pairs(settings: Settings, idle_polls: int = 2, poll_timeout_ms: 
                 continue
             idle = 0
             batch = prepare_pairs(records, keep_raw=keep_raw)
-            with store.connect() as con:
+            with store.connect(exclusive=False) as con:  # keyed writes, beside others
                 landed += write_isolating(con, batch, keep_raw)
             if batch.dead:
                 log.warning("%d shadow records kept as dead letters, e.g. %s: %s",

@@ -20,12 +20,13 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import duckdb
+import pyarrow as pa
 
 from tuneloop.runtime.settings import Settings
 
@@ -268,7 +269,8 @@ SCHEMA: tuple[str, ...] = (
 
 def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
     return {r[0] for r in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ? AND "
+        "table_catalog = current_database() AND table_schema = current_schema()", [table]
     ).fetchall()}
 
 
@@ -338,6 +340,24 @@ def insert_keyed(con: duckdb.DuckDBPyConnection, table: str, key: str, rows: Any
             f"ON CONFLICT ({key}) DO NOTHING").fetchall()[0][0])
 
 
+def select_keyed(con: duckdb.DuckDBPyConnection, table: str, columns: Sequence[str],
+                 key: str, keys: Sequence[str], equal: Mapping[str, str] | None = None) -> Any:
+    """The rows of ``table`` whose ``key`` is one of ``keys`` (and each column of
+    ``equal`` has its value), ``columns`` only, as an Arrow table. In Postgres the keys
+    are looked up through its index instead of scanning the table into DuckDB."""
+    from tuneloop.services.store.postgres import is_postgres, select_native
+
+    if is_postgres(con):
+        return select_native(con, table, columns, key, keys, equal or {})
+    where = "".join(f" AND t.{name} = ?" for name in (equal or {}))
+    wanted = pa.table({key: pa.array([str(k) for k in keys], pa.string())})
+    with registered(con, f"wanted_{table}", wanted) as view:
+        return con.execute(
+            f"SELECT {', '.join(f't.{c}' for c in columns)} FROM {table} t "
+            f"JOIN {view} w ON t.{key} = w.{key} WHERE true{where}",
+            list((equal or {}).values())).fetch_arrow_table()
+
+
 class Store:
     """The shared DuckDB file, opened one process at a time.
 
@@ -367,8 +387,9 @@ class Store:
         self._initialised = False
 
     @contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Hold the database for one unit of work.
+    def connect(self, exclusive: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Hold the database for one unit of work (always exclusive: DuckDB lets one
+        process at a time open the file; ``exclusive`` is for the Postgres store).
 
         Raises :class:`StoreBusyError` if another process keeps it for longer than
         ``lock_timeout_s``. The connection is closed (and DuckDB's WAL flushed)

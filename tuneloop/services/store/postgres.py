@@ -27,15 +27,19 @@ What Postgres changes:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import re
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import duckdb
 import pyarrow as pa
@@ -48,6 +52,8 @@ CATALOG = "pg"
 # pg_advisory_xact_lock keys: the schema's creation; with a table's name hashed, the
 # writers of that table (see insert_new).
 SCHEMA_LOCK = 0x74756E65_0001
+# The store itself, held by a unit of work (PostgresStore.connect).
+STORE_LOCK = 0x74756E65_0003
 TABLE_LOCKS = 0x7475_6E65
 
 _EXTENSION_PACKAGE = "duckdb-ext-postgres"
@@ -97,9 +103,10 @@ NUL_REPLACEMENT = "\ufffd"
 
 # Postgres's own messages for a row it refuses (SQLSTATE classes 22, data exception, and
 # 23, integrity constraint violation), as the extension passes them on in a plain
-# duckdb.Error. Anything else (a lost connection, a full disk) stays the batch's error.
+# duckdb.Error. Anything else (a lost connection, a full disk, a key another writer
+# slipped in) stays the batch's error, and the batch is written again.
 _REFUSED_ROW = re.compile(
-    r"ERROR:\s+(null value in column|.*violates (not-null|check|foreign key|unique|exclusion) "
+    r"ERROR:\s+(null value in column|.*violates (not-null|check|foreign key) "
     r"constraint|invalid byte sequence|invalid input syntax|invalid input value|.*out of "
     r"range|value too long|unsupported Unicode escape|character with byte sequence|"
     r"date/time field value out of range|numeric field overflow)", re.S)
@@ -137,8 +144,9 @@ def execute_in_store(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 def is_postgres(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether ``con`` is a :class:`PostgresStore` connection."""
-    row = con.execute("SELECT current_database()").fetchone()
-    return bool(row and row[0] == CATALOG)
+    row = con.execute("SELECT type FROM duckdb_databases() WHERE database_name = "
+                      "current_database()").fetchone()
+    return bool(row and row[0] == "postgres")
 
 
 def insert_new(con: duckdb.DuckDBPyConnection, table: str, key: str, rows: pa.Table) -> int:
@@ -171,21 +179,46 @@ def insert_new(con: duckdb.DuckDBPyConnection, table: str, key: str, rows: pa.Ta
     return int(rows.num_rows)
 
 
+def select_native(con: duckdb.DuckDBPyConnection, table: str, columns: Sequence[str],
+                  key: str, keys: Sequence[str], equal: Mapping[str, str]) -> pa.Table:
+    """:func:`~tuneloop.services.store.database.select_keyed` in Postgres."""
+    parts = []
+    conditions = "".join(f" AND {name} = {sql_literal(value)}" for name, value in equal.items())
+    chunks = [keys[start:start + 2000] for start in range(0, len(keys), 2000)] or [[]]
+    for chunk in chunks:
+        listed = ", ".join(sql_literal(str(k)) for k in chunk)
+        native = (f"SELECT {', '.join(columns)} FROM {table} WHERE {key} = ANY(ARRAY[{listed}]"
+                  f"::text[]){conditions}")
+        parts.append(con.execute(f"SELECT * FROM postgres_query({sql_literal(CATALOG)}, "
+                                 f"{sql_literal(native)})").fetch_arrow_table())
+    return pa.concat_tables(parts)
+
+
 def where(url: str) -> str:
     """``url`` without its password, for status lines and errors."""
     if "://" in url:
         parts = urlsplit(url)
-        host = parts.hostname or "localhost"
-        port = f":{parts.port}" if parts.port else ""
+        try:
+            host = parts.hostname or "localhost"
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:  # several hosts: shown as given, without the credentials
+            host, port = parts.netloc.rsplit("@", 1)[-1], ""
         user = f"{parts.username}@" if parts.username else ""
         return f"postgresql://{user}{host}{port}{parts.path}"
     fields = dict(re.findall(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url))
-    shown = {k: v for k, v in fields.items() if k != "password"}
+    shown = {k: v for k, v in fields.items() if "password" not in k}
     return "postgres " + " ".join(f"{k}={v}" for k, v in shown.items())
 
 
 class PostgresStore:
     """The operational store in a Postgres database (see the module's note).
+
+    A unit of work (:meth:`connect`) holds the store as the DuckDB file is held: one at
+    a time, by a lock in Postgres that any machine reaching the database honours, so the
+    registry's version numbers, a state change's plan and curation's watermark stay as
+    consistent as on the file. Ingest's writes are the exception (``exclusive=False``):
+    keyed, under their tables' locks, they run beside everything else, several workers
+    at once.
 
     >>> store = PostgresStore("postgresql://tuneloop@127.0.0.1:5432/tuneloop")
     >>> with store.connect() as con:
@@ -219,56 +252,87 @@ class PostgresStore:
 
     def _attached(self) -> duckdb.DuckDBPyConnection:
         """The process's DuckDB with the database attached and the schema made, once per
-        process (a forked child attaches anew: connections do not survive a fork)."""
+        process. A forked child attaches anew; the parent's DuckDB is left untouched
+        (closing it would end the parent's sessions)."""
         with self._guard:
             if self._database is None or self._pid != os.getpid():
+                if self._database is not None:
+                    _INHERITED.append(self._database)
                 self._database = self._attach()
                 self._pid = os.getpid()
             return self._database
 
     def _attach(self) -> duckdb.DuckDBPyConnection:
-        from tuneloop.services.store.database import MIGRATIONS, SCHEMA
-
         db = duckdb.connect(config={"extension_directory": str(extension_directory()),
                                     "autoinstall_known_extensions": False,
                                     "autoload_known_extensions": False})
         try:
             db.execute("LOAD postgres")
             db.execute(f"SET GLOBAL pg_null_byte_replacement = {sql_literal(NUL_REPLACEMENT)}")
-            db.execute(f"ATTACH {sql_literal(self.url)} AS {CATALOG} (TYPE postgres)")
+            # Each statement sees what committed before it: a writer that waited for a
+            # table's lock then finds the rows of the writer before it (insert_new).
+            db.execute(f"ATTACH {sql_literal(_with_application_name(self.url))} AS {CATALOG} "
+                       "(TYPE postgres, ISOLATION_LEVEL 'READ COMMITTED')")
             db.execute(f"USE {CATALOG}")
-            db.execute("BEGIN TRANSACTION")
-            execute_native(db, f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
-            for ddl in SCHEMA:
-                execute_native(db, postgres_ddl(ddl))
-            for ddl in POSTGRES_SCHEMA:
-                execute_native(db, ddl)
-            db.execute("COMMIT")
-            db.execute("CALL pg_clear_cache()")
-            for migrate in MIGRATIONS:
-                migrate(db)
+            _make_schema(db)
         except duckdb.Error as exc:
             db.close()
             raise _without_url(exc, self.url, self.where) from None
         return db
 
     @contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection of its own for one unit of work; others run at the same time."""
-        con = self._attached().cursor()
+    def connect(self, exclusive: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for one unit of work, the store held meanwhile (``exclusive``)
+        or shared with other writers (ingest's keyed writes).
+
+        Raises :class:`~tuneloop.services.store.database.StoreBusyError` naming the
+        holder when another unit keeps the store past ``lock_timeout_s``.
+        """
+        database = self._attached()
+        lock = database.cursor() if exclusive else None
+        con = database.cursor()
         try:
+            if lock is not None:
+                self._hold(lock)
             con.execute(f"USE {CATALOG}")
             yield con
+        except duckdb.Error as exc:
+            raise _without_url(exc, self.url, self.where) from None
         finally:
             con.close()
+            if lock is not None:
+                with contextlib.suppress(duckdb.Error):
+                    lock.execute("ROLLBACK")  # ends the transaction: the lock goes with it
+                lock.close()
+
+    def _hold(self, lock: duckdb.DuckDBPyConnection) -> None:
+        """Take the store's lock in a transaction of its own, kept open for the unit."""
+        from tuneloop.services.store.database import StoreBusyError
+
+        lock.execute(f"USE {CATALOG}")
+        lock.execute("BEGIN TRANSACTION")
+        ask = (f"SELECT * FROM postgres_query({sql_literal(CATALOG)}, "
+               f"{sql_literal(f'SELECT pg_try_advisory_xact_lock({STORE_LOCK})')})")
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.002
+        while not lock.execute(ask).fetchall()[0][0]:
+            if time.monotonic() >= deadline:
+                raise StoreBusyError(
+                    f"{self.where} stayed busy for {self.lock_timeout_s:.0f}s: "
+                    f"{_holder(lock)} holds the store's lock. Try again, raise "
+                    "store.lock_timeout_s, or stop that process if it is stuck.")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def counts(self) -> dict[str, int]:
-        """Row count of every table."""
+        """Row count of every table, counted by Postgres."""
         from tuneloop.services.store.database import TABLES
 
-        with self.connect() as con:
-            return {table: int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
-                    for table in TABLES}
+        native = "SELECT " + ", ".join(f"(SELECT count(*) FROM {t}) AS {t}" for t in TABLES)
+        with self.connect(exclusive=False) as con:
+            row = con.execute(f"SELECT * FROM postgres_query({sql_literal(CATALOG)}, "
+                              f"{sql_literal(native)})").fetchall()[0]
+        return {table: int(n) for table, n in zip(TABLES, row, strict=True)}
 
     def close(self) -> None:
         """Drop the process's connections to the database."""
@@ -276,6 +340,64 @@ class PostgresStore:
             if self._database is not None:
                 self._database.close()
                 self._database = None
+
+
+def _make_schema(db: duckdb.DuckDBPyConnection) -> None:
+    """Make the tables once per version of the schema. The DDL takes locks on the busy
+    tables (ALTER TABLE: exclusive ones), so a process that finds the schema it knows
+    already made runs none of it."""
+    from tuneloop.services.store.database import MIGRATIONS, SCHEMA
+
+    digest = hashlib.sha256("\n".join((*SCHEMA, *POSTGRES_SCHEMA)).encode()).hexdigest()
+    execute_native(db, "CREATE TABLE IF NOT EXISTS tuneloop_schema (digest VARCHAR PRIMARY KEY, "
+                       "applied_at TIMESTAMPTZ NOT NULL)")
+    known = ("SELECT count(*) FROM tuneloop_schema WHERE digest = "
+             f"{sql_literal(digest)}")
+    ask = f"SELECT * FROM postgres_query({sql_literal(CATALOG)}, {sql_literal(known)})"
+    if db.execute(ask).fetchall()[0][0]:
+        return
+    db.execute("BEGIN TRANSACTION")
+    execute_native(db, f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+    for ddl in SCHEMA:
+        execute_native(db, postgres_ddl(ddl))
+    for ddl in POSTGRES_SCHEMA:
+        execute_native(db, ddl)
+    db.execute("COMMIT")
+    db.execute("CALL pg_clear_cache()")
+    for migrate in MIGRATIONS:
+        migrate(db)
+    execute_native(db, "INSERT INTO tuneloop_schema VALUES "
+                       f"({sql_literal(digest)}, now()) ON CONFLICT DO NOTHING")
+
+
+def _holder(lock: duckdb.DuckDBPyConnection) -> str:
+    """Who holds the store's lock: the backend's client, as ``application_name`` names it."""
+    native = ("SELECT a.application_name, a.pid, extract(epoch FROM now() - a.xact_start) "
+              "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+              f"WHERE l.locktype = 'advisory' AND l.granted AND l.objid = {STORE_LOCK & 0xFFFFFFFF} "
+              "LIMIT 1")
+    try:
+        rows = lock.execute(f"SELECT * FROM postgres_query({sql_literal(CATALOG)}, "
+                            f"{sql_literal(native)})").fetchall()
+    except duckdb.Error:
+        rows = []
+    if not rows:
+        return "another tuneloop process"
+    name, backend, held = rows[0]
+    return f"{name or 'a client'} (Postgres backend {backend}, holding it for {float(held or 0):.0f}s)"
+
+
+def _with_application_name(url: str) -> str:
+    """``url`` naming this process to Postgres, so a waiter learns who holds the store."""
+    name = f"tuneloop pid {os.getpid()}: " + " ".join(sys.argv)[:40]
+    name = re.sub(r"[^A-Za-z0-9 .:/_-]", "", name)
+    if "://" in url:
+        return url + ("&" if "?" in url else "?") + "application_name=" + quote(name)
+    return f"{url} application_name='{name}'"
+
+
+# A forked child's copies of its parent's DuckDB: kept, never closed (see _attached).
+_INHERITED: list[duckdb.DuckDBPyConnection] = []
 
 
 def _without_url(exc: duckdb.Error, url: str, shown: str) -> duckdb.Error:
