@@ -51,8 +51,9 @@ def weed_binary() -> str:
 
 def uses_object_store(settings: Settings) -> bool:
     """Whether something tuneloop runs keeps objects in the store: the embedded broker
-    with ``kafka.storage_engine = "s3://..."``."""
-    return settings.kafka.embedded and settings.kafka.storage_bucket is not None
+    with ``kafka.storage_engine = "s3://..."``, or dataset snapshots (``store.snapshots``)."""
+    return settings.store.snapshots or (settings.kafka.embedded
+                                        and settings.kafka.storage_bucket is not None)
 
 
 def buckets_in_use(settings: Settings) -> list[str]:

@@ -111,6 +111,13 @@ class StoreSettings(Section):
         "Unset: the DuckDB file, one process at a time.",
     )
 
+    snapshots: bool = Field(
+        False, description="Also write each dataset version, once, as Parquet to "
+        "s3://<object_store.bucket>/datasets/<version>/ and have training read it from "
+        "there, its content hash checked on write and on every read. `tuneloop up` runs "
+        "the embedded object store for it when object_store.embedded is true.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _hide_url(cls, data: Any) -> Any:

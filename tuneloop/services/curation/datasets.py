@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from tuneloop.services.curation.core import SPLITS, Example
 from tuneloop.services.curation.preferences import PreferencePair
+from tuneloop.services.store import snapshots
 from tuneloop.services.store.database import registered
 
 FORMATS = ("chat", "completion")
@@ -87,14 +88,18 @@ def save_version(
     digest = content_hash(examples, preferences)
     counts = Counter(e.split for e in examples)
     rows = pa.Table.from_pylist([{"version": version, **e.to_row()} for e in examples])
+    pairs = pa.Table.from_pylist([{"version": version, **p.to_row()} for p in preferences])
+    snapshot, snapshot_files = _write_snapshot(con, version, digest, rows, pairs)
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute(
-            "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO datasets (version, created_at, content_hash, parent_versions, filters, "
+            "report, n_train, n_validation, n_test, snapshot, snapshot_files) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 version, datetime.now(UTC), digest, json.dumps(list(parents)),
                 json.dumps(filters, default=str), json.dumps(report), counts["train"],
-                counts["validation"], counts["test"],
+                counts["validation"], counts["test"], snapshot, snapshot_files,
             ],
         )
         with registered(con, "incoming_examples", rows):
@@ -103,7 +108,6 @@ def save_version(
                 "label, messages, prompt, completion FROM incoming_examples"
             )
         if preferences:
-            pairs = pa.Table.from_pylist([{"version": version, **p.to_row()} for p in preferences])
             with registered(con, "incoming_pairs", pairs):
                 con.execute(
                     "INSERT INTO dataset_preferences SELECT version, pair_id, split, "
@@ -113,6 +117,71 @@ def save_version(
         con.execute("ROLLBACK")
         raise
     return digest
+
+
+_EXAMPLE_COLUMNS = ("example_id", "split", "source_event_id", "label", "messages", "prompt",
+                    "completion")
+_PAIR_COLUMNS = ("pair_id", "source_event_id", "messages", "chosen", "rejected", "source",
+                 "split")
+
+
+def _write_snapshot(con: duckdb.DuckDBPyConnection, version: str, digest: str,
+                    rows: pa.Table, pairs: pa.Table) -> tuple[str, str] | tuple[None, None]:
+    """Upload the version's Parquet snapshot when the store keeps them, read it back and
+    check it holds what was curated; returns where it lies and its files' checksums as
+    JSON (None, None: no snapshots)."""
+    root = snapshots.root(con)
+    if root is None:
+        return None, None
+    tables = {"examples": rows.drop_columns(["version"])}
+    tables["preferences"] = (pairs.drop_columns(["version"]) if pairs.num_rows else pa.table(
+        {name: pa.array([], pa.string()) for name in _PAIR_COLUMNS}))
+    where = f"{root}{version}/"
+    files = snapshots.write(con, where, tables)
+    _check_snapshot(version, where, files, digest, con)
+    return where, json.dumps(files, sort_keys=True)
+
+
+def _check_snapshot(version: str, where: str, files: dict[str, str], digest: str,
+                    con: duckdb.DuckDBPyConnection) -> tuple[list[Example], list[PreferencePair]]:
+    """The snapshot's examples and pairs, each file's bytes checked against ``files``;
+    raises ``SnapshotError`` unless they are the version's content (``digest``)."""
+    examples = [_example(r) for r in _rows(snapshots.read(con, where, "examples",
+                                                          files["examples"]), _EXAMPLE_COLUMNS)]
+    pairs = [_pair(r) for r in _rows(snapshots.read(con, where, "preferences",
+                                                    files["preferences"]), _PAIR_COLUMNS)]
+    if content_hash(examples, pairs) != digest:
+        raise snapshots.SnapshotError(
+            f"dataset {version}: the snapshot at {where} does not hold what the version "
+            f"recorded (content hash {digest[:12]}); do not train from it")
+    return (sorted(examples, key=lambda e: (e.split, e.example_id)),
+            sorted(pairs, key=lambda p: (p.split, p.pair_id)))
+
+
+def _rows(table: pa.Table, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+    data = table.select(list(columns)).to_pydict()
+    return list(zip(*(data[c] for c in columns), strict=True))
+
+
+def _loaded_from_snapshot(con: duckdb.DuckDBPyConnection, version: str
+                          ) -> tuple[list[Example], list[PreferencePair]] | None:
+    rows = con.execute("SELECT snapshot, snapshot_files, content_hash FROM datasets "
+                       "WHERE version = ?", [version]).fetchall()
+    if not rows or not rows[0][0]:
+        return None
+    where, files, digest = rows[0]
+    return _check_snapshot(version, str(where), dict(json.loads(files)), str(digest), con)
+
+
+def _example(r: tuple[Any, ...]) -> Example:
+    return Example(example_id=r[0], split=r[1], source_event_id=r[2], label=r[3],
+                   messages=json.loads(r[4]) if isinstance(r[4], str) else r[4], prompt=r[5],
+                   completion=r[6])
+
+
+def _pair(r: tuple[Any, ...]) -> PreferencePair:
+    return PreferencePair(r[0], r[1], json.loads(r[2]) if isinstance(r[2], str) else r[2],
+                          r[3], r[4], r[5], r[6])
 
 
 def version_hash(con: duckdb.DuckDBPyConnection, version: str) -> str | None:
@@ -137,32 +206,31 @@ def report_of(con: duckdb.DuckDBPyConnection, version: str) -> dict[str, Any]:
 
 
 def load_examples(con: duckdb.DuckDBPyConnection, version: str) -> list[Example]:
-    """The examples of ``version``; raises ``KeyError`` naming known versions if absent."""
+    """The examples of ``version``, from its snapshot when it has one (its content hash
+    checked); raises ``KeyError`` naming known versions if absent, ``SnapshotError``
+    when the snapshot is altered or unreadable."""
     if not con.execute("SELECT 1 FROM datasets WHERE version = ?", [version]).fetchall():
         known = [v for (v,) in con.execute("SELECT version FROM datasets ORDER BY 1").fetchall()]
         raise KeyError(f"no dataset version {version!r}; known: {known or 'none'}")
+    snapshot = _loaded_from_snapshot(con, version)
+    if snapshot is not None:
+        return snapshot[0]
     rows = con.execute(
-        "SELECT example_id, split, source_event_id, label, messages, prompt, completion "
-        "FROM dataset_examples WHERE version = ? ORDER BY split, example_id",
-        [version],
-    ).fetchall()
-    return [
-        Example(
-            example_id=r[0], split=r[1], source_event_id=r[2], label=r[3],
-            messages=json.loads(r[4]) if isinstance(r[4], str) else r[4], prompt=r[5],
-            completion=r[6],
-        )
-        for r in rows
-    ]
+        f"SELECT {', '.join(_EXAMPLE_COLUMNS)} FROM dataset_examples WHERE version = ? "
+        "ORDER BY split, example_id", [version]).fetchall()
+    return [_example(r) for r in rows]
 
 
 def load_preferences(con: duckdb.DuckDBPyConnection, version: str) -> list[PreferencePair]:
-    """The preference pairs of ``version`` (none for a version without corrections)."""
+    """The preference pairs of ``version`` (none for a version without corrections), from
+    its snapshot when it has one."""
+    snapshot = _loaded_from_snapshot(con, version)
+    if snapshot is not None:
+        return snapshot[1]
     rows = con.execute(
-        "SELECT pair_id, source_event_id, messages, chosen, rejected, source, split "
-        "FROM dataset_preferences WHERE version = ? ORDER BY split, pair_id", [version]).fetchall()
-    return [PreferencePair(r[0], r[1], json.loads(r[2]) if isinstance(r[2], str) else r[2],
-                           r[3], r[4], r[5], r[6]) for r in rows]
+        f"SELECT {', '.join(_PAIR_COLUMNS)} FROM dataset_preferences WHERE version = ? "
+        "ORDER BY split, pair_id", [version]).fetchall()
+    return [_pair(r) for r in rows]
 
 
 def latest_version(con: duckdb.DuckDBPyConnection) -> str | None:

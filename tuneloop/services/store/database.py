@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import duckdb
 import pyarrow as pa
 
-from tuneloop.runtime.settings import Settings
+from tuneloop.runtime.settings import ObjectStoreSettings, Settings
 
 if TYPE_CHECKING:
     from tuneloop.services.store.postgres import PostgresStore
@@ -136,6 +136,9 @@ SCHEMA: tuple[str, ...] = (
         n_test INTEGER NOT NULL
     )
     """,
+    # Where the version's Parquet snapshot lies (services.store.snapshots), if it has one.
+    "ALTER TABLE datasets ADD COLUMN IF NOT EXISTS snapshot VARCHAR",
+    "ALTER TABLE datasets ADD COLUMN IF NOT EXISTS snapshot_files JSON",
     """
     CREATE TABLE IF NOT EXISTS dataset_examples (
         version VARCHAR NOT NULL,
@@ -372,15 +375,18 @@ class Store:
         DuckDB file (``store.path``, else the home's), waiting up to ``lock_timeout_s``
         (default ``store.lock_timeout_s``) for another process."""
         wait = settings.store.lock_timeout_s if lock_timeout_s is None else lock_timeout_s
+        snapshots = settings.object_store if settings.store.snapshots else None
         if settings.store.url is not None:
             from tuneloop.services.store.postgres import PostgresStore
 
-            return PostgresStore.shared(settings.store.url.get_secret_value(), wait)
-        return cls(settings.db_path, wait)
+            return PostgresStore.shared(settings.store.url.get_secret_value(), wait, snapshots)
+        return cls(settings.db_path, wait, snapshots)
 
-    def __init__(self, path: Path, lock_timeout_s: float = 120.0) -> None:
+    def __init__(self, path: Path, lock_timeout_s: float = 120.0,
+                 snapshots: ObjectStoreSettings | None = None) -> None:
         self.path = Path(path)
         self.where = str(self.path)
+        self.snapshots = snapshots
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.queue_path = self.path.with_name(self.path.name + ".queue")
         self.lock_timeout_s = lock_timeout_s
@@ -411,6 +417,10 @@ class Store:
                     for migrate in MIGRATIONS:
                         migrate(con)
                     self._initialised = True
+                if self.snapshots is not None:
+                    from tuneloop.services.store import snapshots
+
+                    snapshots.attach(con, self.snapshots)
                 yield con
             finally:
                 con.close()

@@ -45,6 +45,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tuneloop.runtime.settings import ObjectStoreSettings
+
 log = logging.getLogger(__name__)
 
 # The attached database's name inside DuckDB.
@@ -225,21 +227,24 @@ class PostgresStore:
     ...     con.execute("SELECT count(*) FROM feedback").fetchone()
     """
 
-    def __init__(self, url: str, lock_timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str, lock_timeout_s: float = 120.0,
+                 snapshots: ObjectStoreSettings | None = None) -> None:
         self.url = url
         self.lock_timeout_s = lock_timeout_s
+        self.snapshots = snapshots
         self.where = where(url)
         self._database: duckdb.DuckDBPyConnection | None = None
         self._pid = 0
         self._guard = threading.Lock()
 
     @classmethod
-    def shared(cls, url: str, lock_timeout_s: float = 120.0) -> PostgresStore:
+    def shared(cls, url: str, lock_timeout_s: float = 120.0,
+               snapshots: ObjectStoreSettings | None = None) -> PostgresStore:
         """The process's one store for ``url``: its attached DuckDB is made once."""
         with _SHARED_GUARD:
             store = _SHARED.get(url)
             if store is None:
-                store = _SHARED[url] = cls(url, lock_timeout_s)
+                store = _SHARED[url] = cls(url, lock_timeout_s, snapshots)
             return store
 
     def exists(self) -> bool:
@@ -295,6 +300,10 @@ class PostgresStore:
             if lock is not None:
                 self._hold(lock)
             con.execute(f"USE {CATALOG}")
+            if self.snapshots is not None:
+                from tuneloop.services.store import snapshots
+
+                snapshots.attach(con, self.snapshots)
             yield con
         except duckdb.Error as exc:
             raise _without_url(exc, self.url, self.where) from None
