@@ -3,7 +3,9 @@
 - ``deploy/kubernetes``: ``kubectl kustomize`` renders the base and every overlay; every
   object validates strictly (an unknown field fails) against the schemas of a pinned
   Kubernetes release; the settings file of each loads as tuneloop's settings and agrees
-  with the objects around it (replicas, Services, mounts, vLLM's command line).
+  with the objects around it (replicas, Services, mounts, vLLM's command line); every
+  pod that opens the store takes store.url from the Secret tuneloop-store, which the
+  production overlay requires.
 - ``prefect.yaml``: parsed as ``prefect deploy`` parses it, and the same deployments as
   ``tuneloop worker`` serves (tuneloop/flows/serve.py), on the two pools.
 - ``deploy/prefect/gpu-pool.base-job-template.json``: Prefect's Kubernetes template with a
@@ -52,6 +54,11 @@ GPU = "nvidia.com/gpu"
 HOME_CLAIM = "tuneloop-home"
 # Names of environment variables that hold a secret: they must come from a Secret.
 SECRET_NAME = re.compile(r"(KEY|PASSWORD|TOKEN|CONNECTION_URL)$")
+# Where every pod that opens the store takes store.url from (the Postgres store).
+STORE_URL = "TUNELOOP_STORE__URL"
+STORE_SECRET = {"name": "tuneloop-store", "key": "url"}
+# The overlay that runs the store in Postgres, the Secret required.
+PRODUCTION = "overlays/production"
 TRIGGERS: TypeAdapter[DeploymentTriggerTypes] = TypeAdapter(DeploymentTriggerTypes)
 
 Doc = dict[str, Any]
@@ -111,6 +118,11 @@ def uses_tuneloop_image(container: Doc) -> bool:
 def settings_of(target: str) -> Settings:
     """The rendered ConfigMap's tuneloop.toml, loaded as every tuneloop pod loads it
     (TUNELOOP_CONFIG), with no TUNELOOP_ variable of this process in the way."""
+    return settings_with(target, {})
+
+
+def settings_with(target: str, env: dict[str, str]) -> Settings:
+    """:func:`settings_of` with the variables ``env`` set, as a pod's env sets them."""
     config = find(render(target), "ConfigMap", "tuneloop-config")
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
         path = Path(tmp) / "tuneloop.toml"
@@ -118,7 +130,17 @@ def settings_of(target: str) -> Settings:
         for name in [n for n in os.environ if n.startswith("TUNELOOP_")]:
             patch.delenv(name)
         patch.setenv("TUNELOOP_CONFIG", str(path))
+        for name, value in env.items():
+            patch.setenv(name, value)
         return load_settings()
+
+
+def secret_variables() -> set[str]:
+    """The TUNELOOP_ variables that set a secret setting (``store.url``:
+    ``TUNELOOP_STORE__URL``)."""
+    from tuneloop.flows.common import secret_settings
+
+    return {"TUNELOOP_" + s.upper().replace(".", "__") for s in secret_settings()}
 
 
 @functools.cache
@@ -224,6 +246,53 @@ def test_ingest_runs_at_most_one_replica_per_partition(target: str) -> None:
     assert settings.kafka.embedded is False
 
 
+def test_production_runs_several_ingest_replicas_within_the_partitions() -> None:
+    # With the store in Postgres the replicas write beside one another: each one up to
+    # the partition count adds write throughput.
+    settings, docs = settings_of(PRODUCTION), render(PRODUCTION)
+    ingest = find(docs, "Deployment", "tuneloop-ingest")
+    assert 1 < ingest["spec"]["replicas"] <= settings.kafka.partitions
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_pod_that_opens_the_store_takes_its_url_from_the_secret(target: str) -> None:
+    docs = render(target)
+    assert STORE_URL in secret_variables()
+    opened = set()
+    for workload in workloads(docs):
+        for container in pod_spec(workload)["containers"]:
+            env = env_of(container)
+            if "TUNELOOP_CONFIG" not in env:
+                continue
+            # Every tuneloop process opens the store: ingest writes it, the gateway reads
+            # the registry, the control worker's flows run on it.
+            where = f"{target}: {workload['metadata']['name']}"
+            ref = env[STORE_URL]["valueFrom"]["secretKeyRef"]
+            assert {"name": ref["name"], "key": ref["key"]} == STORE_SECRET, where
+            # Required in production (a pod never starts on a DuckDB file of its own
+            # there); optional elsewhere, so that a cluster without the Secret keeps the
+            # DuckDB file on the shared home.
+            assert ref.get("optional", False) is (target != PRODUCTION), where
+            opened.add(workload["metadata"]["name"])
+    assert opened == {"tuneloop-ingest", "tuneloop-gateway", "prefect-worker-control"}
+    # The variable sets store.url over the settings file, which names no database.
+    assert settings_of(target).store.url is None
+    url = "postgresql://tuneloop:pw@tuneloop-db-rw:5432/tuneloop"
+    store = settings_with(target, {STORE_URL: url}).store
+    assert store.url is not None and store.url.get_secret_value() == url
+
+
+def test_the_training_jobs_take_the_store_url_from_the_secret() -> None:
+    # train-adapter reads its dataset from the store and publishes the adapter to the
+    # registry in it. One template serves every overlay: the Secret is optional there,
+    # and present wherever the overlay's own pods require it.
+    pod = gpu_template()["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = env_of(container)
+    assert "TUNELOOP_CONFIG" in env
+    assert env[STORE_URL]["valueFrom"]["secretKeyRef"] == {**STORE_SECRET, "optional": True}
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_the_gateway_has_a_service_the_loop_reaches_and_scales_on_cpu(target: str) -> None:
     settings, docs = settings_of(target), render(target)
@@ -296,16 +365,20 @@ def test_no_secret_is_written_in_the_manifests(target: str) -> None:
 
     docs = render(target)
     assert not [d for d in docs if d["kind"] == "Secret"]
-    for workload in workloads(docs):
-        for container in pod_spec(workload)["containers"]:
-            for name, env in env_of(container).items():
-                if SECRET_NAME.search(name):
-                    assert "value" not in env, name
-                    assert env["valueFrom"]["secretKeyRef"]["name"] in {
-                        "tuneloop-keys", "prefect-database"}, name
+    secrets = secret_variables()
+    containers = [c for w in workloads(docs) for c in pod_spec(w)["containers"]]
+    template = gpu_template()["job_configuration"]["job_manifest"]
+    containers += template["spec"]["template"]["spec"]["containers"]
+    for container in containers:
+        for name, env in env_of(container).items():
+            if SECRET_NAME.search(name) or name in secrets:
+                assert "value" not in env, name
+                assert env["valueFrom"]["secretKeyRef"]["name"] in {
+                    "tuneloop-keys", "prefect-database", "tuneloop-store"}, name
     gateway = env_of(only_container(find(docs, "StatefulSet", "tuneloop-gateway")))
     serving_secrets = {"TUNELOOP_" + s.upper().replace(".", "__")
                        for s in secret_settings() if s.startswith("serving.")}
+    assert serving_secrets <= secrets
     assert serving_secrets <= set(gateway)
     server = env_of(only_container(find(docs, "Deployment", "prefect-server")))
     assert server["PREFECT_SERVER_DATABASE_CONNECTION_URL"]["valueFrom"]["secretKeyRef"] == {
