@@ -288,3 +288,64 @@ def test_a_json_alias_is_decoded_under_its_schema_through_the_gateway(tmp_path: 
         expected, {"type": "json_object"}, None, expected]
     assert seen[0]["messages"][0] == {  # type: ignore[index]
         "role": "system", "content": "Answer with the booking object."}
+
+
+def test_a_connection_the_replica_closed_as_it_was_reused_costs_no_request(
+        tmp_path: Path) -> None:
+    """vLLM closes an idle keep-alive connection on its own clock; a request sent on it
+    just then finds it gone. The stand-in upstream closes every connection as its second
+    request arrives: each such request is sent again on a new connection, the replica
+    stays in rotation, and every user gets an answer."""
+    import asyncio
+
+    import aiohttp
+
+    from tuneloop.serving.pool import Replica
+    from tuneloop.serving.upstream import ReplicaClient
+
+    settings = load_settings({"home": tmp_path, "serving.admin_key": KEY,
+                              "serving.replica_urls": ["http://127.0.0.1:9"]})
+    body = json.dumps({"id": "u1", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "card_arrival"},
+         "finish_reason": "stop"}]}).encode()
+    dropped: list[int] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length")), 0)
+            await reader.readexactly(length)
+            if served == 1:  # the reused connection: gone before answering
+                dropped.append(1)
+                writer.close()
+                return
+            served += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Connection: keep-alive\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+
+    async def scenario() -> list[int]:
+        server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        app = create_app(settings, "unused-model-path", "base-model", kafka=False)
+        gateway = app.state.gateway
+        statuses = []
+        async with aiohttp.ClientSession() as session:
+            gateway.session = session
+            replica = Replica(0, ReplicaClient(f"http://127.0.0.1:{port}", session),
+                              state="ready")
+            gateway.pool.replicas.append(replica)
+            gateway.pool.routing = RoutingTable().with_route(Route("support-bot", None))
+            raw = json.dumps({"model": "support-bot", "messages": CHAT}).encode()
+            for _ in range(4):
+                resp = await gateway.serve(raw, "chat", "127.0.0.1", None)
+                statuses.append(resp.status_code)
+            statuses.append(int(replica.state == "ready"))
+        server.close()
+        return statuses
+
+    assert asyncio.run(scenario()) == [200, 200, 200, 200, 1]
+    assert dropped  # the stand-in did drop reused connections
