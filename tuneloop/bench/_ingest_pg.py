@@ -13,7 +13,8 @@ two workers, against the raw librdkafka loop of ``bench ingest``, same broker, s
 Every clock starts at the first record polled and stops at the last offset committed;
 for two workers that includes the group settling on both (they start together, and a
 member that joins late takes partitions from the other). Two rounds, the order
-reversed in the second; the figure is each side's best round. Each run has its own consumer group and database.
+reversed in the second; the figure is each side's best round. Each run has its own
+consumer group and database.
 ``FIGURE ingest_pg_ratio`` is one worker against the raw loop;
 ``FIGURE ingest_pg_two_workers_speedup`` is two workers against one.
 """
