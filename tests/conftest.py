@@ -67,7 +67,8 @@ BESIDE_DEMO = ("tests/unit/", "tests/integration/test_curation.py",
                "tests/integration/test_package.py", "tests/integration/test_registry.py",
                "tests/integration/test_retrain.py", "tests/integration/test_stack_cli.py",
                "tests/integration/test_training.py",
-               "tests/integration/test_broker_durability.py")
+               "tests/integration/test_broker_durability.py",
+               "tests/integration/test_postgres_store.py", "tests/integration/test_snapshots.py")
 # Of those modules, tests with these fixtures run after the demo.
 AFTER_DEMO_FIXTURES = {"serving_stack", "session_adapters"}
 
