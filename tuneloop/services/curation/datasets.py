@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ def _write_snapshot(con: duckdb.DuckDBPyConnection, version: str, digest: str,
     tables = {"examples": rows.drop_columns(["version"])}
     tables["preferences"] = (pairs.drop_columns(["version"]) if pairs.num_rows else pa.table(
         {name: pa.array([], pa.string()) for name in _PAIR_COLUMNS}))
-    where = f"{root}{version}/"
+    where = f"{root}{version}-{uuid.uuid4().hex[:12]}/"
     files = snapshots.write(con, where, tables)
     _check_snapshot(version, where, files, digest, con)
     return where, json.dumps(files, sort_keys=True)
@@ -165,6 +166,8 @@ def _rows(table: pa.Table, columns: Sequence[str]) -> list[tuple[Any, ...]]:
 
 def _loaded_from_snapshot(con: duckdb.DuckDBPyConnection, version: str
                           ) -> tuple[list[Example], list[PreferencePair]] | None:
+    if snapshots.root(con) is None:  # a store without snapshots reads the tables
+        return None
     rows = con.execute("SELECT snapshot, snapshot_files, content_hash FROM datasets "
                        "WHERE version = ?", [version]).fetchall()
     if not rows or not rows[0][0]:

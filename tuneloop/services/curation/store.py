@@ -105,13 +105,19 @@ def _preference(raw: Any) -> dict[str, Any] | None:
     return None
 
 
-def load_candidates(con: Any, include_used: bool = False) -> list[Candidate]:
-    """Feedback ingested since the latest version was curated (all of it if ``include_used``).
+def load_candidates(con: Any, include_used: bool = False,
+                    through_seq: int | None = None) -> list[Candidate]:
+    """Feedback ingested since the latest version was curated (all of it if ``include_used``),
+    up to ``through_seq`` when given.
 
     Each event is considered by one version only, so drop counts add up across
-    versions and a dropped event is not re-examined every run.
+    versions and a dropped event is not re-examined every run. The bound keeps events
+    that land meanwhile (ingest writes beside curation in a Postgres store) for the
+    next version, which starts after ``through_seq``.
     """
     where, args = ("", []) if include_used else since_latest(con)
+    if through_seq is not None:
+        where, args = f"{where} AND seq <= ?", [*args, int(through_seq)]
     rows = con.execute(
         f"SELECT {CANDIDATE_COLUMNS} FROM feedback WHERE true{where} "
         "ORDER BY occurred_at, event_id", args,
@@ -169,7 +175,7 @@ def read_inputs(con: duckdb.DuckDBPyConnection, include_used: bool = False,
     """
     through, through_seq = con.execute(
         "SELECT max(ingested_at), max(seq) FROM feedback").fetchall()[0]
-    candidates = load_candidates(con, include_used)
+    candidates = load_candidates(con, include_used, through_seq)
     gold = golden.load(con)
     if learned is not None and learned.version is not None and not con.execute(
             "SELECT 1 FROM datasets WHERE version = ?", [learned.version]).fetchall():

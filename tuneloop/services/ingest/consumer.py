@@ -144,8 +144,16 @@ class IngestConsumer:
         """
         wanted = [(tp.topic, tp.partition) for tp in partitions]
         stored = self._writer.submit(self._stored_offsets, wanted).result()
-        committed = {(tp.topic, tp.partition): tp.offset
-                     for tp in consumer.committed(partitions, timeout=30)} if stored else {}
+        try:
+            committed = {(tp.topic, tp.partition): tp.offset
+                         for tp in consumer.committed(partitions, timeout=30)} if stored else {}
+        except KafkaException as exc:
+            # Which log the stored offsets point into is unknown: read from Kafka's own
+            # position this time (a replay at worst), and keep them for the next.
+            log.warning("could not read the group's committed offsets (%s); starting from "
+                        "Kafka's position, the stored offsets kept", exc)
+            consumer.assign(partitions)
+            return
         resumed: dict[str, int] = {}
         stale: list[tuple[str, int]] = []
         for tp in partitions:

@@ -417,10 +417,11 @@ class Store:
                     for migrate in MIGRATIONS:
                         migrate(con)
                     self._initialised = True
-                if self.snapshots is not None:
+                if self.snapshots is not None and exclusive:  # ingest never reads versions
                     from tuneloop.services.store import snapshots
 
-                    snapshots.attach(con, self.snapshots)
+                    snapshots.load(con, self.snapshots)
+                    snapshots.point(con, self.snapshots)
                 yield con
             finally:
                 con.close()

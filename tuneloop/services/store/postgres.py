@@ -59,7 +59,7 @@ STORE_LOCK = 0x74756E65_0003
 TABLE_LOCKS = 0x7475_6E65
 
 _EXTENSION_PACKAGE = "duckdb-ext-postgres"
-_SHARED: dict[str, PostgresStore] = {}
+_SHARED: dict[tuple[str, str], PostgresStore] = {}
 _SHARED_GUARD = threading.Lock()
 
 
@@ -241,10 +241,11 @@ class PostgresStore:
     def shared(cls, url: str, lock_timeout_s: float = 120.0,
                snapshots: ObjectStoreSettings | None = None) -> PostgresStore:
         """The process's one store for ``url``: its attached DuckDB is made once."""
+        key = (url, snapshots.model_dump_json() if snapshots is not None else "")
         with _SHARED_GUARD:
-            store = _SHARED.get(url)
+            store = _SHARED.get(key)
             if store is None:
-                store = _SHARED[url] = cls(url, lock_timeout_s, snapshots)
+                store = _SHARED[key] = cls(url, lock_timeout_s, snapshots)
             return store
 
     def exists(self) -> bool:
@@ -280,6 +281,10 @@ class PostgresStore:
                        "(TYPE postgres, ISOLATION_LEVEL 'READ COMMITTED')")
             db.execute(f"USE {CATALOG}")
             _make_schema(db)
+            if self.snapshots is not None:
+                from tuneloop.services.store import snapshots
+
+                snapshots.load(db, self.snapshots)
         except duckdb.Error as exc:
             db.close()
             raise _without_url(exc, self.url, self.where) from None
@@ -300,13 +305,16 @@ class PostgresStore:
             if lock is not None:
                 self._hold(lock)
             con.execute(f"USE {CATALOG}")
-            if self.snapshots is not None:
+            if self.snapshots is not None and exclusive:  # ingest never reads versions
                 from tuneloop.services.store import snapshots
 
-                snapshots.attach(con, self.snapshots)
+                snapshots.point(con, self.snapshots)
             yield con
         except duckdb.Error as exc:
-            raise _without_url(exc, self.url, self.where) from None
+            shown = _without_url(exc, self.url, self.where)
+            if shown is exc:
+                raise
+            raise shown from None
         finally:
             con.close()
             if lock is not None:
@@ -320,6 +328,9 @@ class PostgresStore:
 
         lock.execute(f"USE {CATALOG}")
         lock.execute("BEGIN TRANSACTION")
+        # The lock's transaction idles while the unit works: a server-wide idle timeout
+        # must not end it (and the lock with it) under the unit.
+        execute_native(lock, "SET LOCAL idle_in_transaction_session_timeout = 0")
         ask = (f"SELECT * FROM postgres_query({sql_literal(CATALOG)}, "
                f"{sql_literal(f'SELECT pg_try_advisory_xact_lock({STORE_LOCK})')})")
         deadline = time.monotonic() + self.lock_timeout_s
@@ -354,29 +365,51 @@ class PostgresStore:
 def _make_schema(db: duckdb.DuckDBPyConnection) -> None:
     """Make the tables once per version of the schema. The DDL takes locks on the busy
     tables (ALTER TABLE: exclusive ones), so a process that finds the schema it knows
-    already made runs none of it."""
+    already made runs none of it; processes that start together on a new database make
+    it one after the other, under the schema's lock."""
     from tuneloop.services.store.database import MIGRATIONS, SCHEMA
 
-    digest = hashlib.sha256("\n".join((*SCHEMA, *POSTGRES_SCHEMA)).encode()).hexdigest()
-    execute_native(db, "CREATE TABLE IF NOT EXISTS tuneloop_schema (digest VARCHAR PRIMARY KEY, "
-                       "applied_at TIMESTAMPTZ NOT NULL)")
-    known = ("SELECT count(*) FROM tuneloop_schema WHERE digest = "
-             f"{sql_literal(digest)}")
-    ask = f"SELECT * FROM postgres_query({sql_literal(CATALOG)}, {sql_literal(known)})"
-    if db.execute(ask).fetchall()[0][0]:
+    digest = hashlib.sha256("\n".join(
+        (*SCHEMA, *POSTGRES_SCHEMA, *(m.__name__ for m in MIGRATIONS))).encode()).hexdigest()
+    known = ("SELECT count(*) FROM pg_tables WHERE tablename = 'tuneloop_schema' AND "
+             "schemaname = current_schema()")
+
+    def made() -> bool:
+        if not _native_count(db, known):
+            return False
+        return bool(_native_count(db, "SELECT count(*) FROM tuneloop_schema WHERE digest = "
+                                      f"{sql_literal(digest)}"))
+
+    if made():
         return
     db.execute("BEGIN TRANSACTION")
-    execute_native(db, f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
-    for ddl in SCHEMA:
-        execute_native(db, postgres_ddl(ddl))
-    for ddl in POSTGRES_SCHEMA:
-        execute_native(db, ddl)
-    db.execute("COMMIT")
+    try:
+        execute_native(db, f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        if made():
+            db.execute("COMMIT")
+            return
+        execute_native(db, "CREATE TABLE IF NOT EXISTS tuneloop_schema (digest VARCHAR PRIMARY "
+                           "KEY, applied_at TIMESTAMPTZ NOT NULL)")
+        for ddl in SCHEMA:
+            execute_native(db, postgres_ddl(ddl))
+        for ddl in POSTGRES_SCHEMA:
+            execute_native(db, ddl)
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            db.execute("ROLLBACK")
+        raise
     db.execute("CALL pg_clear_cache()")
-    for migrate in MIGRATIONS:
+    for migrate in MIGRATIONS:  # idempotent, as on the DuckDB file
         migrate(db)
     execute_native(db, "INSERT INTO tuneloop_schema VALUES "
                        f"({sql_literal(digest)}, now()) ON CONFLICT DO NOTHING")
+
+
+def _native_count(db: duckdb.DuckDBPyConnection, sql: str) -> int:
+    row = db.execute(f"SELECT * FROM postgres_query({sql_literal(CATALOG)}, "
+                     f"{sql_literal(sql)})").fetchone()
+    return int(row[0]) if row else 0
 
 
 def _holder(lock: duckdb.DuckDBPyConnection) -> str:

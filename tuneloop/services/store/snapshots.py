@@ -10,14 +10,18 @@ against the record first, so a version is the same bytes on every machine that t
 from it, and an altered snapshot is refused.
 
 A store connection learns where snapshots go from a DuckDB session variable that
-:func:`attach` sets (``getvariable('tuneloop_snapshots')``), so the stage functions
-that write and read versions keep their signatures.
+:func:`point` sets (``getvariable('tuneloop_snapshots')``), so the stage functions
+that write and read versions keep their signatures. Each version's files go under a
+prefix of their own (``<version>-<random>/``), so files left by a save that failed
+before it was recorded never block the next one; a prefix no ``datasets`` row names is
+such a leftover, safe to delete.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import duckdb
@@ -25,9 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tuneloop.runtime.settings import ObjectStoreSettings
-from tuneloop.services.store.postgres import extension_directory, sql_literal
+from tuneloop.services.store.postgres import sql_literal
 
 VARIABLE = "tuneloop_snapshots"
+_HTTPFS = "duckdb-ext-httpfs"
 FILES = ("examples", "preferences")
 
 
@@ -40,8 +45,9 @@ def root_of(cfg: ObjectStoreSettings) -> str:
     return f"s3://{cfg.bucket}/datasets/"
 
 
-def attach(con: duckdb.DuckDBPyConnection, cfg: ObjectStoreSettings) -> None:
-    """Let ``con`` read and write the object store, and tell it to snapshot versions."""
+def load(con: duckdb.DuckDBPyConnection, cfg: ObjectStoreSettings) -> None:
+    """Let ``con``'s DuckDB reach the object store: httpfs and a secret for the bucket.
+    Both belong to the DuckDB instance, not to a connection: once per instance."""
     con.execute(f"LOAD {sql_literal(str(_httpfs()))}")
     endpoint = urlsplit(cfg.endpoint)
     key = cfg.access_key_id.get_secret_value() if cfg.access_key_id else ""
@@ -52,11 +58,20 @@ def attach(con: duckdb.DuckDBPyConnection, cfg: ObjectStoreSettings) -> None:
         f"REGION {sql_literal(cfg.region)}, ENDPOINT {sql_literal(endpoint.netloc)}, "
         f"URL_STYLE 'path', USE_SSL {'true' if endpoint.scheme == 'https' else 'false'}, "
         f"SCOPE {sql_literal(f's3://{cfg.bucket}/')})")
+
+
+def point(con: duckdb.DuckDBPyConnection, cfg: ObjectStoreSettings) -> None:
+    """Tell the connection ``con`` to snapshot dataset versions (a session variable)."""
     con.execute(f"SET VARIABLE {VARIABLE} = {sql_literal(root_of(cfg))}")
 
 
-def _httpfs() -> Any:
-    return extension_directory() / f"v{duckdb.__version__}" / _platform() / "httpfs.duckdb_extension"
+def _httpfs() -> Path:
+    try:
+        base = distribution(_HTTPFS).locate_file("duckdb_ext/extensions")
+    except PackageNotFoundError:
+        raise SnapshotError(f"store.snapshots is on, but {_HTTPFS} (DuckDB's httpfs) is not "
+                            "installed: run `make setup`") from None
+    return Path(str(base)) / f"v{duckdb.__version__}" / _platform() / "httpfs.duckdb_extension"
 
 
 def _platform() -> str:
