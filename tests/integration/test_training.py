@@ -54,7 +54,9 @@ def write_banking77_version(store: Store, version: str, *, train_per_intent: int
     golden_table = pa.Table.from_pylist(golden) if golden else None
     with store.connect() as con:
         con.execute(
-            "INSERT INTO datasets VALUES (?, now(), ?, '[]', '{}', '{}', ?, ?, ?)",
+            "INSERT INTO datasets (version, created_at, content_hash, parent_versions, "
+            "filters, report, n_train, n_validation, n_test) "
+            "VALUES (?, now(), ?, '[]', '{}', '{}', ?, ?, ?)",
             [version, f"hash-{version}", counts["train"], counts["validation"], counts["test"]],
         )
         con.register("new_examples", examples)

@@ -139,7 +139,9 @@ def test_what_the_demo_reads_from_the_store(tmp_path: Path, any_store: AnyStore)
                                      json.dumps(clusters if i == 1 else [])])
         for verdict in ("start", "trained", "skipped"):
             record_decision(con, Decision("retrain", None, None, verdict), None)
-        con.execute("INSERT INTO datasets VALUES ('ds1', now(), 'h', '[]', '{}', ?, 1, 1, 1)",
+        con.execute("INSERT INTO datasets (version, created_at, content_hash, parent_versions, "
+                    "filters, report, n_train, n_validation, n_test) "
+                    "VALUES ('ds1', now(), 'h', '[]', '{}', ?, 1, 1, 1)",
                     [json.dumps({"kept": 3})])
         source = tmp_path / "peft"
         source.mkdir()

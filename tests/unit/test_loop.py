@@ -255,8 +255,10 @@ def test_an_automatic_retrain_waits_for_enough_examples_of_a_new_label(
     # still count with the 2 that came after.
     with store.connect() as con:
         seq = con.execute("SELECT max(seq) FROM feedback").fetchall()[0][0]
-        con.execute("INSERT INTO datasets VALUES ('ds-0002', now(), 'h', '[]', ?, '{}', 1, 0, "
-                    "0)", [json.dumps({"considered_through_seq": seq})])
+        con.execute("INSERT INTO datasets (version, created_at, content_hash, parent_versions, "
+                    "filters, report, n_train, n_validation, n_test) "
+                    "VALUES ('ds-0002', now(), 'h', '[]', ?, '{}', 1, 0, 0)",
+                    [json.dumps({"considered_through_seq": seq})])
         insert_events(con, list(to_events([Query(f"later question {i}", "unheard")
                                            for i in range(2)], seed=2)))
     assert "unheard (5/20)" in (why_not(store, settings, "k") or "")

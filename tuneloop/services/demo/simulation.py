@@ -73,7 +73,9 @@ def write_dataset(store: AnyStore, version: str, rows: list[dict[str, object]]) 
     ``duckdb.ConstraintException`` when the version exists."""
     counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")}
     with store.connect() as con:
-        con.execute("INSERT INTO datasets VALUES (?, now(), ?, '[]', '{}', '{}', ?, ?, ?)",
+        con.execute("INSERT INTO datasets (version, created_at, content_hash, parent_versions, "
+                    "filters, report, n_train, n_validation, n_test) "
+                    "VALUES (?, now(), ?, '[]', '{}', '{}', ?, ?, ?)",
                     [version, f"simulated-{version}", counts["train"], counts["validation"],
                      counts["test"]])
         con.register("new_examples", pa.Table.from_pylist(rows))
