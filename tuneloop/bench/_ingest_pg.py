@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from tuneloop.bench.ingest import _Clocked, _fill_topic, _librdkafka_loop, machine
+from tuneloop.bench.ingest import _Clocked, _fill_topic, _full_path, _librdkafka_loop, machine
 from tuneloop.infra.broker import EmbeddedBroker
 from tuneloop.infra.postgres import LocalPostgres
 from tuneloop.runtime.processes import free_port
@@ -72,16 +72,6 @@ def _settings(cfg: Settings, group: str, url: str) -> Settings:
         "kafka": cfg.kafka.model_copy(update={"group_id": group}),
         "store": cfg.store.model_copy(update={"url": SecretStr(url)}),
     })
-
-
-def _one_worker(cfg: Settings, n: int) -> float:
-    consumer = IngestConsumer(cfg)
-    clocked = _Clocked(consumer.consumer)
-    consumer.consumer = clocked  # type: ignore[assignment]
-    consumer.run(until_idle=False, stop=lambda stats: stats.seen >= n)
-    consumer.close()
-    assert clocked.first is not None
-    return clocked.last_commit - clocked.first
 
 
 def _two_workers(cfg: Settings, n: int) -> float:
@@ -125,7 +115,7 @@ def main(settings: Settings | None = None, quick: bool = False) -> dict[str, flo
     server = LocalPostgres(home / "postgres")
     broker.start()
     server.start()
-    loops = {"librdkafka": _librdkafka_loop, "one worker": _one_worker,
+    loops = {"librdkafka": _librdkafka_loop, "one worker": _full_path,
              "two workers": _two_workers}
     results: dict[str, list[float]] = {}
     try:

@@ -151,7 +151,8 @@ class _Clocked:
 
 
 def _full_path(settings: Settings, n: int) -> float:
-    consumer = IngestConsumer(settings, Store(settings.db_path))
+    """The full path into the store ``settings`` name, until ``n`` records are written."""
+    consumer = IngestConsumer(settings)
     clocked = _Clocked(consumer.consumer)
     consumer.consumer = clocked  # type: ignore[assignment]
     consumer.run(until_idle=False, stop=lambda stats: stats.seen >= n)
