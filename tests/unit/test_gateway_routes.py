@@ -349,3 +349,66 @@ def test_a_connection_the_replica_closed_as_it_was_reused_costs_no_request(
 
     assert asyncio.run(scenario()) == [200, 200, 200, 200, 1]
     assert dropped  # the stand-in did drop reused connections
+
+
+def test_a_connection_reset_before_any_answer_goes_to_the_other_replica(
+        tmp_path: Path) -> None:
+    """A replica being killed can reset a connection it had accepted: nothing reached the
+    user, so the request goes to the other replica (it was once answered 504, 'took
+    longer than 300s', half a second in)."""
+    import asyncio
+    import socket
+    import struct
+
+    import aiohttp
+    from aiohttp import web
+
+    from tuneloop.serving.pool import Replica
+    from tuneloop.serving.upstream import ReplicaClient
+
+    settings = load_settings({"home": tmp_path, "serving.admin_key": KEY,
+                              "serving.replica_urls": ["http://127.0.0.1:9"]})
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # RST, not FIN
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"id": "u1", "object": "chat.completion", "model": "m",
+                                  "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                      "role": "assistant", "content": "card_arrival"}}]})
+
+    async def scenario() -> tuple[list[int], list[str]]:
+        dying = await asyncio.start_server(reset, "127.0.0.1", 0)
+        healthy = web.Application()
+        healthy.router.add_post("/v1/chat/completions", answer)
+        runner = web.AppRunner(healthy)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        ports = [dying.sockets[0].getsockname()[1],
+                 site._server.sockets[0].getsockname()[1]]  # type: ignore[union-attr]
+        app = create_app(settings, "unused-model-path", "base-model", kafka=False)
+        gateway = app.state.gateway
+        statuses = []
+        async with aiohttp.ClientSession() as session:
+            gateway.session = session
+            for i, port in enumerate(ports):
+                gateway.pool.replicas.append(Replica(i, ReplicaClient(
+                    f"http://127.0.0.1:{port}", session), state="ready"))
+            gateway.pool.routing = RoutingTable().with_route(Route("support-bot", None))
+            raw = json.dumps({"model": "support-bot", "messages": CHAT}).encode()
+            for _ in range(4):
+                resp = await gateway.serve(raw, "chat", "127.0.0.1", None)
+                statuses.append(resp.status_code)
+        states = [r.state for r in gateway.pool.replicas]
+        dying.close()
+        await runner.cleanup()
+        return statuses, states
+
+    statuses, states = asyncio.run(scenario())
+    assert statuses == [200, 200, 200, 200]
+    assert states[0] != "ready" and states[1] == "ready"

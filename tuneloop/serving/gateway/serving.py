@@ -212,8 +212,9 @@ class Gateway:
                 # may take the request, and this one is checked before its next.
                 self.pool.report_failure(replica, f"{type(exc).__name__}: {exc}")
                 continue
-            except aiohttp.ClientConnectorError as exc:
-                # Not reached: nothing was generated, so another replica may take the
+            except aiohttp.ClientOSError as exc:
+                # Not reached, or the connection reset before any answer (a replica being
+                # killed): no byte reached the client, so another replica may take the
                 # request, and this one is checked before its next.
                 self._done(replica, name)
                 self.pool.report_failure(replica, f"{type(exc).__name__}: {exc}")
