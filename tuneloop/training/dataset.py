@@ -59,7 +59,8 @@ def read_dataset(con: duckdb.DuckDBPyConnection, version: str) -> DatasetSplits:
             "(create one with `tuneloop curate`)"
         )
     splits: dict[str, list[ChatExample]] = {"train": [], "validation": [], "test": []}
-    for ex in datasets.load_examples(con, version):  # by split, then example_id
+    examples, preferences = datasets.load_version(con, version)
+    for ex in examples:  # by split, then example_id
         splits.setdefault(ex.split, []).append(_example(ex))
     for needed in ("train", "validation"):
         if not splits[needed]:
@@ -68,7 +69,7 @@ def read_dataset(con: duckdb.DuckDBPyConnection, version: str) -> DatasetSplits:
                 "non-zero share for that split"
             )
     return DatasetSplits(version, digest, splits["train"], splits["validation"], splits["test"],
-                         datasets.load_preferences(con, version))
+                         preferences)
 
 
 def read_golden(con: duckdb.DuckDBPyConnection) -> list[ChatExample]:

@@ -208,13 +208,28 @@ def report_of(con: duckdb.DuckDBPyConnection, version: str) -> dict[str, Any]:
     return dict(json.loads(raw) if isinstance(raw, str) else raw)
 
 
+def load_version(con: duckdb.DuckDBPyConnection,
+                 version: str) -> tuple[list[Example], list[PreferencePair]]:
+    """The examples and preference pairs of ``version`` at once: a snapshot is fetched
+    and checked once for both. Raises as :func:`load_examples` does."""
+    _check_known(con, version)
+    snapshot = _loaded_from_snapshot(con, version)
+    if snapshot is not None:
+        return snapshot
+    return load_examples(con, version), load_preferences(con, version)
+
+
+def _check_known(con: duckdb.DuckDBPyConnection, version: str) -> None:
+    if not con.execute("SELECT 1 FROM datasets WHERE version = ?", [version]).fetchall():
+        known = [v for (v,) in con.execute("SELECT version FROM datasets ORDER BY 1").fetchall()]
+        raise KeyError(f"no dataset version {version!r}; known: {known or 'none'}")
+
+
 def load_examples(con: duckdb.DuckDBPyConnection, version: str) -> list[Example]:
     """The examples of ``version``, from its snapshot when it has one (its content hash
     checked); raises ``KeyError`` naming known versions if absent, ``SnapshotError``
     when the snapshot is altered or unreadable."""
-    if not con.execute("SELECT 1 FROM datasets WHERE version = ?", [version]).fetchall():
-        known = [v for (v,) in con.execute("SELECT version FROM datasets ORDER BY 1").fetchall()]
-        raise KeyError(f"no dataset version {version!r}; known: {known or 'none'}")
+    _check_known(con, version)
     snapshot = _loaded_from_snapshot(con, version)
     if snapshot is not None:
         return snapshot[0]

@@ -25,7 +25,7 @@ from tuneloop.services.curation.core import Candidate, Example, prompt_key, scru
 from tuneloop.services.curation.datasets import (
     latest_version,
     load_examples,
-    load_preferences,
+    load_version,
     next_version,
     save_version,
 )
@@ -196,11 +196,12 @@ def _unlearned(con: Any, learned: Learned, taught: set[str]) -> Unlearned:
     """:class:`Unlearned` after ``learned``: a prompt production's version holds (the
     replay a held version took from it) is not unlearned."""
     versions = [v for v in versions_after(con, learned.version) if v not in learned.rejected]
-    by_version = [[e for e in load_examples(con, v) if prompt_key(e.prompt) not in taught]
-                  for v in versions]
+    loaded = [load_version(con, v) for v in versions]
+    by_version = [[e for e in examples if prompt_key(e.prompt) not in taught]
+                  for examples, _ in loaded]
     return Unlearned(versions, [e for examples in by_version for e in examples],
                      [i for i, examples in enumerate(by_version) for _ in examples],
-                     [p for v in versions for p in load_preferences(con, v)])
+                     [p for _, pairs in loaded for p in pairs])
 
 
 def versions_after(con: Any, version: str | None) -> list[str]:
