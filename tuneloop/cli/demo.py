@@ -348,6 +348,7 @@ def _preferences(settings: Settings, result: Result) -> None:
     """Phase 5 (``--dpo``): DPO on the promoted adapter (the loop's SFT) with the preference
     pairs of its dataset (corrections: the correction over the answer served), and the
     share of the dataset's held-out pairs each adapter ranks right by implicit reward."""
+    from tuneloop.services.registry.remote import local_files
     from tuneloop.services.registry.store import get_adapter
     from tuneloop.training.pipeline import (
         Workspace,
@@ -373,7 +374,7 @@ def _preferences(settings: Settings, result: Result) -> None:
         run = train_candidate(
             Workspace.of(settings), splits, [], recipe_config(settings.training, objective="dpo"),
             f"demo-dpo-{adapter.version}", show_progress=False,
-            init_adapter=adapter.directory(settings.adapters_dir))
+            init_adapter=local_files(adapter, settings))
     except ValueError as exc:  # no train pairs
         result.missed.append(f"--dpo: {exc}")
         return

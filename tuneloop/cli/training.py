@@ -72,7 +72,7 @@ def train(
         f"adapter [bold]{adapter.version}[/] ({adapter.name}) is a {adapter.state}: val loss "
         f"{training.get('initial_val_loss', float('nan')):.4f} -> "
         f"{training.get('best_val_loss', float('nan')):.4f}, golden accuracy "
-        f"{_pct(base)} (base) -> {_pct(golden)}; {adapter.directory(settings.adapters_dir)}"
+        f"{_pct(base)} (base) -> {_pct(golden)}; {adapter.where(settings.adapters_dir)}"
     )
 
 
@@ -125,7 +125,8 @@ def list_cmd(ctx: typer.Context) -> None:
 @adapters_app.command("show")
 def show_cmd(ctx: typer.Context, version: str = typer.Argument(...)) -> None:
     """An adapter's record, manifest and deployment history."""
-    from tuneloop.services.registry.core import RegistryError
+    from tuneloop.services.registry.core import IntegrityError, RegistryError
+    from tuneloop.services.registry.remote import local_files
     from tuneloop.services.registry.store import get_adapter, history
 
     settings = settings_of(ctx)
@@ -135,11 +136,13 @@ def show_cmd(ctx: typer.Context, version: str = typer.Argument(...)) -> None:
         except RegistryError as exc:
             raise fail(str(exc)) from None
         moves = history(con, version)
-    manifest_path = adapter.directory(settings.adapters_dir) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    try:
+        manifest = json.loads((local_files(adapter, settings) / "manifest.json").read_text())
+    except (OSError, IntegrityError):  # gone or altered: `adapters verify` says which
+        manifest = {}
     console.print_json(json.dumps({
         "version": adapter.version, "name": adapter.name, "state": adapter.state,
-        "path": str(manifest_path.parent), "base_model": adapter.base_model,
+        "path": adapter.where(settings.adapters_dir), "base_model": adapter.base_model,
         "dataset": adapter.dataset_version,
         "manifest_sha256": adapter.sha256, "hyperparameters": manifest.get("hyperparameters"),
         "metrics": adapter.metrics, "timings": manifest.get("timings"),
@@ -205,12 +208,37 @@ def _change(apply: Callable[[], list[Transition]]) -> list[Transition]:
     return plan
 
 
+@adapters_app.command("collect")
+def collect_cmd(ctx: typer.Context, dry_run: bool = typer.Option(
+        False, "--dry-run", help="List what would be collected; delete nothing.")) -> None:
+    """Delete the object-stored files of rejected versions and of retired ones past each
+    alias's newest store.keep_retired (what each promotion does on its own)."""
+    from tuneloop.services.registry.remote import RemoteAdapters
+    from tuneloop.services.registry.store import collect
+
+    settings = settings_of(ctx)
+    if not settings.store.artifacts:
+        raise fail("adapters live in the registry directory (store.artifacts is false): "
+                   "nothing is collected there")
+    try:
+        with Store.of(settings).connect() as con:
+            gone = collect(con, RemoteAdapters.of(settings), settings.store.keep_retired,
+                           dry_run=dry_run)
+    except Exception as exc:  # noqa: BLE001 - the object store or the store is down
+        raise fail(f"cannot collect: {exc}") from None
+    verb = "would collect" if dry_run else "collected"
+    for adapter in gone:
+        console.print(f"{verb} {adapter.version} ({adapter.state}): {adapter.path}")
+    console.print(f"{len(gone)} version(s) {verb}; each alias keeps its newest "
+                  f"{settings.store.keep_retired} retired")
+
+
 @adapters_app.command("verify")
 def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
         None, help="One version; default: all.")) -> None:
     """Check every file of an adapter against its manifest and the registry."""
-    from tuneloop.services.registry.artifacts import verify_adapter
     from tuneloop.services.registry.core import IntegrityError, RegistryError
+    from tuneloop.services.registry.remote import local_files
     from tuneloop.services.registry.store import get_adapter, list_adapters
 
     settings = settings_of(ctx)
@@ -222,10 +250,10 @@ def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
     bad = 0
     for adapter in adapters:
         try:
-            manifest = verify_adapter(adapter.directory(settings.adapters_dir), adapter.sha256)
-            files = len(manifest["files"])
+            directory = local_files(adapter, settings)
+            files = len(json.loads((directory / "manifest.json").read_text())["files"])
             console.print(f"[green]ok[/] {adapter.version}: {files} files verified")
-        except IntegrityError as exc:
+        except (IntegrityError, FileNotFoundError) as exc:
             bad += 1
             console.print(f"[red]FAILED[/] {adapter.version}: {exc}")
     if bad:

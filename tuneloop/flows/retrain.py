@@ -133,14 +133,14 @@ def curate(store: AnyStore, embeddings: EmbeddingSettings, curation: CurationSet
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
 def read_inputs(store: AnyStore, dataset_version: str, continue_from: str | None,
-                adapters_dir: Path | None = None,
+                workspace: Workspace | None = None,
                 ) -> tuple[DatasetSplits, list[ChatExample], str | None]:
     """The dataset, the golden set, and the production adapter of the alias
-    ``continue_from`` (in the registry at ``adapters_dir``) to continue from (None: from
-    zeros)."""
+    ``continue_from`` (its files on this machine, through ``workspace``) to continue from
+    (None: from zeros)."""
     splits, golden = load_inputs(store, dataset_version)
-    init = production_adapter_dir(store, continue_from, adapters_dir) if (
-        continue_from and adapters_dir) else None
+    init = production_adapter_dir(store, continue_from, workspace) if (
+        continue_from and workspace) else None
     return splits, golden, init
 
 
@@ -181,7 +181,7 @@ def train_adapter(dataset_version: str, run_key: str, init_adapter: str | None =
                     init_adapter, show_progress)
         adapter = publish(store, workspace, run)
     return {"version": adapter.version, "name": adapter.name, "state": adapter.state,
-            "path": str(adapter.directory(settings.adapters_dir)), "metrics": adapter.metrics,
+            "path": adapter.where(settings.adapters_dir), "metrics": adapter.metrics,
             "run_dir": run.run_dir if run else None,
             "train_s": (run.timings.get("train_s") if run else None)}
 
@@ -264,7 +264,7 @@ def retrain(
                  adapter.version)
         trained = {"version": adapter.version, "state": adapter.state,
                    "metrics": adapter.metrics,
-                   "path": str(adapter.directory(settings.adapters_dir)),
+                   "path": adapter.where(settings.adapters_dir),
                    "dataset_version": adapter.dataset_version}
     version, state, dataset_version = (trained["version"], trained["state"],
                                        trained["dataset_version"])
@@ -297,7 +297,7 @@ def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, stor
             dataset_version = curation.version
             create_markdown_artifact(key="curation-report", markdown=curation_markdown(curation),
                                      description=f"dataset {curation.version}")
-        _, _, init = read_inputs(store, dataset_version, continue_from, settings.adapters_dir)
+        _, _, init = read_inputs(store, dataset_version, continue_from, Workspace.of(settings))
         trained = _train(settings, overrides, dataset_version, key, init, config_file,
                          max_steps)
     except NothingNew as exc:
@@ -357,5 +357,5 @@ def _train(settings: Settings, overrides: dict[str, Any] | None, dataset_version
         raise RuntimeError(f"training on work pool {pool!r} completed but published no adapter "
                            f"under run key {key}")
     return {"version": adapter.version, "name": adapter.name, "state": adapter.state,
-            "path": str(adapter.directory(settings.adapters_dir)), "metrics": adapter.metrics,
+            "path": adapter.where(settings.adapters_dir), "metrics": adapter.metrics,
             "run_dir": None}

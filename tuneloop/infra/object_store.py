@@ -24,9 +24,11 @@ from urllib.parse import urlsplit
 import httpx
 
 from tuneloop.runtime.processes import ManagedProcess, free_port, port_open, wait_until
+from tuneloop.runtime.s3 import s3_client, s3_env
 from tuneloop.runtime.settings import ObjectStoreSettings, Settings
 
 log = logging.getLogger(__name__)
+__all__ = ["s3_client", "s3_env"]  # here for the processes that start stores
 
 # What an S3 store answers a request it will not take from these credentials.
 _REFUSED = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
@@ -51,8 +53,9 @@ def weed_binary() -> str:
 
 def uses_object_store(settings: Settings) -> bool:
     """Whether something tuneloop runs keeps objects in the store: the embedded broker
-    with ``kafka.storage_engine = "s3://..."``, or dataset snapshots (``store.snapshots``)."""
-    return settings.store.snapshots or (settings.kafka.embedded
+    with ``kafka.storage_engine = "s3://..."``, dataset snapshots (``store.snapshots``), or
+    adapters, checkpoints and reports (``store.artifacts``)."""
+    return settings.store.snapshots or settings.store.artifacts or (settings.kafka.embedded
                                         and settings.kafka.storage_bucket is not None)
 
 
@@ -62,44 +65,6 @@ def buckets_in_use(settings: Settings) -> list[str]:
     if settings.kafka.storage_bucket is not None:
         wanted.add(settings.kafka.storage_bucket)
     return sorted(wanted)
-
-
-def s3_env(cfg: ObjectStoreSettings) -> dict[str, str]:
-    """The environment that points an S3 client in another process (tansu's object_store
-    crate, an AWS SDK) at the store. Holds the credentials: pass it to a child process,
-    never log it."""
-    env = {"AWS_ENDPOINT": cfg.endpoint, "AWS_ENDPOINT_URL": cfg.endpoint,
-           "AWS_REGION": cfg.region, "AWS_DEFAULT_REGION": cfg.region}
-    if urlsplit(cfg.endpoint).scheme == "http":
-        env["AWS_ALLOW_HTTP"] = "true"
-    if cfg.access_key_id is not None and cfg.secret_access_key is not None:
-        env["AWS_ACCESS_KEY_ID"] = cfg.access_key_id.get_secret_value()
-        env["AWS_SECRET_ACCESS_KEY"] = cfg.secret_access_key.get_secret_value()
-    elif cfg.embedded:
-        # The embedded store without credentials takes unsigned requests; without this the
-        # crate would look for credentials on an instance metadata service.
-        env["AWS_SKIP_SIGNATURE"] = "true"
-    return env
-
-
-def s3_client(cfg: ObjectStoreSettings, timeout_s: float = 5.0) -> Any:
-    """A boto3 S3 client for the store (path-style addressing, no retries: callers that
-    wait, retry)."""
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    unsigned = cfg.access_key_id is None and cfg.embedded
-    config = Config(connect_timeout=timeout_s, read_timeout=timeout_s,
-                    retries={"max_attempts": 1, "mode": "standard"},
-                    s3={"addressing_style": "path"},
-                    **({"signature_version": UNSIGNED} if unsigned else {}))
-    return boto3.client(
-        "s3", endpoint_url=cfg.endpoint, region_name=cfg.region, config=config,
-        aws_access_key_id=cfg.access_key_id.get_secret_value() if cfg.access_key_id else None,
-        aws_secret_access_key=(cfg.secret_access_key.get_secret_value()
-                               if cfg.secret_access_key else None),
-    )
 
 
 def ensure_buckets(cfg: ObjectStoreSettings, names: list[str], client: Any = None) -> list[str]:

@@ -70,12 +70,14 @@ class Stack:
     def _repair_registry(self) -> None:
         """Finish or undo an adapter publish a crash cut short
         (see ``tuneloop.services.registry.store.repair``)."""
+        from tuneloop.services.registry.remote import RemoteAdapters
         from tuneloop.services.registry.store import repair
         from tuneloop.services.store.database import Store
 
-        if Path(self.settings.adapters_dir).is_dir():
+        remote = RemoteAdapters.of(self.settings) if self.settings.store.artifacts else None
+        if Path(self.settings.adapters_dir).is_dir() or remote is not None:
             with Store.of(self.settings).connect() as con:
-                repair(con, Path(self.settings.adapters_dir))
+                repair(con, Path(self.settings.adapters_dir), remote)
 
     def down(self) -> list[str]:
         """Stop every component tuneloop started here, and every process they started

@@ -20,8 +20,8 @@ import httpx
 from tuneloop.runtime.keys import key_file
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.registry import store as registry
-from tuneloop.services.registry.artifacts import verify_adapter
 from tuneloop.services.registry.core import Adapter, RegistryError, Transition, plan_promotion
+from tuneloop.services.registry.remote import RemoteAdapters, local_files
 from tuneloop.services.store.database import Store
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def promote(settings: Settings, version: str, to_state: str, reason: str) -> lis
     store = Store.of(settings)
     with store.connect() as con:
         adapter = registry.get_adapter(con, version)
-        verify_adapter(adapter.directory(settings.adapters_dir), adapter.sha256)
+        local_files(adapter, settings)  # raises unless its files verify
         states = {a.version: a.state for a in registry.list_adapters(con, adapter.alias)}
         plan_promotion(states, version, to_state)  # raises before anything moves
     change: dict[str, Any] = {"production": version} if to_state == "production" else \
@@ -224,8 +224,25 @@ def promote(settings: Settings, version: str, to_state: str, reason: str) -> lis
          "shadow_share": settings.serving.shadow_share}
     if to_state == "production" and states.get(version) == "canary":
         change["candidate"] = None
-    return _swap_then_record(settings, change,
+    plan = _swap_then_record(settings, change,
                              lambda con: registry.promote(con, version, to_state, reason))
+    if to_state == "production" and settings.store.artifacts:
+        collect_adapters(settings)
+    return plan
+
+
+def collect_adapters(settings: Settings) -> list[Adapter]:
+    """Delete the object-stored files no alias can go back to (``store.keep_retired``;
+    see :func:`~tuneloop.services.registry.store.collect`), after each promotion to
+    production. A failure is logged, never raised: the promotion stands, and the next
+    one collects what this one left."""
+    try:
+        with Store.of(settings).connect() as con:
+            return registry.collect(con, RemoteAdapters.of(settings),
+                                    settings.store.keep_retired)
+    except Exception as exc:  # noqa: BLE001 - the object store or the store is down
+        log.warning("collecting retired adapters failed (%s); the next promotion retries", exc)
+        return []
 
 
 def rollback(settings: Settings, reason: str, to_version: str | None = None) -> list[Transition]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tuneloop.services.registry.artifacts import verify_adapter
 from tuneloop.services.registry.core import Adapter, IntegrityError
+from tuneloop.services.registry.remote import PREFIX, is_remote, lora_uri
 from tuneloop.serving.routing import Route, RoutingTable, upstream_name
 from tuneloop.serving.upstream import ReplicaClient, UpstreamError
 from tuneloop.serving.vllm_process import ReplicaSpec
@@ -136,8 +137,9 @@ class ReplicaPool:
 
     def __init__(self, replicas: list[Replica], *, base_name: str, adapters_dir: Path,
                  lookup: AdapterLookup, start_timeout_s: float, health_interval_s: float,
-                 rollback_grace_s: float) -> None:
+                 rollback_grace_s: float, bucket: str | None = None) -> None:
         self.replicas = replicas
+        self.bucket = bucket  # object-stored adapters (store.artifacts) load from here only
         self.base_name = base_name
         self.adapters_dir = Path(adapters_dir).resolve()
         self.lookup = lookup
@@ -285,6 +287,15 @@ class ReplicaPool:
             adapter = await self.lookup(version)
         except LookupError as exc:
             raise SwapError(str(exc), client_error=True) from None
+        if is_remote(adapter.path):
+            # Each replica fetches the version by its manifest's checksum into a cache of
+            # its own and verifies it there (tuneloop's vLLM plugin): no shared disk.
+            if self.bucket is None or not adapter.path.startswith(f"s3://{self.bucket}/{PREFIX}"):
+                raise SwapError(f"adapter {version} lives at {adapter.path}, outside "
+                                f"s3://{self.bucket}/{PREFIX}; refusing to load it",
+                                client_error=True)
+            self.errors.pop((alias, version), None)
+            return lora_uri(adapter)
         path = adapter.directory(self.adapters_dir)
         if not path.is_relative_to(self.adapters_dir):
             raise SwapError(f"adapter {version} lives at {path}, outside the registry's "

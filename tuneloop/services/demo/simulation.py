@@ -237,6 +237,7 @@ def republish(settings: Settings, version: str) -> str:
     from pathlib import Path
 
     from tuneloop.services.registry.artifacts import MANIFEST
+    from tuneloop.services.registry.remote import RemoteAdapters, local_files
     from tuneloop.services.registry.store import get_adapter, publish_adapter
 
     store = Store.of(settings)
@@ -244,11 +245,12 @@ def republish(settings: Settings, version: str) -> str:
     try:
         with store.connect() as con:
             adapter = get_adapter(con, version)
-            for f in adapter.directory(settings.adapters_dir).iterdir():
+            for f in local_files(adapter, settings).iterdir():
                 if f.name != MANIFEST:
                     shutil.copyfile(f, source / f.name)
             again = publish_adapter(
                 con, settings.adapters_dir, source, alias=settings.serving.alias,
+                remote=RemoteAdapters.of(settings) if settings.store.artifacts else None,
                 base_model=adapter.base_model, base_hash=adapter.base_hash,
                 dataset_version=adapter.dataset_version, run_key=None,
                 details={"metrics": adapter.metrics, "republished_from": version})

@@ -53,7 +53,7 @@ class Adapter:
     base_model: str
     base_hash: str
     dataset_version: str | None
-    path: str  # relative to the registry's root (``adapters_dir``): the home can move
+    path: str  # under the registry's root (``adapters_dir``: the home can move), or s3://
     sha256: str  # of manifest.json, which covers every other file
     metrics: dict[str, Any]
     state: str
@@ -62,6 +62,10 @@ class Adapter:
     def directory(self, adapters_dir: Path | str) -> Path:
         """Where the version's files are, under the registry root ``adapters_dir``."""
         return (Path(adapters_dir) / self.path).resolve()
+
+    def where(self, adapters_dir: Path | str) -> str:
+        """Where the version's files are, to show: its directory, or its s3:// URI."""
+        return self.path if self.path.startswith("s3://") else str(self.directory(adapters_dir))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from tuneloop.services.registry.core import (
     plan_rollback,
     vllm_name,
 )
+from tuneloop.services.registry.remote import PREFIX, RemoteAdapters, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +53,59 @@ def publish_adapter(
     dataset_version: str | None,
     run_key: str | None,
     details: Mapping[str, Any],
+    remote: RemoteAdapters | None = None,
 ) -> Adapter:
     """Publish the PEFT directory ``source`` as the next version, in state 'candidate'.
 
-    ``details`` (hyperparameters, metrics, timings, ...) goes into the manifest.
-    The caller holds ``con`` for the duration, so version numbers never collide.
-    Raises :class:`IntegrityError` if ``source`` holds no safetensors weights.
+    ``details`` (hyperparameters, metrics, timings, ...) goes into the manifest. With
+    ``remote`` the version goes to object storage (uploaded, read back, then recorded);
+    else into ``adapters_dir``. The caller holds ``con`` for the duration, so version
+    numbers never collide. Raises :class:`IntegrityError` if ``source`` holds no
+    safetensors weights, or the object store did not keep the upload whole.
     """
     source = Path(source)
     check_source(source)
-    adapters_dir.mkdir(parents=True, exist_ok=True)
-    repair(con, adapters_dir)
+    root = adapters_dir
+    if remote is not None:  # built beside the cache, then uploaded
+        root = remote.cache_dir / ".publish"
+        shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    repair(con, adapters_dir, remote)
     used = [r[0] for r in con.execute("SELECT version FROM adapters").fetchall()]
     broken = adapters_dir / ".broken"
     aside = [p.name for p in broken.iterdir()] if broken.is_dir() else []
-    version = next_version([*used, *(p.name for p in adapters_dir.iterdir()), *aside])
+    present = remote.versions() if remote is not None else [
+        p.name for p in adapters_dir.iterdir()]
+    version = next_version([*used, *present, *aside])
     name = vllm_name(alias, version)
-    final, manifest = write_version(adapters_dir, source, version, {
+    final, manifest = write_version(root, source, version, {
         "name": name, "alias": alias, "created_at": datetime.now(UTC).isoformat(),
         "base_model": {"id": base_model, "sha256": base_hash},
         "dataset_version": dataset_version, "run_key": run_key, **details})
-    _register(con, final, manifest, f"published by training run {run_key or 'manual'}")
-    log.info("adapter %s (%s) published at %s for dataset %s", version, name, final,
+    manifest_sha256 = sha256_file(final / MANIFEST)
+    if remote is None:
+        where = final.name
+    else:
+        try:
+            where = remote.upload(final, version)
+        except BaseException:
+            remote.delete(f"s3://{remote.bucket}/{PREFIX}{version}/")
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        remote.keep(final, manifest_sha256)  # what was uploaded is this process's copy
+    _register(con, where, manifest_sha256, manifest,
+              f"published by training run {run_key or 'manual'}")
+    log.info("adapter %s (%s) published at %s for dataset %s", version, name, where,
              dataset_version)
     adapter = get_adapter(con, version)
     return adapter
 
 
-def _register(con: duckdb.DuckDBPyConnection, directory: Path, manifest: Mapping[str, Any],
-              reason: str) -> None:
-    """The ``adapters`` row and its ``deployments`` row of a published directory, in one
-    transaction: a crash leaves both or neither (and :func:`repair` finishes the job)."""
+def _register(con: duckdb.DuckDBPyConnection, where: str, manifest_sha256: str,
+              manifest: Mapping[str, Any], reason: str) -> None:
+    """The ``adapters`` row and its ``deployments`` row of a published version (``where``:
+    its directory's name under the registry root, or its s3:// URI), in one transaction:
+    a crash leaves both or neither (and :func:`repair` finishes the job)."""
     base = manifest.get("base_model") or {}
     # Manifests written before the alias was recorded name the version "<alias>-<version>".
     alias = manifest.get("alias") or manifest["name"].removesuffix(f"-{manifest['version']}")
@@ -93,8 +116,7 @@ def _register(con: duckdb.DuckDBPyConnection, directory: Path, manifest: Mapping
             "dataset_version, path, sha256, metrics, state, run_key) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [manifest["version"], manifest["name"], alias, manifest["created_at"], base.get("id"),
-             base.get("sha256"), manifest.get("dataset_version"), directory.name,
-             sha256_file(directory / MANIFEST),
+             base.get("sha256"), manifest.get("dataset_version"), where, manifest_sha256,
              json.dumps(dict(manifest.get("metrics") or {}), default=str), "candidate",
              manifest.get("run_key")],
         )
@@ -105,18 +127,23 @@ def _register(con: duckdb.DuckDBPyConnection, directory: Path, manifest: Mapping
         raise
 
 
-def repair(con: duckdb.DuckDBPyConnection, adapters_dir: Path) -> list[str]:
+def repair(con: duckdb.DuckDBPyConnection, adapters_dir: Path,
+           remote: RemoteAdapters | None = None) -> list[str]:
     """Finish or undo publishes a crash cut short; returns what it did, one line each.
 
     A publish copies into a hidden ``.publish-*`` directory, renames it to the version,
     then writes the rows. A hidden directory is an unfinished copy: removed. A version
     directory without a row was renamed but not registered: registered from its
-    manifest when the manifest verifies, else moved aside to ``.broken/``.
+    manifest when the manifest verifies, else moved aside to ``.broken/``. With
+    ``remote``, a version prefix in the object store without a row is registered when
+    its manifest and files verify, else deleted (its run keeps the trained adapter).
     """
-    if not adapters_dir.is_dir():
-        return []
     done: list[str] = []
     known = {r[0] for r in con.execute("SELECT version FROM adapters").fetchall()}
+    if remote is not None:
+        done += _repair_remote(con, remote, known)
+    if not adapters_dir.is_dir():
+        return _logged(done)
     for entry in sorted(adapters_dir.iterdir()):
         if not entry.is_dir():
             continue
@@ -135,12 +162,71 @@ def repair(con: duckdb.DuckDBPyConnection, adapters_dir: Path) -> list[str]:
                 os.rename(entry, aside)
                 done.append(f"moved {entry.name} to .broken/: {exc}")
                 continue
-            _register(con, entry, manifest, "registered at start-up: the publish was cut "
-                      "short after its directory was in place")
+            _register(con, entry.name, sha256_file(entry / MANIFEST), manifest,
+                      "registered at start-up: the publish was cut short after its "
+                      "directory was in place")
             done.append(f"registered {entry.name} from its manifest")
+    return _logged(done)
+
+
+def _repair_remote(con: duckdb.DuckDBPyConnection, remote: RemoteAdapters,
+                   known: set[str]) -> list[str]:
+    done: list[str] = []
+    for version in remote.versions():
+        if version in known:
+            continue
+        uri = f"s3://{remote.bucket}/{PREFIX}{version}/"
+        try:
+            cached = remote.fetch(uri, None)
+            manifest = json.loads((cached / MANIFEST).read_text())
+            if manifest.get("version") != version:
+                raise IntegrityError(f"{uri}: the manifest says version "
+                                     f"{manifest.get('version')!r}")
+        except (IntegrityError, FileNotFoundError, ValueError, KeyError) as exc:
+            remote.delete(uri)
+            done.append(f"deleted the unfinished upload {uri}: {exc}")
+            continue
+        _register(con, uri, cached.name, manifest, "registered at start-up: the publish "
+                  "was cut short after its upload was whole")
+        done.append(f"registered {uri} from its manifest")
+    return done
+
+
+def _logged(done: list[str]) -> list[str]:
     for line in done:
         log.warning("adapter registry: %s", line)
     return done
+
+
+def collect(con: duckdb.DuckDBPyConnection, remote: RemoteAdapters, keep_retired: int,
+            *, dry_run: bool = False) -> list[Adapter]:
+    """Delete the object-stored files of the versions no alias can go back to: every
+    rejected version, and retired ones past each alias's newest ``keep_retired`` (the
+    rollback targets, by when they were retired). Production, canary and candidates are
+    never collected; the rows stay, so history and lineage keep their record. Returns
+    the versions collected (or that would be, with ``dry_run``)."""
+    rows = con.execute(
+        f"SELECT {_COLUMNS}, (SELECT max(d.occurred_at) FROM deployments d "
+        "WHERE d.adapter_version = a.version) AS moved FROM adapters a "
+        "WHERE a.state IN ('retired', 'rejected') ORDER BY moved DESC").fetchall()
+    kept: dict[str, int] = {}
+    doomed: list[Adapter] = []
+    for row in rows:
+        adapter = _adapter(row[:-1])
+        if not is_remote(adapter.path):
+            continue
+        if adapter.state == "retired" and kept.get(adapter.alias, 0) < keep_retired:
+            kept[adapter.alias] = kept.get(adapter.alias, 0) + 1
+            continue
+        doomed.append(adapter)
+    present = set(remote.versions())
+    doomed = [a for a in doomed if a.version in present]
+    if not dry_run:
+        for adapter in doomed:
+            remote.delete(adapter.path)
+            log.info("adapter %s (%s): files collected from %s", adapter.version, adapter.state,
+                     adapter.path)
+    return doomed
 
 
 def find_by_run_key(con: duckdb.DuckDBPyConnection, run_key: str) -> Adapter | None:

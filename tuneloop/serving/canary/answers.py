@@ -14,6 +14,7 @@ from tuneloop.services.canary.core import Paired
 from tuneloop.services.curation.core import Example
 from tuneloop.services.registry.artifacts import MANIFEST, WEIGHTS
 from tuneloop.services.registry.core import Adapter
+from tuneloop.services.registry.remote import local_files
 from tuneloop.services.registry.store import get_adapter
 from tuneloop.services.store.database import Store
 from tuneloop.serving.admin_chat import ask, model_name
@@ -29,7 +30,7 @@ def model_key(settings: Settings, adapter: Adapter | None) -> str:
     """
     if adapter is None:
         return f"base:{settings.training.base_model}"
-    manifest = json.loads((adapter.directory(settings.adapters_dir) / MANIFEST).read_text())
+    manifest = json.loads((local_files(adapter, settings) / MANIFEST).read_text())
     files = manifest["files"]
     return f"lora:{files[WEIGHTS]}:{files.get('adapter_config.json', '')}"
 

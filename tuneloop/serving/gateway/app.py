@@ -138,7 +138,8 @@ def _pool(settings: Settings, served_name: str, metrics: GatewayMetrics) -> Repl
     pool = ReplicaPool([], base_name=served_name, adapters_dir=settings.adapters_dir,
                        lookup=lookup, start_timeout_s=cfg.start_timeout_s,
                        health_interval_s=cfg.health_interval_s,
-                       rollback_grace_s=cfg.rollback_grace_s)
+                       rollback_grace_s=cfg.rollback_grace_s,
+                       bucket=settings.object_store.bucket)
     pool.on_restart = lambda r: metrics.replica_restarts.labels(str(r.index)).inc()
 
     async def previous(alias: str) -> list[str]:
