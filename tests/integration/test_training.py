@@ -356,3 +356,77 @@ def test_sft_then_dpo_trains_on_the_versions_preference_pairs(training_settings:
     manifest = verify_adapter(directory, adapter.sha256)
     assert manifest["hyperparameters"]["objective"] == "sft+dpo"
     assert manifest["metrics"]["preference"]["steps"] == figures["steps"]
+
+
+def test_a_run_another_worker_took_over_resumes_from_the_checkpoint_in_object_storage(
+        training_settings: Settings, tiny_base: BaseModel, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """store.artifacts, three training workers with no disk in common: the first dies after
+    its first checkpoint, the second resumes from the checkpoint it fetched from the object
+    store and finishes, the third finds the finished run there and does not train."""
+    import signal
+
+    from tuneloop.infra.object_store import EmbeddedObjectStore
+    from tuneloop.runtime.processes import free_port
+    from tuneloop.runtime.s3 import s3_client
+    from tuneloop.services.registry.artifacts import sha256_file
+    from tuneloop.training import pipeline
+    from tuneloop.training.dataset import read_dataset
+    from tuneloop.training.recipe import LoRARecipe
+
+    store = Store(training_settings.db_path)
+    write_banking77_version(store, "b77-moved", train_per_intent=2, val_per_intent=1,
+                            golden_per_intent=0)
+    with store.connect() as con:
+        splits = read_dataset(con, "b77-moved")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+
+    def worker(name: str) -> pipeline.Workspace:
+        return pipeline.Workspace.of(load_settings({
+            "home": tmp_path / name, "training.base_model": tiny_base.path,
+            "training.models_dir": training_settings.models_dir,
+            "store.artifacts": True, "object_store.endpoint": endpoint,
+            "object_store.data_dir": tmp_path / "object-store"}))
+
+    objects = EmbeddedObjectStore(load_settings({"home": tmp_path / "store-machine",
+                                                 "store.artifacts": True,
+                                                 "object_store.endpoint": endpoint}))
+    objects.start()
+    try:
+        config = short_config(max_steps=6, eval_interval=3, patience=10)
+
+        class Crashing(LoRARecipe):
+            calls = 0
+
+            def validation_loss(self) -> float:
+                Crashing.calls += 1
+                if Crashing.calls == 3:  # initial, step 3 (checkpointed), then dies at step 6
+                    raise _CrashAfterFirstCheckpoint
+                return super().validation_loss()
+
+        with monkeypatch.context() as patch:
+            patch.setattr(pipeline, "LoRARecipe", Crashing)
+            with pytest.raises(_CrashAfterFirstCheckpoint):
+                pipeline.train_candidate(worker("a"), splits, [], config, "rk-moved",
+                                         show_progress=False)
+        client = s3_client(objects.cfg)
+        latest = json.loads(client.get_object(
+            Bucket="tuneloop", Key="runs/rk-moved/checkpoint/LATEST.json")["Body"].read())
+        assert latest["step"] == 3
+
+        second = pipeline.train_candidate(worker("b"), splits, [], config, "rk-moved",
+                                          show_progress=False)
+        assert second.metrics["training"]["resumed_from_step"] == 3
+        assert second.run_dir == str(tmp_path / "b" / "runs" / "rk-moved")
+
+        third = pipeline.train_candidate(worker("c"), splits, [], config, "rk-moved",
+                                         show_progress=False)
+        assert third.metrics == second.metrics and third.timings == second.timings
+        assert third.adapter_dir == str(tmp_path / "c" / "runs" / "rk-moved" / "adapter")
+        assert not (tmp_path / "c" / "runs" / "rk-moved" / "checkpoint").exists()
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert sha256_file(Path(third.adapter_dir, name)) == sha256_file(
+                Path(second.adapter_dir, name))
+        assert (tmp_path / "c" / "runs" / "rk-moved" / "training_curve.png").is_file()
+    finally:
+        objects.process.stop(sig=signal.SIGKILL)

@@ -37,6 +37,7 @@ from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
 from tuneloop.training.dataset import ChatExample, DatasetSplits, read_dataset, read_golden
 from tuneloop.training.preference import ranking_accuracy, train_dpo
 from tuneloop.training.recipe import LoRARecipe
+from tuneloop.training.run_store import RunStore
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -186,6 +187,11 @@ def _finished_run(path: Path) -> TrainedRun | None:
 def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[ChatExample],
                   config: RecipeConfig, run_key: str, run_dir: Path, show_progress: bool,
                   init_adapter: Path | None) -> TrainedRun:
+    # store.artifacts: the run's checkpoints and its finished result live in the object
+    # store too, so a worker on another machine finishes or resumes it.
+    mirror = RunStore(workspace.object_store, run_dir.name) if workspace.artifacts else None
+    if mirror is not None:
+        mirror.pull_result(run_dir)
     finished = _finished_run(run_dir / RESULT)
     if finished is not None:
         log.info("run %s: already trained, reusing %s", run_key, run_dir / RESULT)
@@ -195,8 +201,11 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
         raise ValueError(f"objective dpo: dataset {splits.version} has no train preference "
                          "pairs (no corrections or side-by-side verdicts); use sft or sft+dpo")
     base = resolve_base_model(workspace.training.base_model, workspace.models_dir)
+    if mirror is not None:
+        mirror.pull_checkpoint(run_dir / "checkpoint")
     recipe = LoRARecipe(config, base, run_dir, device=workspace.training.device, run_id=run_key,
-                        show_progress=show_progress, init_adapter=init_adapter)
+                        show_progress=show_progress, init_adapter=init_adapter,
+                        on_checkpoint=mirror.push_checkpoint if mirror is not None else None)
     try:
         recipe.setup(splits.train, splits.validation)
         if config.objective == "dpo":
@@ -227,6 +236,8 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
                      config.to_dict(), metrics, timings)
     # result.json last, whole or not at all: its presence means the run finished.
     write_json_atomic(run_dir / RESULT, asdict(run))
+    if mirror is not None:
+        mirror.push_result(run_dir)
     log.info("run %s: trained on %s, val loss %.4f -> %.4f, golden accuracy %s -> %s", run_key,
              splits.version, result.initial_val_loss, result.best_val_loss,
              _headline(metrics.get("base_golden")), _headline(metrics.get("golden")))

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,10 @@ class LoRARecipe:
 
     def __init__(self, config: RecipeConfig, base: BaseModel, run_dir: Path, *,
                  device: str = "auto", run_id: str = "run", show_progress: bool = True,
-                 init_adapter: Path | None = None) -> None:
+                 init_adapter: Path | None = None,
+                 on_checkpoint: Callable[[Path, int], None] | None = None) -> None:
         self.config = config
+        self.on_checkpoint = on_checkpoint  # told of each checkpoint saved: directory, step
         self.init_adapter = Path(init_adapter) if init_adapter else None
         self.continued = False
         self.base = base
@@ -256,6 +258,8 @@ class LoRARecipe:
                  run.stopper.best_step)
         save_checkpoint(ckpt_dir, self._checkpoint_tensors(run.best_weights), self.optimizer,
                         run.to_state())
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(ckpt_dir, run.step)
         return val
 
     def _finish(self, run: LoopState, initial: float, resumed_from: int,
