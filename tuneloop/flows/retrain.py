@@ -65,8 +65,9 @@ from tuneloop.training.pipeline import (
     TrainedRun,
     Workspace,
     find_published,
+    init_adapter_dir,
     load_inputs,
-    production_adapter_dir,
+    production_version,
     publish_run,
     recipe_config,
     train_candidate,
@@ -133,14 +134,11 @@ def curate(store: AnyStore, embeddings: EmbeddingSettings, curation: CurationSet
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_retriable,
       cache_policy=NONE)
 def read_inputs(store: AnyStore, dataset_version: str, continue_from: str | None,
-                workspace: Workspace | None = None,
                 ) -> tuple[DatasetSplits, list[ChatExample], str | None]:
-    """The dataset, the golden set, and the production adapter of the alias
-    ``continue_from`` (its files on this machine, through ``workspace``) to continue from
-    (None: from zeros)."""
+    """The dataset, the golden set, and the production version of the alias
+    ``continue_from`` to continue from (None: from zeros)."""
     splits, golden = load_inputs(store, dataset_version)
-    init = production_adapter_dir(store, continue_from, workspace) if (
-        continue_from and workspace) else None
+    init = production_version(store, continue_from) if continue_from else None
     return splits, golden, init
 
 
@@ -169,16 +167,19 @@ def train_adapter(dataset_version: str, run_key: str, init_adapter: str | None =
                   show_progress: bool = False, overrides: dict[str, Any] | None = None
                   ) -> dict[str, Any]:
     """Train and publish one adapter (``tuneloop train``; what runs on
-    ``loop.train_work_pool`` when one is set). ``recipe_overrides`` are recipe fields;
-    ``overrides`` settings by dotted name (a secret is refused)."""
+    ``loop.train_work_pool`` when one is set). ``init_adapter`` is where the weights start:
+    an adapter version (``v7``), fetched and verified by the machine that trains, or a
+    directory on it. ``recipe_overrides`` are recipe fields; ``overrides`` settings by
+    dotted name (a secret is refused)."""
     settings = flow_settings(overrides)
     store, workspace = Store.of(settings), Workspace.of(settings)
     adapter = find_adapter(store, run_key)
     run: TrainedRun | None = None
     if adapter is None:
         splits, golden, _ = read_inputs(store, dataset_version, None)
+        init = init_adapter_dir(store, workspace, init_adapter)
         run = train(workspace, splits, golden, recipe_overrides or {}, config_file, run_key,
-                    init_adapter, show_progress)
+                    str(init) if init else None, show_progress)
         adapter = publish(store, workspace, run)
     return {"version": adapter.version, "name": adapter.name, "state": adapter.state,
             "path": adapter.where(settings.adapters_dir), "metrics": adapter.metrics,
@@ -297,7 +298,7 @@ def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, stor
             dataset_version = curation.version
             create_markdown_artifact(key="curation-report", markdown=curation_markdown(curation),
                                      description=f"dataset {curation.version}")
-        _, _, init = read_inputs(store, dataset_version, continue_from, Workspace.of(settings))
+        _, _, init = read_inputs(store, dataset_version, continue_from)
         trained = _train(settings, overrides, dataset_version, key, init, config_file,
                          max_steps)
     except NothingNew as exc:

@@ -30,7 +30,12 @@ from tuneloop.runtime.settings import ObjectStoreSettings, Settings, TaskSpec, T
 from tuneloop.services.evaluation.tasks import SCORE_NAMES
 from tuneloop.services.registry.core import Adapter
 from tuneloop.services.registry.remote import RemoteAdapters, adapter_cache_dir, files_of
-from tuneloop.services.registry.store import find_by_run_key, production, publish_adapter
+from tuneloop.services.registry.store import (
+    find_by_run_key,
+    get_adapter,
+    production,
+    publish_adapter,
+)
 from tuneloop.services.store.database import AnyStore, Store
 from tuneloop.training.base_model import BaseModel, resolve_base_model
 from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
@@ -126,12 +131,25 @@ def find_published(store: AnyStore, run_key: str) -> Adapter | None:
         return find_by_run_key(con, run_key)
 
 
-def production_adapter_dir(store: AnyStore, alias: str, workspace: Workspace) -> str | None:
-    """A verified directory of ``alias``'s production adapter on this machine, which a
-    retrain continues from; None when the base model serves the alias."""
+def production_version(store: AnyStore, alias: str) -> str | None:
+    """``alias``'s production version, which a retrain continues from; None when the base
+    model serves the alias."""
     with store.connect() as con:
         adapter = production(con, alias)
-    return str(workspace.adapter_files(adapter)) if adapter else None
+    return adapter.version if adapter else None
+
+
+def init_adapter_dir(store: AnyStore, workspace: Workspace, init: str | None) -> Path | None:
+    """Where a run's weights start: ``init`` is an adapter version in the registry (its
+    files fetched into this machine's cache and verified: the worker that trains may be
+    on another machine than the one that asked) or a directory."""
+    if not init:
+        return None
+    if re.fullmatch(r"v\d+", init):
+        with store.connect() as con:
+            adapter = get_adapter(con, init)
+        return workspace.adapter_files(adapter)
+    return Path(init)
 
 
 def train_candidate(
