@@ -74,6 +74,9 @@ from tuneloop.training.pipeline import (
 )
 
 log = logging.getLogger(__name__)
+# A training run on the work pool that crashed (its machine died) is submitted again this
+# many times; its run key makes it go on from its last checkpoint.
+POOL_RESUBMITS = 2
 
 PUBLISHED_EVENT = "tuneloop.adapter.published"
 RETRIABLE = (TimeoutError, ConnectionError, OSError)
@@ -346,7 +349,16 @@ def _train(settings: Settings, overrides: dict[str, Any] | None, dataset_version
     # inputs travel.
     params = {"dataset_version": dataset_version, "run_key": key, "init_adapter": init,
               "config_file": config_file, "recipe_overrides": recipe_overrides}
-    run = run_deployment(f"train-adapter/{pool}", parameters=params, as_subflow=True)
+    for attempt in range(1 + POOL_RESUBMITS):
+        run = run_deployment(f"train-adapter/{pool}", parameters=params, as_subflow=True)
+        assert not asyncio.iscoroutine(run)
+        if run.state is not None and run.state.is_crashed() and attempt < POOL_RESUBMITS:
+            # Its machine died (tuneloop.flows.serve.ZOMBIE_AUTOMATION): the same run key
+            # on the next machine resumes from the checkpoint in the object store.
+            log.warning("training run %s on work pool %r crashed (%s); submitting it again",
+                        run.name, pool, run.state.message)
+            continue
+        break
     assert not asyncio.iscoroutine(run)
     if run.state is None or not run.state.is_completed():
         raise RuntimeError(f"training on work pool {pool!r} ended "

@@ -119,10 +119,62 @@ def training_deployment(settings: Settings) -> RunnerDeployment | None:
 
 
 def register_training_pool(settings: Settings) -> None:
-    """``train-adapter/<pool>`` on ``loop.train_work_pool``, for a worker on another machine."""
+    """``train-adapter/<pool>`` on ``loop.train_work_pool``, for a worker on another
+    machine. Its runs send heartbeats, and the automation :data:`ZOMBIE_AUTOMATION` marks
+    a run whose heartbeats stop (its machine died) Crashed, so that the retrain waiting
+    on it submits it again (``tuneloop.flows.retrain``)."""
     deployment = training_deployment(settings)
-    if deployment is not None:
-        deployment.apply(work_pool_name=settings.loop.train_work_pool)
+    if deployment is None:
+        return
+    deployment.job_variables = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY":
+                                        str(HEARTBEAT_S)}}
+    deployment.apply(work_pool_name=settings.loop.train_work_pool)
+    ensure_zombie_automation()
+
+
+# Prefect's own recipe for runs whose machine died ("detect zombie flows"): a run that
+# sent a heartbeat and then neither another one nor a final state within the window is
+# set Crashed. Only runs that send heartbeats (those of the training pool) can match.
+ZOMBIE_AUTOMATION = "tuneloop: crash runs whose heartbeats stopped"
+HEARTBEAT_S = 30  # Prefect's least
+ZOMBIE_AFTER_S = 3 * HEARTBEAT_S
+
+
+def ensure_zombie_automation() -> None:
+    """Create :data:`ZOMBIE_AUTOMATION` unless the server has it."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        found = Automation.read(name=ZOMBIE_AUTOMATION)
+        assert not asyncio.iscoroutine(found)
+        return
+    except (ObjectNotFound, ValueError):
+        pass
+    created = Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="A training run on a work pool whose machine died is marked Crashed, "
+                    "and the retrain waiting on it submits it again; it resumes from its "
+                    "checkpoint.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                    "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=ZOMBIE_AFTER_S)),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {ZOMBIE_AFTER_S} s: its machine or worker died")],
+    ).create()
+    assert not asyncio.iscoroutine(created)
 
 
 def serve_all(settings: Settings) -> None:
