@@ -5,7 +5,11 @@
   Kubernetes release; the settings file of each loads as tuneloop's settings and agrees
   with the objects around it (replicas, Services, mounts, vLLM's command line); every
   pod that opens the store takes store.url from the Secret tuneloop-store, which the
-  production overlay requires.
+  production overlay requires. The production overlay keeps adapters, runs and datasets
+  in the object store (store.artifacts, store.snapshots): its vLLM replicas run the
+  image of ``deploy/vllm/Dockerfile`` (vLLM with tuneloop's plugin), fetch adapters into
+  a cache of their own with the store's endpoint, region and credentials, and mount
+  only the base model from the home.
 - ``prefect.yaml``: parsed as ``prefect deploy`` parses it, and the same deployments as
   ``tuneloop worker`` serves (tuneloop/flows/serve.py), on the two pools.
 - ``deploy/prefect/gpu-pool.base-job-template.json``: Prefect's Kubernetes template with a
@@ -44,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 PREFECT_YAML = ROOT / "prefect.yaml"
 GPU_TEMPLATE = ROOT / "deploy" / "prefect" / "gpu-pool.base-job-template.json"
+VLLM_DOCKERFILE = ROOT / "deploy" / "vllm" / "Dockerfile"
 # The Kubernetes release the manifests are written for (kubernetes-validate bundles its
 # schemas); a new release is a deliberate change here.
 KUBERNETES_VERSION = "1.34.0"
@@ -57,6 +62,14 @@ SECRET_NAME = re.compile(r"(KEY|PASSWORD|TOKEN|CONNECTION_URL)$")
 # Where every pod that opens the store takes store.url from (the Postgres store).
 STORE_URL = "TUNELOOP_STORE__URL"
 STORE_SECRET = {"name": "tuneloop-store", "key": "url"}
+# Where the object store's credentials come from, as tuneloop's settings and as the AWS_*
+# variables boto3 reads in the vLLM replicas.
+OBJECT_STORE_SECRET = "tuneloop-object-store"
+OBJECT_STORE_KEYS = {
+    "TUNELOOP_OBJECT_STORE__ACCESS_KEY_ID": "access-key-id",
+    "TUNELOOP_OBJECT_STORE__SECRET_ACCESS_KEY": "secret-access-key",
+}
+AWS_KEYS = {"AWS_ACCESS_KEY_ID": "access-key-id", "AWS_SECRET_ACCESS_KEY": "secret-access-key"}
 # The overlay that runs the store in Postgres, the Secret required.
 PRODUCTION = "overlays/production"
 TRIGGERS: TypeAdapter[DeploymentTriggerTypes] = TypeAdapter(DeploymentTriggerTypes)
@@ -216,12 +229,77 @@ def test_vllm_runs_the_command_line_tuneloop_gives_its_replicas(target: str) -> 
         vllm_env(settings.serving)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]
     assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {
         "name": "tuneloop-keys", "key": "vllm-api-key"}
-    # The adapter cache: the registry's directories, read-only, at the paths the gateway
-    # names in its load calls; the base model under the same mount.
-    home, _ = mounts_of(pod_spec(vllm), container, vllm)[str(settings.home)]
-    assert home["persistentVolumeClaim"] == {"claimName": HOME_CLAIM, "readOnly": True}
-    assert Path(model).is_relative_to(settings.home)
-    assert settings.adapters_dir.is_relative_to(settings.home)
+    mounts = mounts_of(pod_spec(vllm), container, vllm)
+    if settings.store.artifacts:
+        # The gateway names object-stored versions; tuneloop's plugin fetches each into
+        # the replica's own cache. The home gives the base model only, read-only.
+        cache, _ = mounts[env["TUNELOOP_ADAPTER_CACHE"]["value"]]
+        assert "emptyDir" in cache
+        models, sub_path = mounts[str(settings.models_dir)]
+        assert sub_path == "models"
+        assert models["persistentVolumeClaim"] == {"claimName": HOME_CLAIM, "readOnly": True}
+        assert Path(model).is_relative_to(settings.models_dir)
+        assert not [p for p in mounts if settings.adapters_dir.is_relative_to(p)]
+    else:
+        # The adapter cache: the registry's directories, read-only, at the paths the
+        # gateway names in its load calls; the base model under the same mount.
+        home, _ = mounts[str(settings.home)]
+        assert home["persistentVolumeClaim"] == {"claimName": HOME_CLAIM, "readOnly": True}
+        assert Path(model).is_relative_to(settings.home)
+        assert settings.adapters_dir.is_relative_to(settings.home)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_vllm_reaches_the_object_store_tuneloop_keeps_adapters_in(target: str) -> None:
+    from tuneloop.runtime.s3 import s3_env
+
+    settings, docs = settings_of(target), render(target)
+    container = only_container(find(docs, "StatefulSet", "vllm"))
+    env = env_of(container)
+    if not settings.store.artifacts:
+        assert not [name for name in env if name.startswith(("AWS_", "TUNELOOP_ADAPTER"))]
+        return
+    # The endpoint and region tuneloop gives the replicas it starts itself (s3_env), as
+    # the settings file says; boto3 reads the region from AWS_DEFAULT_REGION.
+    expected = s3_env(settings.object_store)
+    for name in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        assert env[name]["value"] == expected[name], name
+    assert "AWS_SKIP_SIGNATURE" not in env  # an external store wants signed requests
+    for name, key in AWS_KEYS.items():
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": OBJECT_STORE_SECRET,
+                                                          "key": key}, name
+    assert int(env["TUNELOOP_ADAPTER_CACHE_KEEP"]["value"]) >= 1
+    # The image carries the plugin: built from the Dockerfile on the base's vLLM image.
+    base_image = only_container(find(render("base"), "StatefulSet", "vllm"))["image"]
+    assert container["image"] != base_image
+    dockerfile = VLLM_DOCKERFILE.read_text()
+    assert re.search(rf"^FROM {re.escape(base_image)}$", dockerfile, re.MULTILINE)
+    assert re.search(r"^COPY vllm-plugin ", dockerfile, re.MULTILINE)
+
+
+def test_production_keeps_artifacts_and_datasets_in_an_external_object_store() -> None:
+    settings = settings_of(PRODUCTION)
+    assert settings.store.artifacts and settings.store.snapshots
+    assert settings.store.url is None  # from the Secret, as every pod takes it
+    assert settings.object_store.embedded is False
+    assert settings.object_store.endpoint.startswith("https://")
+    # The credentials come from the Secret, never from the file.
+    assert settings.object_store.access_key_id is None
+    with_keys = settings_with(PRODUCTION, dict.fromkeys(OBJECT_STORE_KEYS, "k")).object_store
+    assert with_keys.access_key_id is not None and with_keys.secret_access_key is not None
+    assert set(OBJECT_STORE_KEYS) <= secret_variables()
+    # The pods that write or read objects take them: the control worker (curation's
+    # snapshots, the offline gate, collection after each promotion) required, the
+    # training Jobs optionally (one template for every overlay).
+    control = env_of(only_container(find(render(PRODUCTION), "Deployment",
+                                         "prefect-worker-control")))
+    pod = gpu_template()["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    (job,) = pod["containers"]
+    for name, key in OBJECT_STORE_KEYS.items():
+        ref = control[name]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": OBJECT_STORE_SECRET, "key": key}, name
+        assert env_of(job)[name]["valueFrom"]["secretKeyRef"] == {
+            "name": OBJECT_STORE_SECRET, "key": key, "optional": True}, name
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -327,8 +405,12 @@ def test_the_shared_home_is_mounted_at_the_same_paths_in_every_pod(target: str) 
                     claimed.setdefault(workload["metadata"]["name"], set()).add(sub_path)
     assert claimed["tuneloop-ingest"] == claimed["prefect-worker-control"] == {""}
     # The gateway's own SQLite files stay on its own volume; the store, the registry, the
-    # loop's figures and the base model come from the shared one.
-    assert claimed["tuneloop-gateway"] == {"store", "adapters", "run", "models"}
+    # loop's figures and the base model come from the shared one. With store.artifacts
+    # the registry is in the object store: the gateway reads no adapter files, and vLLM
+    # takes the base model alone from the home.
+    registry = set() if settings.store.artifacts else {"adapters"}
+    assert claimed["tuneloop-gateway"] == {"store", "run", "models"} | registry
+    assert claimed["vllm"] == ({"models"} if settings.store.artifacts else {""})
     assert settings.db_path.parent == settings.home / "store"
     assert settings.training.models_dir == settings.home / "models"
 
@@ -374,7 +456,8 @@ def test_no_secret_is_written_in_the_manifests(target: str) -> None:
             if SECRET_NAME.search(name) or name in secrets:
                 assert "value" not in env, name
                 assert env["valueFrom"]["secretKeyRef"]["name"] in {
-                    "tuneloop-keys", "prefect-database", "tuneloop-store"}, name
+                    "tuneloop-keys", "prefect-database", "tuneloop-store",
+                    OBJECT_STORE_SECRET}, name
     gateway = env_of(only_container(find(docs, "StatefulSet", "tuneloop-gateway")))
     serving_secrets = {"TUNELOOP_" + s.upper().replace(".", "__")
                        for s in secret_settings() if s.startswith("serving.")}

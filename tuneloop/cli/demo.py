@@ -85,6 +85,10 @@ def demo(
         False, "--dpo", help="At the end, DPO on the promoted adapter with its dataset's "
         "preference pairs, and both adapters' ranking of held-out pairs."),
     keep_up: bool = typer.Option(True, "--keep-up/--down", help="Leave the stack running."),
+    split: bool = typer.Option(
+        False, "--split", help="Each role in a home of its own with no path in common "
+        "(`tuneloop up --split`): the store in Postgres, artifacts in the object store, "
+        "training on its own work pool, two ingest workers, two vLLM replicas."),
 ) -> None:
     """Run the loop unattended on the embedded stack: bootstrap, steady traffic, a shift."""
     if full and quick:
@@ -96,9 +100,9 @@ def demo(
 
         data = bundled({"json": "snips", "text": "sgd"}[task])
     scenario = FULL if full else SMALL
-    settings = _fresh_home(ctx, scenario, task, data)
+    settings = _fresh_home(ctx, scenario, task, data, split)
     try:
-        result = run_scenario(ctx, settings, scenario, data, seed, dpo)
+        result = run_scenario(ctx, settings, scenario, data, seed, dpo, split)
     finally:
         if not keep_up:
             _tuneloop(ctx, Path(settings.home), "down")
@@ -106,7 +110,7 @@ def demo(
 
 
 def _fresh_home(ctx: typer.Context, scenario: Scenario, task: str = "label",
-                data: Path | None = None) -> Settings:
+                data: Path | None = None, split: bool = False) -> Settings:
     """Stop a stack left in ``<home>/demo``, wipe it, and write the demo's settings there:
     the user's settings file with the scenario's sizes over it, and for ``json`` and
     ``text`` the alias's task spec and a recipe whose sequences hold an object or a reply."""
@@ -121,6 +125,10 @@ def _fresh_home(ctx: typer.Context, scenario: Scenario, task: str = "label",
         merged, recipe = demo_settings(base, scenario, task, data or Path(), home)
     except (OSError, ValueError) as exc:
         raise fail(f"--data {data}: {exc}") from None
+    if split:
+        from tuneloop.infra.split import split_settings
+
+        merged = merge(merged, split_settings(home))
     if recipe is not None:
         (home / "recipe.yaml").write_text(recipe)
     config = home / "demo.toml"
@@ -189,7 +197,7 @@ class Answers:
 
 
 def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Path | None,
-                 seed: int, dpo: bool = False) -> Result:
+                 seed: int, dpo: bool = False, split: bool = False) -> Result:
     """The four phases on the running demo home; returns what they measured, also written
     to ``reports/demo.json`` beside the HTML report. Raises ``typer.Exit`` when a step
     fails (the stack does not come up, the ingest does not land the history)."""
@@ -198,7 +206,7 @@ def run_scenario(ctx: typer.Context, settings: Settings, sc: Scenario, data: Pat
     result = Result(str(data or banking77.data_dir()), plan.old, plan.new, kind=task.kind,
                     headline=task.headline)
     started = time.monotonic()
-    first = _bootstrap(ctx, settings, sc, plan, result, task)
+    first = _bootstrap(ctx, settings, sc, plan, result, task, split)
     before = _measure_before(settings, plan, result, first, task)
     shift_at = _shift(settings, sc, plan, result, first, task)
     _measure_after(settings, plan, result, before, shift_at, task)
@@ -249,14 +257,14 @@ def _users(settings: Settings, sc: Scenario, queries: list[Query], task: DemoTas
 
 
 def _bootstrap(ctx: typer.Context, settings: Settings, sc: Scenario, plan: Plan,
-               result: Result, task: DemoTask) -> str | None:
+               result: Result, task: DemoTask, split: bool = False) -> str | None:
     """Phases 1 and 2: the stack, the app's history, the first adapter, steady traffic.
     Returns the first adapter's version (None when none was promoted in time)."""
     home = Path(settings.home)
     t0 = time.monotonic()
     console.print(Rule("1. bootstrap: the embedded stack (tansu, Prefect, worker, ingest, "
                        "gateway + vLLM)"))
-    _tuneloop(ctx, home, "up")
+    _tuneloop(ctx, home, "up", *(["--split"] if split else []))
     result.timings["up_s"] = time.monotonic() - t0
     console.print(f"the production app's history: {len(plan.history):,} labelled queries over "
                   f"{len(plan.old)} intents, through the producer SDK")

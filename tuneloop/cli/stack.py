@@ -22,11 +22,27 @@ def up(
     no_worker: bool = typer.Option(False, "--no-worker", help="Skip the deployment worker."),
     no_serving: bool = typer.Option(False, "--no-serving", help="Skip the gateway and vLLM."),
     no_ingest: bool = typer.Option(False, "--no-ingest", help="Skip the long-running ingest."),
+    split: bool = typer.Option(
+        False, "--split", help="Run each role (control worker, training worker, two ingest "
+        "workers, the gateway with two vLLM replicas) in a home of its own under "
+        "<home>/roles, with no path in common, meeting only through Kafka, Postgres, the "
+        "object store and HTTP; the settings need the split's (see tuneloop.infra.split)."),
 ) -> None:
     """Start the broker, Prefect server (UI on :4200), worker, ingest, and the gateway with vLLM."""
     from tuneloop.infra.stack import Stack
 
     settings = settings_of(ctx)
+    if split:
+        from tuneloop.infra.split import Split
+
+        with console.status("starting the services, then each role in its own home..."):
+            try:
+                Split(settings).up()
+            except (TimeoutError, OSError, ValueError) as exc:
+                raise fail(str(exc)) from None
+        console.print(f"[green]up, split[/]: roles under {settings.home}/roles, gateway at "
+                      f"{settings.serving.gateway_url}/v1")
+        return
     with console.status("starting the embedded stack (vLLM takes about a minute)..."):
         try:
             Stack(settings).up(worker=not no_worker, serving=not no_serving,
@@ -45,9 +61,18 @@ def up(
 def down(ctx: typer.Context) -> None:
     """Stop the embedded stack. On memory storage (the default) the broker's messages go
     with it; with kafka.storage_engine = s3://... they stay in the object store."""
+    from pathlib import Path
+
     from tuneloop.infra.stack import Stack
 
-    stopped = Stack(settings_of(ctx)).down()
+    settings = settings_of(ctx)
+    if (Path(settings.home) / "roles").is_dir():
+        from tuneloop.infra.split import Split
+
+        stopped = Split(settings).down()
+        console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+        return
+    stopped = Stack(settings).down()
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 
 

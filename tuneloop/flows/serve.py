@@ -36,7 +36,7 @@ from typing import Any
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.client.schemas.schedules import CronSchedule
-from prefect.deployments.runner import RunnerDeployment
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
 from tuneloop.flows.canary import canary, check_production
@@ -110,8 +110,10 @@ def training_deployment(settings: Settings) -> RunnerDeployment | None:
     pool = settings.loop.train_work_pool
     if not pool:
         return None
+    # By module path: the pool's machine imports the flow from its own tuneloop install,
+    # from whatever directory its worker runs in.
     deployment = train_adapter.to_deployment(
-        name=pool, tags=["tuneloop", "training"],
+        name=pool, tags=["tuneloop", "training"], entrypoint_type=EntrypointType.MODULE_PATH,
         description="Train and publish one adapter (run by the retrain flow).",
     )
     assert not asyncio.iscoroutine(deployment)

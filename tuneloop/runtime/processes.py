@@ -93,9 +93,10 @@ class ManagedProcess:
         return None
 
     def start(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
-              cpus: Collection[int] | None = None) -> int:
+              cpus: Collection[int] | None = None, cwd: Path | None = None) -> int:
         """Start detached unless already running; returns the pid. ``cpus``: the cores the
-        process, and every thread and process it starts, may run on (None: any)."""
+        process, and every thread and process it starts, may run on (None: any); ``cwd``:
+        its working directory (None: this one's)."""
         running = self.pid()
         if running is not None:
             return running
@@ -108,6 +109,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
+                cwd=cwd,
                 start_new_session=True,
             )
         if cpus:
