@@ -66,7 +66,7 @@ def down(ctx: typer.Context) -> None:
     from tuneloop.infra.stack import Stack
 
     settings = settings_of(ctx)
-    if (Path(settings.home) / "roles").is_dir():
+    if (Path(settings.home) / "roles").is_dir() or (Path(settings.home) / "services").is_dir():
         from tuneloop.infra.split import Split
 
         stopped = Split(settings).down()

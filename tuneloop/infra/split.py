@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from tuneloop.infra.broker import EmbeddedBroker
 from tuneloop.infra.object_store import EmbeddedObjectStore
-from tuneloop.infra.postgres import LocalPostgres
+from tuneloop.infra.postgres import DATABASE, LocalPostgres
 from tuneloop.infra.prefect_server import EmbeddedPrefect, prefect_env
 from tuneloop.runtime.processes import ManagedProcess, free_port, port_open, wait_until
 from tuneloop.runtime.settings import CONFIG_ENV, Settings, load_settings
@@ -48,13 +48,12 @@ TRAIN_POOL = "train"
 INGEST_ROLES = ("ingest-1", "ingest-2")
 ROLES = ("control", "train", *INGEST_ROLES, "gateway")
 SERVICES = ("postgres", "object-store", "broker", "prefect")
-_DATABASE = "tuneloop"
 
 
 def split_settings(home: Path) -> dict[str, Any]:
     """The settings (as a TOML table) that split the loop into roles, on free ports."""
     return {
-        "store": {"url": f"postgresql://postgres@127.0.0.1:{free_port()}/{_DATABASE}",
+        "store": {"url": f"postgresql://postgres@127.0.0.1:{free_port()}/{DATABASE}",
                   "snapshots": True, "artifacts": True},
         "object_store": {"endpoint": f"http://127.0.0.1:{free_port()}",
                          "data_dir": str(home / "services" / "object-store")},
@@ -106,8 +105,7 @@ class Split:
         pg_home = self.service_home("postgres")
         pg_home.mkdir(parents=True, exist_ok=True)
         pg_home.chmod(0o755)  # the postgres user owns the cluster when tuneloop runs as root
-        server = LocalPostgres(pg_home / "data", port=url.port).start()
-        server.new_database(_DATABASE)
+        LocalPostgres(pg_home / "data", port=url.port).start()  # makes the database
         EmbeddedObjectStore(self._at(self.service_home("object-store"))).start()
         EmbeddedBroker(self._at(self.service_home("broker"))).start()
         EmbeddedPrefect(self._at(self.service_home("prefect"))).start(timeout_s=180)
