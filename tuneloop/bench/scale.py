@@ -173,6 +173,7 @@ def kill_role(role_home: Path) -> int:
 
 def main(settings: Settings | None = None, quick: bool = False) -> None:
     base = Path(tempfile.mkdtemp(prefix="tuneloop-scale-"))
+    base.chmod(0o755)  # the postgres user runs the store's server when the bench runs as root
     operator = base / "demo"
     say(f"bench scale: {machine()}; homes under {base}")
     env = {**os.environ, "XDG_CACHE_HOME": str(base / "operator-cache")}

@@ -38,7 +38,7 @@ def up(
         with console.status("starting the services, then each role in its own home..."):
             try:
                 Split(settings).up()
-            except (TimeoutError, OSError, ValueError) as exc:
+            except (TimeoutError, OSError, ValueError, RuntimeError) as exc:
                 raise fail(str(exc)) from None
         console.print(f"[green]up, split[/]: roles under {settings.home}/roles, gateway at "
                       f"{settings.serving.gateway_url}/v1")
