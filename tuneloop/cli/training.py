@@ -201,7 +201,7 @@ def _change(apply: Callable[[], list[Transition]]) -> list[Transition]:
 
     try:
         plan = apply()
-    except (RegistryError, GatewayError) as exc:
+    except (RegistryError, GatewayError, OSError) as exc:  # OSError: its files are gone
         raise fail(str(exc)) from None
     for step in plan:
         console.print(f"{step.version}: {step.from_state} -> [bold]{step.to_state}[/]")

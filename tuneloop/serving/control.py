@@ -251,7 +251,9 @@ def rollback(settings: Settings, reason: str, to_version: str | None = None) -> 
     store = Store.of(settings)
     with store.connect() as con:
         plan = registry.rollback_plan(con, alias, to_version)
-    restored = next((t.version for t in plan if t.to_state == "production"), None)
+        restored = next((t.version for t in plan if t.to_state == "production"), None)
+        if restored is not None:  # raises unless its files are there and verify
+            local_files(registry.get_adapter(con, restored), settings)
     return _swap_then_record(settings, {"production": restored},
                              lambda con: registry.rollback(con, alias, reason, to_version))
 
