@@ -61,14 +61,11 @@ def up(
 def down(ctx: typer.Context) -> None:
     """Stop the embedded stack. On memory storage (the default) the broker's messages go
     with it; with kafka.storage_engine = s3://... they stay in the object store."""
-    from pathlib import Path
-
+    from tuneloop.infra.split import Split, is_split
     from tuneloop.infra.stack import Stack
 
     settings = settings_of(ctx)
-    if (Path(settings.home) / "roles").is_dir() or (Path(settings.home) / "services").is_dir():
-        from tuneloop.infra.split import Split
-
+    if is_split(settings.home):
         stopped = Split(settings).down()
         console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
         return

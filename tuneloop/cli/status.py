@@ -110,13 +110,14 @@ def status(
 def collect_status(settings: Settings) -> StatusReport:
     """Ask each component for its figures; a component that is down is not asked."""
     from tuneloop.infra.prefect_server import recent_flow_runs
+    from tuneloop.infra.split import Split, is_split
     from tuneloop.infra.stack import Stack
     from tuneloop.services.ingest.service import read_status
     from tuneloop.services.loop.metrics import outbox_backlog
     from tuneloop.services.loop.status import read_store_figures
     from tuneloop.services.store.database import Store
 
-    health = Stack(settings).health()
+    health = Split(settings).health() if is_split(settings.home) else Stack(settings).health()
     kafka_up = _is_up(health, "kafka")
     store = Store.of(settings, min(settings.store.lock_timeout_s, STORE_WAIT_S))
     return StatusReport(

@@ -38,6 +38,7 @@ from tuneloop.infra.broker import EmbeddedBroker
 from tuneloop.infra.object_store import EmbeddedObjectStore
 from tuneloop.infra.postgres import DATABASE, LocalPostgres
 from tuneloop.infra.prefect_server import EmbeddedPrefect, prefect_env
+from tuneloop.infra.stack import Health
 from tuneloop.runtime.processes import ManagedProcess, free_port, port_open, wait_until
 from tuneloop.runtime.settings import CONFIG_ENV, Settings, load_settings
 from tuneloop.services.demo.scenario import merge, to_toml
@@ -225,6 +226,44 @@ class Split:
                 stopped.append(f"gateway/{replica.name}")
         return stopped
 
+    def health(self) -> list[Health]:
+        """The services, then each role: whether it runs (and for the gateway, serves)."""
+        from tuneloop.infra.supervisor import read_state
+        from tuneloop.runtime.processes import port_open
+
+        url = urlsplit(self.settings.store.url.get_secret_value()) if self.settings.store.url \
+            else None
+        out = [
+            Health("postgres", url is not None and port_open(url.hostname or "127.0.0.1",
+                                                             url.port or 5432),
+                   f"{url.hostname}:{url.port} ({self.service_home('postgres')})" if url
+                   else "store.url is not set"),
+            Health("object-store", EmbeddedObjectStore(self.settings).healthy(),
+                   self.settings.object_store.endpoint),
+            Health("kafka", EmbeddedBroker(self.settings).healthy(),
+                   self.settings.kafka.bootstrap_servers),
+            Health("prefect", EmbeddedPrefect(self.settings).healthy(),
+                   self.settings.prefect.api_url.removesuffix("/api")),
+        ]
+        for role, process in self.role_processes().items():
+            home = self.role_home(role)
+            supervised = {"control": "worker", "gateway": "gateway"}.get(
+                role, "ingest" if role.startswith("ingest") else None)
+            state = (read_state(home, supervised) if supervised else None) or {}
+            detail = f"pid {process.pid()}, home {home}" if process.pid() else f"home {home}"
+            if state.get("restarts"):
+                detail += f", {state['restarts']} restart(s), last exit {state.get('last_exit')}"
+            ok = process.pid() is not None
+            if role == "gateway":
+                from tuneloop.infra.gateway import EmbeddedGateway
+
+                gateway = load_settings({"home": home})
+                ok = ok and EmbeddedGateway(gateway).healthy()
+                detail = f"{gateway.serving.gateway_url} ({gateway.serving.replicas} vLLM " \
+                         f"replicas), {detail}"
+            out.append(Health(role, ok, detail))
+        return out
+
     def up(self) -> None:
         self.start_services()
         from tuneloop.services.feedback.topics import ensure_topics
@@ -234,3 +273,8 @@ class Split:
 
     def down(self) -> list[str]:
         return self.stop_roles() + self.stop_services()
+
+
+def is_split(home: Path | str) -> bool:
+    """Whether ``home`` runs the split topology (``tuneloop up --split``)."""
+    return (Path(home) / "roles").is_dir() or (Path(home) / "services").is_dir()
