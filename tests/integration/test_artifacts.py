@@ -105,6 +105,9 @@ def test_a_version_is_uploaded_whole_then_recorded_and_every_cache_verifies_it(
         mp.setenv("TUNELOOP_ADAPTER_CACHE", str(replica_cache))
         loaded = adapter_cache.resolve(lora_uri(adapter), client=client)
         assert loaded == str(replica_cache / adapter.sha256)
+        for bad in ("/" * 64, "../" * 21 + "x"):  # a path, not a checksum: never used as one
+            with pytest.raises(adapter_cache.AdapterCacheError, match="64 hex"):
+                adapter_cache.resolve(f"{adapter.path}?manifest_sha256={bad}", client=client)
         with pytest.raises(adapter_cache.AdapterCacheError, match="not the registry's"):
             adapter_cache.resolve(f"{adapter.path}?manifest_sha256={'0' * 64}", client=client)
         # The weights object replaced after publishing: a fresh cache refuses it.
@@ -158,7 +161,8 @@ def test_collection_keeps_what_an_alias_can_go_back_to(
         for v in (v1, v2, v3, v4, v5):  # each retires the one before
             promote(con, v, "production", "next")
         reject(con, v6, "worse")
-        assert collect(con, remote, keep_retired=2, dry_run=True)
+        assert sorted(a.version for a in collect(con, remote, keep_retired=2,
+                                                 dry_run=True)) == [v1, v2, v6]
         assert remote.versions() == sorted(versions)  # a dry run deletes nothing
         gone = collect(con, remote, keep_retired=2)
         assert sorted(a.version for a in gone) == [v1, v2, v6]

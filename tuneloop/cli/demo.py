@@ -132,6 +132,8 @@ def _fresh_home(ctx: typer.Context, scenario: Scenario, task: str = "label",
     if recipe is not None:
         (home / "recipe.yaml").write_text(recipe)
     config = home / "demo.toml"
+    config.touch(mode=0o600)  # --split writes the keys into it
+    config.chmod(0o600)
     config.write_text(to_toml(merged))
     os.environ[CONFIG_ENV] = str(config)
     os.environ["TUNELOOP_HOME"] = str(home)

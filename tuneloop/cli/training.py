@@ -125,7 +125,7 @@ def list_cmd(ctx: typer.Context) -> None:
 @adapters_app.command("show")
 def show_cmd(ctx: typer.Context, version: str = typer.Argument(...)) -> None:
     """An adapter's record, manifest and deployment history."""
-    from tuneloop.services.registry.core import IntegrityError, RegistryError
+    from tuneloop.services.registry.core import RegistryError
     from tuneloop.services.registry.remote import local_files
     from tuneloop.services.registry.store import get_adapter, history
 
@@ -138,7 +138,7 @@ def show_cmd(ctx: typer.Context, version: str = typer.Argument(...)) -> None:
         moves = history(con, version)
     try:
         manifest = json.loads((local_files(adapter, settings) / "manifest.json").read_text())
-    except (OSError, IntegrityError):  # gone or altered: `adapters verify` says which
+    except (OSError, RegistryError):  # gone, altered or unreachable: `adapters verify` says which
         manifest = {}
     console.print_json(json.dumps({
         "version": adapter.version, "name": adapter.name, "state": adapter.state,
@@ -237,7 +237,7 @@ def collect_cmd(ctx: typer.Context, dry_run: bool = typer.Option(
 def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
         None, help="One version; default: all.")) -> None:
     """Check every file of an adapter against its manifest and the registry."""
-    from tuneloop.services.registry.core import IntegrityError, RegistryError
+    from tuneloop.services.registry.core import RegistryError
     from tuneloop.services.registry.remote import local_files
     from tuneloop.services.registry.store import get_adapter, list_adapters
 
@@ -253,7 +253,7 @@ def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
             directory = local_files(adapter, settings)
             files = len(json.loads((directory / "manifest.json").read_text())["files"])
             console.print(f"[green]ok[/] {adapter.version}: {files} files verified")
-        except (IntegrityError, FileNotFoundError) as exc:
+        except (RegistryError, FileNotFoundError) as exc:  # altered, gone, or unreachable
             bad += 1
             console.print(f"[red]FAILED[/] {adapter.version}: {exc}")
     if bad:

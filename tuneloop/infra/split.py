@@ -133,6 +133,9 @@ class Split:
         for sub in ("cache", "tmp"):
             (home / sub).mkdir(parents=True, exist_ok=True)
         config = home / "tuneloop.toml"
+        # It holds the keys (the gateway's admin key, vLLM's) as a cluster's Secret would.
+        config.touch(mode=0o600)
+        config.chmod(0o600)
         config.write_text(to_toml(self._role_table(role)))
         settings = load_settings({"home": home})
         return {**prefect_env(settings),
@@ -215,15 +218,25 @@ class Split:
         return found
 
     def stop_roles(self) -> list[str]:
-        stopped = []
-        for role, process in self.role_processes().items():
-            if process.stop(timeout_s=30):
-                stopped.append(role)
+        """Stop every role, then whatever their processes started in sessions of their
+        own (Prefect's flow runs) and anything else of their homes."""
+        from tuneloop.runtime.processes import descendants, end_processes, processes_of_home
         from tuneloop.serving.vllm_process import managed_processes
 
+        roles = self.role_processes()
+        below = [p for proc in roles.values() if (pid := proc.pid()) is not None
+                 for p in descendants(pid)]
+        stopped = []
+        for role, process in roles.items():
+            if process.stop(timeout_s=30):
+                stopped.append(role)
         for replica in managed_processes(load_settings({"home": self.role_home("gateway")})):
             if replica.stop(timeout_s=20):
                 stopped.append(f"gateway/{replica.name}")
+        left = end_processes([*below, *(p for role in roles
+                                        for p in processes_of_home(self.role_home(role)))])
+        if left:
+            stopped.append(f"{left} leftover process(es)")
         return stopped
 
     def health(self) -> list[Health]:

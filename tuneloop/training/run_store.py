@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,7 +51,15 @@ class RunStore:
     # ------------------------------------------------------------ checkpoints
     def push_checkpoint(self, directory: Path, step: int) -> None:
         """Upload the checkpoint just saved in ``directory`` as step ``step``, then make it
-        the latest and delete the older ones."""
+        the latest and delete the older ones. A failure is logged, not raised: training
+        goes on, the latest stored checkpoint stays the last whole one, and the next
+        checkpoint tries again."""
+        try:
+            self._push_checkpoint(directory, step)
+        except Exception as exc:  # noqa: BLE001 - the object store is down or refuses
+            log.warning("checkpoint at step %d not kept in the object store: %s", step, exc)
+
+    def _push_checkpoint(self, directory: Path, step: int) -> None:
         where = f"{self.prefix}checkpoint/{step:09d}/"
         files = {}
         for path in sorted(p for p in directory.iterdir() if p.is_file()):
@@ -117,6 +126,8 @@ class RunStore:
             return False
         files = record.pop("files")
         for name, sha in files.items():
+            if name not in REPORTS and not re.fullmatch(r"adapter/[A-Za-z0-9_.-]+", name):
+                raise RunStoreError(f"{self.prefix}{RESULT} lists {name!r}, not a run's file")
             self._get(self.prefix + name, run_dir / name, sha)
         record |= {"run_dir": str(run_dir), "adapter_dir": str(run_dir / "adapter")}
         write_json_atomic(run_dir / RESULT, record)
@@ -130,6 +141,9 @@ class RunStore:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
 
     def _get(self, key: str, path: Path, sha256: str) -> None:
+        name = path.name
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+            raise RunStoreError(f"s3://{self.bucket}/{key}: {name!r} is not a file name")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
         self.client.download_file(self.bucket, key, str(partial))

@@ -176,7 +176,7 @@ class RemoteAdapters:
         return final
 
     def _get(self, bucket: str, key: str, path: Path) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.download_file(bucket, key, str(path))
@@ -184,7 +184,10 @@ class RemoteAdapters:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise FileNotFoundError(f"s3://{bucket}/{key} does not exist: the version's "
                                         "files were collected or never uploaded") from None
-            raise
+            raise RegistryError(f"the object store refused s3://{bucket}/{key}: {exc}") from None
+        except BotoCoreError as exc:
+            raise RegistryError(f"the object store at {self.cfg.endpoint} cannot be reached "
+                                f"for s3://{bucket}/{key}: {exc}") from None
 
     def _sha256(self, key: str) -> str:
         digest = hashlib.sha256()

@@ -8,6 +8,7 @@ each recorded in ``deployments`` with its reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -89,7 +90,8 @@ def publish_adapter(
         try:
             where = remote.upload(final, version)
         except BaseException:
-            remote.delete(f"s3://{remote.bucket}/{PREFIX}{version}/")
+            with contextlib.suppress(Exception):  # the upload's own error is the one to see
+                remote.delete(f"s3://{remote.bucket}/{PREFIX}{version}/")
             shutil.rmtree(final, ignore_errors=True)
             raise
         remote.keep(final, manifest_sha256)  # what was uploaded is this process's copy
