@@ -519,6 +519,8 @@ def test_prefect_yaml_declares_what_tuneloop_worker_serves(target: str) -> None:
             path = module.replace(".", "/") + ".py"
         assert d["entrypoint"] == f"{path}:{name}", where
         assert d.get("tags") == s.tags, where
+        assert (d.get("work_pool") or {}).get("job_variables", {}) == (s.job_variables or {}), \
+            where
         assert d.get("description") == s.description, where
         assert d.get("parameters", {}) == s.parameters, where
         strategy = s.concurrency_options.collision_strategy if s.concurrency_options else None

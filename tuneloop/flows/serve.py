@@ -117,6 +117,8 @@ def training_deployment(settings: Settings) -> RunnerDeployment | None:
         description="Train and publish one adapter (run by the retrain flow).",
     )
     assert not asyncio.iscoroutine(deployment)
+    # Its runs send heartbeats, for ZOMBIE_AUTOMATION.
+    deployment.job_variables = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}}
     return deployment
 
 
@@ -128,8 +130,6 @@ def register_training_pool(settings: Settings) -> None:
     deployment = training_deployment(settings)
     if deployment is None:
         return
-    deployment.job_variables = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY":
-                                        str(HEARTBEAT_S)}}
     deployment.apply(work_pool_name=settings.loop.train_work_pool)
     ensure_zombie_automation()
 
