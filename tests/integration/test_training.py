@@ -361,7 +361,8 @@ def test_sft_then_dpo_trains_on_the_versions_preference_pairs(training_settings:
 def test_a_run_another_worker_took_over_resumes_from_the_checkpoint_in_object_storage(
         training_settings: Settings, tiny_base: BaseModel, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """store.artifacts, three training workers with no disk in common: the first dies after
+    """store.artifacts, three training workers with homes of their own (the base model is
+    read from one installed copy, as an image would hold it): the first dies after
     its first checkpoint, the second resumes from the checkpoint it fetched from the object
     store and finishes, the third finds the finished run there and does not train."""
     import signal
