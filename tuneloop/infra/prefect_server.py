@@ -27,6 +27,12 @@ def prefect_env(settings: Settings) -> dict[str, str]:
         # The same code also logs outside a flow run (the CLI, the demo, the gateway): those
         # lines go to the console and the process's log only, without a warning each.
         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+        # The server's lease on a deployment's concurrency slot (canary/loop and retrain/loop
+        # run one at a time) is taken when a run is submitted; the run renews it only once
+        # its process is up. On a loaded machine that start (torch, transformers) has taken
+        # longer than Prefect's 300 s, the lease was gone, and Prefect cancelled the run
+        # ("Concurrency lease renewal failed", 410 Gone). An hour, Prefect's most.
+        "PREFECT_SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION": "3600",
     }
 
 
