@@ -184,6 +184,23 @@ def test_bf16_run_on_cuda(training_settings: Settings, tmp_path: Path) -> None:
     assert result.best_val_loss < result.initial_val_loss
 
 
+def crashing_after_first_checkpoint() -> type:
+    """A recipe that dies at its second evaluation (initial, step 3 checkpointed, dies at
+    step 6): the run is killed after its first checkpoint."""
+    from tuneloop.training.recipe import LoRARecipe
+
+    class Crashing(LoRARecipe):
+        calls = 0
+
+        def validation_loss(self) -> float:
+            Crashing.calls += 1
+            if Crashing.calls == 3:
+                raise _CrashAfterFirstCheckpoint
+            return super().validation_loss()
+
+    return Crashing
+
+
 class _CrashAfterFirstCheckpoint(Exception):
     pass
 
@@ -213,14 +230,7 @@ def test_a_crashed_run_resumes_from_its_checkpoint(training_settings: Settings, 
         return {n: p.detach().clone() for n, p in recipe.model.named_parameters()
                 if p.requires_grad}
 
-    class Crashing(LoRARecipe):
-        calls = 0
-
-        def validation_loss(self) -> float:
-            Crashing.calls += 1
-            if Crashing.calls == 3:  # initial, step 3 (checkpointed), then dies at step 6
-                raise _CrashAfterFirstCheckpoint
-            return super().validation_loss()
+    Crashing = crashing_after_first_checkpoint()
 
     uninterrupted = run(tmp_path / "a")
     with pytest.raises(_CrashAfterFirstCheckpoint):
@@ -373,7 +383,6 @@ def test_a_run_another_worker_took_over_resumes_from_the_checkpoint_in_object_st
     from tuneloop.services.registry.artifacts import sha256_file
     from tuneloop.training import pipeline
     from tuneloop.training.dataset import read_dataset
-    from tuneloop.training.recipe import LoRARecipe
 
     store = Store(training_settings.db_path)
     write_banking77_version(store, "b77-moved", train_per_intent=2, val_per_intent=1,
@@ -396,14 +405,7 @@ def test_a_run_another_worker_took_over_resumes_from_the_checkpoint_in_object_st
     try:
         config = short_config(max_steps=6, eval_interval=3, patience=10)
 
-        class Crashing(LoRARecipe):
-            calls = 0
-
-            def validation_loss(self) -> float:
-                Crashing.calls += 1
-                if Crashing.calls == 3:  # initial, step 3 (checkpointed), then dies at step 6
-                    raise _CrashAfterFirstCheckpoint
-                return super().validation_loss()
+        Crashing = crashing_after_first_checkpoint()
 
         with monkeypatch.context() as patch:
             patch.setattr(pipeline, "LoRARecipe", Crashing)

@@ -92,13 +92,21 @@ def save_checkpoint(
         for file in tmp.iterdir():
             with file.open("rb") as fh:
                 os.fsync(fh.fileno())
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_checkpoint(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_checkpoint(new: Path, directory: Path) -> None:
+    """Put the whole checkpoint ``new`` at ``directory`` by two renames: a crash between
+    them leaves the previous one at ``<directory>.old``, where :func:`load_checkpoint`
+    finds it."""
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.rename(directory, old)
+    os.rename(new, directory)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(

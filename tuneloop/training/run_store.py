@@ -29,6 +29,7 @@ from tuneloop.runtime.files import write_json_atomic
 from tuneloop.runtime.s3 import s3_client
 from tuneloop.runtime.settings import ObjectStoreSettings
 from tuneloop.services.registry.artifacts import sha256_file
+from tuneloop.training.checkpoint import replace_checkpoint
 
 log = logging.getLogger(__name__)
 LATEST = "LATEST.json"
@@ -86,12 +87,7 @@ class RunStore:
         try:
             for name, sha in record["files"].items():
                 self._get(record["prefix"] + name, tmp / name, sha)
-            old = directory.with_name(directory.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if directory.exists():
-                os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_checkpoint(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("run checkpoint at step %d fetched from s3://%s/%s", record["step"],
