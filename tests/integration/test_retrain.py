@@ -7,12 +7,13 @@ import os
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_training import training_settings, write_banking77_version
-from tuneloop.runtime.settings import Settings
+from tuneloop.runtime.settings import Settings, load_settings
 from tuneloop.services.canary.store import list_decisions
 from tuneloop.services.registry.artifacts import verify_adapter
 from tuneloop.services.registry.store import list_adapters, promote, reject
@@ -163,3 +164,29 @@ def test_a_retrain_the_worker_dies_in_resumes_from_its_checkpoint_and_publishes_
     assert training["steps"] == 10
     with store.connect() as con:
         assert len([a for a in list_adapters(con) if a.run_key == key]) == 1
+
+
+def test_the_training_pool_deployment_sends_heartbeats_and_its_dead_runs_are_crashed(
+        prefect_server: str, training_settings: Settings) -> None:
+    """``train-adapter/<pool>`` is deployed by module path with heartbeats on, and the
+    zombie automation watches that deployment's runs alone."""
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from tuneloop.flows.serve import HEARTBEAT_S, ZOMBIE_AUTOMATION, register_training_pool
+
+    pool = f"train-{uuid.uuid4().hex[:6]}"
+    settings = load_settings({"home": training_settings.home, "loop.train_work_pool": pool})
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        register_training_pool(settings)
+        deployment = client.read_deployment_by_name(f"train-adapter/{pool}")
+    assert deployment.entrypoint == "tuneloop.flows.retrain.train_adapter"
+    assert deployment.job_variables == {
+        "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}}
+    automation = Automation.read(name=ZOMBIE_AUTOMATION)
+    related = automation.trigger.match_related  # type: ignore[union-attr]
+    watched = related[0] if isinstance(related, list) else related
+    assert watched["prefect.resource.id"] in (f"prefect.deployment.{deployment.id}",
+                                              [f"prefect.deployment.{deployment.id}"])

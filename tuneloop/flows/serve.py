@@ -130,20 +130,35 @@ def register_training_pool(settings: Settings) -> None:
     deployment = training_deployment(settings)
     if deployment is None:
         return
-    deployment.apply(work_pool_name=settings.loop.train_work_pool)
-    ensure_zombie_automation()
+    deployment_id = deployment.apply(work_pool_name=settings.loop.train_work_pool)
+    assert not asyncio.iscoroutine(deployment_id)
+    ensure_zombie_automation(deployment_id)
 
 
 # Prefect's own recipe for runs whose machine died ("detect zombie flows"): a run that
 # sent a heartbeat and then neither another one nor a final state within the window is
-# set Crashed. Only runs that send heartbeats (those of the training pool) can match.
+# set Crashed. Only the training deployment's runs match: the control worker's runs are
+# recovered by the worker itself (tuneloop.flows.recovery), and a bucket for each of
+# their heartbeats would be writes on the Prefect server's database for nothing.
 ZOMBIE_AUTOMATION = "tuneloop: crash runs whose heartbeats stopped"
 HEARTBEAT_S = 30  # Prefect's least
 ZOMBIE_AFTER_S = 3 * HEARTBEAT_S
 
 
-def ensure_zombie_automation() -> None:
-    """Create :data:`ZOMBIE_AUTOMATION` unless the server has it."""
+def ensure_training_automation(settings: Settings) -> None:
+    """:func:`ensure_zombie_automation` for ``train-adapter/<loop.train_work_pool>`` as the
+    server has it (deployed from prefect.yaml on a cluster)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(
+            f"train-adapter/{settings.loop.train_work_pool}")
+    ensure_zombie_automation(deployment.id)
+
+
+def ensure_zombie_automation(deployment_id: Any) -> None:
+    """Create :data:`ZOMBIE_AUTOMATION` for the runs of the deployment ``deployment_id``
+    unless the server has it."""
     from datetime import timedelta
 
     from prefect.automations import Automation
@@ -170,6 +185,9 @@ def ensure_zombie_automation() -> None:
                     "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
                     "prefect.flow-run.Crashed"},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({
+                "prefect.resource.id": [f"prefect.deployment.{deployment_id}"],
+                "prefect.resource.role": "deployment"}),
             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
             within=timedelta(seconds=ZOMBIE_AFTER_S)),
         actions=[ChangeFlowRunState(
