@@ -17,6 +17,7 @@ from tuneloop.services.canary.core import (
     combine,
     golden_checks,
     improvement_checks,
+    known_label_checks,
     macro_f1_bootstrap,
     only_improvement_holds,
 )
@@ -125,6 +126,45 @@ def test_one_label_collapsing_is_a_regression_even_if_the_average_holds() -> Non
     failed = [c for c in checks if c.outcome == "fail"]
     assert [c.name for c in failed] == ["golden label lost_card (McNemar, Holm)"]
     assert figures["golden_per_label"]["lost_card"]["candidate_f1"] == 0
+
+
+def test_a_label_too_thin_in_the_golden_set_to_fail_fails_on_its_test_examples_too() -> None:
+    # Production knew four labels; the candidate learned two new ones and mistakes
+    # lost_card for one of them. Five golden examples a label cannot show it; pooled with
+    # the test split's examples of the known labels, the collapse is significant.
+    known = ["card_arrival", "lost_card", "top_up", "refund"]
+
+    def answers(labels: list[str]) -> tuple[list[str], list[str]]:
+        # The incumbent misses every other example of the other labels, which the
+        # candidate gets right: on the golden set it is better on average.
+        inc = [lab if lab == "lost_card" or (lab in known and i % 2) else "unsure"
+               for i, lab in enumerate(labels)]
+        cand = ["card_linking" if lab == "lost_card" else lab for lab in labels]
+        return inc, cand
+
+    gold_labels = [lab for lab in known for _ in range(5)]
+    inc, cand = answers(gold_labels)
+    golden = Paired(list(gold_labels), list(gold_labels), inc, cand)
+    golden_only, _ = golden_checks(golden, CFG)
+    assert "fail" not in {c.outcome for c in golden_only}, [c.line() for c in golden_only]
+
+    test_labels = [lab for lab in known + ["card_linking", "top_up_limits"] for _ in range(8)]
+    inc, cand = answers(test_labels)
+    # An unlabelled example (a test example with a correction only) is not pooled.
+    test = Paired([*test_labels, "x"], [*test_labels, None], [*inc, "x"], [*cand, "y"])
+    checks, figures = known_label_checks(golden, test, CFG)
+    assert [(c.name, c.outcome) for c in checks] == [
+        ("known label lost_card (golden + test, McNemar, Holm)", "fail")]
+    assert figures["known_label_n"] == 20 + 4 * 8  # the new labels' examples are not pooled
+    assert figures["known_per_label"]["lost_card"]["candidate_f1"] == 0
+    assert set(figures["known_per_label"]) == set(known)
+    # The same candidate without the mistake: nothing to say.
+    fixed = Paired(test.references, test.labels, test.incumbent, list(test.labels))
+    fixed_golden = Paired(golden.references, golden.labels, golden.incumbent, list(golden.labels))
+    assert known_label_checks(fixed_golden, fixed, CFG)[0] == []
+    # Free text and json have no labels to pool.
+    free = Paired(["a"], [None], ["a"], ["b"], kind="text")
+    assert known_label_checks(free, free, CFG) == ([], {})
 
 
 def test_test_split_gate_needs_a_significant_improvement() -> None:

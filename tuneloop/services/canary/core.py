@@ -9,7 +9,8 @@ Two gates stand between a candidate adapter and production traffic:
    model) answer the same golden set, the candidate's test split and the labelled
    events written after its dataset. Promotion needs no regression on the golden set
    beyond ``golden_margin`` (the task's score, paired bootstrap: macro-F1 for labels,
-   with each label by exact McNemar with Holm's correction; the mean field F1 for
+   with each label by exact McNemar with Holm's correction, on the golden set and again
+   on the golden and test examples of it pooled; the mean field F1 for
    ``json``, whose schema-valid rate must not fall either; the mean chrF for ``text``)
    and a significant improvement on the test examples (exact McNemar on right answers for
    labels; a paired bootstrap of the mean field F1 for json, whole objects reported by
@@ -374,8 +375,36 @@ def another_look(decision: Decision, cfg: CanarySettings) -> int | None:
     return seen + 1 if seen < cfg.offline_looks else None
 
 
+def known_label_checks(golden: Paired, test: Paired, cfg: CanarySettings
+                       ) -> tuple[list[Check], dict[str, Any]]:
+    """Each label production is held to (those of the golden set) judged again on every
+    example of it the gate has: the golden set, the test split and the newer labelled
+    events. A handful of golden examples a label cannot show a collapse of that label
+    significantly; pooled with the test examples it can. A label whose F1 drops more
+    than ``label_margin`` fails when the candidate is worse on it by exact McNemar,
+    Holm-corrected over the labels. Labels only: other kinds have no per-label score."""
+    if not golden.labelled or test.kind != "label":
+        return [], {}
+    known = {normalize_label(str(label)) for label in golden.labels}
+    keep = [i for i, label in enumerate(test.labels)
+            if label is not None and normalize_label(label) in known]
+    if not keep:
+        return [], {}
+    pooled = Paired(
+        references=golden.references + [test.references[i] for i in keep],
+        labels=golden.labels + [test.labels[i] for i in keep],
+        incumbent=golden.incumbent + [test.incumbent[i] for i in keep],
+        candidate=golden.candidate + [test.candidate[i] for i in keep],
+        kind=golden.kind)
+    per_label, checks = _label_checks(pooled, pooled.right(pooled.incumbent),
+                                      pooled.right(pooled.candidate), cfg,
+                                      "known label {} (golden + test, McNemar, Holm)")
+    return checks, {"known_label_n": len(pooled.labels), "known_per_label": per_label}
+
+
 def _label_checks(golden: Paired, inc_right: list[bool], cand_right: list[bool],
-                  cfg: CanarySettings) -> tuple[dict[str, Any], list[Check]]:
+                  cfg: CanarySettings, name_format: str = "golden label {} (McNemar, Holm)",
+                  ) -> tuple[dict[str, Any], list[Check]]:
     from tuneloop.services.evaluation.metrics import classification_breakdown
 
     labels = [normalize_label(str(g)) for g in golden.labels]
@@ -394,7 +423,7 @@ def _label_checks(golden: Paired, inc_right: list[bool], cand_right: list[bool],
         if before - after > cfg.label_margin:
             significant = p_adj < cfg.alpha
             checks.append(Check(
-                f"golden label {name} (McNemar, Holm)", FAIL if significant else INFO,
+                name_format.format(name), FAIL if significant else INFO,
                 after - before, p_adj,
                 f"fail if F1 drops > {cfg.label_margin} with p < {cfg.alpha}",
                 f"F1 {before:.2f} -> {after:.2f}" + ("" if significant else ": not significant")))

@@ -18,6 +18,7 @@ from tuneloop.services.canary.core import (
     combine,
     golden_checks,
     improvement_checks,
+    known_label_checks,
 )
 from tuneloop.services.canary.judge import decide_with_judge
 from tuneloop.services.curation import golden
@@ -67,11 +68,15 @@ def offline_gate(settings: Settings, plan: Plan, look: int = 1) -> Decision:
         admin.load(incumbent)  # already routed: a no-op unless the gateway restarted
     gold, test, fresh = gate_examples(settings, candidate)
     started = time.perf_counter()
-    checks, figures = golden_checks(paired(settings, candidate, incumbent, gold), cfg)
+    golden_pairs = paired(settings, candidate, incumbent, gold)
+    checks, figures = golden_checks(golden_pairs, cfg)
     if combine(checks) != "reject":
         examples = test + fresh
         pairs = paired(settings, candidate, incumbent, examples)
         more, test_figures = improvement_checks(pairs, cfg, len(fresh), look)
+        known, known_figures = known_label_checks(golden_pairs, pairs, cfg)
+        more += known
+        test_figures.update(known_figures)
         if cfg.judge is not None and settings.task.kind == "text" and examples:
             judged = judge_pairs(cfg.judge, examples, pairs.incumbent, pairs.candidate)
             more = decide_with_judge(more, judged, cfg, look)
