@@ -169,3 +169,39 @@ def test_collection_keeps_what_an_alias_can_go_back_to(
         assert sorted(remote.versions()) == sorted([v3, v4, v5, v7])
         assert len(list_adapters(con)) == 7
         assert collect(con, remote, keep_retired=2) == []  # nothing left to collect
+
+
+def test_a_checkpoint_record_naming_a_path_outside_the_run_is_refused(
+        bucket: Settings, tmp_path: Path) -> None:
+    from tuneloop.training.run_store import LATEST, RunStore, RunStoreError
+
+    runs = RunStore(bucket.object_store, "run-a")
+    checkpoint = tmp_path / "trained" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+    runs.push_checkpoint(checkpoint, 3)
+    # Another worker fetches it whole.
+    fetched = tmp_path / "elsewhere" / "checkpoint"
+    assert runs.pull_checkpoint(fetched) == 3
+    assert (fetched / "adapter_model.safetensors").read_bytes() == b"weights"
+    # A later step is written: the older one is deleted, the later one kept.
+    runs.push_checkpoint(checkpoint, 5)
+    keys = {o["Key"] for o in runs.client.list_objects_v2(
+        Bucket=runs.bucket, Prefix="runs/run-a/checkpoint/")["Contents"]}
+    assert keys == {"runs/run-a/checkpoint/LATEST.json",
+                    "runs/run-a/checkpoint/000000005/adapter_model.safetensors"}
+
+    # Whoever can write the bucket cannot make a worker write outside its checkpoint.
+    target = tmp_path / "outside.txt"
+    sha = hashlib.sha256(b"evil").hexdigest()
+    runs.client.put_object(Bucket=runs.bucket, Key="runs/run-a/checkpoint/000000009/x",
+                           Body=b"evil")
+    for record in ({"step": 9, "prefix": "runs/run-a/checkpoint/000000009/",
+                    "files": {"../../../outside.txt": sha}},
+                   {"step": 9, "prefix": "runs/other/checkpoint/000000009/",
+                    "files": {"x": sha}}):
+        runs.client.put_object(Bucket=runs.bucket, Key=f"runs/run-a/checkpoint/{LATEST}",
+                               Body=json.dumps(record).encode())
+        with pytest.raises(RunStoreError):
+            runs.pull_checkpoint(tmp_path / "third" / "checkpoint")
+    assert not target.exists() and not (tmp_path / "third" / "checkpoint").exists()

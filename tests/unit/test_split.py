@@ -44,6 +44,10 @@ def test_each_role_has_its_own_home_settings_caches_and_temporary_folder(
         # The recipe the operator's file names under the operator's home is copied too.
         assert copied["training"]["config"] == str(role_home / "recipe.yaml")
         assert copied["store"] == table["store"]
+        # The keys two roles check each other by are the same in every copy: the gateway
+        # signs verdicts with the event key and the control worker's canary checks them.
+        for key in ("event_key", "admin_key", "vllm_api_key", "user_id_key"):
+            assert copied["serving"][key] == table["serving"][key], key
     assert is_split(home) and not is_split(tmp_path / "elsewhere")
 
 

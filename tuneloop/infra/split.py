@@ -62,10 +62,14 @@ def split_settings(home: Path) -> dict[str, Any]:
         "prefect": {"port": (port := free_port()), "api_url": f"http://127.0.0.1:{port}/api"},
         "loop": {"train_work_pool": TRAIN_POOL},
         # Two replicas on consecutive ports from vllm_port; keys every role's copy holds,
-        # as a cluster's Secrets would give them.
+        # as a cluster's Secrets would give them. The event key above all: the gateway
+        # signs the verdicts it takes with it and the control worker's canary counts only
+        # those it can check, so a key of each role's own leaves every live window empty.
         "serving": {"replicas": 2, "gateway_port": free_port(), "vllm_port": _two_ports(),
                     "vllm_api_key": secrets.token_urlsafe(24),
-                    "admin_key": secrets.token_urlsafe(24)},
+                    "admin_key": secrets.token_urlsafe(24),
+                    "event_key": secrets.token_urlsafe(32),
+                    "user_id_key": secrets.token_urlsafe(32)},
     }
 
 

@@ -69,8 +69,11 @@ class RunStore:
         record = {"step": step, "prefix": where, "files": files}
         self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}checkpoint/{LATEST}",
                                Body=json.dumps(record).encode())
+        # Older steps only: a second trainer of the same run key (one whose heartbeats
+        # stopped while it lived on) may have written a later one.
         for old in self._keys(f"{self.prefix}checkpoint/"):
-            if not old.startswith(where) and not old.endswith(LATEST):
+            step_dir = old.removeprefix(f"{self.prefix}checkpoint/").split("/", 1)[0]
+            if step_dir.isdigit() and int(step_dir) < step:
                 self.client.delete_object(Bucket=self.bucket, Key=old)
         log.info("run checkpoint at step %d kept in s3://%s/%s", step, self.bucket, where)
 
@@ -82,6 +85,14 @@ class RunStore:
         record = self._json(f"{self.prefix}checkpoint/{LATEST}")
         if record is None or int(record["step"]) <= _local_step(directory):
             return None
+        where = str(record.get("prefix", ""))
+        if not re.fullmatch(re.escape(f"{self.prefix}checkpoint/") + r"\d+/", where):
+            raise RunStoreError(f"{self.prefix}checkpoint/{LATEST} names {where!r}, not one "
+                                "of this run's checkpoints")
+        for name in record["files"]:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+                raise RunStoreError(f"{self.prefix}checkpoint/{LATEST} lists {name!r}, not a "
+                                    "file name")
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=directory.parent))
         try:
