@@ -102,8 +102,11 @@ def replace_checkpoint(new: Path, directory: Path) -> None:
     them leaves the previous one at ``<directory>.old``, where :func:`load_checkpoint`
     finds it."""
     old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
+        # A whole checkpoint at ``directory``: the ``.old`` one is stale. Without one,
+        # ``.old`` is the last whole checkpoint (a crash between the renames) and stays
+        # until ``new`` is in place.
+        shutil.rmtree(old, ignore_errors=True)
         os.rename(directory, old)
     os.rename(new, directory)
     shutil.rmtree(old, ignore_errors=True)
