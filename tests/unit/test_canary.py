@@ -154,7 +154,7 @@ def test_a_label_too_thin_in_the_golden_set_to_fail_fails_on_its_test_examples_t
     test = Paired([*test_labels, "x"], [*test_labels, None], [*inc, "x"], [*cand, "y"])
     checks, figures = known_label_checks(golden, test, CFG)
     assert [(c.name, c.outcome) for c in checks] == [
-        ("known label lost_card (golden + test, McNemar, Holm)", "fail")]
+        ("known label lost_card (golden + test + newer, McNemar, Holm)", "fail")]
     assert figures["known_label_n"] == 20 + 4 * 8  # the new labels' examples are not pooled
     assert figures["known_per_label"]["lost_card"]["candidate_f1"] == 0
     assert set(figures["known_per_label"]) == set(known)

@@ -185,6 +185,9 @@ class Split:
 
         wait_until(lambda: serving() or gateway.pid() is None,
                    self.settings.serving.start_timeout_s, "gateway", interval_s=1.0)
+        if not serving():
+            log_file = self.role_home("gateway") / "logs"
+            raise RuntimeError(f"the gateway role exited before it served; see {log_file}")
 
     def start_train_worker(self, role: str) -> ManagedProcess:
         """A training worker in the role home ``role`` (a new name: a replacement machine)."""
@@ -200,10 +203,16 @@ class Split:
         """The training work pool (a process pool, concurrency 1: one trainer at a time)."""
         env = {**os.environ, **prefect_env(self.settings)}
         prefect = str(Path(sys.executable).with_name("prefect"))
-        subprocess.run([prefect, "work-pool", "create", TRAIN_POOL, "--type", "process",
-                        "--overwrite"], env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([prefect, "work-pool", "set-concurrency-limit", TRAIN_POOL, "1"],
-                       env=env, check=True, capture_output=True, timeout=120)
+        for args in (["work-pool", "create", TRAIN_POOL, "--type", "process", "--overwrite"],
+                     ["work-pool", "set-concurrency-limit", TRAIN_POOL, "1"]):
+            try:
+                subprocess.run([prefect, *args], env=env, check=True, capture_output=True,
+                               text=True, timeout=120)
+            except subprocess.CalledProcessError as exc:
+                raise RuntimeError(f"`prefect {' '.join(args)}` failed: "
+                                   f"{(exc.stderr or exc.stdout or '').strip()[-500:]}") from exc
+            except subprocess.TimeoutExpired as exc:
+                raise RuntimeError(f"`prefect {' '.join(args)}` took over 120 s") from exc
 
     def _start(self, role: str, args: list[str]) -> ManagedProcess:
         process = ManagedProcess(role, self.role_home(role))

@@ -10,7 +10,8 @@ Two gates stand between a candidate adapter and production traffic:
    events written after its dataset. Promotion needs no regression on the golden set
    beyond ``golden_margin`` (the task's score, paired bootstrap: macro-F1 for labels,
    with each label by exact McNemar with Holm's correction, on the golden set and again
-   on the golden and test examples of it pooled; the mean field F1 for
+   on its golden, test and newer labelled examples pooled (a stricter gate than one
+   test: a good candidate is rejected somewhat more often than ``alpha``); the mean field F1 for
    ``json``, whose schema-valid rate must not fall either; the mean chrF for ``text``)
    and a significant improvement on the test examples (exact McNemar on right answers for
    labels; a paired bootstrap of the mean field F1 for json, whole objects reported by
@@ -398,7 +399,7 @@ def known_label_checks(golden: Paired, test: Paired, cfg: CanarySettings
         kind=golden.kind)
     per_label, checks = _label_checks(pooled, pooled.right(pooled.incumbent),
                                       pooled.right(pooled.candidate), cfg,
-                                      "known label {} (golden + test, McNemar, Holm)")
+                                      "known label {} (golden + test + newer, McNemar, Holm)")
     return checks, {"known_label_n": len(pooled.labels), "known_per_label": per_label}
 
 
