@@ -166,10 +166,12 @@ def test_a_retrain_the_worker_dies_in_resumes_from_its_checkpoint_and_publishes_
         assert len([a for a in list_adapters(con) if a.run_key == key]) == 1
 
 
-def test_the_training_pool_deployment_sends_heartbeats_and_its_dead_runs_are_crashed(
+def test_the_training_pool_deployment_sends_heartbeats_and_the_zombie_automation_watches_it(
         prefect_server: str, training_settings: Settings) -> None:
     """``train-adapter/<pool>`` is deployed by module path with heartbeats on, and the
-    zombie automation watches that deployment's runs alone."""
+    zombie automation watches that deployment's runs alone, the newest pool's after a
+    rename. (That a run whose heartbeats stop is marked Crashed and resumed is
+    ``bench scale``'s: it kills the training worker mid-run.)"""
     from prefect.automations import Automation
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -190,3 +192,14 @@ def test_the_training_pool_deployment_sends_heartbeats_and_its_dead_runs_are_cra
     watched = related[0] if isinstance(related, list) else related
     assert watched["prefect.resource.id"] in (f"prefect.deployment.{deployment.id}",
                                               [f"prefect.deployment.{deployment.id}"])
+
+    # The pool renamed: the automation follows the new deployment, and there is one.
+    renamed = f"train-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=renamed, type="process"))
+        register_training_pool(load_settings({"home": training_settings.home,
+                                              "loop.train_work_pool": renamed}))
+        moved = client.read_deployment_by_name(f"train-adapter/{renamed}")
+    automation = Automation.read(name=ZOMBIE_AUTOMATION)
+    assert str(moved.id) in automation.trigger.model_dump_json()
+    assert str(deployment.id) not in automation.trigger.model_dump_json()

@@ -158,7 +158,8 @@ def ensure_training_automation(settings: Settings) -> None:
 
 def ensure_zombie_automation(deployment_id: Any) -> None:
     """Create :data:`ZOMBIE_AUTOMATION` for the runs of the deployment ``deployment_id``
-    unless the server has it."""
+    unless the server has it for that deployment; one left for an earlier deployment (the
+    pool renamed, the deployment made again) is replaced."""
     from datetime import timedelta
 
     from prefect.automations import Automation
@@ -171,7 +172,9 @@ def ensure_zombie_automation(deployment_id: Any) -> None:
     try:
         found = Automation.read(name=ZOMBIE_AUTOMATION)
         assert not asyncio.iscoroutine(found)
-        return
+        if str(deployment_id) in found.trigger.model_dump_json():
+            return
+        found.delete()
     except (ObjectNotFound, ValueError):
         pass
     created = Automation(
