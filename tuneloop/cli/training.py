@@ -253,14 +253,11 @@ def verify_cmd(ctx: typer.Context, version: str | None = typer.Argument(
             directory = local_files(adapter, settings)
             files = len(json.loads((directory / "manifest.json").read_text())["files"])
             console.print(f"[green]ok[/] {adapter.version}: {files} files verified")
-        except FileNotFoundError as exc:
-            if adapter.state in ("rejected", "retired"):
+        except (RegistryError, FileNotFoundError) as exc:  # altered, gone, or unreachable
+            if isinstance(exc, FileNotFoundError) and adapter.state in ("rejected", "retired"):
                 # Collected on purpose (store.keep_retired, `tuneloop adapters collect`).
                 console.print(f"[dim]collected[/] {adapter.version} ({adapter.state}): {exc}")
                 continue
-            bad += 1
-            console.print(f"[red]FAILED[/] {adapter.version}: {exc}")
-        except RegistryError as exc:  # altered or unreachable
             bad += 1
             console.print(f"[red]FAILED[/] {adapter.version}: {exc}")
     if bad:

@@ -90,9 +90,7 @@ class RunStore:
             raise RunStoreError(f"{self.prefix}checkpoint/{LATEST} names {where!r}, not one "
                                 "of this run's checkpoints")
         for name in record["files"]:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
-                raise RunStoreError(f"{self.prefix}checkpoint/{LATEST} lists {name!r}, not a "
-                                    "file name")
+            _plain_name(name, f"{self.prefix}checkpoint/{LATEST}")
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=directory.parent))
         try:
@@ -148,9 +146,7 @@ class RunStore:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
 
     def _get(self, key: str, path: Path, sha256: str) -> None:
-        name = path.name
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
-            raise RunStoreError(f"s3://{self.bucket}/{key}: {name!r} is not a file name")
+        _plain_name(path.name, f"s3://{self.bucket}/{key}")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
         self.client.download_file(self.bucket, key, str(partial))
@@ -187,3 +183,10 @@ def _local_step(directory: Path) -> int:
         except (OSError, ValueError, KeyError):
             continue
     return -1
+
+
+def _plain_name(name: str, where: str) -> None:
+    """Raise :class:`RunStoreError` unless ``name`` (from ``where``) is a plain file name,
+    which joined to a folder stays in it."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+        raise RunStoreError(f"{where}: {name!r} is not a file name")

@@ -10,8 +10,8 @@ Two gates stand between a candidate adapter and production traffic:
    events written after its dataset. Promotion needs no regression on the golden set
    beyond ``golden_margin`` (the task's score, paired bootstrap: macro-F1 for labels,
    with each label by exact McNemar with Holm's correction, on the golden set and again
-   on its golden, test and newer labelled examples pooled (a stricter gate than one
-   test: a good candidate is rejected somewhat more often than ``alpha``); the mean field F1 for
+   on its golden, test and newer labelled examples pooled (two tests of a label: a good
+   candidate is rejected somewhat more often than ``alpha``); the mean field F1 for
    ``json``, whose schema-valid rate must not fall either; the mean chrF for ``text``)
    and a significant improvement on the test examples (exact McNemar on right answers for
    labels; a paired bootstrap of the mean field F1 for json, whole objects reported by
