@@ -117,8 +117,11 @@ def test_a_candidate_users_rate_down_is_rolled_back_within_the_window(
     users = SimulatedUsers(serving_stack.settings, TRAFFIC, rate_down=bad)
     with users.running():
         result = canary(bad, overrides=LIVE)
-    assert result["verdict"] == "rollback", result["reason"]
-    assert "bad-rating rate" in result["reason"]
+    # On failure: the window's figures, and what the users and their ingest consumer met.
+    seen = f"{result['reason']}; {result['figures']}; users: {users.failures[:3]}, " \
+        f"ingest: {users.ingest_errors[:3]}, served: {users.served}"
+    assert result["verdict"] == "rollback", seen
+    assert "bad-rating rate" in result["reason"], seen
     assert result["figures"]["live_s"] < LIVE["canary.max_window_s"]
     assert _state(serving_stack, bad) == "rejected"
     assert _route(serving_stack)["production"] == trained.old

@@ -226,6 +226,8 @@ def test_live_gate_holds_until_the_sample_and_the_window_are_there() -> None:
     assert done.verdict == "promote", done.reason
     starved = live_decision("v2", "v1", side(10), side(90), 121, LIVE)
     assert starved.verdict == "rollback" and "minimum sample" in starved.reason
+    # The rollback says which side lacked the evidence.
+    assert "requests 10/90, ratings 0/0 (candidate/production)" in starved.reason
 
 
 def test_live_gate_rolls_back_on_bad_ratings_errors_or_latency() -> None:

@@ -44,11 +44,11 @@ def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
     }
     enough = min(cand.requests, inc.requests) >= cfg.min_requests and \
         min(cand.ratings, inc.ratings) >= cfg.min_ratings
+    sample = (f"requests {cand.requests}/{inc.requests}, ratings {cand.ratings}/{inc.ratings} "
+              "(candidate/production)")
     checks = [Check(
         "minimum sample", PASS if enough else HOLD, float(min(cand.requests, inc.requests)), None,
-        f">= {cfg.min_requests} requests and >= {cfg.min_ratings} ratings a side",
-        f"requests {cand.requests}/{inc.requests}, ratings {cand.ratings}/{inc.ratings} "
-        "(candidate/production)")]
+        f">= {cfg.min_requests} requests and >= {cfg.min_ratings} ratings a side", sample)]
     if min(cand.requests, inc.requests) >= cfg.min_requests:
         checks += _request_checks(cand, inc, incumbent is None, cfg, figures)
     if cfg.min_ratings > 0 and min(cand.ratings, inc.ratings) >= cfg.min_ratings:
@@ -63,7 +63,7 @@ def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
         checks.append(_preference_check(cand, inc, cfg, figures))
     elif cand.preferred + inc.preferred:
         figures["preference"] = {"candidate": cand.preferred, "incumbent": inc.preferred}
-    verdict, more = _verdict(checks, enough, elapsed_s, cfg)
+    verdict, more = _verdict(checks, enough, sample, elapsed_s, cfg)
     return Decision("live", candidate, incumbent, verdict, checks + more, figures)
 
 
@@ -108,9 +108,11 @@ def _request_checks(cand: Side, inc: Side, against_base: bool, cfg: CanarySettin
     return checks
 
 
-def _verdict(checks: list[Check], enough: bool, elapsed_s: float,
+def _verdict(checks: list[Check], enough: bool, sample: str, elapsed_s: float,
              cfg: CanarySettings) -> tuple[str, list[Check]]:
-    """The verdict, and the check that explains a verdict of time (window or maximum)."""
+    """The verdict, and the check that explains a verdict of time (window or maximum);
+    ``sample`` says what arrived, so a rollback for want of evidence says which side
+    lacked it."""
     if any(c.outcome == FAIL for c in checks):
         return "rollback", []
     if not enough:
@@ -118,7 +120,8 @@ def _verdict(checks: list[Check], enough: bool, elapsed_s: float,
             return "hold", []
         return "rollback", [Check("maximum window", FAIL, elapsed_s, None,
                                   f"a verdict within {cfg.max_window_s:.0f}s",
-                                  "the minimum sample never arrived: no evidence, no promotion")]
+                                  f"the minimum sample never arrived ({sample}): no evidence, "
+                                  "no promotion")]
     if elapsed_s < cfg.window_s:
         return "hold", [Check("window", HOLD, elapsed_s, None, f">= {cfg.window_s:.0f}s",
                               "the window is still open")]

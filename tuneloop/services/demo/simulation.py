@@ -116,7 +116,7 @@ class SimulatedUsers:
     one was wrong. Every answer of ``rate_down``
     is rated -1 whatever it says (users who dislike a version). ``served`` counts answers
     per adapter version; ``failures`` lists every request that failed (the client does
-    not retry).
+    not retry); ``ingest_errors`` every failure of the ingest consumer, which restarts.
     """
 
     settings: Settings
@@ -132,6 +132,7 @@ class SimulatedUsers:
     right_of: Callable[[str, Query], bool] | None = None
     served: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    ingest_errors: list[str] = field(default_factory=list)  # consumer failures (restarted)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -199,13 +200,24 @@ class SimulatedUsers:
                 self.served[version] = self.served.get(version, 0) + 1
 
     def _ingest(self) -> None:
+        """An ingest consumer for the block. One that fails (the store busy beyond its
+        lock timeout, a broker gone for a while) is restarted, as the stack's supervisor
+        restarts its ingest service: what it had not committed is consumed again, and
+        the failure is kept in ``ingest_errors``."""
         from tuneloop.services.ingest.consumer import IngestConsumer
 
-        consumer = IngestConsumer(self.settings)
-        try:
-            consumer.run(until_idle=False, stop=lambda _: self._stop.is_set())
-        finally:
-            consumer.close()
+        while not self._stop.is_set():
+            try:
+                consumer = IngestConsumer(self.settings)
+                try:
+                    consumer.run(until_idle=False, stop=lambda _: self._stop.is_set())
+                finally:
+                    consumer.close()
+            except Exception as exc:  # noqa: BLE001 - kept, reported, and the consumer restarted
+                log.warning("simulated users' ingest consumer failed; restarting: %s", exc)
+                with self._lock:
+                    self.ingest_errors.append(f"{type(exc).__name__}: {exc}")
+                self._stop.wait(2.0)
 
 
 def ask_alias(settings: Settings, queries: Sequence[Query], threads: int = 8, *,
