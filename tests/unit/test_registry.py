@@ -301,3 +301,30 @@ def test_a_moved_home_keeps_its_registry(tmp_path: Path) -> None:
         again = registry.get_adapter(con, adapter.version)
     assert again.path == adapter.version
     verify_adapter(again.directory(moved / "adapters"), again.sha256)
+
+
+def test_deleting_a_version_whose_objects_the_store_keeps_is_an_error(tmp_path: Path) -> None:
+    """DeleteObjects answers 200 and lists the keys it refused in its body: the refusal is
+    raised (collection must not report a version collected whose files are still there).
+    The client is botocore's own, its answers stubbed: the shapes are S3's."""
+    from botocore.stub import Stubber
+
+    from tuneloop.runtime.s3 import s3_client
+    from tuneloop.runtime.settings import ObjectStoreSettings
+    from tuneloop.services.registry.remote import RemoteAdapters
+
+    cfg = ObjectStoreSettings(endpoint="http://127.0.0.1:9", bucket="models")
+    client = s3_client(cfg)
+    remote = RemoteAdapters(cfg, tmp_path / "cache", client)
+    keys = ["adapters/v3/MANIFEST.json", "adapters/v3/adapter_model.safetensors"]
+    with Stubber(client) as stub:
+        for refused in ([], [{"Key": keys[1], "Code": "AccessDenied", "Message": "Access Denied"}]):
+            stub.add_response("list_objects_v2", {"Contents": [{"Key": k} for k in keys]},
+                              {"Bucket": "models", "Prefix": "adapters/v3/"})
+            stub.add_response("delete_objects", {"Errors": refused}, {
+                "Bucket": "models", "Delete": {"Objects": [{"Key": k} for k in keys], "Quiet": True}})
+        assert remote.delete("s3://models/adapters/v3/") == 2
+        with pytest.raises(RegistryError, match=r"kept 1 of 2 objects .*safetensors "
+                                                r"\(AccessDenied"):
+            remote.delete("s3://models/adapters/v3/")
+        stub.assert_no_pending_responses()

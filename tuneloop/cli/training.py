@@ -41,10 +41,14 @@ def train(
         None, "--run-key", help="Idempotency key; default: dataset + config + base model."),
 ) -> None:
     """Train a LoRA adapter on a dataset version and publish it as a candidate."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from tuneloop.flows.retrain import train_adapter
+    from tuneloop.services.store.snapshots import SnapshotError
     from tuneloop.training.config import ConfigError
     from tuneloop.training.dataset import DatasetNotFoundError
     from tuneloop.training.pipeline import default_run_key, recipe_config
+    from tuneloop.training.run_store import RunStoreError
 
     settings = settings_of(ctx)
     recipe = {"max_steps": max_steps, "learning_rate": learning_rate,
@@ -61,6 +65,10 @@ def train(
                                show_progress=True)
     except (DatasetNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
+    except (BotoCoreError, ClientError, RunStoreError, SnapshotError) as exc:
+        # The dataset's snapshot, checkpoints or the adapter upload (store.snapshots,
+        # store.artifacts).
+        raise fail(f"the object store at {settings.object_store.endpoint}: {exc}") from None
     with Store.of(settings).connect() as con:
         from tuneloop.services.registry.store import get_adapter
 

@@ -118,13 +118,22 @@ class RemoteAdapters:
         return sorted(found)
 
     def delete(self, uri: str) -> int:
-        """Delete every object under the version's prefix; returns how many."""
+        """Delete every object under the version's prefix; returns how many.
+
+        Raises :class:`RegistryError` naming the keys the store refused to delete (a
+        ``DeleteObjects`` call answers 200 and lists per-key errors in its body)."""
         bucket, prefix = split_uri(uri)
         keys = [o["Key"] for page in self.client.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=prefix) for o in page.get("Contents", [])]
+        refused: list[str] = []
         for start in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=bucket, Delete={
+            answer = self.client.delete_objects(Bucket=bucket, Delete={
                 "Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+            refused += [f"{e.get('Key')} ({e.get('Code')}: {e.get('Message')})"
+                        for e in answer.get("Errors", [])]
+        if refused:
+            raise RegistryError(f"the object store kept {len(refused)} of {len(keys)} objects "
+                                f"under {uri}: {'; '.join(refused[:5])}")
         return len(keys)
 
     # ----------------------------------------------------------------- read
