@@ -566,6 +566,7 @@ def test_a_version_that_cannot_load_is_served_around(serving_stack: ServingStack
     cannot load leaves the route (production serves everyone), a production that cannot
     load gives way to the previous production, each recorded and shown as an alarm."""
     from tuneloop.runtime.processes import wait_until
+    from tuneloop.serving.canary.live import off_route
 
     stack = serving_stack
     earlier = ensure_production(stack)
@@ -581,6 +582,9 @@ def test_a_version_that_cannot_load_is_served_around(serving_stack: ServingStack
         assert state["routes"][0]["candidate"] is None
         assert [d["role"] for d in state["degraded"]] == ["candidate"]
         assert {ask(stack, user=f"u{i}")[0] for i in range(8)} == {current}
+        # A live window on that canary would end now, and say why.
+        why = off_route(stack.settings, canary)
+        assert why is not None and f"took {canary} off" in why and "cannot load" in why, state
 
         _restart_gateway_without(stack, current)
         wait_until(lambda: httpx.get(f"{stack.url}/health").status_code == 200, 120, "health")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,3 +323,37 @@ def test_the_live_window_counts_signed_verdicts_the_last_per_answer_one_voice_pe
     assert [r[1] for r in rows] == [1, 1, -1]
     assert len(judged_verdicts([verdict(4, "r3", -1, "m"), verdict(5, "r4", -1, "m")], key,
                                max_per_user=0)) == 2
+
+
+def test_a_candidate_the_gateway_cannot_load_ends_its_window_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway takes a candidate it cannot load off the route (production serves
+    everyone): no more evidence would come, so the look says so instead of waiting out
+    the maximum window. A candidate moved for another reason, or a gateway that cannot
+    answer, is left to the window. (The gateway's admin answers are given here: the
+    gateway's own routing around is tested on the real stack, tests/integration.)"""
+    from tuneloop.runtime.settings import load_settings
+    from tuneloop.serving import control
+    from tuneloop.serving.canary.live import off_route
+
+    settings = load_settings({"home": tmp_path})
+    alias = settings.serving.alias
+    answers: list[object] = []
+
+    def state(self: object) -> dict[str, object]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    monkeypatch.setattr(control.GatewayAdmin, "state", state)
+    routed = {"routes": [{"alias": alias, "production": "v1", "candidate": "v2"}], "errors": []}
+    around = {"routes": [{"alias": alias, "production": "v1", "candidate": None}],
+              "errors": [{"alias": alias, "version": "v2", "error": "LoRA load timed out"}]}
+    moved = {"routes": [{"alias": alias, "production": "v1", "candidate": None}], "errors": []}
+    answers += [routed, around, moved, control.GatewayError(0, "unreachable")]
+    assert off_route(settings, "v2") is None
+    why = off_route(settings, "v2")
+    assert why is not None and "cannot load (LoRA load timed out)" in why
+    assert off_route(settings, "v2") is None
+    assert off_route(settings, "v2") is None

@@ -19,7 +19,7 @@ from kafka.errors import KafkaError
 
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.canary import store as canary_store
-from tuneloop.services.canary.core import Decision, Plan
+from tuneloop.services.canary.core import FAIL, Check, Decision, Plan
 from tuneloop.services.canary.live import (
     Side,
     count_preferences,
@@ -69,14 +69,40 @@ def _mark_start(settings: Settings, candidate: str, incumbent: str | None, start
 
 def look(settings: Settings, plan: Plan, started_at: float) -> tuple[Decision, tuple[Side, Side]]:
     """One look at the window so far: the verdict (a freeze holds a promotion) and both
-    sides (candidate, production)."""
+    sides (candidate, production). A window still holding whose candidate the gateway
+    took off its route (it cannot load) is rolled back now, saying so: no more of its
+    evidence would come."""
     now = time.time()
     cand, inc = window(settings, plan.candidate, plan.incumbent, started_at, now)
     decision = live_decision(plan.candidate, plan.incumbent, cand, inc, now - started_at,
                              settings.canary)
     with Store.of(settings).connect() as con:
         frozen = canary_store.active_freeze(con) is not None
-    return hold_while_frozen(decision, frozen, now - started_at, settings.canary), (cand, inc)
+    decision = hold_while_frozen(decision, frozen, now - started_at, settings.canary)
+    if decision.verdict == "hold" and (why := off_route(settings, plan.candidate)) is not None:
+        decision = Decision(decision.stage, decision.candidate, decision.incumbent, "rollback",
+                            [*decision.checks, Check("on the gateway's route", FAIL, None, None,
+                                                     "the canary answers its share", why)],
+                            decision.figures)
+    return decision, (cand, inc)
+
+
+def off_route(settings: Settings, candidate: str) -> str | None:
+    """Why the gateway no longer routes to ``candidate`` because it cannot load it, or
+    None (it does, it was moved by someone, or the gateway cannot answer now)."""
+    try:
+        state = control.GatewayAdmin(settings).state()
+    except control.GatewayError:
+        return None
+    alias = settings.serving.alias
+    route = next((r for r in state.get("routes", []) if r.get("alias") == alias), None)
+    if route is None or route.get("candidate") == candidate:
+        return None
+    error = next((e.get("error") for e in state.get("errors", [])
+                  if e.get("alias") == alias and e.get("version") == candidate), None)
+    if error is None:
+        return None
+    return f"the gateway took {candidate} off {alias}'s route: it cannot load ({error})"
 
 
 def window(settings: Settings, candidate: str, incumbent: str | None, started_at: float,
