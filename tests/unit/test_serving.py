@@ -228,6 +228,51 @@ def test_reconciling_leaves_versions_that_cannot_load_aside() -> None:
     assert not differs(Route("support-bot", "v2", None), "v3", None, {"v3"})  # fell back
 
 
+def test_reconciling_never_undoes_a_swap_that_landed_while_the_registry_was_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A promotion swaps the gateway first and records in the registry after: a reconcile
+    round that read the registry just before that record must not take the new route
+    back, and a swap decided on a route read earlier is refused once the route changed."""
+    import asyncio
+    import time
+
+    from tuneloop.serving.control import RegistryRoute
+    from tuneloop.serving.gateway import reconcile
+    from tuneloop.serving.pool import ReplicaPool, SwapError
+
+    settings = load_settings({"home": tmp_path, "serving.reconcile_s": 1})
+    alias = settings.serving.alias
+    pool = ReplicaPool([], base_name="base", adapters_dir=tmp_path, lookup=lambda *a: None,
+                       start_timeout_s=1, health_interval_s=1, rollback_grace_s=1)
+    promoted = Route(alias, None, shadow_share=0.5)  # what the promotion's swap sets
+
+    def registry_read_during_a_swap(_settings: object, _alias: str) -> RegistryRoute:
+        pool.routing = pool.routing.with_route(promoted)  # the swap lands meanwhile
+        pool.last_swap_at[alias] = time.monotonic()
+        return RegistryRoute(production="v1", canary=None)  # not recorded yet
+
+    monkeypatch.setattr(reconcile, "registry_route", registry_read_during_a_swap)
+
+    swaps: list[Route] = []
+
+    async def recorded(route: Route, expect: Route | None = None) -> None:
+        swaps.append(route)
+
+    async def run() -> None:
+        monkeypatch.setattr(pool, "set_route", recorded)
+        assert await reconcile.reconcile_once(settings, pool, lambda _r: None) is None
+        assert swaps == [] and pool.routing.get(alias) == promoted
+        monkeypatch.undo()
+        # A change decided on the route as it was is refused now that it changed.
+        with pytest.raises(SwapError, match="changed meanwhile"):
+            await pool.set_route(Route(alias, None), expect=Route(alias, None))
+        assert pool.routing.get(alias) == promoted
+        await pool.set_route(Route(alias, None), expect=promoted)
+        assert pool.routing.get(alias) == Route(alias, None)
+
+    asyncio.run(run())
+
+
 def test_the_response_store_keeps_answers_across_a_restart_within_its_bounds(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tuneloop.serving.gateway import responses
@@ -297,3 +342,22 @@ def test_a_replica_that_keeps_dying_soon_after_starting_is_restarted_with_backof
     assert waits == [3, 5, 9, 17, 33, 61, 61, 61, 61]
     # One that served for longer than ten minutes is restarted at once, the count reset.
     assert restart_due(7, 700.0) == (True, 0)
+
+
+def test_a_slow_gateway_is_running_and_an_unreachable_one_is_not(tmp_path: Path) -> None:
+    """A promotion swaps the gateway's route only when a gateway runs: one too busy to
+    answer within the probe's 2 s is there (its swap gets the admin call's own timeout);
+    taken for absent, the promotion would be recorded and never routed."""
+    import socket
+
+    from tuneloop.runtime.processes import free_port
+    from tuneloop.serving.control import GatewayAdmin
+
+    with socket.socket() as busy:  # takes connections into its backlog, never answers
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(8)
+        port = busy.getsockname()[1]
+        slow = load_settings({"home": tmp_path, "serving.gateway_port": port})
+        assert GatewayAdmin(slow).running()
+    gone = load_settings({"home": tmp_path, "serving.gateway_port": free_port()})
+    assert not GatewayAdmin(gone).running()

@@ -183,9 +183,14 @@ class GatewayAdmin:
         return self._call("GET", f"/admin/observations?{query}")
 
     def running(self) -> bool:
-        """Whether the gateway answers at all (any status)."""
+        """Whether a gateway is there: it answers (any status), or it took the connection
+        and is slow to answer (a loaded machine). Only a gateway that cannot be reached
+        is not running: a slow one taken for absent would leave a promotion recorded but
+        never routed."""
         try:
             httpx.get(f"{self.url}/v1/models", timeout=2)
+            return True
+        except httpx.ReadTimeout:
             return True
         except httpx.HTTPError:
             return False

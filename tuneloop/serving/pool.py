@@ -205,14 +205,19 @@ class ReplicaPool:
         return any(r.state == "ready" for r in self.replicas)
 
     # ------------------------------------------------------------ swaps
-    async def set_route(self, route: Route) -> SwapTimings:
+    async def set_route(self, route: Route, expect: Route | None = None) -> SwapTimings:
         """Make every version of ``route`` ready on every live replica, then flip to it.
+        With ``expect``, only if the alias's route is still that one when the swap's turn
+        comes (a change decided on what was read earlier never undoes a newer one).
 
         Raises :class:`SwapError` (old route untouched) or :class:`NoReplicaError`.
         """
         async with self._swap_lock:
             timings = SwapTimings()
             previous = self.routing.get(route.alias)
+            if expect is not None and (previous or Route(route.alias, None)) != expect:
+                raise SwapError(f"the route of {route.alias} changed meanwhile; not swapped",
+                                client_error=False)
             for version in sorted(route.versions()):
                 await self._prepare(route.alias, version, timings)
             started = time.perf_counter()

@@ -40,9 +40,14 @@ async def reconcile_once(settings: Settings, pool: ReplicaPool,
     """Swap the alias's route to the registry's when they differ (see the module
     docstring); returns the new route, or None when nothing changed."""
     alias, cfg = settings.serving.alias, settings.serving
-    if time.monotonic() - pool.last_swap_at.get(alias, float("-inf")) < cfg.reconcile_s:
+    swapped = pool.last_swap_at.get(alias, float("-inf"))
+    if time.monotonic() - swapped < cfg.reconcile_s:
         return None
     reg = await asyncio.to_thread(registry_route, settings, alias)
+    if pool.last_swap_at.get(alias, float("-inf")) != swapped:
+        # A promotion swapped while the registry was read: its record may not be
+        # committed yet, so what was read says nothing about it. The next round looks.
+        return None
     route = pool.routing.get(alias) or Route(alias, None)
     unloadable = {v for (a, v) in pool.errors if a == alias}
     if not differs(route, reg.production, reg.canary, unloadable):
@@ -53,7 +58,7 @@ async def reconcile_once(settings: Settings, pool: ReplicaPool,
         canary_share=route.canary_share if reg.canary == route.candidate else cfg.canary_share,
         shadow_share=route.shadow_share if reg.canary == route.candidate else cfg.shadow_share)
     try:
-        await pool.set_route(target)
+        await pool.set_route(target, expect=route)
     except (SwapError, NoReplicaError) as exc:
         log.warning("reconcile %s with the registry: the swap failed (%s); next try in %.0fs",
                     alias, exc, cfg.reconcile_s)
