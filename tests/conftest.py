@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tuneloop.runtime.cpu import pin, split_cores
+from tuneloop.runtime.cpu import bind, pin, split_cores
 from tuneloop.runtime.processes import free_port
 
 if TYPE_CHECKING:  # the models' modules import torch: only the fixtures that train load them
@@ -174,7 +174,7 @@ def _unbind_all_but(*pids: int) -> None:
         if proc.pid in keep:
             continue
         try:
-            proc.cpu_affinity(sorted(everything))
+            bind(everything, proc.pid)  # every thread: the affinity is a thread's own
             for thread in proc.threads():
                 os.setpriority(os.PRIO_PROCESS, thread.id, 0)
         except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
