@@ -304,7 +304,7 @@ def _promoted_on_both(operator: Path, notes: dict[str, Any]) -> bool:
     version = result.get("promoted_version")
     notes |= {"promoted_version": version, "shift_to_promotion_s":
               result.get("shift_to_promotion_s"), "new_macro_f1":
-              (result.get("after") or {}).get("new", {}).get("macro_f1"),
+              (result.get("after") or {}).get("new intents", {}).get("macro_f1"),
               "served_failures": result.get("served_failures")}
     if not version:
         return False
