@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -349,11 +350,35 @@ def test_a_candidate_the_gateway_cannot_load_ends_its_window_at_once(
     monkeypatch.setattr(control.GatewayAdmin, "state", state)
     routed = {"routes": [{"alias": alias, "production": "v1", "candidate": "v2"}], "errors": []}
     around = {"routes": [{"alias": alias, "production": "v1", "candidate": None}],
-              "errors": [{"alias": alias, "version": "v2", "error": "LoRA load timed out"}]}
+              "errors": [{"alias": alias, "version": "v2",
+                          "error": "adapter_model.safetensors differs from its manifest"}]}
     moved = {"routes": [{"alias": alias, "production": "v1", "candidate": None}], "errors": []}
     answers += [routed, around, moved, control.GatewayError(0, "unreachable")]
     assert off_route(settings, "v2") is None
     why = off_route(settings, "v2")
-    assert why is not None and "cannot load (LoRA load timed out)" in why
+    assert why is not None and "cannot load (adapter_model.safetensors differs" in why
     assert off_route(settings, "v2") is None
     assert off_route(settings, "v2") is None
+
+
+def test_a_look_at_a_holding_window_rolls_back_a_candidate_taken_off_the_route(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holding for want of a sample, the look asks the gateway's route: a candidate it
+    took off is rolled back at once, the reason saying why; one still routed holds."""
+    from tuneloop.runtime.settings import load_settings
+    from tuneloop.services.canary.core import Plan
+    from tuneloop.serving.canary import live as serving_live
+
+    settings = load_settings({"home": tmp_path})
+    few = (Side(requests=3, ratings=1), Side(requests=40, ratings=20))
+    monkeypatch.setattr(serving_live, "window", lambda *a: few)
+    gone: list[str | None] = [None, "the gateway took v2 off support-bot's route: it cannot "
+                              "load (tampered)"]
+    monkeypatch.setattr(serving_live, "off_route", lambda *a: gone.pop(0))
+    plan = Plan("v2", "canary", "v1", None, None)
+    held, _ = serving_live.look(settings, plan, time.time() - 30)
+    assert held.verdict == "hold"
+    ended, _ = serving_live.look(settings, plan, time.time() - 30)
+    assert ended.verdict == "rollback"
+    assert "on the gateway's route: fail" in ended.reason and "cannot load (tampered)" in \
+        ended.reason

@@ -345,19 +345,32 @@ def test_a_replica_that_keeps_dying_soon_after_starting_is_restarted_with_backof
 
 
 def test_a_slow_gateway_is_running_and_an_unreachable_one_is_not(tmp_path: Path) -> None:
-    """A promotion swaps the gateway's route only when a gateway runs: one too busy to
-    answer within the probe's 2 s is there (its swap gets the admin call's own timeout);
-    taken for absent, the promotion would be recorded and never routed."""
-    import socket
+    """A promotion swaps the gateway's route only when a gateway runs: one that answers
+    late (3 s here, a loaded machine) is running; taken for absent, the promotion would
+    be recorded and routed only by the gateway's reconcile, at the gateway's own shares."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from tuneloop.runtime.processes import free_port
     from tuneloop.serving.control import GatewayAdmin
 
-    with socket.socket() as busy:  # takes connections into its backlog, never answers
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(8)
-        port = busy.getsockname()[1]
-        slow = load_settings({"home": tmp_path, "serving.gateway_port": port})
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            time.sleep(3)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        slow = load_settings({"home": tmp_path, "serving.gateway_port": server.server_port})
         assert GatewayAdmin(slow).running()
+    finally:
+        server.shutdown()
+        server.server_close()
     gone = load_settings({"home": tmp_path, "serving.gateway_port": free_port()})
     assert not GatewayAdmin(gone).running()

@@ -238,7 +238,7 @@ def _drive(base: Path, operator: Path, demo: subprocess.Popen[bytes],
 def _kill_training(split: Split, settings: Settings, notes: dict[str, Any]) -> None:
     """Once the shift's retrain has a checkpoint in the object store, kill the training
     worker and start a replacement in a new home. A failure here is kept in the notes
-    (the run goes on, its figures say the kill did not happen)."""
+    printed before the figures (``training_kill_error``; the run goes on)."""
     try:
         _kill_training_once_checkpointed(split, settings, notes)
     except Exception as exc:  # noqa: BLE001 - reported in the figures' notes

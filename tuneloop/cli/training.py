@@ -65,10 +65,12 @@ def train(
                                show_progress=True)
     except (DatasetNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
-    except (BotoCoreError, ClientError, RunStoreError, SnapshotError) as exc:
+    except (BotoCoreError, ClientError) as exc:
         # The dataset's snapshot, checkpoints or the adapter upload (store.snapshots,
         # store.artifacts).
         raise fail(f"the object store at {settings.object_store.endpoint}: {exc}") from None
+    except (RunStoreError, SnapshotError) as exc:  # each names what it found wrong
+        raise fail(str(exc)) from None
     with Store.of(settings).connect() as con:
         from tuneloop.services.registry.store import get_adapter
 

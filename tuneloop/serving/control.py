@@ -27,6 +27,11 @@ from tuneloop.services.store.database import Store
 log = logging.getLogger(__name__)
 
 
+# How long GatewayAdmin.running() waits for the gateway's answer: a loaded 2-core machine
+# once kept the gateway's answer to GET /v1/models past 2 s.
+RUNNING_PROBE_S = 15.0
+
+
 class GatewayError(RuntimeError):
     """The gateway refused or failed an admin call; ``status`` is its HTTP status (0: down)."""
 
@@ -183,14 +188,13 @@ class GatewayAdmin:
         return self._call("GET", f"/admin/observations?{query}")
 
     def running(self) -> bool:
-        """Whether a gateway is there: it answers (any status), or it took the connection
-        and is slow to answer (a loaded machine). Only a gateway that cannot be reached
-        is not running: a slow one taken for absent would leave a promotion recorded but
-        never routed."""
+        """Whether the gateway answers at all (any status) within ``RUNNING_PROBE_S``. The
+        probe is long enough for a gateway slowed by a loaded machine: one taken for absent
+        leaves a promotion recorded but not routed until the gateway's reconcile, at the
+        gateway's own shares. A gateway that does not answer in that time is left to the
+        reconcile, as one that is down."""
         try:
-            httpx.get(f"{self.url}/v1/models", timeout=2)
-            return True
-        except httpx.ReadTimeout:
+            httpx.get(f"{self.url}/v1/models", timeout=httpx.Timeout(RUNNING_PROBE_S, connect=2))
             return True
         except httpx.HTTPError:
             return False

@@ -68,6 +68,13 @@ class SwapError(Exception):
         self.client_error = client_error
 
 
+class RouteChangedError(SwapError):
+    """A swap decided on an alias's route as it was read earlier: the route changed since."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, client_error=False)
+
+
 class NoReplicaError(Exception):
     """No replica can serve right now (starting, restarting, or loading adapters)."""
 
@@ -210,14 +217,15 @@ class ReplicaPool:
         With ``expect``, only if the alias's route is still that one when the swap's turn
         comes (a change decided on what was read earlier never undoes a newer one).
 
-        Raises :class:`SwapError` (old route untouched) or :class:`NoReplicaError`.
+        Raises :class:`SwapError` (old route untouched; :class:`RouteChangedError` when
+        ``expect`` is no longer the route) or :class:`NoReplicaError`.
         """
         async with self._swap_lock:
             timings = SwapTimings()
             previous = self.routing.get(route.alias)
             if expect is not None and (previous or Route(route.alias, None)) != expect:
-                raise SwapError(f"the route of {route.alias} changed meanwhile; not swapped",
-                                client_error=False)
+                raise RouteChangedError(f"the route of {route.alias} changed meanwhile; "
+                                        "not swapped")
             for version in sorted(route.versions()):
                 await self._prepare(route.alias, version, timings)
             started = time.perf_counter()

@@ -185,7 +185,11 @@ def _repair_remote(con: duckdb.DuckDBPyConnection, remote: RemoteAdapters,
                 raise IntegrityError(f"{uri}: the manifest says version "
                                      f"{manifest.get('version')!r}")
         except (IntegrityError, FileNotFoundError, ValueError, KeyError) as exc:
-            remote.delete(uri)
+            try:
+                remote.delete(uri)
+            except RegistryError as refused:  # kept: never recorded, so never served
+                done.append(f"could not delete the unfinished upload {uri} ({exc}): {refused}")
+                continue
             done.append(f"deleted the unfinished upload {uri}: {exc}")
             continue
         _register(con, uri, cached.name, manifest, "registered at start-up: the publish "
@@ -206,7 +210,8 @@ def collect(con: duckdb.DuckDBPyConnection, remote: RemoteAdapters, keep_retired
     rejected version, and retired ones past each alias's newest ``keep_retired`` (the
     rollback targets, by when they were retired). Production, canary and candidates are
     never collected; the rows stay, so history and lineage keep their record. Returns
-    the versions collected (or that would be, with ``dry_run``)."""
+    the versions collected (or that would be, with ``dry_run``); a version whose objects
+    the store refuses to delete is logged and left for the next collection."""
     rows = con.execute(
         f"SELECT {_COLUMNS}, (SELECT max(d.occurred_at) FROM deployments d "
         "WHERE d.adapter_version = a.version) AS moved FROM adapters a "
@@ -224,8 +229,14 @@ def collect(con: duckdb.DuckDBPyConnection, remote: RemoteAdapters, keep_retired
     present = set(remote.versions())
     doomed = [a for a in doomed if a.version in present]
     if not dry_run:
-        for adapter in doomed:
-            remote.delete(adapter.path)
+        for adapter in list(doomed):
+            try:
+                remote.delete(adapter.path)
+            except RegistryError as exc:  # the next collection tries again
+                log.warning("adapter %s (%s): files not collected: %s", adapter.version,
+                            adapter.state, exc)
+                doomed.remove(adapter)
+                continue
             log.info("adapter %s (%s): files collected from %s", adapter.version, adapter.state,
                      adapter.path)
     return doomed

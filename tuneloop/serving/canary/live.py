@@ -91,7 +91,7 @@ def off_route(settings: Settings, candidate: str) -> str | None:
     """Why the gateway no longer routes to ``candidate`` because it cannot load it, or
     None (it does, it was moved by someone, or the gateway cannot answer now)."""
     try:
-        state = control.GatewayAdmin(settings).state()
+        state = control.GatewayAdmin(settings, timeout_s=10).state()
     except control.GatewayError:
         return None
     alias = settings.serving.alias

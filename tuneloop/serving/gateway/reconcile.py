@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from tuneloop.runtime.settings import Settings
 from tuneloop.serving.control import record_reconciled, registry_route
-from tuneloop.serving.pool import NoReplicaError, ReplicaPool, SwapError
+from tuneloop.serving.pool import NoReplicaError, ReplicaPool, RouteChangedError, SwapError
 from tuneloop.serving.routing import Route
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ async def reconcile_once(settings: Settings, pool: ReplicaPool,
         shadow_share=route.shadow_share if reg.canary == route.candidate else cfg.shadow_share)
     try:
         await pool.set_route(target, expect=route)
+    except RouteChangedError:
+        log.info("reconcile %s: its route changed meanwhile; the next round looks again", alias)
+        return None
     except (SwapError, NoReplicaError) as exc:
         log.warning("reconcile %s with the registry: the swap failed (%s); next try in %.0fs",
                     alias, exc, cfg.reconcile_s)
