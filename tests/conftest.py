@@ -50,6 +50,12 @@ if _SPLIT is not None:
     os.environ["TUNELOOP_TRAINING__CPU_CORES"] = _SPLIT[1]
 # A developer's own config file must not leak into the tests.
 os.environ["TUNELOOP_CONFIG"] = str(_SESSION_HOME / "no-such-config.toml")
+# The session's broker, and the stacks tests start beside it, keep their logs in memory:
+# many stacks at once, each would need an object store of its own, and the ingest tests'
+# backlogs would produce at a third of the rate. The default (the log in the object
+# store) runs in the demo test's stack (tests/stack_env.py) and in the broker-durability
+# tests.
+os.environ["TUNELOOP_KAFKA__STORAGE_ENGINE"] = "memory"
 
 from tuneloop.runtime.settings import Settings, load_settings  # noqa: E402
 from tuneloop.services.store.database import AnyStore, Store  # noqa: E402

@@ -62,11 +62,14 @@ class DemoRun:
 
 def start_demo(directory: Path) -> DemoRun:
     """Start ``tuneloop demo --down`` on a stack of its own: its home, free ports, none of
-    the test session's serving settings."""
+    the test session's serving settings, and the default broker storage (its log in the
+    stack's own object store)."""
     directory.mkdir(parents=True, exist_ok=True)
     env = own_stack_env(directory / "home", TUNELOOP_SERVING__GATEWAY_PORT=str(free_port()),
-                        TUNELOOP_SERVING__VLLM_PORT=str(free_port()), COLUMNS="140")
+                        TUNELOOP_SERVING__VLLM_PORT=str(free_port()), COLUMNS="140",
+                        TUNELOOP_OBJECT_STORE__ENDPOINT=f"http://127.0.0.1:{free_port()}")
     env.pop("TUNELOOP_CONFIG", None)
+    env.pop("TUNELOOP_KAFKA__STORAGE_ENGINE", None)  # the default: the log in the object store
     for key in [k for k in env if k.startswith("TUNELOOP_SERVING__") and k not in (
             "TUNELOOP_SERVING__GATEWAY_PORT", "TUNELOOP_SERVING__VLLM_PORT")]:
         env.pop(key)  # the session's shared gateway settings are not this stack's

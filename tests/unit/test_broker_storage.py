@@ -25,13 +25,24 @@ CREDENTIALS = {"object_store.access_key_id": "tuneloop",
                "object_store.secret_access_key": SECRET}
 
 
-def test_the_default_keeps_the_log_in_memory_and_starts_no_store(tmp_path: Path) -> None:
+def test_the_default_keeps_the_embedded_brokers_log_in_the_object_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing the embedded broker acknowledged is lost when it stops: by default its log
+    is in the object store's bucket, which `tuneloop up` runs. An external cluster keeps
+    its own; memory is one setting away. (The test session's own broker runs on memory,
+    tests/conftest.py, so the variable is cleared here.)"""
+    monkeypatch.delenv("TUNELOOP_KAFKA__STORAGE_ENGINE", raising=False)
     settings = load_settings({"home": tmp_path})
-    assert settings.kafka.storage_engine == "memory"
-    assert settings.kafka.storage_bucket is None
-    assert not uses_object_store(settings)
+    assert settings.kafka.storage_engine == "s3://tuneloop/"
+    assert settings.kafka.storage_bucket == "tuneloop" and uses_object_store(settings)
     assert (settings.kafka.replication_factor, settings.kafka.min_insync_replicas) == (1, 1)
     assert settings.object_store_dir == tmp_path / "object-store"
+    other = load_settings({"home": tmp_path, "object_store.bucket": "feedback-log"})
+    assert other.kafka.storage_engine == "s3://feedback-log/"
+    external = load_settings({"home": tmp_path, "kafka.embedded": False})
+    assert external.kafka.storage_engine == "memory" and not uses_object_store(external)
+    memory = load_settings({"home": tmp_path, "kafka.storage_engine": "memory"})
+    assert memory.kafka.storage_bucket is None and not uses_object_store(memory)
 
 
 def test_an_s3_engine_names_its_bucket(tmp_path: Path) -> None:

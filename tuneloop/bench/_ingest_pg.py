@@ -110,6 +110,7 @@ def main(settings: Settings | None = None, quick: bool = False) -> dict[str, flo
         "home": home, "kafka.bootstrap_servers": f"127.0.0.1:{free_port()}",
         "kafka.group_id": "bench-ingest", "kafka.partitions": PARTITIONS,
         "ingest.batch_size": 5000,
+        "kafka.storage_engine": "memory",  # as bench ingest: the broker is not the subject
     })
     broker = EmbeddedBroker(cfg)
     server = LocalPostgres(home / "postgres")

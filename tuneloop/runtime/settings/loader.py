@@ -84,6 +84,17 @@ class Settings(BaseSettings):
         return upper
 
     @model_validator(mode="after")
+    def _resolve_broker_storage(self) -> Settings:
+        """An unset kafka.storage_engine: the embedded broker keeps its log in the object
+        store's bucket (nothing it acknowledged is lost when it stops); an external
+        cluster keeps its own."""
+        if self.kafka.storage_engine is None:
+            self.kafka.storage_engine = (f"s3://{self.object_store.bucket}/"
+                                         if self.kafka.embedded else "memory")
+            self.kafka._engine_defaulted = True
+        return self
+
+    @model_validator(mode="after")
     def _check_tasks(self) -> Settings:
         unserved = sorted(set(self.tasks) - {self.serving.alias})
         if unserved:
@@ -166,7 +177,10 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
             return Settings()
         # Init kwargs replace a whole section, so merge the overrides onto what the
         # file and environment already produced.
-        base = Settings().model_dump()
+        made = Settings()
+        base = made.model_dump()
+        if made.kafka._engine_defaulted:  # resolved again from the merged settings
+            base["kafka"]["storage_engine"] = None
         return Settings(**_deep_merge(base, nested))
     except ValidationError as exc:
         extra = [tuple(str(p) for p in e["loc"]) for e in exc.errors()

@@ -10,7 +10,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from tuneloop.runtime.settings.urls import storage_bucket as bucket_of_engine
 
@@ -30,12 +38,13 @@ class KafkaSettings(Section):
         "set embedded=false to use production brokers.",
     )
     embedded: bool = Field(True, description="Start the bundled tansu broker with `tuneloop up`.")
-    storage_engine: str = Field(
-        "memory", description="Where the embedded tansu broker keeps its log: 'memory' "
-        "(what it holds is lost when it stops) or 's3://BUCKET/' (tansu's S3 engine on the "
-        "store in [object_store]: a broker restart or kill loses nothing it acknowledged; "
-        "the embedded store keeps it on disk across `tuneloop down`). The embedded broker "
-        "only: an external cluster keeps its own log.",
+    storage_engine: str | None = Field(
+        None, description="Where the embedded tansu broker keeps its log: 's3://BUCKET/' "
+        "(tansu's S3 engine on the store in [object_store]: a broker restart or kill loses "
+        "nothing it acknowledged; the embedded store keeps it on disk across `tuneloop "
+        "down`) or 'memory' (what it holds is lost when it stops). Unset: "
+        "'s3://<object_store.bucket>/' for the embedded broker, 'memory' for an external "
+        "cluster, which keeps its own log.",
     )
     topic: str = "feedback.v1"
     dlq_topic: str = "feedback.v1.dlq"
@@ -63,10 +72,14 @@ class KafkaSettings(Section):
     max_poll_interval_ms: int = Field(60_000, ge=10_000)
     request_timeout_ms: int = Field(15_000, ge=1000)
 
+    # Whether storage_engine was left unset and resolved from the other sections.
+    _engine_defaulted: bool = PrivateAttr(default=False)
+
     @field_validator("storage_engine")
     @classmethod
-    def _check_storage(cls, value: str) -> str:
-        bucket_of_engine(value)  # raises naming the fix
+    def _check_storage(cls, value: str | None) -> str | None:
+        if value is not None:
+            bucket_of_engine(value)  # raises naming the fix
         return value
 
     @model_validator(mode="after")
@@ -76,7 +89,7 @@ class KafkaSettings(Section):
                 f"kafka.min_insync_replicas={self.min_insync_replicas} is above "
                 f"kafka.replication_factor={self.replication_factor}: no write could succeed"
             )
-        if not self.embedded and self.storage_engine != "memory":
+        if not self.embedded and self.storage_engine not in (None, "memory"):
             raise ValueError(
                 f"kafka.storage_engine={self.storage_engine!r} is the embedded broker's, and "
                 "kafka.embedded=false: an external cluster keeps its own log; remove "
@@ -85,8 +98,9 @@ class KafkaSettings(Section):
 
     @property
     def storage_bucket(self) -> str | None:
-        """The bucket the embedded broker keeps its log in; None with memory storage."""
-        return bucket_of_engine(self.storage_engine)
+        """The bucket the embedded broker keeps its log in; None with memory storage (or
+        before the settings resolved an unset engine)."""
+        return None if self.storage_engine is None else bucket_of_engine(self.storage_engine)
 
 
 class PrefectSettings(Section):
