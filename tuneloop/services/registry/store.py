@@ -228,18 +228,20 @@ def collect(con: duckdb.DuckDBPyConnection, remote: RemoteAdapters, keep_retired
         doomed.append(adapter)
     present = set(remote.versions())
     doomed = [a for a in doomed if a.version in present]
-    if not dry_run:
-        for adapter in list(doomed):
-            try:
-                remote.delete(adapter.path)
-            except RegistryError as exc:  # the next collection tries again
-                log.warning("adapter %s (%s): files not collected: %s", adapter.version,
-                            adapter.state, exc)
-                doomed.remove(adapter)
-                continue
-            log.info("adapter %s (%s): files collected from %s", adapter.version, adapter.state,
-                     adapter.path)
-    return doomed
+    if dry_run:
+        return doomed
+    collected: list[Adapter] = []
+    for adapter in doomed:
+        try:
+            remote.delete(adapter.path)
+        except RegistryError as exc:  # the next collection tries again
+            log.warning("adapter %s (%s): files not collected: %s", adapter.version,
+                        adapter.state, exc)
+            continue
+        log.info("adapter %s (%s): files collected from %s", adapter.version, adapter.state,
+                 adapter.path)
+        collected.append(adapter)
+    return collected
 
 
 def find_by_run_key(con: duckdb.DuckDBPyConnection, run_key: str) -> Adapter | None:
