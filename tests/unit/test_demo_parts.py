@@ -221,6 +221,10 @@ def test_the_demo_settings_serve_the_task_it_names_whatever_the_users_say(
     assert "json_schema" not in text["tasks"]["helpdesk"]
     assert recipe is not None and recipe.count("epochs:") == 1
     assert yaml.safe_load(recipe)["epochs"] == 3
+    # A reply's chrF spreads widely: the gate and the first retrain take more examples.
+    assert text["canary"]["fresh_max_examples"] > SMALL.settings["canary"]["fresh_max_examples"]
+    assert text["loop"]["min_examples_per_new_label"] == 40
+    assert label["canary"] == SMALL.settings["canary"]
     (tmp_path / "recipe.yaml").write_text(recipe)
     (tmp_path / "demo.toml").write_text(to_toml(text))
     assert tomllib.loads((tmp_path / "demo.toml").read_text()) == text

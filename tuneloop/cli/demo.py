@@ -50,7 +50,15 @@ from tuneloop.runtime.settings import CONFIG_ENV, Settings, load_settings
 from tuneloop.services.demo import banking77
 from tuneloop.services.demo.banking77 import Query
 from tuneloop.services.demo.result import NEW, OLD, Result, Scores, missed_goals
-from tuneloop.services.demo.scenario import FULL, SMALL, Plan, Scenario, merge, to_toml
+from tuneloop.services.demo.scenario import (
+    FULL,
+    KIND_SETTINGS,
+    SMALL,
+    Plan,
+    Scenario,
+    merge,
+    to_toml,
+)
 from tuneloop.services.demo.task import DemoTask
 
 if TYPE_CHECKING:
@@ -159,6 +167,7 @@ def demo_settings(base: dict[str, Any], scenario: Scenario, task: str, data: Pat
     recipe = None
     if task != "label":
         tasks[alias] = spec_table(task, data, home)
+        merged = merge(merged, KIND_SETTINGS.get(task, {}))
         # An object or a reply is a longer example than an intent name, and a mapping
         # that one pass over a few hundred examples does not teach: three passes.
         fields = yaml.safe_load((CONFIGS_DIR / "demo.yaml").read_text())
