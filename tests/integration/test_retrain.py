@@ -28,6 +28,7 @@ def _tiny_recipe(tmp_path: Path, **fields: int) -> Path:
     """A recipe file small enough for a test on two CPU cores."""
     values = {"rank": 8, "alpha": 16, "batch_size": 2, "eval_max_examples": 4,
               "generation_max_new_tokens": 4, "task_eval_max_examples": 4, **fields}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.yaml"
     path.write_text("".join(f"{key}: {value}\n" for key, value in values.items()))
     return path
@@ -90,6 +91,22 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
         verdicts = [d["verdict"] for d in list_decisions(con, 50)
                     if d["stage"] == "retrain" and d["figures"].get("run_key") == "quiet"]
         assert con.execute("SELECT count(*) FROM datasets").fetchall()[0][0] == versions
+    assert sorted(verdicts) == ["skipped", "start"]
+
+    # A continued run whose validation loss never goes below its start keeps production's
+    # weights: no candidate is published (the canary could only hold it), and the retrain
+    # ends skipped, saying why.
+    diverging = _tiny_recipe(tmp_path / "diverging", max_steps=2, eval_interval=1,
+                             learning_rate=50)
+    same = retrain(dataset_version="b77-flow", config_file=str(diverging), run_key="unchanged",
+                   reason="schedule", automatic=True,
+                   overrides={**_home(settings, tiny_base), "loop.cooldown_s": 0})
+    assert same["verdict"] == "skipped", same
+    assert "did not lower the validation loss below its start" in same["reason"], same
+    with store.connect() as con:
+        assert not [a for a in list_adapters(con) if a.run_key == "unchanged"]
+        verdicts = [d["verdict"] for d in list_decisions(con, 50)
+                    if d["stage"] == "retrain" and d["figures"].get("run_key") == "unchanged"]
     assert sorted(verdicts) == ["skipped", "start"]
 
 

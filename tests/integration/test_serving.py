@@ -191,6 +191,41 @@ def test_streaming_gives_the_same_text_as_a_direct_call(serving_stack: ServingSt
     assert completion.choices[0].text == direct_completion.choices[0].text
 
 
+def test_a_json_tasks_schema_constrains_the_answer_through_the_gateway(
+        serving_stack: ServingStack, tmp_path: Path) -> None:
+    """The ``response_format`` a json alias's task spec builds (the one the gateway adds to
+    every chat of that alias, and the offline gate sends) decodes vLLM's answer under the
+    schema: the official client gets an object the schema accepts, scored by the kind's
+    evaluation as the gate scores it."""
+    import jsonschema
+
+    from tuneloop.runtime.settings import TaskSpec
+    from tuneloop.services.evaluation.tasks import evaluate
+
+    stack = serving_stack
+    ensure_production(stack)
+    schema = {"type": "object", "additionalProperties": False,
+              "required": ["city", "party_size"],
+              "properties": {"city": {"enum": ["Paris", "London", "Rome"]},
+                             "party_size": {"enum": [1, 2, 3, 4, 5, 6]}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    task = TaskSpec(kind="json", json_schema=tmp_path / "schema.json")
+    fmt = task.response_format()
+    assert fmt is not None
+    answer = client(stack).chat.completions.create(
+        model=stack.settings.serving.alias, max_tokens=96, temperature=0,
+        messages=[{"role": "user", "content": "A table for two in Paris tonight, please."}],
+        response_format=fmt)  # type: ignore[call-overload]
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop", choice
+    content = choice.message.content or ""
+    jsonschema.validate(json.loads(content), schema)
+    report = evaluate("json", [content], ['{"city": "Paris", "party_size": 2}'],
+                      schema=task.schema_document)
+    assert report.figures["parse_rate"] == 1.0
+    assert report.figures["schema_valid_rate"] == 1.0
+
+
 def test_admin_needs_the_key_and_vllm_admin_routes_are_not_reachable(
         serving_stack: ServingStack) -> None:
     url = serving_stack.url

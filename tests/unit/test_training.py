@@ -247,3 +247,22 @@ def test_a_hub_base_model_is_pinned_by_its_cached_revision(
     assert Path(base.path) == repo / "snapshots" / revision
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         resolve_base_model("acme/absent", tmp_path / "models")
+
+
+def test_a_continued_run_that_kept_its_starting_weights_has_nothing_to_publish() -> None:
+    """Early stopping keeps the best weights; when the best is step 0 of a run continued
+    from production, the candidate would be production itself."""
+    from tuneloop.training.base_model import BaseModel
+    from tuneloop.training.pipeline import TrainedRun, unchanged_reason
+
+    def run(best_step: int, continued_from: str | None) -> TrainedRun:
+        training = {"best_step": best_step, "continued_from": continued_from, "steps": 60,
+                    "initial_val_loss": 2.0, "best_val_loss": 2.0}
+        return TrainedRun("k", "/r", "/r/adapter", "ds-0002", BaseModel("m", "/m", "0"), {},
+                          {"training": training}, {})
+
+    reason = unchanged_reason(run(0, "/adapters/v1"))
+    assert reason is not None
+    assert "/adapters/v1" in reason and "2.0000" in reason and "60 steps" in reason
+    assert unchanged_reason(run(20, "/adapters/v1")) is None  # it learned something
+    assert unchanged_reason(run(0, None)) is None  # from zeros: step 0 is no adapter at all

@@ -63,14 +63,17 @@ from tuneloop.services.store.database import AnyStore, Store
 from tuneloop.training.dataset import ChatExample, DatasetSplits
 from tuneloop.training.pipeline import (
     TrainedRun,
+    UnchangedAdapter,
     Workspace,
     find_published,
     init_adapter_dir,
     load_inputs,
     production_version,
     publish_run,
+    read_finished_run,
     recipe_config,
     train_candidate,
+    unchanged_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -183,6 +186,10 @@ def train_adapter(dataset_version: str, run_key: str, init_adapter: str | None =
         init = init_adapter_dir(store, workspace, init_adapter)
         run = train(workspace, splits, golden, recipe_overrides or {}, config_file, run_key,
                     str(init) if init else None, show_progress)
+        if (unchanged := unchanged_reason(run)) is not None:
+            # Production itself as a candidate: the canary would hold it for ever.
+            log.warning("run %s: %s", run_key, unchanged)
+            raise UnchangedAdapter(unchanged)
         adapter = publish(store, workspace, run)
     return {"version": adapter.version, "name": adapter.name, "state": adapter.state,
             "path": adapter.where(settings.adapters_dir), "metrics": adapter.metrics,
@@ -258,7 +265,7 @@ def retrain(
         try:
             trained = _curate_and_train(settings, overrides, store, trigger, key,
                                         dataset_version, config_file, max_steps)
-        except NothingNew as exc:
+        except (NothingNew, UnchangedAdapter) as exc:
             if not automatic:
                 raise  # a person asked: the CLI says why
             rename_run(f"retrain skipped: {exc}"[:100])
@@ -304,8 +311,9 @@ def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, stor
         _, _, init = read_inputs(store, dataset_version, continue_from)
         trained = _train(settings, overrides, dataset_version, key, init, config_file,
                          max_steps)
-    except NothingNew as exc:
+    except (NothingNew, UnchangedAdapter) as exc:
         # Feedback since the last version all left out (or none came): no version, no run.
+        # Or a run that kept production's weights: no candidate.
         record(store, settings.home, Decision(
             "retrain", None, None, "skipped",
             [trigger, Check("skipped", INFO, None, None, "", str(exc))], {"run_key": key}))
@@ -366,9 +374,19 @@ def _train(settings: Settings, overrides: dict[str, Any] | None, dataset_version
     # The run published into the shared registry: read it from there (the pool's machine
     # keeps its own Prefect result storage).
     adapter = find_published(Store.of(settings), key)
+    if adapter is None and (unchanged := _pool_unchanged(settings, key)) is not None:
+        raise UnchangedAdapter(unchanged)
     if adapter is None:
         raise RuntimeError(f"training on work pool {pool!r} completed but published no adapter "
                            f"under run key {key}")
     return {"version": adapter.version, "name": adapter.name, "state": adapter.state,
             "path": adapter.where(settings.adapters_dir), "metrics": adapter.metrics,
             "run_dir": None}
+
+
+def _pool_unchanged(settings: Settings, key: str) -> str | None:
+    """Why the training pool's run ``key`` published nothing because it kept production's
+    weights, when its finished run can be read here (the object store, or a shared runs
+    directory); None otherwise."""
+    run = read_finished_run(Workspace.of(settings), key)
+    return unchanged_reason(run) if run is not None else None

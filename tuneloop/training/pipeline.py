@@ -68,6 +68,24 @@ class TrainedRun:
         return cls(**raw)
 
 
+class UnchangedAdapter(ValueError):
+    """A run continued from production's adapter never lowered the validation loss below
+    where it started, so early stopping kept the starting weights: a candidate that is
+    production itself, which no canary could ever promote."""
+
+
+def unchanged_reason(run: TrainedRun) -> str | None:
+    """Why ``run`` has nothing to publish (its weights are the adapter it continued from),
+    or None when it has."""
+    training = run.metrics.get("training") or {}
+    if not training.get("continued_from") or training.get("best_step") != 0:
+        return None
+    return (f"training from production adapter {training['continued_from']} did not lower "
+            f"the validation loss below its start ({training.get('initial_val_loss', 0.0):.4f}) "
+            f"in {training.get('steps', 0)} steps: the weights are production's, nothing to "
+            f"publish (the dataset's examples are carried into the next retrain)")
+
+
 @dataclass(frozen=True)
 class Workspace:
     """What a training run needs of the settings: the training section, where runs, base
@@ -199,6 +217,24 @@ def _finished_run(path: Path) -> TrainedRun | None:
         path.rename(aside)
         log.warning("run %s: %s is unreadable (%s); set aside as %s, training again",
                     path.parent.name, path.name, exc, aside.name)
+        return None
+
+
+def read_finished_run(workspace: Workspace, run_key: str) -> TrainedRun | None:
+    """The finished run ``run_key`` as this machine can read it (pulled from the object
+    store first under ``store.artifacts``); None when there is none here."""
+    run_dir = run_dir_for(workspace, run_key)
+    if workspace.artifacts:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            RunStore(workspace.object_store, run_dir.name).pull_result(run_dir)
+        except Exception as exc:  # noqa: BLE001 - a run that cannot be read here is none
+            log.warning("run %s: its result in the object store cannot be read: %s",
+                        run_key, exc)
+            return None
+    try:
+        return TrainedRun.load(run_dir / RESULT)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
