@@ -93,12 +93,11 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
         assert con.execute("SELECT count(*) FROM datasets").fetchall()[0][0] == versions
     assert sorted(verdicts) == ["skipped", "start"]
 
-    # A continued run whose validation loss never goes below its start keeps production's
-    # weights: no candidate is published (the canary could only hold it), and the retrain
-    # ends skipped, saying why.
-    diverging = _tiny_recipe(tmp_path / "diverging", max_steps=2, eval_interval=1,
-                             learning_rate=50)
-    same = retrain(dataset_version="b77-flow", config_file=str(diverging), run_key="unchanged",
+    # A continued run whose validation loss never goes below its start (here: not by the
+    # min_delta of 100 a gain needs) keeps production's weights: no candidate is published
+    # (the canary could only hold it), and the retrain ends skipped, saying why.
+    no_gain = _tiny_recipe(tmp_path / "no-gain", max_steps=2, eval_interval=1, min_delta=100)
+    same = retrain(dataset_version="b77-flow", config_file=str(no_gain), run_key="unchanged",
                    reason="schedule", automatic=True,
                    overrides={**_home(settings, tiny_base), "loop.cooldown_s": 0})
     assert same["verdict"] == "skipped", same

@@ -221,6 +221,11 @@ def test_the_demo_settings_serve_the_task_it_names_whatever_the_users_say(
     assert "json_schema" not in text["tasks"]["helpdesk"]
     assert recipe is not None and recipe.count("epochs:") == 1
     assert yaml.safe_load(recipe)["epochs"] == 3
+    from tuneloop.training.config import DEFAULT_CONFIG, RecipeConfig
+
+    written = RecipeConfig.from_file(_write(tmp_path / "text.yaml", recipe))
+    assert written.continued_learning_rate == RecipeConfig.from_file(DEFAULT_CONFIG).learning_rate
+    assert written.continued_learning_rate < written.learning_rate
     # A reply's chrF spreads widely: the gate and the first retrain take more examples.
     assert text["canary"]["fresh_max_examples"] > SMALL.settings["canary"]["fresh_max_examples"]
     assert text["loop"]["min_examples_per_new_label"] == 40
@@ -231,3 +236,8 @@ def test_the_demo_settings_serve_the_task_it_names_whatever_the_users_say(
     monkeypatch.setenv("TUNELOOP_CONFIG", str(tmp_path / "demo.toml"))
     settings = load_settings({"home": tmp_path})
     assert settings.task.kind == "text" and settings.serving.alias == "helpdesk"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

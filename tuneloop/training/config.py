@@ -49,6 +49,9 @@ class RecipeConfig:
         metadata={"help": f"Projections to adapt; a subset of {LLAMA_LORA_MODULES}."},
     )
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak AdamW learning rate."})
+    continued_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of a run that continues from an "
+                                "adapter (production's); None: learning_rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
     warmup_ratio: float = field(
         default=0.03, metadata={"help": "Share of steps with linear warm-up, then cosine decay."}
@@ -124,6 +127,9 @@ class RecipeConfig:
                list(self.target_modules), "list each module once")
         _check(0 < self.learning_rate <= 1e-2, "learning_rate", self.learning_rate,
                "use a value in (0, 1e-2]; 5e-5 to 2e-4 suits LoRA")
+        _check(self.continued_learning_rate is None or 0 < self.continued_learning_rate <= 1e-2,
+               "continued_learning_rate", self.continued_learning_rate,
+               "use a value in (0, 1e-2], or none for learning_rate")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "use a value >= 0")
         _check(0 <= self.warmup_ratio <= 0.5, "warmup_ratio", self.warmup_ratio,
                "use a value in [0, 0.5]; 0.02 to 0.05 is typical")

@@ -165,9 +165,18 @@ class LoRARecipe:
                         self.run_id, len(encoded) - len(kept), split, self.config.max_seq_len)
         return kept
 
+    @property
+    def peak_learning_rate(self) -> float:
+        """``continued_learning_rate`` for a run continued from an adapter (when set),
+        ``learning_rate`` otherwise."""
+        cfg = self.config
+        if self.continued and cfg.continued_learning_rate is not None:
+            return cfg.continued_learning_rate
+        return cfg.learning_rate
+
     def _setup_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.config.learning_rate,
+        return torch.optim.AdamW(params, lr=self.peak_learning_rate,
                                  weight_decay=self.config.weight_decay,
                                  fused=self.device.type == "cuda")
 
@@ -226,8 +235,8 @@ class LoRARecipe:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the step's
         training loss and the tokens it trained on."""
         cfg = self.config
-        lr = learning_rate_at(step, self.total_steps, cfg.learning_rate, cfg.warmup_ratio,
-                              cfg.min_lr_ratio)
+        lr = learning_rate_at(step, self.total_steps, self.peak_learning_rate,
+                              cfg.warmup_ratio, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum, tokens = 0.0, 0
@@ -244,7 +253,7 @@ class LoRARecipe:
         if not math.isfinite(loss_sum):
             raise FloatingPointError(
                 f"run {self.run_id}: loss is {loss_sum} at step {step}; lower "
-                f"learning_rate={cfg.learning_rate} or max_grad_norm")
+                f"learning_rate={self.peak_learning_rate} or max_grad_norm")
         return loss_sum, tokens
 
     def _evaluate_and_save(self, run: LoopState, loss_sum: float, ckpt_dir: Path) -> float:
