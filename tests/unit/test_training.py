@@ -266,3 +266,21 @@ def test_a_continued_run_that_kept_its_starting_weights_has_nothing_to_publish()
     assert "/adapters/v1" in reason and "2.0000" in reason and "60 steps" in reason
     assert unchanged_reason(run(20, "/adapters/v1")) is None  # it learned something
     assert unchanged_reason(run(0, None)) is None  # from zeros: step 0 is no adapter at all
+
+
+def test_a_continued_run_peaks_at_the_continued_learning_rate(tmp_path: Path) -> None:
+    from tuneloop.training.base_model import BaseModel
+    from tuneloop.training.recipe import LoRARecipe
+
+    base = BaseModel("m", "/m", "0")
+    plain = RecipeConfig.from_file(CONFIGS_DIR / "demo.yaml")
+    assert plain.continued_learning_rate is None
+    slower = plain.replace(continued_learning_rate=2e-4)
+    recipe = LoRARecipe(slower, base, tmp_path, device="cpu")
+    assert recipe.peak_learning_rate == plain.learning_rate  # from zeros
+    recipe.continued = True  # as setup sets it when the starting adapter fits
+    assert recipe.peak_learning_rate == 2e-4
+    assert LoRARecipe(plain, base, tmp_path, device="cpu").peak_learning_rate == \
+        plain.learning_rate
+    with pytest.raises(ConfigError, match="continued_learning_rate=0.5"):
+        plain.replace(continued_learning_rate=0.5)
