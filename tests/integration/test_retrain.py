@@ -102,11 +102,18 @@ def test_rerun_of_the_same_flow_run_does_not_train_twice(
                    overrides={**_home(settings, tiny_base), "loop.cooldown_s": 0})
     assert same["verdict"] == "skipped", same
     assert "did not lower the validation loss below its start" in same["reason"], same
+    from tuneloop.services.loop.store import last_trained_at
+
     with store.connect() as con:
         assert not [a for a in list_adapters(con) if a.run_key == "unchanged"]
-        verdicts = [d["verdict"] for d in list_decisions(con, 50)
-                    if d["stage"] == "retrain" and d["figures"].get("run_key") == "unchanged"]
-    assert sorted(verdicts) == ["skipped", "start"]
+        mine = [d for d in list_decisions(con, 50)
+                if d["stage"] == "retrain" and d["figures"].get("run_key") == "unchanged"]
+        trained_at = last_trained_at(con)
+    assert sorted(d["verdict"] for d in mine) == ["skipped", "start"]
+    skipped = next(d for d in mine if d["verdict"] == "skipped")
+    # It trained: the loop's cooldown counts from it, as from a published candidate.
+    assert skipped["figures"]["trained"] is True and skipped["figures"]["dataset"] == "b77-flow"
+    assert trained_at == skipped["created_at"]  # the latest training
 
 
 def test_a_retrain_the_worker_dies_in_resumes_from_its_checkpoint_and_publishes_once(

@@ -266,6 +266,11 @@ def test_a_continued_run_that_kept_its_starting_weights_has_nothing_to_publish()
     assert "/adapters/v1" in reason and "2.0000" in reason and "60 steps" in reason
     assert unchanged_reason(run(20, "/adapters/v1")) is None  # it learned something
     assert unchanged_reason(run(0, None)) is None  # from zeros: step 0 is no adapter at all
+    dpo = run(0, "/adapters/v1")
+    dpo.metrics["preference"] = {"objective": "dpo", "steps": 24}
+    assert unchanged_reason(dpo) is None  # DPO moved the weights SFT left alone
+    dpo.metrics["preference"] = {"objective": "sft+dpo", "skipped": "no train preference pairs"}
+    assert unchanged_reason(dpo) is not None
 
 
 def test_a_continued_run_peaks_at_the_continued_learning_rate(tmp_path: Path) -> None:

@@ -71,6 +71,8 @@ def train(
         raise fail(f"the object store at {settings.object_store.endpoint}: {exc}") from None
     except (RunStoreError, SnapshotError) as exc:  # each names what it found wrong
         raise fail(str(exc)) from None
+    if result.get("unchanged"):  # a run continued from an adapter that kept its weights
+        raise fail(result["unchanged"])
     with Store.of(settings).connect() as con:
         from tuneloop.services.registry.store import get_adapter
 

@@ -187,9 +187,12 @@ def train_adapter(dataset_version: str, run_key: str, init_adapter: str | None =
         run = train(workspace, splits, golden, recipe_overrides or {}, config_file, run_key,
                     str(init) if init else None, show_progress)
         if (unchanged := unchanged_reason(run)) is not None:
-            # Production itself as a candidate: the canary would hold it for ever.
+            # Production itself as a candidate: the canary would hold it for ever. Said in
+            # the result, not raised: on a training pool this run completes, and the
+            # retrain that waits on it reads why it published nothing.
             log.warning("run %s: %s", run_key, unchanged)
-            raise UnchangedAdapter(unchanged)
+            return {"version": None, "unchanged": unchanged, "run_dir": run.run_dir,
+                    "train_s": run.timings.get("train_s")}
         adapter = publish(store, workspace, run)
     return {"version": adapter.version, "name": adapter.name, "state": adapter.state,
             "path": adapter.where(settings.adapters_dir), "metrics": adapter.metrics,
@@ -311,12 +314,20 @@ def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, stor
         _, _, init = read_inputs(store, dataset_version, continue_from)
         trained = _train(settings, overrides, dataset_version, key, init, config_file,
                          max_steps)
-    except (NothingNew, UnchangedAdapter) as exc:
+    except NothingNew as exc:
         # Feedback since the last version all left out (or none came): no version, no run.
-        # Or a run that kept production's weights: no candidate.
         record(store, settings.home, Decision(
             "retrain", None, None, "skipped",
             [trigger, Check("skipped", INFO, None, None, "", str(exc))], {"run_key": key}))
+        raise
+    except UnchangedAdapter as exc:
+        # A run that kept production's weights: no candidate. It trained, so the loop's
+        # cooldown counts from now (``trained``), as after a published candidate.
+        record(store, settings.home, Decision(
+            "retrain", None, None, "skipped",
+            [trigger, Check("skipped", INFO, None, None, "", str(exc))],
+            {"run_key": key, "dataset": dataset_version, "trained": True,
+             "seconds": time.monotonic() - started}))
         raise
     except Exception as exc:
         record(store, settings.home, Decision(
@@ -349,8 +360,11 @@ def _train(settings: Settings, overrides: dict[str, Any] | None, dataset_version
     recipe_overrides = {"max_steps": max_steps}
     pool = settings.loop.train_work_pool
     if not pool:
-        return train_adapter(dataset_version, key, init, config_file, recipe_overrides,
-                             overrides=overrides)
+        trained = train_adapter(dataset_version, key, init, config_file, recipe_overrides,
+                                overrides=overrides)
+        if trained.get("unchanged"):
+            raise UnchangedAdapter(trained["unchanged"])
+        return trained
     from prefect.deployments import run_deployment
 
     # The pool's machine has its own settings (file and environment): only the run's

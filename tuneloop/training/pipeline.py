@@ -80,6 +80,8 @@ def unchanged_reason(run: TrainedRun) -> str | None:
     training = run.metrics.get("training") or {}
     if not training.get("continued_from") or training.get("best_step") != 0:
         return None
+    if (run.metrics.get("preference") or {}).get("steps", 0) > 0:
+        return None  # DPO moved the weights after SFT kept (or, for dpo, skipped) them
     return (f"training from production adapter {training['continued_from']} did not lower "
             f"the validation loss below its start ({training.get('initial_val_loss', 0.0):.4f}) "
             f"in {training.get('steps', 0)} steps: the weights are production's, nothing to "

@@ -120,8 +120,8 @@ SMALL = Scenario(old_share=0.5, max_old=6, new_intents=3, history_per_intent=40,
 # good replies share few characters, so a real gain of a few points needs a few hundred
 # paired examples to show (tuneloop/bench/RESULTS.md, "demo --task text"). The first
 # retrain after a shift waits for twice the examples of each new group, and the offline
-# gate may use three times the newer labelled events of the scenario (each at most once
-# per prompt, none the candidate trained on).
+# gate may use 120 newer labelled events (the small scenario's 40, the full one's 80; each
+# at most once per prompt, none the candidate trained on).
 KIND_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "text": {"loop": {"min_examples_per_new_label": 40},
              "canary": {"fresh_max_examples": 120}},

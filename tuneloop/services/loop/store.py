@@ -102,10 +102,12 @@ def running_since(con: duckdb.DuckDBPyConnection) -> datetime | None:
 
 
 def last_trained_at(con: duckdb.DuckDBPyConnection) -> datetime | None:
-    """When the last retrain finished training, if one ever did."""
+    """When the last retrain finished training, if one ever did (a retrain skipped after
+    training, its run having kept production's weights, counts)."""
     value: datetime | None = con.execute(
         "SELECT max(created_at) FROM canary_decisions WHERE stage = 'retrain' "
-        "AND verdict = 'trained'").fetchall()[0][0]
+        "AND (verdict = 'trained' OR (verdict = 'skipped' AND "
+        "(figures->>'trained') = 'true'))").fetchall()[0][0]
     return value
 
 
