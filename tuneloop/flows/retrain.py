@@ -314,20 +314,17 @@ def _curate_and_train(settings: Settings, overrides: dict[str, Any] | None, stor
         _, _, init = read_inputs(store, dataset_version, continue_from)
         trained = _train(settings, overrides, dataset_version, key, init, config_file,
                          max_steps)
-    except NothingNew as exc:
+    except (NothingNew, UnchangedAdapter) as exc:
         # Feedback since the last version all left out (or none came): no version, no run.
-        record(store, settings.home, Decision(
-            "retrain", None, None, "skipped",
-            [trigger, Check("skipped", INFO, None, None, "", str(exc))], {"run_key": key}))
-        raise
-    except UnchangedAdapter as exc:
-        # A run that kept production's weights: no candidate. It trained, so the loop's
+        # Or a run that kept production's weights: no candidate; it trained, so the loop's
         # cooldown counts from now (``trained``), as after a published candidate.
+        figures: dict[str, Any] = {"run_key": key}
+        if isinstance(exc, UnchangedAdapter):
+            figures |= {"dataset": dataset_version, "trained": True,
+                        "seconds": time.monotonic() - started}
         record(store, settings.home, Decision(
             "retrain", None, None, "skipped",
-            [trigger, Check("skipped", INFO, None, None, "", str(exc))],
-            {"run_key": key, "dataset": dataset_version, "trained": True,
-             "seconds": time.monotonic() - started}))
+            [trigger, Check("skipped", INFO, None, None, "", str(exc))], figures))
         raise
     except Exception as exc:
         record(store, settings.home, Decision(
