@@ -116,7 +116,7 @@ print(json.dumps({
     assert found["services"] is False and found["bench"] is False  # nothing else is top level
     assert (found["train"], found["test"], found["intents"]) == (10003, 3080, 77)
     # One SGD test row has an empty reply: the loader leaves it out.
-    assert found["tasks"] == {"snips": [13784, 700], "sgd": [10000, 1999]}
+    assert found["tasks"] == {"snips": [13784, 700], "sgd": [30000, 5999]}
     assert set(found["configs"]) == {"demo.yaml", "gpu_bf16.yaml", "smollm2_lora.yaml"}
     assert found["schema"]
     assert found["missing"] == []

@@ -228,7 +228,8 @@ def test_the_demo_settings_serve_the_task_it_names_whatever_the_users_say(
     assert written.continued_learning_rate < written.learning_rate
     # A reply's chrF spreads widely: the gate and the first retrain take more examples.
     assert text["canary"]["fresh_max_examples"] > SMALL.settings["canary"]["fresh_max_examples"]
-    assert text["loop"]["min_examples_per_new_label"] == 40
+    assert text["loop"]["min_examples_per_new_label"] > label["loop"].get(
+        "min_examples_per_new_label", 20)
     assert label["canary"] == SMALL.settings["canary"]
     (tmp_path / "recipe.yaml").write_text(recipe)
     (tmp_path / "demo.toml").write_text(to_toml(text))
@@ -236,6 +237,17 @@ def test_the_demo_settings_serve_the_task_it_names_whatever_the_users_say(
     monkeypatch.setenv("TUNELOOP_CONFIG", str(tmp_path / "demo.toml"))
     settings = load_settings({"home": tmp_path})
     assert settings.task.kind == "text" and settings.serving.alias == "helpdesk"
+
+
+def test_a_reply_task_reads_more_held_out_queries_and_waits_longer() -> None:
+    from tuneloop.services.demo.scenario import FULL, for_kind
+
+    for sc in (SMALL, FULL):
+        assert for_kind(sc, "label") == sc == for_kind(sc, "json")
+        text = for_kind(sc, "text")
+        assert text.heldout_per_intent == 2 * sc.heldout_per_intent
+        assert text.shift_timeout_s > sc.shift_timeout_s
+        assert (text.history_per_intent, text.settings) == (sc.history_per_intent, sc.settings)
 
 
 def _write(path: Path, text: str) -> Path:

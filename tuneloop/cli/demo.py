@@ -56,6 +56,7 @@ from tuneloop.services.demo.scenario import (
     SMALL,
     Plan,
     Scenario,
+    for_kind,
     merge,
     to_toml,
 )
@@ -107,7 +108,7 @@ def demo(
         from tuneloop.services.demo.task_data import bundled
 
         data = bundled({"json": "snips", "text": "sgd"}[task])
-    scenario = FULL if full else SMALL
+    scenario = for_kind(FULL if full else SMALL, task)
     settings = _fresh_home(ctx, scenario, task, data, split)
     try:
         result = run_scenario(ctx, settings, scenario, data, seed, dpo, split)

@@ -2,7 +2,7 @@
 
 - ``banking77``: customer-support queries labelled with one of 77 intents (CC BY 4.0).
 - ``snips``: utterances to a JSON object of their slots, by intent, with a schema (CC0).
-- ``sgd``: dialogue turns to the assistant's reply, by service, a subset (CC BY-SA 4.0).
+- ``sgd``: dialogue turns to the assistant's reply, by service, a 36,000-pair sample (CC BY-SA 4.0).
 """
 
 from __future__ import annotations

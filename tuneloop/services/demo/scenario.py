@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tuneloop.runtime.cpu import split_cores
@@ -115,17 +115,29 @@ SMALL = Scenario(old_share=0.5, max_old=6, new_intents=3, history_per_intent=40,
                  settings=_settings(180, 45, 25, 12, 40))
 
 
-# Settings over a scenario's for one task kind. A reply is judged by sentence chrF against
-# one reference, whose spread per example is several times a label's or a field's: two
-# good replies share few characters, so a real gain of a few points needs a few hundred
-# paired examples to show (tuneloop/bench/RESULTS.md, "demo --task text"). The first
-# retrain after a shift waits for twice the examples of each new group, and the offline
+# Settings and sizes over a scenario's for one task kind. A reply is judged by sentence
+# chrF against one reference, whose spread per example is several times a label's or a
+# field's: two good replies share few characters, so a real gain of a few points needs a
+# few hundred paired examples to show, and a retrain gains more on a new group the more of
+# its replies it learns from (tuneloop/bench/RESULTS.md, "demo --task text"). The first
+# retrain after a shift waits for three times the examples of each new group, the offline
 # gate may use 120 newer labelled events (the small scenario's 40, the full one's 80; each
-# at most once per prompt, none the candidate trained on).
+# at most once per prompt, none the candidate trained on), the before/after figures read
+# twice the held-out queries of each group, and the loop has longer to promote.
 KIND_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
-    "text": {"loop": {"min_examples_per_new_label": 40},
+    "text": {"loop": {"min_examples_per_new_label": 60},
              "canary": {"fresh_max_examples": 120}},
 }
+KIND_SIZES: dict[str, dict[str, Any]] = {
+    "text": {"heldout_per_intent": 2, "shift_timeout_s": 1.5},  # factors of the scenario's
+}
+
+
+def for_kind(sc: Scenario, kind: str) -> Scenario:
+    """``sc`` with the sizes of task ``kind`` (:data:`KIND_SIZES`, factors) over it."""
+    factors = KIND_SIZES.get(kind, {})
+    return replace(sc, **{name: type(getattr(sc, name))(getattr(sc, name) * factor)
+                          for name, factor in factors.items()})
 
 
 @dataclass(frozen=True)
