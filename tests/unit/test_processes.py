@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tuneloop.runtime.processes import ManagedProcess
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -28,6 +30,30 @@ def test_a_started_process_is_recognised_and_stopped(tmp_path: Path) -> None:
     assert proc.start(SLEEP) == pid  # already running: not started twice
     assert proc.stop(timeout_s=5)
     assert proc.pid() is None and not proc.pid_file.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc/stat boot time")
+def test_a_step_of_the_wall_clock_leaves_a_service_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A virtual machine's clock synchronised by a second: psutil gives every process's
+    start on the wall clock (the kernel's ticks since boot plus ``/proc/stat``'s boot
+    time), so that start moves with the clock. The service is the same process and must
+    not be taken for gone (the gateway would start a second vLLM beside it)."""
+    import psutil
+    from psutil import _pslinux
+
+    proc = ManagedProcess("svc", tmp_path)
+    pid = proc.start(SLEEP)
+    try:
+        started = psutil.Process(pid).create_time()
+        booted = _pslinux.boot_time()
+        monkeypatch.setattr(_pslinux, "boot_time", lambda: booted + 1.0)  # the clock stepped
+        assert psutil.Process(pid).create_time() == pytest.approx(started + 1.0)
+        assert proc.pid() == pid
+        assert proc.start(SLEEP) == pid  # not started twice
+    finally:
+        monkeypatch.undo()
+        proc.stop(timeout_s=5)
 
 
 def test_a_pid_reused_by_another_process_is_neither_trusted_nor_signalled(tmp_path: Path) -> None:

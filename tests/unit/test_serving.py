@@ -344,6 +344,56 @@ def test_a_replica_that_keeps_dying_soon_after_starting_is_restarted_with_backof
     assert restart_due(7, 700.0) == (True, 0)
 
 
+def test_a_replica_that_answers_is_not_started_twice_when_its_process_is_not_found(
+        tmp_path: Path) -> None:
+    """A vLLM whose pid file no longer matches it (its start on the wall clock moved) but
+    that still answers on its port: a second one started there could not bind the port
+    and would die, each try taking the replica out of rotation. It serves on; one that
+    neither runs nor answers is restarted."""
+    import asyncio
+
+    from tuneloop.runtime.processes import ManagedProcess
+    from tuneloop.serving.pool import Replica, ReplicaPool
+    from tuneloop.serving.vllm_process import ReplicaSpec
+
+    class Answers:
+        url = "http://127.0.0.1:1"
+        up = True
+
+        async def healthy(self) -> bool:
+            return self.up
+
+        async def models(self) -> dict[str, str | None]:
+            return {}
+
+    starts: list[int] = []
+
+    class NotFound(ReplicaSpec):
+        def alive(self) -> bool:
+            return False
+
+        def start(self) -> int:
+            starts.append(self.index)
+            return 0
+
+    client = Answers()
+    spec = NotFound(0, client.url, (), (), ManagedProcess("vllm-0", tmp_path))
+    replica = Replica(0, client, spec, state="ready")  # type: ignore[arg-type]
+    pool = ReplicaPool([replica], base_name="base", adapters_dir=tmp_path,
+                       lookup=lambda *a: None, start_timeout_s=1, health_interval_s=1,
+                       rollback_grace_s=1)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        for _ in range(3):
+            await pool._check(replica)
+        assert starts == [] and replica.state == "ready" and replica.unowned
+        client.up = False  # now it is gone for real
+        await pool._check(replica)
+        assert starts == [0] and replica.state == "starting" and not replica.unowned
+
+    asyncio.run(run())
+
+
 def test_a_slow_gateway_is_running_and_an_unreachable_one_is_not(tmp_path: Path) -> None:
     """A promotion swaps the gateway's route only when a gateway runs: one that answers
     late (3 s here, a loaded machine) is running; taken for absent, the promotion would

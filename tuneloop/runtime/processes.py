@@ -45,9 +45,12 @@ class ManagedProcess:
     def pid(self) -> int | None:
         """The recorded pid if that very process is still alive: the pid file records the
         process's start time and executable, and a live process with the same pid but
-        another start time (the pid reused after a reboot, say) is not it. A pid file of
-        the older form (the pid alone) is trusted only for a process that started before
-        the file was written."""
+        another start time (the pid reused after a reboot, say) is not it. The start time
+        compared is the one counted from the machine's boot: the same process's start on
+        the wall clock moves when that clock is stepped (a virtual machine's clock
+        synchronised), and a service taken for gone would be started a second time beside
+        itself. A pid file of the older form (the pid alone) is trusted only for a process
+        that started before the file was written."""
         record = self._record()
         if record is None:
             return None
@@ -57,7 +60,7 @@ class ManagedProcess:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 _reap(pid)
                 return None
-            started, exe = proc.create_time(), _exe(proc)
+            started, since_boot, exe = proc.create_time(), _since_boot(proc), _exe(proc)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             return None
         except psutil.AccessDenied:
@@ -71,7 +74,10 @@ class ManagedProcess:
         if not _alive(proc):  # ended (a zombie) since the first look
             _reap(pid)
             return None
-        if abs(started - float(record["started"])) > 0.05 or exe != record.get("exe", exe):
+        moved = (abs(since_boot - float(record["since_boot"])) if "since_boot" in record
+                 else abs(started - float(record["started"])))  # a file of the form before
+        # An executable that cannot be read (a process on its way out) is not another one.
+        if moved > 0.05 or (exe and exe != record.get("exe", exe)):
             log.warning("%s: pid %d in %s is now another process (%s); the file is stale",
                         self.name, pid, self.pid_file, " ".join(_cmdline(proc))[:120])
             return None
@@ -125,7 +131,8 @@ class ManagedProcess:
         record: dict[str, Any] = {"pid": pid}
         try:
             proc = psutil.Process(pid)
-            record.update(started=proc.create_time(), exe=_exe(proc), cmdline=_cmdline(proc))
+            record.update(started=proc.create_time(), since_boot=_since_boot(proc),
+                          exe=_exe(proc), cmdline=_cmdline(proc))
         except psutil.Error:
             pass  # already gone: the record holds the pid alone, and pid() finds it dead
         write_json_atomic(self.pid_file, record)
@@ -153,6 +160,14 @@ class ManagedProcess:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+
+def _since_boot(proc: psutil.Process) -> float:
+    """When ``proc`` started, in seconds since the machine booted. On Linux the kernel
+    counts a process's start in clock ticks since boot and psutil adds the boot time on
+    the wall clock (``/proc/stat``'s ``btime``), which moves with every step of that
+    clock: the difference does not."""
+    return proc.create_time() - psutil.boot_time()
 
 
 def _exe(proc: psutil.Process) -> str:

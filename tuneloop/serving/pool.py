@@ -92,6 +92,7 @@ class Replica:
     using: dict[str, int] = field(default_factory=dict)  # requests in flight per served name
     restarts: int = 0
     quick_deaths: int = 0  # deaths in a row, each within _STABLE_S of its start
+    unowned: bool = False  # it answers, but its recorded process is not found
     failures: int = 0
     started_at: float = field(default_factory=time.monotonic)
     last_error: str = ""
@@ -394,14 +395,27 @@ class ReplicaPool:
     async def _check(self, replica: Replica) -> None:
         spec = replica.spec
         if spec is not None and not spec.alive():
-            # Gone: restart it, backing off while it keeps dying soon after each start (bad
-            # flags, no memory, an engine that crashes once loaded), so it is not restarted
-            # in a loop. One that served for a while is restarted at once.
-            now, replica.quick_deaths = restart_due(replica.quick_deaths,
-                                                    time.monotonic() - replica.started_at)
-            if now:
-                self._restart(replica, "its process is gone")
-            return
+            if await replica.client.healthy():
+                # Its recorded process is not found, yet a vLLM answers on its port: a second
+                # one started there could not bind it and would die, again and again, each
+                # try taking the replica out of rotation. It serves on.
+                if not replica.unowned:
+                    log.warning("replica %d: its recorded process (%s) is not found, yet %s "
+                                "answers; serving on, not starting a second vLLM on its port",
+                                replica.index, spec.process.pid_file, replica.url)
+                replica.unowned = True
+            else:
+                # Gone: restart it, backing off while it keeps dying soon after each start
+                # (bad flags, no memory, an engine that crashes once loaded), so it is not
+                # restarted in a loop. One that served for a while is restarted at once.
+                replica.unowned = False
+                now, replica.quick_deaths = restart_due(replica.quick_deaths,
+                                                        time.monotonic() - replica.started_at)
+                if now:
+                    self._restart(replica, "its process is gone")
+                return
+        else:
+            replica.unowned = False
         if not await replica.client.healthy():
             replica.failures += 1
             if replica.state == "starting":
