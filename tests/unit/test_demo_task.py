@@ -188,15 +188,21 @@ def test_a_folder_whose_schema_refuses_its_targets_is_refused_naming_them(
 
 
 def test_the_task_demo_plans_on_both_bundled_folders() -> None:
-    for name in ("snips", "sgd"):
-        groups, train, test = load_queries(
-            bundled(name), SMALL.heldout_per_intent,
-            SMALL.history_per_intent + SMALL.heldout_per_intent + 20)
-        p = plan(SMALL, groups, train, test, seed=0)
-        assert len(p.new) == SMALL.new_intents and p.history and p.shifted
-        assert len(p.heldout_new) == SMALL.heldout_per_intent * len(p.new)
-        assert not {q.text for q in p.heldout_old + p.heldout_new} & \
-            {q.text for q in p.history + p.steady + p.shifted}
+    from tuneloop.services.demo.scenario import FULL, for_kind
+
+    for name, kind in (("snips", "json"), ("sgd", "text")):
+        for sc in (for_kind(SMALL, kind), for_kind(FULL, kind)):
+            groups, train, test = load_queries(
+                bundled(name), sc.heldout_per_intent,
+                sc.history_per_intent + sc.heldout_per_intent + 20)
+            p = plan(sc, groups, train, test, seed=0)
+            # As many new groups as the scenario brings, or as the data has left.
+            assert len(p.new) == min(sc.new_intents, len(groups) - len(p.old))
+            assert p.new and p.history and p.shifted
+            assert len(p.heldout_new) == sc.heldout_per_intent * len(p.new)
+            assert len(p.heldout_old) == sc.heldout_per_intent * len(p.old)
+            assert not {q.text for q in p.heldout_old + p.heldout_new} & \
+                {q.text for q in p.history + p.steady + p.shifted}
 
 
 def test_the_dpo_phase_adds_its_figures_after_the_kinds(

@@ -69,6 +69,24 @@ def test_a_pid_reused_by_another_process_is_neither_trusted_nor_signalled(tmp_pa
         assert proc.pid() is None
         assert proc.stop(timeout_s=1) is False
         assert bystander.poll() is None, "the unrelated process was signalled"
+        if sys.platform.startswith("linux"):
+            # The form Linux writes: the start counted from boot, and the boot's id.
+            from tuneloop.runtime.processes import _boot_id, _since_boot
+
+            since_boot = _since_boot(bystander.pid)
+            assert since_boot is not None
+            import psutil
+
+            record = {"pid": bystander.pid, "started": time.time(),
+                      "exe": psutil.Process(bystander.pid).exe(),
+                      "cmdline": SLEEP, "boot_id": _boot_id()}
+            for other in ({"since_boot": since_boot - 3600},  # an earlier start
+                          {"since_boot": since_boot, "boot_id": "another-boot"}):
+                proc.pid_file.write_text(json.dumps(record | other))
+                assert proc.pid() is None, other
+            proc.pid_file.write_text(json.dumps(record | {"since_boot": since_boot}))
+            assert proc.pid() == bystander.pid  # the very process: trusted
+            proc.pid_file.unlink()
         new_pid = proc.start(SLEEP)
         assert new_pid != bystander.pid and proc.pid() == new_pid
         proc.stop(timeout_s=5)

@@ -387,9 +387,16 @@ def test_a_replica_that_answers_is_not_started_twice_when_its_process_is_not_fou
         for _ in range(3):
             await pool._check(replica)
         assert starts == [] and replica.state == "ready" and replica.unowned
-        client.up = False  # now it is gone for real
+        client.up = False  # one missed health check: looked at again, not restarted
         await pool._check(replica)
+        assert starts == [] and replica.unowned
+        for _ in range(2):  # gone for real
+            await pool._check(replica)
         assert starts == [0] and replica.state == "starting" and not replica.unowned
+        # A replica whose process is gone and whose port is silent restarts at once.
+        replica.state, replica.started_at = "ready", 0.0
+        await pool._check(replica)
+        assert starts == [0, 0]
 
     asyncio.run(run())
 

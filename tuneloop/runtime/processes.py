@@ -60,7 +60,7 @@ class ManagedProcess:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 _reap(pid)
                 return None
-            started, since_boot, exe = proc.create_time(), _since_boot(proc), _exe(proc)
+            started, exe = proc.create_time(), _exe(proc)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             return None
         except psutil.AccessDenied:
@@ -74,10 +74,14 @@ class ManagedProcess:
         if not _alive(proc):  # ended (a zombie) since the first look
             _reap(pid)
             return None
-        moved = (abs(since_boot - float(record["since_boot"])) if "since_boot" in record
-                 else abs(started - float(record["started"])))  # a file of the form before
-        # An executable that cannot be read (a process on its way out) is not another one.
-        if moved > 0.05 or (exe and exe != record.get("exe", exe)):
+        since_boot = _since_boot(pid)
+        if "since_boot" in record and since_boot is not None:
+            # Another boot (the pid reused after a reboot) or another start is another one.
+            moved = (float("inf") if record.get("boot_id") != _boot_id()
+                     else abs(since_boot - float(record["since_boot"])))
+        else:  # not Linux, or a file of the form before
+            moved = abs(started - float(record["started"]))
+        if moved > 0.05 or exe != record.get("exe", exe):
             log.warning("%s: pid %d in %s is now another process (%s); the file is stale",
                         self.name, pid, self.pid_file, " ".join(_cmdline(proc))[:120])
             return None
@@ -131,8 +135,10 @@ class ManagedProcess:
         record: dict[str, Any] = {"pid": pid}
         try:
             proc = psutil.Process(pid)
-            record.update(started=proc.create_time(), since_boot=_since_boot(proc),
-                          exe=_exe(proc), cmdline=_cmdline(proc))
+            record.update(started=proc.create_time(), exe=_exe(proc), cmdline=_cmdline(proc))
+            since_boot = _since_boot(pid)
+            if since_boot is not None:
+                record.update(since_boot=since_boot, boot_id=_boot_id())
         except psutil.Error:
             pass  # already gone: the record holds the pid alone, and pid() finds it dead
         write_json_atomic(self.pid_file, record)
@@ -162,12 +168,26 @@ class ManagedProcess:
             return ""
 
 
-def _since_boot(proc: psutil.Process) -> float:
-    """When ``proc`` started, in seconds since the machine booted. On Linux the kernel
-    counts a process's start in clock ticks since boot and psutil adds the boot time on
-    the wall clock (``/proc/stat``'s ``btime``), which moves with every step of that
-    clock: the difference does not."""
-    return proc.create_time() - psutil.boot_time()
+def _since_boot(pid: int) -> float | None:
+    """When process ``pid`` started, in seconds since the machine booted, on Linux (None
+    elsewhere, or when it cannot be read). The kernel counts it in clock ticks since boot
+    (``/proc/<pid>/stat``, field 22); psutil's start time adds the boot time on the wall
+    clock, which moves with every step of that clock (a virtual machine's clock set
+    right), and this does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        # Fields 3 onwards follow the command name, which may hold spaces and brackets.
+        return int(stat[stat.rindex(")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _boot_id() -> str | None:
+    """This boot's random id (Linux): a pid file from another boot names nothing alive."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
 
 def _exe(proc: psutil.Process) -> str:

@@ -394,8 +394,9 @@ class ReplicaPool:
 
     async def _check(self, replica: Replica) -> None:
         spec = replica.spec
+        healthy = await replica.client.healthy()
         if spec is not None and not spec.alive():
-            if await replica.client.healthy():
+            if healthy:
                 # Its recorded process is not found, yet a vLLM answers on its port: a second
                 # one started there could not bind it and would die, again and again, each
                 # try taking the replica out of rotation. It serves on.
@@ -405,6 +406,9 @@ class ReplicaPool:
                                 replica.index, spec.process.pid_file, replica.url)
                 replica.unowned = True
             else:
+                replica.failures += 1
+                if replica.unowned and replica.failures < _FAILS_BEFORE_DOWN:
+                    return  # one missed check of a vLLM that answered before: look again
                 # Gone: restart it, backing off while it keeps dying soon after each start
                 # (bad flags, no memory, an engine that crashes once loaded), so it is not
                 # restarted in a loop. One that served for a while is restarted at once.
@@ -416,7 +420,7 @@ class ReplicaPool:
                 return
         else:
             replica.unowned = False
-        if not await replica.client.healthy():
+        if not healthy:
             replica.failures += 1
             if replica.state == "starting":
                 if spec is not None and time.monotonic() - replica.started_at > self.start_timeout_s:

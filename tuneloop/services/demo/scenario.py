@@ -105,7 +105,8 @@ FULL = Scenario(old_share=0.5, max_old=40, new_intents=10, history_per_intent=24
                 golden_per_intent=5, heldout_per_intent=10, new_share=0.5, steady_s=120,
                 users=4, rate=1.5, label_share=0.6, drift_window=200, shift_timeout_s=4200,
                 settings=_settings(200, 90, 40, 20, 80))
-# The small scenario is sized to end within 25 minutes on two CPU cores, where vLLM answers
+# The small scenario is sized to end within 25 minutes on two CPU cores (for labels; a
+# reply task's larger sizes take longer, KIND_SIZES), where vLLM answers
 # about two requests a second: its agent labels nine answers in ten, so the new intents
 # have the examples a retrain waits for (loop.min_examples_per_new_label) about when the
 # drift alarm comes, and the offline gate asks 40 of the newest labelled events.

@@ -37,6 +37,7 @@ class AdminService:
             "replicas": [{"index": r.index, "url": r.url, "state": r.state,
                           "inflight": r.inflight, "restarts": r.restarts,
                           "loaded": sorted(r.loaded), "managed": r.spec is not None,
+                          "unowned": r.unowned,
                           "last_error": r.last_error}
                          for r in pool.replicas],
             "grace": [{"alias": a, "version": v, "unload_in_s": round(t - time.monotonic(), 1)}
