@@ -77,7 +77,8 @@ class ManagedProcess:
         since_boot = _since_boot(pid)
         if "since_boot" in record and since_boot is not None:
             # Another boot (the pid reused after a reboot) or another start is another one.
-            moved = (float("inf") if record.get("boot_id") != _boot_id()
+            boot = _boot_id()
+            moved = (float("inf") if record.get("boot_id", boot) != boot
                      else abs(since_boot - float(record["since_boot"])))
         else:  # not Linux, or a file of the form before
             moved = abs(started - float(record["started"]))
