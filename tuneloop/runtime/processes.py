@@ -82,7 +82,9 @@ class ManagedProcess:
                      else abs(since_boot - float(record["since_boot"])))
         else:  # not Linux, or a file of the form before
             moved = abs(started - float(record["started"]))
-        if moved > 0.05 or exe != record.get("exe", exe):
+        # An executable that cannot be read (a process on its way out) is not another one:
+        # the start time tells them apart.
+        if moved > 0.05 or (exe and exe != record.get("exe", exe)):
             log.warning("%s: pid %d in %s is now another process (%s); the file is stale",
                         self.name, pid, self.pid_file, " ".join(_cmdline(proc))[:120])
             return None
@@ -139,7 +141,9 @@ class ManagedProcess:
             record.update(started=proc.create_time(), exe=_exe(proc), cmdline=_cmdline(proc))
             since_boot = _since_boot(pid)
             if since_boot is not None:
-                record.update(since_boot=since_boot, boot_id=_boot_id())
+                record["since_boot"] = since_boot
+                if (boot := _boot_id()) is not None:
+                    record["boot_id"] = boot
         except psutil.Error:
             pass  # already gone: the record holds the pid alone, and pid() finds it dead
         write_json_atomic(self.pid_file, record)

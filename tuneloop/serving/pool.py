@@ -394,8 +394,10 @@ class ReplicaPool:
 
     async def _check(self, replica: Replica) -> None:
         spec = replica.spec
+        # The process first: one killed while its health check is in flight is gone.
+        alive = spec is None or spec.alive()
         healthy = await replica.client.healthy()
-        if spec is not None and not spec.alive():
+        if spec is not None and not alive:
             if healthy:
                 # Its recorded process is not found, yet a vLLM answers on its port: a second
                 # one started there could not bind it and would die, again and again, each
