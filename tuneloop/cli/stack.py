@@ -59,8 +59,8 @@ def up(
 
 
 def down(ctx: typer.Context) -> None:
-    """Stop the embedded stack. On memory storage (the default) the broker's messages go
-    with it; with kafka.storage_engine = s3://... they stay in the object store."""
+    """Stop the embedded stack. The broker's messages stay in the object store (the
+    default, kafka.storage_engine = s3://...); on memory storage they go with it."""
     from tuneloop.infra.split import Split, is_split
     from tuneloop.infra.stack import Stack
 
