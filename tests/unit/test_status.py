@@ -7,6 +7,7 @@ import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,8 @@ from tuneloop.infra.stack import Health
 from tuneloop.runtime.settings import TaskSpec
 from tuneloop.services.canary.core import Check, Decision
 from tuneloop.services.canary.store import record_decision
-from tuneloop.services.loop.status import StoreFigures, read_store_figures
+from tuneloop.services.evaluation.tasks import evaluate
+from tuneloop.services.loop.status import StoreFigures, golden_score, read_store_figures
 from tuneloop.services.registry import store as registry
 from tuneloop.services.store.database import AnyStore, Store
 
@@ -32,7 +34,7 @@ def _terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(console, "width", 100)
 
 
-def _publish(con, tmp_path: Path, name: str, golden: dict[str, float] | None) -> str:
+def _publish(con, tmp_path: Path, name: str, golden: dict[str, Any] | None) -> str:
     source = tmp_path / name
     source.mkdir()
     (source / "adapter_config.json").write_text(json.dumps({"r": 8}))
@@ -77,7 +79,10 @@ def test_the_store_figures_come_from_the_stage_shells(tmp_path: Path,
     assert [a.version for a in figures.adapters] == ["v2", "v1"]  # newest first
     v1 = figures.adapters[1]
     assert (v1.state, v1.golden_accuracy, v1.golden_macro_f1) == ("production", 0.8, 0.75)
+    # A report from before task kinds is a label task's: its headline is macro-F1.
+    assert (v1.golden_metric, v1.golden_score) == ("macro-F1", 0.75)
     assert figures.adapters[0].golden_accuracy is None
+    assert figures.adapters[0].golden_score is None
     assert figures.latest_drift is not None and figures.latest_drift.drifted
     assert figures.last_change is not None
     assert (figures.last_change.version, figures.last_change.to_state) == ("v1", "production")
@@ -116,7 +121,8 @@ def test_the_json_document_keeps_its_keys_and_shapes(tmp_path: Path) -> None:
     assert doc["topics"][2] == {"topic": "other", "error": "unreachable"}
     assert doc["dead_letters"][0] == ["not JSON at offset N", 3]
     assert set(doc["adapters"][0]) == {"version", "name", "state", "dataset", "created_at",
-                                       "golden_accuracy", "golden_macro_f1"}
+                                       "golden_accuracy", "golden_macro_f1", "golden_metric",
+                                       "golden_score", "promoted_score"}
     assert len(doc["latest_drift"]) == 1 and doc["latest_drift"][0][1:] == [0.31, 0.002, True]
     assert set(doc["last_change"]) == {"at", "version", "from", "to", "action", "reason"}
     assert set(doc["canary"][0]) == {"created_at", "stage", "candidate", "incumbent", "verdict",
@@ -132,7 +138,7 @@ def test_every_section_renders(tmp_path: Path) -> None:
     text = captured.get()
     for fragment in ("components", "kafka", "feedback.v1", "unreachable", "dead_letters",
                      "events/min", "outbox 3", "not JSON at offset N", "novel share 0.31",
-                     "DRIFT", "offline", "last change", "v1", "0.800 / 0.750",
+                     "DRIFT", "offline", "last change", "v1", "macro-F1 0.750 (acc 0.800)",
                      "recent flow runs", "drift-check", "ConnectError",
                      "support-bot is a text task", "answers up to 96 tokens",
                      "system prompt: 'Reply kindly.'"):
@@ -144,3 +150,59 @@ def test_an_empty_store_renders_without_its_sections(tmp_path: Path) -> None:
     with console.capture() as captured:
         render_status(report)
     assert "does not exist yet" in captured.get()
+
+
+# Golden reports as training writes them (EvalReport.to_dict()), one per task kind.
+JSON_GOLDEN = evaluate("json", ['{"a": 1, "b": 2}'], ['{"a": 1, "b": 3}']).to_dict()
+TEXT_GOLDEN = evaluate("text", ["the card arrives on Monday"],
+                       ["your card arrives on Monday"]).to_dict()
+LABEL_GOLDEN = evaluate("label", ["card_arrival", "top_up"], ["card_arrival", "top_up"],
+                        ["card_arrival", "card_arrival"]).to_dict()
+
+
+@pytest.mark.parametrize(("report", "expected"), [
+    (JSON_GOLDEN, ("field F1", 0.5)),
+    (TEXT_GOLDEN, ("chrF", TEXT_GOLDEN["score"])),
+    (LABEL_GOLDEN, ("macro-F1", LABEL_GOLDEN["macro_f1"])),
+    # From before task kinds: a label task's report, labelled or judged by exact match.
+    ({"accuracy": 0.8, "macro_f1": 0.75, "exact_match": 0.7}, ("macro-F1", 0.75)),
+    ({"accuracy": None, "macro_f1": None, "exact_match": 0.4}, ("exact match", 0.4)),
+    ({"kind": "json", "score": None}, (None, None)),
+    ({}, (None, None)),
+])
+def test_the_golden_score_is_the_task_headline_with_its_name(
+        report: dict[str, Any], expected: tuple[str | None, float | None]) -> None:
+    assert golden_score(report) == expected
+
+
+def _task_store(tmp_path: Path) -> Store:
+    """A json, a text and a label version, and one trained without a golden set that
+    passed its offline gate."""
+    store = Store(tmp_path / "tuneloop.duckdb")
+    with store.connect() as con:
+        _publish(con, tmp_path, "json", JSON_GOLDEN)
+        _publish(con, tmp_path, "text", TEXT_GOLDEN)
+        _publish(con, tmp_path, "label", {"accuracy": 0.8, "macro_f1": 0.75})
+        gated = _publish(con, tmp_path, "gated", None)
+        record_decision(con, Decision("offline", gated, None, "pass", [], {"golden_score": {
+            "metric": "chrF", "incumbent": 0.5, "candidate": 0.64}}), None)
+    return store
+
+
+def test_each_version_shows_its_task_golden_score(tmp_path: Path) -> None:
+    figures = read_store_figures(_task_store(tmp_path))
+    lines = {a.version: (a.golden_metric, a.golden_score, a.promoted_score)
+             for a in figures.adapters}
+    assert lines == {"v1": ("field F1", 0.5, None),
+                     "v2": ("chrF", pytest.approx(TEXT_GOLDEN["score"]), None),
+                     "v3": ("macro-F1", 0.75, None), "v4": (None, None, 0.64)}
+    doc = json.loads(json.dumps(_report(figures).to_json(), default=str))
+    json_line = next(a for a in doc["adapters"] if a["version"] == "v1")
+    assert (json_line["golden_metric"], json_line["golden_score"]) == ("field F1", 0.5)
+    assert json_line["golden_accuracy"] is None and json_line["golden_macro_f1"] is None
+    with console.capture() as captured:
+        render_status(_report(figures))
+    text = captured.get()
+    for fragment in ("golden score", "field F1 0.500", f"chrF {TEXT_GOLDEN['score']:.3f}",
+                     "macro-F1 0.750 (acc 0.800)", "gate 0.640"):
+        assert fragment in text, fragment

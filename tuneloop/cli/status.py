@@ -23,7 +23,7 @@ from tuneloop.runtime.settings import Settings
 if TYPE_CHECKING:  # the stack's modules load only when status runs
     from tuneloop.infra.prefect_server import FlowRunLine
     from tuneloop.infra.stack import Health
-    from tuneloop.services.loop.status import StoreFigures
+    from tuneloop.services.loop.status import AdapterLine, StoreFigures
 
 # Status answers within seconds even when a long write holds the store.
 STORE_WAIT_S = 3.0
@@ -342,14 +342,23 @@ def _last_change(store: StoreFigures) -> None:
 def _adapters(store: StoreFigures) -> None:
     if not store.adapters:
         return
-    table = _table("adapters", "version", "name", "state", "dataset", "golden acc / macro-F1",
-                   "created")
+    table = _table("adapters", "version", "name", "state", "dataset", "golden score", "created")
     for ad in store.adapters:
-        gold = "-" if ad.golden_accuracy is None else \
-            f"{ad.golden_accuracy:.3f} / {ad.golden_macro_f1 or 0:.3f}"
-        table.add_row(ad.version, ad.name, ad.state, ad.dataset or "", gold,
+        table.add_row(ad.version, ad.name, ad.state, ad.dataset or "", golden_cell(ad),
                       f"{ad.created_at:%Y-%m-%d %H:%M}")
     console.print(table)
+
+
+def golden_cell(ad: AdapterLine) -> str:
+    """A version's golden score named by its task's metric: ``macro-F1 0.750 (acc 0.800)``,
+    ``field F1 0.812``, ``chrF 0.634``. A version trained without a golden set shows the
+    score its offline gate passed it with (``gate 0.640``); ``-`` when it has neither."""
+    if ad.golden_score is not None:
+        cell = f"{ad.golden_metric} {ad.golden_score:.3f}"
+        if ad.golden_metric == "macro-F1" and ad.golden_accuracy is not None:
+            cell += f" (acc {ad.golden_accuracy:.3f})"
+        return cell
+    return "-" if ad.promoted_score is None else f"gate {ad.promoted_score:.3f}"
 
 
 RUN_COLOURS = {"Completed": "green", "Failed": "red", "Crashed": "red", "Running": "cyan"}

@@ -6,14 +6,16 @@ changes, the drift and canary shells for their records, ingest for the dead lett
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import duckdb
 
-from tuneloop.services.canary.store import active_freeze, list_decisions
+from tuneloop.services.canary.store import active_freeze, list_decisions, promoted_score
 from tuneloop.services.drift.store import report_history
+from tuneloop.services.evaluation.tasks import SCORE_NAMES
 from tuneloop.services.ingest.dead_letters import DeadLetterGroup, dead_letter_reasons
 from tuneloop.services.registry.store import history, list_adapters
 from tuneloop.services.store.database import AnyStore, StoreBusyError
@@ -24,7 +26,14 @@ SERVING_CHANGES = ("production", "retired", "rejected")
 
 @dataclass(frozen=True)
 class AdapterLine:
-    """One adapter as status lists it, with its golden-set scores when it was gated."""
+    """One adapter as status lists it, with its golden-set scores.
+
+    ``golden_score`` is the task's headline on the golden set when the version was
+    trained (macro-F1 for labels, field F1 for json, chrF for text; ``golden_metric``
+    names it); ``promoted_score`` the same task's score that its offline gate passed it
+    with (served by vLLM), if it passed one. ``golden_accuracy`` and ``golden_macro_f1``
+    are set for labels only.
+    """
 
     version: str
     name: str
@@ -33,6 +42,9 @@ class AdapterLine:
     created_at: datetime
     golden_accuracy: float | None
     golden_macro_f1: float | None
+    golden_metric: str | None = None
+    golden_score: float | None = None
+    promoted_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -114,16 +126,41 @@ def _read_records(con: duckdb.DuckDBPyConnection, figures: StoreFigures) -> None
 def recent_adapters(con: duckdb.DuckDBPyConnection, limit: int = 5) -> list[AdapterLine]:
     """The ``limit`` newest adapters of every alias, newest first."""
     newest = list_adapters(con)[-limit:][::-1]
-    return [AdapterLine(a.version, a.name, a.state, a.dataset_version, a.created_at,
-                        _golden(a.metrics, "accuracy"), _golden(a.metrics, "macro_f1"))
-            for a in newest]
+    lines = []
+    for a in newest:
+        golden = a.metrics.get("golden")
+        golden = golden if isinstance(golden, Mapping) else {}
+        metric, score = golden_score(golden)
+        lines.append(AdapterLine(a.version, a.name, a.state, a.dataset_version, a.created_at,
+                                 _number(golden.get("accuracy")),
+                                 _number(golden.get("macro_f1")), metric, score,
+                                 _number(promoted_score(con, a.version))))
+    return lines
 
 
-def _golden(metrics: dict[str, Any], key: str) -> float | None:
-    golden = metrics.get("golden")
-    value = golden.get(key) if isinstance(golden, dict) else None
+def golden_score(report: Mapping[str, Any]) -> tuple[str | None, float | None]:
+    """The task's headline in a training run's golden report (``EvalReport.to_dict()``)
+    and the name of its metric; ``(None, None)`` when the report holds none.
+
+    A report without ``kind`` (trained before json and text tasks) is a label task's. A
+    label task whose golden set had no labels is judged by exact match, as the offline
+    gate judges it.
+    """
+    kind = report.get("kind") or "label"
+    if kind == "label":
+        macro = _number(report.get("macro_f1"))
+        if macro is not None:
+            return "macro-F1", macro
+        exact = _number(report.get("score"))
+        exact = _number(report.get("exact_match")) if exact is None else exact
+        return ("exact match", exact) if exact is not None else (None, None)
+    score = _number(report.get("score"))
+    return (SCORE_NAMES.get(str(kind), str(kind)), score) if score is not None else (None, None)
+
+
+def _number(value: Any) -> float | None:
     try:
-        return None if value is None else float(value)
+        return None if value is None or isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         return None
 
