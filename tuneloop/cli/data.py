@@ -118,7 +118,7 @@ def golden_add(
     with store.connect() as con:
         if file is not None:
             try:
-                examples = golden.from_jsonl(file)
+                examples = golden.from_jsonl(file, settings.task)
             except (ValueError, OSError) as exc:
                 raise fail(str(exc)) from None
         else:
@@ -130,9 +130,49 @@ def golden_add(
             raise fail(str(exc)) from None
         total = len(golden.load(con))
     console.print(f"golden set: added {added}, now {total}")
-    if total < settings.curation.golden_min:
+    if file is not None and added < len(examples):
+        console.print(f"[yellow]{len(examples) - added} of {len(examples)} prompts were already "
+                      "golden (or repeated in the file) and were skipped: to replace one, "
+                      "`tuneloop golden remove` it first[/]")
+    _aim(total, settings.curation.golden_min)
+
+
+@golden_app.command("remove")
+def golden_remove(
+    ctx: typer.Context,
+    keys: list[str] | None = typer.Argument(
+        None, help="Example ids (as `tuneloop golden list` shows them) or prompts."),
+    invalid: bool = typer.Option(
+        False, "--invalid", help="Remove every reference the alias's task cannot judge (for a "
+        "json task: a reference that is not a JSON object)."),
+) -> None:
+    """Remove examples from the golden set (to replace them, or references the task cannot
+    judge)."""
+    if not keys and not invalid:
+        raise fail("name the examples to remove (ids or prompts), or pass --invalid")
+    settings = settings_of(ctx)
+    with Store.of(settings).connect() as con:
+        examples = golden.load(con)
+        named, unmatched = golden.matching(examples, keys or [])
+        if unmatched:
+            raise fail(f"no golden example has the id or prompt {', '.join(map(repr, unmatched))}"
+                       " (see `tuneloop golden list`); nothing removed")
+        if invalid:
+            judged, _ = golden.judgeable(examples, settings.task)
+            kept = {ex.example_id for ex in judged}
+            named += [ex for ex in examples if ex.example_id not in kept]
+        removed = golden.remove(con, [ex.example_id for ex in named])
+        total = len(golden.load(con))
+    console.print(f"golden set: removed {removed}, now {total}")
+    if invalid and not keys and not removed:
+        console.print(f"every golden reference is one a {settings.task.kind} task can judge")
+    _aim(total, settings.curation.golden_min)
+
+
+def _aim(total: int, golden_min: int) -> None:
+    if total < golden_min:
         console.print(f"[yellow]the golden set has {total} examples; aim for at least "
-                      f"{settings.curation.golden_min}[/]")
+                      f"{golden_min} (`tuneloop golden add`)[/]")
 
 
 @golden_app.command("list")

@@ -33,7 +33,7 @@ can say exactly why it went the way it did.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -212,8 +212,9 @@ def golden_checks(golden: Paired, cfg: CanarySettings) -> tuple[list[Check], dic
         if bad:
             return [Check("golden set", HOLD, float(bad), None, "every reference a JSON object",
                           f"{bad} of {len(golden.references)} golden references are not JSON "
-                          "objects (a golden set from before the task was json?): replace them "
-                          "with `tuneloop golden add`")], {}
+                          "objects (a golden set from before the task was json?): drop them "
+                          "with `tuneloop golden remove --invalid` and add others with "
+                          "`tuneloop golden add`")], {}
     inc_right, cand_right = golden.right(golden.incumbent), golden.right(golden.candidate)
     figures: dict[str, Any] = {
         "golden_n": len(golden.references),
@@ -306,18 +307,27 @@ def improvement_checks(test: Paired, cfg: CanarySettings, fresh_n: int = 0,
         return [Check("test split improvement", HOLD, None, None, "at least 1 example",
                       "the candidate's dataset has no test split and no labelled event came "
                       "after it; nothing shows an improvement")], {}
+    test, fresh_n, left_out = _judgeable(test, fresh_n)
+    if not test.references:
+        return [Check("test split improvement", HOLD, float(left_out), None,
+                      "every reference a JSON object",
+                      f"none of the {left_out} test-split and newer references is a JSON "
+                      "object (a dataset curated before the task was json?): nothing shows "
+                      "an improvement")], {"test_left_out": left_out}
     alpha = cfg.alpha / cfg.offline_looks
     inc_right, cand_right = test.right(test.incumbent), test.right(test.candidate)
     score_i, score_c = test.scores(test.incumbent), test.scores(test.candidate)
     n_test = len(test.references) - fresh_n
     figures: dict[str, Any] = {
-        "test_n": n_test, "fresh_n": fresh_n, "look": look, "looks": cfg.offline_looks,
+        "test_n": n_test, "fresh_n": fresh_n, "test_left_out": left_out, "look": look,
+        "looks": cfg.offline_looks,
         "test_accuracy": {"incumbent": _mean(inc_right), "candidate": _mean(cand_right)},
         "test_score": {"metric": "accuracy" if test.kind == "label" else test.metric,
                        "incumbent": float(score_i.mean()), "candidate": float(score_c.mean())}}
     threshold = f"pass if p < {alpha:.3g} (alpha / {cfg.offline_looks} looks)"
-    where = (f"{n_test} test-split + {fresh_n} newer labelled examples, look {look}/"
-             f"{cfg.offline_looks}")
+    where = (f"{n_test} test-split + {fresh_n} newer labelled examples"
+             + (f" ({left_out} left out: references not JSON objects)" if left_out else "")
+             + f", look {look}/{cfg.offline_looks}")
     if test.kind in ("text", "json"):
         boot = paired_bootstrap(lambda idx: float(score_i[idx].mean()),
                                 lambda idx: float(score_c[idx].mean()), len(score_i), 0.0,
@@ -356,6 +366,22 @@ def improvement_checks(test: Paired, cfg: CanarySettings, fresh_n: int = 0,
             f"{exact.only_incumbent}"))
         checks.append(_valid_check("test split", test, cfg, figures))
     return checks, figures
+
+
+def _judgeable(test: Paired, fresh_n: int) -> tuple[Paired, int, int]:
+    """``json``: the examples whose reference is a JSON object (the only kind a json task can
+    judge), how many of them are newer (the last ``fresh_n``), and how many were left out."""
+    if test.kind != "json":
+        return test, fresh_n, 0
+    n_test = len(test.references) - fresh_n
+    keep = [i for i, r in enumerate(test.references) if parse_object(r) is not None]
+    if len(keep) == len(test.references):
+        return test, fresh_n, 0
+    kept = replace(test, references=[test.references[i] for i in keep],
+                   labels=[test.labels[i] for i in keep],
+                   incumbent=[test.incumbent[i] for i in keep],
+                   candidate=[test.candidate[i] for i in keep])
+    return kept, sum(i >= n_test for i in keep), len(test.references) - len(keep)
 
 
 def only_improvement_holds(decision: Decision) -> bool:

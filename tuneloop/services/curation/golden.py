@@ -1,9 +1,9 @@
 """The golden set: pinned, hand-verifiable examples that are never trained on.
 
 Golden examples come from labelled or corrected feedback (stratified by label)
-or from a JSONL file a person wrote. They live in ``golden_set``; every
-regression check reads them, and curation refuses any example whose prompt is a
-golden prompt or a near-duplicate of one.
+or from a JSONL file a person wrote, both made as curation makes a training example for
+the alias's task. They live in ``golden_set``; every regression check reads them, and
+curation refuses any example whose prompt is a golden prompt or a near-duplicate of one.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import json
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import duckdb
 import numpy as np
@@ -26,13 +26,25 @@ from tuneloop.services.curation.core import (
     Candidate,
     Example,
     GoldenIndex,
-    example_id,
     prompt_key,
     scrub,
     select,
+    target_problem,
 )
+from tuneloop.services.evaluation.tasks import parse_object
 
 log = logging.getLogger(__name__)
+BAD_LINES_SHOWN = 20  # bad lines of a golden JSONL file an error names
+FIX_UNJUDGEABLE = ("drop them with `tuneloop golden remove --invalid` and add others with "
+                   "`tuneloop golden add`")
+
+
+class _Answered(Protocol):
+    @property
+    def completion(self) -> str: ...
+
+
+AnsweredT = TypeVar("AnsweredT", bound=_Answered)
 
 
 class GoldenSetFull(ValueError):
@@ -56,6 +68,8 @@ def pick(candidates: Sequence[Candidate], n: int, seed: int = 0,
         if isinstance(chosen, str):
             continue
         example, _ = scrub(chosen)
+        if task is not None and kind == "json" and target_problem(example.completion, task):
+            continue  # the redaction broke the schema, as curation would drop it
         key = prompt_key(example.prompt)
         if key in seen:
             continue
@@ -73,34 +87,120 @@ def pick(candidates: Sequence[Candidate], n: int, seed: int = 0,
     return picked
 
 
-def from_jsonl(path: Path) -> list[Example]:
-    """Examples from a chat-format JSONL file (``messages`` plus optional ``label``).
+def from_jsonl(path: Path, task: TaskSpec | None = None) -> list[Example]:
+    """Examples from a chat-format JSONL file (``messages`` ending with the assistant's
+    answer, plus an optional ``label``), made as curation makes them for ``task`` (default:
+    a label task): a ``json`` answer must be an object the task's schema accepts and is kept
+    in its canonical form, and the task's system prompt goes first in a chat without one.
 
-    Raises ``ValueError`` naming the line of the first malformed record.
+    Raises ``ValueError`` naming the bad lines by number, and why; nothing is returned
+    from a file with any.
     """
-    out = []
+    task = task or TaskSpec()
+    out, problems = [], []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(
-                f"{path}:{n}: not a chat record ({exc}); expected "
-                '{"messages": [{"role": ..., "content": ...}, ...], "label": ...}'
-            ) from None
-        if not messages or messages[-1]["role"] != "assistant":
-            raise ValueError(f"{path}:{n}: the last message must be the assistant's answer")
-        prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        example, _ = scrub(
-            Example(
-                example_id=example_id(messages), source_event_id=None, label=record.get("label"),
-                messages=messages, prompt=prompt, completion=messages[-1]["content"],
-            )
-        )
-        out.append(example)
+            made = _example(json.loads(line), task)
+        except json.JSONDecodeError as exc:
+            made = f"not JSON ({exc})"
+        if isinstance(made, str):
+            problems.append(f"{path}:{n}: {made}")
+        else:
+            out.append(made)
+    if problems:
+        more = len(problems) - BAD_LINES_SHOWN
+        raise ValueError(
+            f"{len(problems)} bad lines in {path}, nothing added:\n"
+            + "\n".join(problems[:BAD_LINES_SHOWN]) + (f"\n... and {more} more" if more > 0
+                                                       else ""))
     return out
+
+
+def _example(record: Any, task: TaskSpec) -> Example | str:
+    """One record as the golden example ``task`` judges, or why it cannot be one."""
+    try:
+        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    except (KeyError, TypeError) as exc:
+        return (f"not a chat record (missing or bad {exc}); expected "
+                '{"messages": [{"role": ..., "content": ...}, ...], "label": ...}')
+    if not all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in messages):
+        return ("every message's role and content must be strings (write a JSON answer as its text: "
+                '"{\\"city\\": \\"Paris\\"}")')
+    label = record.get("label")
+    if label is not None and not isinstance(label, str):
+        return f"the label {label!r} is not a string"
+    if not messages or messages[-1]["role"] != "assistant":
+        return "the last message must be the assistant's answer"
+    answer = messages[-1]["content"]
+    prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    if not prompt.strip():
+        return "no user message: nothing to ask"
+    if not answer.strip():
+        return "the assistant's answer is empty"
+    if task.kind == "json" and (why := target_problem(answer, task)) is not None:
+        return f"the answer is not an object the json task's schema accepts: {why}"
+    # The answer is the reference, as a correction is in curation: the same selection, so
+    # a golden example is judged (canonical object, system prompt) as users' examples are.
+    chosen = select(Candidate(event_id="", occurred_at=datetime.now(UTC), messages=messages,
+                              prompt=prompt, completion=answer, correction=answer, label=label),
+                    task=task)
+    if isinstance(chosen, str):
+        return chosen
+    example, _ = scrub(replace(chosen, source_event_id=None))
+    if task.kind == "json" and (why := target_problem(example.completion, task)) is not None:
+        return f"after PII redaction, the answer is not one the json task's schema accepts: {why}"
+    return example
+
+
+def judgeable(examples: Sequence[AnsweredT], task: TaskSpec) -> tuple[list[AnsweredT], int]:
+    """The golden examples ``task`` can judge, and how many it cannot. A ``json`` task
+    scores an answer against its reference object, so a reference that is not a JSON object
+    (a golden set pinned while the alias was a label task, say) cannot be judged; any
+    reference can for the other kinds."""
+    if task.kind != "json":
+        return list(examples), 0
+    kept = [ex for ex in examples if parse_object(ex.completion) is not None]
+    return kept, len(examples) - len(kept)
+
+
+def unjudgeable_note(left_out: int, total: int) -> str:
+    """What a check that left out ``left_out`` of ``total`` golden examples says."""
+    return (f"{left_out} of {total} golden references are not JSON objects, which a json task "
+            f"cannot judge (a golden set from before the task was json?): left out; "
+            f"{FIX_UNJUDGEABLE}")
+
+
+def matching(examples: Sequence[Example], keys: Sequence[str]
+             ) -> tuple[list[Example], list[str]]:
+    """The golden examples each key names (by example id, or by prompt, case and whitespace
+    aside), and the keys that name none."""
+    by_id = {ex.example_id: ex for ex in examples}
+    by_prompt: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        by_prompt[prompt_key(ex.prompt)].append(ex)
+    found: dict[str, Example] = {}
+    unmatched = []
+    for key in keys:
+        named = [by_id[key]] if key in by_id else by_prompt.get(prompt_key(key), [])
+        if not named:
+            unmatched.append(key)
+        found.update((ex.example_id, ex) for ex in named)
+    return list(found.values()), unmatched
+
+
+def remove(con: duckdb.DuckDBPyConnection, example_ids: Collection[str]) -> int:
+    """Delete the golden examples with these ids; returns how many there were."""
+    ids = sorted(set(example_ids))
+    if not ids:
+        return 0
+    placeholders = ", ".join("?" for _ in ids)
+    (n,) = con.execute(f"SELECT count(*) FROM golden_set WHERE example_id IN ({placeholders})",
+                       ids).fetchone() or (0,)
+    con.execute(f"DELETE FROM golden_set WHERE example_id IN ({placeholders})", ids)
+    log.info("golden set: removed %d examples", n)
+    return int(n)
 
 
 def add(con: duckdb.DuckDBPyConnection, examples: Sequence[Example], cap: int) -> int:
