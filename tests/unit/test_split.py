@@ -20,7 +20,10 @@ def test_each_role_has_its_own_home_settings_caches_and_temporary_folder(
     home.mkdir()
     recipe = home / "recipe.yaml"
     recipe.write_text("rank: 8\n")
-    table = merge(split_settings(home), {"training": {"config": str(recipe)}})
+    (home / "slots.schema.json").write_text('{"type": "object"}')
+    table = merge(split_settings(home), {
+        "training": {"config": str(recipe)},
+        "tasks": {"support-bot": {"kind": "json", "json_schema": "slots.schema.json"}}})
     config = home / "tuneloop.toml"
     config.write_text(to_toml(table))
     monkeypatch.setenv(CONFIG_ENV, str(config))
@@ -44,6 +47,12 @@ def test_each_role_has_its_own_home_settings_caches_and_temporary_folder(
         # The recipe the operator's file names under the operator's home is copied too.
         assert copied["training"]["config"] == str(role_home / "recipe.yaml")
         assert copied["store"] == table["store"]
+        # A schema named beside the operator's file is found from the role's home too.
+        schema = copied["tasks"]["support-bot"]["json_schema"]
+        assert schema == str((home / "slots.schema.json").resolve())
+        monkeypatch.setenv(CONFIG_ENV, env[CONFIG_ENV])
+        assert load_settings().task.schema_document == {"type": "object"}
+        monkeypatch.setenv(CONFIG_ENV, str(config))
         # The keys two roles check each other by are the same in every copy: the gateway
         # signs verdicts with the event key and the control worker's canary checks them.
         for key in ("event_key", "admin_key", "vllm_api_key", "user_id_key"):

@@ -80,6 +80,28 @@ def test_settings_give_the_served_alias_its_task_and_refuse_a_task_of_no_alias(
         load_settings({"tasks.support-bot.kinds": "text"})
 
 
+def test_a_relative_schema_path_is_read_beside_the_settings_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process started in another folder (each role of `tuneloop up --split` runs in its
+    own home) reads the schema the operator's file names beside it."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "slots.schema.json").write_text(json.dumps(SCHEMA))
+    (conf / "tuneloop.toml").write_text(
+        '[tasks.support-bot]\nkind = "json"\njson_schema = "slots.schema.json"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("TUNELOOP_CONFIG", str(conf / "tuneloop.toml"))
+    task = load_settings().task
+    assert task.json_schema == (conf / "slots.schema.json").resolve()
+    assert task.schema_document == SCHEMA
+    # Not beside the file: the working directory, as before.
+    (elsewhere / "other.schema.json").write_text(json.dumps(SCHEMA))
+    spec = TaskSpec(kind="json", json_schema=Path("other.schema.json"))
+    assert spec.json_schema == Path("other.schema.json") and spec.schema_document == SCHEMA
+
+
 # ------------------------------------------------------------------ evaluation
 def test_json_answers_are_judged_by_parse_schema_fields_and_whole_objects() -> None:
     refs = ['{"city": "Paris", "guests": 2}', '{"city": "Rome", "guests": 1}',

@@ -149,11 +149,16 @@ class Split:
 
     def _role_table(self, role: str) -> dict[str, Any]:
         """The operator's settings file, copied; a recipe file it names under the
-        operator's home is copied into the role's home too."""
+        operator's home is copied into the role's home too, and a task's schema file is
+        named by its absolute path (each role runs in its own home)."""
         config = os.environ.get(CONFIG_ENV)
         table: dict[str, Any] = {}
         if config is not None and Path(config).exists():
             table = tomllib.loads(Path(config).read_text())
+        for alias, spec in load_settings({"home": self.home}).tasks.items():
+            if spec.json_schema is not None:
+                table = merge(table, {"tasks": {alias: {
+                    "json_schema": str(spec.json_schema.resolve())}}})
         recipe = (table.get("training") or {}).get("config")
         if recipe and Path(recipe).resolve().is_relative_to(self.home):
             copy = self.role_home(role) / Path(recipe).name

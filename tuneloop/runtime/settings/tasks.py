@@ -15,11 +15,12 @@ readable, valid schema, or a schema on another kind is an error that names the f
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tuneloop.runtime.settings.sections import Section
 
@@ -45,7 +46,8 @@ class TaskSpec(Section):
         "check and the training report; default by kind: label 16, json 128, text 96.")
     json_schema: Path | None = Field(
         None, description="json only: the JSON Schema file (draft 2020-12 unless it names "
-        "its own $schema) a target and an answer must satisfy.")
+        "its own $schema) a target and an answer must satisfy. A relative path is read "
+        "beside the settings file when it is there, else from the working directory.")
     decode_with_schema: bool = Field(
         True, description="json only: the gateway has vLLM decode every chat answer under "
         "the schema (structured outputs, response_format json_schema), so an answer that "
@@ -55,6 +57,19 @@ class TaskSpec(Section):
     target_min_rating: float = Field(
         0.5, gt=0, le=1, description="text and json: an answer rated at least this (with no "
         "correction) is a training target; an answer rated lower never is.")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _beside_settings_file(cls, path: Path | None) -> Path | None:
+        """A relative path names a file beside the settings file that names it, as an
+        operator writes it; the working directory is the fallback (settings given by the
+        environment or in code)."""
+        if path is None or path.is_absolute():
+            return path
+        from tuneloop.runtime.settings.loader import CONFIG_ENV, DEFAULT_CONFIG_FILE
+
+        beside = Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE)).parent / path
+        return beside.resolve() if beside.is_file() else path
 
     @model_validator(mode="after")
     def _check_schema(self) -> TaskSpec:
@@ -116,8 +131,8 @@ def load_schema(path: Path) -> dict[str, Any]:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"json_schema {path}: cannot read it ({exc.strerror or exc}); give "
-                         "the path of a JSON Schema file (relative to the working "
-                         f"directory, {Path.cwd()})") from None
+                         "the path of a JSON Schema file (relative to the settings file's "
+                         f"folder or to the working directory, {Path.cwd()})") from None
     except ValueError as exc:
         raise ValueError(f"json_schema {path} is not JSON ({exc}); fix the file") from None
     if not isinstance(document, dict):
