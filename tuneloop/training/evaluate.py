@@ -15,7 +15,7 @@ import torch
 
 from tuneloop.runtime.settings import TaskSpec
 from tuneloop.services.evaluation.metrics import EvalReport
-from tuneloop.services.evaluation.tasks import evaluate
+from tuneloop.services.evaluation.tasks import Embed, evaluate
 from tuneloop.training.dataset import ChatExample
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,11 @@ def evaluate_examples(
     task: TaskSpec | None = None,
     max_new_tokens: int = 16,
     batch_size: int = 32,
+    embed: Embed | None = None,
 ) -> tuple[EvalReport, list[str]]:
     """Generate for ``examples`` and score the answers as ``task`` asks (its kind and
-    answer budget; a label task without one: ``max_new_tokens``); returns the report and
-    the answers."""
+    answer budget; a label task without one: ``max_new_tokens``; for ``text`` the cosine
+    similarity under ``embed`` too); returns the report and the answers."""
     task = task or TaskSpec()
     # A label task without its own budget keeps the recipe config's
     # (generation_max_new_tokens); json and text tasks need their kind's longer default.
@@ -90,5 +91,5 @@ def evaluate_examples(
     labels = [e.label for e in examples]
     report = evaluate(task.kind, answers, [e.completion for e in examples],
                       labels if all(label is not None for label in labels) else None,
-                      schema=task.schema_document)
+                      schema=task.schema_document, embed=embed)
     return report, answers

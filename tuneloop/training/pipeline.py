@@ -26,8 +26,15 @@ from typing import Any
 
 from tuneloop.runtime.cpu import pinned
 from tuneloop.runtime.files import write_json_atomic
-from tuneloop.runtime.settings import ObjectStoreSettings, Settings, TaskSpec, TrainingSettings
-from tuneloop.services.evaluation.tasks import SCORE_NAMES
+from tuneloop.runtime.settings import (
+    EmbeddingSettings,
+    ObjectStoreSettings,
+    Settings,
+    TaskSpec,
+    TrainingSettings,
+)
+from tuneloop.services.curation.golden import judgeable, unjudgeable_note
+from tuneloop.services.evaluation.tasks import SCORE_NAMES, Embed
 from tuneloop.services.registry.core import Adapter
 from tuneloop.services.registry.remote import RemoteAdapters, adapter_cache_dir, files_of
 from tuneloop.services.registry.store import (
@@ -104,13 +111,25 @@ class Workspace:
     object_store: ObjectStoreSettings = field(default_factory=ObjectStoreSettings)
     artifacts: bool = False
     cache_dir: Path | None = None
+    # The deployed embedding model: a text task's report has the cosine similarity of
+    # answer and reference under it, as the canary's has.
+    embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)
 
     @classmethod
     def of(cls, settings: Settings) -> Workspace:
         return cls(settings.training, settings.runs_dir, settings.models_dir,
                    settings.adapters_dir, settings.serving.alias, settings.task,
                    settings.object_store, settings.store.artifacts,
-                   adapter_cache_dir(settings))
+                   adapter_cache_dir(settings), settings.embeddings)
+
+    def embed(self) -> Embed | None:
+        """What a text task's report embeds answers and references with (None for the
+        other kinds)."""
+        if self.task.kind != "text":
+            return None
+        from tuneloop.services.drift.embeddings import Embedder
+
+        return Embedder(self.embeddings).encode
 
     def remote(self) -> RemoteAdapters:
         """The object-stored adapters, through this process's cache."""
@@ -267,6 +286,7 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
         if config.objective == "dpo":
             recipe.total_steps = 0  # no SFT: DPO alone, from where the weights start
         metrics: dict[str, Any] = {}
+        golden, metrics["golden_left_out"] = judgeable_golden(golden, workspace.task, run_key)
         t0 = time.perf_counter()
         if golden:
             metrics["base_golden"] = _base_golden(workspace, recipe, base, config, golden)
@@ -276,10 +296,12 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
             "objective": config.objective}
         if config.objective != "sft":
             metrics["preference"] = _preference_step(recipe, splits, config, show_progress)
-        validation, _ = recipe.evaluate(splits.validation, workspace.task)
+        embed = workspace.embed()
+        validation, _ = recipe.evaluate(judgeable(splits.validation, workspace.task)[0],
+                                        workspace.task, embed)
         metrics["validation"] = validation.to_dict()
         if golden:
-            adapter_golden, _ = recipe.evaluate(golden, workspace.task)
+            adapter_golden, _ = recipe.evaluate(golden, workspace.task, embed)
             metrics["golden"] = adapter_golden.to_dict()
         eval_s = time.perf_counter() - t0 - result.train_s
         adapter_dir = run_dir / "adapter"
@@ -298,6 +320,16 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
              splits.version, result.initial_val_loss, result.best_val_loss,
              _headline(metrics.get("base_golden")), _headline(metrics.get("golden")))
     return run
+
+
+def judgeable_golden(golden: list[ChatExample], task: TaskSpec, run_key: str
+                     ) -> tuple[list[ChatExample], int]:
+    """The golden examples ``task`` can judge, and how many it cannot (logged with the fix):
+    a ``json`` reference that is not an object would stop the run before it trains."""
+    kept, left_out = judgeable(golden, task)
+    if left_out:
+        log.warning("run %s: %s", run_key, unjudgeable_note(left_out, len(golden)))
+    return kept, left_out
 
 
 def _preference_step(recipe: LoRARecipe, splits: DatasetSplits, config: RecipeConfig,
@@ -332,6 +364,7 @@ def _base_golden(workspace: Workspace, recipe: LoRARecipe, base: BaseModel,
         "generation": [config.generation_max_new_tokens, config.generation_batch_size,
                        config.task_eval_max_examples],
         "task": workspace.task.describe(),
+        "embeddings": workspace.embeddings.model if workspace.task.kind == "text" else None,
         "golden": [asdict(e) for e in golden],
     }, sort_keys=True, default=str).encode()).hexdigest()
     path = workspace.runs_dir / "base-evaluations" / f"{key}.json"
@@ -339,7 +372,7 @@ def _base_golden(workspace: Workspace, recipe: LoRARecipe, base: BaseModel,
         return dict(json.loads(path.read_text()))
     except (FileNotFoundError, ValueError):
         pass
-    report, _ = recipe.evaluate_base(golden, workspace.task)
+    report, _ = recipe.evaluate_base(golden, workspace.task, workspace.embed())
     write_json_atomic(path, report.to_dict())
     return report.to_dict()
 

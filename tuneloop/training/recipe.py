@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from tuneloop.runtime.settings import TaskSpec
 from tuneloop.services.evaluation.metrics import EvalReport
+from tuneloop.services.evaluation.tasks import Embed
 from tuneloop.training.base_model import BaseModel
 from tuneloop.training.checkpoint import EarlyStopping, LoopState, load_checkpoint, save_checkpoint
 from tuneloop.training.config import RecipeConfig
@@ -355,23 +356,24 @@ class LoRARecipe:
         return state
 
     # --------------------------------------------------------------- outputs
-    def evaluate(self, examples: Sequence[ChatExample], task: TaskSpec | None = None
-                 ) -> tuple[EvalReport, list[str]]:
+    def evaluate(self, examples: Sequence[ChatExample], task: TaskSpec | None = None,
+                 embed: Embed | None = None) -> tuple[EvalReport, list[str]]:
         """Task metrics of the current weights on ``examples`` (generation), judged as
-        ``task`` asks (default: a label task with the config's answer budget)."""
+        ``task`` asks (default: a label task with the config's answer budget); ``embed``
+        gives a text task its cosine similarity."""
         cfg = self.config
         picked = list(examples)[: cfg.task_eval_max_examples]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             return evaluate_examples(self.model, self.tokenizer, picked, task=task,
                                      max_new_tokens=cfg.generation_max_new_tokens,
-                                     batch_size=cfg.generation_batch_size)
+                                     batch_size=cfg.generation_batch_size, embed=embed)
 
-    def evaluate_base(self, examples: Sequence[ChatExample], task: TaskSpec | None = None
-                      ) -> tuple[EvalReport, list[str]]:
+    def evaluate_base(self, examples: Sequence[ChatExample], task: TaskSpec | None = None,
+                      embed: Embed | None = None) -> tuple[EvalReport, list[str]]:
         """Task metrics of the base model alone (the adapter disabled)."""
         with self.model.disable_adapter():
-            return self.evaluate(examples, task)
+            return self.evaluate(examples, task, embed)
 
     def save_adapter(self, directory: Path) -> list[Path]:
         """Write the PEFT adapter (config + safetensors weights) into ``directory``."""

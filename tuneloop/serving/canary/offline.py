@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from tuneloop.runtime.settings import Settings
 from tuneloop.services.canary.core import (
     Decision,
+    Paired,
     Plan,
     another_look,
     combine,
@@ -25,6 +27,8 @@ from tuneloop.services.curation import golden
 from tuneloop.services.curation.core import Example
 from tuneloop.services.curation.datasets import load_examples
 from tuneloop.services.curation.store import fresh_examples
+from tuneloop.services.drift.embeddings import Embedder
+from tuneloop.services.evaluation.tasks import evaluate
 from tuneloop.services.registry.store import get_adapter
 from tuneloop.services.store.database import Store
 from tuneloop.serving import control
@@ -77,6 +81,8 @@ def offline_gate(settings: Settings, plan: Plan, look: int = 1) -> Decision:
         known, known_figures = known_label_checks(golden_pairs, pairs, cfg)
         more += known
         test_figures.update(known_figures)
+        if (task_figures := both_task_figures(settings, pairs)) is not None:
+            test_figures["test_task_figures"] = task_figures
         if cfg.judge is not None and settings.task.kind == "text" and examples:
             judged = judge_pairs(cfg.judge, examples, pairs.incumbent, pairs.candidate)
             more = decide_with_judge(more, judged, cfg, look)
@@ -88,6 +94,27 @@ def offline_gate(settings: Settings, plan: Plan, look: int = 1) -> Decision:
     if another_look(decision, cfg) is not None:
         decision.figures["next_look_at"] = time.time() + cfg.offline_recheck_s
     return decision
+
+
+def both_task_figures(settings: Settings, pairs: Paired) -> dict[str, Any] | None:
+    """Each version's figures on the task's evaluation
+    (:func:`~tuneloop.services.evaluation.tasks.evaluate`) beside the score that decides:
+    for ``json`` the parse and schema-valid rates, field micro-F1 and exact matches; for
+    ``text`` chrF, ROUGE-L and the cosine similarity of answer and reference under the
+    deployed embedding model. None for labels, for no
+    examples, and for references the task cannot judge (the checks say why)."""
+    kind = settings.task.kind
+    if kind == "label" or not pairs.references:
+        return None
+    embed = Embedder(settings.embeddings).encode if kind == "text" else None
+    try:
+        return {side: evaluate(kind, answers, pairs.references, schema=pairs.schema,
+                               embed=embed).figures
+                for side, answers in (("incumbent", pairs.incumbent),
+                                      ("candidate", pairs.candidate))}
+    except ValueError as exc:  # a json reference that is not an object
+        log.warning("task figures left out of the offline decision: %s", exc)
+        return None
 
 
 def conclude_offline(settings: Settings, decision: Decision, run_id: str | None) -> float | None:

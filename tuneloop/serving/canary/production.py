@@ -8,6 +8,7 @@ from tuneloop.runtime.settings import CanarySettings, Settings
 from tuneloop.services.canary import store as canary_store
 from tuneloop.services.canary.core import FAIL, PASS, Check, Decision, combine
 from tuneloop.services.curation import golden
+from tuneloop.services.drift.embeddings import Embedder
 from tuneloop.services.evaluation.tasks import evaluate
 from tuneloop.services.registry import store as registry
 from tuneloop.services.store.database import Store
@@ -29,17 +30,26 @@ def check_production(settings: Settings) -> Decision:
         version = adapter.version if adapter is not None else None
         gold = golden.load(con)
         baseline = canary_store.promoted_score(con, version) if version else None
-    if not gold:
-        return Decision("freeze", None, version, "ok", figures={
-            "golden_n": 0, "note": "the golden set is empty: nothing to check"})
-    got = answers(settings, version, gold)
     task = settings.task
+    gold, left_out = golden.judgeable(gold, task)
+    if left_out:
+        log.warning("nightly check of %s: %s", version or "base",
+                    golden.unjudgeable_note(left_out, len(gold) + left_out))
+    if not gold:
+        note = ("the golden set is empty: nothing to check" if not left_out else
+                f"no golden reference the {task.kind} task can judge: nothing to check "
+                f"({golden.unjudgeable_note(left_out, left_out)})")
+        return Decision("freeze", None, version, "ok", figures={
+            "golden_n": 0, "golden_left_out": left_out, "note": note})
+    got = answers(settings, version, gold)
     report = evaluate(task.kind, got, [ex.completion for ex in gold],
                       [ex.label for ex in gold] if all(ex.label for ex in gold) else None,
-                      schema=task.schema_document)
+                      schema=task.schema_document,
+                      embed=Embedder(settings.embeddings).encode if task.kind == "text" else None)
     score = float(report.score if report.score is not None else report.exact_match)
     checks = score_checks(score, baseline, settings.canary)
-    figures = {"golden_n": report.n, "kind": task.kind, "score": score,
+    figures = {"golden_n": report.n, "golden_left_out": left_out, "kind": task.kind,
+               "score": score,
                "accuracy": report.accuracy, "macro_f1": report.macro_f1,
                "task_figures": report.figures, "baseline": baseline}
     decision = Decision("freeze", None, version, combine(checks, "ok", "frozen"), checks, figures)
