@@ -239,3 +239,29 @@ def test_dataset_versions_are_immutable(tmp_path: Path, any_store: AnyStore) -> 
         rows = con.execute("SELECT content_hash, n_train FROM datasets").fetchall()
         n = con.execute("SELECT count(*) FROM dataset_examples").fetchall()[0][0]
     assert rows == [(digest, 5)] and n == 5
+
+
+def test_a_json_target_keeps_its_numbers_and_is_checked_after_the_scrub(tmp_path: Path) -> None:
+    schema = tmp_path / "order.schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["order_id"], "properties": {
+        "order_id": {"type": "integer"}, "note": {"type": "string"},
+        "phone": {"type": "string", "pattern": "^[0-9 +]+$"}}}))
+    task = TaskSpec(kind="json", json_schema=schema)
+    cands = [cand(0, correction='{"order_id": 123456789, "note": "call +44 20 7946 0958"}'),
+             cand(1, correction='{"order_id": 2, "phone": "+44 20 7946 0958"}')]
+    result = curate(cands, orthogonal(2), GoldenIndex(), CurationSettings(), task)
+    (example,) = result.examples
+    # The number stays a number; the phone in a string value is redacted, still JSON.
+    assert json.loads(example.completion) == {"order_id": 123456789, "note": "call [PHONE]"}
+    assert json.loads(example.messages[-1]["content"])["order_id"] == 123456789
+    # A redaction that breaks the schema's pattern leaves the target out, saying why.
+    assert result.dropped[cur.INVALID_TARGET] == 1
+    (invalid,) = result.invalid_targets
+    assert invalid["event_id"] == "e1" and "after PII redaction" in invalid["reason"]
+
+
+def test_prose_answers_are_redacted_as_before() -> None:
+    chosen = select(cand(0, correction="call me on 123456789 or +44 20 7946 0958"))
+    assert not isinstance(chosen, str)
+    example, count = cur.scrub(chosen)
+    assert example.completion == "call me on [PHONE] or [PHONE]" and count == 2

@@ -10,6 +10,7 @@ from tuneloop.services.ingest.core import (
     ROW_ERRORS,
     RawRecord,
     prepare_batch,
+    redact_answer,
     redact_event,
 )
 from tuneloop.services.ingest.store import write_batch, write_isolating
@@ -152,3 +153,31 @@ def test_a_dead_letter_keeps_its_id_when_redelivered_and_not_when_the_offset_is_
             write_batch(con, prepare_batch([record.record]))
         (n,) = con.execute("SELECT count(*) FROM dead_letters").fetchone() or (0,)
     assert n == 2
+
+
+def test_a_json_answer_keeps_its_keys_numbers_and_form_on_both_paths() -> None:
+    """Only an object's strings are redacted, in place: ``{"order_id": 123456789}`` stays
+    valid JSON (it was ``{"order_id": [PHONE]}``), prose is redacted as before."""
+    event = next(banking77.to_events(banking77.load("test")[:1]))
+    answer = '{"order_id": 123456789,\n "note": "call +44 20 7946 0958", "to": ["a@b.io"]}'
+    fenced = '```json\n{"+44 20 7946 0958": "x", "id": 5551234567}\n```'
+    fenced_clean = '```json\n{"[PHONE]": "x", "id": 5551234567}\n```'
+    event = event.model_copy(update={
+        "messages": [*event.messages, event.messages[1].model_copy(
+            update={"role": "assistant", "content": fenced}), event.messages[1]],
+        "completion": "call +44 20 7946 0958", "correction": answer,
+        "metadata": {"preference": {"chosen": answer}},
+    })
+    cleaned, count = redact_event(event)
+    expected = '{"order_id": 123456789,\n "note": "call [PHONE]", "to": ["[EMAIL]"]}'
+    assert cleaned.correction == expected and json.loads(expected)["order_id"] == 123456789
+    assert cleaned.completion == "call [PHONE]"
+    assert cleaned.messages[2].content == fenced_clean  # the key is, the number is not
+    assert cleaned.metadata["preference"]["chosen"] == expected
+    assert count == 1 + 1 + 2 + 2
+    batch = prepare_batch(_records([event.to_json_bytes()]))
+    row = dict(zip(FEEDBACK_COLUMNS, batch.rows[0], strict=True))
+    assert row["correction"] == expected and row["redactions"] == count
+    assert json.loads(str(row["messages"]))[2]["content"] == fenced_clean
+    # Each string is read decoded: an address behind an escape is found as well.
+    assert redact_answer('{"to": "a\\u0040b.io"}').text == '{"to": "[EMAIL]"}'

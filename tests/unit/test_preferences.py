@@ -3,17 +3,36 @@ count of them, and curation's preference pairs from them."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
 from tuneloop.runtime.settings import CanarySettings, CurationSettings, TaskSpec, load_settings
 from tuneloop.services.canary.core import FAIL, PASS
 from tuneloop.services.canary.live import Preference, Side, count_preferences, live_decision
-from tuneloop.services.curation.core import Candidate, GoldenIndex
-from tuneloop.services.curation.preferences import correction_pairs
+from tuneloop.services.curation.core import (
+    EMPTY,
+    NEAR_DUPLICATE,
+    TOO_LONG,
+    TOO_SHORT,
+    USER_CAP,
+    Candidate,
+    Example,
+    GoldenIndex,
+    curate,
+)
+from tuneloop.services.curation.preferences import (
+    BAD_CORRECTION,
+    GOLDEN,
+    SAME_ANSWER,
+    correction_pairs,
+)
+from tuneloop.services.curation.run import curate_version
+from tuneloop.services.curation.store import CurationInputs
 from tuneloop.services.feedback.signing import SIGNATURE, feedback_token, signed_by_gateway
 from tuneloop.serving.gateway.answers import (
     PREFERENCE,
@@ -162,13 +181,107 @@ def test_a_client_cannot_plant_a_preference_and_a_verdict_comes_alone(tmp_path: 
     assert both.status_code == 400 and both.json()["error"]["param"] == "preferred_response_id"
 
 
-def test_a_pair_keeps_its_events_held_out_split_and_the_golden_guard() -> None:
-    cands = [Candidate(f"e{i}", datetime(2026, 1, 1, i, tzinfo=UTC), CHAT, f"q{i}", "No.",
+def test_a_pair_takes_its_prompts_held_out_split_and_the_golden_guard() -> None:
+    cands = [Candidate(f"e{i}", datetime(2026, 1, 1, i, tzinfo=UTC),
+                       [{"role": "user", "content": f"question {i}"}], f"question {i}", "No.",
                        correction=f"Yes {i}.") for i in range(6)]
-    result = correction_pairs(cands, GoldenIndex(), CurationSettings(), TaskSpec(kind="text"),
-                              near_golden={"e0"}, held_out={"e1": "test", "e2": "validation"})
+    vectors = np.eye(6, 8, dtype=np.float32)
+    guard = GoldenIndex(vectors=vectors[:1])  # e0's prompt is near a golden one
+    held = [Example("x1", "e1", None, [], "question 1", "Yes 1.", split="test"),
+            Example("x2", "e2", None, [], "question 2", "Yes 2.", split="validation")]
+    result = correction_pairs(cands, guard, CurationSettings(), TaskSpec(kind="text"),
+                              vectors=vectors, examples=held, example_vectors=vectors[1:3])
     splits = {p.source_event_id: p.split for p in result.pairs}
     assert "e0" not in splits and splits["e1"] == "test" and splits["e2"] == "validation"
+    assert result.dropped[GOLDEN] == 1
+
+
+def _asked(i: int, prompt: str, user: str = "alice", **kw: object) -> Candidate:
+    fields: dict[str, object] = {
+        "event_id": f"e{i}", "occurred_at": datetime(2026, 1, 1, 0, i, tzinfo=UTC),
+        "messages": [{"role": "user", "content": prompt}], "prompt": prompt,
+        "completion": "We are closed.", "user_id": user}
+    fields.update(kw)
+    return Candidate(**fields)  # type: ignore[arg-type]
+
+
+def test_pairs_pass_curations_user_cap_and_content_gates() -> None:
+    cfg = CurationSettings(per_user_cap=2, min_chars=5, max_chars=200)
+    task = TaskSpec(kind="text")
+    flood = [_asked(i, f"when do you open on day {i}", correction=f"At {i}am.") for i in range(6)]
+    # The same cap as the examples': 2 of alice's 6 corrections, as curation keeps 2.
+    examples = curate(flood, np.eye(6, 8, dtype=np.float32), GoldenIndex(), cfg, task)
+    pairs = correction_pairs(flood, GoldenIndex(), cfg, task)
+    assert len(pairs.pairs) == len(examples.examples) == 2
+    assert pairs.dropped[USER_CAP] == 4
+    odd = [_asked(10, "hi?", "bob", correction="Hello."),  # a prompt too short
+           _asked(11, "tell me everything", "carol", correction="x" * 300),  # too long
+           _asked(12, "   ", "dave", messages=[{"role": "user", "content": " "}],
+                  correction="Sure."),  # nothing asked
+           _asked(13, "can I bring a dog", "erin", correction="Yes, dogs are welcome."),
+           _asked(14, "may I bring my dog", "fay", correction="Yes, on a lead.")]
+    # 13 and 14 ask the same in other words: the newer pair is kept, as curation keeps it.
+    vectors = np.eye(5, 8, dtype=np.float32)
+    vectors[3] = vectors[4]
+    result = correction_pairs(odd, GoldenIndex(), cfg, task, vectors=vectors)
+    assert [p.source_event_id for p in result.pairs] == ["e14"]
+    assert {r: n for r, n in result.dropped.items() if n} == {
+        TOO_SHORT: 1, TOO_LONG: 1, EMPTY: 1, NEAR_DUPLICATE: 1}
+
+
+def test_a_pair_is_held_out_with_the_newer_example_of_its_prompt() -> None:
+    """An older correction and a newer good answer to one prompt: curation keeps the newer
+    as the example; when that is held out, so is the correction's pair."""
+    cfg = CurationSettings(split=(0.2, 0.0, 0.8))
+    prompts = [f"what time is checkout in room {i}" for i in range(10)]
+    cands = [_asked(i, p, f"u{i}", correction=f"Checkout is at {i % 3 + 10}.")
+             for i, p in enumerate(prompts)]
+    cands += [_asked(20 + i, p, f"v{i}", completion="At noon.", rating=1.0)
+              for i, p in enumerate(prompts)]
+    vectors = np.eye(len(cands), 32, dtype=np.float32)
+    vectors[10:] = vectors[:10]  # the same prompt, the same vector
+    inputs = CurationInputs(cands, [], None, [], None, None)
+    curated = curate_version(inputs, vectors, cfg, TaskSpec(kind="text"))
+    split_of = {e.prompt: e.split for e in curated.examples}
+    assert {e.source_event_id for e in curated.examples} == {f"e{20 + i}" for i in range(10)}
+    assert "test" in split_of.values() and len(curated.preferences.pairs) == 10
+    for pair in curated.preferences.pairs:
+        assert pair.split == split_of[pair.messages[-1]["content"]], pair.source_event_id
+
+
+def test_a_pair_whose_sides_are_one_answer_by_the_kind_is_left_out(tmp_path: Path) -> None:
+    label = correction_pairs([_asked(1, "where is my card", completion="Card arrival",
+                                     correction="card_arrival")],
+                             GoldenIndex(), CurationSettings(), TaskSpec())
+    assert not label.pairs and label.dropped[SAME_ANSWER] == 1
+    schema = tmp_path / "order.schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string"}, "guests": {"type": "integer"}}}))
+    task = TaskSpec(kind="json", json_schema=schema)
+    same = _asked(1, "book Paris for two", completion='{"guests":2,\n "city": "Paris"}',
+                  correction='{"city": "Paris", "guests": 2}')
+    other = _asked(2, "book Oslo for three", completion='{"guests":3,  "city":"Olso"}',
+                   correction='{"city":"Oslo","guests":3}')
+    result = correction_pairs([same, other], GoldenIndex(), CurationSettings(), task)
+    assert result.dropped[SAME_ANSWER] == 1
+    (pair,) = result.pairs  # both sides in one form: DPO cannot learn a layout
+    assert (pair.chosen, pair.rejected) == ('{"city": "Oslo", "guests": 3}',
+                                            '{"guests": 3, "city": "Olso"}')
+
+
+def test_a_json_pair_keeps_its_numbers_and_is_checked_after_the_scrub(tmp_path: Path) -> None:
+    schema = tmp_path / "order.schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["order_id"], "properties": {
+        "order_id": {"type": "integer"}, "phone": {"type": "string", "pattern": "^[0-9 +]+$"}}}))
+    task = TaskSpec(kind="json", json_schema=schema)
+    kept = _asked(1, "where is order 123456789", completion='{"order_id": 12345}',
+                  correction='{"order_id": 123456789}')
+    broken = _asked(2, "call me about my order", completion='{"order_id": 1}',
+                    correction='{"order_id": 2, "phone": "+44 20 7946 0958"}')
+    result = correction_pairs([kept, broken], GoldenIndex(), CurationSettings(), task)
+    (pair,) = result.pairs
+    assert pair.chosen == '{"order_id": 123456789}'
+    assert result.dropped[BAD_CORRECTION] == 1  # "[PHONE]" breaks the schema's pattern
 
 
 def test_the_preference_check_waits_for_the_minimum_sample() -> None:

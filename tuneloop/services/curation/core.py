@@ -10,7 +10,9 @@ at the first it fails, under the reason named by the constant:
    trained on as is. A ``json`` target must parse and satisfy the task's schema, and is
    kept in one canonical form; one that does not is left out with the reason.
    The task's system prompt goes first in a chat that has none.
-2. PII scrub of every turn (defence in depth: ingest already redacted).
+2. PII scrub of every turn (defence in depth: ingest already redacted); an answer that
+   is a JSON object in its string values only, and a ``json`` target is checked again
+   after it (:data:`INVALID_TARGET` when the scrub made it one the schema refuses).
 3. empty content, then length (``min_chars`` .. ``max_chars`` of the prompt).
 4. golden leak: the prompt is a golden prompt, or a near-duplicate of one.
 5. exact duplicate, then near-duplicate (embedding cosine >= threshold), newest kept.
@@ -24,17 +26,18 @@ import json
 import math
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from tuneloop.runtime.settings import CurationSettings, TaskSpec
 from tuneloop.services.drift.embeddings import content_hash
 from tuneloop.services.evaluation.tasks import parse_object, schema_errors
-from tuneloop.services.feedback.redaction import Redactor
+from tuneloop.services.feedback.redaction import redact
+from tuneloop.services.ingest.core import redact_answer
 
 NOT_SELECTED = "no correction, label or positive rating"
 RATED_DOWN = "rated down, no correction"
@@ -56,6 +59,7 @@ DROP_REASONS = (
 SPLITS = ("train", "validation", "test")
 INVALID_SHOWN = 20  # invalid json targets a curation report names, with their reasons
 NO_LABEL = "<none>"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -168,18 +172,37 @@ def canonical_target(answer: str, task: TaskSpec) -> str | None:
     when it is not an object the task's schema accepts."""
     if target_problem(answer, task) is not None:
         return None
-    return json.dumps(parse_object(answer), ensure_ascii=False, separators=(", ", ": "))
+    return canonical_object(answer)
+
+
+def canonical_object(answer: str) -> str | None:
+    """The JSON object ``answer`` holds in :func:`canonical_target`'s form, schema or not,
+    or None when it holds none."""
+    obj = parse_object(answer)
+    return None if obj is None else json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+
+
+def scrub_turns(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
+    """``messages`` with PII redacted, an assistant's answer as an answer
+    (:func:`~tuneloop.services.ingest.core.redact_answer`: a JSON object stays valid), and
+    the number of spans replaced."""
+    out, count = [], 0
+    for m in messages:
+        r = redact_answer(m["content"]) if m["role"] == "assistant" else redact(m["content"])
+        out.append({"role": m["role"], "content": r.text})
+        count += r.count
+    return out, count
 
 
 def scrub(example: Example) -> tuple[Example, int]:
     """The example with PII redacted in every turn, and the number of spans replaced."""
-    clean = Redactor()
-    messages = [{"role": m["role"], "content": clean(m["content"])} for m in example.messages]
+    messages, count = scrub_turns(example.messages)
+    prompt = redact(example.prompt)
     cleaned = replace(
-        example, messages=messages, prompt=clean(example.prompt),
+        example, messages=messages, prompt=prompt.text,
         completion=messages[-1]["content"], example_id=example_id(messages),
     )
-    return cleaned, clean.count
+    return cleaned, count + prompt.count
 
 
 @dataclass(frozen=True)
@@ -267,7 +290,15 @@ def curate(
             continue
         example, count = scrub(chosen)
         redactions += count
-        reason = _content_reason(example, cfg)
+        if task is not None and task.kind == "json" and (
+                problem := target_problem(example.completion, task)):
+            # The scrub keeps an object valid JSON, but a redacted string may break the schema.
+            dropped[INVALID_TARGET] += 1
+            if len(invalid) < INVALID_SHOWN:
+                invalid.append({"event_id": candidates[i].event_id,
+                                "reason": f"after PII redaction: {problem}"})
+            continue
+        reason = content_reason(example, cfg)
         key = prompt_key(example.prompt)
         if reason is None and (key in golden.keys or candidates[i].event_id in golden.event_ids):
             reason = GOLDEN_EXACT
@@ -286,8 +317,8 @@ def curate(
     near = near_duplicates(vectors[[i for i, _ in kept]], cfg.near_duplicate_cosine)
     dropped[NEAR_DUPLICATE] += int(near.sum())
     survivors = [ex for (_, ex), dup in zip(kept, near, strict=True) if not dup]
-    survivors = _cap(survivors, lambda e: e.user_id, cfg.per_user_cap, USER_CAP, dropped)
-    survivors = _cap(survivors, lambda e: e.label, cfg.per_label_cap, LABEL_CAP, dropped)
+    survivors = cap_by(survivors, lambda e: e.user_id, cfg.per_user_cap, USER_CAP, dropped)
+    survivors = cap_by(survivors, lambda e: e.label, cfg.per_label_cap, LABEL_CAP, dropped)
     return CurationResult(survivors, len(candidates), dropped, redactions, invalid)
 
 
@@ -299,7 +330,8 @@ def _target_of(candidate: Candidate) -> str:
     return candidate.completion
 
 
-def _content_reason(example: Example, cfg: CurationSettings) -> str | None:
+def content_reason(example: Example, cfg: CurationSettings) -> str | None:
+    """:data:`EMPTY`, :data:`TOO_SHORT` or :data:`TOO_LONG` when ``example`` is, else None."""
     if not example.prompt.strip() or not example.completion.strip() or any(
         not m["content"].strip() for m in example.messages
     ):
@@ -311,19 +343,20 @@ def _content_reason(example: Example, cfg: CurationSettings) -> str | None:
     return None
 
 
-def _cap(
-    examples: list[Example], key: Any, cap: int, reason: str, dropped: Counter[str]
-) -> list[Example]:
+def cap_by(items: list[T], key: Callable[[T], str | None], cap: int, reason: str,
+           dropped: Counter[str]) -> list[T]:
+    """The first ``cap`` of ``items`` with each ``key`` (None: uncapped), the rest counted
+    in ``dropped[reason]``."""
     counts: Counter[str] = Counter()
     out = []
-    for ex in examples:
-        k = key(ex)
+    for item in items:
+        k = key(item)
         if k is not None:
             counts[k] += 1
             if counts[k] > cap:
                 dropped[reason] += 1
                 continue
-        out.append(ex)
+        out.append(item)
     return out
 
 

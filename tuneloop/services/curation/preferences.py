@@ -7,39 +7,63 @@ served answer), kept with each dataset version for DPO (``training.objective``).
 every side-by-side verdict a rater gave on an answer and the candidate's unseen answer to
 the same request (chosen: the answer preferred).
 
-A pair is left out, under the reason named by the constant, when the correction is the
-served answer itself, the served answer is empty, the correction is not a target the
-task accepts (a ``json`` correction its schema refuses), its prompt is golden, or a newer
-pair has the same prompt. Pairs are scrubbed of PII like examples, and split train /
-validation / test by a hash of their content, so a pair keeps its split across versions.
+Pairs are scrubbed of PII like examples (a ``json`` pair's sides after it, both in the
+canonical form of :func:`~tuneloop.services.curation.core.canonical_object`), then pass
+curation's own gates (:mod:`~tuneloop.services.curation.core`), each counted under its
+reason: the served answer is empty; the correction is the served answer by the task's
+kind (the same label, the same object); the correction is not a target the task accepts
+(a ``json`` one its schema refuses); empty content, too short or too long; the prompt is
+golden (exact or near); a newer pair has the same prompt, or a near-duplicate one; the
+user's ``per_user_cap`` is reached.
+
+A pair takes the split of a curated example with the same prompt (exact or near), a held
+out one first, so a prompt the offline gate tests with is never a DPO training pair; a
+pair with none (a side-by-side verdict) is split by a hash of its content, so it keeps
+its split across versions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from tuneloop.runtime.settings import CurationSettings, TaskSpec
 from tuneloop.services.curation.core import (
+    EMPTY,
+    NEAR_DUPLICATE,
+    TOO_LONG,
+    TOO_SHORT,
+    USER_CAP,
     Candidate,
     Example,
     GoldenIndex,
+    canonical_object,
     canonical_target,
+    cap_by,
+    content_reason,
+    leaks_golden,
+    near_duplicates,
     prompt_key,
+    scrub_turns,
 )
-from tuneloop.services.evaluation.metrics import normalize_text
-from tuneloop.services.feedback.redaction import Redactor
+from tuneloop.services.evaluation.metrics import normalize_label, normalize_text
+from tuneloop.services.evaluation.tasks import parse_object
+from tuneloop.services.feedback.redaction import redact
 
 SAME_ANSWER = "chosen answer equals the rejected one"
 NOTHING_SERVED = "no rejected answer"
 BAD_CORRECTION = "chosen answer not a target the task accepts"
 GOLDEN = "golden prompt (exact or near)"
 OLDER = "a newer pair has the prompt"
-REASONS = (SAME_ANSWER, NOTHING_SERVED, BAD_CORRECTION, GOLDEN, OLDER)
+REASONS = (SAME_ANSWER, NOTHING_SERVED, BAD_CORRECTION, EMPTY, TOO_SHORT, TOO_LONG, GOLDEN,
+           OLDER, NEAR_DUPLICATE, USER_CAP)
+HELD_OUT_FIRST = ("test", "validation", "train")  # a pair near examples of two splits
 SOURCES = ("correction", "side-by-side")
 
 
@@ -82,69 +106,144 @@ class PreferenceResult:
 
 def correction_pairs(candidates: Sequence[Candidate], golden: GoldenIndex,
                      cfg: CurationSettings, task: TaskSpec | None = None, *,
-                     near_golden: frozenset[str] | set[str] = frozenset(),
-                     held_out: dict[str, str] | None = None) -> PreferenceResult:
+                     vectors: np.ndarray | None = None, examples: Sequence[Example] = (),
+                     example_vectors: np.ndarray | None = None) -> PreferenceResult:
     """The preference pair of each corrected answer in ``candidates`` (see the module).
 
-    ``near_golden``: event ids whose prompt is a near-duplicate of a golden one (left out).
-    ``held_out``: the split of the event's own example where it is validation or test; its
-    pair takes that split too, so DPO never trains on what the offline gate tests with.
+    ``vectors``: the candidates' prompt unit embeddings, one row each; without them no
+    prompt is found near a golden one, a newer pair's or an example's. ``examples``: the
+    version's curated examples, split, with their prompts' ``example_vectors``; a pair
+    takes the split of one with its prompt.
+
+    Raises ``ValueError`` if ``vectors`` does not have one row per candidate, or
+    ``example_vectors`` one per example.
     """
     task = task or TaskSpec()
+    if vectors is not None and len(vectors) != len(candidates):
+        raise ValueError(f"{len(vectors)} vectors for {len(candidates)} candidates: one per row")
+    if example_vectors is not None and len(example_vectors) != len(examples):
+        raise ValueError(f"{len(example_vectors)} example_vectors for {len(examples)} "
+                         "examples: one per row")
+    near_golden = (leaks_golden(vectors, golden, cfg.near_duplicate_cosine) if vectors is not None
+                   else np.zeros(len(candidates), dtype=bool))
     result = PreferenceResult([])
     seen: set[str] = set()
-    for cand in sorted(candidates, key=lambda c: c.occurred_at, reverse=True):
-        source = "side-by-side" if cand.preference else "correction"
-        if cand.preference:
-            correction = str(cand.preference.get("chosen") or "").strip()
-            served = str(cand.preference.get("rejected") or "").strip()
-        else:
-            correction, served = (cand.correction or "").strip(), cand.completion.strip()
-        if not correction:
+    kept: list[tuple[int, PreferencePair, str | None]] = []  # candidate, pair, user
+    for i in sorted(range(len(candidates)), key=lambda i: candidates[i].occurred_at,
+                    reverse=True):
+        cand = candidates[i]
+        made = _pair(cand, task, cfg)
+        if made is None:
             continue
-        reason = _problem(correction, served, task)
-        if reason is None:
-            key = prompt_key(cand.prompt)
-            if key in golden.keys or cand.event_id in golden.event_ids or \
-                    cand.event_id in near_golden:
-                reason = GOLDEN
-            elif key in seen:
-                reason = OLDER
-            else:
-                seen.add(key)
+        reason, pair = made
+        key = prompt_key(redact(cand.prompt).text)  # as curation keys the example's prompt
+        if reason is None and (key in golden.keys or cand.event_id in golden.event_ids or
+                               near_golden[i]):
+            reason = GOLDEN
+        if reason is None and key in seen:
+            reason = OLDER
         if reason is not None:
             result.dropped[reason] += 1
             continue
-        chosen = canonical_target(correction, task) if task.kind == "json" else correction
-        pair = _pair(cand, str(chosen), served, task, cfg, source)
-        if held_out and cand.event_id in held_out:
-            pair = replace(pair, split=held_out[cand.event_id])
-        result.pairs.append(pair)
+        seen.add(key)
+        kept.append((i, pair, cand.user_id))
+    if vectors is not None and kept:
+        near = near_duplicates(vectors[[i for i, _, _ in kept]], cfg.near_duplicate_cosine)
+        result.dropped[NEAR_DUPLICATE] += int(near.sum())
+        kept = [k for k, dup in zip(kept, near, strict=True) if not dup]
+    kept = cap_by(kept, lambda k: k[2], cfg.per_user_cap, USER_CAP, result.dropped)
+    exact: dict[str, set[str]] = defaultdict(set)
+    for example in examples:
+        exact[prompt_key(example.prompt)].add(example.split)
+    near_splits = [set[str]() for _ in kept]
+    if vectors is not None and example_vectors is not None:
+        near_splits = _splits_near(vectors[[i for i, _, _ in kept]], examples, example_vectors,
+                                   cfg.near_duplicate_cosine)
+    for (i, pair, _), close in zip(kept, near_splits, strict=True):
+        splits = close | exact.get(prompt_key(redact(candidates[i].prompt).text), set())
+        held = next((s for s in HELD_OUT_FIRST if s in splits), None)
+        result.pairs.append(replace(pair, split=held) if held else pair)
     return result
 
 
-def _problem(correction: str, served: str, task: TaskSpec) -> str | None:
-    if not served:
-        return NOTHING_SERVED
-    if normalize_text(correction) == normalize_text(served):
-        return SAME_ANSWER
-    if task.kind == "json" and canonical_target(correction, task) is None:
-        return BAD_CORRECTION
-    return None
+def _splits_near(rows: np.ndarray, examples: Sequence[Example], example_vectors: np.ndarray,
+                 threshold: float, block: int = 1024) -> list[set[str]]:
+    """For each of ``rows``, the splits with an example within ``threshold`` cosine of it;
+    ``block`` rows at a time, so memory stays at ``block x len(examples)``."""
+    out = [set[str]() for _ in range(len(rows))]
+    for name in HELD_OUT_FIRST:
+        theirs = example_vectors[np.array([e.split == name for e in examples], dtype=bool)]
+        if not len(theirs):
+            continue
+        for start in range(0, len(rows), block):
+            hits = (rows[start : start + block] @ theirs.T >= threshold).any(axis=1)
+            for j in np.flatnonzero(hits).tolist():
+                out[start + j].add(name)
+    return out
 
 
-def _pair(cand: Candidate, chosen: str, rejected: str, task: TaskSpec,
-          cfg: CurationSettings, source: str) -> PreferencePair:
-    clean = Redactor()
-    turns = [{"role": m["role"], "content": clean(m["content"])} for m in cand.messages]
+def _pair(cand: Candidate, task: TaskSpec, cfg: CurationSettings
+          ) -> tuple[str | None, PreferencePair] | None:
+    """The candidate's pair, scrubbed, with the first content gate it fails (None: none),
+    or None when it has no correction or verdict to make one."""
+    if cand.preference:
+        chosen = str(cand.preference.get("chosen") or "").strip()
+        rejected = str(cand.preference.get("rejected") or "").strip()
+        source = "side-by-side"
+    else:
+        chosen, rejected = (cand.correction or "").strip(), cand.completion.strip()
+        source = "correction"
+    if not chosen:
+        return None
+    turns = [dict(m) for m in cand.messages]
     while turns and turns[-1]["role"] == "assistant":
         turns.pop()
     if task.system_prompt and not any(m["role"] == "system" for m in turns):
         turns.insert(0, {"role": "system", "content": task.system_prompt})
-    chosen, rejected = clean(chosen), clean(rejected)
+    # Scrubbed as curation scrubs a chat, each side as its last turn: then compared and
+    # checked, so a redaction that breaks a json target or makes both sides one is seen.
+    scrubbed, _ = scrub_turns([*turns, {"role": "assistant", "content": chosen},
+                               {"role": "assistant", "content": rejected}])
+    turns = scrubbed[:-2]
+    chosen, rejected = scrubbed[-2]["content"], scrubbed[-1]["content"]
+    if task.kind == "json":  # both sides in one form, so DPO cannot learn a layout
+        chosen = canonical_target(chosen, task) or chosen
+        rejected = canonical_object(rejected) or rejected
     pid = pair_id(turns, chosen, rejected)
-    return PreferencePair(pid, cand.event_id, turns, chosen, rejected, source,
+    pair = PreferencePair(pid, cand.event_id, turns, chosen, rejected, source,
                           split_of(pid, cfg))
+    prompt = redact(cand.prompt).text
+    reason = _problem(chosen, rejected, task)
+    for side in (chosen, rejected):
+        reason = reason or content_reason(_as_example(pair, side, prompt), cfg)
+    return reason, pair
+
+
+def _problem(chosen: str, rejected: str, task: TaskSpec) -> str | None:
+    if not rejected:
+        return NOTHING_SERVED
+    if _same_answer(chosen, rejected, task):
+        return SAME_ANSWER
+    if task.kind == "json" and canonical_target(chosen, task) is None:
+        return BAD_CORRECTION
+    return None
+
+
+def _same_answer(chosen: str, rejected: str, task: TaskSpec) -> bool:
+    """The two sides say the same by the task's kind: the same label (as the metrics read
+    one), the same object (key order and layout aside), the same text (case and spacing
+    aside)."""
+    if task.kind == "label":
+        return normalize_label(chosen) == normalize_label(rejected)
+    if task.kind == "json" and (obj := parse_object(chosen)) is not None:
+        return obj == parse_object(rejected)
+    return normalize_text(chosen) == normalize_text(rejected)
+
+
+def _as_example(pair: PreferencePair, answer: str, prompt: str) -> Example:
+    """One side of a pair as curation's content gates see an example."""
+    messages = [*pair.messages, {"role": "assistant", "content": answer}]
+    return Example(pair.pair_id, pair.source_event_id, None, messages, prompt, answer)
 
 
 def split_of(pid: str, cfg: CurationSettings) -> str:

@@ -135,14 +135,23 @@ def curate_version(inputs: CurationInputs, vectors: np.ndarray,
     # Replay guards what is new against forgetting; with nothing new there is no version.
     replayed = _replay(previous, vectors[n_c + n_g : n_c + n_g + n_p], examples, guard,
                        cfg) if examples else []
-    near = leaks_golden(vectors[:n_c], guard, cfg.near_duplicate_cosine)
-    pairs = correction_pairs(
-        inputs.candidates, guard, cfg, task,
-        near_golden={c.event_id for c, hit in zip(inputs.candidates, near, strict=True) if hit},
-        held_out={e.source_event_id: e.split for e in examples
-                  if e.source_event_id and e.split != "train"})
+    # A pair takes the split of an example with its prompt: DPO never trains on a test one.
+    pairs = correction_pairs(inputs.candidates, guard, cfg, task, vectors=vectors[:n_c],
+                             examples=examples,
+                             example_vectors=_vectors_of(examples, inputs, vectors))
     pairs.pairs.extend(carried_pairs(inputs.unlearned.pairs, carried, pairs.pairs))
     return Curated(result, examples, replayed, carried, capped, pairs)
+
+
+def _vectors_of(examples: list[Example], inputs: CurationInputs, vectors: np.ndarray
+                ) -> np.ndarray:
+    """The prompt vector of each of a version's ``examples``: a carried one's own, a fresh
+    one's candidate's (``vectors`` in :func:`curate_version`'s order)."""
+    first = len(inputs.candidates) + len(inputs.golden) + len(inputs.previous)
+    carried = {id(e): first + j for j, e in enumerate(inputs.unlearned.examples)}
+    fresh = {c.event_id: i for i, c in enumerate(inputs.candidates)}
+    return vectors[[carried[id(e)] if id(e) in carried else fresh[str(e.source_event_id)]
+                    for e in examples]]
 
 
 def _nothing_new(result: CurationResult) -> str:

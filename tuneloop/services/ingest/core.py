@@ -14,6 +14,7 @@ pairs through them).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import zlib
@@ -26,6 +27,7 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
+from tuneloop.services.evaluation.tasks import parse_object
 from tuneloop.services.feedback.contract import (
     MAX_EVENT_BYTES,
     FeedbackEvent,
@@ -34,7 +36,7 @@ from tuneloop.services.feedback.contract import (
     parse_event,
 )
 from tuneloop.services.feedback.fastpath import DecodedEvent, fast_decode
-from tuneloop.services.feedback.redaction import Redactor, redact
+from tuneloop.services.feedback.redaction import Redacted, redact
 from tuneloop.services.store.postgres import RejectedRow
 
 log = logging.getLogger(__name__)
@@ -115,11 +117,36 @@ class DeadLetter:
         return cut, len(head) < len(value) or len(cut) < len(kept)
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def redact_answer(text: str) -> Redacted:
+    """``text`` with PII redacted, as :func:`redact` does, except in a JSON object (as a
+    ``json`` task reads one: :func:`~tuneloop.services.evaluation.tasks.parse_object`):
+    there only its strings are redacted, each re-encoded in its place, so numbers and
+    layout stay as they were and the object still parses (``{"order_id": 123456789}`` is
+    no ``{"order_id": [PHONE]}``). Keys are strings too (as in :func:`redact_json`): a
+    schema's field names hold no PII, and a key that did would leak it. A number in an
+    object is kept even where it looks like a phone number: it is the object's content.
+    Each string is read decoded, so an address behind ``\\u0040`` escapes is found too."""
+    if "{" not in text or parse_object(text) is None:
+        return redact(text)
+    count = 0
+
+    def string(m: re.Match[str]) -> str:
+        nonlocal count
+        r = redact(json.loads(m.group(0)))
+        count += r.count
+        return json.dumps(r.text, ensure_ascii=False) if r.count else m.group(0)
+
+    return Redacted(_JSON_STRING.sub(string, text), count)
+
+
 def redact_json(value: object) -> tuple[object, int]:
-    """``value`` (decoded JSON) with PII redacted in every string in it, keys included, and
-    the count."""
+    """``value`` (decoded JSON) with PII redacted in every string in it, keys included (a
+    string holding a JSON object as :func:`redact_answer` redacts one), and the count."""
     if isinstance(value, str):
-        r = redact(value)
+        r = redact_answer(value)
         return r.text, r.count
     if isinstance(value, dict):
         out, total = {}, 0
@@ -207,18 +234,29 @@ class PreparedBatch:
 
 def redact_event(event: FeedbackEvent) -> tuple[FeedbackEvent, int]:
     """The event with PII replaced in every free-text field, and the number of spans."""
-    clean = Redactor()
     metadata, count = redact_json(event.metadata) if event.metadata else (event.metadata, 0)
+    messages = [(m.role, _redact_turn(m.role, m.content)) for m in event.messages]
+    completion = redact_answer(event.completion)
+    correction = redact_answer(event.correction) if event.correction is not None else None
+    label = redact_answer(event.label) if event.label is not None else None
     cleaned = event.model_copy(
         update={
-            "messages": [Message(role=m.role, content=clean(m.content)) for m in event.messages],
-            "completion": clean(event.completion),
-            "correction": clean(event.correction) if event.correction is not None else None,
-            "label": clean(event.label) if event.label is not None else None,
+            "messages": [Message(role=role, content=r.text) for role, r in messages],
+            "completion": completion.text,
+            "correction": correction.text if correction else None,
+            "label": label.text if label else None,
             "metadata": metadata,
         }
     )
-    return cleaned, clean.count + count
+    count += sum(r.count for _, r in messages) + completion.count + (
+        correction.count if correction else 0) + (label.count if label else 0)
+    return cleaned, count
+
+
+def _redact_turn(role: str, content: str) -> Redacted:
+    """A chat turn redacted: an assistant's as an answer (:func:`redact_answer`), so an
+    object it gave stays one."""
+    return redact_answer(content) if role == "assistant" else redact(content)
 
 
 def event_row(
@@ -229,14 +267,15 @@ def event_row(
     messages = []
     user_text = ""
     for m in event.messages:
-        r = redact(m.content)
+        r = _redact_turn(m.role, m.content)
         redactions += r.count
         messages.append({"role": m.role, "content": r.text})
         if m.role == "user":
             user_text = r.text
-    completion = redact(event.completion)
-    correction = redact(event.correction) if event.correction is not None else None
-    label = redact(event.label) if event.label is not None else None
+    # Answers keep their form: a json task's object with a long number stays valid JSON.
+    completion = redact_answer(event.completion)
+    correction = redact_answer(event.correction) if event.correction is not None else None
+    label = redact_answer(event.label) if event.label is not None else None
     redactions += completion.count + (correction.count if correction else 0) + (
         label.count if label else 0)
     metadata, count = redact_json(event.metadata) if event.metadata else ({}, 0)
