@@ -97,20 +97,31 @@ def user_id(user: str, key: bytes) -> str:
     return hmac.new(key, user.encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def verdict_of(verdict: FeedbackRequest) -> str:
+    """What a verdict says, as one string: the same for a retry, another for a change."""
+    return json.dumps(verdict.model_dump(exclude={"response_id", "metadata", "token"},
+                                         exclude_none=True), sort_keys=True)
+
+
 def feedback_event(served: Served, source: str, verdict: FeedbackRequest | None = None, *,
-                   user_key: bytes, event_key: bytes = b"") -> FeedbackEvent:
+                   user_key: bytes, event_key: bytes = b"", change: int = 0) -> FeedbackEvent:
     """The feedback v1 event of an answer (``source`` ``gateway.served``) or of a verdict
     on it (``gateway.feedback``). The user is hashed under ``user_key``, never sent as
     given; the gateway's own metadata (``source``, ``latency_ms``) wins over a client's.
     Signed with ``event_key`` (see :mod:`tuneloop.services.feedback.signing`).
+
+    The event id is derived from what the verdict says and ``change``, the number of
+    times its user changed their verdict on this answer before (:class:`VerdictChanges`):
+    a verdict posted again is the same event (ingest keeps one), and a verdict changed
+    back (+1, -1, +1) is a new one, so the last still wins where verdicts are counted.
     Raises ``pydantic.ValidationError`` when the answer cannot make a valid event."""
     verdict_fields: dict[str, Any] = {}
     if verdict is not None:
         verdict_fields = verdict.model_dump(exclude={"response_id", "metadata", "token"},
                                             exclude_none=True)
         verdict_fields.pop("preferred_response_id", None)  # a preference: preference_event
-    key = json.dumps([served.response_id, source, verdict_fields], sort_keys=True)
-    # The same verdict posted twice is the same event: ingest keeps one.
+    key = json.dumps([served.response_id, source, verdict_fields, *([change] if change else [])],
+                     sort_keys=True)
     event_id = uuid.uuid5(FEEDBACK_NAMESPACE, key)
     metadata: dict[str, Any] = dict(verdict.metadata) if verdict is not None else {}
     metadata.pop(PREFERENCE, None)  # only the gateway says what a rater preferred
@@ -173,7 +184,7 @@ def pair_view(served: Served, shadow: Served) -> dict[str, Any]:
 
 
 def preference_event(served: Served, shadow: Served, preferred: str, verdict: FeedbackRequest,
-                     *, user_key: bytes, event_key: bytes) -> FeedbackEvent:
+                     *, user_key: bytes, event_key: bytes, change: int = 0) -> FeedbackEvent:
     """The feedback v1 event of a side-by-side verdict: on the answer the user got
     (``served``), with ``metadata.preference`` naming the chosen and the rejected answer of
     its pair, their versions and texts. Signed over the versions' order too, so the side a
@@ -184,8 +195,9 @@ def preference_event(served: Served, shadow: Served, preferred: str, verdict: Fe
                          f"{shadow.response_id}")
     chosen, rejected = (served, shadow) if preferred == served.response_id else (shadow, served)
     source = "gateway.preference"
-    event_id = uuid.uuid5(FEEDBACK_NAMESPACE,
-                          json.dumps([served.response_id, source, preferred]))
+    # As a rating's (feedback_event): a preference changed back is a new event.
+    event_id = uuid.uuid5(FEEDBACK_NAMESPACE, json.dumps(
+        [served.response_id, source, preferred, *([change] if change else [])]))
     uid = user_id(served.user, user_key) if served.user else None
     metadata: dict[str, Any] = dict(verdict.metadata)
     metadata.update(source=source, latency_ms=round(1000 * served.latency_s, 1))

@@ -32,6 +32,11 @@ class ResponseStore:
             "response_id TEXT UNIQUE NOT NULL, upstream_id TEXT, served TEXT NOT NULL, "
             "nbytes INTEGER NOT NULL, shadow_candidate TEXT)")
         self._db.execute("CREATE INDEX IF NOT EXISTS responses_upstream ON responses(upstream_id)")
+        # What each answer's user last said of it, and how many times they changed it.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS verdicts (response_id TEXT NOT NULL, source TEXT NOT "
+            "NULL, said TEXT NOT NULL, change INTEGER NOT NULL, PRIMARY KEY (response_id, "
+            "source))")
         self._lock = threading.Lock()
         self.max_answers, self.max_bytes = max_answers, max_bytes
         self._since_trim = 0
@@ -63,6 +68,19 @@ class ResponseStore:
             self._db.execute("UPDATE responses SET shadow_candidate = NULL WHERE response_id = ?",
                              (response_id,))
 
+    def last_verdict(self, response_id: str, source: str) -> tuple[str, int] | None:
+        """What the user last said of ``response_id`` (``source``: a rating or correction,
+        or a preference), and how many times they had changed it; None when never."""
+        with self._lock:
+            row = self._db.execute("SELECT said, change FROM verdicts WHERE response_id = ? AND "
+                                   "source = ?", (response_id, source)).fetchone()
+        return (str(row[0]), int(row[1])) if row else None
+
+    def set_verdict(self, response_id: str, source: str, said: str, change: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO verdicts (response_id, source, said, change) "
+                             "VALUES (?, ?, ?, ?)", (response_id, source, said, change))
+
     def pending_shadows(self) -> list[tuple[Served, str]]:
         """Answers whose shadow comparison never finished, oldest first, with the candidate."""
         with self._lock:
@@ -81,6 +99,8 @@ class ResponseStore:
                 "DELETE FROM responses WHERE seq IN (SELECT seq FROM (SELECT seq, sum(nbytes) "
                 "OVER (ORDER BY seq DESC) AS kept FROM responses) WHERE kept > ?)",
                 (self.max_bytes,))
+        self._db.execute("DELETE FROM verdicts WHERE response_id NOT IN (SELECT response_id "
+                         "FROM responses)")
 
     def close(self) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ import random
 import sqlite3
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,6 +41,7 @@ from tuneloop.serving.gateway.answers import (
     shadow_pair,
     shadow_response_id,
     user_id,
+    verdict_of,
 )
 from tuneloop.serving.gateway.protocol import (
     ALIAS_HEADER,
@@ -95,6 +97,9 @@ class Gateway:
         self.feedback_producer = feedback
         self.shadow_producer = shadow
         self.cache = ResponseCache(cfg.response_cache, cfg.response_cache_bytes)
+        # What each answer's user last said of it (a rating, a preference) and how many
+        # times they changed it, for the event ids of verdicts changed back.
+        self._verdicts: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
         self.responses: ResponseStore | None = None  # the durable copy (create_app sets it)
         self.session: aiohttp.ClientSession | None = None
         # Connecting is the only wait that says the replica is gone; waiting for the first
@@ -467,10 +472,16 @@ class Gateway:
         served = await self._rated_answer(request.response_id, request.token)
         event: FeedbackEvent
         if request.preferred_response_id is not None:
+            source, said = "gateway.preference", request.preferred_response_id
+        else:
+            source, said = "gateway.feedback", verdict_of(request)
+        change = await self._change_of(served.response_id, source, said)
+        if request.preferred_response_id is not None:
             shadow = await self._shadow_of(served)
             try:
                 event = preference_event(served, shadow, request.preferred_response_id, request,
-                                         user_key=self.user_key, event_key=self.event_key)
+                                         user_key=self.user_key, event_key=self.event_key,
+                                         change=change)
             except ValueError:
                 raise BadRequest(
                     f"preferred_response_id must be {served.response_id} or "
@@ -478,7 +489,7 @@ class Gateway:
                     param="preferred_response_id") from None
         else:
             event = feedback_event(served, "gateway.feedback", request, user_key=self.user_key,
-                                   event_key=self.event_key)
+                                   event_key=self.event_key, change=change)
         if not self._limiter.hit(self._feedback_rate, served.user or f"host:{client_host}"):
             self.metrics.dropped.labels("feedback", "rate_limited").inc()
             raise BadRequest(f"more than {self.cfg.feedback_per_minute} verdicts a minute from "
@@ -495,9 +506,33 @@ class Gateway:
             raise BadRequest("the gateway's outbox is full while Kafka is unreachable; "
                              "retry later", status=503, code="outbox_full") from None
         self.metrics.feedback.labels("feedback").inc()
+        await self._said(served.response_id, source, said, change)
         return {"object": "feedback", "event_id": str(event.event_id),
                 "response_id": served.response_id, "adapter_version": served.version,
                 "status": "accepted"}
+
+    async def _change_of(self, response_id: str, source: str, said: str) -> int:
+        """How many times the user had changed their verdict on ``response_id`` before
+        this one (:func:`~tuneloop.serving.gateway.answers.feedback_event`): the last
+        count for the same verdict again, one more for another."""
+        last = self._verdicts.get((response_id, source))
+        if last is None and self.responses is not None:  # kept on disk: a restart since
+            last = await asyncio.to_thread(self.responses.last_verdict, response_id, source)
+        if last is None:
+            return 0
+        return last[1] if last[0] == said else last[1] + 1
+
+    async def _said(self, response_id: str, source: str, said: str, change: int) -> None:
+        self._verdicts[(response_id, source)] = (said, change)
+        self._verdicts.move_to_end((response_id, source))
+        while len(self._verdicts) > self.cfg.response_cache:
+            self._verdicts.popitem(last=False)
+        if self.responses is not None:
+            try:
+                await asyncio.to_thread(self.responses.set_verdict, response_id, source, said,
+                                        change)
+            except sqlite3.Error as exc:
+                log.warning("the verdict on %s is not kept on disk: %s", response_id, exc)
 
     async def pair(self, response_id: str, token: str) -> dict[str, Any]:
         """Both answers to the request of ``response_id``: the one its user got and the
