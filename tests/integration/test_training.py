@@ -294,9 +294,9 @@ def test_the_base_model_is_judged_once_per_golden_set(training_settings: Setting
     judged: list[int] = []
     real = LoRARecipe.evaluate_base
 
-    def counting(self: LoRARecipe, examples: Any, task: Any = None) -> Any:
+    def counting(self: LoRARecipe, examples: Any, task: Any = None, embed: Any = None) -> Any:
         judged.append(len(examples))
-        return real(self, examples, task)
+        return real(self, examples, task, embed)
 
     monkeypatch.setattr(LoRARecipe, "evaluate_base", counting)
     config = short_config(max_steps=2, eval_interval=2)

@@ -181,3 +181,10 @@ def test_a_json_answer_keeps_its_keys_numbers_and_form_on_both_paths() -> None:
     assert json.loads(str(row["messages"]))[2]["content"] == fenced_clean
     # Each string is read decoded: an address behind an escape is found as well.
     assert redact_answer('{"to": "a\\u0040b.io"}').text == '{"to": "[EMAIL]"}'
+    # A card number is PII whatever its JSON type: it becomes a string, the object stays one.
+    card = redact_answer('{"card": 4111111111111111, "phone": 4155552671, "n": -1.5e3}')
+    assert card.text == '{"card": "[CARD]", "phone": 4155552671, "n": -1.5e3}'
+    assert card.count == 1
+    # A lone surrogate behind an escape stays escaped: the row is still valid UTF-8.
+    lone = redact_answer('{"note": "mail a@b.io \\ud83d"}')
+    assert lone.text == '{"note": "mail [EMAIL] \\ud83d"}' and lone.text.encode()

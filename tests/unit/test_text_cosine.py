@@ -39,9 +39,22 @@ def test_the_offline_gate_records_both_versions_task_figures_with_the_cosine(
     assert figures["candidate"]["cosine"] == pytest.approx(1.0, abs=1e-4)
     assert figures["incumbent"]["cosine"] < 0.5
     assert figures["candidate"]["rouge_l"] == 1.0 > figures["incumbent"]["rouge_l"]
-    # Labels are judged by their checks alone; a json reference that is not an object
-    # leaves the figures out rather than failing the gate.
+    # Labels are judged by their checks alone.
     assert both_task_figures(load_settings({"home": tmp_path}), pairs) is None
+    # A json reference that is not an object leaves the figures out rather than failing
+    # the gate (its checks say why).
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object"}')
+    json_settings = load_settings({"home": tmp_path, "tasks.support-bot.kind": "json",
+                                   "tasks.support-bot.json_schema": str(schema)})
+    objects = ['{"a": 1}', '{"a": 2}']
+    good = Paired(objects, [None, None], objects, objects, kind="json",
+                  schema={"type": "object"})
+    figures = both_task_figures(json_settings, good)
+    assert figures is not None and figures["candidate"]["object_exact_match"] == 1.0
+    bad = Paired(["card_arrival", '{"a": 2}'], [None, None], objects, objects, kind="json",
+                 schema={"type": "object"})
+    assert both_task_figures(json_settings, bad) is None
 
 
 def test_the_nightly_check_of_a_text_alias_records_the_cosine(

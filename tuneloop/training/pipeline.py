@@ -287,16 +287,17 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
             recipe.total_steps = 0  # no SFT: DPO alone, from where the weights start
         metrics: dict[str, Any] = {}
         golden, metrics["golden_left_out"] = judgeable_golden(golden, workspace.task, run_key)
+        embed = workspace.embed()  # one embedding model for the run's reports
         t0 = time.perf_counter()
         if golden:
-            metrics["base_golden"] = _base_golden(workspace, recipe, base, config, golden)
+            metrics["base_golden"] = _base_golden(workspace, recipe, base, config, golden,
+                                                  embed)
         result = recipe.train()
         metrics["training"] = result.metrics() | {
             "continued_from": str(init_adapter) if recipe.continued else None,
             "objective": config.objective}
         if config.objective != "sft":
             metrics["preference"] = _preference_step(recipe, splits, config, show_progress)
-        embed = workspace.embed()
         validation, _ = recipe.evaluate(judgeable(splits.validation, workspace.task)[0],
                                         workspace.task, embed)
         metrics["validation"] = validation.to_dict()
@@ -354,7 +355,8 @@ def _preference_step(recipe: LoRARecipe, splits: DatasetSplits, config: RecipeCo
 
 
 def _base_golden(workspace: Workspace, recipe: LoRARecipe, base: BaseModel,
-                 config: RecipeConfig, golden: list[ChatExample]) -> dict[str, Any]:
+                 config: RecipeConfig, golden: list[ChatExample], embed: Embed | None = None
+                 ) -> dict[str, Any]:
     """The base model's metrics on the golden set. The base model does not change between
     runs: they are computed once per base model, golden set, device and generation settings,
     and kept under ``<runs>/base-evaluations``."""
@@ -372,7 +374,7 @@ def _base_golden(workspace: Workspace, recipe: LoRARecipe, base: BaseModel,
         return dict(json.loads(path.read_text()))
     except (FileNotFoundError, ValueError):
         pass
-    report, _ = recipe.evaluate_base(golden, workspace.task, workspace.embed())
+    report, _ = recipe.evaluate_base(golden, workspace.task, embed)
     write_json_atomic(path, report.to_dict())
     return report.to_dict()
 

@@ -117,7 +117,9 @@ class DeadLetter:
         return cut, len(head) < len(value) or len(cut) < len(kept)
 
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+# A JSON text's strings, and its numbers outside them (the string alternative first, so a
+# number inside a string is read as part of the string).
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?')
 
 
 def redact_answer(text: str) -> Redacted:
@@ -127,19 +129,35 @@ def redact_answer(text: str) -> Redacted:
     layout stay as they were and the object still parses (``{"order_id": 123456789}`` is
     no ``{"order_id": [PHONE]}``). Keys are strings too (as in :func:`redact_json`): a
     schema's field names hold no PII, and a key that did would leak it. A number in an
-    object is kept even where it looks like a phone number: it is the object's content.
-    Each string is read decoded, so an address behind ``\\u0040`` escapes is found too."""
-    if "{" not in text or parse_object(text) is None:
-        return redact(text)
+    object is kept even where it looks like a phone number: it is the object's content;
+    a card number (Luhn) is not, and becomes the string ``"[CARD]"``. Each string is read
+    decoded, so an address behind ``\\u0040`` escapes is found too."""
+    plain = redact(text)  # cached; nothing found in the whole text is nothing to find
+    if (not plain.count and "\\u" not in text) or "{" not in text \
+            or parse_object(text) is None:
+        return plain
     count = 0
 
-    def string(m: re.Match[str]) -> str:
+    def token(m: re.Match[str]) -> str:
         nonlocal count
-        r = redact(json.loads(m.group(0)))
+        found = m.group(0)
+        if not found.startswith('"'):
+            if redact(found).text != "[CARD]":
+                return found
+            count += 1
+            return '"[CARD]"'
+        r = redact(json.loads(found))
+        if not r.count:
+            return found
         count += r.count
-        return json.dumps(r.text, ensure_ascii=False) if r.count else m.group(0)
+        encoded = json.dumps(r.text, ensure_ascii=False)
+        try:
+            encoded.encode()
+        except UnicodeEncodeError:  # a lone surrogate its escapes held: keep it escaped
+            encoded = json.dumps(r.text)
+        return encoded
 
-    return Redacted(_JSON_STRING.sub(string, text), count)
+    return Redacted(_JSON_TOKEN.sub(token, text), count)
 
 
 def redact_json(value: object) -> tuple[object, int]:

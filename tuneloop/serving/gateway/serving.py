@@ -17,6 +17,7 @@ import random
 import sqlite3
 import time
 import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -100,6 +101,9 @@ class Gateway:
         # What each answer's user last said of it (a rating, a preference) and how many
         # times they changed it, for the event ids of verdicts changed back.
         self._verdicts: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
+        # One verdict at a time on an answer (by stripe): a change posted while another is on
+        # its way counts from it.
+        self._verdict_locks = [asyncio.Lock() for _ in range(64)]
         self.responses: ResponseStore | None = None  # the durable copy (create_app sets it)
         self.session: aiohttp.ClientSession | None = None
         # Connecting is the only wait that says the replica is gone; waiting for the first
@@ -470,6 +474,12 @@ class Gateway:
                              "own; send a rating, correction or label in another request",
                              param="preferred_response_id")
         served = await self._rated_answer(request.response_id, request.token)
+        lock = self._verdict_locks[zlib.crc32(served.response_id.encode()) % 64]
+        async with lock:
+            return await self._take_verdict(served, request, client_host)
+
+    async def _take_verdict(self, served: Served, request: FeedbackRequest,
+                            client_host: str) -> dict[str, Any]:
         event: FeedbackEvent
         if request.preferred_response_id is not None:
             source, said = "gateway.preference", request.preferred_response_id
