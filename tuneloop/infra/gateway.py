@@ -40,10 +40,12 @@ class EmbeddedGateway:
             wait_until(lambda: self.healthy() or self.process.pid() is None
                        or self._exited_at_start(), timeout, "gateway", interval_s=0.5)
         except TimeoutError:
+            vllm_log = Path(self.settings.home) / "logs" / "vllm-0.log"
             raise TimeoutError(
                 f"the gateway at {self.settings.serving.gateway_url} has no ready vLLM replica "
-                f"after {timeout:.0f}s; see {self.process.log_file} and "
-                f"{Path(self.settings.home) / 'logs'}/vllm-0.log") from None
+                f"after {timeout:.0f}s; see {self.process.log_file} and {vllm_log}. The "
+                f"gateway's log ends:\n{self.process.tail()}\nvLLM's log ends:\n"
+                f"{_tail(vllm_log)}") from None
         if self.process.pid() is None or not self.healthy():
             self.process.stop()
             raise OSError(f"the gateway exited at start; its log says:\n{self.process.tail()}")
@@ -68,3 +70,11 @@ class EmbeddedGateway:
             return httpx.get(url, timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of the log at ``path`` ("" when there is none)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
