@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 
 from tuneloop.infra.supervisor import read_state, state_path
-from tuneloop.runtime.processes import ManagedProcess, wait_until
+from tuneloop.runtime.processes import ManagedProcess, log_tail, wait_until
 from tuneloop.runtime.settings import Settings
 from tuneloop.serving.vllm_process import managed_processes, vllm_python
 
@@ -45,7 +45,7 @@ class EmbeddedGateway:
                 f"the gateway at {self.settings.serving.gateway_url} has no ready vLLM replica "
                 f"after {timeout:.0f}s; see {self.process.log_file} and {vllm_log}. The "
                 f"gateway's log ends:\n{self.process.tail()}\nvLLM's log ends:\n"
-                f"{_tail(vllm_log)}") from None
+                f"{log_tail(vllm_log)}") from None
         if self.process.pid() is None or not self.healthy():
             self.process.stop()
             raise OSError(f"the gateway exited at start; its log says:\n{self.process.tail()}")
@@ -71,10 +71,3 @@ class EmbeddedGateway:
         except httpx.HTTPError:
             return False
 
-
-def _tail(path: Path, lines: int = 20) -> str:
-    """The last ``lines`` lines of the log at ``path`` ("" when there is none)."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""

@@ -125,11 +125,9 @@ class Workspace:
     def embed(self) -> Embed | None:
         """What a text task's report embeds answers and references with (None for the
         other kinds)."""
-        if self.task.kind != "text":
-            return None
-        from tuneloop.services.drift.embeddings import Embedder
+        from tuneloop.services.drift.embeddings import answer_embed
 
-        return Embedder(self.embeddings).encode
+        return answer_embed(self.task.kind, self.embeddings)
 
     def remote(self) -> RemoteAdapters:
         """The object-stored adapters, through this process's cache."""

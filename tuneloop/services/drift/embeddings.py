@@ -149,6 +149,14 @@ class Embedder:
         return np.concatenate(parts)
 
 
+def answer_embed(kind: str, settings: EmbeddingSettings
+                 ) -> Callable[[list[str]], np.ndarray] | None:
+    """What a task of ``kind`` embeds answers and references with for their cosine
+    similarity (:func:`~tuneloop.services.evaluation.tasks.evaluate`): the deployed model
+    for ``text``, nothing for the other kinds."""
+    return Embedder(settings).encode if kind == "text" else None
+
+
 def onnx_cache(settings: EmbeddingSettings) -> Path:
     """Where exported models are kept: ``embeddings.onnx_dir``, else the user's cache
     (``~/.cache/tuneloop/onnx``; see :func:`tuneloop.runtime.cache.user_cache_dir`)."""

@@ -27,7 +27,7 @@ from tuneloop.services.curation import golden
 from tuneloop.services.curation.core import Example
 from tuneloop.services.curation.datasets import load_examples
 from tuneloop.services.curation.store import fresh_examples
-from tuneloop.services.drift.embeddings import Embedder
+from tuneloop.services.drift.embeddings import answer_embed
 from tuneloop.services.evaluation.tasks import evaluate
 from tuneloop.services.registry.store import get_adapter
 from tuneloop.services.store.database import Store
@@ -106,7 +106,7 @@ def both_task_figures(settings: Settings, pairs: Paired) -> dict[str, Any] | Non
     kind = settings.task.kind
     if kind == "label" or not pairs.references:
         return None
-    embed = Embedder(settings.embeddings).encode if kind == "text" else None
+    embed = answer_embed(kind, settings.embeddings)
     try:
         return {side: evaluate(kind, answers, pairs.references, schema=pairs.schema,
                                embed=embed).figures

@@ -8,7 +8,7 @@ from tuneloop.runtime.settings import CanarySettings, Settings
 from tuneloop.services.canary import store as canary_store
 from tuneloop.services.canary.core import FAIL, PASS, Check, Decision, combine
 from tuneloop.services.curation import golden
-from tuneloop.services.drift.embeddings import Embedder
+from tuneloop.services.drift.embeddings import answer_embed
 from tuneloop.services.evaluation.tasks import evaluate
 from tuneloop.services.registry import store as registry
 from tuneloop.services.store.database import Store
@@ -45,7 +45,7 @@ def check_production(settings: Settings) -> Decision:
     report = evaluate(task.kind, got, [ex.completion for ex in gold],
                       [ex.label for ex in gold] if all(ex.label for ex in gold) else None,
                       schema=task.schema_document,
-                      embed=Embedder(settings.embeddings).encode if task.kind == "text" else None)
+                      embed=answer_embed(task.kind, settings.embeddings))
     score = float(report.score if report.score is not None else report.exact_match)
     checks = score_checks(score, baseline, settings.canary)
     figures = {"golden_n": report.n, "golden_left_out": left_out, "kind": task.kind,
