@@ -281,8 +281,6 @@ def _train_locked(workspace: Workspace, splits: DatasetSplits, golden: list[Chat
                         on_checkpoint=mirror.push_checkpoint if mirror is not None else None)
     try:
         recipe.setup(splits.train, splits.validation)
-        if config.objective == "dpo":
-            recipe.total_steps = 0  # no SFT: DPO alone, from where the weights start
         metrics: dict[str, Any] = {}
         golden, metrics["golden_left_out"] = judgeable_golden(golden, workspace.task, run_key)
         embed = workspace.embed()  # one embedding model for the run's reports
