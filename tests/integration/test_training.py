@@ -366,6 +366,12 @@ def test_sft_then_dpo_trains_on_the_versions_preference_pairs(training_settings:
     manifest = verify_adapter(directory, adapter.sha256)
     assert manifest["hyperparameters"]["objective"] == "sft+dpo"
     assert manifest["metrics"]["preference"]["steps"] == figures["steps"]
+    # ``dpo`` alone: not one SFT step, the same DPO steps on the same pairs.
+    config = short_config(max_steps=2, eval_interval=2, objective="dpo", dpo_epochs=2,
+                          dpo_batch_size=4, dpo_learning_rate=1e-3)
+    alone = train_candidate(workspace, splits, [], config, "rk-dpo-alone", show_progress=False)
+    assert (alone.metrics["training"]["steps"], alone.metrics["training"]["total_steps"]) == (0, 0)
+    assert alone.metrics["preference"]["steps"] == figures["steps"]
 
 
 def test_a_run_another_worker_took_over_resumes_from_the_checkpoint_in_object_storage(
