@@ -70,4 +70,3 @@ class EmbeddedGateway:
             return httpx.get(url, timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
-

@@ -92,9 +92,11 @@ class LoRARecipe:
                              f"max_seq_len={self.config.max_seq_len}; raise it")
         self.optimizer = self._setup_optimizer()
         cfg = self.config
-        self.total_steps = 0 if cfg.objective == "dpo" else (  # dpo: no SFT steps
-            cfg.max_steps or cfg.epochs * steps_per_epoch(
-                len(self.train_examples), cfg.batch_size, cfg.grad_accum_steps))
+        if cfg.objective == "dpo":  # DPO alone: not one SFT step
+            self.total_steps = 0
+        else:
+            self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(
+                len(self.train_examples), cfg.batch_size, cfg.grad_accum_steps)
         self.timings["setup_s"] = time.perf_counter() - started
         log.info("run %s: %d train / %d validation examples, %d steps, device %s, %s",
                  self.run_id, len(self.train_examples), len(self.val_examples),
