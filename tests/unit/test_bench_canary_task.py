@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.bench._canary_task import configure, judge, pick_groups, write_datasets
+from tuneloop.bench._canary_task import (
+    GOLDEN_PER_GROUP,
+    configure,
+    judge,
+    pick_groups,
+    write_datasets,
+)
 from tuneloop.runtime.settings import TaskSpec, load_settings
 from tuneloop.services.demo.banking77 import Query
 from tuneloop.services.demo.task_data import Row
@@ -53,10 +59,10 @@ def test_the_bad_dataset_teaches_other_queries_targets(tmp_path: Path, any_store
     store = any_store
     spec = TaskSpec(kind="text", system_prompt="Reply.")
     train = _rows({"a": 30, "b": 30, "c": 30})
-    test = _rows({"a": 10, "b": 10}, "q")
+    test = _rows({"a": GOLDEN_PER_GROUP + 2, "b": GOLDEN_PER_GROUP + 2}, "q")
     n = write_datasets(store, spec, train, test, ["a", "b"], ["c"], per_group=4, seed=1,
                        test_per_group=4)
-    assert n == 16  # eight golden examples of each old group
+    assert n == 2 * GOLDEN_PER_GROUP  # that many test rows of each old group
     with store.connect() as con:
         rows = con.execute("SELECT version, split, prompt, completion, messages FROM "
                            "dataset_examples ORDER BY version, example_id").fetchall()

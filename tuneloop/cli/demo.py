@@ -156,7 +156,7 @@ def demo_settings(base: dict[str, Any], scenario: Scenario, task: str, data: Pat
     task is the one ``task`` names, whatever ``base`` says of it. Raises ``OSError`` or
     ``ValueError`` when ``data`` holds no usable task folder."""
     from tuneloop.services.demo.task import spec_table
-    from tuneloop.training.config import CONFIGS_DIR, DEFAULT_CONFIG, RecipeConfig
+    from tuneloop.training.config import CONFIGS_DIR, task_recipe_fields
 
     merged = merge(merge(base, scenario.settings),
                    {"training": {"config": str(CONFIGS_DIR / "demo.yaml")}})
@@ -169,19 +169,9 @@ def demo_settings(base: dict[str, Any], scenario: Scenario, task: str, data: Pat
     if task != "label":
         tasks[alias] = spec_table(task, data, home)
         merged = merge(merged, KIND_SETTINGS.get(task, {}))
-        # An object or a reply is a longer example than an intent name, and a mapping
-        # that one pass over a few hundred examples does not teach: three passes.
-        fields = yaml.safe_load((CONFIGS_DIR / "demo.yaml").read_text())
-        fields |= {"max_seq_len": 256, "epochs": 3}
-        if task == "text":
-            # A reply continued from production at the demo's high rate (chosen for one
-            # pass over intent names) loses what production writes well: a retrain that
-            # continues goes at the default recipe's LoRA rate.
-            fields["continued_learning_rate"] = RecipeConfig.from_file(
-                DEFAULT_CONFIG).learning_rate
         recipe = (f"# tuneloop demo --task {task}: the demo recipe, with sequences that "
                   "hold an object or a reply, and three passes\n"
-                  + yaml.safe_dump(fields, sort_keys=False))
+                  + yaml.safe_dump(task_recipe_fields(task), sort_keys=False))
         merged["training"]["config"] = str(home / "recipe.yaml")
     merged.pop("tasks", None)
     if tasks:

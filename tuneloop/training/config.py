@@ -217,3 +217,20 @@ class RecipeConfig:
 def _check(ok: bool, name: str, value: Any, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {fix}")
+
+
+DEMO_CONFIG = CONFIGS_DIR / "demo.yaml"
+
+
+def task_recipe_fields(kind: str) -> dict[str, Any]:
+    """The demo recipe's fields for a ``json`` or ``text`` alias (the task demos and the
+    canary bench train with it): sequences that hold an object or a reply, and three
+    passes, since one pass over a few hundred examples does not teach such a mapping.
+    A ``text`` retrain that continues from production goes at the default recipe's LoRA
+    rate: a reply continued at the demo's high rate (chosen for one pass over intent
+    names) loses what production writes well."""
+    fields_ = yaml.safe_load(DEMO_CONFIG.read_text())
+    fields_ |= {"max_seq_len": 256, "epochs": 3}
+    if kind == "text":
+        fields_["continued_learning_rate"] = RecipeConfig.from_file(DEFAULT_CONFIG).learning_rate
+    return dict(fields_)
