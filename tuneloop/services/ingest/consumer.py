@@ -17,6 +17,11 @@ from a background thread, and ``max_poll_interval_ms`` is set far above any
 batch's duration. If the group rebalances anyway (another consumer joins), the
 commit fails with a ``KafkaException``; the batch is already written, so the
 new owner's replay is a no-op and this consumer simply carries on.
+
+A one-shot run (``until_idle``) leaves once its own partitions are idle and no
+other partition of the topic holds unread records: a partition whose member died
+is handed over when that member's session expires, so the run waits for it (or
+for the member reading it) rather than leaving its records for the next run.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from tuneloop.runtime.settings import Settings
+from tuneloop.services.feedback.topics import topic_offsets
 from tuneloop.services.ingest.core import DeadLetter, PreparedBatch, RawRecord, prepare_batch
 from tuneloop.services.ingest.store import (
     ConsumedOffsets,
@@ -205,6 +211,8 @@ class IngestConsumer:
         stats = IngestStats()
         idle = 0
         started = time.monotonic()
+        unread_left: int | None = None  # records other members' partitions still hold
+        unread_since = 0.0
         while not (stop and stop(stats)):
             messages = self.consumer.consume(
                 num_messages=self.settings.ingest.batch_size,
@@ -225,7 +233,22 @@ class IngestConsumer:
                     continue
                 idle += 1
                 if until_idle and idle >= self.settings.ingest.idle_polls_before_exit:
-                    break
+                    unread = self._unread_elsewhere()
+                    if not unread:
+                        break
+                    now = time.monotonic()
+                    if unread_left is None or sum(unread.values()) < unread_left:
+                        if unread_left is None:
+                            log.info("idle, but partitions this member does not hold have "
+                                     "unread records %s: waiting for the group to hand them "
+                                     "over or read them", unread)
+                        unread_left, unread_since = sum(unread.values()), now
+                    elif now - unread_since > self._unread_wait_s:
+                        log.warning("leaving with partitions %s unread: no member read them "
+                                    "in %.0f s; the next run goes on from them", unread,
+                                    now - unread_since)
+                        break
+                    idle = 0
                 continue
             idle = 0
             busy_from = time.monotonic()
@@ -239,6 +262,32 @@ class IngestConsumer:
         self._writer.submit(self._release).result()
         stats.seconds = time.monotonic() - started
         return stats
+
+    @property
+    def _unread_wait_s(self) -> float:
+        """How long a one-shot run waits without progress on partitions it does not hold:
+        long enough for a dead member's session to expire and the group to rebalance."""
+        return max(60.0, 10 * self.cfg.session_timeout_ms / 1000)
+
+    def _unread_elsewhere(self) -> dict[int, int]:
+        """Unread records per partition of the topic that this member does not hold: the
+        broker's end less the group's stored (or else committed) offset."""
+        topic = self.cfg.topic
+        owned = {tp.partition for tp in self.consumer.assignment() if tp.topic == topic}
+        meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or set(meta.partitions) <= owned:
+            return {}
+        others = [p for p in topic_offsets(self.cfg, topic, self.cfg.group_id)
+                  if p.partition not in owned]
+        stored = self._writer.submit(self._stored_offsets,
+                                     [(topic, p.partition) for p in others]).result()
+        self._writer.submit(self._release).result()
+        unread = {}
+        for p in others:
+            done = max(stored.get((topic, p.partition), 0), p.committed or 0)
+            if done < p.end:
+                unread[p.partition] = p.end - done
+        return unread
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         """The store, held across back-to-back batches for at most ``store.max_hold_s``.
