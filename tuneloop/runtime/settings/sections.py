@@ -195,7 +195,8 @@ class IngestSettings(Section):
     poll_timeout_ms: int = Field(1000, ge=10)
     max_event_bytes: int = Field(64 * 1024, ge=1024)
     idle_polls_before_exit: int = Field(
-        3, ge=1, description="A one-shot ingest run stops after this many empty polls."
+        3, ge=1, description="A one-shot ingest run stops after this many empty polls, "
+        "once no other partition of the topic holds records the group has not stored."
     )
     interval_s: int = Field(
         15, ge=1, description="The long-running ingest lands shadow pairs and reports its "
