@@ -78,15 +78,18 @@ def test_two_ingest_workers_write_at_once_and_a_killed_one_loses_and_doubles_not
     store = Store.of(pg)
     assert isinstance(store, PostgresStore)
 
+    ends = {p.partition: p.end for p in topic_offsets(pg.kafka, pg.kafka.topic, None)}
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     workers = [_worker(pg, log) for log in logs]
     # Both hold partitions and write (the group split the 4 partitions), then one dies
-    # mid-stream, with a batch in flight.
+    # mid-stream, with a batch in flight and records of its partitions unread.
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         seen = [log.read_text().split() if log.exists() else [] for log in logs]
         if all(len(s) >= 3 for s in seen) and seen[0][-1] != seen[1][-1]:
-            break
+            stored = _stored(store, pg.kafka.group_id)
+            if any(stored.get(int(p), 0) < ends[int(p)] for p in seen[0][-1].split(",")):
+                break
         assert all(w.poll() is None for w in workers), [
             w.stderr.read().decode()[-2000:] for w in workers if w.poll() is not None and w.stderr]
         time.sleep(0.05)
@@ -96,7 +99,6 @@ def test_two_ingest_workers_write_at_once_and_a_killed_one_loses_and_doubles_not
     assert split[0] and split[1] and not split[0] & split[1]
     workers[0].send_signal(signal.SIGKILL)
     workers[0].wait()
-    ends = {p.partition: p.end for p in topic_offsets(pg.kafka, pg.kafka.topic, None)}
     assert sum(_stored(store, pg.kafka.group_id).values()) < sum(ends.values())
 
     # The survivor does not leave while the dead one's partitions hold unread records:

@@ -78,6 +78,15 @@ class IngestStats:
 BatchHook = Callable[[PreparedBatch], None]
 
 
+@dataclass
+class _UnreadWait:
+    """An idle one-shot run's wait for partitions other members hold."""
+
+    targets: dict[int, int] = field(default_factory=dict)  # partition: its end at the start
+    done: dict[int, int] = field(default_factory=dict)  # partition: stored offset last seen
+    since: float = field(default_factory=time.monotonic)  # when one last moved
+
+
 # Commit errors that mean this member no longer owns the partitions: the batch is written,
 # so the new owner's replay changes nothing. Any other commit error is raised.
 _REBALANCE_CODES = frozenset({
@@ -211,8 +220,7 @@ class IngestConsumer:
         stats = IngestStats()
         idle = 0
         started = time.monotonic()
-        unread_left: int | None = None  # records other members' partitions still hold
-        unread_since = 0.0
+        waiting: _UnreadWait | None = None  # for partitions other members hold
         while not (stop and stop(stats)):
             messages = self.consumer.consume(
                 num_messages=self.settings.ingest.batch_size,
@@ -233,24 +241,12 @@ class IngestConsumer:
                     continue
                 idle += 1
                 if until_idle and idle >= self.settings.ingest.idle_polls_before_exit:
-                    unread = self._unread_elsewhere()
-                    if not unread:
-                        break
-                    now = time.monotonic()
-                    if unread_left is None or sum(unread.values()) < unread_left:
-                        if unread_left is None:
-                            log.info("idle, but partitions this member does not hold have "
-                                     "unread records %s: waiting for the group to hand them "
-                                     "over or read them", unread)
-                        unread_left, unread_since = sum(unread.values()), now
-                    elif now - unread_since > self._unread_wait_s:
-                        log.warning("leaving with partitions %s unread: no member read them "
-                                    "in %.0f s; the next run goes on from them", unread,
-                                    now - unread_since)
+                    waiting = waiting or _UnreadWait()
+                    if self._may_leave(waiting):
                         break
                     idle = 0
                 continue
-            idle = 0
+            idle, waiting = 0, None
             busy_from = time.monotonic()
             self._process(raw, stats, on_batch)
             stats.busy_seconds += time.monotonic() - busy_from
@@ -263,31 +259,61 @@ class IngestConsumer:
         stats.seconds = time.monotonic() - started
         return stats
 
-    @property
-    def _unread_wait_s(self) -> float:
-        """How long a one-shot run waits without progress on partitions it does not hold:
-        long enough for a dead member's session to expire and the group to rebalance."""
-        return max(60.0, 10 * self.cfg.session_timeout_ms / 1000)
+    def _may_leave(self, waiting: _UnreadWait) -> bool:
+        """Whether an idle one-shot run may leave: no partition it does not hold has
+        records the group has not stored (up to each one's end when the wait began), or
+        none of them moved for ``max(60 s, 10 sessions)``, long enough for a dead
+        member's session to expire and the group to hand its partitions over."""
+        try:
+            behind = self._behind_elsewhere()
+        except (KafkaException, KafkaError, duckdb.Error, OSError) as exc:
+            log.warning("could not read the other partitions' progress (%s); leaving: the "
+                        "next run goes on from what is stored", exc)
+            return True
+        now = time.monotonic()
+        if not waiting.targets and behind:
+            waiting.targets = {p: end for p, (_, end) in behind.items()}
+            log.info("idle, but partitions this member does not hold have records the group "
+                     "has not stored (partition: stored offset, end) %s: waiting for the group "
+                     "to hand them over or read them", behind)
+        left = {p: done for p, (done, _) in behind.items()
+                if done < waiting.targets.get(p, 0)}
+        if not left:
+            return True
+        if any(done > waiting.done.get(p, -1) for p, done in left.items()):
+            waiting.done, waiting.since = left, now
+        elif now - waiting.since > max(60.0, 10 * self.cfg.session_timeout_ms / 1000):
+            log.warning("leaving with partitions %s not stored to their ends %s: no member "
+                        "read them in %.0f s; the next run goes on from them", left,
+                        {p: waiting.targets[p] for p in left}, now - waiting.since)
+            return True
+        return False
 
-    def _unread_elsewhere(self) -> dict[int, int]:
-        """Unread records per partition of the topic that this member does not hold: the
-        broker's end less the group's stored (or else committed) offset."""
+    def _behind_elsewhere(self) -> dict[int, tuple[int, int]]:
+        """(stored offset, end) of each partition of the topic this member does not hold
+        whose records the group has not all stored. As in :meth:`_on_assign`, a stored
+        offset counts only where Kafka holds a commit for the partition (a broker that
+        lost its log lost the commits too); the store is read only where the commit is
+        behind the end."""
         topic = self.cfg.topic
         owned = {tp.partition for tp in self.consumer.assignment() if tp.topic == topic}
         meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or set(meta.partitions) <= owned:
             return {}
-        others = [p for p in topic_offsets(self.cfg, topic, self.cfg.group_id)
-                  if p.partition not in owned]
+        behind = [p for p in topic_offsets(self.cfg, topic, self.cfg.group_id)
+                  if p.partition not in owned and (p.committed or 0) < p.end]
+        if not behind:
+            return {}
         stored = self._writer.submit(self._stored_offsets,
-                                     [(topic, p.partition) for p in others]).result()
+                                     [(topic, p.partition) for p in behind]).result()
         self._writer.submit(self._release).result()
-        unread = {}
-        for p in others:
-            done = max(stored.get((topic, p.partition), 0), p.committed or 0)
+        result = {}
+        for p in behind:
+            done = 0 if p.committed is None else max(stored.get((topic, p.partition), 0),
+                                                     p.committed)
             if done < p.end:
-                unread[p.partition] = p.end - done
-        return unread
+                result[p.partition] = (done, p.end)
+        return result
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         """The store, held across back-to-back batches for at most ``store.max_hold_s``.
