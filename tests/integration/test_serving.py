@@ -176,6 +176,7 @@ def test_a_bad_adapter_fails_the_swap_and_production_keeps_serving(
 def test_streaming_gives_the_same_text_as_a_direct_call(serving_stack: ServingStack) -> None:
     stack = serving_stack
     version = ensure_production(stack)
+    since = time.time()
     streamed = client(stack).chat.completions.create(
         model="support-bot", messages=CHAT, max_tokens=12, temperature=0, stream=True)
     text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
@@ -189,6 +190,19 @@ def test_streaming_gives_the_same_text_as_a_direct_call(serving_stack: ServingSt
     direct_completion = direct.completions.create(model=f"support-bot-{version}", prompt="Hello",
                                                   max_tokens=5, temperature=0)
     assert completion.choices[0].text == direct_completion.choices[0].text
+    # Each user answer's output tokens are kept beside its latency (the canary compares a
+    # text alias's speed per token): a stream's usage where asked for, a plain answer's.
+    counted = client(stack).chat.completions.create(
+        model="support-bot", messages=CHAT, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    usage = [ch.usage.completion_tokens for ch in counted if ch.usage is not None][-1]
+    seen = GatewayAdmin(stack.settings).observations(stack.settings.serving.alias, since)
+    tokens = [n for side in seen["versions"].values() for n in side["tokens"]]
+    assert completion.usage is not None and len(tokens) == 3
+    tokens.remove(completion.usage.completion_tokens)
+    tokens.remove(usage)
+    # The stream without usage: the chunks that carried text, one a decoding step.
+    assert 0 < tokens[0] <= usage
 
 
 def test_a_json_tasks_schema_constrains_the_answer_through_the_gateway(

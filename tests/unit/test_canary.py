@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +257,32 @@ def test_latency_against_the_base_model_is_gated_only_when_configured() -> None:
     assert "not gated" in next(c.threshold for c in first.checks if "latency" in c.name)
     gated = LIVE.model_copy(update={"base_p95_ratio": 3.0})
     assert live_decision("v1", None, slow, base, 61, gated).verdict == "rollback"
+
+
+def test_a_text_alias_gates_latency_per_output_token() -> None:
+    # The candidate writes replies three times as long, at the same speed a token.
+    rng = random.Random(0)
+
+    def replies(n: int, tokens: int, per_token_s: float) -> Side:
+        counts = [max(1, int(tokens * rng.uniform(0.7, 1.3))) for _ in range(n)]
+        return Side(requests=n, latencies_s=[0.05 + k * per_token_s * rng.uniform(0.9, 1.1)
+                                             for k in counts], ratings=25, tokens=counts)
+
+    longer, terse = replies(60, 45, 0.02), replies(400, 15, 0.02)
+    whole = live_decision("v2", "v1", longer, terse, 61, LIVE)
+    assert whole.verdict == "rollback" and "latency (Mann-Whitney U)" in whole.reason
+    text = live_decision("v2", "v1", longer, terse, 61, LIVE, per_token=True)
+    assert text.verdict == "promote", text.reason
+    check = next(c for c in text.checks if "latency" in c.name)
+    assert check.name == "latency per output token (Mann-Whitney U)"
+    assert "whole answers p95" in check.detail and text.figures["latency_per_token_p95_s"]
+    # Slower a token is a serving regression, whatever the length.
+    slow = live_decision("v2", "v1", replies(60, 15, 0.08), terse, 61, LIVE, per_token=True)
+    assert slow.verdict == "rollback" and "per output token" in slow.reason
+    # Answers that did not say their tokens: the whole answers' latency decides.
+    unknown = live_decision("v2", "v1", replace(longer, tokens=[]), terse, 61, LIVE,
+                            per_token=True)
+    assert unknown.verdict == "rollback" and "latency (Mann-Whitney U)" in unknown.reason
 
 
 def test_ratings_not_required_when_min_ratings_is_zero() -> None:

@@ -18,9 +18,11 @@ from tuneloop.serving.gateway.protocol import (
     check_chat,
     check_completion,
     completion_text,
+    completion_tokens,
     error_response,
     parse_body,
     stream_text,
+    stream_tokens,
 )
 from tuneloop.serving.routing import Route, RoutingTable, bucket, upstream_name
 from tuneloop.serving.upstream import UpstreamError, error_message
@@ -107,6 +109,18 @@ def test_stream_and_plain_answers_give_their_text() -> None:
     assert stream_text(f"data: {json.dumps(text)}\n\n".encode(), chat=False) == ("hello", "c2")
     assert completion_text({"choices": [{"message": {"content": "x"}}]}, chat=True) == "x"
     assert completion_text({"choices": [{"text": "y"}]}, chat=False) == "y"
+
+
+def test_an_answers_output_tokens_come_from_its_usage_or_its_chunks() -> None:
+    assert completion_tokens({"usage": {"completion_tokens": 7}}) == 7
+    assert completion_tokens({"choices": []}) is None
+    pieces = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}] + [
+        {"choices": [{"index": 0, "delta": {"content": p}}], "usage": None} for p in "abc"]
+    raw = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in pieces)
+    assert stream_tokens(raw + b"data: [DONE]\n\n") == 3  # the chunks that carried text
+    usage = {"choices": [], "usage": {"completion_tokens": 4}}
+    assert stream_tokens(raw + f"data: {json.dumps(usage)}\n\n".encode()) == 4
+    assert stream_tokens(b"data: [DONE]\n\n") is None
 
 
 def test_response_cache_keeps_the_latest() -> None:

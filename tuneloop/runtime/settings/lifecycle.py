@@ -233,7 +233,8 @@ class CanarySettings(Section):
         0.0, ge=-1, le=1, description="A rating below this counts as a bad answer."
     )
     max_p95_ratio: float = Field(
-        1.5, ge=1, description="Candidate p95 latency over production's that fails the gate."
+        1.5, ge=1, description="Candidate p95 latency over production's that fails the gate "
+        "(for a text alias, p95 time per output token)."
     )
     base_p95_ratio: float | None = Field(
         None, ge=1, description="The same against the base model, when no adapter is in "

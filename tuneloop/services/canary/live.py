@@ -30,11 +30,19 @@ class Side:
     ratings: int = 0
     bad_ratings: int = 0
     preferred: int = 0  # side-by-side verdicts this version won against the other
+    tokens: list[int | None] = field(default_factory=list)  # each latency's output tokens
+
+    def per_token_s(self) -> list[float]:
+        """Seconds per output token of the answers whose tokens are known."""
+        return [s / n for s, n in zip(self.latencies_s, self.tokens, strict=False) if n]
 
 
 def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
-                  elapsed_s: float, cfg: CanarySettings) -> Decision:
-    """Promote, roll back or hold, from both versions' window so far."""
+                  elapsed_s: float, cfg: CanarySettings, *, per_token: bool = False
+                  ) -> Decision:
+    """Promote, roll back or hold, from both versions' window so far. ``per_token``: the
+    latency check compares seconds per output token (a text alias, whose answers' length
+    is what an adapter learns: the quality checks judge it, latency the serving speed)."""
     figures: dict[str, Any] = {
         "elapsed_s": round(elapsed_s, 1),
         "requests": {"candidate": cand.requests, "incumbent": inc.requests},
@@ -50,7 +58,7 @@ def live_decision(candidate: str, incumbent: str | None, cand: Side, inc: Side,
         "minimum sample", PASS if enough else HOLD, float(min(cand.requests, inc.requests)), None,
         f">= {cfg.min_requests} requests and >= {cfg.min_ratings} ratings a side", sample)]
     if min(cand.requests, inc.requests) >= cfg.min_requests:
-        checks += _request_checks(cand, inc, incumbent is None, cfg, figures)
+        checks += _request_checks(cand, inc, incumbent is None, cfg, figures, per_token)
     if cfg.min_ratings > 0 and min(cand.ratings, inc.ratings) >= cfg.min_ratings:
         bad = two_proportions(cand.bad_ratings, cand.ratings, inc.bad_ratings, inc.ratings)
         checks.append(Check(
@@ -83,8 +91,9 @@ def _preference_check(cand: Side, inc: Side, cfg: CanarySettings,
 
 
 def _request_checks(cand: Side, inc: Side, against_base: bool, cfg: CanarySettings,
-                    figures: dict[str, Any]) -> list[Check]:
-    """Error rate and latency, once both sides have the minimum of requests."""
+                    figures: dict[str, Any], per_token: bool = False) -> list[Check]:
+    """Error rate and latency (a whole answer's, or ``per_token`` each output token's where
+    both sides' answers said their tokens), once both sides have the minimum of requests."""
     err = two_proportions(cand.errors, cand.requests, inc.errors, inc.requests)
     checks = [Check(
         "error rate (two-proportion z)", FAIL if err.p_worse < cfg.alpha else PASS, err.z,
@@ -92,19 +101,27 @@ def _request_checks(cand: Side, inc: Side, against_base: bool, cfg: CanarySettin
         f"{err.candidate_rate:.2%} vs {err.incumbent_rate:.2%}")]
     figures["error_rate"] = {"candidate": err.candidate_rate, "incumbent": err.incumbent_rate}
     if cand.latencies_s and inc.latencies_s:
-        lat = mann_whitney(cand.latencies_s, inc.latencies_s)
+        whole = mann_whitney(cand.latencies_s, inc.latencies_s)
+        figures["latency_p95_s"] = {"candidate": whole.candidate_p95_s,
+                                    "incumbent": whole.incumbent_p95_s}
+        detail = (f"p95 {whole.candidate_p95_s * 1000:.0f} ms vs "
+                  f"{whole.incumbent_p95_s * 1000:.0f} ms (ratio {whole.p95_ratio:.2f})")
+        lat, name = whole, "latency (Mann-Whitney U)"
+        if per_token and (cand_t := cand.per_token_s()) and (inc_t := inc.per_token_s()):
+            lat, name = mann_whitney(cand_t, inc_t), "latency per output token (Mann-Whitney U)"
+            figures["latency_per_token_p95_s"] = {"candidate": lat.candidate_p95_s,
+                                                  "incumbent": lat.incumbent_p95_s}
+            detail = (f"per output token p95 {lat.candidate_p95_s * 1000:.1f} ms vs "
+                      f"{lat.incumbent_p95_s * 1000:.1f} ms (ratio {lat.p95_ratio:.2f}); "
+                      f"whole answers {detail}")
         # The base model answers without an adapter, so it is faster by nature: latency
         # against it is gated only when canary.base_p95_ratio says how much slower is fine.
         limit = cfg.base_p95_ratio if against_base else cfg.max_p95_ratio
         slower = limit is not None and lat.p_slower < cfg.alpha and lat.p95_ratio > limit
         checks.append(Check(
-            "latency (Mann-Whitney U)", FAIL if slower else PASS, lat.u, lat.p_slower,
+            name, FAIL if slower else PASS, lat.u, lat.p_slower,
             f"fail if slower with p < {cfg.alpha} and p95 ratio > {limit}" if limit else
-            "not gated against the base model (canary.base_p95_ratio)",
-            f"p95 {lat.candidate_p95_s * 1000:.0f} ms vs {lat.incumbent_p95_s * 1000:.0f} ms "
-            f"(ratio {lat.p95_ratio:.2f})"))
-        figures["latency_p95_s"] = {"candidate": lat.candidate_p95_s,
-                                    "incumbent": lat.incumbent_p95_s}
+            "not gated against the base model (canary.base_p95_ratio)", detail))
     return checks
 
 

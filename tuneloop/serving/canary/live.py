@@ -75,7 +75,7 @@ def look(settings: Settings, plan: Plan, started_at: float) -> tuple[Decision, t
     now = time.time()
     cand, inc = window(settings, plan.candidate, plan.incumbent, started_at, now)
     decision = live_decision(plan.candidate, plan.incumbent, cand, inc, now - started_at,
-                             settings.canary)
+                             settings.canary, per_token=settings.task.kind == "text")
     with Store.of(settings).connect() as con:
         frozen = canary_store.active_freeze(con) is not None
     decision = hold_while_frozen(decision, frozen, now - started_at, settings.canary)
@@ -120,7 +120,8 @@ def window(settings: Settings, candidate: str, incumbent: str | None, started_at
         got = seen.get(version or "base", {})
         sides[version] = Side(requests=int(got.get("requests", 0)),
                               errors=int(got.get("errors", 0)),
-                              latencies_s=list(got.get("latencies_s", [])))
+                              latencies_s=list(got.get("latencies_s", [])),
+                              tokens=list(got.get("tokens", [])))
     for version, (rated, bad) in ratings(settings, [candidate, incumbent], started_at,
                                          until).items():
         sides[version].ratings, sides[version].bad_ratings = rated, bad

@@ -187,6 +187,33 @@ def completion_text(data: dict[str, Any], chat: bool) -> str:
     return str(first.get("text") or "")
 
 
+def completion_tokens(data: dict[str, Any]) -> int | None:
+    """The output tokens a (non-streamed) answer's ``usage`` reports, or None."""
+    tokens = (data.get("usage") or {}).get("completion_tokens")
+    return tokens if isinstance(tokens, int) else None
+
+
+def stream_tokens(raw: bytes) -> int | None:
+    """The output tokens of a server-sent-event stream: its ``usage`` where the client
+    asked for it (``stream_options.include_usage``), else the chunks that carry text
+    (vLLM sends one a decoding step), or None for an empty stream."""
+    pieces = 0
+    for line in raw.split(b"\n"):
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        try:
+            chunk = json.loads(line[6:])
+        except ValueError:
+            continue
+        if (tokens := completion_tokens(chunk)) is not None:
+            return tokens
+        first: dict[str, Any] = next(
+            (c for c in chunk.get("choices") or [] if c.get("index", 0) == 0), {})
+        if (first.get("delta") or {}).get("content") or first.get("text"):
+            pieces += 1
+    return pieces or None
+
+
 def stream_text(raw: bytes, chat: bool) -> tuple[str, str | None]:
     """The text and id carried by a server-sent-event stream of chunks."""
     parts: list[str] = []

@@ -55,9 +55,11 @@ from tuneloop.serving.gateway.protocol import (
     check_completion,
     check_limits,
     completion_text,
+    completion_tokens,
     error_response,
     parse_body,
     stream_text,
+    stream_tokens,
     with_response_format,
     with_system_prompt,
 )
@@ -275,9 +277,9 @@ class Gateway:
         elapsed = time.perf_counter() - started
         self.metrics.requests.labels(route.alias, version_label, endpoint, str(status)).inc()
         self.metrics.latency.labels(route.alias, version_label, endpoint).observe(elapsed)
-        if status < 400 or status >= 500:  # a client's own bad request says nothing of the version
-            self._observe(served, status < 400, elapsed)
         if status >= 400:
+            if status >= 500:  # a client's own bad request says nothing of the version
+                self._observe(served, False, elapsed)
             kind = "bad_request" if status < 500 else "upstream"
             self.metrics.errors.labels(route.alias, version_label, kind).inc()
             if status >= 500:
@@ -285,14 +287,17 @@ class Gateway:
                                       headers=headers)
             return Response(raw, status_code=status, media_type="application/json",
                             headers=headers)
+        tokens = None
         try:
             data = json.loads(raw)
             # The answer's id is the response id, so `completion.id` is what feedback cites.
             data["id"] = served.response_id
             raw = json.dumps(data).encode()
             served.completion = completion_text(data, served.chat)
-        except (ValueError, TypeError):
+            tokens = completion_tokens(data)
+        except (ValueError, TypeError, AttributeError):
             pass
+        self._observe(served, True, elapsed, tokens)
         served.latency_s = elapsed
         await self._after(route, served, None)
         return Response(raw, status_code=status, media_type="application/json", headers=headers)
@@ -339,9 +344,11 @@ class Gateway:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route.alias, version_label, endpoint, status).inc()
             self.metrics.latency.labels(route.alias, version_label, endpoint).observe(elapsed)
-            self._observe(served, status == "200", elapsed)
+            raw = b"".join(chunks)
+            self._observe(served, status == "200", elapsed,
+                          stream_tokens(raw) if status == "200" else None)
         if status == "200":
-            text, upstream_id = stream_text(b"".join(chunks), served.chat)
+            text, upstream_id = stream_text(raw, served.chat)
             served.completion = text
             served.latency_s = time.perf_counter() - started
             await self._after(route, served, upstream_id)
@@ -356,9 +363,10 @@ class Gateway:
         return error_response(503, f"{alias} is not available right now: {why}; retry shortly",
                               kind="service_unavailable", headers=_RETRY_AFTER)
 
-    def _observe(self, served: Served, ok: bool, latency_s: float) -> None:
+    def _observe(self, served: Served, ok: bool, latency_s: float,
+                 tokens: int | None = None) -> None:
         if not served.internal:
-            self.observations.record(served.alias, served.version, ok, latency_s)
+            self.observations.record(served.alias, served.version, ok, latency_s, tokens)
 
     # ------------------------------------------------------------ after an answer
     async def _after(self, route: Route, served: Served, upstream_id: str | None) -> None:
