@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -193,11 +193,8 @@ def completion_tokens(data: dict[str, Any]) -> int | None:
     return tokens if isinstance(tokens, int) else None
 
 
-def stream_tokens(raw: bytes) -> int | None:
-    """The output tokens of a server-sent-event stream: its ``usage`` where the client
-    asked for it (``stream_options.include_usage``), else the chunks that carry text
-    (vLLM sends one a decoding step), or None for an empty stream."""
-    pieces = 0
+def _stream_chunks(raw: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON chunks of a server-sent-event stream, in order."""
     for line in raw.split(b"\n"):
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
@@ -205,6 +202,16 @@ def stream_tokens(raw: bytes) -> int | None:
             chunk = json.loads(line[6:])
         except ValueError:
             continue
+        if isinstance(chunk, dict):
+            yield chunk
+
+
+def stream_tokens(raw: bytes) -> int | None:
+    """The output tokens of a server-sent-event stream: its ``usage`` where the client
+    asked for it (``stream_options.include_usage``), else the chunks that carry text
+    (vLLM sends one a decoding step), or None for an empty stream."""
+    pieces = 0
+    for chunk in _stream_chunks(raw):
         if (tokens := completion_tokens(chunk)) is not None:
             return tokens
         first: dict[str, Any] = next(
@@ -218,13 +225,7 @@ def stream_text(raw: bytes, chat: bool) -> tuple[str, str | None]:
     """The text and id carried by a server-sent-event stream of chunks."""
     parts: list[str] = []
     upstream_id = None
-    for line in raw.split(b"\n"):
-        if not line.startswith(b"data: ") or line == b"data: [DONE]":
-            continue
-        try:
-            chunk = json.loads(line[6:])
-        except ValueError:
-            continue
+    for chunk in _stream_chunks(raw):
         upstream_id = upstream_id or chunk.get("id")
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) != 0:
