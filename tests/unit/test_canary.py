@@ -276,9 +276,15 @@ def test_a_text_alias_gates_latency_per_output_token() -> None:
     check = next(c for c in text.checks if "latency" in c.name)
     assert check.name == "latency per output token (Mann-Whitney U)"
     assert "whole answers p95" in check.detail and text.figures["latency_per_token_p95_s"]
-    # Slower a token is a serving regression, whatever the length.
+    # Slower a token and for the whole answer: a serving regression.
     slow = live_decision("v2", "v1", replies(60, 15, 0.08), terse, 61, LIVE, per_token=True)
     assert slow.verdict == "rollback" and "per output token" in slow.reason
+    # Fewer tokens in as much time: slower a token, no slower to read (the time to the
+    # first token weighs on each of fewer tokens).
+    brief = live_decision("v2", "v1", replies(60, 4, 0.07), terse, 61, LIVE, per_token=True)
+    assert brief.verdict == "promote", brief.reason
+    assert brief.figures["latency_per_token_p95_s"]["candidate"] > \
+        2 * brief.figures["latency_per_token_p95_s"]["incumbent"]
     # Answers that did not say their tokens: the whole answers' latency decides.
     unknown = live_decision("v2", "v1", replace(longer, tokens=[]), terse, 61, LIVE,
                             per_token=True)

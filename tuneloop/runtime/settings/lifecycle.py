@@ -234,7 +234,7 @@ class CanarySettings(Section):
     )
     max_p95_ratio: float = Field(
         1.5, ge=1, description="Candidate p95 latency over production's that fails the gate "
-        "(for a text alias, p95 time per output token)."
+        "(a text alias must also be slower per output token)."
     )
     base_p95_ratio: float | None = Field(
         None, ge=1, description="The same against the base model, when no adapter is in "
