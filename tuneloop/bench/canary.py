@@ -147,15 +147,17 @@ def _stop(parts: list[Any]) -> None:
     shutil.rmtree(home, ignore_errors=True)
 
 
-def main(settings: Settings, quick: bool = False, task: str | None = None) -> dict[str, float]:
+def main(settings: Settings, quick: bool = False, task: str | None = None,
+         data: Path | None = None, seed: int = 0) -> dict[str, float]:
     """Train three adapters in a fresh stack, run the canary on each and time the offline
     gate's evaluation; prints FIGURE lines and returns the figures. ``task`` (json, text):
-    the canary on an alias of that kind (:mod:`tuneloop.bench._canary_task`)."""
+    the canary on an alias of that kind (:mod:`tuneloop.bench._canary_task`), on the
+    task-data folder ``data`` (default the bundled one), its groups drawn with ``seed``."""
     _say(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start")
     if task not in (None, "label"):
         from tuneloop.bench import _canary_task
 
-        per_task = _canary_task.main(task, quick, _stack, _live_overrides, _stop)
+        per_task = _canary_task.main(task, quick, _stack, _live_overrides, _stop, data, seed)
         _say(f"load average {os.getloadavg()[0]:.2f} at end")
         for name, value in per_task.items():
             _say(f"FIGURE {name}={int(value)}")
