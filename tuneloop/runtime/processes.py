@@ -139,6 +139,12 @@ class ManagedProcess:
         try:
             proc = psutil.Process(pid)
             record.update(started=proc.create_time(), exe=_exe(proc), cmdline=_cmdline(proc))
+            # Popen returns once the exec has begun, and the new program's command line
+            # can read empty for a moment after (the exec is still setting it up).
+            deadline = time.monotonic() + 1.0
+            while not record["cmdline"] and time.monotonic() < deadline and _alive(proc):
+                time.sleep(0.01)
+                record["cmdline"] = _cmdline(proc)
             since_boot = _since_boot(pid)
             if since_boot is not None:
                 record["since_boot"] = since_boot
