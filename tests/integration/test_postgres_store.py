@@ -87,9 +87,13 @@ def test_two_ingest_workers_write_at_once_and_a_killed_one_loses_and_doubles_not
     while time.monotonic() < deadline:
         seen = [log.read_text().split() if log.exists() else [] for log in logs]
         if all(len(s) >= 3 for s in seen) and seen[0][-1] != seen[1][-1]:
+            # Stopped while its partitions are looked at, so it cannot finish them between
+            # the look and the kill.
+            workers[0].send_signal(signal.SIGSTOP)
             stored = _stored(store, pg.kafka.group_id)
             if any(stored.get(int(p), 0) < ends[int(p)] for p in seen[0][-1].split(",")):
                 break
+            workers[0].send_signal(signal.SIGCONT)
         assert all(w.poll() is None for w in workers), [
             w.stderr.read().decode()[-2000:] for w in workers if w.poll() is not None and w.stderr]
         time.sleep(0.05)

@@ -263,9 +263,9 @@ def test_a_text_alias_gates_latency_per_output_token() -> None:
     # The candidate writes replies three times as long, at the same speed a token.
     rng = random.Random(0)
 
-    def replies(n: int, tokens: int, per_token_s: float) -> Side:
+    def replies(n: int, tokens: int, per_token_s: float, first_s: float = 0.05) -> Side:
         counts = [max(1, int(tokens * rng.uniform(0.7, 1.3))) for _ in range(n)]
-        return Side(requests=n, latencies_s=[0.05 + k * per_token_s * rng.uniform(0.9, 1.1)
+        return Side(requests=n, latencies_s=[first_s + k * per_token_s * rng.uniform(0.9, 1.1)
                                              for k in counts], ratings=25, tokens=counts)
 
     longer, terse = replies(60, 45, 0.02), replies(400, 15, 0.02)
@@ -279,16 +279,18 @@ def test_a_text_alias_gates_latency_per_output_token() -> None:
     # Slower a token and for the whole answer: a serving regression.
     slow = live_decision("v2", "v1", replies(60, 15, 0.08), terse, 61, LIVE, per_token=True)
     assert slow.verdict == "rollback" and "per output token" in slow.reason
-    # Fewer tokens in as much time: slower a token, no slower to read (the time to the
+    # Fewer tokens in as much time: slower a token, no slower to read (the time before the
     # first token weighs on each of fewer tokens).
-    brief = live_decision("v2", "v1", replies(60, 4, 0.07), terse, 61, LIVE, per_token=True)
+    brief = live_decision("v2", "v1", replies(60, 4, 0.02, first_s=0.25), terse, 61, LIVE,
+                          per_token=True)
     assert brief.verdict == "promote", brief.reason
     assert brief.figures["latency_per_token_p95_s"]["candidate"] > \
         2 * brief.figures["latency_per_token_p95_s"]["incumbent"]
-    # Answers that did not say their tokens: the whole answers' latency decides.
-    unknown = live_decision("v2", "v1", replace(longer, tokens=[]), terse, 61, LIVE,
-                            per_token=True)
-    assert unknown.verdict == "rollback" and "latency (Mann-Whitney U)" in unknown.reason
+    # Answers that did not say their tokens (or too few did): the whole answers decide.
+    for said in ([], longer.tokens[:10] + [None] * 50):
+        unknown = live_decision("v2", "v1", replace(longer, tokens=said), terse, 61, LIVE,
+                                per_token=True)
+        assert unknown.verdict == "rollback" and "latency (Mann-Whitney U)" in unknown.reason
 
 
 def test_ratings_not_required_when_min_ratings_is_zero() -> None:

@@ -23,7 +23,7 @@ def _member(monkeypatch: pytest.MonkeyPatch, looks: list[object]) -> IngestConsu
     """A member whose view of the other partitions is ``looks``, one per check (an
     exception is raised); its Kafka and store are not touched."""
     member = IngestConsumer.__new__(IngestConsumer)
-    member.cfg = load_settings().kafka
+    member.cfg = load_settings({"kafka.session_timeout_ms": 6000}).kafka
 
     def behind() -> object:
         look = looks.pop(0)

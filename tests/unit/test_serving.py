@@ -121,6 +121,12 @@ def test_an_answers_output_tokens_come_from_its_usage_or_its_chunks() -> None:
     usage = {"choices": [], "usage": {"completion_tokens": 4}}
     assert stream_tokens(raw + f"data: {json.dumps(usage)}\n\n".encode()) == 4
     assert stream_tokens(b"data: [DONE]\n\n") is None
+    # continuous_usage_stats: every chunk carries the count so far; the last one counts.
+    running = [{"choices": [{"index": 0, "delta": {"content": p}}],
+                "usage": {"completion_tokens": i + 1}} for i, p in enumerate("abcde")]
+    assert stream_tokens(b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in running)) == 5
+    assert completion_tokens({"usage": "n/a"}) is None and completion_tokens({"usage": {
+        "completion_tokens": True}}) is None
 
 
 def test_response_cache_keeps_the_latest() -> None:

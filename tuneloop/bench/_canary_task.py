@@ -18,7 +18,8 @@ default the bundled SNIPS for ``json``, SGD for ``text``). Groups are drawn at r
   ``text``); every failed request is counted.
 
 Each adapter is trained from the base model with the task demo's recipe, on as many rows
-a group as the demo's retrain (:data:`TRAIN_PER_GROUP`); the gate judges about as many
+a group as the demo's retrain with ``--quick``, half as many again without
+(:data:`TRAIN_PER_GROUP`); the gate judges about as many
 held-out rows as the demo's. The simulated users never label, so the offline gate takes its
 one look (``canary.offline_looks = 1``, at the full alpha).
 
@@ -99,7 +100,7 @@ def _example(spec: TaskSpec, example_id: str, row: Row, target: str, split: str
 
 
 # Train rows a group gives each dataset (quick, full): the task demo's retrain learns six
-# groups from about 240 rows, 40 each; the bench trains on as many.
+# groups from about 240 rows, 40 each; the quick bench trains on as many.
 TRAIN_PER_GROUP = {True: 40, False: 60}
 # Held-out rows a group gives each dataset: the offline gate's test split. Six groups give
 # the good candidate about 200, the size on which the text demo's gate showed its

@@ -96,8 +96,8 @@ def _preference_check(cand: Side, inc: Side, cfg: CanarySettings,
 def _request_checks(cand: Side, inc: Side, against_base: bool, cfg: CanarySettings,
                     figures: dict[str, Any], per_token: bool = False) -> list[Check]:
     """Error rate and latency (a whole answer's, and ``per_token`` each output token's too
-    where both sides' answers said their tokens), once both sides have the minimum of
-    requests."""
+    where at least ``min_requests`` answers a side said their tokens), once both sides
+    have the minimum of requests."""
     err = two_proportions(cand.errors, cand.requests, inc.errors, inc.requests)
     checks = [Check(
         "error rate (two-proportion z)", FAIL if err.p_worse < cfg.alpha else PASS, err.z,
@@ -118,14 +118,16 @@ def _request_checks(cand: Side, inc: Side, against_base: bool, cfg: CanarySettin
         detail = (f"p95 {whole.candidate_p95_s * 1000:.0f} ms vs "
                   f"{whole.incumbent_p95_s * 1000:.0f} ms (ratio {whole.p95_ratio:.2f})")
         lat, name, failed = whole, "latency (Mann-Whitney U)", slower(whole)
-        if per_token and (cand_t := cand.per_token_s()) and (inc_t := inc.per_token_s()):
+        cand_t, inc_t = (cand.per_token_s(), inc.per_token_s()) if per_token else ([], [])
+        if min(len(cand_t), len(inc_t)) >= max(cfg.min_requests, 1):
             lat = mann_whitney(cand_t, inc_t)
             name, failed = "latency per output token (Mann-Whitney U)", failed and slower(lat)
             figures["latency_per_token_p95_s"] = {"candidate": lat.candidate_p95_s,
                                                   "incumbent": lat.incumbent_p95_s}
             detail = (f"per output token p95 {lat.candidate_p95_s * 1000:.1f} ms vs "
                       f"{lat.incumbent_p95_s * 1000:.1f} ms (ratio {lat.p95_ratio:.2f}); "
-                      f"whole answers {detail}; fails only if slower both ways")
+                      f"whole answers {detail}, p {whole.p_slower:.3g}; fails only if "
+                      "slower both ways")
         checks.append(Check(
             name, FAIL if failed else PASS, lat.u, lat.p_slower,
             f"fail if slower with p < {cfg.alpha} and p95 ratio > {limit}" if limit else

@@ -189,8 +189,10 @@ def completion_text(data: dict[str, Any], chat: bool) -> str:
 
 def completion_tokens(data: dict[str, Any]) -> int | None:
     """The output tokens a (non-streamed) answer's ``usage`` reports, or None."""
-    tokens = (data.get("usage") or {}).get("completion_tokens")
-    return tokens if isinstance(tokens, int) else None
+    usage = data.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 \
+        else None
 
 
 def _stream_chunks(raw: bytes) -> Iterator[dict[str, Any]]:
@@ -207,18 +209,21 @@ def _stream_chunks(raw: bytes) -> Iterator[dict[str, Any]]:
 
 
 def stream_tokens(raw: bytes) -> int | None:
-    """The output tokens of a server-sent-event stream: its ``usage`` where the client
-    asked for it (``stream_options.include_usage``), else the chunks that carry text
-    (vLLM sends one a decoding step), or None for an empty stream."""
-    pieces = 0
+    """The output tokens of a server-sent-event stream: its last ``usage`` where the
+    client asked for it (``stream_options.include_usage``; with ``continuous_usage_stats``
+    every chunk carries the count so far), else the chunks that carry text (vLLM sends one
+    a decoding step), or None for an empty stream."""
+    pieces, reported = 0, None
     for chunk in _stream_chunks(raw):
-        if (tokens := completion_tokens(chunk)) is not None:
-            return tokens
+        reported = completion_tokens(chunk) or reported
+        choices = chunk.get("choices")
         first: dict[str, Any] = next(
-            (c for c in chunk.get("choices") or [] if c.get("index", 0) == 0), {})
-        if (first.get("delta") or {}).get("content") or first.get("text"):
+            (c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), {}
+        ) if isinstance(choices, list) else {}
+        delta = first.get("delta")
+        if (isinstance(delta, dict) and delta.get("content")) or first.get("text"):
             pieces += 1
-    return pieces or None
+    return reported or pieces or None
 
 
 def stream_text(raw: bytes, chat: bool) -> tuple[str, str | None]:

@@ -296,7 +296,7 @@ class Gateway:
             served.completion = completion_text(data, served.chat)
             tokens = completion_tokens(data)
         except (ValueError, TypeError, AttributeError):
-            pass
+            pass  # not an answer's JSON: relayed as it came
         self._observe(served, True, elapsed, tokens)
         served.latency_s = elapsed
         await self._after(route, served, None)
