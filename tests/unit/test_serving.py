@@ -21,8 +21,7 @@ from tuneloop.serving.gateway.protocol import (
     completion_tokens,
     error_response,
     parse_body,
-    stream_text,
-    stream_tokens,
+    stream_answer,
 )
 from tuneloop.serving.routing import Route, RoutingTable, bucket, upstream_name
 from tuneloop.serving.upstream import UpstreamError, error_message
@@ -104,9 +103,10 @@ def test_stream_and_plain_answers_give_their_text() -> None:
     chunks = [{"id": "c1", "choices": [{"index": 0, "delta": {"content": piece}}]}
               for piece in ("card", "_arrival")]
     raw = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
-    assert stream_text(raw, chat=True) == ("card_arrival", "c1")
+    assert stream_answer(raw, chat=True)[:2] == ("card_arrival", "c1")
     text = {"id": "c2", "choices": [{"index": 0, "text": "hello"}]}
-    assert stream_text(f"data: {json.dumps(text)}\n\n".encode(), chat=False) == ("hello", "c2")
+    assert stream_answer(f"data: {json.dumps(text)}\n\n".encode(), chat=False)[:2] == (
+        "hello", "c2")
     assert completion_text({"choices": [{"message": {"content": "x"}}]}, chat=True) == "x"
     assert completion_text({"choices": [{"text": "y"}]}, chat=False) == "y"
 
@@ -117,14 +117,15 @@ def test_an_answers_output_tokens_come_from_its_usage_or_its_chunks() -> None:
     pieces = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}] + [
         {"choices": [{"index": 0, "delta": {"content": p}}], "usage": None} for p in "abc"]
     raw = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in pieces)
-    assert stream_tokens(raw + b"data: [DONE]\n\n") == 3  # the chunks that carried text
+    assert stream_answer(raw + b"data: [DONE]\n\n", chat=True).tokens == 3  # the chunks that carried text
     usage = {"choices": [], "usage": {"completion_tokens": 4}}
-    assert stream_tokens(raw + f"data: {json.dumps(usage)}\n\n".encode()) == 4
-    assert stream_tokens(b"data: [DONE]\n\n") is None
+    assert stream_answer(raw + f"data: {json.dumps(usage)}\n\n".encode(), chat=True).tokens == 4
+    assert stream_answer(b"data: [DONE]\n\n", chat=True).tokens is None
     # continuous_usage_stats: every chunk carries the count so far; the last one counts.
     running = [{"choices": [{"index": 0, "delta": {"content": p}}],
                 "usage": {"completion_tokens": i + 1}} for i, p in enumerate("abcde")]
-    assert stream_tokens(b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in running)) == 5
+    streamed = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in running)
+    assert stream_answer(streamed, chat=True).tokens == 5
     assert completion_tokens({"usage": "n/a"}) is None and completion_tokens({"usage": {
         "completion_tokens": True}}) is None
 

@@ -156,10 +156,10 @@ def demo_settings(base: dict[str, Any], scenario: Scenario, task: str, data: Pat
     task is the one ``task`` names, whatever ``base`` says of it. Raises ``OSError`` or
     ``ValueError`` when ``data`` holds no usable task folder."""
     from tuneloop.services.demo.task import spec_table
-    from tuneloop.training.config import CONFIGS_DIR, task_recipe_fields
+    from tuneloop.training.config import DEMO_CONFIG, task_recipe_fields
 
     merged = merge(merge(base, scenario.settings),
-                   {"training": {"config": str(CONFIGS_DIR / "demo.yaml")}})
+                   {"training": {"config": str(DEMO_CONFIG)}})
     # The served alias as settings will load it: the environment over the file.
     alias = os.environ.get("TUNELOOP_SERVING__ALIAS") or \
         (merged.get("serving") or {}).get("alias") or load_settings({"home": home}).serving.alias

@@ -20,6 +20,7 @@ import yaml
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "smollm2_lora.yaml"
+DEMO_CONFIG = CONFIGS_DIR / "demo.yaml"  # `tuneloop demo`'s recipe
 
 # vLLM's runtime LoRA loading accepts these ranks (--max-lora-rank must be one of them).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
@@ -217,9 +218,6 @@ class RecipeConfig:
 def _check(ok: bool, name: str, value: Any, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {fix}")
-
-
-DEMO_CONFIG = CONFIGS_DIR / "demo.yaml"
 
 
 def task_recipe_fields(kind: str) -> dict[str, Any]:

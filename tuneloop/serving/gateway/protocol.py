@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
@@ -195,8 +195,22 @@ def completion_tokens(data: dict[str, Any]) -> int | None:
         else None
 
 
-def _stream_chunks(raw: bytes) -> Iterator[dict[str, Any]]:
-    """The JSON chunks of a server-sent-event stream, in order."""
+class StreamAnswer(NamedTuple):
+    """What a server-sent-event stream of chunks carried."""
+
+    text: str
+    upstream_id: str | None
+    tokens: int | None  # output tokens: the last ``usage``, else the chunks with text
+
+
+def stream_answer(raw: bytes, chat: bool) -> StreamAnswer:
+    """The text, id and output tokens of a server-sent-event stream, in one pass. The
+    tokens are its last ``usage`` where the client asked for it
+    (``stream_options.include_usage``; with ``continuous_usage_stats`` every chunk carries
+    the count so far), else the chunks that carry text (vLLM sends one a decoding step),
+    or None for an empty stream."""
+    parts: list[str] = []
+    upstream_id, reported = None, None
     for line in raw.split(b"\n"):
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
@@ -204,41 +218,20 @@ def _stream_chunks(raw: bytes) -> Iterator[dict[str, Any]]:
             chunk = json.loads(line[6:])
         except ValueError:
             continue
-        if isinstance(chunk, dict):
-            yield chunk
-
-
-def stream_tokens(raw: bytes) -> int | None:
-    """The output tokens of a server-sent-event stream: its last ``usage`` where the
-    client asked for it (``stream_options.include_usage``; with ``continuous_usage_stats``
-    every chunk carries the count so far), else the chunks that carry text (vLLM sends one
-    a decoding step), or None for an empty stream."""
-    pieces, reported = 0, None
-    for chunk in _stream_chunks(raw):
+        if not isinstance(chunk, dict):
+            continue
+        upstream_id = upstream_id or chunk.get("id")
         reported = completion_tokens(chunk) or reported
         choices = chunk.get("choices")
-        first: dict[str, Any] = next(
-            (c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), {}
-        ) if isinstance(choices, list) else {}
-        delta = first.get("delta")
-        if (isinstance(delta, dict) and delta.get("content")) or first.get("text"):
-            pieces += 1
-    return reported or pieces or None
-
-
-def stream_text(raw: bytes, chat: bool) -> tuple[str, str | None]:
-    """The text and id carried by a server-sent-event stream of chunks."""
-    parts: list[str] = []
-    upstream_id = None
-    for chunk in _stream_chunks(raw):
-        upstream_id = upstream_id or chunk.get("id")
-        for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
+        for choice in choices if isinstance(choices, list) else []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            delta = choice.get("delta")
+            piece = (delta.get("content") if isinstance(delta, dict) else None) if chat \
+                else choice.get("text")
             if piece:
                 parts.append(piece)
-    return "".join(parts), upstream_id
+    return StreamAnswer("".join(parts), upstream_id, reported or len(parts) or None)
 
 
 class FeedbackRequest(BaseModel):

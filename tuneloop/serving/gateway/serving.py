@@ -58,8 +58,7 @@ from tuneloop.serving.gateway.protocol import (
     completion_tokens,
     error_response,
     parse_body,
-    stream_text,
-    stream_tokens,
+    stream_answer,
     with_response_format,
     with_system_prompt,
 )
@@ -344,14 +343,13 @@ class Gateway:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route.alias, version_label, endpoint, status).inc()
             self.metrics.latency.labels(route.alias, version_label, endpoint).observe(elapsed)
-            raw = b"".join(chunks)
-            self._observe(served, status == "200", elapsed,
-                          stream_tokens(raw) if status == "200" else None)
-        if status == "200":
-            text, upstream_id = stream_text(raw, served.chat)
-            served.completion = text
+            answer = stream_answer(b"".join(chunks), served.chat) if status == "200" else None
+            self._observe(served, answer is not None, elapsed,
+                          answer.tokens if answer is not None else None)
+        if answer is not None:
+            served.completion = answer.text
             served.latency_s = time.perf_counter() - started
-            await self._after(route, served, upstream_id)
+            await self._after(route, served, answer.upstream_id)
         if held is not None and status == "200":
             yield held
 
